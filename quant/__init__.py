@@ -1,0 +1,28 @@
+"""Quantization core: precision specs, packed formats, quantize/dequantize, observers, PTQ.
+
+The public API lives here; each idea has one module behind it:
+
+* :mod:`quant.spec`        the precision-spec grammar (``int4-g128-asym`` ...)
+* :mod:`quant.packing`     bit layout of packed int8/4/3/2 codes
+* :mod:`quant.qtensor`     :class:`QuantizedTensor`, quantize / dequantize
+* :mod:`quant.ranges`      grouping and range estimation (min-max, percentile, MSE search)
+* :mod:`quant.observers`   activation statistics over calibration batches
+* :mod:`quant.fake_quant`  fake quantization with a straight-through estimator (QAT)
+* :mod:`quant.rules`       precision rules (regex over parameter paths -> spec)
+* :mod:`quant.rtn`         round-to-nearest PTQ of a parameter pytree, with a report
+* :mod:`quant.matmul`      dequant-matmul and its backend registry
+"""
+
+from quant.fake_quant import fake_quant
+from quant.matmul import backends, matmul, register_backend
+from quant.observers import HistogramObserver, MinMaxObserver
+from quant.qtensor import QuantizedTensor, codes, dequantize, quantize, quantize_with_range, storage_nbytes
+from quant.rtn import QuantReport, quantize_params
+from quant.rules import KEEP_16BIT_RULES, PrecisionRules
+from quant.spec import FloatSpec, IntSpec, Spec, parse_spec
+
+__all__ = [
+    "FloatSpec", "HistogramObserver", "IntSpec", "KEEP_16BIT_RULES", "MinMaxObserver", "PrecisionRules",
+    "QuantReport", "QuantizedTensor", "Spec", "backends", "codes", "dequantize", "fake_quant", "matmul",
+    "parse_spec", "quantize", "quantize_params", "quantize_with_range", "register_backend", "storage_nbytes",
+]

@@ -1,0 +1,58 @@
+"""Fake quantization with a straight-through estimator (STE), the building block of QAT.
+
+Forward: ``dequantize(quantize(x))``.  Backward (Bengio et al. 2013; the clipped STE of
+Jacob et al. 2018): the gradient passes through unchanged where ``x`` lies inside its
+group's clipping range ``[lo, hi]`` and is zero outside it.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from quant import ranges
+from quant.spec import Spec
+from quant.qtensor import _int_spec
+
+
+def _range_groups(x, spec, axis):
+    """Per-group (lo, hi) actually representable after scale rounding, as (G, R)."""
+    xg = ranges.to_groups(x.astype(jnp.float32), spec, axis)
+    lo, hi = ranges.estimate_range(xg, spec)
+    scale, zero = ranges.scale_zero_from_range(lo, hi, spec, jnp.float32)
+    z = 0.0 if zero is None else zero
+    return xg, scale, zero, (spec.qmin - z) * scale, (spec.qmax - z) * scale
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _fake_quant(x, spec, axis):
+    xg, scale, zero, _, _ = _range_groups(x, spec, axis)
+    return ranges.from_groups(ranges.fake_quant_groups(xg, scale, zero, spec), x.shape, spec, axis).astype(x.dtype)
+
+
+def _fake_quant_fwd(x, spec, axis):
+    xg, scale, zero, lo, hi = _range_groups(x, spec, axis)
+    y = ranges.from_groups(ranges.fake_quant_groups(xg, scale, zero, spec), x.shape, spec, axis).astype(x.dtype)
+    inside = (xg >= lo[:, None, :]) & (xg <= hi[:, None, :])
+    return y, ranges.from_groups(inside, x.shape, spec, axis)
+
+
+def _fake_quant_bwd(spec, axis, inside, g):
+    return (jnp.where(inside, g, jnp.zeros_like(g)),)
+
+
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+def fake_quant(x, spec: Spec | str, *, axis: int = 0):
+    """Quantize-dequantize ``x`` (float32 scales, no packing) with a clipped STE gradient.
+
+    The range comes from the spec's clip method (min-max, percentile or MSE search) and is
+    treated as a constant in the backward pass.  Works under ``jit`` and ``grad``.
+    """
+    spec = _int_spec(spec)
+    if x.ndim == 0 or not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for an input of rank {x.ndim}")
+    return _fake_quant(x, spec, axis % x.ndim)

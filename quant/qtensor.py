@@ -1,0 +1,215 @@
+"""The quantized tensor type, and quantize / dequantize.
+
+Affine quantization as in Jacob et al. 2018 ("Quantization and Training of Neural Networks
+for Efficient Integer-Arithmetic-Only Inference")::
+
+    q     = clip(round(x / s) + z, qmin, qmax)
+    x_hat = (q - z) * s
+
+Symmetric specs have ``z = 0`` and the restricted range ``[-(2**(b-1) - 1), 2**(b-1) - 1]``
+(int8: +-127, int4: +-7, int3: +-3, int2: +-1); asymmetric specs use ``[0, 2**b - 1]`` and an
+integer zero point stored as a float.  Scale and zero point are stored in ``scale_dtype``
+(float16 by default, as GGUF does; float32 and bfloat16 are allowed) with one entry per group.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quant import packing, ranges
+from quant.spec import IntSpec, Spec, parse_spec
+
+SCALE_DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+@jax.tree_util.register_pytree_node_class
+class QuantizedTensor:
+    """A tensor stored as packed integer codes plus per-group scales (and zero points).
+
+    Leaves (arrays): ``packed`` (uint8, codes packed along ``axis``, see :mod:`quant.packing`),
+    ``scale`` and ``zero`` (float, shape :func:`quant.ranges.scale_shape`; ``zero`` is None for
+    symmetric specs).  Static metadata: ``spec``, logical ``shape``, reduction ``axis`` and the
+    float ``dtype`` that :func:`dequantize` returns by default.  As a pytree it passes through
+    ``jit``, ``vmap`` (leaves gain a leading axis, metadata stays per-slice), ``tree_map`` and
+    orbax save/restore.
+    """
+
+    def __init__(self, packed, scale, zero, *, spec: IntSpec, shape, axis: int, dtype: str = "float32"):
+        self.packed = packed
+        self.scale = scale
+        self.zero = zero
+        self.spec = spec
+        self.shape = tuple(int(d) for d in shape)
+        self.axis = int(axis)
+        self.dtype = str(jnp.dtype(dtype))
+
+    def tree_flatten(self):
+        return (self.packed, self.scale, self.zero), (self.spec, self.shape, self.axis, self.dtype)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        spec, shape, axis, dtype = aux
+        return cls(*children, spec=spec, shape=shape, axis=axis, dtype=dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """True storage in bytes: packed codes + scales + zero points."""
+        return sum(_nbytes(a) for a in (self.packed, self.scale, self.zero) if a is not None)
+
+    @property
+    def bits_per_value(self) -> float:
+        return 8.0 * self.nbytes / self.size
+
+    def dequantize(self, dtype=None) -> jnp.ndarray:
+        return dequantize(self, dtype)
+
+    def __repr__(self) -> str:
+        return f"QuantizedTensor({self.spec}, shape={self.shape}, axis={self.axis}, nbytes={self.nbytes})"
+
+
+def _nbytes(a) -> int:
+    return math.prod(a.shape) * jnp.dtype(a.dtype).itemsize
+
+
+def storage_nbytes(shape, spec: Spec, axis: int = 0, scale_dtype="float16") -> int:
+    """Documented storage formula: packed codes + (1 or 2) * n_groups * itemsize(scale_dtype).
+
+    For an int spec: ``ceil(k / L) * B * (size / k)`` bytes of codes (L, B from
+    :data:`quant.packing.RUNS`, k the reduction-axis length) plus one scale per group (and one
+    zero point per group if asymmetric).  For a float spec: ``size * bits / 8``.
+    """
+    spec = parse_spec(spec)
+    shape = tuple(shape)
+    if not isinstance(spec, IntSpec):
+        return math.prod(shape) * spec.bits // 8
+    k = shape[axis]
+    codes = packing.packed_length(k, spec.bits) * (math.prod(shape) // k)
+    n_params = math.prod(ranges.scale_shape(shape, spec, axis))
+    return codes + n_params * jnp.dtype(scale_dtype).itemsize * (1 if spec.symmetric else 2)
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def validate_input(x, axis: int, name: str = "tensor") -> tuple[jnp.ndarray, int]:
+    """Checks shared by every quantizer: floating, non-empty, valid axis, finite values."""
+    if not hasattr(x, "dtype"):
+        x = np.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    if x.ndim == 0:
+        raise ValueError(f"{name} must have at least 1 dimension, got a scalar")
+    if x.size == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for {name} of rank {x.ndim}")
+    if _is_concrete(x) and not bool(jnp.isfinite(x).all()):
+        n_bad = int((~jnp.isfinite(x)).sum())
+        raise ValueError(f"{name} has {n_bad} NaN/Inf value(s); cannot quantize non-finite data")
+    return jnp.asarray(x), axis % x.ndim
+
+
+def _scale_dtype(scale_dtype):
+    name = str(jnp.dtype(scale_dtype))
+    if name not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {name}")
+    return SCALE_DTYPES[name]
+
+
+@partial(jax.jit, static_argnames=("spec", "axis", "scale_dtype"))
+def _params_from_data(x, spec: IntSpec, axis: int, scale_dtype):
+    lo, hi = ranges.estimate_range(ranges.to_groups(x.astype(jnp.float32), spec, axis), spec)
+    return ranges.scale_zero_from_range(lo, hi, spec, scale_dtype)
+
+
+@partial(jax.jit, static_argnames=("spec", "axis"))
+def _encode(x, scale_g, zero_g, spec: IntSpec, axis: int):
+    """Codes from a tensor and per-group (G, R) params, packed along ``axis``."""
+    xg = ranges.to_groups(x.astype(jnp.float32), spec, axis)
+    s = scale_g.astype(jnp.float32)[:, None, :]
+    z = 0.0 if zero_g is None else zero_g.astype(jnp.float32)[:, None, :]
+    q = jnp.clip(jnp.round(xg / s) + z, spec.qmin, spec.qmax)
+    codes = ranges.from_groups(q, x.shape, spec, axis).astype(jnp.int32) + spec.code_offset
+    return packing.pack_codes(codes, spec.bits, axis)
+
+
+def quantize(x, spec: Spec | str, *, axis: int = 0, scale_dtype="float16") -> QuantizedTensor:
+    """Round-to-nearest quantization of ``x`` along ``axis`` with the range from ``spec.clip``."""
+    spec = _int_spec(spec)
+    x, axis = validate_input(x, axis)
+    sdt = _scale_dtype(scale_dtype)
+    scale_g, zero_g = _params_from_data(x, spec, axis, sdt)
+    return _assemble(x, spec, axis, scale_g, zero_g)
+
+
+def quantize_with_range(x, spec: Spec | str, lo, hi, *, axis: int = 0, scale_dtype="float16") -> QuantizedTensor:
+    """Quantize with a given range (e.g. from an activation observer or a learned clip).
+
+    ``lo`` and ``hi`` are scalars or arrays of the stored scale's shape
+    (:func:`quant.ranges.scale_shape`); values outside the range are clipped.
+    """
+    spec = _int_spec(spec)
+    x, axis = validate_input(x, axis)
+    sdt = _scale_dtype(scale_dtype)
+    shape = ranges.scale_shape(x.shape, spec, axis)
+    lo = ranges.scale_layout_to_groups(jnp.broadcast_to(jnp.asarray(lo, jnp.float32), shape), spec, axis)
+    hi = ranges.scale_layout_to_groups(jnp.broadcast_to(jnp.asarray(hi, jnp.float32), shape), spec, axis)
+    scale_g, zero_g = ranges.scale_zero_from_range(lo, hi, spec, sdt)
+    return _assemble(x, spec, axis, scale_g, zero_g)
+
+
+def _assemble(x, spec, axis, scale_g, zero_g) -> QuantizedTensor:
+    if _is_concrete(scale_g) and not bool(jnp.isfinite(scale_g).all()):
+        raise ValueError(
+            f"scales overflow {scale_g.dtype} (max |x| = {float(jnp.abs(x).max()):.4g}); "
+            "pass scale_dtype='float32'"
+        )
+    packed = _encode(x, scale_g, zero_g, spec, axis)
+    to_layout = partial(ranges.groups_to_scale_layout, shape=x.shape, spec=spec, axis=axis)
+    zero = None if zero_g is None else to_layout(zero_g)
+    return QuantizedTensor(packed, to_layout(scale_g), zero, spec=spec, shape=x.shape, axis=axis, dtype=x.dtype)
+
+
+def _int_spec(spec) -> IntSpec:
+    spec = parse_spec(spec)
+    if not isinstance(spec, IntSpec):
+        raise ValueError(f"{spec} is a float spec; quantize takes an integer spec (cast float types instead)")
+    return spec
+
+
+def codes(qt: QuantizedTensor) -> jnp.ndarray:
+    """Signed integer values ``q - z`` offset removed, i.e. the unpacked q (int32, logical shape)."""
+    u = packing.unpack_codes(qt.packed, qt.spec.bits, qt.shape[qt.axis], qt.axis)
+    return u - qt.spec.code_offset
+
+
+@partial(jax.jit, static_argnames=("dtype",))
+def _dequantize(qt: QuantizedTensor, dtype):
+    spec, axis = qt.spec, qt.axis
+    q = codes(qt).astype(jnp.float32)
+    s = ranges.scale_layout_to_groups(qt.scale, spec, axis).astype(jnp.float32)
+    z = None if qt.zero is None else ranges.scale_layout_to_groups(qt.zero, spec, axis).astype(jnp.float32)
+    qg = ranges.to_groups(q, spec, axis)
+    xg = (qg - (0.0 if z is None else z[:, None, :])) * s[:, None, :]
+    return ranges.from_groups(xg, qt.shape, spec, axis).astype(dtype)
+
+
+def dequantize(qt: QuantizedTensor, dtype=None) -> jnp.ndarray:
+    """``x_hat = (q - z) * s`` in ``dtype`` (default: the dtype the tensor was quantized from)."""
+    if not isinstance(qt, QuantizedTensor):
+        raise ValueError(f"dequantize takes a QuantizedTensor, got {type(qt).__name__}")
+    return _dequantize(qt, str(jnp.dtype(dtype or qt.dtype)))

@@ -1,0 +1,173 @@
+"""Precision specs: one string grammar for every place a precision is named.
+
+The same string means the same thing in the CLI, the Python API, saved checkpoints and
+benchmark output.  Grammar (canonical form omits the defaults shown in brackets)::
+
+    int{8|4|3|2}[-g{N} | -tensor | -channel][-asym | -sym][-minmax | -mse | -p{PCT}]
+    bf16 | fp16 | fp32
+
+* ``int8``            per-output-channel, symmetric, min-max range
+* ``int4-g128``       groups of 128 consecutive values along the reduction axis
+* ``int4-g64-asym``   asymmetric (scale and zero point) groups of 64
+* ``int8-tensor``     one scale for the whole tensor
+* ``int4-g128-mse``   range clipped by an MSE-optimal search (grid over clip ratios)
+* ``int8-p99.9``      range clipped at the 99.9th percentile of the values
+* ``bf16``/``fp16``/``fp32``  no integer quantization, the tensor is cast to that float type
+
+"Channel" is every index of the non-reduction axes; the reduction axis is the one a matmul
+contracts (axis 0 of a Flax ``(in, out)`` kernel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Union
+
+INT_BITS = (8, 4, 3, 2)
+FLOAT_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+GRANULARITIES = ("tensor", "channel", "group")
+
+ALLOWED_FORMS = (
+    "int{8,4,3,2}[-g<N>|-tensor|-channel][-asym|-sym][-minmax|-mse|-p<PCT>] "
+    "(e.g. int8, int4-g128, int4-g64-asym, int8-tensor, int3-g32, int2-g16, int4-g128-mse, "
+    "int8-p99.9) or a float type: bf16, fp16, fp32"
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IntSpec:
+    """An integer quantization format and how its range is chosen."""
+
+    bits: int  # 8, 4, 3 or 2
+    granularity: str = "channel"  # "tensor", "channel" or "group"
+    group_size: int | None = None  # values per group along the reduction axis ("group" only)
+    symmetric: bool = True  # symmetric: zero point 0; asymmetric: scale and zero point
+    clip: str = "minmax"  # range estimator: "minmax", "mse" or "p<PCT>" (percentile)
+
+    def __post_init__(self):
+        if self.bits not in INT_BITS:
+            raise ValueError(f"bits must be one of {INT_BITS}, got {self.bits!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.granularity == "group":
+            if not isinstance(self.group_size, int) or isinstance(self.group_size, bool):
+                raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
+            if self.group_size <= 0:
+                raise ValueError(f"group_size must be positive, got {self.group_size}")
+        elif self.group_size is not None:
+            raise ValueError(f"group_size is only valid with granularity='group', got {self.group_size}")
+        clip_percentile(self.clip)  # validates
+
+    @property
+    def qmin(self) -> int:
+        """Smallest integer the quantizer produces (restricted symmetric range)."""
+        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer the quantizer produces."""
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def code_offset(self) -> int:
+        """Stored unsigned code = q + code_offset (symmetric values are stored biased)."""
+        return 2 ** (self.bits - 1) if self.symmetric else 0
+
+    @property
+    def storage_spec(self) -> "IntSpec":
+        """The same format without the range estimator (clipping does not change storage)."""
+        return dataclasses.replace(self, clip="minmax")
+
+    def __str__(self) -> str:
+        parts = [f"int{self.bits}"]
+        if self.granularity == "group":
+            parts.append(f"g{self.group_size}")
+        elif self.granularity == "tensor":
+            parts.append("tensor")
+        if not self.symmetric:
+            parts.append("asym")
+        if self.clip != "minmax":
+            parts.append(self.clip)
+        return "-".join(parts)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FloatSpec:
+    """Keep the tensor in floating point, cast to ``dtype``."""
+
+    name: str  # "bf16", "fp16" or "fp32"
+
+    def __post_init__(self):
+        if self.name not in FLOAT_NAMES:
+            raise ValueError(f"float spec must be one of {sorted(FLOAT_NAMES)}, got {self.name!r}")
+
+    @property
+    def dtype(self) -> str:
+        return FLOAT_NAMES[self.name]
+
+    @property
+    def bits(self) -> int:
+        return 32 if self.name == "fp32" else 16
+
+    def __str__(self) -> str:
+        return self.name
+
+
+Spec = Union[IntSpec, FloatSpec]
+
+_PERCENTILE = re.compile(r"p(\d+(?:\.\d+)?)")
+
+
+def clip_percentile(clip: str) -> float | None:
+    """The percentile of a ``p<PCT>`` clip token, None for minmax/mse; ValueError otherwise."""
+    if clip in ("minmax", "mse"):
+        return None
+    m = _PERCENTILE.fullmatch(clip) if isinstance(clip, str) else None
+    if not m:
+        raise ValueError(f"unknown clip method {clip!r}: use minmax, mse or p<PCT> (e.g. p99.9)")
+    pct = float(m.group(1))
+    if not 50.0 < pct <= 100.0:
+        raise ValueError(f"percentile clip must be in (50, 100], got {pct}")
+    return pct
+
+
+def parse_spec(text: str | Spec) -> Spec:
+    """Parse a precision spec string (strict); a spec object is returned unchanged."""
+    if isinstance(text, (IntSpec, FloatSpec)):
+        return text
+    if not isinstance(text, str):
+        raise ValueError(f"precision spec must be a string, got {type(text).__name__}")
+    s = text.strip().lower()
+    if s in FLOAT_NAMES:
+        return FloatSpec(name=s)
+    tokens = s.split("-")
+    m = re.fullmatch(r"int(\d+)", tokens[0])
+    if not m or int(m.group(1)) not in INT_BITS:
+        raise ValueError(f"unknown precision spec {text!r}; allowed: {ALLOWED_FORMS}")
+    fields: dict = {"bits": int(m.group(1))}
+    seen: set[str] = set()
+    for tok in tokens[1:]:
+        if m := re.fullmatch(r"g(-?\d+)", tok):
+            kind, value = "granularity", ("group", int(m.group(1)))
+        elif tok in ("tensor", "channel"):
+            kind, value = "granularity", (tok, None)
+        elif tok in ("asym", "sym"):
+            kind, value = "symmetry", tok == "sym"
+        elif tok in ("minmax", "mse") or _PERCENTILE.fullmatch(tok):
+            kind, value = "clip", tok
+        else:
+            raise ValueError(f"unknown token {tok!r} in precision spec {text!r}; allowed: {ALLOWED_FORMS}")
+        if kind in seen:
+            raise ValueError(f"precision spec {text!r} sets the {kind} twice")
+        seen.add(kind)
+        if kind == "granularity":
+            fields["granularity"], fields["group_size"] = value
+        elif kind == "symmetry":
+            fields["symmetric"] = value
+        else:
+            fields["clip"] = value
+    try:
+        return IntSpec(**fields)
+    except ValueError as e:
+        raise ValueError(f"invalid precision spec {text!r}: {e}") from None

@@ -1,0 +1,198 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import quant
+from quant.spec import parse_spec
+from tests.quant import reference
+
+INT_SPECS = ["int8", "int4-g128", "int4-g64-asym", "int8-tensor", "int3-g32", "int2-g16", "int4", "int8-asym",
+             "int4-g32-asym", "int3-g8-asym", "int2-g16-asym", "int4-tensor-asym"]
+
+
+def _reference_check(x: np.ndarray, qt: quant.QuantizedTensor, axis: int):
+    """Error bound, stored-scale rounding and layout, all against the float64 reference."""
+    spec = qt.spec
+    u = reference.unpack(np.asarray(qt.packed), spec.bits, x.shape[axis], axis)
+    zero = None if qt.zero is None else np.asarray(qt.zero, np.float64)
+    x_hat_ref = reference.dequantize(u, np.asarray(qt.scale, np.float64), zero, spec.bits, spec.symmetric,
+                                     spec.granularity, spec.group_size, axis)
+    # our dequantize agrees with the reference dequantizer reading the documented bit layout
+    np.testing.assert_allclose(np.asarray(quant.dequantize(qt), np.float64), x_hat_ref, rtol=1e-6, atol=1e-7)
+    scale = np.asarray(qt.scale, np.float64)
+    for idx in reference.groups(x.shape, spec.granularity, spec.group_size, axis):
+        pidx = reference._param_index(idx, spec.granularity, spec.group_size, axis)
+        s = scale[pidx]
+        exact = reference.minmax_scale(x[idx].astype(np.float64), spec.bits, spec.symmetric)
+        # stored scale = the exact min-max scale rounded *up* by at most one float16 ulp
+        assert exact * (1 - 1e-6) <= s <= exact * (1 + 2**-10) + 6e-8
+        # min-max range: every value is inside, so the error is at most half a step
+        err = np.abs(x[idx].astype(np.float64) - x_hat_ref[idx]).max()
+        assert err <= s / 2 * (1 + 1e-5) + 1e-7, (idx, err, s)
+        if zero is not None:
+            z = zero[pidx]
+            assert z == np.round(z) and 0 <= z <= spec.qmax
+
+
+@pytest.mark.parametrize("spec", INT_SPECS)
+def test_round_trip_error_bound_odd_shape(spec):
+    # 172 rows: stories260K's MLP width, not divisible by 128, 64, 32 or 16 (short last group)
+    x = np.random.default_rng(1).standard_normal((172, 12)).astype(np.float32) * np.linspace(0.01, 3, 12)
+    qt = quant.quantize(x, spec)
+    _reference_check(x, qt, axis=0)
+    assert qt.shape == (172, 12) and qt.dtype == "float32"
+
+
+@settings(max_examples=20, deadline=None)
+@given(spec=st.sampled_from(INT_SPECS), k=st.integers(1, 70), n=st.integers(1, 3), axis=st.sampled_from([0, 1, -1]),
+       seed=st.integers(0, 2**31 - 1), offset=st.sampled_from([0.0, 2.0]))
+def test_round_trip_error_bound_property(spec, k, n, axis, seed, offset):
+    shape = (k, n) if axis == 0 else (n, k)
+    x = (np.random.default_rng(seed).standard_normal(shape) + offset).astype(np.float32)
+    qt = quant.quantize(x, spec, axis=axis)
+    _reference_check(x, qt, axis=axis % 2)
+
+
+def test_nd_tensor_and_middle_axis():
+    x = np.random.default_rng(2).standard_normal((3, 40, 5)).astype(np.float32)
+    qt = quant.quantize(x, "int4-g16-asym", axis=1)
+    assert qt.scale.shape == (3, 3, 5)
+    _reference_check(x, qt, axis=1)
+
+
+@pytest.mark.parametrize("spec", INT_SPECS + ["int4-g100", "int3-g5"])
+@pytest.mark.parametrize("shape,axis", [((172, 12), 0), ((7, 33), 1), ((5,), 0)])
+@pytest.mark.parametrize("scale_dtype", ["float16", "float32"])
+def test_nbytes_matches_documented_formula(spec, shape, axis, scale_dtype):
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    qt = quant.quantize(x, spec, axis=axis, scale_dtype=scale_dtype)
+    s = parse_spec(spec)
+    k = shape[axis]
+    n_codes, n_bytes = reference.RUNS[s.bits]
+    n_params = reference.n_groups(k, s.granularity, s.group_size) * (1 if s.granularity == "tensor" else x.size // k)
+    expected = -(-k // n_codes) * n_bytes * (x.size // k) + n_params * np.dtype(scale_dtype).itemsize * (1 if s.symmetric else 2)
+    assert qt.nbytes == expected == quant.storage_nbytes(shape, spec, axis, scale_dtype)
+    # the arrays really are that big: nothing is stored unpacked
+    assert sum(a.nbytes for a in jax.tree.leaves(qt)) == expected
+
+
+def test_bits_per_value_of_documented_formats():
+    x = jnp.ones((4096, 64), jnp.float32)
+    assert quant.quantize(x, "int4-g128").bits_per_value == pytest.approx(4 + 16 / 128)
+    assert quant.quantize(x, "int4-g64-asym").bits_per_value == pytest.approx(4 + 32 / 64)
+    assert quant.quantize(x, "int3-g32").bits_per_value == pytest.approx(3 + 16 / 32)
+    assert quant.quantize(x, "int2-g16").bits_per_value == pytest.approx(2 + 16 / 16)
+    assert quant.quantize(x, "int8").bits_per_value == pytest.approx(8 + 16 / 4096)
+
+
+def test_zero_tensor_and_constant_groups():
+    x = np.zeros((64, 3), np.float32)
+    x[:, 1] = 2.5
+    for spec in ["int4-g32", "int4-g32-asym", "int8-tensor"]:
+        x_hat = np.asarray(quant.dequantize(quant.quantize(x, spec)))
+        np.testing.assert_array_equal(x_hat[:, [0, 2]], 0.0)  # all-zero groups are exact
+        # a constant group lands on the grid's end; the scale is rounded up by < 1 float16 ulp
+        np.testing.assert_allclose(x_hat[:, 1], 2.5, rtol=2**-10)
+
+
+def test_bfloat16_input_and_scales():
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((64, 8)), jnp.bfloat16)
+    qt = quant.quantize(x, "int8", scale_dtype="bfloat16")
+    assert quant.dequantize(qt).dtype == jnp.bfloat16 and qt.scale.dtype == jnp.bfloat16
+    err = jnp.abs(quant.dequantize(qt, jnp.float32) - x.astype(jnp.float32)).max()
+    assert float(err) <= float(qt.scale.astype(jnp.float32).max()) / 2 * 1.01 + 0.02  # + bf16 output rounding
+
+
+def test_quantize_with_range_clips_outside():
+    x = jnp.linspace(-4.0, 4.0, 81)
+    qt = quant.quantize_with_range(x, "int8-tensor", -1.0, 1.0)
+    x_hat = np.asarray(quant.dequantize(qt))
+    # clipped to the range (up to the float16 rounding-up of the scale)
+    assert np.abs(x_hat).max() <= 1.0 * (1 + 2**-10)
+    np.testing.assert_allclose(x_hat[np.asarray(x) >= 1.0], x_hat.max())
+    inside = np.abs(np.asarray(x)) <= 1.0
+    assert np.abs(x_hat[inside] - np.asarray(x)[inside]).max() <= float(qt.scale.max()) / 2 + 1e-7
+
+
+# ---- pytree behaviour ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def qt_pair():
+    rng = np.random.default_rng(5)
+    a = quant.quantize(rng.standard_normal((40, 6)).astype(np.float32), "int4-g16-asym")
+    b = quant.quantize(rng.standard_normal((40, 6)).astype(np.float32), "int4-g16-asym")
+    return a, b
+
+
+def test_jit_and_tree_map(qt_pair):
+    a, _ = qt_pair
+    np.testing.assert_array_equal(np.asarray(jax.jit(quant.dequantize)(a)), np.asarray(quant.dequantize(a)))
+    doubled = jax.tree.map(lambda l: l if l.dtype == jnp.uint8 else l * 2, a)  # scales and zeros doubled
+    assert isinstance(doubled, quant.QuantizedTensor) and doubled.spec == a.spec
+    u = np.asarray(quant.codes(a), np.float64)
+    expected = (u - np.repeat(np.asarray(a.zero, np.float64) * 2, 16, 0)[:40]) * np.repeat(
+        np.asarray(a.scale, np.float64) * 2, 16, 0)[:40]
+    np.testing.assert_allclose(np.asarray(quant.dequantize(doubled)), expected, rtol=1e-6)
+
+
+def test_vmap_over_stacked_tensors(qt_pair):
+    a, b = qt_pair
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), a, b)
+    out = jax.vmap(quant.dequantize)(stacked)
+    np.testing.assert_array_equal(np.asarray(out), np.stack([quant.dequantize(a), quant.dequantize(b)]))
+
+
+def test_orbax_save_restore(tmp_path, qt_pair):
+    import orbax.checkpoint as ocp
+
+    a, _ = qt_pair
+    sym = quant.quantize(np.random.default_rng(6).standard_normal((33, 4)).astype(np.float32), "int3-g8")
+    tree = {"w_asym": a, "w_sym": sym, "bias": jnp.arange(4.0)}
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "ckpt", tree)
+        ckpt.wait_until_finished()
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+        restored = ckpt.restore(tmp_path / "ckpt", target)
+    assert restored["w_sym"].spec == sym.spec and restored["w_sym"].zero is None
+    for key in ("w_asym", "w_sym"):
+        for leaf_r, leaf in zip(jax.tree.leaves(restored[key]), jax.tree.leaves(tree[key])):
+            np.testing.assert_array_equal(np.asarray(leaf_r), np.asarray(leaf))
+        np.testing.assert_array_equal(np.asarray(quant.dequantize(restored[key])), np.asarray(quant.dequantize(tree[key])))
+
+
+# ---- bad input ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("x,match", [
+    (np.array([1.0, np.nan], np.float32), "NaN/Inf"),
+    (np.array([[1.0, np.inf]], np.float32), "NaN/Inf"),
+    (np.zeros((0, 4), np.float32), "empty"),
+    (np.float32(3.0), "scalar"),
+    (np.arange(6).reshape(2, 3), "floating"),
+])
+def test_bad_input(x, match):
+    with pytest.raises(ValueError, match=match):
+        quant.quantize(x, "int8")
+
+
+def test_bad_axis_spec_and_scale_dtype():
+    x = np.ones((4, 4), np.float32)
+    with pytest.raises(ValueError, match="axis"):
+        quant.quantize(x, "int8", axis=2)
+    with pytest.raises(ValueError, match="unknown precision spec"):
+        quant.quantize(x, "int5")
+    with pytest.raises(ValueError, match="float spec"):
+        quant.quantize(x, "bf16")
+    with pytest.raises(ValueError, match="scale_dtype"):
+        quant.quantize(x, "int8", scale_dtype="int8")
+    with pytest.raises(ValueError, match="group_size must be positive"):
+        quant.quantize(x, quant.IntSpec(bits=4, granularity="group", group_size=0))
+
+
+def test_scale_overflow_is_a_clear_error():
+    x = np.array([[1e9], [1.0]], np.float32)
+    with pytest.raises(ValueError, match="overflow.*float32"):
+        quant.quantize(x, "int8")
+    assert quant.quantize(x, "int8", scale_dtype="float32").scale.dtype == jnp.float32

@@ -1,0 +1,50 @@
+import pytest
+
+from quant.spec import FloatSpec, IntSpec, parse_spec
+
+CANONICAL = ["int8", "int4-g128", "int4-g64-asym", "int8-tensor", "int3-g32", "int2-g16", "int4-g128-mse",
+             "int8-p99.9", "int4-tensor-asym-p99", "bf16", "fp16", "fp32"]
+
+
+@pytest.mark.parametrize("text", CANONICAL)
+def test_canonical_round_trip(text):
+    assert str(parse_spec(text)) == text
+
+
+def test_fields_of_examples():
+    assert parse_spec("int8") == IntSpec(bits=8, granularity="channel", symmetric=True)
+    assert parse_spec("int4-g64-asym") == IntSpec(bits=4, granularity="group", group_size=64, symmetric=False)
+    assert parse_spec("int8-tensor").granularity == "tensor"
+    assert parse_spec("INT4-G128 ") == parse_spec("int4-g128")
+    assert parse_spec("bf16") == FloatSpec(name="bf16")
+    # explicit defaults parse to the canonical form
+    assert str(parse_spec("int8-channel-sym-minmax")) == "int8"
+
+
+def test_integer_ranges():
+    assert (parse_spec("int8").qmin, parse_spec("int8").qmax) == (-127, 127)
+    assert (parse_spec("int4-asym").qmin, parse_spec("int4-asym").qmax) == (0, 15)
+    assert (parse_spec("int3-g32").qmin, parse_spec("int3-g32").qmax) == (-3, 3)
+    assert (parse_spec("int2-g16").qmin, parse_spec("int2-g16").qmax) == (-1, 1)
+
+
+@pytest.mark.parametrize("bad", ["int5", "int4-g0", "int4-g-8", "int4-gx", "int8-foo", "float8", "", "int4-g32-tensor",
+                                 "int4-asym-sym", "int8-p101", "int8-p10", "int8-mse-minmax", "fp64"])
+def test_unknown_spec_raises_naming_allowed_forms(bad):
+    with pytest.raises(ValueError, match="spec|percentile"):
+        parse_spec(bad)
+
+
+def test_error_lists_allowed_forms():
+    with pytest.raises(ValueError, match=r"int4-g128.*bf16"):
+        parse_spec("int7")
+
+
+@pytest.mark.parametrize("kwargs", [dict(bits=4, granularity="group", group_size=0),
+                                    dict(bits=4, granularity="group", group_size=-3),
+                                    dict(bits=4, granularity="group"),
+                                    dict(bits=4, granularity="channel", group_size=32),
+                                    dict(bits=6), dict(bits=8, clip="p5")])
+def test_constructor_validates(kwargs):
+    with pytest.raises(ValueError):
+        IntSpec(**kwargs)
