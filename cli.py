@@ -140,6 +140,23 @@ def bench_matmul(batch, k, n, specs, backend, repeats, warmup, out_path, as_json
     _emit(as_json, result, bench_mm.format_table(result))
 
 
+@bench.command(name="error")
+@click.option("--spec", "specs", default=None, help="Comma-separated precision specs (default: a standard set).")
+@click.option("--k", default=2048, show_default=True, type=click.IntRange(min=1), help="Rows of the test weight.")
+@click.option("--n", default=512, show_default=True, type=click.IntRange(min=1), help="Columns of the test weight.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def bench_error(specs, k, n, out_path, as_json):
+    """Relative quantization error and bits/weight per spec and clip method."""
+    from bench import quant_error
+
+    kwargs = {"specs": [s for s in specs.split(",") if s]} if specs else {}
+    result = quant_error.run(k=k, n=n, **kwargs)
+    if out_path:
+        _write_atomic(out_path, json.dumps(result, indent=2) + "\n")
+    _emit(as_json, result, quant_error.format_table(result))
+
+
 def _write_atomic(path: str, text: str) -> None:
     """Write via a temporary file and rename, so a failure never leaves a half-written file."""
     tmp = f"{path}.tmp-{os.getpid()}"

@@ -8,6 +8,7 @@ ratio taken on one machine in one process.
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -59,18 +60,31 @@ def run(*, batches=(1, 16, 256), k=4096, n=4096, specs=("int8", "int4-g128"), ba
         rows.append({"spec": s, "backend": name, "batch": b, "k": k, "n": n, "ms": round(ms, 4),
                      "speedup_vs_f32": round(base / ms, 3), "weight_bytes": nbytes})
     dev = jax.devices()[0]
-    return {"benchmark": "matmul", "device": f"{dev.platform}:{dev.device_kind}", "cpu": platform.processor() or platform.machine(),
-            "jax": jax.__version__, "repeats": repeats, "warmup": warmup, "rows": rows}
+    return {"benchmark": "matmul", "device": f"{dev.platform}:{dev.device_kind}", "cpu": cpu_name(),
+            "cores": os.cpu_count(), "jax": jax.__version__, "repeats": repeats, "warmup": warmup, "rows": rows}
+
+
+def cpu_name() -> str:
+    """The processor model (from /proc/cpuinfo on Linux), for benchmark records."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _backend_name(x, w, backend) -> str:
-    from quant.matmul import select_backend
+    from quant.dequant_matmul import select_backend
 
     return select_backend(x, w, backend).name
 
 
 def format_table(result: dict) -> str:
-    lines = [f"dequant-matmul on {result['device']} (jax {result['jax']}, median of {result['repeats']})",
+    lines = [f"dequant-matmul on {result['device']} ({result['cpu']}, {result['cores']} cores; jax {result['jax']}, "
+             f"median of {result['repeats']} after {result['warmup']} warm-up)",
              f"{'spec':<12} {'backend':<8} {'batch':>5} {'k':>6} {'n':>6} {'ms':>9} {'vs f32':>7} {'weight MiB':>10}"]
     for r in result["rows"]:
         lines.append(f"{r['spec']:<12} {r['backend']:<8} {r['batch']:>5} {r['k']:>6} {r['n']:>6} {r['ms']:>9.3f} "

@@ -7,14 +7,14 @@ The public API lives here; each idea has one module behind it:
 * :mod:`quant.qtensor`     :class:`QuantizedTensor`, quantize / dequantize
 * :mod:`quant.ranges`      grouping and range estimation (min-max, percentile, MSE search)
 * :mod:`quant.observers`   activation statistics over calibration batches
-* :mod:`quant.fake_quant`  fake quantization with a straight-through estimator (QAT)
+* :mod:`quant.ste`         fake quantization with a straight-through estimator (QAT)
 * :mod:`quant.rules`       precision rules (regex over parameter paths -> spec)
 * :mod:`quant.rtn`         round-to-nearest PTQ of a parameter pytree, with a report
-* :mod:`quant.matmul`      dequant-matmul and its backend registry
+* :mod:`quant.dequant_matmul` dequant-matmul and its backend registry
 """
 
-from quant.fake_quant import fake_quant
-from quant.matmul import backends, matmul, register_backend
+from quant.ste import fake_quant
+from quant.dequant_matmul import backends, matmul, register_backend
 from quant.observers import HistogramObserver, MinMaxObserver
 from quant.qtensor import QuantizedTensor, codes, dequantize, quantize, quantize_with_range, storage_nbytes
 from quant.rtn import QuantReport, quantize_params

@@ -196,3 +196,20 @@ def test_scale_overflow_is_a_clear_error():
     with pytest.raises(ValueError, match="overflow.*float32"):
         quant.quantize(x, "int8")
     assert quant.quantize(x, "int8", scale_dtype="float32").scale.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("spec", ["int4-g32-mse", "int8-p99", "int4-asym-p99.9", "int3-g16-asym-mse", "int2-g16-p95"])
+def test_clipped_specs_error_bound_inside_range(spec):
+    """With clipping, values inside the grid's range [(qmin - z) s, (qmax - z) s] keep |err| <= s/2."""
+    x = np.random.default_rng(7).standard_t(3, size=(96, 5)).astype(np.float64)
+    qt = quant.quantize(x.astype(np.float32), spec)
+    s_spec = qt.spec
+    x_hat = np.asarray(quant.dequantize(qt), np.float64)
+    scale = np.repeat(np.asarray(qt.scale, np.float64), -(-96 // qt.scale.shape[0]), axis=0)[:96]
+    zero = 0.0 if qt.zero is None else np.repeat(np.asarray(qt.zero, np.float64), -(-96 // qt.zero.shape[0]), axis=0)[:96]
+    lo, hi = (s_spec.qmin - zero) * scale, (s_spec.qmax - zero) * scale
+    inside = (x >= lo) & (x <= hi)
+    assert 0 < inside.mean() < 1  # clipping happened, and most values are inside
+    assert np.all(np.abs(x - x_hat)[inside] <= scale[inside] / 2 * (1 + 1e-5) + 1e-6)
+    # outside the range values saturate at the grid's ends
+    np.testing.assert_allclose(x_hat[x > hi], np.broadcast_to(hi, x.shape)[x > hi], rtol=1e-6)

@@ -17,23 +17,31 @@ from quant.spec import Spec
 from quant.qtensor import _int_spec
 
 
-def _range_groups(x, spec, axis):
-    """Per-group (lo, hi) actually representable after scale rounding, as (G, R)."""
+def _clip_range_groups(x, spec, axis):
+    """Grouped view (G, g, R), per-group scale/zero (G, R), and the clipping range [lo, hi].
+
+    The range is the spec's estimate, made symmetric (sym) or widened to contain 0 (asym),
+    exactly the interval the scale is fitted to.
+    """
     xg = ranges.to_groups(x.astype(jnp.float32), spec, axis)
     lo, hi = ranges.estimate_range(xg, spec)
+    if spec.symmetric:
+        hi = jnp.maximum(-lo, hi)
+        lo = -hi
+    else:
+        lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
     scale, zero = ranges.scale_zero_from_range(lo, hi, spec, jnp.float32)
-    z = 0.0 if zero is None else zero
-    return xg, scale, zero, (spec.qmin - z) * scale, (spec.qmax - z) * scale
+    return xg, scale, zero, lo, hi
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _fake_quant(x, spec, axis):
-    xg, scale, zero, _, _ = _range_groups(x, spec, axis)
+    xg, scale, zero, _, _ = _clip_range_groups(x, spec, axis)
     return ranges.from_groups(ranges.fake_quant_groups(xg, scale, zero, spec), x.shape, spec, axis).astype(x.dtype)
 
 
 def _fake_quant_fwd(x, spec, axis):
-    xg, scale, zero, lo, hi = _range_groups(x, spec, axis)
+    xg, scale, zero, lo, hi = _clip_range_groups(x, spec, axis)
     y = ranges.from_groups(ranges.fake_quant_groups(xg, scale, zero, spec), x.shape, spec, axis).astype(x.dtype)
     inside = (xg >= lo[:, None, :]) & (xg <= hi[:, None, :])
     return y, ranges.from_groups(inside, x.shape, spec, axis)

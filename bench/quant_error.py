@@ -1,0 +1,46 @@
+"""Quantization error per spec: relative Frobenius error and bits per weight, on synthetic weights.
+
+``python bench/quant_error.py`` or ``cascade bench error`` (``--json`` for rows).  Two weight
+distributions: Gaussian, and Student-t with 3 degrees of freedom (heavy tails, like the outlier
+channels of LLM weights).  Each spec is also tried with MSE and 99.9th-percentile clipping.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import quant
+from quant.rtn import relative_error
+
+DEFAULT_SPECS = ("int8", "int4", "int4-g128", "int4-g128-asym", "int4-g64-asym", "int4-g32", "int3-g32", "int2-g16-asym")
+
+
+def run(*, specs=DEFAULT_SPECS, clips=("minmax", "mse", "p99.9"), k=2048, n=512, seed=0, progress=None) -> dict:
+    rng = np.random.default_rng(seed)
+    weights = {"gaussian": rng.standard_normal((k, n)).astype(np.float32),
+               "student-t3": rng.standard_t(3, size=(k, n)).astype(np.float32)}
+    jobs = [(d, s, c) for d in weights for s in specs for c in clips]
+    rows = []
+    for dist, spec, clip in tqdm(jobs, desc="bench error", disable=None if progress is None else not progress, leave=False):
+        full = spec if clip == "minmax" else f"{spec}-{clip}"
+        qt = quant.quantize(weights[dist], full)
+        rows.append({"spec": str(quant.parse_spec(full)), "weights": dist, "k": k, "n": n,
+                     "bits_per_weight": round(qt.bits_per_value, 4),
+                     "rel_error": round(relative_error(weights[dist], quant.dequantize(qt)), 6)})
+    return {"benchmark": "quant_error", "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'spec':<22} {'weights':<11} {'bits/w':>7} {'rel err':>9}"]
+    for r in result["rows"]:
+        lines.append(f"{r['spec']:<22} {r['weights']:<11} {r['bits_per_weight']:>7.3f} {r['rel_error']:>9.4f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    import cli
+
+    sys.exit(cli.main(["bench", "error", *sys.argv[1:]]))

@@ -1,0 +1,150 @@
+"""The command line: exit codes, one-line errors, --json on stdout, no half-written files."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import cli
+
+
+def run(capsys, *args):
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def weights(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {"layers.0.mlp.up.weight": rng.standard_normal((64, 40)).astype(np.float32),
+               "layers.0.input_layernorm.weight": np.ones(64, np.float32),
+               "embed_tokens.weight": rng.standard_normal((100, 64)).astype(np.float32)}
+    st, npz = tmp_path / "w.safetensors", tmp_path / "w.npz"
+    save_file(tensors, str(st))
+    np.savez(npz, **tensors)
+    return st, npz, tensors
+
+
+def test_version_and_help(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.startswith("cascade, version ")
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for sub in ("run", "quantize", "eval", "plan", "bench", "inspect"):
+        assert sub in out
+
+
+def test_console_script_installed():
+    exe = shutil.which("cascade", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    assert exe, "the `cascade` console script is not installed (pip install -e .)"
+    proc = subprocess.run([exe, "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "version" in proc.stdout
+
+
+@pytest.mark.parametrize("args", [("bogus",), ("bench", "matmul", "--batch", "0"), ("bench", "matmul", "--k", "x"),
+                                  ("quantize",), ("inspect", "a", "b"), ("--nope",)])
+def test_usage_errors_are_one_line_exit_2(capsys, args):
+    code, out, err = run(capsys, *args)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ")
+
+
+@pytest.mark.parametrize("sub", [("run", "hi"), ("eval", "m", "--data", "f"), ("plan",)])
+def test_unbuilt_commands_fail_clearly(capsys, sub):
+    code, out, err = run(capsys, *sub)
+    assert code == 1 and out == "" and err.count("\n") == 1 and "not available yet" in err
+
+
+def test_inspect_json_and_table(capsys, weights):
+    st, npz, tensors = weights
+    for path in (st, npz):
+        code, out, err = run(capsys, "inspect", str(path), "--json")
+        assert code == 0
+        data = json.loads(out)
+        assert {t["name"]: t["shape"] for t in data["tensors"]} == {k: list(v.shape) for k, v in tensors.items()}
+        assert data["bytes"] == sum(v.nbytes for v in tensors.values())
+    code, out, err = run(capsys, "inspect", str(st))
+    assert code == 0 and out == "" and "3 tensors" in err
+
+
+def test_quantize_report(capsys, weights):
+    st, _, tensors = weights
+    code, out, _ = run(capsys, "quantize", str(st), "--quant", "int4-g32", "--json")
+    assert code == 0
+    data = json.loads(out)
+    specs = {r["path"]: r["spec"] for r in data["layers"]}
+    assert specs == {"layers.0.mlp.up.weight": "int4-g32", "layers.0.input_layernorm.weight": "bf16",
+                     "embed_tokens.weight": "bf16"}
+    assert data["bytes_before"] == sum(v.nbytes for v in tensors.values()) > data["bytes_after"]
+    assert data["rules"]["__default__"] == "int4-g32"
+
+
+@pytest.mark.parametrize("content,match", [(b"", "cannot read"), (b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":", "cannot read")])
+def test_corrupt_file_is_one_line_error(capsys, tmp_path, content, match):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(content)
+    code, out, err = run(capsys, "inspect", str(bad))
+    assert code == 1 and out == "" and err.count("\n") == 1 and match in err
+
+
+def test_truncated_npz_and_missing_and_unknown(capsys, weights, tmp_path):
+    _, npz, _ = weights
+    trunc = tmp_path / "t.npz"
+    trunc.write_bytes(npz.read_bytes()[:200])
+    for path, match in [(trunc, "cannot read"), (tmp_path / "nope.npz", "no such file"), (tmp_path, "directory")]:
+        code, _, err = run(capsys, "inspect", str(path))
+        assert code == 1 and match in err and err.count("\n") == 1
+    code, _, err = run(capsys, "quantize", str(npz), "--quant", "int5")
+    assert code == 1 and "unknown precision spec" in err
+
+
+def test_nan_weights_rejected_naming_tensor(capsys, tmp_path):
+    path = tmp_path / "nan.npz"
+    np.savez(path, **{"mlp.w": np.full((4, 4), np.nan, np.float32)})
+    code, _, err = run(capsys, "quantize", str(path), "--quant", "int8")
+    assert code == 1 and "mlp.w" in err and "NaN" in err
+
+
+def test_debug_shows_traceback(capsys):
+    with pytest.raises(ValueError):
+        cli.main(["--debug", "bench", "matmul", "--spec", "int9", "--k", "8", "--n", "8", "--batch", "1"])
+
+
+def test_bench_matmul_json_rows_and_out_file(capsys, tmp_path):
+    out_file = tmp_path / "mm.json"
+    code, out, err = run(capsys, "bench", "matmul", "--k", "72", "--n", "16", "--batch", "1,4", "--repeats", "2",
+                         "--warmup", "1", "--spec", "int8,int4-g32", "--out", str(out_file), "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert json.loads(out_file.read_text()) == data
+    rows = data["rows"]
+    assert [(r["spec"], r["batch"]) for r in rows] == [(s, b) for b in (1, 4) for s in ("fp32", "int8", "int4-g32")]
+    for r in rows:
+        assert set(r) >= {"spec", "backend", "batch", "k", "n", "ms", "speedup_vs_f32"}
+        assert r["ms"] > 0 and r["k"] == 72 and r["n"] == 16
+    assert [r["speedup_vs_f32"] for r in rows if r["spec"] == "fp32"] == [1.0, 1.0]
+    assert rows[1]["weight_bytes"] == 72 * 16 + 16 * 2  # int8 codes + one fp16 scale per column
+
+
+def test_bench_bad_out_path_leaves_nothing(capsys, tmp_path):
+    target = tmp_path / "missing_dir" / "mm.json"
+    code, _, err = run(capsys, "bench", "matmul", "--k", "8", "--n", "8", "--batch", "1", "--repeats", "1",
+                       "--out", str(target))
+    assert code == 1 and err.startswith("error: ") and not target.exists()
+
+
+def test_bench_error_rows(capsys):
+    code, out, _ = run(capsys, "bench", "error", "--spec", "int8,int4-g16", "--k", "64", "--n", "8", "--json")
+    assert code == 0
+    rows = json.loads(out)["rows"]
+    assert len(rows) == 2 * 2 * 3  # distributions x specs x clip methods
+    by_spec = {(r["spec"], r["weights"]): r for r in rows}
+    # more bits, less error, on the same weights
+    assert by_spec[("int8", "gaussian")]["rel_error"] < by_spec[("int4-g16", "gaussian")]["rel_error"]
+    assert by_spec[("int4-g16", "gaussian")]["bits_per_weight"] == pytest.approx(4 + 16 / 16)
