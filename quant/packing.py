@@ -21,7 +21,9 @@ length is kept by the caller (``QuantizedTensor.shape``).  Packed size along the
 from __future__ import annotations
 
 import math
+from functools import partial
 
+import jax
 import jax.numpy as jnp
 
 # bits -> (codes per run L, bytes per run B)
@@ -40,6 +42,7 @@ def packed_length(length: int, bits: int) -> int:
     return math.ceil(length / n_codes) * n_bytes
 
 
+@partial(jax.jit, static_argnames=("bits", "axis"))
 def pack_codes(codes: jnp.ndarray, bits: int, axis: int = 0) -> jnp.ndarray:
     """Pack unsigned integer codes (values in [0, 2**bits)) into uint8 along ``axis``."""
     n_codes, n_bytes = run_shape(bits)
@@ -56,6 +59,7 @@ def pack_codes(codes: jnp.ndarray, bits: int, axis: int = 0) -> jnp.ndarray:
     return jnp.moveaxis(out, 0, axis)
 
 
+@partial(jax.jit, static_argnames=("bits", "length", "axis"))
 def unpack_codes(packed: jnp.ndarray, bits: int, length: int, axis: int = 0) -> jnp.ndarray:
     """Inverse of :func:`pack_codes`: uint8 bytes -> int32 codes, ``length`` along ``axis``."""
     n_codes, n_bytes = run_shape(bits)

@@ -138,13 +138,15 @@ def _params_from_data(x, spec: IntSpec, axis: int, scale_dtype):
 
 @partial(jax.jit, static_argnames=("spec", "axis"))
 def _encode(x, scale_g, zero_g, spec: IntSpec, axis: int):
-    """Codes from a tensor and per-group (G, R) params, packed along ``axis``."""
+    """Packed codes from a tensor and per-group (G, R) params; params in the stored layout."""
     xg = ranges.to_groups(x.astype(jnp.float32), spec, axis)
     s = scale_g.astype(jnp.float32)[:, None, :]
     z = 0.0 if zero_g is None else zero_g.astype(jnp.float32)[:, None, :]
     q = jnp.clip(jnp.round(xg / s) + z, spec.qmin, spec.qmax)
     codes = ranges.from_groups(q, x.shape, spec, axis).astype(jnp.int32) + spec.code_offset
-    return packing.pack_codes(codes, spec.bits, axis)
+    to_layout = partial(ranges.groups_to_scale_layout, shape=x.shape, spec=spec, axis=axis)
+    zero = None if zero_g is None else to_layout(zero_g)
+    return packing.pack_codes(codes, spec.bits, axis), to_layout(scale_g), zero
 
 
 def quantize(x, spec: Spec | str, *, axis: int = 0, scale_dtype="float16") -> QuantizedTensor:
@@ -178,10 +180,8 @@ def _assemble(x, spec, axis, scale_g, zero_g) -> QuantizedTensor:
             f"scales overflow {scale_g.dtype} (max |x| = {float(jnp.abs(x).max()):.4g}); "
             "pass scale_dtype='float32'"
         )
-    packed = _encode(x, scale_g, zero_g, spec, axis)
-    to_layout = partial(ranges.groups_to_scale_layout, shape=x.shape, spec=spec, axis=axis)
-    zero = None if zero_g is None else to_layout(zero_g)
-    return QuantizedTensor(packed, to_layout(scale_g), zero, spec=spec, shape=x.shape, axis=axis, dtype=x.dtype)
+    packed, scale, zero = _encode(x, scale_g, zero_g, spec, axis)
+    return QuantizedTensor(packed, scale, zero, spec=spec, shape=x.shape, axis=axis, dtype=x.dtype)
 
 
 def _int_spec(spec) -> IntSpec:

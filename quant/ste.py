@@ -52,6 +52,7 @@ def _fake_quant_bwd(spec, axis, inside, g):
 
 
 _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+_fake_quant_jit = jax.jit(_fake_quant, static_argnums=(1, 2))
 
 
 def fake_quant(x, spec: Spec | str, *, axis: int = 0):
@@ -63,4 +64,4 @@ def fake_quant(x, spec: Spec | str, *, axis: int = 0):
     spec = _int_spec(spec)
     if x.ndim == 0 or not -x.ndim <= axis < x.ndim:
         raise ValueError(f"axis {axis} is out of range for an input of rank {x.ndim}")
-    return _fake_quant(x, spec, axis % x.ndim)
+    return _fake_quant_jit(x, spec, axis % x.ndim)
