@@ -54,8 +54,10 @@ def run(prompt, small, large, as_json):
 @app.command()
 @click.argument("model")
 @click.option("--quant", "quant_rules", required=True, help="Precision spec, inline rules or rules JSON file.")
+@click.option("--axis", type=int, default=None,
+              help="Reduction (input) axis of 2-D weights [default: 1 for .safetensors (PyTorch (out, in)), 0 for .npz].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def quantize(model, quant_rules, as_json):
+def quantize(model, quant_rules, axis, as_json):
     """RTN-quantize the weights in MODEL (.safetensors or .npz) and report bytes and error.
 
     Writing a quantized model checkpoint arrives with model loading; this prints the
@@ -66,8 +68,9 @@ def quantize(model, quant_rules, as_json):
 
     rules = quant.PrecisionRules.parse(quant_rules)
     params = weights_file.load(model)
-    _, report = quant.quantize_params(params, rules)
-    _emit(as_json, {"model": model, "rules": rules.to_json(), **report.to_json()}, report.table())
+    axis = weights_file.default_reduction_axis(model) if axis is None else axis
+    _, report = quant.quantize_params(params, rules, axis=axis)
+    _emit(as_json, {"model": model, "axis": axis, "rules": rules.to_json(), **report.to_json()}, report.table())
 
 
 @app.command()
@@ -178,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         return rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as e:
         return e.exit_code
+    except click.exceptions.NoArgsIsHelpError as e:  # `cascade` or `cascade bench` alone: show the help
+        click.echo(e.ctx.get_help())
+        return 0
     except click.Abort:
         click.echo("error: aborted", err=True)
         return 130

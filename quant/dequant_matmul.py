@@ -18,7 +18,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from quant.qtensor import QuantizedTensor, dequantize
+from quant.qtensor import QuantizedTensor, check_unstacked, dequantize
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,7 +42,8 @@ def backends() -> dict[str, MatmulBackend]:
 
 
 def xla_dequant_matmul(x, w: QuantizedTensor):
-    """Reference: ``x @ dequantize(W)`` in the activation dtype, float32 accumulation."""
+    """Reference: ``x @ dequantize(W)``; W is dequantized to the activation dtype (bf16 stays
+    bf16) and the dot accumulates in float32."""
     w_hat = dequantize(w, x.dtype)
     return jnp.matmul(x, w_hat, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32).astype(x.dtype)
 
@@ -53,6 +54,10 @@ register_backend("xla", xla_dequant_matmul, priority=0)
 def check_operands(x, w) -> None:
     if x.ndim < 1:
         raise ValueError("matmul input must have at least 1 dimension")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"matmul input must be floating-point, got {x.dtype}")
+    if isinstance(w, QuantizedTensor):
+        check_unstacked(w)
     if len(w.shape) != 2:
         raise ValueError(f"matmul weight must be 2-D (k, n), got shape {tuple(w.shape)}")
     if isinstance(w, QuantizedTensor) and w.axis != 0:
@@ -71,6 +76,8 @@ def select_backend(x, w: QuantizedTensor, backend: str | None = None) -> MatmulB
             raise ValueError(f"matmul backend {name!r} does not support {w.spec} with input {x.dtype}{tuple(x.shape)}")
         return chosen
     usable = [b for b in _BACKENDS.values() if b.supports(x, w)]
+    if not usable:
+        raise ValueError(f"no registered matmul backend supports {w.spec} with input {x.dtype}{tuple(x.shape)}")
     return max(usable, key=lambda b: b.priority)
 
 

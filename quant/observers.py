@@ -71,6 +71,8 @@ class MinMaxObserver:
 
     def range(self, state, spec: Spec | str):
         spec = parse_spec(spec)
+        if not isinstance(spec, IntSpec):
+            raise ValueError(f"{spec} is a float spec; ranges are for integer specs")
         if spec.clip != "minmax":
             raise ValueError(f"MinMaxObserver gives min-max ranges only; use HistogramObserver for {spec.clip}")
         return _range_for_spec(state["min"], state["max"], spec)
@@ -81,7 +83,8 @@ def _histogram_update(counts, lo, hi, xs, bins: int):
     """Re-bin ``counts`` (C, bins) over [lo, hi] onto the range grown to cover ``xs``, add ``xs``."""
     new_lo = jnp.minimum(lo, xs.min(axis=0))
     new_hi = jnp.maximum(hi, xs.max(axis=0))
-    new_hi = jnp.where(new_hi > new_lo, new_hi, new_lo + 1e-12)
+    # a constant channel still needs a positive width; relative, so it survives float32 rounding
+    new_hi = jnp.where(new_hi > new_lo, new_hi, new_lo + jnp.maximum(jnp.abs(new_lo) * 1e-5, 1e-12))
     width_old = (hi - lo) / bins
     width_new = (new_hi - new_lo) / bins
     centers = lo[:, None] + (jnp.arange(bins) + 0.5)[None, :] * width_old[:, None]
@@ -90,7 +93,7 @@ def _histogram_update(counts, lo, hi, xs, bins: int):
     rebinned = jnp.zeros_like(counts).at[rows, idx_old].add(counts)
     idx_new = jnp.clip(jnp.floor((xs - new_lo[None, :]) / width_new[None, :]), 0, bins - 1).astype(jnp.int32)
     cols = jnp.broadcast_to(jnp.arange(xs.shape[1])[None, :], xs.shape)
-    return rebinned.at[cols, idx_new].add(1.0), new_lo, new_hi
+    return rebinned.at[cols, idx_new].add(1), new_lo, new_hi
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -108,7 +111,8 @@ class HistogramObserver:
         if state is None:
             c = xs.shape[1]
             first = xs.min(axis=0) if not self.symmetric else jnp.zeros((c,), jnp.float32)
-            state = {"counts": jnp.zeros((c, self.bins), jnp.float32), "lo": first, "hi": first}
+            # int32 counts: float32 would stop counting at 2**24 per bin
+            state = {"counts": jnp.zeros((c, self.bins), jnp.int32), "lo": first, "hi": first}
         elif state["counts"].shape[0] != xs.shape[1]:
             raise ValueError(f"batch has {xs.shape[1]} channels, observer state has {state['counts'].shape[0]}")
         counts, lo, hi = _histogram_update(state["counts"], state["lo"], state["hi"], xs, self.bins)
@@ -121,7 +125,7 @@ class HistogramObserver:
     def percentile(self, state, pct: float, *, upper: bool = True):
         """The ``pct``-th percentile per channel from the cumulative histogram: the upper edge
         of the first bin reaching ``pct`` (``upper=False``: its lower edge, for lower tails)."""
-        counts = state["counts"]
+        counts = state["counts"].astype(jnp.float32)
         cdf = jnp.cumsum(counts, axis=1) / counts.sum(axis=1, keepdims=True)
         idx = jnp.argmax(cdf >= pct / 100.0 - 1e-9, axis=1)
         width = (state["hi"] - state["lo"]) / self.bins
@@ -145,7 +149,7 @@ class HistogramObserver:
     def _mse_range(self, state, spec: IntSpec):
         """Shrink ratio minimizing the histogram-weighted squared error (TensorRT's MSE calibrator)."""
         centers, _ = self._centers(state)  # (C, bins)
-        counts = state["counts"]
+        counts = state["counts"].astype(jnp.float32)
         lo0, hi0 = (-state["hi"], state["hi"]) if self.symmetric else (state["lo"], state["hi"])
         n = int(ranges.MSE_MAX_SHRINK * ranges.MSE_GRID)
         ratios = 1.0 - jnp.arange(n, dtype=jnp.float32) / ranges.MSE_GRID

@@ -15,6 +15,7 @@ integer zero point stored as a float.  Scale and zero point are stored in ``scal
 from __future__ import annotations
 
 import math
+import warnings
 from functools import partial
 
 import jax
@@ -65,13 +66,18 @@ class QuantizedTensor:
         return math.prod(self.shape)
 
     @property
+    def stack_shape(self) -> tuple[int, ...]:
+        """Leading dims of a stack of tensors (``jax.tree.map(jnp.stack, ...)``); () for one."""
+        return tuple(self.packed.shape[: len(self.packed.shape) - self.ndim])
+
+    @property
     def nbytes(self) -> int:
-        """True storage in bytes: packed codes + scales + zero points."""
+        """True storage in bytes: packed codes + scales + zero points (of the whole stack)."""
         return sum(_nbytes(a) for a in (self.packed, self.scale, self.zero) if a is not None)
 
     @property
     def bits_per_value(self) -> float:
-        return 8.0 * self.nbytes / self.size
+        return 8.0 * self.nbytes / (self.size * math.prod(self.stack_shape))
 
     def dequantize(self, dtype=None) -> jnp.ndarray:
         return dequantize(self, dtype)
@@ -95,6 +101,7 @@ def storage_nbytes(shape, spec: Spec, axis: int = 0, scale_dtype="float16") -> i
     shape = tuple(shape)
     if not isinstance(spec, IntSpec):
         return math.prod(shape) * spec.bits // 8
+    axis %= len(shape)
     k = shape[axis]
     codes = packing.packed_length(k, spec.bits) * (math.prod(shape) // k)
     n_params = math.prod(ranges.scale_shape(shape, spec, axis))
@@ -180,8 +187,19 @@ def _assemble(x, spec, axis, scale_g, zero_g) -> QuantizedTensor:
             f"scales overflow {scale_g.dtype} (max |x| = {float(jnp.abs(x).max()):.4g}); "
             "pass scale_dtype='float32'"
         )
+    if _is_concrete(scale_g) and scale_g.dtype != jnp.float32:
+        tiny = float(jnp.finfo(scale_g.dtype).smallest_normal)
+        if bool((scale_g.astype(jnp.float32) < tiny).any()):
+            warnings.warn(f"some {spec} scales are below the smallest normal {scale_g.dtype} ({tiny:.3g}) and lose "
+                          "precision; pass scale_dtype='float32' for such small weights", stacklevel=3)
     packed, scale, zero = _encode(x, scale_g, zero_g, spec, axis)
     return QuantizedTensor(packed, scale, zero, spec=spec, shape=x.shape, axis=axis, dtype=x.dtype)
+
+
+def check_unstacked(qt: QuantizedTensor) -> None:
+    if qt.stack_shape:
+        raise ValueError(f"QuantizedTensor is a stack of {qt.stack_shape} tensors of shape {qt.shape}; "
+                         "map over the stack with jax.vmap or index one slice")
 
 
 def _int_spec(spec) -> IntSpec:
@@ -192,7 +210,7 @@ def _int_spec(spec) -> IntSpec:
 
 
 def codes(qt: QuantizedTensor) -> jnp.ndarray:
-    """Signed integer values ``q - z`` offset removed, i.e. the unpacked q (int32, logical shape)."""
+    """The integers ``q`` (storage offset removed, zero point not subtracted), int32, logical shape."""
     u = packing.unpack_codes(qt.packed, qt.spec.bits, qt.shape[qt.axis], qt.axis)
     return u - qt.spec.code_offset
 
@@ -212,4 +230,5 @@ def dequantize(qt: QuantizedTensor, dtype=None) -> jnp.ndarray:
     """``x_hat = (q - z) * s`` in ``dtype`` (default: the dtype the tensor was quantized from)."""
     if not isinstance(qt, QuantizedTensor):
         raise ValueError(f"dequantize takes a QuantizedTensor, got {type(qt).__name__}")
+    check_unstacked(qt)
     return _dequantize(qt, str(jnp.dtype(dtype or qt.dtype)))

@@ -30,7 +30,7 @@ def group_geometry(shape: tuple[int, ...], spec: IntSpec, axis: int) -> tuple[in
         return 1, math.prod(shape), 1
     if spec.granularity == "channel":
         return 1, k, rest
-    g = spec.group_size
+    g = min(spec.group_size, k)  # a group longer than the axis is the whole axis
     return math.ceil(k / g), g, rest
 
 
@@ -38,6 +38,7 @@ def scale_shape(shape: tuple[int, ...], spec: IntSpec, axis: int) -> tuple[int, 
     """Shape of the stored scale (and zero point): the reduction axis holds one entry per group."""
     if spec.granularity == "tensor":
         return (1,) * len(shape)
+    axis %= len(shape)
     n_groups, _, _ = group_geometry(shape, spec, axis)
     return tuple(n_groups if i == axis else d for i, d in enumerate(shape))
 

@@ -27,7 +27,7 @@ from quant.spec import FloatSpec, IntSpec, Spec, parse_spec
 KEEP_16BIT_RULES: tuple[tuple[str, str], ...] = (
     (r"norm", "bf16"),
     (r"embed", "bf16"),
-    (r"lm_head|(^|/)output(/|$)", "bf16"),
+    (r"(^|[/.])lm_head([/.]|$)|^output([/.]|$)", "bf16"),  # HF lm_head; Meta/GGUF top-level output
 )
 
 
@@ -41,6 +41,8 @@ class PrecisionRules:
     def __post_init__(self):
         checked = []
         for pattern, spec in self.rules:
+            if not isinstance(pattern, str):
+                raise ValueError(f"precision rule pattern must be a string, got {pattern!r}")
             try:
                 re.compile(pattern)
             except re.error as e:
@@ -60,6 +62,8 @@ class PrecisionRules:
         """A spec, inline ``regex=spec,...`` rules, or a path to a JSON rules file."""
         if isinstance(text, PrecisionRules):
             return text
+        if not isinstance(text, str):
+            raise ValueError(f"precision rules must be a spec, inline rules or a JSON path, got {type(text).__name__}")
         text = text.strip()
         if text.endswith(".json") or os.path.isfile(text):
             return cls.from_json_file(text)
@@ -71,6 +75,8 @@ class PrecisionRules:
             if not sep or not pattern:
                 raise ValueError(f"bad precision rule {item!r}: expected REGEX=SPEC")
             if pattern.strip() == "*":
+                if default is not None:
+                    raise ValueError(f"precision rules {text!r} set the default (*) twice")
                 default = spec.strip()
             else:
                 rules.append((pattern.strip(), spec.strip()))

@@ -57,7 +57,10 @@ class IntSpec:
                 raise ValueError(f"group_size must be positive, got {self.group_size}")
         elif self.group_size is not None:
             raise ValueError(f"group_size is only valid with granularity='group', got {self.group_size}")
-        clip_percentile(self.clip)  # validates
+        pct = clip_percentile(self.clip)  # validates
+        if pct is not None:  # one name per percentile: p99.90 and p099.9 are p99.9
+            text = repr(pct)
+            object.__setattr__(self, "clip", "p" + (text[:-2] if text.endswith(".0") else text))
 
     @property
     def qmin(self) -> int:
@@ -116,7 +119,7 @@ class FloatSpec:
 
 Spec = Union[IntSpec, FloatSpec]
 
-_PERCENTILE = re.compile(r"p(\d+(?:\.\d+)?)")
+_PERCENTILE = re.compile(r"p([0-9]+(?:\.[0-9]+)?)", re.ASCII)
 
 
 def clip_percentile(clip: str) -> float | None:
@@ -142,13 +145,13 @@ def parse_spec(text: str | Spec) -> Spec:
     if s in FLOAT_NAMES:
         return FloatSpec(name=s)
     tokens = s.split("-")
-    m = re.fullmatch(r"int(\d+)", tokens[0])
+    m = re.fullmatch(r"int([0-9]+)", tokens[0])
     if not m or int(m.group(1)) not in INT_BITS:
         raise ValueError(f"unknown precision spec {text!r}; allowed: {ALLOWED_FORMS}")
     fields: dict = {"bits": int(m.group(1))}
     seen: set[str] = set()
     for tok in tokens[1:]:
-        if m := re.fullmatch(r"g(-?\d+)", tok):
+        if m := re.fullmatch(r"g(-?[0-9]+)", tok):
             kind, value = "granularity", ("group", int(m.group(1)))
         elif tok in ("tensor", "channel"):
             kind, value = "granularity", (tok, None)

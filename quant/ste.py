@@ -24,7 +24,8 @@ def _clip_range_groups(x, spec, axis):
     exactly the interval the scale is fitted to.
     """
     xg = ranges.to_groups(x.astype(jnp.float32), spec, axis)
-    lo, hi = ranges.estimate_range(xg, spec)
+    # the range is a constant of the STE (no gradient through min/max/percentile/search)
+    lo, hi = jax.lax.stop_gradient(ranges.estimate_range(jax.lax.stop_gradient(xg), spec))
     if spec.symmetric:
         hi = jnp.maximum(-lo, hi)
         lo = -hi
@@ -42,7 +43,9 @@ def _fake_quant(x, spec, axis):
 
 def _fake_quant_fwd(x, spec, axis):
     xg, scale, zero, lo, hi = _clip_range_groups(x, spec, axis)
-    y = ranges.from_groups(ranges.fake_quant_groups(xg, scale, zero, spec), x.shape, spec, axis).astype(x.dtype)
+    # the output comes from the custom-vjp function itself, so that higher-order derivatives
+    # (which differentiate this fwd rule) still see the STE rather than round()'s zero slope
+    y = _fake_quant(x, spec, axis)
     inside = (xg >= lo[:, None, :]) & (xg <= hi[:, None, :])
     return y, ranges.from_groups(inside, x.shape, spec, axis)
 
@@ -62,6 +65,8 @@ def fake_quant(x, spec: Spec | str, *, axis: int = 0):
     treated as a constant in the backward pass.  Works under ``jit`` and ``grad``.
     """
     spec = _int_spec(spec)
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise ValueError(f"fake_quant takes a floating-point array, got {jnp.result_type(x)}")
     if x.ndim == 0 or not -x.ndim <= axis < x.ndim:
         raise ValueError(f"axis {axis} is out of range for an input of rank {x.ndim}")
     return _fake_quant_jit(x, spec, axis % x.ndim)

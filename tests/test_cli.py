@@ -40,6 +40,12 @@ def test_version_and_help(capsys):
         assert sub in out
 
 
+@pytest.mark.parametrize("args", [(), ("bench",)])
+def test_group_alone_prints_help(capsys, args):
+    code, out, _ = run(capsys, *args)
+    assert code == 0 and out.startswith("Usage: cascade")
+
+
 def test_console_script_installed():
     exe = shutil.which("cascade", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     assert exe, "the `cascade` console script is not installed (pip install -e .)"
@@ -78,6 +84,10 @@ def test_quantize_report(capsys, weights):
     code, out, _ = run(capsys, "quantize", str(st), "--quant", "int4-g32", "--json")
     assert code == 0
     data = json.loads(out)
+    # safetensors hold PyTorch (out, in) weights: groups run along axis 1, the input features
+    assert data["axis"] == 1
+    up = next(r for r in data["layers"] if r["path"] == "layers.0.mlp.up.weight")
+    assert up["bytes_after"] == 64 * 20 + 64 * 2 * 2
     specs = {r["path"]: r["spec"] for r in data["layers"]}
     assert specs == {"layers.0.mlp.up.weight": "int4-g32", "layers.0.input_layernorm.weight": "bf16",
                      "embed_tokens.weight": "bf16"}
@@ -148,3 +158,13 @@ def test_bench_error_rows(capsys):
     # more bits, less error, on the same weights
     assert by_spec[("int8", "gaussian")]["rel_error"] < by_spec[("int4-g16", "gaussian")]["rel_error"]
     assert by_spec[("int4-g16", "gaussian")]["bits_per_weight"] == pytest.approx(4 + 16 / 16)
+
+
+def test_inspect_bf16_safetensors(capsys, tmp_path):
+    import ml_dtypes
+
+    path = tmp_path / "bf16.safetensors"
+    save_file({"w": np.ones((3, 2), ml_dtypes.bfloat16)}, str(path))
+    code, out, err = run(capsys, "inspect", str(path), "--json")
+    assert code == 0, err
+    assert json.loads(out)["tensors"] == [{"name": "w", "shape": [3, 2], "dtype": "bfloat16", "bytes": 12}]

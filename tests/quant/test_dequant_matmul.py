@@ -63,6 +63,8 @@ def test_shape_errors():
         quant.matmul(jnp.ones((2, 8)), quant.quantize(np.ones((8, 4, 2), np.float32), "int8"))
     with pytest.raises(ValueError, match="axis 0"):
         quant.matmul(jnp.ones((2, 4)), quant.quantize(np.ones((8, 4), np.float32), "int8", axis=1))
+    with pytest.raises(ValueError, match="floating"):
+        quant.matmul(jnp.ones((2, 8), jnp.int32), w)
 
 
 def test_backend_registry_selection(monkeypatch):
@@ -88,3 +90,7 @@ def test_backend_registry_selection(monkeypatch):
     monkeypatch.setenv("CASCADE_MATMUL_BACKEND", "xla")
     quant.matmul(x, w8)
     assert len(calls) == 1
+    monkeypatch.delenv("CASCADE_MATMUL_BACKEND")
+    monkeypatch.setattr(mm, "_BACKENDS", {})
+    with pytest.raises(ValueError, match="no registered matmul backend"):
+        quant.matmul(x, w8)

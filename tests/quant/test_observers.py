@@ -38,7 +38,11 @@ def test_histogram_percentile_close_to_numpy(batches, symmetric):
     # the histogram's extremes are exact; percentiles within a few bins (re-binning blurs by <= 1 bin each time)
     np.testing.assert_allclose(np.asarray(state["hi"]), data.max(axis=0), rtol=1e-6)
     estimate = np.asarray(obs.percentile(state, 99.0))
-    assert np.all(np.abs(estimate - np.percentile(data, 99.0, axis=0)) <= 8 * width + np.abs(np.diff(np.sort(data, axis=0), axis=0)).max(axis=0))
+    # between the order statistics around rank 0.99 N, up to a few bins of re-binning blur
+    ordered = np.sort(data, axis=0)
+    rank = 0.99 * len(data)
+    below, above = ordered[int(np.floor(rank)) - 1], ordered[int(np.ceil(rank))]
+    assert np.all(estimate >= below - 4 * width) and np.all(estimate <= above + 4 * width)
 
 
 @pytest.mark.parametrize("spec", ["int4-tensor-p99.9", "int8-tensor-mse", "int4-tensor-mse", "int4-tensor-asym-p99.9", "int3-tensor-asym-mse"])
@@ -73,3 +77,24 @@ def test_observer_bad_input():
         obs.range(state, "int8-p99")
     with pytest.raises(ValueError, match="symmetric"):
         HistogramObserver().range(HistogramObserver().update(None, jnp.ones((4, 1))), "int8-asym")
+
+
+def test_histogram_counts_past_float32_precision():
+    obs, state = HistogramObserver(bins=16), None
+    batch = jnp.ones(1 << 22, jnp.float32)
+    for _ in range(5):  # 20,971,520 values in one bin: float32 counts would stall at 2**24
+        state = obs.update(state, batch)
+    assert int(state["counts"].sum()) == 5 << 22
+
+
+def test_histogram_of_a_constant_channel():
+    obs = HistogramObserver(symmetric=False)
+    state = obs.update(None, jnp.full((100, 1), 1000.0))
+    lo, hi = obs.range(state, "int8-asym-p99")
+    assert float(lo[0]) == pytest.approx(1000.0, rel=1e-4) and float(hi[0]) == pytest.approx(1000.0, rel=1e-4)
+
+
+def test_float_spec_range_is_a_value_error():
+    obs = MinMaxObserver()
+    with pytest.raises(ValueError, match="float spec"):
+        obs.range(obs.update(None, jnp.ones(3)), "bf16")

@@ -213,3 +213,30 @@ def test_clipped_specs_error_bound_inside_range(spec):
     assert np.all(np.abs(x - x_hat)[inside] <= scale[inside] / 2 * (1 + 1e-5) + 1e-6)
     # outside the range values saturate at the grid's ends
     np.testing.assert_allclose(x_hat[x > hi], np.broadcast_to(hi, x.shape)[x > hi], rtol=1e-6)
+
+
+def test_negative_axis_and_oversized_group():
+    assert quant.storage_nbytes((7, 33), "int4-g8", axis=-1) == quant.storage_nbytes((7, 33), "int4-g8", axis=1) == 7 * 17 + 7 * 5 * 2
+    x = np.random.default_rng(8).standard_normal((4, 4)).astype(np.float32)
+    huge, channel = quant.quantize(x, "int4-g1000000000"), quant.quantize(x, "int4")
+    np.testing.assert_array_equal(np.asarray(huge.packed), np.asarray(channel.packed))
+    np.testing.assert_array_equal(np.asarray(huge.scale), np.asarray(channel.scale))
+
+
+def test_stacked_tensor_accounting_and_misuse(qt_pair):
+    a, b = qt_pair
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), a, b)
+    assert stacked.stack_shape == (2,) and stacked.nbytes == a.nbytes + b.nbytes
+    assert stacked.bits_per_value == pytest.approx(a.bits_per_value)
+    with pytest.raises(ValueError, match="stack"):
+        quant.dequantize(stacked)
+    with pytest.raises(ValueError, match="stack"):
+        quant.matmul(jnp.ones((1, 40)), stacked)
+
+
+def test_float16_subnormal_scales_warn():
+    x = np.random.default_rng(9).standard_normal((64, 4)).astype(np.float32) * 1e-6
+    with pytest.warns(UserWarning, match="float32"):
+        quant.quantize(x, "int8")
+    err16 = np.abs(np.asarray(quant.dequantize(quant.quantize(x, "int8", scale_dtype="float32"))) - x).max()
+    assert err16 <= np.abs(x).max() / 127 / 2 * 1.001

@@ -50,3 +50,24 @@ def test_bad_json_file(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"rules": [["x"]]}))
     with pytest.raises(ValueError, match="pairs"):
         PrecisionRules.parse(str(tmp_path / "b.json"))
+
+
+def test_lm_head_rule_matches_head_names_only():
+    rules = PrecisionRules.parse("int4-g128")
+    for head in ("lm_head/kernel", "lm_head.weight", "output.weight", "model/lm_head"):
+        assert str(rules.spec_for(head, 2)) == "bf16", head
+    # attention output projections are ordinary weights
+    for weight in ("layers_0/attn/output/kernel", "layers.0.attention.output.weight", "layers_0/o_proj/kernel"):
+        assert str(rules.spec_for(weight, 2)) == "int4-g128", weight
+
+
+@pytest.mark.parametrize("bad,match", [("*=int8,*=int4", "twice"), (None, "got NoneType")])
+def test_parse_rejects_ambiguous_or_wrong_type(bad, match):
+    with pytest.raises(ValueError, match=match):
+        PrecisionRules.parse(bad)
+
+
+def test_json_pattern_must_be_string(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"rules": [[1, "int8"]]}))
+    with pytest.raises(ValueError, match="pattern must be a string"):
+        PrecisionRules.parse(str(tmp_path / "c.json"))

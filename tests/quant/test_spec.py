@@ -48,3 +48,11 @@ def test_error_lists_allowed_forms():
 def test_constructor_validates(kwargs):
     with pytest.raises(ValueError):
         IntSpec(**kwargs)
+
+
+def test_percentile_names_are_canonical():
+    assert parse_spec("int8-p99.90") == parse_spec("int8-p099.9") == parse_spec("int8-p99.9")
+    assert str(parse_spec("int8-p99.90")) == "int8-p99.9"
+    assert str(parse_spec("int4-p100.0")) == "int4-p100"
+    with pytest.raises(ValueError):
+        parse_spec("int\u0668")  # a non-ASCII digit is not a bit width

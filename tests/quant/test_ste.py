@@ -49,3 +49,11 @@ def test_bad_axis():
         quant.fake_quant(jnp.ones((4, 4)), "int8", axis=3)
     with pytest.raises(ValueError, match="float spec"):
         quant.fake_quant(jnp.ones((4, 4)), "fp16")
+
+
+def test_integer_input_rejected_and_second_order_grad(x):
+    with pytest.raises(ValueError, match="floating"):
+        quant.fake_quant(jnp.ones((4, 4), jnp.int32), "int8")
+    # STE is piecewise identity: the second derivative of sum(fq(x)**2) is 2 inside the range
+    hess_diag = jax.grad(lambda v: jnp.sum(jax.grad(lambda u: jnp.sum(quant.fake_quant(u, "int8") ** 2))(v)))(x)
+    np.testing.assert_allclose(np.asarray(hess_diag), 2.0)
