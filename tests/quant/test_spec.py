@@ -56,3 +56,18 @@ def test_percentile_names_are_canonical():
     assert str(parse_spec("int4-p100.0")) == "int4-p100"
     with pytest.raises(ValueError):
         parse_spec("int\u0668")  # a non-ASCII digit is not a bit width
+
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@given(bits=st.sampled_from([8, 4, 3, 2]),
+       gran=st.one_of(st.just(""), st.just("-tensor"), st.just("-channel"), st.integers(1, 4096).map(lambda g: f"-g{g}")),
+       sym=st.sampled_from(["", "-sym", "-asym"]),
+       clip=st.one_of(st.sampled_from(["", "-minmax", "-mse"]), st.decimals("50.01", "100", places=2).map(lambda p: f"-p{p}")))
+def test_any_valid_spec_round_trips(bits, gran, sym, clip):
+    spec = parse_spec(f"int{bits}{gran}{sym}{clip}")
+    assert parse_spec(str(spec)) == spec
+    assert spec.bits == bits and spec.symmetric == (sym != "-asym")
+    assert (spec.group_size is not None) == gran.startswith("-g")
