@@ -146,10 +146,7 @@ def _params_from_data(x, spec: IntSpec, axis: int, scale_dtype):
 @partial(jax.jit, static_argnames=("spec", "axis"))
 def _encode(x, scale_g, zero_g, spec: IntSpec, axis: int):
     """Packed codes from a tensor and per-group (G, R) params; params in the stored layout."""
-    xg = ranges.to_groups(x.astype(jnp.float32), spec, axis)
-    s = scale_g.astype(jnp.float32)[:, None, :]
-    z = 0.0 if zero_g is None else zero_g.astype(jnp.float32)[:, None, :]
-    q = jnp.clip(jnp.round(xg / s) + z, spec.qmin, spec.qmax)
+    q = ranges.quantize_groups(ranges.to_groups(x.astype(jnp.float32), spec, axis), scale_g, zero_g, spec)
     codes = ranges.from_groups(q, x.shape, spec, axis).astype(jnp.int32) + spec.code_offset
     to_layout = partial(ranges.groups_to_scale_layout, shape=x.shape, spec=spec, axis=axis)
     zero = None if zero_g is None else to_layout(zero_g)
@@ -218,12 +215,10 @@ def codes(qt: QuantizedTensor) -> jnp.ndarray:
 @partial(jax.jit, static_argnames=("dtype",))
 def _dequantize(qt: QuantizedTensor, dtype):
     spec, axis = qt.spec, qt.axis
-    q = codes(qt).astype(jnp.float32)
-    s = ranges.scale_layout_to_groups(qt.scale, spec, axis).astype(jnp.float32)
-    z = None if qt.zero is None else ranges.scale_layout_to_groups(qt.zero, spec, axis).astype(jnp.float32)
-    qg = ranges.to_groups(q, spec, axis)
-    xg = (qg - (0.0 if z is None else z[:, None, :])) * s[:, None, :]
-    return ranges.from_groups(xg, qt.shape, spec, axis).astype(dtype)
+    qg = ranges.to_groups(codes(qt).astype(jnp.float32), spec, axis)
+    s = ranges.scale_layout_to_groups(qt.scale, spec, axis)
+    z = None if qt.zero is None else ranges.scale_layout_to_groups(qt.zero, spec, axis)
+    return ranges.from_groups(ranges.dequantize_groups(qg, s, z), qt.shape, spec, axis).astype(dtype)
 
 
 def dequantize(qt: QuantizedTensor, dtype=None) -> jnp.ndarray:

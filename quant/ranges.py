@@ -106,12 +106,22 @@ def scale_zero_from_range(lo, hi, spec: IntSpec, scale_dtype=jnp.float16):
     return stored, z.astype(scale_dtype)
 
 
-def fake_quant_groups(xg, scale, zero, spec: IntSpec):
-    """Quantize-dequantize a grouped view (G, g, R) with per-group (G, R) params, in float32."""
+def quantize_groups(xg, scale, zero, spec: IntSpec):
+    """``q = clip(round(x / s) + z, qmin, qmax)`` on a grouped view (G, g, R), params (G, R)."""
     s = scale.astype(jnp.float32)[:, None, :]
     z = 0.0 if zero is None else zero.astype(jnp.float32)[:, None, :]
-    q = jnp.clip(jnp.round(xg / s) + z, spec.qmin, spec.qmax)
-    return (q - z) * s
+    return jnp.clip(jnp.round(xg / s) + z, spec.qmin, spec.qmax)
+
+
+def dequantize_groups(qg, scale, zero):
+    """``x_hat = (q - z) * s`` on a grouped view (G, g, R), params (G, R), in float32."""
+    z = 0.0 if zero is None else zero.astype(jnp.float32)[:, None, :]
+    return (qg - z) * scale.astype(jnp.float32)[:, None, :]
+
+
+def fake_quant_groups(xg, scale, zero, spec: IntSpec):
+    """Quantize-dequantize a grouped view (G, g, R) with per-group (G, R) params, in float32."""
+    return dequantize_groups(quantize_groups(xg, scale, zero, spec), scale, zero)
 
 
 def _minmax(xg):
