@@ -120,7 +120,7 @@ class HistogramObserver:
 
     def _centers(self, state):
         width = (state["hi"] - state["lo"]) / self.bins
-        return state["lo"][:, None] + (jnp.arange(self.bins) + 0.5)[None, :] * width[:, None], width
+        return state["lo"][:, None] + (jnp.arange(self.bins) + 0.5)[None, :] * width[:, None]
 
     def percentile(self, state, pct: float, *, upper: bool = True):
         """The ``pct``-th percentile per channel from the cumulative histogram: the upper edge
@@ -148,11 +148,10 @@ class HistogramObserver:
 
     def _mse_range(self, state, spec: IntSpec):
         """Shrink ratio minimizing the histogram-weighted squared error (TensorRT's MSE calibrator)."""
-        centers, _ = self._centers(state)  # (C, bins)
+        centers = self._centers(state)  # (C, bins)
         counts = state["counts"].astype(jnp.float32)
         lo0, hi0 = (-state["hi"], state["hi"]) if self.symmetric else (state["lo"], state["hi"])
-        n = int(ranges.MSE_MAX_SHRINK * ranges.MSE_GRID)
-        ratios = 1.0 - jnp.arange(n, dtype=jnp.float32) / ranges.MSE_GRID
+        ratios = ranges.mse_shrink_ratios()
 
         def error(ratio):
             scale, zero = ranges.scale_zero_from_range(ratio * lo0, ratio * hi0, spec, jnp.float32)

@@ -135,13 +135,18 @@ def _percentile(xg, pct: float, symmetric: bool):
     return jnp.nanpercentile(xg, 100.0 - pct, axis=1), jnp.nanpercentile(xg, pct, axis=1)
 
 
+def mse_shrink_ratios() -> jnp.ndarray:
+    """The candidate range-shrink ratios of the MSE search: 1.00, 0.99, ..., 0.21."""
+    return 1.0 - jnp.arange(int(MSE_MAX_SHRINK * MSE_GRID), dtype=jnp.float32) / MSE_GRID
+
+
 def _mse_search(xg, spec: IntSpec):
     lo0, hi0 = _minmax(xg)
     if spec.symmetric:
         a = jnp.maximum(-lo0, hi0)
         lo0, hi0 = -a, a
     xg32 = xg.astype(jnp.float32)
-    ratios = 1.0 - jnp.arange(int(MSE_MAX_SHRINK * MSE_GRID), dtype=jnp.float32) / MSE_GRID
+    ratios = mse_shrink_ratios()
 
     def step(best, ratio):
         best_err, best_ratio = best
