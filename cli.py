@@ -29,7 +29,7 @@ class NotBuiltYet(click.ClickException):
 
 def _emit(ctx_json: bool, payload: dict, human: str) -> None:
     if ctx_json:
-        click.echo(json.dumps(payload))
+        click.echo(json.dumps(payload, allow_nan=False))  # strict JSON: NaN/Infinity are not JSON
     else:
         click.echo(human, err=True)
 
@@ -139,7 +139,7 @@ def bench_matmul(batch, k, n, specs, backend, repeats, warmup, out_path, as_json
     result = bench_mm.run(batches=batch, k=k, n=n, specs=[s for s in specs.split(",") if s], backend=backend,
                           repeats=repeats, warmup=warmup)
     if out_path:
-        _write_atomic(out_path, json.dumps(result, indent=2) + "\n")
+        _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
     _emit(as_json, result, bench_mm.format_table(result))
 
 
@@ -156,7 +156,7 @@ def bench_error(specs, k, n, out_path, as_json):
     kwargs = {"specs": [s for s in specs.split(",") if s]} if specs else {}
     result = quant_error.run(k=k, n=n, **kwargs)
     if out_path:
-        _write_atomic(out_path, json.dumps(result, indent=2) + "\n")
+        _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
     _emit(as_json, result, quant_error.format_table(result))
 
 
@@ -167,6 +167,8 @@ def _write_atomic(path: str, text: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -104,6 +104,10 @@ class HistogramObserver:
     symmetric: bool = True  # histogram |x| over [0, absmax]; else x over [min, max]
     bins: int = 2048
 
+    def __post_init__(self):
+        if not isinstance(self.bins, int) or isinstance(self.bins, bool) or self.bins < 2:
+            raise ValueError(f"bins must be an int >= 2, got {self.bins!r}")
+
     def update(self, state, x):
         xs = _check_batch(x, self.channel_axis)
         if self.symmetric:

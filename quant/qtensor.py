@@ -98,9 +98,14 @@ def storage_nbytes(shape, spec: Spec, axis: int = 0, scale_dtype="float16") -> i
     zero point per group if asymmetric).  For a float spec: ``size * bits / 8``.
     """
     spec = parse_spec(spec)
-    shape = tuple(shape)
+    shape = tuple(int(d) for d in shape)
+    if not shape or min(shape) <= 0:
+        raise ValueError(f"shape must be non-empty with positive dims, got {shape}")
     if not isinstance(spec, IntSpec):
         return math.prod(shape) * spec.bits // 8
+    if not -len(shape) <= axis < len(shape):
+        raise ValueError(f"axis {axis} is out of range for shape {shape}")
+    scale_dtype = _scale_dtype(scale_dtype)
     axis %= len(shape)
     k = shape[axis]
     codes = packing.packed_length(k, spec.bits) * (math.prod(shape) // k)
@@ -131,7 +136,10 @@ def validate_input(x, axis: int, name: str = "tensor") -> tuple[jnp.ndarray, int
 
 
 def _scale_dtype(scale_dtype):
-    name = str(jnp.dtype(scale_dtype))
+    try:
+        name = str(jnp.dtype(scale_dtype))
+    except TypeError:
+        name = str(scale_dtype)
     if name not in SCALE_DTYPES:
         raise ValueError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {name}")
     return SCALE_DTYPES[name]
@@ -166,14 +174,24 @@ def quantize_with_range(x, spec: Spec | str, lo, hi, *, axis: int = 0, scale_dty
     """Quantize with a given range (e.g. from an activation observer or a learned clip).
 
     ``lo`` and ``hi`` are scalars or arrays of the stored scale's shape
-    (:func:`quant.ranges.scale_shape`); values outside the range are clipped.
+    (:func:`quant.ranges.scale_shape`); values outside the range are clipped.  A zero-width
+    range (a dead channel seen as all zeros in calibration) gets scale 1.
     """
     spec = _int_spec(spec)
     x, axis = validate_input(x, axis)
     sdt = _scale_dtype(scale_dtype)
     shape = ranges.scale_shape(x.shape, spec, axis)
-    lo = ranges.scale_layout_to_groups(jnp.broadcast_to(jnp.asarray(lo, jnp.float32), shape), spec, axis)
-    hi = ranges.scale_layout_to_groups(jnp.broadcast_to(jnp.asarray(hi, jnp.float32), shape), spec, axis)
+    try:
+        lo, hi = (jnp.broadcast_to(jnp.asarray(v, jnp.float32), shape) for v in (lo, hi))
+    except (ValueError, TypeError):
+        raise ValueError(f"range bounds must be scalars or broadcast to the scale shape {shape}") from None
+    if _is_concrete(lo) and _is_concrete(hi):
+        if not bool(jnp.isfinite(lo).all() & jnp.isfinite(hi).all()):
+            raise ValueError("quantization range has NaN/Inf bounds")
+        if bool((lo > hi).any()):
+            raise ValueError("quantization range has lo > hi")
+    lo = ranges.scale_layout_to_groups(lo, spec, axis)
+    hi = ranges.scale_layout_to_groups(hi, spec, axis)
     scale_g, zero_g = ranges.scale_zero_from_range(lo, hi, spec, sdt)
     return _assemble(x, spec, axis, scale_g, zero_g)
 
@@ -208,6 +226,8 @@ def _int_spec(spec) -> IntSpec:
 
 def codes(qt: QuantizedTensor) -> jnp.ndarray:
     """The integers ``q`` (storage offset removed, zero point not subtracted), int32, logical shape."""
+    if not isinstance(qt, QuantizedTensor):
+        raise ValueError(f"codes takes a QuantizedTensor, got {type(qt).__name__}")
     u = packing.unpack_codes(qt.packed, qt.spec.bits, qt.shape[qt.axis], qt.axis)
     return u - qt.spec.code_offset
 
@@ -226,4 +246,10 @@ def dequantize(qt: QuantizedTensor, dtype=None) -> jnp.ndarray:
     if not isinstance(qt, QuantizedTensor):
         raise ValueError(f"dequantize takes a QuantizedTensor, got {type(qt).__name__}")
     check_unstacked(qt)
-    return _dequantize(qt, str(jnp.dtype(dtype or qt.dtype)))
+    try:
+        dtype = jnp.dtype(dtype or qt.dtype)
+    except TypeError:
+        raise ValueError(f"unknown dtype {dtype!r}") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dequantize returns a floating dtype, got {dtype}")
+    return _dequantize(qt, str(dtype))

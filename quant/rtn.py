@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from quant.qtensor import QuantizedTensor, dequantize, quantize
+from quant.qtensor import QuantizedTensor, dequantize, quantize, validate_input
 from quant.rules import PrecisionRules
 from quant.spec import FloatSpec
 
@@ -114,7 +114,13 @@ def quantize_params(
         if spec is None:
             new, err = leaf, 0.0
         elif isinstance(spec, FloatSpec):
+            try:
+                validate_input(leaf, 0, name)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
             new = jnp.asarray(leaf).astype(spec.dtype)
+            if not bool(jnp.isfinite(new).all()):
+                raise ValueError(f"{name}: casting to {spec} overflows (max |w| = {float(np.abs(leaf).max()):.4g})")
             err = relative_error(leaf, new.astype(jnp.float32))
         else:
             ax = axis(name, tuple(leaf.shape)) if callable(axis) else axis

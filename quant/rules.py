@@ -26,8 +26,8 @@ from quant.spec import FloatSpec, IntSpec, Spec, parse_spec
 # norms are tiny and sensitive; embeddings and the LM head see every token.
 KEEP_16BIT_RULES: tuple[tuple[str, str], ...] = (
     (r"norm", "bf16"),
-    (r"embed", "bf16"),
-    (r"(^|[/.])lm_head([/.]|$)|^output([/.]|$)", "bf16"),  # HF lm_head; Meta/GGUF top-level output
+    (r"embed|token_embd", "bf16"),  # HF embed_tokens, Meta tok_embeddings, GGUF token_embd
+    (r"(^|[/.])lm_head([/.]|$)|^(params[/.])?output([/.]|$)", "bf16"),  # HF lm_head; Meta/GGUF output
 )
 
 

@@ -162,7 +162,7 @@ def parse_spec(text: str | Spec) -> Spec:
         else:
             raise ValueError(f"unknown token {tok!r} in precision spec {text!r}; allowed: {ALLOWED_FORMS}")
         if kind in seen:
-            raise ValueError(f"precision spec {text!r} sets the {kind} twice")
+            raise ValueError(f"precision spec {text!r} sets the {kind} twice; allowed: {ALLOWED_FORMS}")
         seen.add(kind)
         if kind == "granularity":
             fields["granularity"], fields["group_size"] = value
@@ -173,4 +173,4 @@ def parse_spec(text: str | Spec) -> Spec:
     try:
         return IntSpec(**fields)
     except ValueError as e:
-        raise ValueError(f"invalid precision spec {text!r}: {e}") from None
+        raise ValueError(f"invalid precision spec {text!r}: {e}; allowed: {ALLOWED_FORMS}") from None

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from quant import ranges
-from quant.qtensor import _int_spec
+from quant.qtensor import _int_spec, validate_input
 from quant.spec import IntSpec, Spec
 
 
@@ -60,11 +60,9 @@ def fake_quant(x, spec: Spec | str, *, axis: int = 0):
     """Quantize-dequantize ``x`` (float32 scales, no packing) with a clipped STE gradient.
 
     The range comes from the spec's clip method (min-max, percentile or MSE search) and is
-    treated as a constant in the backward pass.  Works under ``jit`` and ``grad`` (any order).
+    treated as a constant in the backward pass.  Works under ``jit``, ``vmap`` and reverse-mode
+    ``grad`` of any order; forward mode (``jvp``, ``jacfwd``) is not defined for a custom VJP.
     """
     spec = _int_spec(spec)
-    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        raise ValueError(f"fake_quant takes a floating-point array, got {jnp.result_type(x)}")
-    if x.ndim == 0 or not -x.ndim <= axis < x.ndim:
-        raise ValueError(f"axis {axis} is out of range for an input of rank {x.ndim}")
-    return _fake_quant(x, spec, axis % x.ndim)
+    x, axis = validate_input(x, axis, "fake_quant input")
+    return _fake_quant(x, spec, axis)

@@ -168,3 +168,10 @@ def test_inspect_bf16_safetensors(capsys, tmp_path):
     code, out, err = run(capsys, "inspect", str(path), "--json")
     assert code == 0, err
     assert json.loads(out)["tensors"] == [{"name": "w", "shape": [3, 2], "dtype": "bfloat16", "bytes": 12}]
+
+
+def test_json_output_is_strict_json(capsys, tmp_path):
+    path = tmp_path / "big.npz"
+    np.savez(path, w=np.full((4, 4), 1e6, np.float32))
+    code, out, err = run(capsys, "quantize", str(path), "--quant", "fp16", "--json")
+    assert code == 1 and out == "" and "overflows" in err and err.count("\n") == 1

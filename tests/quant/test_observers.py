@@ -98,3 +98,9 @@ def test_float_spec_range_is_a_value_error():
     obs = MinMaxObserver()
     with pytest.raises(ValueError, match="float spec"):
         obs.range(obs.update(None, jnp.ones(3)), "bf16")
+
+
+@pytest.mark.parametrize("bins", [0, 1, -1, 2.5, True])
+def test_histogram_bins_validated(bins):
+    with pytest.raises(ValueError, match="bins"):
+        HistogramObserver(bins=bins)

@@ -240,3 +240,28 @@ def test_float16_subnormal_scales_warn():
         quant.quantize(x, "int8")
     err16 = np.abs(np.asarray(quant.dequantize(quant.quantize(x, "int8", scale_dtype="float32"))) - x).max()
     assert err16 <= np.abs(x).max() / 127 / 2 * 1.001
+
+
+@pytest.mark.parametrize("lo,hi,match", [(np.nan, 1.0, "NaN"), (1.0, -1.0, "lo > hi"), (np.zeros(3), 1.0, "broadcast")])
+def test_quantize_with_range_rejects_bad_ranges(lo, hi, match):
+    with pytest.raises(ValueError, match=match):
+        quant.quantize_with_range(np.ones((8, 4), np.float32), "int8-asym", lo, hi)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"axis": 5}, "axis"), ({"shape": ()}, "shape"), ({"shape": (0, 4)}, "shape"),
+                                          ({"scale_dtype": "int64"}, "scale_dtype")])
+def test_storage_nbytes_validates(kwargs, match):
+    args = {"shape": (4, 4), "spec": "int8", "axis": 0, "scale_dtype": "float16"} | kwargs
+    with pytest.raises(ValueError, match=match):
+        quant.storage_nbytes(**args)
+
+
+def test_dtype_arguments_are_value_errors(qt_pair):
+    with pytest.raises(ValueError, match="scale_dtype"):
+        quant.quantize(np.ones((4, 4), np.float32), "int8", scale_dtype="bogus")
+    with pytest.raises(ValueError, match="dtype"):
+        quant.dequantize(qt_pair[0], "bogus")
+    with pytest.raises(ValueError, match="floating"):
+        quant.dequantize(qt_pair[0], "int32")
+    with pytest.raises(ValueError, match="QuantizedTensor"):
+        quant.codes(np.ones(3))

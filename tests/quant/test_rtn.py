@@ -61,3 +61,10 @@ def test_error_names_the_parameter(params):
     bad = dict(params, layers_0=dict(params["layers_0"], attn={"q": {"kernel": np.full((4, 4), np.nan, np.float32)}}))
     with pytest.raises(ValueError, match="layers_0/attn/q/kernel.*NaN"):
         quant.quantize_params(bad, "int8", progress=False)
+
+
+def test_float_cast_overflow_and_nan_are_errors():
+    with pytest.raises(ValueError, match="w/kernel: casting to fp16 overflows"):
+        quant.quantize_params({"w": {"kernel": np.full((4, 4), 1e6, np.float32)}}, "fp16", progress=False)
+    with pytest.raises(ValueError, match="w/kernel.*NaN"):
+        quant.quantize_params({"w": {"kernel": np.full((4, 4), np.nan, np.float32)}}, "bf16", progress=False)

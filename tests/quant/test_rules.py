@@ -71,3 +71,10 @@ def test_json_pattern_must_be_string(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"rules": [[1, "int8"]]}))
     with pytest.raises(ValueError, match="pattern must be a string"):
         PrecisionRules.parse(str(tmp_path / "c.json"))
+
+
+def test_keep_rules_cover_gguf_and_flax_names():
+    rules = PrecisionRules.parse("int4-g128")
+    for name in ("token_embd.weight", "params/output/kernel", "output_norm.weight", "tok_embeddings.weight"):
+        assert str(rules.spec_for(name, 2)) == "bf16", name
+    assert str(rules.spec_for("params/layers_0/attn/output/kernel", 2)) == "int4-g128"

@@ -71,3 +71,9 @@ def test_any_valid_spec_round_trips(bits, gran, sym, clip):
     assert parse_spec(str(spec)) == spec
     assert spec.bits == bits and spec.symmetric == (sym != "-asym")
     assert (spec.group_size is not None) == gran.startswith("-g")
+
+
+@pytest.mark.parametrize("bad", ["int4-g0", "int4-g32-tensor"])
+def test_structural_errors_also_list_allowed_forms(bad):
+    with pytest.raises(ValueError, match="allowed: int"):
+        parse_spec(bad)

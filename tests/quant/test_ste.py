@@ -57,3 +57,10 @@ def test_integer_input_rejected_and_second_order_grad(x):
     # STE is piecewise identity: the second derivative of sum(fq(x)**2) is 2 inside the range
     hess_diag = jax.grad(lambda v: jnp.sum(jax.grad(lambda u: jnp.sum(quant.fake_quant(u, "int8") ** 2))(v)))(x)
     np.testing.assert_allclose(np.asarray(hess_diag), 2.0)
+
+
+@pytest.mark.parametrize("bad,match", [(jnp.zeros((4, 0)), "empty"), (jnp.array([[1.0, jnp.inf]]), "NaN/Inf"),
+                                       (3.0, "scalar")])
+def test_bad_input_is_a_value_error(bad, match):
+    with pytest.raises(ValueError, match=match):
+        quant.fake_quant(bad, "int8")
