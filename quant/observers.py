@@ -43,13 +43,6 @@ def _check_batch(x, channel_axis):
     return _channels_last(x, channel_axis)
 
 
-def _range_for_spec(lo, hi, spec: IntSpec):
-    if spec.symmetric:
-        a = jnp.maximum(-lo, hi)
-        return -a, a
-    return lo, hi
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MinMaxObserver:
     """Running per-tensor or per-channel min and max."""
@@ -75,7 +68,7 @@ class MinMaxObserver:
             raise ValueError(f"{spec} is a float spec; ranges are for integer specs")
         if spec.clip != "minmax":
             raise ValueError(f"MinMaxObserver gives min-max ranges only; use HistogramObserver for {spec.clip}")
-        return _range_for_spec(state["min"], state["max"], spec)
+        return ranges.fitted_range(state["min"], state["max"], spec)
 
 
 @partial(jax.jit, static_argnames=("bins",))

@@ -81,6 +81,17 @@ def scale_layout_to_groups(param: jnp.ndarray, spec: IntSpec, axis: int) -> jnp.
     return p.reshape(p.shape[0], -1)
 
 
+def fitted_range(lo, hi, spec: IntSpec):
+    """The interval a scale is fitted to: ``[-a, a]`` with ``a = max(|lo|, |hi|)`` (symmetric), or
+    ``[min(lo, 0), max(hi, 0)]`` (asymmetric: widened to contain 0, so 0 is exact)."""
+    lo = jnp.asarray(lo, jnp.float32)
+    hi = jnp.asarray(hi, jnp.float32)
+    if spec.symmetric:
+        a = jnp.maximum(-lo, hi)
+        return -a, a
+    return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+
+
 def scale_zero_from_range(lo, hi, spec: IntSpec, scale_dtype=jnp.float16):
     """Scale and zero point covering [lo, hi] (arrays of equal shape).
 
@@ -90,13 +101,8 @@ def scale_zero_from_range(lo, hi, spec: IntSpec, scale_dtype=jnp.float16):
     with the stored scale; that keeps the rounding error at most ``s/2`` inside the range.
     An all-zero group gets ``s = 1``.  Returns ``(scale, zero)`` with ``zero`` None if symmetric.
     """
-    lo = jnp.asarray(lo, jnp.float32)
-    hi = jnp.asarray(hi, jnp.float32)
-    if spec.symmetric:
-        s = jnp.maximum(-lo, hi) / spec.qmax
-    else:
-        lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
-        s = (hi - lo) / (spec.qmax - spec.qmin)
+    lo, hi = fitted_range(lo, hi, spec)
+    s = hi / spec.qmax if spec.symmetric else (hi - lo) / (spec.qmax - spec.qmin)
     s = jnp.where(s > 0, s, 1.0)
     stored = s.astype(scale_dtype)
     stored = jnp.where(stored.astype(jnp.float32) < s, jnp.nextafter(stored, jnp.asarray(jnp.inf, scale_dtype)), stored)

@@ -20,11 +20,7 @@ from quant.spec import IntSpec, Spec
 def clip_range(xg, spec: IntSpec):
     """Per-group clipping range of a grouped view: the spec's estimate, made symmetric (sym)
     or widened to contain 0 (asym), i.e. exactly the interval the scale is fitted to."""
-    lo, hi = ranges.estimate_range(xg, spec)
-    if spec.symmetric:
-        hi = jnp.maximum(-lo, hi)
-        return -hi, hi
-    return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+    return ranges.fitted_range(*ranges.estimate_range(xg, spec), spec)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
