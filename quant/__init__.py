@@ -16,7 +16,7 @@ The public API lives here; each idea has one module behind it:
 from quant.ste import fake_quant
 from quant.dequant_matmul import backends, matmul, register_backend
 from quant.observers import HistogramObserver, MinMaxObserver
-from quant.qtensor import QuantizedTensor, codes, dequantize, quantize, quantize_with_range, storage_nbytes
+from quant.qtensor import QuantizedTensor, codes, dequantize, quantize, quantize_with_range, storage_nbytes, transpose
 from quant.rtn import QuantReport, quantize_params
 from quant.rules import KEEP_16BIT_RULES, PrecisionRules
 from quant.spec import FloatSpec, IntSpec, Spec, parse_spec
@@ -24,5 +24,5 @@ from quant.spec import FloatSpec, IntSpec, Spec, parse_spec
 __all__ = [
     "FloatSpec", "HistogramObserver", "IntSpec", "KEEP_16BIT_RULES", "MinMaxObserver", "PrecisionRules",
     "QuantReport", "QuantizedTensor", "Spec", "backends", "codes", "dequantize", "fake_quant", "matmul",
-    "parse_spec", "quantize", "quantize_params", "quantize_with_range", "register_backend", "storage_nbytes",
+    "parse_spec", "quantize", "quantize_params", "quantize_with_range", "register_backend", "storage_nbytes", "transpose",
 ]

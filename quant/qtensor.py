@@ -253,3 +253,14 @@ def dequantize(qt: QuantizedTensor, dtype=None) -> jnp.ndarray:
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"dequantize returns a floating dtype, got {dtype}")
     return _dequantize(qt, str(dtype))
+
+
+def transpose(qt: QuantizedTensor) -> QuantizedTensor:
+    """The transpose of a 2-D quantized tensor, without touching the codes: packing runs along
+    ``axis``, so swapping the array dims moves the packed axis with them (e.g. a tied LM head
+    ``E^T`` from an embedding ``E`` quantized along the model dim)."""
+    if not isinstance(qt, QuantizedTensor) or qt.ndim != 2:
+        raise ValueError("transpose takes a 2-D QuantizedTensor")
+    check_unstacked(qt)
+    return QuantizedTensor(qt.packed.T, qt.scale.T, None if qt.zero is None else qt.zero.T,
+                           spec=qt.spec, shape=qt.shape[::-1], axis=1 - qt.axis, dtype=qt.dtype)

@@ -1,0 +1,283 @@
+"""The Llama-family decoder in Flax (Llama 2/3, Mistral, Qwen2, llama2.c).
+
+Pre-norm blocks: RMSNorm -> grouped-query attention with RoPE -> residual; RMSNorm -> SwiGLU
+MLP -> residual; final RMSNorm -> LM head (tied to the embedding or not).  It follows the
+Hugging Face ``modeling_llama.py`` numerics (RMSNorm in float32, rotate-half RoPE), so weights
+in Hugging Face layout load as they are; loaders for interleaved-RoPE formats (llama2.c, GGUF)
+permute q/k to this layout (:func:`models.loaders.common.unpermute_rope_rows`).
+
+Parameter tree (``kernel`` is ``(in, out)``, the Hugging Face ``weight`` transposed; any
+kernel may be a :class:`quant.QuantizedTensor` quantized along axis 0, any tensor may be
+float32/bfloat16/float16)::
+
+    embed/embedding                (vocab, dim)    may be a QuantizedTensor along axis 1
+    layers_{i}/attn_norm/scale     (dim,)
+    layers_{i}/attn/{q,k,v,o}_proj/kernel  (dim, H*hd) (dim, KV*hd) (dim, KV*hd) (H*hd, dim)
+    layers_{i}/attn/{q,k,v}_proj/bias      when qkv_bias; o_proj/bias when o_bias
+    layers_{i}/mlp_norm/scale      (dim,)
+    layers_{i}/mlp/{gate,up,down}_proj/kernel  (dim, ffn) (dim, ffn) (ffn, dim)
+    final_norm/scale               (dim,)
+    lm_head/kernel                 (dim, vocab)    absent when tie_embeddings
+
+The KV cache is static and preallocated (:class:`KVCache`): every call writes its new keys and
+values at each row's current length and attends over the whole buffer under a position mask,
+so decoding compiles once per (batch, cache length).
+"""
+
+from __future__ import annotations
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import quant
+from models.config import ModelConfig, rope_inv_freq
+from quant.qtensor import QuantizedTensor
+
+_MASKED = -1e30  # finite "minus infinity": a fully masked row (padding) stays NaN-free
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Static per-layer key/value buffers and each row's filled length.
+
+    ``k[i]``, ``v[i]``: (batch, max_len, n_kv_heads, head_dim); ``lengths``: (batch,) int32,
+    the number of positions already written (the next token goes at ``lengths[b]``).
+    """
+
+    k: tuple
+    v: tuple
+    lengths: jnp.ndarray
+
+    @property
+    def max_len(self) -> int:
+        return int(self.k[0].shape[1])
+
+    @property
+    def batch(self) -> int:
+        return int(self.k[0].shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.size) * a.dtype.itemsize for a in (*self.k, *self.v))
+
+    @staticmethod
+    def create(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+        if batch <= 0 or max_len <= 0:
+            raise ValueError(f"KV cache needs positive batch and length, got batch={batch}, max_len={max_len}")
+        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+        return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+                       lengths=jnp.zeros((batch,), jnp.int32))
+
+
+def _param(module: nn.Module, name: str, init, shape, dtype=jnp.float32):
+    """``module.param`` that also accepts a QuantizedTensor (Flax's shape check would reject it)."""
+    if module.has_variable("params", name):
+        return module.get_variable("params", name)
+    return module.param(name, init, shape, dtype)
+
+
+class Linear(nn.Module):
+    """``y = x @ kernel (+ bias)`` through :func:`quant.matmul`: float or quantized kernel."""
+
+    features: int
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = _param(self, "kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features))
+        y = quant.matmul(x, kernel) if isinstance(kernel, QuantizedTensor) else jnp.matmul(x, kernel.astype(x.dtype))
+        if self.use_bias:
+            y = y + _param(self, "bias", nn.initializers.zeros, (self.features,)).astype(y.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * scale``, computed in float32 (Zhang & Sennrich 2019)."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y.astype(x.dtype) * scale.astype(x.dtype)).astype(x.dtype)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate-half RoPE (Su et al. 2021, Hugging Face layout): x (B, T, heads, hd), positions (B, T)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # (B, T, hd/2)
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention(q, k, v, q_pos, k_pos, window: int | None):
+    """Grouped-query attention: q (B, T, H, hd), k/v (B, S, KV, hd); key j is visible to query i
+    when ``k_pos[j] <= q_pos[i]`` (and within ``window`` if set).  Scores and softmax in float32."""
+    b, t, h, hd = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, hd).astype(jnp.float32)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) * (hd ** -0.5)
+    visible = k_pos[:, None, :] <= q_pos[:, :, None]  # (B, T, S)
+    if window is not None:
+        visible &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
+    scores = jnp.where(visible[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))
+    return out.reshape(b, t, h * hd).astype(q.dtype)
+
+
+def _write_rows(buf, new, starts):
+    """Write ``new`` (B, T, ...) into ``buf`` (B, S, ...) at row-wise offsets ``starts`` (B,)."""
+    def one(b, n, s):
+        return jax.lax.dynamic_update_slice(b, n.astype(b.dtype), (s,) + (0,) * (b.ndim - 1))
+    return jax.vmap(one)(buf, new, starts)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, layer_cache):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = Linear(cfg.n_heads * cfg.head_dim, cfg.qkv_bias, name="q_proj")(x).reshape(b, t, cfg.n_heads, cfg.head_dim)
+        k = Linear(cfg.n_kv_heads * cfg.head_dim, cfg.qkv_bias, name="k_proj")(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        v = Linear(cfg.n_kv_heads * cfg.head_dim, cfg.qkv_bias, name="v_proj")(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        inv_freq = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        if layer_cache is None:
+            out, new_cache = attention(q, k, v, positions, positions, cfg.sliding_window), None
+        else:
+            k_buf, v_buf, starts = layer_cache
+            k_buf = _write_rows(k_buf, k, starts)
+            v_buf = _write_rows(v_buf, v, starts)
+            k_pos = jnp.broadcast_to(jnp.arange(k_buf.shape[1], dtype=jnp.int32), (b, k_buf.shape[1]))
+            out = attention(q, k_buf, v_buf, positions, k_pos, cfg.sliding_window)
+            new_cache = (k_buf, v_buf)
+        return Linear(cfg.dim, cfg.o_bias, name="o_proj")(out), new_cache
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): ``down(silu(gate(x)) * up(x))``."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate = Linear(cfg.hidden_dim, cfg.mlp_bias, name="gate_proj")(x)
+        up = Linear(cfg.hidden_dim, cfg.mlp_bias, name="up_proj")(x)
+        return Linear(cfg.dim, cfg.mlp_bias, name="down_proj")(jax.nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, layer_cache):
+        h, new_cache = Attention(self.cfg, name="attn")(RMSNorm(self.cfg.norm_eps, name="attn_norm")(x), positions, layer_cache)
+        x = x + h
+        x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg.norm_eps, name="mlp_norm")(x))
+        return x, new_cache
+
+
+def embed_lookup(table, tokens, dtype):
+    """Rows of the embedding table; a quantized table (grouped along axis 1) is gathered packed."""
+    if isinstance(table, QuantizedTensor):
+        if table.axis != 1:
+            raise ValueError("a quantized embedding must be quantized along axis 1 (the model dim)")
+        rows = QuantizedTensor(table.packed[tokens], table.scale[tokens],
+                               None if table.zero is None else table.zero[tokens],
+                               spec=table.spec, shape=tokens.shape + table.shape[1:], axis=tokens.ndim, dtype=table.dtype)
+        return quant.dequantize(rows, dtype)
+    return table[tokens].astype(dtype)
+
+
+class Transformer(nn.Module):
+    """The decoder.  ``__call__(tokens, positions, cache, n_new, last_only)``.
+
+    * ``cache=None``: a plain causal forward over ``tokens`` (B, T) at ``positions`` (B, T).
+    * with a :class:`KVCache`: tokens are written at ``cache.lengths`` onward (their positions
+      must be ``lengths[b] + arange(T)``); ``n_new`` (B,) says how many of the T are real per row
+      (right padding), and the new lengths are ``lengths + n_new``.
+    * ``last_only``: return logits only at each row's last real token, (B, V), instead of (B, T, V).
+    """
+
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32  # activation dtype
+
+    @nn.compact
+    def __call__(self, tokens, positions, cache: KVCache | None = None, n_new=None, last_only: bool = False):
+        cfg = self.cfg
+        table = _EmbedTable(cfg, name="embed")()
+        x = embed_lookup(table, tokens, self.dtype)
+        new_k, new_v = [], []
+        for i in range(cfg.n_layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.lengths)
+            x, c = Block(cfg, name=f"layers_{i}")(x, positions, layer_cache)
+            if c is not None:
+                new_k.append(c[0])
+                new_v.append(c[1])
+        x = RMSNorm(cfg.norm_eps, name="final_norm")(x)
+        b, t = tokens.shape
+        n_new = jnp.full((b,), t, jnp.int32) if n_new is None else n_new
+        if last_only:
+            x = jnp.take_along_axis(x, (n_new - 1)[:, None, None], axis=1)[:, 0]
+        if cfg.tie_embeddings:
+            logits = tied_head(x, table)
+        else:
+            logits = Linear(cfg.vocab_size, name="lm_head")(x)
+        logits = logits.astype(jnp.float32)
+        if cache is None:
+            return logits, None
+        return logits, KVCache(k=tuple(new_k), v=tuple(new_v), lengths=cache.lengths + n_new)
+
+
+class _EmbedTable(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self):
+        return _param(self, "embedding", nn.initializers.normal(0.02), (self.cfg.vocab_size, self.cfg.dim))
+
+
+def tied_head(x, table):
+    """Logits ``x @ E^T`` for a tied head (E float, or quantized along the model dim)."""
+    if isinstance(table, QuantizedTensor):
+        return quant.matmul(x, quant.transpose(table))
+    return jnp.matmul(x, table.T.astype(x.dtype))
+
+
+def init_params(cfg: ModelConfig, key, dtype=jnp.float32):
+    """Random parameters (normal(0.02) weights, unit norms) in the layout above."""
+    model = Transformer(cfg)
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    params = jax.jit(model.init)(key, tokens, jnp.zeros((1, 2), jnp.int32))["params"]
+    return jax.tree.map(lambda a: a.astype(dtype), params)
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """The expected ``{path: shape}`` of every parameter, for loaders to check against."""
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    flat = flax.traverse_util.flatten_dict(shapes, sep="/")
+    return {k: tuple(v.shape) for k, v in flat.items()}
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Interleaved-pair RoPE rows (Meta/llama2.c/GGUF: pairs (2i, 2i+1)) -> rotate-half rows (HF).
+
+    ``w`` is (n_heads * head_dim, ...) in (out, in) order; the same permutation as
+    ``convert_llama_weights_to_hf.permute``.  Row permutations keep GGUF blocks (along ``in``) intact.
+    """
+    rows = w.shape[0]
+    hd = rows // n_heads
+    rest = w.shape[1:]
+    return w.reshape(n_heads, hd // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
