@@ -48,55 +48,188 @@ def app(debug: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def run(prompt, small, large, as_json):
     """Generate with the cascade (small model drafts, large model verifies)."""
-    raise NotBuiltYet("run", "model loaders and the embedded default model pair")
+    raise NotBuiltYet("run", "the embedded default model pair")
+
+
+def _is_weights_file(path: str) -> bool:
+    return os.path.isfile(path) and path.lower().endswith((".safetensors", ".npz"))
+
+
+_MODEL_HELP = ("MODEL is a Hugging Face directory (config.json + safetensors + tokenizer), a .gguf file, "
+               "a llama2.c .bin (tokenizer.model beside it, or --tokenizer), or a checkpoint saved by `cascade quantize`.")
+
+
+def _load_model(path: str, tokenizer: str | None, quant_rules: str | None, need_tokenizer: bool = True):
+    """Load MODEL, check it has a tokenizer if needed, and RTN-quantize it if ``quant_rules``."""
+    from models import load_model, quantize_model
+
+    model = load_model(path, tokenizer=tokenizer)
+    if need_tokenizer and model.tokenizer is None:
+        raise click.ClickException(f"{path}: no tokenizer found; pass --tokenizer PATH (a SentencePiece .model)")
+    report = None
+    if quant_rules:
+        model, report = quantize_model(model, quant_rules)
+    return model, report
 
 
 @app.command()
 @click.argument("model")
 @click.option("--quant", "quant_rules", required=True, help="Precision spec, inline rules or rules JSON file.")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Write the quantized model (an orbax checkpoint directory).")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--axis", type=int, default=None,
-              help="Reduction (input) axis of 2-D weights [default: 1 for .safetensors (PyTorch (out, in)), 0 for .npz].")
+              help="Only for a bare .safetensors/.npz weights file: reduction axis [default: 1 for .safetensors, 0 for .npz].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def quantize(model, quant_rules, axis, as_json):
-    """RTN-quantize the weights in MODEL (.safetensors or .npz) and report bytes and error.
+def quantize(model, quant_rules, out_dir, tokenizer, overwrite, axis, as_json):
+    """RTN-quantize MODEL under precision rules; report bytes and error per tensor; save with -o.
 
-    Writing a quantized model checkpoint arrives with model loading; this prints the
-    per-tensor report of what each precision rule does to the weights.
+    \b
+    MODEL is a Hugging Face directory, a .gguf, a llama2.c .bin or a saved checkpoint; the saved
+    checkpoint (-o) is itself a valid MODEL everywhere.  A bare .safetensors/.npz weights file
+    gets the report only.  The default rules keep embeddings, norms and the LM head in bf16.
     """
     import quant
-    from models import weights_file
 
-    rules = quant.PrecisionRules.parse(quant_rules)
-    params = weights_file.load(model)
-    axis = weights_file.default_reduction_axis(model) if axis is None else axis
-    _, report = quant.quantize_params(params, rules, axis=axis)
-    _emit(as_json, {"model": model, "axis": axis, "rules": rules.to_json(), **report.to_json()}, report.table())
+    if _is_weights_file(model):
+        from models import weights_file
+
+        if out_dir:
+            raise click.UsageError("-o needs a model (HF directory, .gguf, .bin or checkpoint), not a bare weights file")
+        rules = quant.PrecisionRules.parse(quant_rules)
+        params = weights_file.load(model)
+        axis = weights_file.default_reduction_axis(model) if axis is None else axis
+        _, report = quant.quantize_params(params, rules, axis=axis)
+        _emit(as_json, {"model": model, "axis": axis, "rules": rules.to_json(), **report.to_json()}, report.table())
+        return
+    from models import save_checkpoint
+
+    loaded, report = _load_model(model, tokenizer, quant_rules, need_tokenizer=False)
+    if out_dir:
+        save_checkpoint(out_dir, loaded, overwrite=overwrite)
+    payload = {"model": model, "quant": loaded.quant, "out": out_dir, **report.to_json()}
+    _emit(as_json, payload, report.table() + (f"\nsaved to {out_dir}" if out_dir else ""))
 
 
 @app.command()
 @click.argument("model")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def inspect(model, as_json):
-    """List the tensors in a weights file (.safetensors or .npz): shape, dtype, bytes."""
-    from models import weights_file
+def inspect(model, tokenizer, as_json):
+    """Architecture, parameter count, per-tensor precision and bytes of MODEL.
 
-    params = weights_file.load(model)
-    rows = [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype), "bytes": int(v.nbytes)} for k, v in params.items()]
-    width = max([len(r["name"]) for r in rows] + [6])
-    lines = [f"{'tensor':<{width}}  {'shape':<16} {'dtype':<9} {'bytes':>12}"]
-    lines += [f"{r['name']:<{width}}  {'x'.join(map(str, r['shape'])):<16} {r['dtype']:<9} {r['bytes']:>12,}" for r in rows]
-    total = sum(r["bytes"] for r in rows)
-    lines.append(f"{len(rows)} tensors, {total:,} bytes")
-    _emit(as_json, {"model": model, "tensors": rows, "bytes": total}, "\n".join(lines))
+    MODEL may also be a bare .safetensors/.npz weights file (tensor list only).
+    """
+    if _is_weights_file(model):
+        from models import weights_file
+
+        params = weights_file.load(model)
+        rows = [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype), "bytes": int(v.nbytes)} for k, v in params.items()]
+        width = max([len(r["name"]) for r in rows] + [6])
+        lines = [f"{'tensor':<{width}}  {'shape':<16} {'dtype':<9} {'bytes':>12}"]
+        lines += [f"{r['name']:<{width}}  {'x'.join(map(str, r['shape'])):<16} {r['dtype']:<9} {r['bytes']:>12,}" for r in rows]
+        total = sum(r["bytes"] for r in rows)
+        lines.append(f"{len(rows)} tensors, {total:,} bytes")
+        _emit(as_json, {"model": model, "tensors": rows, "bytes": total}, "\n".join(lines))
+        return
+    from models import describe_model
+
+    loaded, _ = _load_model(model, tokenizer, None, need_tokenizer=False)
+    info = describe_model(loaded)
+    width = max(len(r["name"]) for r in info["tensors"])
+    lines = [f"{info['architecture']} from {info['format']} ({model}): {info['params']:,} parameters, "
+             f"{info['weight_bytes']:,} bytes of weights",
+             "config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items() if k != "architecture"),
+             f"tokenizer: {info['tokenizer']}",
+             f"{'tensor':<{width}}  {'shape':<14} {'precision':<16} {'bytes':>12}"]
+    lines += [f"{r['name']:<{width}}  {'x'.join(map(str, r['shape'])):<14} {r['precision']:<16} {r['bytes']:>12,}"
+              for r in info["tensors"]]
+    _emit(as_json, {"model": model, **info}, "\n".join(lines))
 
 
 @app.command(name="eval")
 @click.argument("model")
-@click.option("--data", required=True, help="Text file to score.")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="UTF-8 text file to score.")
+@click.option("--quant", "quant_rules", help="RTN-quantize first: precision spec, inline rules or rules JSON file.")
+@click.option("--ctx", type=click.IntRange(min=2), help="Window length in tokens [default: the model context].")
+@click.option("--stride", type=click.IntRange(min=1), help="Window step for long documents [default: ctx, disjoint windows].")
+@click.option("--truncate", is_flag=True, help="Score only the first ctx tokens of each document (llama2.c-style).")
+@click.option("--limit", type=click.IntRange(min=1), help="Score only the first N documents.")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def eval_(model, data, as_json):
-    """Perplexity of MODEL on a text file."""
-    raise NotBuiltYet("eval", "the Llama-family model and its loaders")
+def eval_(model, data, quant_rules, ctx, stride, truncate, limit, tokenizer, as_json):
+    """Perplexity of MODEL on a text file.
+
+    \b
+    Documents are separated by lines holding only <|endoftext|>; each is scored alone as
+    BOS + tokens.  Documents longer than --ctx are scored in sliding windows of --ctx tokens
+    every --stride tokens, each token predicted once.
+    """
+    import time
+
+    from models import perplexity, split_documents, tokenize_documents, weight_bytes
+
+    loaded, _ = _load_model(model, tokenizer, quant_rules)
+    if ctx is not None and ctx > loaded.config.max_seq_len:
+        raise click.UsageError(f"--ctx {ctx} exceeds the model context ({loaded.config.max_seq_len})")
+    if stride is not None and stride > (ctx or loaded.config.max_seq_len):
+        raise click.UsageError("--stride must not exceed --ctx")
+    try:
+        with open(data, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise click.ClickException(f"{data}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    docs = split_documents(text)[:limit]
+    if not docs:
+        raise click.ClickException(f"{data}: no text to score")
+    t0 = time.perf_counter()
+    result = perplexity(loaded.params, loaded.config, tokenize_documents(loaded.tokenizer, docs), ctx=ctx,
+                        stride=stride, truncate=truncate)
+    seconds = time.perf_counter() - t0
+    payload = {"model": model, "data": data, "quant": loaded.quant, **result.to_json(),
+               "weight_bytes": weight_bytes(loaded.params), "seconds": seconds, "tokens_per_s": result.tokens / seconds}
+    human = (f"perplexity {result.ppl:.4f} over {result.tokens:,} tokens ({result.documents} documents, "
+             f"{result.windows} windows, ctx {result.ctx}, stride {result.stride}); "
+             f"weights {payload['weight_bytes']:,} bytes; {seconds:.1f} s")
+    _emit(as_json, payload, human)
+
+
+@app.command()
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--quant", "quant_rules", help="RTN-quantize first: precision spec, inline rules or rules JSON file.")
+@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens to generate at most.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample from the k most likely (0 = off).")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True), help="Nucleus sampling mass.")
+@click.option("--seed", default=0, show_default=True, type=int, help="PRNG seed for sampling.")
+@click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message with the model's chat template.")
+@click.option("--bos/--no-bos", default=None, help="Prepend BOS [default: the tokenizer's setting].")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, seed, chat, bos, tokenizer, as_json):
+    """Generate a continuation of PROMPT with MODEL."""
+    from models import SamplingConfig, generate as generate_tokens
+
+    loaded, _ = _load_model(model, tokenizer, quant_rules)
+    tok = loaded.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+    ids = tok.encode(text, add_bos=bos)
+    if not ids:
+        raise click.UsageError("the prompt encodes to no tokens; pass a non-empty PROMPT or --bos")
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    out = generate_tokens(loaded.params, loaded.config, [ids], max_new_tokens=max_tokens, sampling=sampling,
+                          eos_ids=tok.eos_ids or loaded.config.eos_token_ids)
+    gen = out.tokens[0]
+    completion = tok.decode(gen)
+    payload = {"model": model, "quant": loaded.quant, "prompt": prompt, "prompt_token_ids": ids, "text": completion,
+               "token_ids": gen, "stop_reason": out.stop_reasons[0], "prefill_s": out.prefill_s,
+               "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s}
+    if as_json:
+        _emit(True, payload, "")
+    else:
+        click.echo(prompt + completion if not chat else completion)
+        click.echo(f"[{len(gen)} tokens, {out.tokens_per_s:.1f} tok/s decode, stop: {out.stop_reasons[0]}]", err=True)
 
 
 @app.command()

@@ -1,0 +1,169 @@
+"""Jitted prefill and decode over a static KV cache, sampling, and the generation loop.
+
+Shapes are bucketed so a session compiles a handful of programs: the prompt is right-padded to
+a power of two (at least 16) and the cache length is a power of two (at least 64, at most the
+model context).  Rows keep their own lengths, so a batch of prompts of different lengths needs
+no left padding and every row sees exactly the positions it would see alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import ModelConfig
+from models.llama import KVCache, Transformer
+
+
+@partial(jax.jit, static_argnames=("cfg", "last_only"))
+def forward(params, cfg: ModelConfig, tokens, positions, cache=None, n_new=None, last_only: bool = False):
+    """One model call (see :class:`models.llama.Transformer`); returns ``(logits, cache)``."""
+    return Transformer(cfg).apply({"params": params}, tokens, positions, cache, n_new, last_only)
+
+
+def logits_of(params, cfg: ModelConfig, tokens) -> jnp.ndarray:
+    """Logits (B, T, V) of a plain causal forward over ``tokens`` (B, T), no cache."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return forward(params, cfg, tokens, positions)[0]
+
+
+def prefill(params, cfg: ModelConfig, tokens, lengths, cache: KVCache):
+    """Write right-padded prompts ``tokens`` (B, T) of ``lengths`` (B,) into ``cache`` (at each row's
+    current length); returns the logits at each row's last prompt token (B, V) and the cache."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+    return forward(params, cfg, tokens, positions, cache, jnp.asarray(lengths, jnp.int32), last_only=True)
+
+
+@jax.jit
+def sample_logits(logits, key, temperature, top_k, top_p):
+    """Next tokens (B,) from logits (B, V): greedy when ``temperature == 0``, else softmax sampling
+    at ``temperature`` restricted to the ``top_k`` most likely tokens (0 = all) and to the smallest
+    set whose probability reaches ``top_p`` (nucleus sampling, Holtzman et al. 2019)."""
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    sorted_desc = -jnp.sort(-scaled, axis=-1)
+    vocab = logits.shape[-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(sorted_desc, (k - 1)[None, None].repeat(logits.shape[0], 0), axis=-1)
+    probs_sorted = jax.nn.softmax(sorted_desc, axis=-1)
+    before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted  # probability mass strictly above each rank
+    in_nucleus = before < top_p
+    nucleus_min = jnp.min(jnp.where(in_nucleus, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    keep = (scaled >= kth) & (scaled >= nucleus_min)
+    sampled = jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf), axis=-1).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def _decode_and_sample(params, cfg: ModelConfig, tokens, cache: KVCache, key, temperature, top_k, top_p):
+    positions = cache.lengths[:, None]
+    logits, cache = Transformer(cfg).apply({"params": params}, tokens[:, None], positions, cache, None, True)
+    return sample_logits(logits, key, temperature, top_k, top_p), logits, cache
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = no top-k cut
+    top_p: float = 1.0  # 1 = no nucleus cut
+    seed: int = 0  # PRNG seed for sampling
+
+    def __post_init__(self):
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Generation:
+    tokens: list[list[int]]  # generated ids per prompt (stop token included if one was hit)
+    prompt_lengths: list[int]
+    stop_reasons: list[str]  # "eos" or "max_tokens"
+    prefill_s: float  # wall time of the prefill (compilation included on first use)
+    decode_s: float  # wall time of the whole decode loop (its first step may include compilation)
+    steady_steps: int  # decode steps after the first one
+    steady_s: float  # their wall time
+
+    @property
+    def n_generated(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode throughput per row: decode steps after the first (which may compile) per second."""
+        return self.steady_steps / self.steady_s if self.steady_s > 0 else 0.0
+
+
+def _bucket(n: int, minimum: int) -> int:
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def cache_length(cfg: ModelConfig, needed: int) -> int:
+    """The cache bucket for ``needed`` positions: a power of two >= 64, capped at the context."""
+    if needed > cfg.max_seq_len:
+        raise ValueError(f"needs {needed} positions but the model context is {cfg.max_seq_len}")
+    return min(_bucket(needed, 64), cfg.max_seq_len)
+
+
+def generate(params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_tokens: int,
+             sampling: SamplingConfig = SamplingConfig(), eos_ids=None, cache_dtype=jnp.float32) -> Generation:
+    """Generate up to ``max_new_tokens`` for each prompt (lists of ids), stopping a row at EOS."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    lengths = [len(p) for p in prompts]
+    longest = max(lengths)
+    if longest >= cfg.max_seq_len:
+        raise ValueError(f"prompt is {longest} tokens; the model context is {cfg.max_seq_len}")
+    if longest + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model "
+                         f"context ({cfg.max_seq_len}); lower --max-tokens")
+    eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
+    batch = len(prompts)
+    t_pad = min(_bucket(longest, 16), cache_length(cfg, longest + max_new_tokens))
+    tokens = np.zeros((batch, t_pad), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    cache = KVCache.create(cfg, batch, cache_length(cfg, longest + max_new_tokens), cache_dtype)
+    key = jax.random.key(sampling.seed)
+    temp, top_k, top_p = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
+
+    t0 = time.perf_counter()
+    logits, cache = prefill(params, cfg, tokens, np.asarray(lengths, np.int32), cache)
+    key, sub = jax.random.split(key)
+    nxt = sample_logits(logits, sub, temp, top_k, top_p)
+    nxt_host = np.asarray(nxt)
+    t1 = time.perf_counter()
+
+    out = [[int(t)] for t in nxt_host]
+    done = [int(t) in eos for t in nxt_host]
+    steps, t_first = 0, None
+    for _ in range(max_new_tokens - 1):
+        if all(done):
+            break
+        if steps == 1:
+            t_first = time.perf_counter()
+        key, sub = jax.random.split(key)
+        nxt, _, cache = _decode_and_sample(params, cfg, nxt, cache, sub, temp, top_k, top_p)
+        nxt_host = np.asarray(nxt)
+        for i, t in enumerate(nxt_host):
+            if not done[i]:
+                out[i].append(int(t))
+                done[i] = int(t) in eos
+        steps += 1
+    t2 = time.perf_counter()
+    reasons = ["eos" if d else "max_tokens" for d in done]
+    return Generation(tokens=out, prompt_lengths=lengths, stop_reasons=reasons, prefill_s=t1 - t0, decode_s=t2 - t1,
+                      steady_steps=max(steps - 1, 0), steady_s=(t2 - t_first) if t_first is not None else 0.0)

@@ -1,0 +1,43 @@
+"""Loaders: every MODEL argument (a path or a built-in name) becomes a :class:`models.model.Model`.
+
+* a directory with ``cascade_checkpoint.json``: a saved (quantized) model, :mod:`models.checkpoint`
+* a directory with ``config.json``: a Hugging Face checkpoint, :mod:`models.loaders.hf`
+* a ``.gguf`` file: :mod:`models.loaders.gguf`
+* a ``.bin`` file: a llama2.c checkpoint, :mod:`models.loaders.llama2c` (``tokenizer``: its
+  SentencePiece ``.model``; by default a ``tokenizer.model`` or single ``tok*.model`` beside it)
+"""
+
+from __future__ import annotations
+
+import os
+
+from models.model import Model
+
+
+def load_model(path, *, tokenizer=None) -> Model:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file or directory")
+    if os.path.isdir(path):
+        from models.checkpoint import is_checkpoint
+
+        if is_checkpoint(path):
+            from models.checkpoint import load_checkpoint
+
+            return load_checkpoint(path)
+        from models.loaders.hf import is_hf_dir, load_hf
+
+        if is_hf_dir(path):
+            return load_hf(path)
+        raise ValueError(f"{path}: not a model directory (no config.json or cascade_checkpoint.json)")
+    lower = path.lower()
+    if lower.endswith(".gguf"):
+        from models.loaders.gguf import load_gguf
+
+        return load_gguf(path)
+    if lower.endswith(".bin"):
+        from models.loaders.llama2c import load_llama2c
+
+        return load_llama2c(path, tokenizer_path=tokenizer)
+    raise ValueError(f"{path}: unknown model format (expected a Hugging Face directory, a saved checkpoint, "
+                     "a .gguf file or a llama2.c .bin file)")

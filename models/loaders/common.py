@@ -1,0 +1,39 @@
+"""What every loader shares: building the parameter tree from named (out, in) tensors, checked.
+
+A loader produces ``{our_path: array}`` with arrays already in our layout; :func:`build_params`
+checks the set of names and every shape against :func:`models.llama.param_shapes` and every
+float value for NaN/Inf, then nests them.  Nothing is returned unless all of it is right, so a
+half-loaded model is never used.
+"""
+
+from __future__ import annotations
+
+import flax
+import numpy as np
+
+from models.config import ModelConfig
+from models.llama import param_shapes
+from quant.qtensor import QuantizedTensor
+
+
+def build_params(flat: dict, cfg: ModelConfig, source: str) -> dict:
+    expected = param_shapes(cfg)
+    missing = sorted(set(expected) - set(flat))
+    if missing:
+        raise ValueError(f"{source}: missing tensor(s) {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
+                         f"for a {cfg.n_layers}-layer {cfg.architecture}")
+    extra = sorted(set(flat) - set(expected))
+    if extra:
+        raise ValueError(f"{source}: unexpected tensor(s) {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
+    for path, want in expected.items():
+        a = flat[path]
+        if tuple(a.shape) != want:
+            raise ValueError(f"{source}: tensor {path} has shape {tuple(a.shape)}, expected {want} from the config")
+        if not isinstance(a, QuantizedTensor) and not np.isfinite(np.asarray(a, np.float32)).all():
+            raise ValueError(f"{source}: tensor {path} contains NaN/Inf values")
+    return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+
+def linear_from_torch(w: np.ndarray) -> np.ndarray:
+    """PyTorch ``nn.Linear`` weight (out, in) -> our kernel (in, out)."""
+    return np.ascontiguousarray(np.asarray(w).T)

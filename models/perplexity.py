@@ -1,0 +1,152 @@
+"""Perplexity of a model over a text file.
+
+Documents: the file is split at lines that hold only ``<|endoftext|>`` (the TinyStories layout);
+a file without such lines is one document.  Each document is scored on its own as
+``BOS + encode(doc.strip())`` (no EOS), as llama2.c scores TinyStories.
+
+Long documents (more tokens than ``ctx``) are scored in sliding windows, as in the Hugging Face
+perplexity guide: windows of ``ctx`` tokens start every ``stride`` tokens, and each window scores
+only the tokens the previous one did not, so every token is predicted once, with at least
+``ctx - stride`` tokens of context (except near the start).  ``stride = ctx`` gives disjoint
+windows; ``truncate=True`` scores only the first ``ctx`` tokens of each document instead.
+
+Perplexity is ``exp(total NLL / predicted tokens)``, token-weighted over all documents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from models.config import ModelConfig
+from models.llama import Transformer
+
+DOC_SEPARATOR = "<|endoftext|>"
+
+
+def split_documents(text: str) -> list[str]:
+    """Documents of a text: split at lines equal to ``<|endoftext|>``, stripped, empties dropped."""
+    docs, current = [], []
+    for line in text.splitlines(keepends=True):
+        if line.strip() == DOC_SEPARATOR:
+            docs.append("".join(current))
+            current = []
+        else:
+            current.append(line)
+    docs.append("".join(current))
+    return [d.strip() for d in docs if d.strip()]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Window:
+    tokens: np.ndarray  # the window's token ids (length <= ctx)
+    first_scored: int  # predictions for targets tokens[first_scored:] are counted (>= 1)
+
+
+def windows_of(ids: list[int], ctx: int, stride: int, truncate: bool = False) -> list[Window]:
+    """Sliding windows over one document (see the module docstring)."""
+    if ctx < 2:
+        raise ValueError(f"ctx must be at least 2, got {ctx}")
+    if not 1 <= stride <= ctx:
+        raise ValueError(f"stride must be in [1, ctx={ctx}], got {stride}")
+    ids = np.asarray(ids, np.int32)
+    n = len(ids)
+    if n < 2:
+        return []
+    if n <= ctx or truncate:
+        return [Window(tokens=ids[:ctx], first_scored=1)]
+    out, scored_until = [], 1  # targets [1, scored_until) are already scored
+    for begin in range(0, n, stride):
+        end = min(begin + ctx, n)
+        out.append(Window(tokens=ids[begin:end], first_scored=max(scored_until, begin + 1) - begin))
+        scored_until = end
+        if end == n:
+            break
+    return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PerplexityResult:
+    ppl: float  # exp(mean NLL)
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    tokens: int  # predicted (scored) tokens
+    documents: int  # documents scored
+    windows: int  # model windows run
+    ctx: int
+    stride: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _window_nll(params, cfg: ModelConfig, tokens, weights):
+    """Sum of NLL over weighted targets: tokens (B, T) predict tokens[:, 1:] where weights[:, 1:] > 0."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    logits, _ = Transformer(cfg).apply({"params": params}, tokens, positions)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    target_logp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return -(target_logp * weights[:, 1:]).sum(), weights[:, 1:].sum()
+
+
+def _length_bucket(n: int, ctx: int) -> int:
+    return min(ctx, max(64, -(-n // 64) * 64 if n <= 256 else 1 << (n - 1).bit_length()))
+
+
+def perplexity(params, cfg: ModelConfig, token_docs: list[list[int]], *, ctx: int | None = None,
+               stride: int | None = None, truncate: bool = False, batch_tokens: int | None = None,
+               progress: bool | None = None) -> PerplexityResult:
+    """Perplexity over tokenized documents (each already starting with BOS if the model uses one).
+
+    ``batch_tokens`` bounds ``batch * window`` per model call (default: about 64 MB of logits); the
+    batch is also cut so the attention scores stay near 64 MB.
+    """
+    ctx = min(ctx or cfg.max_seq_len, cfg.max_seq_len)
+    stride = stride or ctx
+    if ctx < 2:
+        raise ValueError(f"ctx must be at least 2, got {ctx}")
+    wins = [w for ids in token_docs for w in windows_of(ids, ctx, stride, truncate)]
+    if not wins:
+        raise ValueError("no document has two or more tokens to score")
+    batch_tokens = batch_tokens or max(ctx, (64 << 20) // (4 * cfg.vocab_size))
+    # Group windows by padded length so each (batch, length) shape compiles once.
+    by_len: dict[int, list[Window]] = {}
+    for w in wins:
+        by_len.setdefault(_length_bucket(len(w.tokens), ctx), []).append(w)
+    total_nll, total_tokens = 0.0, 0.0
+    bar = tqdm(total=len(wins), desc="eval", unit="window", disable=None if progress is None else not progress, leave=False)
+    for length, group in sorted(by_len.items()):
+        attn_rows = (64 << 20) // (4 * cfg.n_heads * length * length)  # keep the (B, H, T, T) scores ~64 MB
+        bsz = max(1, min(batch_tokens // length, attn_rows, len(group)))
+        for i in range(0, len(group), bsz):
+            chunk = group[i:i + bsz]
+            tokens = np.zeros((bsz, length), np.int32)
+            weights = np.zeros((bsz, length), np.float32)
+            for r, w in enumerate(chunk):
+                tokens[r, : len(w.tokens)] = w.tokens
+                weights[r, w.first_scored: len(w.tokens)] = 1.0
+            nll, count = _window_nll(params, cfg, tokens, weights)
+            total_nll += float(nll)
+            total_tokens += float(count)
+            bar.update(len(chunk))
+    bar.close()
+    mean = total_nll / total_tokens
+    return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens=int(total_tokens), documents=len(token_docs),
+                            windows=len(wins), ctx=ctx, stride=stride)
+
+
+def tokenize_documents(tokenizer, docs: list[str], bos: bool = True) -> list[list[int]]:
+    """``[BOS] + encode(doc)`` for each document (BOS only if the tokenizer has one and ``bos``)."""
+    out = []
+    for d in docs:
+        ids = tokenizer.encode(d, add_bos=False)
+        if bos and tokenizer.bos_id is not None:
+            ids = [tokenizer.bos_id] + ids
+        out.append(ids)
+    return out
