@@ -152,7 +152,7 @@ def inspect(model, tokenizer, as_json):
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="UTF-8 text file to score.")
 @click.option("--quant", "quant_rules", help="RTN-quantize first: precision spec, inline rules or rules JSON file.")
 @click.option("--ctx", type=click.IntRange(min=2), help="Window length in tokens [default: the model context].")
-@click.option("--stride", type=click.IntRange(min=1), help="Window step for long documents [default: ctx, disjoint windows].")
+@click.option("--stride", type=click.IntRange(min=1), help="Window step for long documents [default: ctx//2].")
 @click.option("--truncate", is_flag=True, help="Score only the first ctx tokens of each document (llama2.c-style).")
 @click.option("--limit", type=click.IntRange(min=1), help="Score only the first N documents.")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")

@@ -5,10 +5,11 @@ a file without such lines is one document.  Each document is scored on its own a
 ``BOS + encode(doc.strip())`` (no EOS), as llama2.c scores TinyStories.
 
 Long documents (more tokens than ``ctx``) are scored in sliding windows, as in the Hugging Face
-perplexity guide: windows of ``ctx`` tokens start every ``stride`` tokens, and each window scores
-only the tokens the previous one did not, so every token is predicted once, with at least
-``ctx - stride`` tokens of context (except near the start).  ``stride = ctx`` gives disjoint
-windows; ``truncate=True`` scores only the first ``ctx`` tokens of each document instead.
+perplexity guide: windows of ``ctx`` tokens advance by ``stride`` tokens and each scores only the
+tokens the previous one did not, so every token is predicted once, with at least
+``ctx - stride`` tokens of context (except in the first window).  The default ``stride`` is
+``ctx // 2``; ``stride = ctx`` is the cheapest (nearly disjoint windows, the last token of one is
+the context of the next); ``truncate=True`` scores only the first ``ctx`` tokens of each document.
 
 Perplexity is ``exp(total NLL / predicted tokens)``, token-weighted over all documents.
 """
@@ -50,7 +51,12 @@ class Window:
 
 
 def windows_of(ids: list[int], ctx: int, stride: int, truncate: bool = False) -> list[Window]:
-    """Sliding windows over one document (see the module docstring)."""
+    """Sliding windows over one document (see the module docstring).
+
+    The first window is ``ids[:ctx]``; each next one ends ``min(stride, ctx - 1)`` tokens later,
+    is ``ctx`` long, and scores only its new targets, so every target ``1..n-1`` is scored once and
+    every target after the first window sees at least ``ctx - stride`` (>= 1) tokens of context.
+    """
     if ctx < 2:
         raise ValueError(f"ctx must be at least 2, got {ctx}")
     if not 1 <= stride <= ctx:
@@ -59,15 +65,15 @@ def windows_of(ids: list[int], ctx: int, stride: int, truncate: bool = False) ->
     n = len(ids)
     if n < 2:
         return []
-    if n <= ctx or truncate:
-        return [Window(tokens=ids[:ctx], first_scored=1)]
-    out, scored_until = [], 1  # targets [1, scored_until) are already scored
-    for begin in range(0, n, stride):
-        end = min(begin + ctx, n)
-        out.append(Window(tokens=ids[begin:end], first_scored=max(scored_until, begin + 1) - begin))
+    out = [Window(tokens=ids[:ctx], first_scored=1)]
+    if truncate:
+        return out
+    scored_until, step = min(ctx, n), min(stride, ctx - 1)
+    while scored_until < n:
+        end = min(scored_until + step, n)
+        begin = end - ctx
+        out.append(Window(tokens=ids[begin:end], first_scored=scored_until - begin))
         scored_until = end
-        if end == n:
-            break
     return out
 
 
@@ -108,7 +114,7 @@ def perplexity(params, cfg: ModelConfig, token_docs: list[list[int]], *, ctx: in
     batch is also cut so the attention scores stay near 64 MB.
     """
     ctx = min(ctx or cfg.max_seq_len, cfg.max_seq_len)
-    stride = stride or ctx
+    stride = stride or max(1, ctx // 2)
     if ctx < 2:
         raise ValueError(f"ctx must be at least 2, got {ctx}")
     wins = [w for ids in token_docs for w in windows_of(ids, ctx, stride, truncate)]

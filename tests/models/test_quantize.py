@@ -1,0 +1,79 @@
+"""Quantized models: RTN under precision rules, quantized embeddings/tied heads, perplexity cost."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import quant
+from models.config import ModelConfig
+from models.generate import generate, logits_of
+from models.llama import embed_lookup, init_params
+from models.model import Model
+from models.perplexity import perplexity, split_documents, tokenize_documents
+from models.quantize import quantize_model, weight_bytes
+from quant.qtensor import QuantizedTensor
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")
+CFG = ModelConfig(vocab_size=64, dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                  max_seq_len=64, tie_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Model(config=CFG, params=init_params(CFG, jax.random.key(0)), source="random")
+
+
+def test_default_rules_quantize_linears_and_keep_the_rest_16bit(tiny):
+    qm, report = quantize_model(tiny, "int8")
+    p = qm.params
+    assert isinstance(p["layers_0"]["attn"]["q_proj"]["kernel"], QuantizedTensor)
+    assert str(p["layers_0"]["attn"]["q_proj"]["kernel"].spec) == "int8"
+    assert str(p["embed"]["embedding"].dtype) == "bfloat16"
+    assert str(p["final_norm"]["scale"].dtype) == "bfloat16"
+    assert report.bytes_after == weight_bytes(p) < weight_bytes(tiny.params)
+    assert qm.quant == "int8"
+
+
+def test_quantized_logits_equal_dequantized_float_model(tiny):
+    """The quantized model computes exactly what a float model holding the dequantized weights does."""
+    qm, _ = quantize_model(tiny, ".*=int4-g32-asym")  # everything, embedding (tied head) included
+    emb = qm.params["embed"]["embedding"]
+    assert isinstance(emb, QuantizedTensor) and emb.axis == 1
+    deq = jax.tree.map(lambda a: quant.dequantize(a, "float32") if isinstance(a, QuantizedTensor) else a,
+                       qm.params, is_leaf=lambda a: isinstance(a, QuantizedTensor))
+    tokens = np.arange(20)[None] % 64
+    np.testing.assert_allclose(np.asarray(logits_of(qm.params, CFG, tokens)),
+                               np.asarray(logits_of(deq, CFG, tokens)), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_embedding_rows_equal_dequantized_rows():
+    table = jax.random.normal(jax.random.key(1), (40, 64))
+    q = quant.quantize(table, "int4-g16", axis=1)
+    ids = np.array([[3, 0, 39], [7, 7, 1]])
+    np.testing.assert_array_equal(np.asarray(embed_lookup(q, ids, np.float32)),
+                                  np.asarray(quant.dequantize(q))[ids])
+
+
+def test_requantizing_a_quantized_model_starts_from_its_values(tiny):
+    q4, _ = quantize_model(tiny, "int4-g32")
+    q8, _ = quantize_model(q4, "int8")
+    assert str(q8.params["layers_1"]["mlp"]["up_proj"]["kernel"].spec) == "int8"
+    out = generate(q8.params, CFG, [[1, 2, 3]], max_new_tokens=4)
+    assert len(out.tokens[0]) == 4
+
+
+@pytest.mark.slow
+def test_stories260k_int8_costs_under_one_percent_and_int4_stays_finite():
+    from models.loaders.llama2c import load_llama2c
+
+    model = load_llama2c(os.path.join(DATA, "stories260K", "stories260K.bin"))
+    docs = split_documents(open(os.path.join(DATA, "text", "tinystories_val.txt"), encoding="utf-8").read())[:200]
+    ids = tokenize_documents(model.tokenizer, docs)
+    ppl = {}
+    for name in ("fp32", "int8", "int4-g32"):
+        m = model if name == "fp32" else quantize_model(model, name)[0]
+        ppl[name] = perplexity(m.params, m.config, ids, ctx=512, truncate=True).ppl
+    assert ppl["int8"] / ppl["fp32"] - 1 < 0.01
+    assert np.isfinite(ppl["int4-g32"]) and ppl["int4-g32"] > ppl["int8"]
