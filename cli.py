@@ -293,6 +293,27 @@ def bench_error(specs, k, n, out_path, as_json):
     _emit(as_json, result, quant_error.format_table(result))
 
 
+@bench.command(name="ppl")
+@click.argument("model")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="UTF-8 text file to score.")
+@click.option("--spec", "specs", default=None, help="Comma-separated specs; 'source' = as loaded [default: a standard set].")
+@click.option("--limit", default=200, show_default=True, type=click.IntRange(min=1), help="First N documents.")
+@click.option("--ctx", type=click.IntRange(min=2), help="Window length [default: the model context].")
+@click.option("--no-truncate", is_flag=True, help="Score long documents in windows instead of truncating them to ctx.")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def bench_ppl(model, data, specs, limit, ctx, no_truncate, tokenizer, out_path, as_json):
+    """Perplexity and weight bytes of MODEL under several precision specs, on the same tokens."""
+    from bench import perplexity as bench_ppl_mod
+
+    kwargs = {"specs": [s for s in specs.split(",") if s]} if specs else {}
+    result = bench_ppl_mod.run(model, data, limit=limit, ctx=ctx, truncate=not no_truncate, tokenizer=tokenizer, **kwargs)
+    if out_path:
+        _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    _emit(as_json, result, bench_ppl_mod.format_table(result))
+
+
 def _write_atomic(path: str, text: str) -> None:
     """Write via a temporary file and rename, so a failure never leaves a half-written file."""
     tmp = f"{path}.tmp-{os.getpid()}"

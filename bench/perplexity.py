@@ -1,0 +1,54 @@
+"""Perplexity and weight bytes of a model under several precision specs, side by side.
+
+``python bench/perplexity.py MODEL --data FILE`` or ``cascade bench ppl MODEL --data FILE``
+(``--json`` for rows).  Each spec is RTN with the default rules (embeddings, norms and LM head
+kept in bf16); ``source`` is the model as loaded.  Every row scores the same tokens.
+"""
+
+from __future__ import annotations
+
+import time
+
+from models import load_model, perplexity, quantize_model, split_documents, tokenize_documents, weight_bytes
+
+DEFAULT_SPECS = ("source", "int8", "int8-g32", "int4-g32", "int4-g64", "int4-g32-asym", "int4-g64-asym", "int4-g32-mse")
+
+
+def run(model_path: str, data: str, *, specs=DEFAULT_SPECS, limit: int | None = 200, ctx: int | None = None,
+        stride: int | None = None, truncate: bool = True, tokenizer: str | None = None, progress=None) -> dict:
+    base = load_model(model_path, tokenizer=tokenizer)
+    if base.tokenizer is None:
+        raise ValueError(f"{model_path}: no tokenizer; pass tokenizer=")
+    with open(data, encoding="utf-8") as f:
+        docs = split_documents(f.read())[:limit]
+    ids = tokenize_documents(base.tokenizer, docs)
+    rows = []
+    for spec in specs:
+        model = base if spec == "source" else quantize_model(base, spec)[0]
+        t0 = time.perf_counter()
+        r = perplexity(model.params, model.config, ids, ctx=ctx, stride=stride, truncate=truncate, progress=progress)
+        rows.append({"spec": spec, "ppl": r.ppl, "tokens": r.tokens, "weight_bytes": weight_bytes(model.params),
+                     "seconds": time.perf_counter() - t0})
+    ref = rows[0]
+    for r in rows:
+        r["ppl_change_pct"] = 100.0 * (r["ppl"] / ref["ppl"] - 1.0)
+        r["bytes_vs_first"] = r["weight_bytes"] / ref["weight_bytes"]
+    return {"benchmark": "perplexity", "model": model_path, "data": data, "documents": len(docs), "ctx": ctx,
+            "truncate": truncate, "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    first = result["rows"][0]["spec"]
+    lines = [f"{'spec':<16} {'ppl':>8} {'change':>8} {'weight bytes':>13} {'vs ' + first:>10} {'tokens':>8}"]
+    for r in result["rows"]:
+        lines.append(f"{r['spec']:<16} {r['ppl']:>8.4f} {r['ppl_change_pct']:>+7.2f}% {r['weight_bytes']:>13,} "
+                     f"{r['bytes_vs_first']:>10.3f} {r['tokens']:>8,}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from cli import main
+
+    sys.exit(main(["bench", "ppl", *sys.argv[1:]]))

@@ -1,0 +1,79 @@
+"""The model commands (eval, generate, quantize -o, inspect) end to end on stories260K and tiny HF models."""
+
+import json
+import os
+
+import pytest
+
+import cli
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+BIN = os.path.join(DATA, "stories260K", "stories260K.bin")
+GGUF = os.path.join(DATA, "stories260K", "stories260K.gguf")
+VAL = os.path.join(DATA, "text", "tinystories_val.txt")
+
+
+def run(capsys, *args):
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json_is_the_greedy_story(capsys):
+    code, out, _ = run(capsys, "generate", BIN, "Once upon a time", "--max-tokens", "12", "--json")
+    assert code == 0
+    d = json.loads(out)
+    assert d["text"].startswith(", there was a little girl named Lily")
+    assert len(d["token_ids"]) == 12 and d["stop_reason"] == "max_tokens" and d["tokens_per_s"] > 0
+
+
+def test_generate_sampling_is_seeded(capsys):
+    args = ("generate", GGUF, "Once upon a time", "--max-tokens", "16", "--temperature", "1.0", "--top-p", "0.9", "--json")
+    a = json.loads(run(capsys, *args, "--seed", "1")[1])
+    b = json.loads(run(capsys, *args, "--seed", "1")[1])
+    c = json.loads(run(capsys, *args, "--seed", "2")[1])
+    assert a["token_ids"] == b["token_ids"] != c["token_ids"]
+
+
+def test_quantize_save_then_eval_and_inspect_the_checkpoint(capsys, tmp_path):
+    out_dir = str(tmp_path / "q8")
+    code, out, _ = run(capsys, "quantize", BIN, "--quant", "int8", "-o", out_dir, "--json")
+    assert code == 0 and json.loads(out)["bytes_after"] < json.loads(out)["bytes_before"]
+    code, out, _ = run(capsys, "quantize", BIN, "--quant", "int8", "-o", out_dir)
+    assert code == 1  # exists, no --overwrite
+    evals = {}
+    for name, model, extra in (("fp", BIN, ()), ("saved", out_dir, ()), ("flag", BIN, ("--quant", "int8"))):
+        code, out, _ = run(capsys, "eval", model, "--data", VAL, "--limit", "5", "--json", *extra)
+        assert code == 0
+        evals[name] = json.loads(out)
+    assert evals["saved"]["ppl"] == evals["flag"]["ppl"]  # the checkpoint is the quantized model, bit for bit
+    assert evals["saved"]["weight_bytes"] == evals["flag"]["weight_bytes"] < evals["fp"]["weight_bytes"]
+    assert evals["fp"]["tokens"] == evals["saved"]["tokens"] > 0
+    code, out, _ = run(capsys, "inspect", out_dir, "--json")
+    info = json.loads(out)
+    assert info["format"] == "checkpoint" and info["quant"] == "int8"
+    prec = {t["name"]: t["precision"] for t in info["tensors"]}
+    assert prec["layers_0/mlp/up_proj/kernel"] == "int8" and prec["embed/embedding"] == "bfloat16"
+
+
+@pytest.mark.parametrize("args, match", [
+    (("eval", BIN, "--data", VAL, "--ctx", "4096"), "exceeds the model context"),
+    (("eval", "/nonexistent/model", "--data", VAL), "no such file"),
+    (("generate", BIN, "x " * 600, "--max-tokens", "5"), "context"),
+    (("eval", BIN, "--data", VAL, "--quant", "int9"), "int9"),
+    (("generate", BIN, "hi", "--temperature", "-1"), "temperature"),
+])
+def test_model_command_errors_are_one_line(capsys, args, match):
+    code, out, err = run(capsys, *args)
+    assert code in (1, 2) and out == "" and err.count("\n") == 1 and match in err
+
+
+def test_corrupt_checkpoint_is_one_line_error(capsys, tmp_path):
+    out_dir = tmp_path / "q"
+    assert run(capsys, "quantize", BIN, "--quant", "int4-g32", "-o", str(out_dir))[0] == 0
+    biggest = max((p for p in out_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    biggest.write_bytes(bytes(data))
+    code, out, err = run(capsys, "eval", str(out_dir), "--data", VAL, "--limit", "1")
+    assert code == 1 and out == "" and err.count("\n") == 1 and str(out_dir) in err
