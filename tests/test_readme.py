@@ -11,3 +11,20 @@ def test_readme_python_example_runs(capsys):
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["qw"].bits_per_value < 5 and namespace["report"].bytes_after < namespace["report"].bytes_before
     assert "layers_0/attn/q/kernel" in capsys.readouterr().out
+
+
+def test_readme_models_example_runs(capsys, monkeypatch, tmp_path):
+    """The second Python block (models) runs from the repository root, as the README says."""
+    root = pathlib.Path(__file__).parent.parent
+    text = (root / "README.md").read_text()
+    blocks = text.split("```python\n")[1:]
+    code = next(c for c in (b[: b.index("```")] for b in blocks) if "load_model" in c)
+    code = code.replace("/tmp/stories-int8", str(tmp_path / "stories-int8"))
+    monkeypatch.chdir(root)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "layers_0/attn/q_proj/kernel" in out and namespace["out"].tokens[0]
+    assert 1 < namespace["perplexity"](namespace["q8"].params, namespace["q8"].config,
+                                       namespace["tokenize_documents"](namespace["q8"].tokenizer, namespace["docs"]),
+                                       ctx=512).ppl < 10
