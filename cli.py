@@ -151,7 +151,7 @@ def inspect(model, tokenizer, as_json):
 @click.argument("model")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="UTF-8 text file to score.")
 @click.option("--quant", "quant_rules", help="RTN-quantize first: precision spec, inline rules or rules JSON file.")
-@click.option("--ctx", type=click.IntRange(min=2), help="Window length in tokens [default: the model context].")
+@click.option("--ctx", type=click.IntRange(min=2), help="Window length in tokens [default: the model context, at most 2048].")
 @click.option("--stride", type=click.IntRange(min=1), help="Window step for long documents [default: ctx//2].")
 @click.option("--truncate", is_flag=True, help="Score only the first ctx tokens of each document (llama2.c-style).")
 @click.option("--limit", type=click.IntRange(min=1), help="Score only the first N documents.")
@@ -168,11 +168,12 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, tokenizer, as_
     import time
 
     from models import perplexity, split_documents, tokenize_documents, weight_bytes
+    from models.evaluation import DEFAULT_EVAL_CTX
 
     loaded, _ = _load_model(model, tokenizer, quant_rules)
     if ctx is not None and ctx > loaded.config.max_seq_len:
         raise click.UsageError(f"--ctx {ctx} exceeds the model context ({loaded.config.max_seq_len})")
-    if stride is not None and stride > (ctx or loaded.config.max_seq_len):
+    if stride is not None and stride > (ctx or min(loaded.config.max_seq_len, DEFAULT_EVAL_CTX)):
         raise click.UsageError("--stride must not exceed --ctx")
     try:
         with open(data, encoding="utf-8") as f:
@@ -214,14 +215,16 @@ def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, 
     loaded, _ = _load_model(model, tokenizer, quant_rules)
     tok = loaded.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
-    ids = tok.encode(text, add_bos=bos)
+    # a chat template writes its own BOS when the model wants one; do not add a second
+    ids = tok.encode(text, add_bos=bos if bos is not None else (False if chat else None))
     if not ids:
         raise click.UsageError("the prompt encodes to no tokens; pass a non-empty PROMPT or --bos")
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     out = generate_tokens(loaded.params, loaded.config, [ids], max_new_tokens=max_tokens, sampling=sampling,
                           eos_ids=tok.eos_ids or loaded.config.eos_token_ids)
     gen = out.tokens[0]
-    completion = tok.decode(gen)
+    # decode prompt + completion together: SentencePiece drops a leading space of a piece decoded alone
+    completion = tok.decode(ids + gen)[len(tok.decode(ids)):]
     payload = {"model": model, "quant": loaded.quant, "prompt": prompt, "prompt_token_ids": ids, "text": completion,
                "token_ids": gen, "stop_reason": out.stop_reasons[0], "prefill_s": out.prefill_s,
                "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s}
@@ -229,7 +232,8 @@ def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, 
         _emit(True, payload, "")
     else:
         click.echo(prompt + completion if not chat else completion)
-        click.echo(f"[{len(gen)} tokens, {out.tokens_per_s:.1f} tok/s decode, stop: {out.stop_reasons[0]}]", err=True)
+        speed = "n/a" if out.tokens_per_s is None else f"{out.tokens_per_s:.1f}"
+        click.echo(f"[{len(gen)} tokens, {speed} tok/s decode, stop: {out.stop_reasons[0]}]", err=True)
 
 
 @app.command()
@@ -298,17 +302,19 @@ def bench_error(specs, k, n, out_path, as_json):
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="UTF-8 text file to score.")
 @click.option("--spec", "specs", default=None, help="Comma-separated specs; 'source' = as loaded [default: a standard set].")
 @click.option("--limit", default=200, show_default=True, type=click.IntRange(min=1), help="First N documents.")
-@click.option("--ctx", type=click.IntRange(min=2), help="Window length [default: the model context].")
+@click.option("--ctx", type=click.IntRange(min=2), help="Window length [default: the model context, at most 2048].")
+@click.option("--stride", type=click.IntRange(min=1), help="Window step with --no-truncate [default: ctx//2].")
 @click.option("--no-truncate", is_flag=True, help="Score long documents in windows instead of truncating them to ctx.")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def bench_ppl(model, data, specs, limit, ctx, no_truncate, tokenizer, out_path, as_json):
+def bench_ppl(model, data, specs, limit, ctx, stride, no_truncate, tokenizer, out_path, as_json):
     """Perplexity and weight bytes of MODEL under several precision specs, on the same tokens."""
     from bench import perplexity as bench_ppl_mod
 
     kwargs = {"specs": [s for s in specs.split(",") if s]} if specs else {}
-    result = bench_ppl_mod.run(model, data, limit=limit, ctx=ctx, truncate=not no_truncate, tokenizer=tokenizer, **kwargs)
+    result = bench_ppl_mod.run(model, data, limit=limit, ctx=ctx, stride=stride, truncate=not no_truncate,
+                               tokenizer=tokenizer, **kwargs)
     if out_path:
         _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
     _emit(as_json, result, bench_ppl_mod.format_table(result))

@@ -33,8 +33,17 @@ def run(model_path: str, data: str, *, specs=DEFAULT_SPECS, limit: int | None = 
     for r in rows:
         r["ppl_change_pct"] = 100.0 * (r["ppl"] / ref["ppl"] - 1.0)
         r["bytes_vs_first"] = r["weight_bytes"] / ref["weight_bytes"]
-    return {"benchmark": "perplexity", "model": model_path, "data": data, "documents": len(docs), "ctx": ctx,
-            "truncate": truncate, "rows": rows}
+    return {"benchmark": "perplexity", "model": _display_path(model_path), "data": _display_path(data),
+            "documents": len(docs), "ctx": r.ctx, "stride": None if truncate else r.stride, "truncate": truncate,
+            "rows": rows}
+
+
+def _display_path(path: str) -> str:
+    """A path relative to the working directory when it is below its parent (e.g. ../shared/data/...)."""
+    import os
+
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("../..") else path
 
 
 def format_table(result: dict) -> str:

@@ -4,19 +4,19 @@
 * :mod:`models.llama`       the Flax decoder and its static KV cache
 * :mod:`models.loaders`     :func:`load_model` for HF directories, GGUF, llama2.c, saved checkpoints
 * :mod:`models.tokenizer`   one tokenizer type over ``tokenizers`` and SentencePiece
-* :mod:`models.generate`    jitted prefill/decode, sampling, the generation loop
-* :mod:`models.perplexity`  perplexity over documents, sliding windows
+* :mod:`models.generation`  jitted prefill/decode, sampling, the generation loop
+* :mod:`models.evaluation`  perplexity over documents, sliding windows
 * :mod:`models.quantize`    RTN quantization of a loaded model under precision rules
 * :mod:`models.checkpoint`  self-contained orbax checkpoints of (quantized) models
 """
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.config import ModelConfig, UnsupportedModelError
-from models.generate import Generation, SamplingConfig, generate, logits_of
+from models.generation import Generation, SamplingConfig, generate, logits_of
 from models.inspect import describe_model
 from models.loaders import load_model
 from models.model import Model
-from models.perplexity import PerplexityResult, perplexity, split_documents, tokenize_documents
+from models.evaluation import PerplexityResult, perplexity, split_documents, tokenize_documents
 from models.quantize import quantize_model, weight_bytes
 
 __all__ = [

@@ -72,7 +72,7 @@ def save_checkpoint(directory, model: Model, *, overwrite: bool = False) -> None
         raise ValueError(f"{directory}: not a valid checkpoint directory name")
     if os.path.lexists(target):
         if not overwrite:
-            raise ValueError(f"{target}: already exists; pass overwrite=True to replace it")
+            raise ValueError(f"{target}: already exists; pass overwrite=True (--overwrite) to replace it")
         if not (is_checkpoint(target) or (os.path.isdir(target) and not os.listdir(target))):
             raise ValueError(f"{target}: exists and is not a cascade checkpoint; refusing to replace it")
     if not isinstance(model, Model) or not isinstance(model.config, ModelConfig):
@@ -243,7 +243,7 @@ def _install(tmp: str, target: str, parent: str, overwrite: bool) -> None:
     old = None
     if os.path.lexists(target):
         if not overwrite:  # created by someone else while we were writing
-            raise ValueError(f"{target}: already exists; pass overwrite=True to replace it")
+            raise ValueError(f"{target}: already exists; pass overwrite=True (--overwrite) to replace it")
         old = os.path.join(parent, f".{os.path.basename(target)}.old-{os.getpid()}-{secrets.token_hex(4)}")
         os.rename(target, old)
     try:

@@ -209,7 +209,13 @@ def load_hf_config(path) -> ModelConfig:
             hf = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: expected a JSON object")
     try:
         return config_from_hf(hf, str(path))
+    except UnsupportedModelError:
+        raise
     except KeyError as e:
         raise ValueError(f"{path}: missing required key {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: bad value in config ({' '.join(str(e).split())})") from None

@@ -4,7 +4,7 @@ Pre-norm blocks: RMSNorm -> grouped-query attention with RoPE -> residual; RMSNo
 MLP -> residual; final RMSNorm -> LM head (tied to the embedding or not).  It follows the
 Hugging Face ``modeling_llama.py`` numerics (RMSNorm in float32, rotate-half RoPE), so weights
 in Hugging Face layout load as they are; loaders for interleaved-RoPE formats (llama2.c, GGUF)
-permute q/k to this layout (:func:`models.loaders.common.unpermute_rope_rows`).
+permute q/k to this layout (:func:`unpermute_rope_rows`).
 
 Parameter tree (``kernel`` is ``(in, out)``, the Hugging Face ``weight`` transposed; any
 kernel may be a :class:`quant.QuantizedTensor` quantized along axis 0, any tensor may be
@@ -89,7 +89,7 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x):
         kernel = _param(self, "kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features))
-        y = quant.matmul(x, kernel) if isinstance(kernel, QuantizedTensor) else jnp.matmul(x, kernel.astype(x.dtype))
+        y = quant.matmul(x, kernel if isinstance(kernel, QuantizedTensor) else kernel.astype(x.dtype))
         if self.use_bias:
             y = y + _param(self, "bias", nn.initializers.zeros, (self.features,)).astype(y.dtype)
         return y
@@ -253,7 +253,7 @@ def tied_head(x, table):
     """Logits ``x @ E^T`` for a tied head (E float, or quantized along the model dim)."""
     if isinstance(table, QuantizedTensor):
         return quant.matmul(x, quant.transpose(table))
-    return jnp.matmul(x, table.T.astype(x.dtype))
+    return quant.matmul(x, table.T.astype(x.dtype))
 
 
 def init_params(cfg: ModelConfig, key, dtype=jnp.float32):

@@ -9,12 +9,13 @@ head can reuse it.  Already-quantized tensors (a GGUF import) are dequantized fi
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 
 from models.model import Model
 from quant.qtensor import QuantizedTensor, dequantize
-from quant.rtn import QuantReport, quantize_params
+from quant.rtn import QuantReport, key_path_str, quantize_params
 from quant.rules import PrecisionRules
 
 
@@ -23,12 +24,20 @@ def reduction_axis(path: str, shape) -> int:
 
 
 def quantize_model(model: Model, rules, *, progress: bool | None = None) -> tuple[Model, QuantReport]:
-    label = rules.strip() if isinstance(rules, str) else None
-    rules = PrecisionRules.parse(rules)
-    params = jax.tree.map(lambda a: dequantize(a, "float32") if isinstance(a, QuantizedTensor) else a,
-                          model.params, is_leaf=lambda a: isinstance(a, QuantizedTensor))
-    qparams, report = quantize_params(params, rules, axis=reduction_axis, progress=progress)
-    return dataclasses.replace(model, params=qparams, quant=label or rules_text(rules)), report
+    parsed = PrecisionRules.parse(rules)
+    # keep what the user typed ("int8", "attn=int8,*=int4-g64") unless it names a file: then the rules
+    label = rules.strip() if isinstance(rules, str) and not rules.strip().endswith(".json") else rules_text(parsed)
+    is_q = lambda a: isinstance(a, QuantizedTensor)  # noqa: E731
+    stored = {key_path_str(p): _nbytes(a) for p, a in jax.tree_util.tree_flatten_with_path(model.params, is_leaf=is_q)[0]}
+    n_quantized = sum(is_q(a) for a in jax.tree.leaves(model.params, is_leaf=is_q))
+    if n_quantized:
+        warnings.warn(f"re-quantizing {n_quantized} already-quantized tensors from their dequantized values "
+                      "(errors compound; the report's bytes_before is the stored size)", stacklevel=2)
+    params = jax.tree.map(lambda a: dequantize(a, "float32") if is_q(a) else a, model.params, is_leaf=is_q)
+    qparams, report = quantize_params(params, parsed, axis=reduction_axis, progress=progress)
+    report = QuantReport(layers=tuple(dataclasses.replace(r, bytes_before=stored.get(r.path, r.bytes_before))
+                                      for r in report.layers))
+    return dataclasses.replace(model, params=qparams, quant=label), report
 
 
 def rules_text(rules: PrecisionRules) -> str:
@@ -37,7 +46,10 @@ def rules_text(rules: PrecisionRules) -> str:
     return json.dumps(rules.to_json(), sort_keys=True)
 
 
+def _nbytes(a) -> int:
+    return a.nbytes if isinstance(a, QuantizedTensor) else a.size * a.dtype.itemsize
+
+
 def weight_bytes(params) -> int:
     """Bytes of every parameter as stored (packed codes + scales + zeros for quantized ones)."""
-    leaves = jax.tree.leaves(params, is_leaf=lambda a: isinstance(a, QuantizedTensor))
-    return sum(a.nbytes if isinstance(a, QuantizedTensor) else a.size * a.dtype.itemsize for a in leaves)
+    return sum(_nbytes(a) for a in jax.tree.leaves(params, is_leaf=lambda a: isinstance(a, QuantizedTensor)))

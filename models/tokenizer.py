@@ -110,7 +110,7 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
         if self.kind == "sentencepiece":
-            ids = list(self._backend.encode(text))
+            ids = self._encode_sentencepiece(text)
         else:
             ids = self._backend.encode(text, add_special_tokens=False).ids
         if self.add_bos if add_bos is None else add_bos:
@@ -119,17 +119,40 @@ class Tokenizer:
             ids = [self.bos_id, *ids]
         return ids
 
+    def _encode_sentencepiece(self, text: str) -> list[int]:
+        """SentencePiece ids, with control pieces written in the text (``<s>``, ``</s>`` from a chat
+        template) mapped to their ids, as Hugging Face's Llama tokenizer does; SentencePiece alone
+        would spell them out as characters."""
+        import re
+
+        sp = self._backend
+        if not hasattr(self, "_control_pattern"):
+            pieces = sorted({sp.id_to_piece(i) for i in range(sp.get_piece_size()) if sp.is_control(i)} - {""},
+                            key=len, reverse=True)
+            self._control_ids = {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i)}
+            self._control_pattern = re.compile("(" + "|".join(map(re.escape, pieces)) + ")") if pieces else None
+        if self._control_pattern is None:
+            return list(sp.encode(text))
+        ids = []
+        for k, part in enumerate(self._control_pattern.split(text)):
+            if k % 2:
+                ids.append(self._control_ids[part])
+            elif part:
+                ids.extend(sp.encode(part))
+        return ids
+
     def decode(self, ids) -> str:
-        """Text of ``ids`` (a list, numpy or JAX array); BOS and EOS tokens are dropped."""
+        """Text of ``ids`` (a list, numpy or JAX array); BOS and EOS tokens are dropped, and so are
+        ids past the tokenizer's vocabulary (the padding rows of a padded model embedding)."""
         flat = np.asarray(ids).reshape(-1)
         if flat.size and not np.issubdtype(flat.dtype, np.integer):
             raise TypeError(f"decode() takes integer token ids, got dtype {flat.dtype}")
         skip = set(self.eos_ids) | ({self.bos_id} if self.bos_id is not None else set())
         out = []
         for i in flat.tolist():
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
-            if i not in skip:
+            if i < 0:
+                raise ValueError(f"token id {i} is negative")
+            if i < self.vocab_size and i not in skip:
                 out.append(i)
         if self.kind == "sentencepiece":
             return self._backend.decode(out)

@@ -1,4 +1,4 @@
-"""The model commands (eval, generate, quantize -o, inspect) end to end on stories260K and tiny HF models."""
+"""The model commands (eval, generate, quantize -o, inspect) end to end on stories260K and a tiny HF model."""
 
 import json
 import os
@@ -77,3 +77,47 @@ def test_corrupt_checkpoint_is_one_line_error(capsys, tmp_path):
     biggest.write_bytes(bytes(data))
     code, out, err = run(capsys, "eval", str(out_dir), "--data", VAL, "--limit", "1")
     assert code == 1 and out == "" and err.count("\n") == 1 and str(out_dir) in err
+
+
+def test_generate_keeps_the_space_after_a_one_word_prompt(capsys):
+    code, out, _ = run(capsys, "generate", BIN, "Once", "--max-tokens", "3", "--json")
+    assert code == 0 and json.loads(out)["text"].startswith(" upon")
+
+
+@pytest.fixture(scope="module")
+def hf_chat_dir(tmp_path_factory):
+    """A tiny random HF Llama with stories260K's SentencePiece tokenizer and a chat template that writes BOS."""
+    import shutil
+
+    from tests.models.hf_fixtures import make_hf_model
+
+    d = tmp_path_factory.mktemp("chat")
+    make_hf_model("llama3", d, vocab_size=512)
+    shutil.copy(os.path.join(DATA, "stories260K", "tok512.model"), d / "tokenizer.model")
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>",
+        "chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"}))
+    return d
+
+
+def test_chat_prompt_gets_one_bos(capsys, hf_chat_dir):
+    code, out, _ = run(capsys, "generate", str(hf_chat_dir), "Hello", "--chat", "--max-tokens", "2", "--json")
+    assert code == 0
+    ids = json.loads(out)["prompt_token_ids"]
+    assert ids[0] == 1 and ids[1] != 1
+    code, out, _ = run(capsys, "generate", str(hf_chat_dir), "Hello", "--max-tokens", "2", "--json")
+    assert json.loads(out)["prompt_token_ids"][0] == 1  # plain prompt: the tokenizer's add_bos
+
+
+def test_hf_directory_eval_and_bad_config(capsys, hf_chat_dir, tmp_path):
+    code, out, _ = run(capsys, "eval", str(hf_chat_dir), "--data", VAL, "--limit", "2", "--ctx", "64", "--json")
+    d = json.loads(out)
+    assert code == 0 and d["ctx"] == 64 and d["stride"] == 32 and d["ppl"] > 1
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(hf_chat_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "hidden_size": None}))
+    code, out, err = run(capsys, "inspect", str(bad))
+    assert code == 1 and out == "" and err.count("\n") == 1 and "config.json: bad value in config" in err

@@ -9,6 +9,7 @@ half-loaded model is never used.
 from __future__ import annotations
 
 import flax
+import jax
 import numpy as np
 
 from models.config import ModelConfig
@@ -31,6 +32,8 @@ def build_params(flat: dict, cfg: ModelConfig, source: str) -> dict:
             raise ValueError(f"{source}: tensor {path} has shape {tuple(a.shape)}, expected {want} from the config")
         if not isinstance(a, QuantizedTensor) and not np.isfinite(np.asarray(a, np.float32)).all():
             raise ValueError(f"{source}: tensor {path} contains NaN/Inf values")
+    # onto the device once, so jitted calls do not copy host arrays in on every step
+    flat = {k: (v if isinstance(v, QuantizedTensor) else jax.device_put(v)) for k, v in flat.items()}
     return flax.traverse_util.unflatten_dict(flat, sep="/")
 
 

@@ -96,4 +96,7 @@ def load_hf(directory, *, tokenizer: bool = True) -> Model:
         from models.tokenizer import Tokenizer
 
         tok = Tokenizer.from_hf_dir(directory)
+        if tok.vocab_size > cfg.vocab_size:
+            raise ValueError(f"{directory}: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+                             f"{cfg.vocab_size}")
     return Model(config=cfg, params=params, tokenizer=tok, source=str(directory), format="hf")

@@ -22,12 +22,13 @@ VARIANTS = {
 }
 
 
-def make_hf_model(kind: str, directory, seed: int = 0):
+def make_hf_model(kind: str, directory, seed: int = 0, **overrides):
     """Build a random model of ``kind``, save it with ``save_pretrained`` (safetensors), return it."""
     arch, extra = VARIANTS[kind]
+    extra = {**extra, **overrides}
     config_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "MistralForCausalLM": transformers.MistralConfig,
                   "Qwen2ForCausalLM": transformers.Qwen2Config}[arch]
-    config = config_cls(**TINY, **extra)
+    config = config_cls(**{**TINY, **extra})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).eval()

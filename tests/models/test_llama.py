@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.config import ModelConfig, UnsupportedModelError, config_from_hf
-from models.generate import SamplingConfig, forward, generate, logits_of, prefill
+from models.generation import SamplingConfig, forward, generate, logits_of, prefill
 from models.llama import KVCache
 from models.loaders.hf import load_hf
 from tests.models.hf_fixtures import VARIANTS, make_hf_model
@@ -78,7 +78,7 @@ def test_generation_stops_at_eos(pair):
 
 
 def test_sampling_is_reproducible_and_respects_top_k():
-    from models.generate import sample_logits
+    from models.generation import sample_logits
     import jax
 
     logits = jnp.asarray(np.random.RandomState(1).randn(4, 50).astype(np.float32))
@@ -97,9 +97,23 @@ def test_sampling_is_reproducible_and_respects_top_k():
     assert np.array_equal(s, np.argmax(np.asarray(logits), -1))
 
 
+def test_top_p_applies_to_the_renormalised_top_k():
+    """probs (.5, .3, .2), top_k=2 -> (.625, .375); top_p=0.6 is reached by the first token alone."""
+    from models.generation import sample_logits
+    import jax
+
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.2]], jnp.float32))
+    seen = {int(sample_logits(logits, jax.random.key(s), jnp.float32(1.0), jnp.int32(2), jnp.float32(0.6))[0])
+            for s in range(100)}
+    assert seen == {0}
+    seen = {int(sample_logits(logits, jax.random.key(s), jnp.float32(1.0), jnp.int32(2), jnp.float32(0.7))[0])
+            for s in range(200)}
+    assert seen == {0, 1}
+
+
 def test_top_p_matches_numpy_nucleus():
     """Empirical sampling frequencies lie inside the numpy-computed nucleus."""
-    from models.generate import sample_logits
+    from models.generation import sample_logits
     import jax
 
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
@@ -108,6 +122,42 @@ def test_top_p_matches_numpy_nucleus():
         seen.add(int(sample_logits(jnp.asarray(logits), jax.random.key(seed), jnp.float32(1.0), jnp.int32(0),
                                    jnp.float32(0.7))[0]))
     assert seen == {0, 1}  # 0.5 < 0.7 needs token 1 too; 0.8 >= 0.7 stops there
+
+
+def test_writing_past_the_cache_is_an_error(pair):
+    _, _, model = pair
+    cache = KVCache.create(model.config, 1, 8)
+    _, cache = prefill(model.params, model.config, TOKENS[:1, :6], np.array([6]), cache)
+    with pytest.raises(ValueError, match="KV cache overflow: a row holds 6 positions and 4 more do not fit in a cache of 8"):
+        prefill(model.params, model.config, TOKENS[:1, 6:10], np.array([4]), cache)
+
+
+def test_one_row_stops_at_eos_while_the_other_continues(pair):
+    _, _, model = pair
+    for prompts in ([[1, 5, 9], [1, 70, 33, 80, 120, 64]], [[3], [100, 2, 50]], [[77, 12], [9, 9, 9, 9, 40]]):
+        free = generate(model.params, model.config, prompts, max_new_tokens=8, eos_ids=())
+        only_first = [t for t in free.tokens[0] if t not in free.tokens[1]]  # a stop token only row 0 produces
+        if only_first:
+            stop = only_first[0]
+            break
+    else:
+        raise AssertionError("no prompt pair gives rows with distinct tokens")
+    out = generate(model.params, model.config, prompts, max_new_tokens=8, eos_ids=(stop,))
+    assert out.tokens[0] == free.tokens[0][:free.tokens[0].index(stop) + 1] and out.stop_reasons[0] == "eos"
+    assert out.tokens[1] == free.tokens[1] and out.stop_reasons[1] == "max_tokens"
+
+
+def test_tokens_per_s_for_short_generations(pair):
+    _, _, model = pair
+    assert generate(model.params, model.config, [[1, 2]], max_new_tokens=1, eos_ids=()).tokens_per_s is None
+    assert generate(model.params, model.config, [[1, 2]], max_new_tokens=2, eos_ids=()).tokens_per_s > 0
+    assert generate(model.params, model.config, [[1, 2]], max_new_tokens=4, eos_ids=()).tokens_per_s > 0
+
+
+def test_out_of_vocabulary_prompt_ids(pair):
+    _, _, model = pair
+    with pytest.raises(ValueError, match="prompt token id 128 is outside the vocabulary"):
+        generate(model.params, model.config, [[1, 128]], max_new_tokens=2)
 
 
 def test_context_overflow_is_a_clear_error(pair):
@@ -137,6 +187,24 @@ def test_unsupported_configs_name_the_option(hf, message):
         config_from_hf({**base, **hf})
 
 
-def test_config_round_trips_through_dict():
-    cfg = ModelConfig(vocab_size=10, dim=8, hidden_dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4)
+def test_config_round_trips_through_dict_and_hf_config(pair):
+    _, _, model = pair
+    cfg = model.config
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert config_from_hf(cfg.to_hf_dict()) == cfg
+
+
+@pytest.mark.parametrize("edit, message", [({"hidden_size": None}, "bad value in config"),
+                                           ({"num_attention_heads": "four"}, "bad value in config"),
+                                           ({"num_hidden_layers": 0}, "n_layers must be a positive integer")])
+def test_bad_config_values_name_the_file(tmp_path, edit, message):
+    import json
+
+    from models.config import load_hf_config
+
+    base = dict(architectures=["LlamaForCausalLM"], hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                num_attention_heads=2, vocab_size=10)
+    (tmp_path / "config.json").write_text(json.dumps({**base, **edit}))
+    with pytest.raises(ValueError, match=message) as e:
+        load_hf_config(tmp_path / "config.json")
+    assert "config.json" in str(e.value)

@@ -8,10 +8,10 @@ import pytest
 
 import quant
 from models.config import ModelConfig
-from models.generate import generate, logits_of
+from models.generation import generate, logits_of
 from models.llama import embed_lookup, init_params
 from models.model import Model
-from models.perplexity import perplexity, split_documents, tokenize_documents
+from models.evaluation import perplexity, split_documents, tokenize_documents
 from models.quantize import quantize_model, weight_bytes
 from quant.qtensor import QuantizedTensor
 
@@ -57,11 +57,27 @@ def test_packed_embedding_rows_equal_dequantized_rows():
 
 
 def test_requantizing_a_quantized_model_starts_from_its_values(tiny):
-    q4, _ = quantize_model(tiny, "int4-g32")
-    q8, _ = quantize_model(q4, "int8")
-    assert str(q8.params["layers_1"]["mlp"]["up_proj"]["kernel"].spec) == "int8"
+    q4, r4 = quantize_model(tiny, "int4-g32")
+    with pytest.warns(UserWarning, match="re-quantizing 14 already-quantized tensors"):
+        q8, r8 = quantize_model(q4, "int8")
+    w4 = q4.params["layers_1"]["mlp"]["up_proj"]["kernel"]
+    w8 = q8.params["layers_1"]["mlp"]["up_proj"]["kernel"]
+    assert str(w8.spec) == "int8"
+    expected = quant.quantize(quant.dequantize(w4, "float32"), "int8")
+    np.testing.assert_array_equal(np.asarray(w8.packed), np.asarray(expected.packed))
+    np.testing.assert_array_equal(np.asarray(w8.scale), np.asarray(expected.scale))
+    assert r8.bytes_before == r4.bytes_after  # the stored size, not the dequantized float size
     out = generate(q8.params, CFG, [[1, 2, 3]], max_new_tokens=4)
     assert len(out.tokens[0]) == 4
+
+
+def test_rules_from_a_file_are_stored_as_rules_not_as_a_path(tiny, tmp_path):
+    import json
+
+    path = tmp_path / "rules.json"
+    path.write_text(json.dumps({"__default__": "int8", "rules": [["mlp", "int4-g32"]]}))
+    qm, _ = quantize_model(tiny, str(path))
+    assert json.loads(qm.quant) == {"__default__": "int8", "rules": [["mlp", "int4-g32"]]}
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.generate import logits_of
+from models.generation import logits_of
 from models.loaders import load_model
 from models.loaders.hf import load_hf
 from tests.models.hf_fixtures import make_hf_model

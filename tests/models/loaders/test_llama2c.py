@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from models.generate import generate, logits_of
+from models.generation import generate, logits_of
 from models.loaders.llama2c import load_llama2c
 from tests.models import reference_llama2c as ref
 

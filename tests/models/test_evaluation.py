@@ -9,9 +9,9 @@ import pytest
 import sentencepiece as spm
 
 from models.config import ModelConfig
-from models.generate import logits_of
+from models.generation import logits_of
 from models.llama import init_params
-from models.perplexity import perplexity, split_documents, windows_of
+from models.evaluation import perplexity, split_documents, windows_of
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")
 
@@ -74,7 +74,7 @@ def test_stories260k_perplexity_matches_numpy_reference_and_readme():
     """First 200 val stories, each BOS + tokens truncated to 512: 3.41 (data README), from both the
     Flax model and the independent float64 numpy forward pass."""
     from models.loaders.llama2c import load_llama2c
-    from models.perplexity import tokenize_documents
+    from models.evaluation import tokenize_documents
     from tests.models import reference_llama2c as ref
 
     bin_path = os.path.join(DATA, "stories260K", "stories260K.bin")

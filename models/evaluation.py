@@ -2,7 +2,8 @@
 
 Documents: the file is split at lines that hold only ``<|endoftext|>`` (the TinyStories layout);
 a file without such lines is one document.  Each document is scored on its own as
-``BOS + encode(doc.strip())`` (no EOS), as llama2.c scores TinyStories.
+``BOS + encode(doc.strip())`` (no EOS), as llama2.c scores TinyStories; BOS only for models whose
+tokenizer adds one.  The default ``ctx`` is the model context, capped at 2048.
 
 Long documents (more tokens than ``ctx``) are scored in sliding windows, as in the Hugging Face
 perplexity guide: windows of ``ctx`` tokens advance by ``stride`` tokens and each scores only the
@@ -29,6 +30,7 @@ from models.config import ModelConfig
 from models.llama import Transformer
 
 DOC_SEPARATOR = "<|endoftext|>"
+DEFAULT_EVAL_CTX = 2048  # default window cap: attention here is unchunked, O(ctx^2) memory per row
 
 
 def split_documents(text: str) -> list[str]:
@@ -113,7 +115,7 @@ def perplexity(params, cfg: ModelConfig, token_docs: list[list[int]], *, ctx: in
     ``batch_tokens`` bounds ``batch * window`` per model call (default: about 64 MB of logits); the
     batch is also cut so the attention scores stay near 64 MB.
     """
-    ctx = min(ctx or cfg.max_seq_len, cfg.max_seq_len)
+    ctx = min(ctx or min(cfg.max_seq_len, DEFAULT_EVAL_CTX), cfg.max_seq_len)
     stride = stride or max(1, ctx // 2)
     if ctx < 2:
         raise ValueError(f"ctx must be at least 2, got {ctx}")
@@ -147,12 +149,7 @@ def perplexity(params, cfg: ModelConfig, token_docs: list[list[int]], *, ctx: in
                             windows=len(wins), ctx=ctx, stride=stride)
 
 
-def tokenize_documents(tokenizer, docs: list[str], bos: bool = True) -> list[list[int]]:
-    """``[BOS] + encode(doc)`` for each document (BOS only if the tokenizer has one and ``bos``)."""
-    out = []
-    for d in docs:
-        ids = tokenizer.encode(d, add_bos=False)
-        if bos and tokenizer.bos_id is not None:
-            ids = [tokenizer.bos_id] + ids
-        out.append(ids)
-    return out
+def tokenize_documents(tokenizer, docs: list[str], bos: bool | None = None) -> list[list[int]]:
+    """``encode(doc)`` for each document, with BOS first when ``bos`` says so (default: when the
+    tokenizer adds BOS, e.g. Llama, llama2.c; SmolLM2's GGUF says not to)."""
+    return [tokenizer.encode(d, add_bos=bos) for d in docs]

@@ -37,8 +37,21 @@ def prefill(params, cfg: ModelConfig, tokens, lengths, cache: KVCache):
     """Write right-padded prompts ``tokens`` (B, T) of ``lengths`` (B,) into ``cache`` (at each row's
     current length); returns the logits at each row's last prompt token (B, V) and the cache."""
     tokens = jnp.asarray(tokens, jnp.int32)
+    check_cache_room(cache, tokens.shape[1])
     positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
     return forward(params, cfg, tokens, positions, cache, jnp.asarray(lengths, jnp.int32), last_only=True)
+
+
+def check_cache_room(cache: KVCache, n_new: int) -> None:
+    """Raise if writing ``n_new`` more positions would run past the cache (a host sync).
+
+    :func:`forward` itself does not check: inside jit a write past the end would be clamped
+    silently, so every entry point that feeds it (``prefill``, ``generate``) checks first.
+    """
+    longest = int(jnp.max(cache.lengths))
+    if longest + n_new > cache.max_len:
+        raise ValueError(f"KV cache overflow: a row holds {longest} positions and {n_new} more do not fit "
+                         f"in a cache of {cache.max_len}")
 
 
 @jax.jit
@@ -47,19 +60,25 @@ def sample_logits(logits, key, temperature, top_k, top_p):
     at ``temperature`` restricted to the ``top_k`` most likely tokens (0 = all) and to the smallest
     set whose probability reaches ``top_p`` (nucleus sampling, Holtzman et al. 2019)."""
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    sorted_desc = -jnp.sort(-scaled, axis=-1)
-    vocab = logits.shape[-1]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(sorted_desc, (k - 1)[None, None].repeat(logits.shape[0], 0), axis=-1)
-    probs_sorted = jax.nn.softmax(sorted_desc, axis=-1)
-    before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted  # probability mass strictly above each rank
-    in_nucleus = before < top_p
-    nucleus_min = jnp.min(jnp.where(in_nucleus, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    keep = (scaled >= kth) & (scaled >= nucleus_min)
-    sampled = jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf), axis=-1).astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+
+    def greedy(_):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sample(key):
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        vocab = logits.shape[-1]
+        sorted_desc = -jnp.sort(-scaled, axis=-1)
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+        kth = jax.lax.dynamic_slice_in_dim(sorted_desc, k - 1, 1, axis=-1)  # (B, 1); ties at the k-th value are kept
+        in_top_k = jnp.arange(vocab)[None, :] < k
+        # nucleus over the top-k distribution renormalised (as Hugging Face applies top-k, then top-p)
+        probs_sorted = jax.nn.softmax(jnp.where(in_top_k, sorted_desc, -jnp.inf), axis=-1)
+        mass_above = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
+        nucleus_min = jnp.min(jnp.where((mass_above < top_p) & in_top_k, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        keep = (scaled >= kth) & (scaled >= nucleus_min)
+        return jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf), axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, sample, greedy, key)
 
 
 @partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
@@ -100,9 +119,13 @@ class Generation:
         return sum(len(t) for t in self.tokens)
 
     @property
-    def tokens_per_s(self) -> float:
-        """Decode throughput per row: decode steps after the first (which may compile) per second."""
-        return self.steady_steps / self.steady_s if self.steady_s > 0 else 0.0
+    def tokens_per_s(self) -> float | None:
+        """Decode throughput per row: decode steps after the first (which may compile) per second;
+        with a single decode step, that step; None when nothing was decoded after the prefill."""
+        if self.steady_steps > 0 and self.steady_s > 0:
+            return self.steady_steps / self.steady_s
+        decoded = max(len(t) for t in self.tokens) - 1
+        return decoded / self.decode_s if decoded > 0 and self.decode_s > 0 else None
 
 
 def _bucket(n: int, minimum: int) -> int:
@@ -125,6 +148,9 @@ def generate(params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_toke
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     lengths = [len(p) for p in prompts]
     longest = max(lengths)
+    bad = [t for p in prompts for t in p if not 0 <= int(t) < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
     if longest >= cfg.max_seq_len:
         raise ValueError(f"prompt is {longest} tokens; the model context is {cfg.max_seq_len}")
     if longest + max_new_tokens > cfg.max_seq_len:
