@@ -140,8 +140,11 @@ def cache_length(cfg: ModelConfig, needed: int) -> int:
 
 
 def generate(params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_tokens: int,
-             sampling: SamplingConfig = SamplingConfig(), eos_ids=None, cache_dtype=jnp.float32) -> Generation:
-    """Generate up to ``max_new_tokens`` for each prompt (lists of ids), stopping a row at EOS."""
+             sampling: SamplingConfig = SamplingConfig(), key=None, eos_ids=None, cache_dtype=jnp.float32) -> Generation:
+    """Generate up to ``max_new_tokens`` for each prompt (lists of ids), stopping a row at EOS.
+
+    ``key``: the PRNG key for sampling (default ``jax.random.key(sampling.seed)``).
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 1:
@@ -163,7 +166,7 @@ def generate(params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_toke
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
     cache = KVCache.create(cfg, batch, cache_length(cfg, longest + max_new_tokens), cache_dtype)
-    key = jax.random.key(sampling.seed)
+    key = jax.random.key(sampling.seed) if key is None else key
     temp, top_k, top_p = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
 
     t0 = time.perf_counter()

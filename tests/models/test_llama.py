@@ -77,6 +77,32 @@ def test_generation_stops_at_eos(pair):
     assert out.stop_reasons == ["eos"]
 
 
+def test_decoding_compiles_once_per_bucket(pair):
+    """More tokens, other prompts of the same bucket, other sampling settings: no new compilation."""
+    import jax
+
+    from models import generation
+
+    _, _, model = pair
+    generate(model.params, model.config, [[1, 2, 3]], max_new_tokens=3, eos_ids=())
+    before = (generation._decode_and_sample._cache_size(), generation.forward._cache_size())
+    generate(model.params, model.config, [[4, 5, 6, 7]], max_new_tokens=20, eos_ids=(),
+             sampling=SamplingConfig(temperature=0.7, top_k=5, top_p=0.9), key=jax.random.key(7))
+    assert (generation._decode_and_sample._cache_size(), generation.forward._cache_size()) == before
+
+
+def test_explicit_key_overrides_the_seed(pair):
+    import jax
+
+    _, _, model = pair
+    s = SamplingConfig(temperature=1.0, seed=0)
+    a = generate(model.params, model.config, [[1, 2]], max_new_tokens=12, sampling=s, key=jax.random.key(5), eos_ids=())
+    b = generate(model.params, model.config, [[1, 2]], max_new_tokens=12, sampling=SamplingConfig(temperature=1.0, seed=5),
+                 eos_ids=())
+    c = generate(model.params, model.config, [[1, 2]], max_new_tokens=12, sampling=s, eos_ids=())
+    assert a.tokens == b.tokens != c.tokens
+
+
 def test_sampling_is_reproducible_and_respects_top_k():
     from models.generation import sample_logits
     import jax
