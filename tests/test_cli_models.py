@@ -7,7 +7,7 @@ import pytest
 
 import cli
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+from tests.shared_data import DATA  # noqa: E402
 BIN = os.path.join(DATA, "stories260K", "stories260K.bin")
 GGUF = os.path.join(DATA, "stories260K", "stories260K.gguf")
 VAL = os.path.join(DATA, "text", "tinystories_val.txt")

@@ -13,7 +13,7 @@ from models.generation import logits_of
 from models.llama import init_params
 from models.evaluation import perplexity, split_documents, windows_of
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")
+from tests.shared_data import DATA  # noqa: E402
 
 
 def test_split_documents():

@@ -15,7 +15,7 @@ from models.evaluation import perplexity, split_documents, tokenize_documents
 from models.quantize import quantize_model, weight_bytes
 from quant.qtensor import QuantizedTensor
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")
+from tests.shared_data import DATA  # noqa: E402
 CFG = ModelConfig(vocab_size=64, dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                   max_seq_len=64, tie_embeddings=True)
 

@@ -13,7 +13,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from models.tokenizer import CONFIG_FILE, Tokenizer
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+from tests.shared_data import DATA  # noqa: E402
 STORIES_GGUF = DATA / "stories260K" / "stories260K.gguf"
 TOK512 = DATA / "stories260K" / "tok512.model"
 SMOL_DIR = DATA / "smollm2-135m"

@@ -26,7 +26,7 @@ from models.llama import Transformer
 from models.loaders.gguf import config_from_gguf, load_gguf, read_gguf
 from quant.qtensor import QuantizedTensor, dequantize
 
-DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+from tests.shared_data import DATA  # noqa: E402
 STORIES_GGUF = DATA / "stories260K" / "stories260K.gguf"
 STORIES_BIN = DATA / "stories260K" / "stories260K.bin"
 STORIES_SPM = DATA / "stories260K" / "tok512.model"

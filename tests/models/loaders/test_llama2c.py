@@ -10,7 +10,7 @@ from models.generation import generate, logits_of
 from models.loaders.llama2c import load_llama2c
 from tests.models import reference_llama2c as ref
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "..", "shared", "data")
+from tests.shared_data import DATA  # noqa: E402
 BIN = os.path.join(DATA, "stories260K", "stories260K.bin")
 TOK = os.path.join(DATA, "stories260K", "tok512.model")
 OPENING = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
