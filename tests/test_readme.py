@@ -20,6 +20,9 @@ def test_readme_models_example_runs(capsys, monkeypatch, tmp_path):
     blocks = text.split("```python\n")[1:]
     code = next(c for c in (b[: b.index("```")] for b in blocks) if "load_model" in c)
     code = code.replace("/tmp/stories-int8", str(tmp_path / "stories-int8"))
+    from tests.shared_data import DATA
+
+    code = code.replace("../shared/data", str(DATA))  # the README's layout, or wherever the data is mounted
     monkeypatch.chdir(root)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
