@@ -1,0 +1,236 @@
+"""Speculative decoding: a small draft model proposes, the large target model verifies.
+
+Leviathan, Kalman & Matias, "Fast Inference from Transformers via Speculative Decoding" (2023);
+Chen et al., "Accelerating Large Language Model Decoding with Speculative Sampling" (2023).
+
+Each round the draft proposes ``draft_len`` tokens one at a time; the target scores the pending
+token and all proposals in one call (``draft_len + 1`` positions) and the verifier accepts a
+prefix of them:
+
+* greedy (temperature 0): proposal ``d_i`` is accepted while it equals the target's argmax; the
+  target's own argmax follows the accepted prefix.  The output is exactly the target's greedy
+  output (up to float ties between the chunked and one-token forward).
+* sampling: ``d_i ~ q`` is accepted with probability ``min(1, p(d_i) / q(d_i))``; on rejection the
+  next token is drawn from ``norm(max(0, p - q))``; after ``draft_len`` acceptances a bonus token
+  is drawn from ``p``.  The output is distributed exactly as sampling from the target ``p``
+  (after the same temperature / top-k / top-p transform on both models).
+
+Both models keep static KV caches; rejected proposals are dropped by moving the cache length
+back (their rows are overwritten later and are never visible: attention masks keys by
+position).  Roles follow vLLM: proposer (:func:`_draft`), scorer (the target's chunked
+forward), verifier (:func:`verify_greedy` / :func:`verify_sampled`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import ModelConfig
+from models.generation import SamplingConfig, forward, prefill
+from models.llama import KVCache
+
+
+@dataclasses.dataclass
+class SpeculativeStats:
+    """vLLM-style counters of one generation."""
+
+    rounds: int = 0  # draft-then-verify rounds (target calls after prefill)
+    draft_tokens: int = 0  # tokens proposed by the draft
+    accepted_tokens: int = 0  # proposals the target accepted
+    emitted_tokens: int = 0  # tokens produced (accepted + one target token per round, + the prefill token)
+    accepted_at: list[int] = dataclasses.field(default_factory=list)  # [i]: rounds whose proposal i was accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Accepted proposals per round (0 .. draft_len)."""
+        return self.accepted_tokens / self.rounds if self.rounds else 0.0
+
+    def to_json(self) -> dict:
+        return {"rounds": self.rounds, "draft_tokens": self.draft_tokens, "accepted_tokens": self.accepted_tokens,
+                "emitted_tokens": self.emitted_tokens, "acceptance_rate": round(self.acceptance_rate, 4),
+                "mean_accepted_length": round(self.mean_accepted_length, 4),
+                "acceptance_per_position": [round(a / self.rounds, 4) if self.rounds else 0.0 for a in self.accepted_at]}
+
+
+@dataclasses.dataclass
+class SpeculativeResult:
+    tokens: list[int]  # generated ids (EOS included when it stopped there)
+    prompt_length: int
+    stop_reason: str  # "eos" or "max_tokens"
+    stats: SpeculativeStats
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        n = len(self.tokens) - 1  # the first token comes from the prefill
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else None
+
+
+def token_probs(logits: np.ndarray, sampling: SamplingConfig) -> np.ndarray:
+    """The sampling distribution (float64, sums to 1) of ``logits`` (..., V) under temperature,
+    top-k and top-p (nucleus over the renormalised top-k, as :func:`models.generation.sample_logits`)."""
+    z = np.asarray(logits, np.float64) / sampling.temperature
+    z = z - z.max(axis=-1, keepdims=True)
+    if sampling.top_k:
+        kth = np.sort(z, axis=-1)[..., -min(sampling.top_k, z.shape[-1])][..., None]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z)
+    p /= p.sum(axis=-1, keepdims=True)
+    if sampling.top_p < 1.0:
+        order = np.argsort(-p, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(p, order, axis=-1)
+        keep_sorted = (np.cumsum(sorted_p, axis=-1) - sorted_p) < sampling.top_p  # always keeps the first
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, axis=-1)
+        p = np.where(keep, p, 0.0)
+        p /= p.sum(axis=-1, keepdims=True)
+    return p
+
+
+def verify_greedy(proposals: list[int], target_logits: np.ndarray) -> tuple[int, int]:
+    """``(n_accepted, next_token)`` for greedy decoding; ``target_logits`` (k+1, V)."""
+    best = np.argmax(target_logits, axis=-1)
+    n = 0
+    while n < len(proposals) and proposals[n] == int(best[n]):
+        n += 1
+    return n, int(best[n])
+
+
+def verify_sampled(proposals: list[int], draft_probs: np.ndarray, target_probs: np.ndarray,
+                   rng: np.random.Generator) -> tuple[int, int]:
+    """``(n_accepted, next_token)`` by the speculative-sampling rule; ``draft_probs`` (k, V),
+    ``target_probs`` (k+1, V) are the distributions each proposal was drawn from / is judged by."""
+    for i, d in enumerate(proposals):
+        p, q = target_probs[i, d], draft_probs[i, d]
+        if rng.random() * q < p:  # accept with probability min(1, p/q)
+            continue
+        residual = np.maximum(target_probs[i] - draft_probs[i], 0.0)
+        total = residual.sum()
+        # total == 0 only if p == q, where rejection has probability 0; guard float noise anyway
+        dist = residual / total if total > 0 else target_probs[i]
+        return i, int(rng.choice(len(dist), p=dist))
+    return len(proposals), int(rng.choice(target_probs.shape[-1], p=target_probs[-1]))
+
+
+def _bucket(n: int, minimum: int = 64) -> int:
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig,
+                         prompt: list[int], *, max_new_tokens: int, draft_len: int = 4,
+                         sampling: SamplingConfig = SamplingConfig(), eos_ids=None,
+                         cache_dtype=jnp.float32) -> SpeculativeResult:
+    """Generate up to ``max_new_tokens`` after ``prompt`` (ids) with the draft/target pair.
+
+    The two models must share the tokenizer (same vocabulary ids); the draft's vocabulary may not
+    be larger than the target's.
+    """
+    if draft_len < 1:
+        raise ValueError(f"draft_len must be >= 1, got {draft_len}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompt:
+        raise ValueError("the prompt needs at least one token")
+    if draft_cfg.vocab_size > target_cfg.vocab_size:
+        raise ValueError(f"the draft vocabulary ({draft_cfg.vocab_size}) is larger than the target's "
+                         f"({target_cfg.vocab_size}); the pair must share a tokenizer")
+    bad = [t for t in prompt if not 0 <= int(t) < draft_cfg.vocab_size]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {draft_cfg.vocab_size})")
+    context = min(draft_cfg.max_seq_len, target_cfg.max_seq_len)
+    if len(prompt) + max_new_tokens > context:
+        raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
+                         f"({context}) of the pair; lower --max-tokens")
+    eos = set(target_cfg.eos_token_ids if eos_ids is None else eos_ids)
+    greedy = sampling.temperature == 0
+    rng = np.random.default_rng(sampling.seed)
+    vocab = target_cfg.vocab_size
+
+    # Room for the prompt padded to its prefill bucket, and for one round of draft_len + 1 past the end.
+    n_prompt = len(prompt)
+    t_pad = _bucket(n_prompt, 16)
+    room = _bucket(max(n_prompt + max_new_tokens + draft_len + 2, t_pad))
+    d_cache = KVCache.create(draft_cfg, 1, room, cache_dtype)
+    t_cache = KVCache.create(target_cfg, 1, room, cache_dtype)
+    tokens = np.zeros((1, t_pad), np.int32)
+    tokens[0, :n_prompt] = prompt
+    lengths = np.array([n_prompt], np.int32)
+
+    t0 = time.perf_counter()
+    _, d_cache = prefill(draft_params, draft_cfg, tokens, lengths, d_cache)
+    t_logits, t_cache = prefill(target_params, target_cfg, tokens, lengths, t_cache)
+    first = _pick(np.asarray(t_logits[0]), greedy, sampling, rng)
+    t1 = time.perf_counter()
+
+    stats = SpeculativeStats(emitted_tokens=1, accepted_at=[0] * draft_len)
+    out = [first]
+    committed = n_prompt  # tokens in both caches' valid prefix (the pending token is not yet fed)
+    pending = first
+    draft_behind: int | None = None  # a token the target accepted that the draft never fed (full acceptance)
+    while out[-1] not in eos and len(out) < max_new_tokens:
+        k = draft_len
+        # --- proposer: k draft tokens, the first call also catching up on a token it missed
+        chunk = [pending] if draft_behind is None else [draft_behind, pending]
+        d_start = committed - (0 if draft_behind is None else 1)
+        proposals, draft_probs = [], []
+        feed, n_feed = np.array([chunk + [0] * (2 - len(chunk))], np.int32), len(chunk)
+        d_cache = d_cache.replace(lengths=jnp.array([d_start], jnp.int32))
+        for i in range(k):
+            pos = np.arange(feed.shape[1], dtype=np.int32)[None, :] + (d_start if i == 0 else committed + i)
+            logits, d_cache = forward(draft_params, draft_cfg, jnp.asarray(feed), jnp.asarray(pos), d_cache,
+                                      jnp.array([n_feed], jnp.int32), last_only=True)
+            row = np.asarray(logits[0])
+            if greedy:
+                tok = int(np.argmax(row))
+            else:
+                q = token_probs(row, sampling)
+                tok = int(rng.choice(len(q), p=q))
+                draft_probs.append(np.pad(q, (0, vocab - len(q))))
+            proposals.append(tok)
+            feed, n_feed = np.array([[tok]], np.int32), 1
+        # --- scorer: the target over [pending, d_1 .. d_k]
+        t_tokens = np.array([[pending, *proposals]], np.int32)
+        t_pos = committed + np.arange(k + 1, dtype=np.int32)[None, :]
+        t_logits, t_cache = forward(target_params, target_cfg, jnp.asarray(t_tokens), jnp.asarray(t_pos), t_cache)
+        t_rows = np.asarray(t_logits[0])
+        # --- verifier
+        if greedy:
+            n_acc, nxt = verify_greedy(proposals, t_rows)
+        else:
+            n_acc, nxt = verify_sampled(proposals, np.stack(draft_probs), token_probs(t_rows, sampling), rng)
+        stats.rounds += 1
+        stats.draft_tokens += k
+        stats.accepted_tokens += n_acc
+        for i in range(n_acc):
+            stats.accepted_at[i] += 1
+        new = [*proposals[:n_acc], nxt]
+        for tok in new:
+            out.append(tok)
+            if tok in eos or len(out) >= max_new_tokens:
+                break
+        stats.emitted_tokens = len(out)
+        # the valid prefix is now: committed + pending + accepted proposals; nxt is the new pending
+        committed += 1 + n_acc
+        t_cache = t_cache.replace(lengths=jnp.array([committed], jnp.int32))
+        # the draft fed pending, d_1 .. d_{k-1}: it lacks d_k when all k were accepted
+        draft_behind = proposals[-1] if n_acc == k else None
+        pending = nxt
+    t2 = time.perf_counter()
+    return SpeculativeResult(tokens=out, prompt_length=n_prompt, stop_reason="eos" if out[-1] in eos else "max_tokens",
+                             stats=stats, prefill_s=t1 - t0, decode_s=t2 - t1)
+
+
+def _pick(logits: np.ndarray, greedy: bool, sampling: SamplingConfig, rng: np.random.Generator) -> int:
+    if greedy:
+        return int(np.argmax(logits))
+    p = token_probs(logits, sampling)
+    return int(rng.choice(len(p), p=p))
