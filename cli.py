@@ -42,20 +42,57 @@ def app(debug: bool) -> None:
 
 
 @app.command()
-@click.argument("prompt", required=False)
-@click.option("--small", default="int4", show_default=True, help="Precision spec or rules for the draft model.")
-@click.option("--large", default="int8", show_default=True, help="Precision spec or rules for the verifier model.")
+@click.argument("prompt", required=False, default="Once upon a time")
+@click.option("--small", "small_quant", default="int4", show_default=True,
+              help="Precision spec or rules for the draft model ('none' keeps its weights).")
+@click.option("--large", "large_quant", default="int8", show_default=True,
+              help="Precision spec or rules for the verifier model ('none' keeps its weights).")
+@click.option("--small-model", default="default-small", show_default=True, help="The draft MODEL (path or built-in name).")
+@click.option("--large-model", default="default-large", show_default=True, help="The verifier MODEL (path or built-in name).")
+@click.option("--mode", type=click.Choice(["speculative", "large", "small"]), default="speculative", show_default=True,
+              help="speculative: small drafts, large verifies (output = the large model's); large/small: one model alone.")
+@click.option("--draft-len", default=4, show_default=True, type=click.IntRange(min=1, max=32), help="Tokens the draft proposes per round.")
+@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens to generate at most.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample from the k most likely (0 = off).")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True), help="Nucleus sampling mass.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed for sampling and acceptance draws.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def run(prompt, small, large, as_json):
-    """Generate with the cascade (small model drafts, large model verifies)."""
-    raise NotBuiltYet("run", "the embedded default model pair")
+def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_len, max_tokens, temperature, top_k,
+        top_p, seed, as_json):
+    """Generate a continuation of PROMPT with the cascade: the small model drafts, the large one verifies.
+
+    With no model paths it uses the embedded pair (default-small, default-large), so it works
+    offline on a fresh install.  Greedy output equals the large model's own greedy output.
+    """
+    from cascade.pair import load_pair, run as run_pair
+    from models import SamplingConfig
+
+    if not prompt:
+        raise click.UsageError("PROMPT is empty")
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    pair = load_pair(small_model, large_model, small_quant=small_quant, large_quant=large_quant)
+    r = run_pair(pair, prompt, mode=mode, max_new_tokens=max_tokens, draft_len=draft_len, sampling=sampling)
+    payload = {"small": {"model": small_model, **pair.describe()["small"]},
+               "large": {"model": large_model, **pair.describe()["large"]}, "draft_len": draft_len, **r.to_json()}
+    if as_json:
+        _emit(True, payload, "")
+        return
+    click.echo(prompt + r.text)
+    speed = "n/a" if r.tokens_per_s is None else f"{r.tokens_per_s:.1f}"
+    line = f"[{mode}: {len(r.token_ids)} tokens, {speed} tok/s decode, stop: {r.stop_reason}"
+    if r.stats is not None:
+        st = r.stats
+        line += (f"; {st.rounds} rounds, acceptance {st.acceptance_rate:.0%}, "
+                 f"{st.mean_accepted_length:.2f} accepted / round of {draft_len}")
+    click.echo(line + f"; small {small_quant}, large {large_quant}]", err=True)
 
 
 def _is_weights_file(path: str) -> bool:
     return os.path.isfile(path) and path.lower().endswith((".safetensors", ".npz"))
 
 
-_MODEL_HELP = ("MODEL is a Hugging Face directory (config.json + safetensors + tokenizer), a .gguf file, "
+_MODEL_HELP = ("MODEL is a built-in name (default-small, default-large), a Hugging Face directory (config.json + safetensors + tokenizer), a .gguf file, "
                "a llama2.c .bin (tokenizer.model beside it, or --tokenizer), or a checkpoint saved by `cascade quantize`.")
 
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.config import ModelConfig
-from models.generation import SamplingConfig, forward, prefill
+from models.generation import SamplingConfig, forward_cached, prefill
 from models.llama import KVCache
 
 
@@ -41,7 +41,8 @@ class SpeculativeStats:
     rounds: int = 0  # draft-then-verify rounds (target calls after prefill)
     draft_tokens: int = 0  # tokens proposed by the draft
     accepted_tokens: int = 0  # proposals the target accepted
-    emitted_tokens: int = 0  # tokens produced (accepted + one target token per round, + the prefill token)
+    emitted_tokens: int = 0  # tokens produced: the prefill token + per round the accepted ones and one target token,
+    #                          cut at EOS / max_tokens (so accepted proposals past the cut are counted but not emitted)
     accepted_at: list[int] = dataclasses.field(default_factory=list)  # [i]: rounds whose proposal i was accepted
 
     @property
@@ -67,12 +68,14 @@ class SpeculativeResult:
     stop_reason: str  # "eos" or "max_tokens"
     stats: SpeculativeStats
     prefill_s: float
-    decode_s: float
+    decode_s: float  # all rounds, including the first (which compiles)
+    steady_tokens: int  # tokens emitted after the first round
+    steady_s: float  # time of the rounds after the first
 
     @property
     def tokens_per_s(self) -> float | None:
-        n = len(self.tokens) - 1  # the first token comes from the prefill
-        return n / self.decode_s if n > 0 and self.decode_s > 0 else None
+        """Decode speed after the first round (as :attr:`models.generation.Generation.tokens_per_s`)."""
+        return self.steady_tokens / self.steady_s if self.steady_tokens > 0 and self.steady_s > 0 else None
 
 
 def token_probs(logits: np.ndarray, sampling: SamplingConfig) -> np.ndarray:
@@ -158,7 +161,8 @@ def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, ta
     # Room for the prompt padded to its prefill bucket, and for one round of draft_len + 1 past the end.
     n_prompt = len(prompt)
     t_pad = _bucket(n_prompt, 16)
-    room = _bucket(max(n_prompt + max_new_tokens + draft_len + 2, t_pad))
+    needed = max(n_prompt + max_new_tokens + draft_len + 2, t_pad)
+    room = _bucket(needed) if _bucket(needed) <= context else needed  # no doubling past the context
     d_cache = KVCache.create(draft_cfg, 1, room, cache_dtype)
     t_cache = KVCache.create(target_cfg, 1, room, cache_dtype)
     tokens = np.zeros((1, t_pad), np.int32)
@@ -166,6 +170,7 @@ def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, ta
     lengths = np.array([n_prompt], np.int32)
 
     t0 = time.perf_counter()
+    draft_vocab = draft_cfg.vocab_size
     _, d_cache = prefill(draft_params, draft_cfg, tokens, lengths, d_cache)
     t_logits, t_cache = prefill(target_params, target_cfg, tokens, lengths, t_cache)
     first = _pick(np.asarray(t_logits[0]), greedy, sampling, rng)
@@ -180,13 +185,15 @@ def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, ta
         k = draft_len
         # --- proposer: k draft tokens, the first call also catching up on a token it missed
         chunk = [pending] if draft_behind is None else [draft_behind, pending]
+        # a target-only token (id past the draft's vocabulary) reaches the draft as id 0: only acceptance suffers
+        chunk = [t if t < draft_vocab else 0 for t in chunk]
         d_start = committed - (0 if draft_behind is None else 1)
         proposals, draft_probs = [], []
         feed, n_feed = np.array([chunk + [0] * (2 - len(chunk))], np.int32), len(chunk)
         d_cache = d_cache.replace(lengths=jnp.array([d_start], jnp.int32))
         for i in range(k):
             pos = np.arange(feed.shape[1], dtype=np.int32)[None, :] + (d_start if i == 0 else committed + i)
-            logits, d_cache = forward(draft_params, draft_cfg, jnp.asarray(feed), jnp.asarray(pos), d_cache,
+            logits, d_cache = forward_cached(draft_params, draft_cfg, jnp.asarray(feed), jnp.asarray(pos), d_cache,
                                       jnp.array([n_feed], jnp.int32), last_only=True)
             row = np.asarray(logits[0])
             if greedy:
@@ -200,7 +207,8 @@ def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, ta
         # --- scorer: the target over [pending, d_1 .. d_k]
         t_tokens = np.array([[pending, *proposals]], np.int32)
         t_pos = committed + np.arange(k + 1, dtype=np.int32)[None, :]
-        t_logits, t_cache = forward(target_params, target_cfg, jnp.asarray(t_tokens), jnp.asarray(t_pos), t_cache)
+        t_logits, t_cache = forward_cached(target_params, target_cfg, jnp.asarray(t_tokens), jnp.asarray(t_pos),
+                                           t_cache, None)
         t_rows = np.asarray(t_logits[0])
         # --- verifier
         if greedy:
@@ -224,9 +232,13 @@ def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, ta
         # the draft fed pending, d_1 .. d_{k-1}: it lacks d_k when all k were accepted
         draft_behind = proposals[-1] if n_acc == k else None
         pending = nxt
+        if stats.rounds == 1:
+            t_round1, n_round1 = time.perf_counter(), len(out)
     t2 = time.perf_counter()
+    steady = (len(out) - n_round1, t2 - t_round1) if stats.rounds > 1 else (0, 0.0)
     return SpeculativeResult(tokens=out, prompt_length=n_prompt, stop_reason="eos" if out[-1] in eos else "max_tokens",
-                             stats=stats, prefill_s=t1 - t0, decode_s=t2 - t1)
+                             stats=stats, prefill_s=t1 - t0, decode_s=t2 - t1, steady_tokens=steady[0],
+                             steady_s=steady[1])
 
 
 def _pick(logits: np.ndarray, greedy: bool, sampling: SamplingConfig, rng: np.random.Generator) -> int:

@@ -75,9 +75,24 @@ def save_hf(params, cfg: ModelConfig, out_dir, *, tokenizer_dir=None, overwrite:
         for name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 f.write(text)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; an exported model is for everyone to read
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+        backup = None
+        if os.path.exists(out_dir):  # keep the old one until the new one is in place
+            backup = tempfile.mkdtemp(prefix=".replaced-", dir=parent)
+            os.rename(out_dir, os.path.join(backup, "old"))
+        try:
+            os.rename(tmp, out_dir)
+        except BaseException:
+            if backup is not None:
+                os.rename(os.path.join(backup, "old"), out_dir)
+            raise
+        finally:
+            if backup is not None:
+                shutil.rmtree(backup, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -26,6 +26,12 @@ def forward(params, cfg: ModelConfig, tokens, positions, cache=None, n_new=None,
     return Transformer(cfg).apply({"params": params}, tokens, positions, cache, n_new, last_only)
 
 
+@partial(jax.jit, static_argnames=("cfg", "last_only"), donate_argnames=("cache",))
+def forward_cached(params, cfg: ModelConfig, tokens, positions, cache: KVCache, n_new=None, last_only: bool = False):
+    """:func:`forward` that updates ``cache`` in place (the argument is donated: do not reuse it)."""
+    return Transformer(cfg).apply({"params": params}, tokens, positions, cache, n_new, last_only)
+
+
 def logits_of(params, cfg: ModelConfig, tokens) -> jnp.ndarray:
     """Logits (B, T, V) of a plain causal forward over ``tokens`` (B, T), no cache."""
     tokens = jnp.asarray(tokens, jnp.int32)

@@ -121,9 +121,12 @@ class TrainConfig:
     def __post_init__(self):
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "ckpt_every", "log_every"):
-            if getattr(self, name) <= 0:
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "ckpt_every", "log_every", "eval_batches", "lr"):
+            if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "seed", "weight_decay", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -166,7 +169,7 @@ def _eval_loss(params, tokens, *, cfg, compute_dtype):
 def sample_batch(stream: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int) -> np.ndarray:
     """``batch_size`` random windows of ``seq_len + 1`` tokens, a pure function of ``(seed, step)``."""
     if len(stream) < seq_len + 2:
-        raise ValueError(f"the token stream ({len(stream)} tokens) is shorter than one sequence ({seq_len + 1})")
+        raise ValueError(f"the token stream ({len(stream)} tokens) is too short for one sequence (needs {seq_len + 2})")
     rng = np.random.default_rng([seed, step])
     starts = rng.integers(0, len(stream) - seq_len - 1, size=batch_size)
     return np.stack([stream[s:s + seq_len + 1] for s in starts])
@@ -288,11 +291,14 @@ def _truncate_log(path, step: int):
     if not os.path.exists(path):
         return
     with open(path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    with open(path, "w", newline="", encoding="utf-8") as f:
+        # a row torn by a kill mid-write has missing fields: drop it
+        rows = [r for r in csv.DictReader(f) if r.get("elapsed_s") and int(r["step"]) <= step]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=LOSS_CSV_FIELDS)
         w.writeheader()
         w.writerows(rows)
+    os.replace(tmp, path)
 
 
 def _append_log(path, row: dict):

@@ -1,5 +1,7 @@
 """Loaders: every MODEL argument (a path or a built-in name) becomes a :class:`models.model.Model`.
 
+* ``default-small`` / ``default-large``: the embedded pair, :mod:`models.defaults`
+
 * a directory with ``cascade_checkpoint.json``: a saved (quantized) model, :mod:`models.checkpoint`
 * a directory with ``config.json``: a Hugging Face checkpoint, :mod:`models.loaders.hf`
 * a ``.gguf`` file: :mod:`models.loaders.gguf`
@@ -15,7 +17,9 @@ from models.model import Model
 
 
 def load_model(path, *, tokenizer=None) -> Model:
-    path = os.fspath(path)
+    from models.defaults import resolve_model_path
+
+    path = resolve_model_path(path)
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such file or directory")
     if os.path.isdir(path):

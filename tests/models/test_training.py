@@ -110,7 +110,7 @@ def test_batches_are_a_function_of_seed_and_step():
     assert not np.array_equal(a, sample_batch(STREAM, 6, 4, 32, 0))
     v = eval_batches(STREAM, 3, 4, 32)
     assert [x.shape for x in v] == [(4, 33)] * 3 and np.array_equal(v[0][1], STREAM[32:65])
-    with pytest.raises(ValueError, match="shorter than one sequence"):
+    with pytest.raises(ValueError, match="too short for one sequence"):
         sample_batch(STREAM[:20], 0, 1, 32, 0)
 
 

@@ -1,0 +1,99 @@
+"""A draft/target model pair and one call that generates text with it.
+
+:func:`load_pair` loads two models (built-in names or paths), checks they share a tokenizer, and
+RTN-quantizes each under its own precision spec (``--small int4 --large int8``).  :func:`run`
+generates with the pair (``mode="speculative"``) or with one of its models alone (``"large"``,
+``"small"``), and reports text, token ids, timing and the speculative metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from models import Model, SamplingConfig, generate, load_model, quantize_model, weight_bytes
+from models.defaults import DEFAULT_LARGE, DEFAULT_SMALL
+from cascade.speculative import SpeculativeStats, speculative_generate
+
+MODES = ("speculative", "large", "small")
+NO_QUANT = ("none", "source")  # keep the checkpoint's own weights
+
+
+@dataclasses.dataclass
+class ModelPair:
+    small: Model  # the draft
+    large: Model  # the target / verifier
+
+    @property
+    def tokenizer(self):
+        return self.large.tokenizer
+
+    def describe(self) -> dict:
+        return {role: {"source": m.source, "quant": m.quant, "weight_bytes": weight_bytes(m.params)}
+                for role, m in (("small", self.small), ("large", self.large))}
+
+
+def _quantized(model: Model, spec: str | None) -> Model:
+    if spec is None or spec.strip().lower() in NO_QUANT:
+        return model
+    return quantize_model(model, spec, progress=False)[0]
+
+
+def check_same_tokenizer(small: Model, large: Model) -> None:
+    a, b = small.tokenizer, large.tokenizer
+    if a is None or b is None:
+        raise ValueError("both models of a pair need a tokenizer")
+    probe = "Once upon a time, Lily said: \"1234 héllo!\"\n<|endoftext|> the end."
+    if a.vocab_size != b.vocab_size or a.encode(probe) != b.encode(probe) or small.config.vocab_size > large.config.vocab_size:
+        raise ValueError(f"{small.source} and {large.source} do not share a tokenizer; a cascade needs the same vocabulary")
+
+
+def load_pair(small: str = DEFAULT_SMALL, large: str = DEFAULT_LARGE, *, small_quant: str | None = "int4",
+              large_quant: str | None = "int8") -> ModelPair:
+    """Load and quantize the pair (``*_quant``: a precision spec or rules; ``None``/``"none"`` keeps the weights)."""
+    s, l = load_model(small), load_model(large)
+    check_same_tokenizer(s, l)
+    return ModelPair(small=_quantized(s, small_quant), large=_quantized(l, large_quant))
+
+
+@dataclasses.dataclass
+class RunResult:
+    mode: str
+    prompt: str
+    prompt_token_ids: list[int]
+    text: str  # the completion (without the prompt)
+    token_ids: list[int]
+    stop_reason: str
+    prefill_s: float
+    decode_s: float
+    tokens_per_s: float | None  # decode tokens per second after the first token
+    stats: SpeculativeStats | None  # speculative mode only
+
+    def to_json(self) -> dict:
+        out = {k: getattr(self, k) for k in ("mode", "prompt", "prompt_token_ids", "text", "token_ids", "stop_reason",
+                                             "prefill_s", "decode_s", "tokens_per_s")}
+        out["speculative"] = self.stats.to_json() if self.stats is not None else None
+        return out
+
+
+def run(pair: ModelPair, prompt: str, *, mode: str = "speculative", max_new_tokens: int = 128, draft_len: int = 4,
+        sampling: SamplingConfig = SamplingConfig()) -> RunResult:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    tok = pair.tokenizer
+    ids = tok.encode(prompt)
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens")
+    eos = tok.eos_ids or pair.large.config.eos_token_ids
+    if mode == "speculative":
+        r = speculative_generate(pair.small.params, pair.small.config, pair.large.params, pair.large.config, ids,
+                                 max_new_tokens=max_new_tokens, draft_len=draft_len, sampling=sampling, eos_ids=eos)
+        gen, stop, prefill_s, decode_s, tps, stats = r.tokens, r.stop_reason, r.prefill_s, r.decode_s, r.tokens_per_s, r.stats
+    else:
+        m = pair.large if mode == "large" else pair.small
+        g = generate(m.params, m.config, [ids], max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos)
+        gen, stop, prefill_s, decode_s, tps, stats = (g.tokens[0], g.stop_reasons[0], g.prefill_s, g.decode_s,
+                                                      g.tokens_per_s, None)
+    text = tok.decode(ids + gen)[len(tok.decode(ids)):]
+    return RunResult(mode=mode, prompt=prompt, prompt_token_ids=ids, text=text, token_ids=gen, stop_reason=stop,
+                     prefill_s=prefill_s, decode_s=decode_s, tokens_per_s=tps, stats=stats)

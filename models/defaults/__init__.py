@@ -1,0 +1,33 @@
+"""The embedded default model pair, shipped inside the package as Hugging Face directories.
+
+``default-small`` (the draft) and ``default-large`` (the verifier) are Llama-architecture models
+trained from scratch on TinyStories by ``scripts/train_default_pair.py``; they share one byte-level
+BPE tokenizer.  See ``MODEL_CARD.md`` beside the weights.  The names work wherever a MODEL path
+is accepted (:func:`models.load_model`, every CLI command).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+
+DEFAULT_SMALL = "default-small"
+DEFAULT_LARGE = "default-large"
+DEFAULT_MODELS = (DEFAULT_SMALL, DEFAULT_LARGE)
+
+
+def default_model_dir(name: str) -> str:
+    """The directory of a built-in model (``default-small`` / ``default-large``)."""
+    if name not in DEFAULT_MODELS:
+        raise ValueError(f"unknown built-in model {name!r}; built-in: {', '.join(DEFAULT_MODELS)}")
+    path = os.fspath(importlib.resources.files(__name__) / name)
+    if not os.path.exists(os.path.join(path, "model.safetensors")):
+        raise ValueError(f"built-in model {name!r} is missing from this installation ({path}); "
+                         "reinstall the package or run scripts/train_default_pair.py --export models/defaults")
+    return path
+
+
+def resolve_model_path(path) -> str:
+    """A built-in name becomes its directory; anything else is returned unchanged."""
+    path = os.fspath(path)
+    return default_model_dir(path) if path in DEFAULT_MODELS and not os.path.exists(path) else path
