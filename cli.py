@@ -71,10 +71,14 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
     if not prompt:
         raise click.UsageError("PROMPT is empty")
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    pair = load_pair(small_model, large_model, small_quant=small_quant, large_quant=large_quant)
+    # a single-model mode loads only that model
+    pair = load_pair(small_model if mode != "large" else None, large_model if mode != "small" else None,
+                     small_quant=small_quant, large_quant=large_quant)
     r = run_pair(pair, prompt, mode=mode, max_new_tokens=max_tokens, draft_len=draft_len, sampling=sampling)
-    payload = {"small": {"model": small_model, **pair.describe()["small"]},
-               "large": {"model": large_model, **pair.describe()["large"]}, "draft_len": draft_len, **r.to_json()}
+    described = pair.describe()
+    payload = {role: None if described[role] is None else {"model": path, **described[role]}
+               for role, path in (("small", small_model), ("large", large_model))}
+    payload.update({"draft_len": draft_len if mode == "speculative" else None, **r.to_json()})
     if as_json:
         _emit(True, payload, "")
         return
@@ -85,7 +89,9 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
         st = r.stats
         line += (f"; {st.rounds} rounds, acceptance {st.acceptance_rate:.0%}, "
                  f"{st.mean_accepted_length:.2f} accepted / round of {draft_len}")
-    click.echo(line + f"; small {small_quant}, large {large_quant}]", err=True)
+    models = {"speculative": f"small {small_quant}, large {large_quant}", "large": f"large {large_quant}",
+              "small": f"small {small_quant}"}[mode]
+    click.echo(f"{line}; {models}]", err=True)
 
 
 def _is_weights_file(path: str) -> bool:

@@ -21,15 +21,15 @@ NO_QUANT = ("none", "source")  # keep the checkpoint's own weights
 
 @dataclasses.dataclass
 class ModelPair:
-    small: Model  # the draft
-    large: Model  # the target / verifier
+    small: Model | None  # the draft (None: a large-only pair)
+    large: Model | None  # the target / verifier (None: a small-only pair)
 
     @property
     def tokenizer(self):
-        return self.large.tokenizer
+        return (self.large or self.small).tokenizer
 
     def describe(self) -> dict:
-        return {role: {"source": m.source, "quant": m.quant, "weight_bytes": weight_bytes(m.params)}
+        return {role: None if m is None else {"source": m.source, "quant": m.quant, "weight_bytes": weight_bytes(m.params)}
                 for role, m in (("small", self.small), ("large", self.large))}
 
 
@@ -48,12 +48,21 @@ def check_same_tokenizer(small: Model, large: Model) -> None:
         raise ValueError(f"{small.source} and {large.source} do not share a tokenizer; a cascade needs the same vocabulary")
 
 
-def load_pair(small: str = DEFAULT_SMALL, large: str = DEFAULT_LARGE, *, small_quant: str | None = "int4",
-              large_quant: str | None = "int8") -> ModelPair:
-    """Load and quantize the pair (``*_quant``: a precision spec or rules; ``None``/``"none"`` keeps the weights)."""
-    s, l = load_model(small), load_model(large)
-    check_same_tokenizer(s, l)
-    return ModelPair(small=_quantized(s, small_quant), large=_quantized(l, large_quant))
+def load_pair(small: str | None = DEFAULT_SMALL, large: str | None = DEFAULT_LARGE, *,
+              small_quant: str | None = "int4", large_quant: str | None = "int8") -> ModelPair:
+    """Load and quantize the pair (``*_quant``: a precision spec or rules; ``None``/``"none"`` keeps the
+    weights).  ``small=None`` or ``large=None`` loads one model, for single-model runs."""
+    if small is None and large is None:
+        raise ValueError("load_pair needs at least one model")
+    s = None if small is None else load_model(small)
+    l = None if large is None else load_model(large)
+    for m in (s, l):
+        if m is not None and m.tokenizer is None:
+            raise ValueError(f"{m.source}: no tokenizer; a pair generates text")
+    if s is not None and l is not None:
+        check_same_tokenizer(s, l)
+    return ModelPair(small=None if s is None else _quantized(s, small_quant),
+                     large=None if l is None else _quantized(l, large_quant))
 
 
 @dataclasses.dataclass
@@ -80,6 +89,10 @@ def run(pair: ModelPair, prompt: str, *, mode: str = "speculative", max_new_toke
         sampling: SamplingConfig = SamplingConfig()) -> RunResult:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    needs = {"speculative": ("small", "large"), "large": ("large",), "small": ("small",)}[mode]
+    missing = [role for role in needs if getattr(pair, role) is None]
+    if missing:
+        raise ValueError(f"mode {mode!r} needs the {' and '.join(missing)} model, which this pair was loaded without")
     tok = pair.tokenizer
     ids = tok.encode(prompt)
     if not ids:

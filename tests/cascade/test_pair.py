@@ -1,0 +1,54 @@
+"""The pair API on the embedded defaults: load, quantize, run in each mode."""
+
+import os
+
+import pytest
+
+from cascade.pair import check_same_tokenizer, load_pair, run
+from models import SamplingConfig, load_model
+from tests.shared_data import DATA
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return load_pair(small_quant="int4", large_quant="int8")
+
+
+def test_speculative_greedy_equals_the_quantized_large_model_alone(pair):
+    spec = run(pair, "Once upon a time, there was a", mode="speculative", max_new_tokens=48, draft_len=4)
+    large = run(pair, "Once upon a time, there was a", mode="large", max_new_tokens=48)
+    assert spec.token_ids == large.token_ids and spec.text == large.text and spec.text.strip()
+    st = spec.stats
+    assert st.rounds > 0 and 0 < st.acceptance_rate <= 1  # a trained draft agrees with its verifier sometimes
+    assert large.stats is None
+
+
+def test_sampling_is_deterministic_for_a_seed(pair):
+    s = SamplingConfig(temperature=0.8, top_k=40, seed=7)
+    a = run(pair, "The little bird", max_new_tokens=32, sampling=s)
+    b = run(pair, "The little bird", max_new_tokens=32, sampling=s)
+    assert a.token_ids == b.token_ids and a.text.strip()
+
+
+def test_pairs_must_share_a_tokenizer(pair):
+    other = load_model(os.path.join(DATA, "stories260K", "stories260K.bin"))
+    with pytest.raises(ValueError, match="do not share a tokenizer"):
+        check_same_tokenizer(other, pair.large)
+
+
+def test_the_quant_specs_are_applied(pair):
+    d = pair.describe()
+    assert d["small"]["quant"] == "int4" and d["large"]["quant"] == "int8"
+    assert pair.small.params["layers_0"]["mlp"]["up_proj"]["kernel"].spec.bits == 4
+    with pytest.raises(ValueError, match="unknown mode"):
+        run(pair, "x", mode="medium")
+
+
+def test_a_one_model_pair_runs_its_mode_only():
+    solo = load_pair(None, "default-small", large_quant="none")
+    assert solo.small is None and solo.describe()["small"] is None
+    assert run(solo, "Once", mode="large", max_new_tokens=4).token_ids
+    with pytest.raises(ValueError, match="needs the small model"):
+        run(solo, "Once", mode="speculative", max_new_tokens=4)
+    with pytest.raises(ValueError, match="at least one model"):
+        load_pair(None, None)

@@ -1,0 +1,50 @@
+"""`cascade run` on the embedded default pair, end to end through the CLI."""
+
+import json
+
+import pytest
+
+import cli
+
+
+def run(capsys, *args):
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_run_on_the_defaults_prints_text_and_metrics(capsys):
+    code, out, err = run(capsys, "run", "Once upon a time", "--max-tokens", "24")
+    assert code == 0
+    assert out.startswith("Once upon a time") and len(out.strip()) > len("Once upon a time") + 10
+    assert "speculative: 24 tokens" in err and "acceptance" in err and "small int4, large int8" in err
+
+
+def test_run_json_is_deterministic_for_a_seed_and_exact_when_greedy(capsys):
+    sampled = ("run", "The dog", "--max-tokens", "20", "--temperature", "0.9", "--seed", "5", "--json")
+    a = json.loads(run(capsys, *sampled)[1])
+    b = json.loads(run(capsys, *sampled)[1])
+    assert a["token_ids"] == b["token_ids"] and a["text"].strip()
+    assert a["small"]["quant"] == "int4" and a["large"]["quant"] == "int8"
+    assert a["small"]["weight_bytes"] < a["large"]["weight_bytes"]
+    spec = json.loads(run(capsys, "run", "The dog", "--max-tokens", "20", "--json")[1])
+    large = json.loads(run(capsys, "run", "The dog", "--max-tokens", "20", "--mode", "large", "--json")[1])
+    assert spec["token_ids"] == large["token_ids"]  # the cascade's greedy output is the large model's
+    s = spec["speculative"]
+    assert s["rounds"] >= 1 and s["draft_tokens"] == 4 * s["rounds"] and 0 <= s["acceptance_rate"] <= 1
+    assert large["speculative"] is None and large["small"] is None and large["draft_len"] is None  # loads only the large
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (("--draft-len", "0"), 2, "--draft-len"),
+    (("--seed", "-1"), 2, "--seed"),
+    (("--mode", "medium"), 2, "--mode"),
+    (("--small-model", "no/such/model"), 1, "no such file"),
+    (("--max-tokens", "600"), 1, "exceeds the context"),
+    (("--large", "int5"), 1, "unknown precision spec"),
+])
+def test_bad_flags_are_one_line_errors(capsys, args, code, message):
+    got, out, err = run(capsys, "run", "Once", *args)
+    assert got == code and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
