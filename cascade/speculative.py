@@ -156,7 +156,7 @@ def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, ta
     eos = set(target_cfg.eos_token_ids if eos_ids is None else eos_ids)
     greedy = sampling.temperature == 0
     rng = np.random.default_rng(sampling.seed)
-    vocab = target_cfg.vocab_size
+    vocab, draft_vocab = target_cfg.vocab_size, draft_cfg.vocab_size
 
     # Room for the prompt padded to its prefill bucket, and for one round of draft_len + 1 past the end.
     n_prompt = len(prompt)
@@ -170,7 +170,6 @@ def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, ta
     lengths = np.array([n_prompt], np.int32)
 
     t0 = time.perf_counter()
-    draft_vocab = draft_cfg.vocab_size
     _, d_cache = prefill(draft_params, draft_cfg, tokens, lengths, d_cache)
     t_logits, t_cache = prefill(target_params, target_cfg, tokens, lengths, t_cache)
     first = _pick(np.asarray(t_logits[0]), greedy, sampling, rng)
@@ -182,7 +181,7 @@ def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, ta
     pending = first
     draft_behind: int | None = None  # a token the target accepted that the draft never fed (full acceptance)
     while out[-1] not in eos and len(out) < max_new_tokens:
-        k = draft_len
+        k = draft_len  # (static: the target call has k + 1 positions)
         # --- proposer: k draft tokens, the first call also catching up on a token it missed
         chunk = [pending] if draft_behind is None else [draft_behind, pending]
         # a target-only token (id past the draft's vocabulary) reaches the draft as id 0: only acceptance suffers
@@ -194,7 +193,7 @@ def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, ta
         for i in range(k):
             pos = np.arange(feed.shape[1], dtype=np.int32)[None, :] + (d_start if i == 0 else committed + i)
             logits, d_cache = forward_cached(draft_params, draft_cfg, jnp.asarray(feed), jnp.asarray(pos), d_cache,
-                                      jnp.array([n_feed], jnp.int32), last_only=True)
+                                             jnp.array([n_feed], jnp.int32), last_only=True)
             row = np.asarray(logits[0])
             if greedy:
                 tok = int(np.argmax(row))

@@ -31,3 +31,14 @@ def test_readme_models_example_runs(capsys, monkeypatch, tmp_path):
     assert 1 < namespace["perplexity"](namespace["q8"].params, namespace["q8"].config,
                                        namespace["tokenize_documents"](namespace["q8"].tokenizer, namespace["docs"]),
                                        ctx=512).ppl < 10
+
+
+def test_readme_cascade_example_runs(capsys):
+    """The default-pair block: the speculative output equals the large model's (it asserts that itself)."""
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    blocks = text.split("```python\n")[1:]
+    code = next(c for c in (b[: b.index("```")] for b in blocks) if "load_pair" in c)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["r"].text.strip() and namespace["same"].stats is None
+    assert namespace["pair"].describe()["small"]["quant"] == "int4"
