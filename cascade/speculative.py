@@ -31,6 +31,7 @@ import numpy as np
 
 from models.config import ModelConfig
 from models.generation import SamplingConfig, forward_cached, prefill
+from models.generation import _bucket as shape_bucket  # the same power-of-two buckets as generate()
 from models.llama import KVCache
 
 
@@ -124,10 +125,6 @@ def verify_sampled(proposals: list[int], draft_probs: np.ndarray, target_probs: 
     return len(proposals), int(rng.choice(target_probs.shape[-1], p=target_probs[-1]))
 
 
-def _bucket(n: int, minimum: int = 64) -> int:
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
-
-
 def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig,
                          prompt: list[int], *, max_new_tokens: int, draft_len: int = 4,
                          sampling: SamplingConfig = SamplingConfig(), eos_ids=None,
@@ -160,9 +157,9 @@ def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, ta
 
     # Room for the prompt padded to its prefill bucket, and for one round of draft_len + 1 past the end.
     n_prompt = len(prompt)
-    t_pad = _bucket(n_prompt, 16)
+    t_pad = shape_bucket(n_prompt, 16)
     needed = max(n_prompt + max_new_tokens + draft_len + 2, t_pad)
-    room = _bucket(needed) if _bucket(needed) <= context else needed  # no doubling past the context
+    room = shape_bucket(needed, 64) if shape_bucket(needed, 64) <= context else needed  # no doubling past the context
     d_cache = KVCache.create(draft_cfg, 1, room, cache_dtype)
     t_cache = KVCache.create(target_cfg, 1, room, cache_dtype)
     tokens = np.zeros((1, t_pad), np.int32)

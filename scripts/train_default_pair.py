@@ -131,9 +131,8 @@ def write_card(export_dir, run_dir, data_dir):
         rows = read_loss_log(os.path.join(run, "loss.csv"))
         val = [r for r in rows if r["val_loss"]]
         ppl = validation_perplexity(os.path.join(export_dir, f"default-{name}"), data_dir)
-        n_params = count_parameters(cfg)
         record["models"][f"default-{name}"] = {
-            "config": {k: v for k, v in cfg.to_hf_dict().items()}, "parameters": n_params,
+            "config": {k: v for k, v in cfg.to_hf_dict().items()}, "parameters": cfg.n_params,
             "train": tc.to_dict(), "steps": int(rows[-1]["step"]), "tokens_seen": int(rows[-1]["tokens"]),
             "epochs": round(int(rows[-1]["tokens"]) / record["data"]["train_tokens"], 2),
             "training_seconds": round(training_seconds(rows), 1), "hardware": hardware,
@@ -148,12 +147,6 @@ def write_card(export_dir, run_dir, data_dir):
     with open(os.path.join(export_dir, "MODEL_CARD.md"), "w", encoding="utf-8") as f:
         f.write(card_text(record))
     print(f"wrote {export_dir}/MODEL_CARD.md and training.json", flush=True)
-
-
-def count_parameters(cfg: ModelConfig) -> int:
-    from models.llama import param_shapes
-
-    return int(sum(np.prod(s) for s in param_shapes(cfg).values()))
 
 
 def card_text(rec: dict) -> str:
