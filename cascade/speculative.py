@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from functools import partial
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from models.config import ModelConfig
 from models.generation import SamplingConfig, forward_cached, prefill
 from models.generation import _bucket as shape_bucket  # the same power-of-two buckets as generate()
-from models.llama import KVCache
+from models.llama import KVCache, Transformer
 
 
 @dataclasses.dataclass
@@ -125,6 +127,29 @@ def verify_sampled(proposals: list[int], draft_probs: np.ndarray, target_probs: 
     return len(proposals), int(rng.choice(target_probs.shape[-1], p=target_probs[-1]))
 
 
+@partial(jax.jit, static_argnames=("cfg", "k"), donate_argnames=("cache",))
+def draft_greedy(params, cfg: ModelConfig, chunk, n_feed, start, cache: KVCache, k: int):
+    """The greedy proposer in one device call: feed ``chunk`` (1, 2; ``n_feed`` real tokens) at
+    ``start``, then propose ``k`` tokens, each fed back in turn (the last one is not fed).
+    Returns ``(proposals (k,), cache)``."""
+    model = Transformer(cfg)
+    cache = cache.replace(lengths=jnp.reshape(start, (1,)))
+    logits, cache = model.apply({"params": params}, chunk, start + jnp.arange(2, dtype=jnp.int32)[None, :], cache,
+                                jnp.reshape(n_feed, (1,)), last_only=True)
+    first = jnp.argmax(logits[0]).astype(jnp.int32)
+    proposals = jnp.zeros((k,), jnp.int32).at[0].set(first)
+
+    def step(i, carry):
+        proposals, cache = carry
+        pos = start + n_feed - 1 + i  # d_i sits right after the pending token (at start + n_feed - 1)
+        logits, cache = model.apply({"params": params}, proposals[i - 1][None, None], jnp.reshape(pos, (1, 1)), cache,
+                                    None, last_only=True)
+        return proposals.at[i].set(jnp.argmax(logits[0]).astype(jnp.int32)), cache
+
+    proposals, cache = jax.lax.fori_loop(1, k, step, (proposals, cache))
+    return proposals, cache
+
+
 def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig,
                          prompt: list[int], *, max_new_tokens: int, draft_len: int = 4,
                          sampling: SamplingConfig = SamplingConfig(), eos_ids=None,
@@ -186,20 +211,21 @@ def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, ta
         d_start = committed - (0 if draft_behind is None else 1)
         proposals, draft_probs = [], []
         feed, n_feed = np.array([chunk + [0] * (2 - len(chunk))], np.int32), len(chunk)
-        d_cache = d_cache.replace(lengths=jnp.array([d_start], jnp.int32))
-        for i in range(k):
-            pos = np.arange(feed.shape[1], dtype=np.int32)[None, :] + (d_start if i == 0 else committed + i)
-            logits, d_cache = forward_cached(draft_params, draft_cfg, jnp.asarray(feed), jnp.asarray(pos), d_cache,
-                                             jnp.array([n_feed], jnp.int32), last_only=True)
-            row = np.asarray(logits[0])
-            if greedy:
-                tok = int(np.argmax(row))
-            else:
-                q = token_probs(row, sampling)
+        if greedy:  # one device call for all k proposals
+            drafted, d_cache = draft_greedy(draft_params, draft_cfg, jnp.asarray(feed), jnp.int32(n_feed),
+                                            jnp.int32(d_start), d_cache, k)
+            proposals = [int(t) for t in np.asarray(drafted)]
+        else:  # host loop: the verifier needs each proposal's distribution q
+            d_cache = d_cache.replace(lengths=jnp.array([d_start], jnp.int32))
+            for i in range(k):
+                pos = np.arange(feed.shape[1], dtype=np.int32)[None, :] + (d_start if i == 0 else committed + i)
+                logits, d_cache = forward_cached(draft_params, draft_cfg, jnp.asarray(feed), jnp.asarray(pos), d_cache,
+                                                 jnp.array([n_feed], jnp.int32), last_only=True)
+                q = token_probs(np.asarray(logits[0]), sampling)
                 tok = int(rng.choice(len(q), p=q))
                 draft_probs.append(np.pad(q, (0, vocab - len(q))))
-            proposals.append(tok)
-            feed, n_feed = np.array([[tok]], np.int32), 1
+                proposals.append(tok)
+                feed, n_feed = np.array([[tok]], np.int32), 1
         # --- scorer: the target over [pending, d_1 .. d_k]
         t_tokens = np.array([[pending, *proposals]], np.int32)
         t_pos = committed + np.arange(k + 1, dtype=np.int32)[None, :]
