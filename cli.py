@@ -266,8 +266,7 @@ def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, 
     out = generate_tokens(loaded.params, loaded.config, [ids], max_new_tokens=max_tokens, sampling=sampling,
                           eos_ids=tok.eos_ids or loaded.config.eos_token_ids)
     gen = out.tokens[0]
-    # decode prompt + completion together: SentencePiece drops a leading space of a piece decoded alone
-    completion = tok.decode(ids + gen)[len(tok.decode(ids)):]
+    completion = tok.decode_completion(ids, gen)
     payload = {"model": model, "quant": loaded.quant, "prompt": prompt, "prompt_token_ids": ids, "text": completion,
                "token_ids": gen, "stop_reason": out.stop_reasons[0], "prefill_s": out.prefill_s,
                "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s}

@@ -9,7 +9,6 @@ generates with the pair (``mode="speculative"``) or with one of its models alone
 from __future__ import annotations
 
 import dataclasses
-import time
 
 from models import Model, SamplingConfig, generate, load_model, quantize_model, weight_bytes
 from models.defaults import DEFAULT_LARGE, DEFAULT_SMALL
@@ -107,6 +106,6 @@ def run(pair: ModelPair, prompt: str, *, mode: str = "speculative", max_new_toke
         g = generate(m.params, m.config, [ids], max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos)
         gen, stop, prefill_s, decode_s, tps, stats = (g.tokens[0], g.stop_reasons[0], g.prefill_s, g.decode_s,
                                                       g.tokens_per_s, None)
-    text = tok.decode(ids + gen)[len(tok.decode(ids)):]
+    text = tok.decode_completion(ids, gen)
     return RunResult(mode=mode, prompt=prompt, prompt_token_ids=ids, text=text, token_ids=gen, stop_reason=stop,
                      prefill_s=prefill_s, decode_s=decode_s, tokens_per_s=tps, stats=stats)

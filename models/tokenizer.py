@@ -141,6 +141,12 @@ class Tokenizer:
                 ids.extend(sp.encode(part))
         return ids
 
+    def decode_completion(self, prompt_ids, new_ids) -> str:
+        """The text ``new_ids`` add after ``prompt_ids``: decoded together, because SentencePiece
+        drops the leading space of a piece decoded alone."""
+        prompt_ids, new_ids = list(prompt_ids), list(new_ids)
+        return self.decode(prompt_ids + new_ids)[len(self.decode(prompt_ids)):]
+
     def decode(self, ids) -> str:
         """Text of ``ids`` (a list, numpy or JAX array); BOS and EOS tokens are dropped, and so are
         ids past the tokenizer's vocabulary (the padding rows of a padded model embedding)."""
