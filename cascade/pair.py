@@ -85,7 +85,9 @@ class RunResult:
 
 
 def run(pair: ModelPair, prompt: str, *, mode: str = "speculative", max_new_tokens: int = 128, draft_len: int = 4,
-        sampling: SamplingConfig = SamplingConfig()) -> RunResult:
+        sampling: SamplingConfig = SamplingConfig(), small_kv: str | None = None, large_kv: str | None = None) -> RunResult:
+    """Generate with the pair; ``small_kv``/``large_kv``: each model's KV cache precision
+    (:mod:`quant.kv`, default fp32)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     needs = {"speculative": ("small", "large"), "large": ("large",), "small": ("small",)}[mode]
@@ -99,11 +101,13 @@ def run(pair: ModelPair, prompt: str, *, mode: str = "speculative", max_new_toke
     eos = tok.eos_ids or pair.large.config.eos_token_ids
     if mode == "speculative":
         r = speculative_generate(pair.small.params, pair.small.config, pair.large.params, pair.large.config, ids,
-                                 max_new_tokens=max_new_tokens, draft_len=draft_len, sampling=sampling, eos_ids=eos)
+                                 max_new_tokens=max_new_tokens, draft_len=draft_len, sampling=sampling, eos_ids=eos,
+                                 draft_kv=small_kv, target_kv=large_kv)
         gen, stop, prefill_s, decode_s, tps, stats = r.tokens, r.stop_reason, r.prefill_s, r.decode_s, r.tokens_per_s, r.stats
     else:
         m = pair.large if mode == "large" else pair.small
-        g = generate(m.params, m.config, [ids], max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos)
+        g = generate(m.params, m.config, [ids], max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos,
+                     kv=large_kv if mode == "large" else small_kv)
         gen, stop, prefill_s, decode_s, tps, stats = (g.tokens[0], g.stop_reasons[0], g.prefill_s, g.decode_s,
                                                       g.tokens_per_s, None)
     text = tok.decode_completion(ids, gen)

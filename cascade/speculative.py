@@ -17,7 +17,8 @@ prefix of them:
 
 Both models keep static KV caches; rejected proposals are dropped by moving the cache length
 back (their rows are overwritten later and are never visible: attention masks keys by
-position).  Roles follow vLLM: proposer (:func:`_draft`), scorer (the target's chunked
+position).  A quantized cache with a full-precision residual window keeps ``draft_len + 1``
+extra positions in its ring, so a rewind never loses the window.  Roles follow vLLM: proposer (:func:`_draft`), scorer (the target's chunked
 forward), verifier (:func:`verify_greedy` / :func:`verify_sampled`).
 """
 
@@ -35,6 +36,7 @@ from models.config import ModelConfig
 from models.generation import SamplingConfig, forward_cached, prefill
 from models.generation import _bucket as shape_bucket  # the same power-of-two buckets as generate()
 from models.llama import KVCache, Transformer
+from quant.kv import KVSpec
 
 
 @dataclasses.dataclass
@@ -153,11 +155,12 @@ def draft_greedy(params, cfg: ModelConfig, chunk, n_feed, start, cache: KVCache,
 def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig,
                          prompt: list[int], *, max_new_tokens: int, draft_len: int = 4,
                          sampling: SamplingConfig = SamplingConfig(), eos_ids=None,
-                         cache_dtype=jnp.float32) -> SpeculativeResult:
+                         draft_kv: KVSpec | str | None = None, target_kv: KVSpec | str | None = None) -> SpeculativeResult:
     """Generate up to ``max_new_tokens`` after ``prompt`` (ids) with the draft/target pair.
 
     The two models must share the tokenizer (same vocabulary ids); the draft's vocabulary may not
-    be larger than the target's.
+    be larger than the target's.  ``draft_kv``/``target_kv``: each model's KV cache precision
+    (:mod:`quant.kv`); greedy output equals the target's own greedy output with ``target_kv``.
     """
     if draft_len < 1:
         raise ValueError(f"draft_len must be >= 1, got {draft_len}")
@@ -185,8 +188,9 @@ def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, ta
     t_pad = shape_bucket(n_prompt, 16)
     needed = max(n_prompt + max_new_tokens + draft_len + 2, t_pad)
     room = shape_bucket(needed, 64) if shape_bucket(needed, 64) <= context else needed  # no doubling past the context
-    d_cache = KVCache.create(draft_cfg, 1, room, cache_dtype)
-    t_cache = KVCache.create(target_cfg, 1, room, cache_dtype)
+    # a round moves a cache length back by at most draft_len (rejected proposals): size the rings for it
+    d_cache = KVCache.create(draft_cfg, 1, room, draft_kv, rewind=draft_len + 1)
+    t_cache = KVCache.create(target_cfg, 1, room, target_kv, rewind=draft_len + 1)
     tokens = np.zeros((1, t_pad), np.int32)
     tokens[0, :n_prompt] = prompt
     lengths = np.array([n_prompt], np.int32)

@@ -27,7 +27,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from models.config import ModelConfig
-from models.llama import Transformer
+from models.llama import KVCache, Transformer
+from quant.kv import KVSpec, parse_kv_spec
 
 DOC_SEPARATOR = "<|endoftext|>"
 DEFAULT_EVAL_CTX = 2048  # default window cap: attention here is unchunked, O(ctx^2) memory per row
@@ -88,6 +89,7 @@ class PerplexityResult:
     windows: int  # model windows run
     ctx: int
     stride: int
+    kv: str | None = None  # the KV cache precision scored through (None: plain causal forward, no cache)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -103,14 +105,33 @@ def _window_nll(params, cfg: ModelConfig, tokens, weights):
     return -(target_logp * weights[:, 1:]).sum(), weights[:, 1:].sum()
 
 
+@partial(jax.jit, static_argnames=("cfg", "kv"))
+def _window_nll_cached(params, cfg: ModelConfig, tokens, weights, kv: KVSpec):
+    """:func:`_window_nll` through a fresh KV cache in precision ``kv``: the window is written to
+    the cache (quantized on write) and every token attends over what the cache returns, exactly
+    as if the window had been decoded one token at a time."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
+    cache = KVCache.create(cfg, b, t, kv)
+    logits, _ = Transformer(cfg).apply({"params": params}, tokens, positions, cache)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    target_logp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return -(target_logp * weights[:, 1:]).sum(), weights[:, 1:].sum()
+
+
 def _length_bucket(n: int, ctx: int) -> int:
     return min(ctx, max(64, -(-n // 64) * 64 if n <= 256 else 1 << (n - 1).bit_length()))
 
 
 def perplexity(params, cfg: ModelConfig, token_docs: list[list[int]], *, ctx: int | None = None,
                stride: int | None = None, truncate: bool = False, batch_tokens: int | None = None,
-               progress: bool | None = None) -> PerplexityResult:
+               progress: bool | None = None, kv: KVSpec | str | None = None,
+               max_tokens: int | None = None) -> PerplexityResult:
     """Perplexity over tokenized documents (each already starting with BOS if the model uses one).
+
+    ``kv``: score every window through a KV cache of that precision (:mod:`quant.kv`), so a
+    quantized cache can be compared with ``kv="fp32"`` on the same tokens; None runs the plain
+    forward.  ``max_tokens``: score only the first windows, until about that many tokens.
 
     ``batch_tokens`` bounds ``batch * window`` per model call (default: about 64 MB of logits); the
     batch is also cut so the attention scores stay near 64 MB.
@@ -119,9 +140,15 @@ def perplexity(params, cfg: ModelConfig, token_docs: list[list[int]], *, ctx: in
     stride = stride or max(1, ctx // 2)
     if ctx < 2:
         raise ValueError(f"ctx must be at least 2, got {ctx}")
+    kv = None if kv is None else parse_kv_spec(kv)
     wins = [w for ids in token_docs for w in windows_of(ids, ctx, stride, truncate)]
     if not wins:
         raise ValueError("no document has two or more tokens to score")
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        scored = np.cumsum([len(w.tokens) - w.first_scored for w in wins])
+        wins = wins[: int(np.searchsorted(scored, max_tokens)) + 1]
     batch_tokens = batch_tokens or max(ctx, (64 << 20) // (4 * cfg.vocab_size))
     # Group windows by padded length so each (batch, length) shape compiles once.
     by_len: dict[int, list[Window]] = {}
@@ -139,14 +166,17 @@ def perplexity(params, cfg: ModelConfig, token_docs: list[list[int]], *, ctx: in
             for r, w in enumerate(chunk):
                 tokens[r, : len(w.tokens)] = w.tokens
                 weights[r, w.first_scored: len(w.tokens)] = 1.0
-            nll, count = _window_nll(params, cfg, tokens, weights)
+            if kv is None:
+                nll, count = _window_nll(params, cfg, tokens, weights)
+            else:
+                nll, count = _window_nll_cached(params, cfg, tokens, weights, kv)
             total_nll += float(nll)
             total_tokens += float(count)
             bar.update(len(chunk))
     bar.close()
     mean = total_nll / total_tokens
     return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens=int(total_tokens), documents=len(token_docs),
-                            windows=len(wins), ctx=ctx, stride=stride)
+                            windows=len(wins), ctx=ctx, stride=stride, kv=None if kv is None else str(kv))
 
 
 def tokenize_documents(tokenizer, docs: list[str], bos: bool | None = None) -> list[list[int]]:

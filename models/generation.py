@@ -18,6 +18,7 @@ import numpy as np
 
 from models.config import ModelConfig
 from models.llama import KVCache, Transformer
+from quant.kv import KVSpec
 
 
 @partial(jax.jit, static_argnames=("cfg", "last_only"))
@@ -43,6 +44,7 @@ def prefill(params, cfg: ModelConfig, tokens, lengths, cache: KVCache):
     """Write right-padded prompts ``tokens`` (B, T) of ``lengths`` (B,) into ``cache`` (at each row's
     current length); returns the logits at each row's last prompt token (B, V) and the cache."""
     tokens = jnp.asarray(tokens, jnp.int32)
+    cache.check_compatible(cfg)
     check_cache_room(cache, tokens.shape[1])
     positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
     return forward(params, cfg, tokens, positions, cache, jnp.asarray(lengths, jnp.int32), last_only=True)
@@ -146,10 +148,11 @@ def cache_length(cfg: ModelConfig, needed: int) -> int:
 
 
 def generate(params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_tokens: int,
-             sampling: SamplingConfig = SamplingConfig(), key=None, eos_ids=None, cache_dtype=jnp.float32) -> Generation:
+             sampling: SamplingConfig = SamplingConfig(), key=None, eos_ids=None, kv: KVSpec | str | None = None) -> Generation:
     """Generate up to ``max_new_tokens`` for each prompt (lists of ids), stopping a row at EOS.
 
-    ``key``: the PRNG key for sampling (default ``jax.random.key(sampling.seed)``).
+    ``key``: the PRNG key for sampling (default ``jax.random.key(sampling.seed)``); ``kv``: the KV
+    cache precision (:mod:`quant.kv`, default fp32).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -171,7 +174,7 @@ def generate(params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_toke
     tokens = np.zeros((batch, t_pad), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
-    cache = KVCache.create(cfg, batch, cache_length(cfg, longest + max_new_tokens), cache_dtype)
+    cache = KVCache.create(cfg, batch, cache_length(cfg, longest + max_new_tokens), kv)
     key = jax.random.key(sampling.seed) if key is None else key
     temp, top_k, top_p = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
 

@@ -21,10 +21,13 @@ float32/bfloat16/float16)::
 
 The KV cache is static and preallocated (:class:`KVCache`): every call writes its new keys and
 values at each row's current length and attends over the whole buffer under a position mask,
-so decoding compiles once per (batch, cache length).
+so decoding compiles once per (batch, cache length).  The cache may store float32/bf16/fp16 or
+int8/int4 codes (:mod:`quant.kv`): quantized on write, dequantized inside the jitted step.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import flax
 import flax.linen as nn
@@ -34,6 +37,8 @@ import numpy as np
 
 import quant
 from models.config import ModelConfig, rope_inv_freq
+from quant import packing
+from quant.kv import RESIDUAL_DTYPE, KVSpec, bytes_per_token_per_layer, fixed_bytes_per_layer, parse_kv_spec
 from quant.qtensor import QuantizedTensor
 
 _MASKED = -1e30  # finite "minus infinity": a fully masked row (padding) stays NaN-free
@@ -41,15 +46,30 @@ _MASKED = -1e30  # finite "minus infinity": a fully masked row (padding) stays N
 
 @flax.struct.dataclass
 class KVCache:
-    """Static per-layer key/value buffers and each row's filled length.
+    """Static per-layer key/value buffers, each row's filled length, and how they are stored.
 
-    ``k[i]``, ``v[i]``: (batch, max_len, n_kv_heads, head_dim); ``lengths``: (batch,) int32,
-    the number of positions already written (the next token goes at ``lengths[b]``).
+    Per layer ``i`` (``D = n_kv_heads * head_dim``; layouts and bytes in :mod:`quant.kv`):
+
+    * ``k[i]``, ``v[i]``: every position's keys/values: (batch, max_len, n_kv_heads, head_dim)
+      floats for a float spec; for int8/int4 a :class:`quant.QuantizedTensor` of logical shape
+      (batch, max_len, D): keys per channel over groups of positions, values per token.
+    * ``k_recent[i]``, ``v_recent[i]`` (int specs): float16 copies of the last
+      ``C = R + rewind`` positions, (batch, C, n_kv_heads, head_dim), position ``p`` in slot
+      ``p % C``: the full-precision window, and the source a key group is quantized from.
+    * ``k_sink[i]``, ``v_sink[i]`` (specs with sinks ``-s{S}``): positions ``0 .. S-1`` in float16.
+
+    ``lengths``: (batch,) int32, positions already written (the next token goes at ``lengths[b]``).
+    Callers may move ``lengths`` back (speculative decoding) by at most ``rewind`` positions.
     """
 
     k: tuple
     v: tuple
     lengths: jnp.ndarray
+    k_recent: tuple = ()
+    v_recent: tuple = ()
+    k_sink: tuple = ()
+    v_sink: tuple = ()
+    spec: KVSpec = flax.struct.field(pytree_node=False, default=KVSpec())
 
     @property
     def max_len(self) -> int:
@@ -61,16 +81,110 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(a.size) * a.dtype.itemsize for a in (*self.k, *self.v))
+        """Bytes actually held: buffers (codes, scales, zero points) plus ring and sink buffers."""
+        def size(a):
+            return a.nbytes if isinstance(a, QuantizedTensor) else int(a.size) * a.dtype.itemsize
+        return sum(size(a) for a in (*self.k, *self.v, *self.k_recent, *self.v_recent, *self.k_sink, *self.v_sink))
 
     @staticmethod
-    def create(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+    def create(cfg: ModelConfig, batch: int, max_len: int, kv: KVSpec | str | None = None, *,
+               rewind: int = 0) -> "KVCache":
+        """An empty cache in precision ``kv`` (default fp32) holding at least ``max_len`` positions
+        (an int cache rounds up to whole key groups).  ``rewind``: how far callers may move
+        ``lengths`` back; it sizes the full-precision ring of an int cache."""
+        spec = parse_kv_spec(kv)
         if batch <= 0 or max_len <= 0:
             raise ValueError(f"KV cache needs positive batch and length, got batch={batch}, max_len={max_len}")
-        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
-        return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
-                       lengths=jnp.zeros((batch,), jnp.int32))
+        if rewind < 0:
+            raise ValueError(f"rewind must be >= 0, got {rewind}")
+        kvh, hd, n = cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
+        if not spec.quantized:
+            def zeros():
+                return tuple(jnp.zeros((batch, max_len, kvh, hd), spec.float_dtype) for _ in range(n))
+            return KVCache(k=zeros(), v=zeros(), lengths=jnp.zeros((batch,), jnp.int32), spec=spec)
+        width, g = kvh * hd, spec.key_positions
+        max_len = -(-max_len // g) * g
+        kspec, vspec = spec.key_spec(), spec.value_spec(kvh, hd)
+
+        def keys():
+            groups = (batch, max_len // g, width)
+            return QuantizedTensor(jnp.zeros((batch, packing.packed_length(max_len, spec.bits), width), jnp.uint8),
+                                   jnp.ones(groups, jnp.float16), jnp.zeros(groups, jnp.float16),
+                                   spec=kspec, shape=(batch, max_len, width), axis=1, dtype="float32")
+
+        def values():
+            groups = (batch, max_len, width // vspec.group_size)
+            return QuantizedTensor(jnp.zeros((batch, max_len, packing.packed_length(width, spec.bits)), jnp.uint8),
+                                   jnp.ones(groups, jnp.float16), None,
+                                   spec=vspec, shape=(batch, max_len, width), axis=2, dtype="float32")
+
+        def fp(positions):
+            return tuple(jnp.zeros((batch, positions, kvh, hd), RESIDUAL_DTYPE) for _ in range(n)) if positions else ()
+
+        ring = spec.residual_positions + rewind
+        return KVCache(k=tuple(keys() for _ in range(n)), v=tuple(values() for _ in range(n)),
+                       lengths=jnp.zeros((batch,), jnp.int32), k_recent=fp(ring), v_recent=fp(ring),
+                       k_sink=fp(spec.sinks), v_sink=fp(spec.sinks), spec=spec)
+
+    def check_compatible(self, cfg: ModelConfig) -> None:
+        """Raise a clear error if this cache was not made for ``cfg`` (layers, heads, dtypes)."""
+        if len(self.k) != cfg.n_layers or len(self.v) != cfg.n_layers:
+            raise ValueError(f"KV cache has {len(self.k)} layers; the model has {cfg.n_layers}")
+        kvh, hd, spec = cfg.n_kv_heads, cfg.head_dim, self.spec
+        for name, bufs in (("k", self.k), ("v", self.v)):
+            for a in bufs:
+                if spec.quantized:
+                    want_spec = spec.key_spec() if name == "k" else spec.value_spec(kvh, hd)
+                    ok = isinstance(a, QuantizedTensor) and a.shape[2:] == (kvh * hd,) and a.spec == want_spec
+                    want = f"{spec} codes of {kvh * hd} values per token"
+                else:
+                    ok = (not isinstance(a, QuantizedTensor) and tuple(a.shape[2:]) == (kvh, hd)
+                          and str(a.dtype) == spec.float_dtype)
+                    want = f"{spec.float_dtype} buffers of ({kvh}, {hd}) per token"
+                if not ok:
+                    got = a if isinstance(a, QuantizedTensor) else f"{a.dtype} {tuple(a.shape)}"
+                    raise ValueError(f"KV cache {name} buffer does not match the model: expected {want}, got {got}")
+        for name in ("k_recent", "v_recent", "k_sink", "v_sink"):
+            for a in getattr(self, name):
+                if tuple(a.shape[2:]) != (kvh, hd):
+                    raise ValueError(f"KV cache {name} buffer is {tuple(a.shape)}; the model stores ({kvh}, {hd}) per token")
+        if spec.quantized and len(self.k_recent) != cfg.n_layers or len(self.k_sink) != (cfg.n_layers if spec.sinks else 0):
+            raise ValueError(f"KV cache buffers do not match its spec {spec}")
+
+
+def kv_cache_memory(cfg: ModelConfig, kv: KVSpec | str | None, ctx: int, *, batch: int = 1, rewind: int = 0) -> dict:
+    """The memory a KV cache of precision ``kv`` takes for ``batch`` sequences of ``ctx`` positions:
+    exactly ``KVCache.create(cfg, batch, ctx, kv, rewind=rewind).nbytes``, without allocating it.
+
+    Keys: ``bytes_per_token`` (one position, all layers, keys plus values, scales included),
+    ``fixed_bytes_per_sequence`` (ring and sinks), ``bytes_per_sequence`` at ``ctx`` (an int cache
+    rounds ``ctx`` up to whole key groups), ``bytes`` for the batch, and the ratios to an fp16
+    cache of the same positions: ``vs_fp16_per_token`` and ``vs_fp16_per_sequence``.
+    """
+    spec = parse_kv_spec(kv)
+    if ctx <= 0 or batch <= 0:
+        raise ValueError(f"ctx and batch must be positive, got ctx={ctx}, batch={batch}")
+    kvh, hd, n = cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
+    positions = -(-ctx // spec.key_positions) * spec.key_positions if spec.quantized else ctx
+    per_token = n * bytes_per_token_per_layer(spec, kvh, hd)
+    fixed = n * fixed_bytes_per_layer(spec, kvh, hd, rewind=rewind)
+    per_sequence = int(round(per_token * positions)) + fixed
+    fp16_token = n * bytes_per_token_per_layer("fp16", kvh, hd)
+    return {"kv": str(spec), "ctx": ctx, "batch": batch, "bytes_per_token": per_token,
+            "bytes_per_token_per_layer": per_token / n, "fixed_bytes_per_sequence": fixed,
+            "bytes_per_sequence": per_sequence, "bytes": batch * per_sequence,
+            "vs_fp16_per_token": per_token / fp16_token, "vs_fp16_per_sequence": per_sequence / (fp16_token * ctx)}
+
+
+class LayerKV(NamedTuple):
+    """One layer's slice of a :class:`KVCache` (empty tuples stand for absent buffers)."""
+
+    k: object
+    v: object
+    k_recent: object = ()
+    v_recent: object = ()
+    k_sink: object = ()
+    v_sink: object = ()
 
 
 def _param(module: nn.Module, name: str, init, shape, dtype=jnp.float32):
@@ -117,20 +231,31 @@ def apply_rope(x, positions, inv_freq):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention(q, k, v, q_pos, k_pos, window: int | None):
-    """Grouped-query attention: q (B, T, H, hd), k/v (B, S, KV, hd); key j is visible to query i
-    when ``k_pos[j] <= q_pos[i]`` (and within ``window`` if set).  Scores and softmax in float32."""
+def visibility(q_pos, k_pos, window: int | None):
+    """(B, T, S) mask: key at ``k_pos[b, s]`` is visible to the query at ``q_pos[b, t]`` when it is
+    not in the future (and within ``window`` if set)."""
+    visible = k_pos[:, None, :] <= q_pos[:, :, None]
+    if window is not None:
+        visible &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
+    return visible
+
+
+def attend(q, k, v, visible):
+    """Grouped-query attention: q (B, T, H, hd), k/v (B, S, KV, hd), ``visible`` (B, T, S).
+    Scores and softmax in float32."""
     b, t, h, hd = q.shape
     kv = k.shape[2]
     qg = q.reshape(b, t, kv, h // kv, hd).astype(jnp.float32)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) * (hd ** -0.5)
-    visible = k_pos[:, None, :] <= q_pos[:, :, None]  # (B, T, S)
-    if window is not None:
-        visible &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
     scores = jnp.where(visible[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))
     return out.reshape(b, t, h * hd).astype(q.dtype)
+
+
+def attention(q, k, v, q_pos, k_pos, window: int | None):
+    """:func:`attend` with the causal (and sliding-window) mask of the given positions."""
+    return attend(q, k, v, visibility(q_pos, k_pos, window))
 
 
 def _write_rows(buf, new, starts):
@@ -140,11 +265,142 @@ def _write_rows(buf, new, starts):
     return jax.vmap(one)(buf, new, starts)
 
 
+def _gather_rows(x, idx):
+    """``x[b, idx[b, j]]`` for x (B, T, ...) and idx (B, J), indices clipped into range."""
+    return jax.vmap(lambda a, i: a[i])(x, jnp.clip(idx, 0, x.shape[1] - 1))
+
+
+def _ring_positions(lengths, ring: int):
+    """(B, ring): the position ring slot ``s`` holds once ``lengths`` positions are written
+    (the largest ``p < lengths`` with ``p % ring == s``; negative: none yet)."""
+    last = lengths[:, None] - 1
+    return last - jnp.remainder(last - jnp.arange(ring, dtype=jnp.int32)[None, :], ring)
+
+
+def full_precision_from(positions, spec: KVSpec):
+    """(B, T): the first position the query at ``positions`` sees in full precision (see
+    :mod:`quant.kv`): the start of its still-filling key group, minus ``R - G``."""
+    g = spec.key_positions
+    return (positions + 1) // g * g - (spec.residual_positions - g)
+
+
+def _write_values(buf: QuantizedTensor, new, starts):
+    """Quantize ``new`` (B, T, KV, hd) per token and store it at ``starts`` (quantize on write)."""
+    b, t = new.shape[:2]
+    q = quant.quantize(new.reshape(b, t, -1).astype(jnp.float32), buf.spec, axis=2, scale_dtype=buf.scale.dtype)
+    return QuantizedTensor(_write_rows(buf.packed, q.packed, starts), _write_rows(buf.scale, q.scale, starts), None,
+                           spec=buf.spec, shape=buf.shape, axis=buf.axis, dtype=buf.dtype)
+
+
+def _write_keys(buf: QuantizedTensor, ring_k, new, lengths):
+    """(Re)quantize every key group this call fills into, per channel, from full precision.
+
+    The groups from the one holding ``lengths`` to the one holding the last new position are
+    gathered from the ring (positions before ``lengths``) and ``new`` (B, T, KV, hd), quantized
+    and written; a group still incomplete is rewritten by the call that completes it, and is
+    read in full precision until then.
+    """
+    spec, g = buf.spec, buf.spec.group_size
+    b, t = new.shape[:2]
+    n_groups = buf.shape[1] // g
+    touched = min(-(-t // g) + 1, n_groups)  # static: groups one call can touch
+    rows = packing.packed_length(g, spec.bits)  # packed rows per group
+    ring = ring_k.shape[1]
+
+    def one(packed, scale, zero, ring_row, new_row, length):
+        first = length // g
+        start = jnp.minimum(first, n_groups - touched)  # stay inside the buffer; groups before `first` are kept
+        pos = start * g + jnp.arange(touched * g, dtype=jnp.int32)
+        fresh = jnp.where((pos >= length)[:, None], new_row[jnp.clip(pos - length, 0, t - 1)],
+                          ring_row[jnp.remainder(pos, ring)].astype(jnp.float32))
+        q = quant.quantize(fresh, spec, axis=0, scale_dtype=scale.dtype)
+        keep = (start + jnp.arange(touched)) < first  # (touched,)
+        old_p = jax.lax.dynamic_slice_in_dim(packed, start * rows, touched * rows, axis=0)
+        old_s = jax.lax.dynamic_slice_in_dim(scale, start, touched, axis=0)
+        old_z = jax.lax.dynamic_slice_in_dim(zero, start, touched, axis=0)
+        new_p = jnp.where(jnp.repeat(keep, rows)[:, None], old_p, q.packed)
+        new_s = jnp.where(keep[:, None], old_s, q.scale)
+        new_z = jnp.where(keep[:, None], old_z, q.zero)
+        return (jax.lax.dynamic_update_slice_in_dim(packed, new_p, start * rows, axis=0),
+                jax.lax.dynamic_update_slice_in_dim(scale, new_s, start, axis=0),
+                jax.lax.dynamic_update_slice_in_dim(zero, new_z, start, axis=0))
+
+    # quantized from float16 like the ring it is completed from, so codes do not depend on call boundaries
+    flat_new = new.reshape(b, t, -1).astype(RESIDUAL_DTYPE).astype(jnp.float32)
+    packed, scale, zero = jax.vmap(one)(buf.packed, buf.scale, buf.zero, ring_k.reshape(b, ring, -1), flat_new, lengths)
+    return QuantizedTensor(packed, scale, zero, spec=spec, shape=buf.shape, axis=buf.axis, dtype=buf.dtype)
+
+
+def read_kv(buf, kv_heads: int):
+    """A layer buffer as float (B, S, KV, hd): a quantized buffer is dequantized (inside the jitted
+    step, where XLA fuses the dequantization into its consumers where it can)."""
+    if not isinstance(buf, QuantizedTensor):
+        return buf
+    b, s, width = buf.shape
+    return quant.dequantize(buf, jnp.float32).reshape(b, s, kv_heads, width // kv_heads)
+
+
+def cached_attention(q, k_new, v_new, positions, layer: LayerKV, lengths, n_new, spec: KVSpec, window: int | None):
+    """Write this call's keys/values into the cache, then attend over it (see :class:`KVCache`).
+
+    q (B, T, H, hd); k_new/v_new (B, T, KV, hd) at ``positions = lengths + arange(T)``, of which
+    the first ``n_new`` (B,) per row are real.  A float cache is written and read as it is.  An
+    int cache stores every position quantized; the query at ``p`` reads position ``j``
+    dequantized when ``j < full_precision_from(p)`` (and ``j`` is not a sink), and in float16
+    otherwise, from the ring (positions written by earlier calls), from this call's own keys and
+    values, or from the sink buffer.  Returns ``(out, new LayerKV)``.
+    """
+    b, t, kvh, _ = k_new.shape
+    if not spec.quantized:
+        k_buf, v_buf = _write_rows(layer.k, k_new, lengths), _write_rows(layer.v, v_new, lengths)
+        cache_pos = jnp.broadcast_to(jnp.arange(k_buf.shape[1], dtype=jnp.int32), (b, k_buf.shape[1]))
+        return attention(q, k_buf, v_buf, positions, cache_pos, window), LayerKV(k_buf, v_buf)
+
+    def fp16(x):  # what the ring and sinks hold: the full-precision path sees the same values from either
+        return x.astype(RESIDUAL_DTYPE)
+
+    k_recent, v_recent, k_sink, v_sink = layer.k_recent, layer.v_recent, layer.k_sink, layer.v_sink
+    ring = k_recent.shape[1]
+    k_buf = _write_keys(layer.k, k_recent, k_new, lengths)
+    v_buf = _write_values(layer.v, v_new, lengths)
+    max_len = k_buf.shape[1]
+    fp_from = full_precision_from(positions, spec)[:, :, None]  # (B, T, 1)
+
+    cache_pos = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (b, max_len))
+    vis = visibility(positions, cache_pos, window) & (cache_pos[:, None, :] < fp_from)
+    if spec.sinks:
+        vis &= cache_pos[:, None, :] >= spec.sinks
+    keys, values, masks = [read_kv(k_buf, kvh)], [read_kv(v_buf, kvh)], [vis]
+    if spec.sinks:  # sink positions this call writes go in first
+        sink_pos = jnp.broadcast_to(jnp.arange(spec.sinks, dtype=jnp.int32), (b, spec.sinks))
+        idx = sink_pos - lengths[:, None]
+        take = ((idx >= 0) & (idx < t))[:, :, None, None]
+        k_sink = jnp.where(take, fp16(_gather_rows(k_new, idx)), k_sink)
+        v_sink = jnp.where(take, fp16(_gather_rows(v_new, idx)), v_sink)
+        vis_sink = visibility(positions, sink_pos, window) & (sink_pos[:, None, :] < fp_from)
+        keys, values, masks = keys + [k_sink], values + [v_sink], masks + [vis_sink]
+    ring_pos = _ring_positions(lengths, ring)
+    vis_ring = visibility(positions, ring_pos, window) & (ring_pos[:, None, :] >= jnp.maximum(fp_from, 0))
+    vis_new = visibility(positions, positions, window) & (positions[:, None, :] >= fp_from)
+    keys += [k_recent, fp16(k_new)]
+    values += [v_recent, fp16(v_new)]
+    masks += [vis_ring, vis_new]
+    # the ring keeps the last `ring` positions written: old slots, or this call's rows
+    idx = _ring_positions(lengths + n_new, ring) - lengths[:, None]
+    from_new = (idx >= 0)[:, :, None, None]
+    k_recent = jnp.where(from_new, fp16(_gather_rows(k_new, idx)), k_recent)
+    v_recent = jnp.where(from_new, fp16(_gather_rows(v_new, idx)), v_recent)
+    out = attend(q, jnp.concatenate([a.astype(jnp.float32) for a in keys], axis=1),
+                 jnp.concatenate([a.astype(jnp.float32) for a in values], axis=1), jnp.concatenate(masks, axis=2))
+    return out, LayerKV(k_buf, v_buf, k_recent, v_recent, k_sink, v_sink)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x, positions, layer_cache):
+        """``layer_cache``: None (plain causal attention) or ``(LayerKV, lengths, n_new, spec)``."""
         cfg = self.cfg
         b, t, _ = x.shape
         q = Linear(cfg.n_heads * cfg.head_dim, cfg.qkv_bias, name="q_proj")(x).reshape(b, t, cfg.n_heads, cfg.head_dim)
@@ -156,12 +412,8 @@ class Attention(nn.Module):
         if layer_cache is None:
             out, new_cache = attention(q, k, v, positions, positions, cfg.sliding_window), None
         else:
-            k_buf, v_buf, starts = layer_cache
-            k_buf = _write_rows(k_buf, k, starts)
-            v_buf = _write_rows(v_buf, v, starts)
-            k_pos = jnp.broadcast_to(jnp.arange(k_buf.shape[1], dtype=jnp.int32), (b, k_buf.shape[1]))
-            out = attention(q, k_buf, v_buf, positions, k_pos, cfg.sliding_window)
-            new_cache = (k_buf, v_buf)
+            layer, lengths, n_new, spec = layer_cache
+            out, new_cache = cached_attention(q, k, v, positions, layer, lengths, n_new, spec, cfg.sliding_window)
         return Linear(cfg.dim, cfg.o_bias, name="o_proj")(out), new_cache
 
 
@@ -219,16 +471,17 @@ class Transformer(nn.Module):
         cfg = self.cfg
         table = _EmbedTable(cfg, name="embed")()
         x = embed_lookup(table, tokens, self.dtype)
-        new_k, new_v = [], []
-        for i in range(cfg.n_layers):
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.lengths)
-            x, c = Block(cfg, name=f"layers_{i}")(x, positions, layer_cache)
-            if c is not None:
-                new_k.append(c[0])
-                new_v.append(c[1])
-        x = RMSNorm(cfg.norm_eps, name="final_norm")(x)
         b, t = tokens.shape
         n_new = jnp.full((b,), t, jnp.int32) if n_new is None else n_new
+        new_layers = []
+        for i in range(cfg.n_layers):
+            layer_cache = None
+            if cache is not None:
+                layer = LayerKV(*(getattr(cache, f)[i] if getattr(cache, f) else () for f in LayerKV._fields))
+                layer_cache = (layer, cache.lengths, n_new, cache.spec)
+            x, c = Block(cfg, name=f"layers_{i}")(x, positions, layer_cache)
+            new_layers.append(c)
+        x = RMSNorm(cfg.norm_eps, name="final_norm")(x)
         if last_only:
             x = jnp.take_along_axis(x, (n_new - 1)[:, None, None], axis=1)[:, 0]
         if cfg.tie_embeddings:
@@ -238,7 +491,8 @@ class Transformer(nn.Module):
         logits = logits.astype(jnp.float32)
         if cache is None:
             return logits, None
-        return logits, KVCache(k=tuple(new_k), v=tuple(new_v), lengths=cache.lengths + n_new)
+        buffers = {f: tuple(getattr(c, f) for c in new_layers) if getattr(cache, f) else () for f in LayerKV._fields}
+        return logits, KVCache(**buffers, lengths=cache.lengths + n_new, spec=cache.spec)
 
 
 class _EmbedTable(nn.Module):
