@@ -34,6 +34,22 @@ def _emit(ctx_json: bool, payload: dict, human: str) -> None:
         click.echo(human, err=True)
 
 
+_KV_HELP = ("KV cache precision: fp32, bf16, fp16, int8 or int4 (KIVI layout: keys per channel, values per token, "
+            "a float16 window of recent positions), e.g. int4-s4 keeps 4 sink positions too; see README 'KV cache'.")
+
+
+def _kv_spec(ctx, param, value):
+    """Validate a --kv value at parse time: a bad spec is a usage error, before any model loads."""
+    if value is None:
+        return None
+    from quant.kv import parse_kv_spec
+
+    try:
+        return str(parse_kv_spec(value))
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", "-V", prog_name="cascade")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
@@ -57,9 +73,12 @@ def app(debug: bool) -> None:
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample from the k most likely (0 = off).")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True), help="Nucleus sampling mass.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed for sampling and acceptance draws.")
+@click.option("--kv", default="fp32", show_default=True, callback=_kv_spec, help=_KV_HELP + " Both models.")
+@click.option("--small-kv", callback=_kv_spec, help="KV cache precision of the draft model [default: --kv].")
+@click.option("--large-kv", callback=_kv_spec, help="KV cache precision of the verifier model [default: --kv].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_len, max_tokens, temperature, top_k,
-        top_p, seed, as_json):
+        top_p, seed, kv, small_kv, large_kv, as_json):
     """Generate a continuation of PROMPT with the cascade: the small model drafts, the large one verifies.
 
     With no model paths it uses the embedded pair (default-small, default-large), so it works
@@ -74,10 +93,12 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
     # a single-model mode loads only that model
     pair = load_pair(small_model if mode != "large" else None, large_model if mode != "small" else None,
                      small_quant=small_quant, large_quant=large_quant)
-    r = run_pair(pair, prompt, mode=mode, max_new_tokens=max_tokens, draft_len=draft_len, sampling=sampling)
+    small_kv, large_kv = small_kv or kv, large_kv or kv
+    r = run_pair(pair, prompt, mode=mode, max_new_tokens=max_tokens, draft_len=draft_len, sampling=sampling,
+                 small_kv=small_kv, large_kv=large_kv)
     described = pair.describe()
-    payload = {role: None if described[role] is None else {"model": path, **described[role]}
-               for role, path in (("small", small_model), ("large", large_model))}
+    payload = {role: None if described[role] is None else {"model": path, **described[role], "kv": role_kv}
+               for role, path, role_kv in (("small", small_model, small_kv), ("large", large_model, large_kv))}
     payload.update({"draft_len": draft_len if mode == "speculative" else None, **r.to_json()})
     if as_json:
         _emit(True, payload, "")
@@ -89,8 +110,8 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
         st = r.stats
         line += (f"; {st.rounds} rounds, acceptance {st.acceptance_rate:.0%}, "
                  f"{st.mean_accepted_length:.2f} accepted / round of {draft_len}")
-    models = {"speculative": f"small {small_quant}, large {large_quant}", "large": f"large {large_quant}",
-              "small": f"small {small_quant}"}[mode]
+    small_desc, large_desc = f"small {small_quant} (kv {small_kv})", f"large {large_quant} (kv {large_kv})"
+    models = {"speculative": f"{small_desc}, {large_desc}", "large": large_desc, "small": small_desc}[mode]
     click.echo(f"{line}; {models}]", err=True)
 
 
@@ -157,9 +178,13 @@ def quantize(model, quant_rules, out_dir, tokenizer, overwrite, axis, as_json):
 @app.command()
 @click.argument("model")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("--kv", "kvs", multiple=True, callback=lambda c, p, v: tuple(_kv_spec(c, p, x) for x in v),
+              help="KV cache precision(s) to account for (repeatable) [default: fp32, fp16, int8, int4].")
+@click.option("--ctx", type=click.IntRange(min=1), help="Context for the KV cache bytes [default: the model context].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def inspect(model, tokenizer, as_json):
-    """Architecture, parameter count, per-tensor precision and bytes of MODEL.
+def inspect(model, tokenizer, kvs, ctx, as_json):
+    """Architecture, parameter count, per-tensor precision and bytes of MODEL, and its KV cache
+    bytes per token and per sequence for each KV precision.
 
     MODEL may also be a bare .safetensors/.npz weights file (tensor list only).
     """
@@ -175,10 +200,12 @@ def inspect(model, tokenizer, as_json):
         lines.append(f"{len(rows)} tensors, {total:,} bytes")
         _emit(as_json, {"model": model, "tensors": rows, "bytes": total}, "\n".join(lines))
         return
-    from models import describe_model
+    from models import describe_model, kv_cache_memory
 
     loaded, _ = _load_model(model, tokenizer, None, need_tokenizer=False)
     info = describe_model(loaded)
+    ctx = ctx or loaded.config.max_seq_len
+    info["kv_cache"] = [kv_cache_memory(loaded.config, kv, ctx) for kv in (kvs or ("fp32", "fp16", "int8", "int4"))]
     width = max(len(r["name"]) for r in info["tensors"])
     lines = [f"{info['architecture']} from {info['format']} ({model}): {info['params']:,} parameters, "
              f"{info['weight_bytes']:,} bytes of weights",
@@ -187,6 +214,10 @@ def inspect(model, tokenizer, as_json):
              f"{'tensor':<{width}}  {'shape':<14} {'precision':<16} {'bytes':>12}"]
     lines += [f"{r['name']:<{width}}  {'x'.join(map(str, r['shape'])):<14} {r['precision']:<16} {r['bytes']:>12,}"
               for r in info["tensors"]]
+    lines.append(f"KV cache, one sequence of {ctx} positions:")
+    lines.append(f"  {'kv':<14} {'bytes/token':>12} {'vs fp16':>8} {'bytes/sequence':>15} {'vs fp16':>8}")
+    lines += [f"  {m['kv']:<14} {m['bytes_per_token']:>12,.1f} {m['vs_fp16_per_token']:>8.1%} "
+              f"{m['bytes_per_sequence']:>15,} {m['vs_fp16_per_sequence']:>8.1%}" for m in info["kv_cache"]]
     _emit(as_json, {"model": model, **info}, "\n".join(lines))
 
 
@@ -198,9 +229,12 @@ def inspect(model, tokenizer, as_json):
 @click.option("--stride", type=click.IntRange(min=1), help="Window step for long documents [default: ctx//2].")
 @click.option("--truncate", is_flag=True, help="Score only the first ctx tokens of each document (llama2.c-style).")
 @click.option("--limit", type=click.IntRange(min=1), help="Score only the first N documents.")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Score only the first windows, about N tokens.")
+@click.option("--kv", callback=_kv_spec,
+              help=_KV_HELP + " Scores every window through a cache of this precision [default: no cache].")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def eval_(model, data, quant_rules, ctx, stride, truncate, limit, tokenizer, as_json):
+def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv, tokenizer, as_json):
     """Perplexity of MODEL on a text file.
 
     \b
@@ -210,7 +244,7 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, tokenizer, as_
     """
     import time
 
-    from models import perplexity, split_documents, tokenize_documents, weight_bytes
+    from models import kv_cache_memory, perplexity, split_documents, tokenize_documents, weight_bytes
     from models.evaluation import DEFAULT_EVAL_CTX
 
     loaded, _ = _load_model(model, tokenizer, quant_rules)
@@ -228,13 +262,16 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, tokenizer, as_
         raise click.ClickException(f"{data}: no text to score")
     t0 = time.perf_counter()
     result = perplexity(loaded.params, loaded.config, tokenize_documents(loaded.tokenizer, docs), ctx=ctx,
-                        stride=stride, truncate=truncate)
+                        stride=stride, truncate=truncate, kv=kv, max_tokens=max_tokens)
     seconds = time.perf_counter() - t0
+    memory = kv_cache_memory(loaded.config, kv or "fp32", result.ctx)
     payload = {"model": model, "data": data, "quant": loaded.quant, **result.to_json(),
-               "weight_bytes": weight_bytes(loaded.params), "seconds": seconds, "tokens_per_s": result.tokens / seconds}
+               "weight_bytes": weight_bytes(loaded.params), "kv_cache": memory, "kv_bytes": memory["bytes_per_sequence"],
+               "seconds": seconds, "tokens_per_s": result.tokens / seconds}
     human = (f"perplexity {result.ppl:.4f} over {result.tokens:,} tokens ({result.documents} documents, "
              f"{result.windows} windows, ctx {result.ctx}, stride {result.stride}); "
-             f"weights {payload['weight_bytes']:,} bytes; {seconds:.1f} s")
+             f"weights {payload['weight_bytes']:,} bytes; KV cache ({memory['kv']}) {memory['bytes_per_sequence']:,} bytes "
+             f"per sequence of {result.ctx} ({memory['vs_fp16_per_sequence']:.1%} of fp16); {seconds:.1f} s")
     _emit(as_json, payload, human)
 
 
@@ -249,9 +286,10 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, tokenizer, as_
 @click.option("--seed", default=0, show_default=True, type=int, help="PRNG seed for sampling.")
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message with the model's chat template.")
 @click.option("--bos/--no-bos", default=None, help="Prepend BOS [default: the tokenizer's setting].")
+@click.option("--kv", default="fp32", show_default=True, callback=_kv_spec, help=_KV_HELP)
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, seed, chat, bos, tokenizer, as_json):
+def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, seed, chat, bos, kv, tokenizer, as_json):
     """Generate a continuation of PROMPT with MODEL."""
     from models import SamplingConfig, generate as generate_tokens
 
@@ -264,10 +302,10 @@ def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, 
         raise click.UsageError("the prompt encodes to no tokens; pass a non-empty PROMPT or --bos")
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     out = generate_tokens(loaded.params, loaded.config, [ids], max_new_tokens=max_tokens, sampling=sampling,
-                          eos_ids=tok.eos_ids or loaded.config.eos_token_ids)
+                          eos_ids=tok.eos_ids or loaded.config.eos_token_ids, kv=kv)
     gen = out.tokens[0]
     completion = tok.decode_completion(ids, gen)
-    payload = {"model": model, "quant": loaded.quant, "prompt": prompt, "prompt_token_ids": ids, "text": completion,
+    payload = {"model": model, "quant": loaded.quant, "kv": kv, "prompt": prompt, "prompt_token_ids": ids, "text": completion,
                "token_ids": gen, "stop_reason": out.stop_reasons[0], "prefill_s": out.prefill_s,
                "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s}
     if as_json:
@@ -360,6 +398,39 @@ def bench_ppl(model, data, specs, limit, ctx, stride, no_truncate, tokenizer, ou
     if out_path:
         _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
     _emit(as_json, result, bench_ppl_mod.format_table(result))
+
+
+@bench.command(name="kv")
+@click.argument("model")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="UTF-8 text file to score.")
+@click.option("--kv", "kvs", default="fp32,int8,int4", show_default=True,
+              help="Comma-separated KV cache precisions; the first is the reference.")
+@click.option("--ctx", type=click.IntRange(min=2), help="Window length [default: the model context].")
+@click.option("--stride", type=click.IntRange(min=1), help="Window step [default: ctx/4].")
+@click.option("--min-context", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Score only targets with at least N tokens of context (ctx - stride: long-context tokens only).")
+@click.option("--concat", is_flag=True, help="Join the documents into one token stream (packed, as llama2.c trains).")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Score about N tokens (the first windows).")
+@click.option("--limit", type=click.IntRange(min=1), help="First N documents.")
+@click.option("--gen-prompt", default=0, show_default=True, type=click.IntRange(min=0), help="Prompt tokens for the greedy-agreement run.")
+@click.option("--gen-tokens", default=0, show_default=True, type=click.IntRange(min=0), help="Greedy tokens to compare (0 = skip).")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def bench_kv(model, data, kvs, ctx, stride, min_context, concat, max_tokens, limit, gen_prompt, gen_tokens, tokenizer,
+             out_path, as_json):
+    """Perplexity, cache bytes and greedy agreement of MODEL under several KV cache precisions."""
+    from bench import kv_cache
+
+    specs = [_kv_spec(None, None, k) for k in kvs.split(",") if k.strip()]
+    if gen_tokens and gen_prompt < 1:
+        raise click.UsageError("--gen-tokens needs --gen-prompt >= 1")
+    result = kv_cache.run(model, data, kvs=specs, ctx=ctx, stride=stride, max_tokens=max_tokens, limit=limit,
+                          min_context=min_context, concat=concat, gen_prompt=gen_prompt, gen_tokens=gen_tokens,
+                          tokenizer=tokenizer)
+    if out_path:
+        _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    _emit(as_json, result, kv_cache.format_table(result))
 
 
 def _write_atomic(path: str, text: str) -> None:

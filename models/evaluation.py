@@ -53,12 +53,14 @@ class Window:
     first_scored: int  # predictions for targets tokens[first_scored:] are counted (>= 1)
 
 
-def windows_of(ids: list[int], ctx: int, stride: int, truncate: bool = False) -> list[Window]:
+def windows_of(ids: list[int], ctx: int, stride: int, truncate: bool = False, min_context: int = 1) -> list[Window]:
     """Sliding windows over one document (see the module docstring).
 
     The first window is ``ids[:ctx]``; each next one ends ``min(stride, ctx - 1)`` tokens later,
     is ``ctx`` long, and scores only its new targets, so every target ``1..n-1`` is scored once and
     every target after the first window sees at least ``ctx - stride`` (>= 1) tokens of context.
+    ``min_context``: the first window scores only targets with at least that many tokens before
+    them (``ctx - stride`` makes every scored token a long-context one).
     """
     if ctx < 2:
         raise ValueError(f"ctx must be at least 2, got {ctx}")
@@ -68,7 +70,9 @@ def windows_of(ids: list[int], ctx: int, stride: int, truncate: bool = False) ->
     n = len(ids)
     if n < 2:
         return []
-    out = [Window(tokens=ids[:ctx], first_scored=1)]
+    if not 1 <= min_context < ctx:
+        raise ValueError(f"min_context must be in [1, ctx={ctx}), got {min_context}")
+    out = [Window(tokens=ids[:ctx], first_scored=min_context)] if n > min_context else []
     if truncate:
         return out
     scored_until, step = min(ctx, n), min(stride, ctx - 1)
@@ -126,12 +130,13 @@ def _length_bucket(n: int, ctx: int) -> int:
 def perplexity(params, cfg: ModelConfig, token_docs: list[list[int]], *, ctx: int | None = None,
                stride: int | None = None, truncate: bool = False, batch_tokens: int | None = None,
                progress: bool | None = None, kv: KVSpec | str | None = None,
-               max_tokens: int | None = None) -> PerplexityResult:
+               max_tokens: int | None = None, min_context: int = 1) -> PerplexityResult:
     """Perplexity over tokenized documents (each already starting with BOS if the model uses one).
 
     ``kv``: score every window through a KV cache of that precision (:mod:`quant.kv`), so a
     quantized cache can be compared with ``kv="fp32"`` on the same tokens; None runs the plain
-    forward.  ``max_tokens``: score only the first windows, until about that many tokens.
+    forward.  ``max_tokens``: score only the first windows, until about that many tokens;
+    ``min_context``: see :func:`windows_of`.
 
     ``batch_tokens`` bounds ``batch * window`` per model call (default: about 64 MB of logits); the
     batch is also cut so the attention scores stay near 64 MB.
@@ -141,7 +146,7 @@ def perplexity(params, cfg: ModelConfig, token_docs: list[list[int]], *, ctx: in
     if ctx < 2:
         raise ValueError(f"ctx must be at least 2, got {ctx}")
     kv = None if kv is None else parse_kv_spec(kv)
-    wins = [w for ids in token_docs for w in windows_of(ids, ctx, stride, truncate)]
+    wins = [w for ids in token_docs for w in windows_of(ids, ctx, stride, truncate, min_context)]
     if not wins:
         raise ValueError("no document has two or more tokens to score")
     if max_tokens is not None:
