@@ -20,13 +20,6 @@ except metadata.PackageNotFoundError:  # running from a source tree that is not 
     __version__ = "0.0.0+source"
 
 
-class NotBuiltYet(click.ClickException):
-    """A subcommand whose machinery lands with a later issue: fail clearly, never pretend."""
-
-    def __init__(self, command: str, needs: str):
-        super().__init__(f"`cascade {command}` is not available yet: it needs {needs}, which this version does not have")
-
-
 def _emit(ctx_json: bool, payload: dict, human: str) -> None:
     if ctx_json:
         click.echo(json.dumps(payload, allow_nan=False))  # strict JSON: NaN/Infinity are not JSON
@@ -110,8 +103,8 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
         st = r.stats
         line += (f"; {st.rounds} rounds, acceptance {st.acceptance_rate:.0%}, "
                  f"{st.mean_accepted_length:.2f} accepted / round of {draft_len}")
-    small_desc, large_desc = f"small {small_quant} (kv {small_kv})", f"large {large_quant} (kv {large_kv})"
-    models = {"speculative": f"{small_desc}, {large_desc}", "large": large_desc, "small": small_desc}[mode]
+    models = {"speculative": f"small {small_quant}, large {large_quant}; kv {small_kv}/{large_kv}",
+              "large": f"large {large_quant}; kv {large_kv}", "small": f"small {small_quant}; kv {small_kv}"}[mode]
     click.echo(f"{line}; {models}]", err=True)
 
 
@@ -317,11 +310,44 @@ def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, 
 
 
 @app.command()
-@click.option("--budget", help="Device memory budget, e.g. 2GiB.")
+@click.option("--small", "small_quant", default="int4", show_default=True, help="Precision spec or rules for the draft model.")
+@click.option("--large", "large_quant", default="int8", show_default=True, help="Precision spec or rules for the verifier model.")
+@click.option("--small-model", default="default-small", show_default=True, help="The draft MODEL (path or built-in name).")
+@click.option("--large-model", default="default-large", show_default=True, help="The verifier MODEL (path or built-in name).")
+@click.option("--mode", type=click.Choice(["speculative", "large", "small"]), default="speculative", show_default=True,
+              help="Which models run (as in `cascade run`).")
+@click.option("--kv", default="fp32", show_default=True, callback=_kv_spec, help=_KV_HELP + " Both models.")
+@click.option("--small-kv", callback=_kv_spec, help="KV cache precision of the draft model [default: --kv].")
+@click.option("--large-kv", callback=_kv_spec, help="KV cache precision of the verifier model [default: --kv].")
+@click.option("--ctx", type=click.IntRange(min=1), help="Positions per sequence [default: the pair's context].")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Sequences held at once.")
+@click.option("--draft-len", default=4, show_default=True, type=click.IntRange(min=1, max=32), help="As in `cascade run` (sizes the KV rings).")
+@click.option("--budget", help="Device memory budget, e.g. 2GiB or 512MB: exit 1 if the plan does not fit.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def plan(budget, as_json):
-    """Plan precisions for a model pair under a memory budget."""
-    raise NotBuiltYet("plan", "the memory planner")
+def plan(small_quant, large_quant, small_model, large_model, mode, kv, small_kv, large_kv, ctx, batch, draft_len, budget,
+         as_json):
+    """Memory of a cascade: each model's weights and KV cache at a context, against --budget.
+
+    Counts what the runtime allocates for the weights (as stored, quantized or not) and the KV
+    caches (codes, scales, full-precision windows); activations are not counted.
+    """
+    from cascade.memory import parse_bytes, plan_memory
+    from cascade.pair import load_pair
+
+    budget_bytes = None
+    if budget is not None:
+        try:
+            budget_bytes = parse_bytes(budget)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--budget") from None
+    pair = load_pair(small_model if mode != "large" else None, large_model if mode != "small" else None,
+                     small_quant=small_quant, large_quant=large_quant)
+    result = plan_memory(pair, ctx=ctx, batch=batch, small_kv=small_kv or kv, large_kv=large_kv or kv,
+                         draft_len=draft_len, budget=budget_bytes)
+    _emit(as_json, result.to_json(), result.table())
+    if result.fits is False:
+        raise click.ClickException(f"the plan needs {result.total:,} bytes; the budget is {result.budget:,} bytes "
+                                   f"(lower --ctx/--batch, or use --kv int4 / smaller weight specs)")
 
 
 @app.group()

@@ -61,12 +61,6 @@ def test_usage_errors_are_one_line_exit_2(capsys, args):
     assert err.count("\n") == 1 and err.startswith("error: ")
 
 
-@pytest.mark.parametrize("sub", [("plan",)])
-def test_unbuilt_commands_fail_clearly(capsys, sub):
-    code, out, err = run(capsys, *sub)
-    assert code == 1 and out == "" and err.count("\n") == 1 and "not available yet" in err
-
-
 def test_inspect_json_and_table(capsys, weights):
     st, npz, tensors = weights
     for path in (st, npz):

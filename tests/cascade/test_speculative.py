@@ -130,3 +130,16 @@ def test_bad_requests_are_clear_errors(target):
     big = ModelConfig(**{**DRAFT_CFG.to_dict(), "vocab_size": 200})
     with pytest.raises(ValueError, match="share a tokenizer"):
         speculative_generate(init_params(big, jax.random.key(0)), big, target, TARGET_CFG, [0], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("kv", ["int8", "int4-kg8-s2"])
+def test_greedy_output_with_quantized_caches_equals_the_target_alone_with_its_cache(draft, target, kv):
+    """Rejected proposals move the cache lengths back across key groups; the output is still the
+    target's own greedy output with the same KV precision."""
+    draft, draft_cfg = draft
+    prompt = PROMPTS[2]
+    ref = generate(target, TARGET_CFG, [prompt], max_new_tokens=48, eos_ids=(), kv=kv).tokens[0]
+    out = speculative_generate(draft, draft_cfg, target, TARGET_CFG, prompt, max_new_tokens=48, draft_len=4,
+                               eos_ids=(), draft_kv="int4", target_kv=kv)
+    assert out.tokens == ref
+    assert out.stats.accepted_tokens < out.stats.draft_tokens  # some rounds were rewound

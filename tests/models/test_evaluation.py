@@ -92,3 +92,27 @@ def test_stories260k_perplexity_matches_numpy_reference_and_readme():
     assert ours.tokens == count == 67905
     assert ours.ppl == pytest.approx(math.exp(nll / count), rel=1e-5)
     assert round(ours.ppl, 2) == 3.41
+
+
+def test_min_context_scores_only_long_context_targets():
+    ids = list(range(100))
+    scored = [int(w.tokens[0]) + j for w in windows_of(ids, 16, 4, min_context=12) for j in range(w.first_scored, len(w.tokens))]
+    assert scored == list(range(12, 100))
+    with pytest.raises(ValueError, match="min_context"):
+        windows_of(ids, 16, 4, min_context=16)
+
+
+def test_perplexity_through_a_cache():
+    """An fp32 cache scores what the plain forward scores; an int4 cache a little worse, and
+    max_tokens cuts the windows."""
+    cfg = ModelConfig(vocab_size=50, dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                      max_seq_len=64)
+    params = init_params(cfg, jax.random.key(0))
+    docs = [np.random.RandomState(1).randint(0, 50, 200).tolist()]
+    plain = perplexity(params, cfg, docs, ctx=64, stride=16)
+    fp32 = perplexity(params, cfg, docs, ctx=64, stride=16, kv="fp32")
+    int4 = perplexity(params, cfg, docs, ctx=64, stride=16, kv="int4-kg8")
+    assert fp32.ppl == pytest.approx(plain.ppl, rel=1e-6) and fp32.kv == "fp32" and plain.kv is None
+    assert int4.ppl != pytest.approx(plain.ppl, rel=1e-7) and int4.ppl == pytest.approx(plain.ppl, rel=0.05)
+    cut = perplexity(params, cfg, docs, ctx=64, stride=16, max_tokens=80)
+    assert cut.windows == 3 and cut.tokens == 63 + 16 + 16
