@@ -243,13 +243,24 @@ def visibility(q_pos, k_pos, window: int | None):
 def attend(q, k, v, visible):
     """Grouped-query attention: q (B, T, H, hd), k/v (B, S, KV, hd), ``visible`` (B, T, S).
     Scores and softmax in float32."""
+    return attend_parts(q, [(k, v, visible)])
+
+
+def attend_parts(q, parts):
+    """:func:`attend` over keys and values given in parts ``[(k_i, v_i, visible_i), ...]`` (e.g. a
+    dequantized cache and a full-precision window): one softmax over all parts' scores, with no
+    concatenated copy of the keys or values (each part's dequantization feeds its own dot)."""
     b, t, h, hd = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, h // kv, hd).astype(jnp.float32)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) * (hd ** -0.5)
-    scores = jnp.where(visible[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))
+    kv = parts[0][0].shape[2]
+    qg = q.reshape(b, t, kv, h // kv, hd).astype(jnp.float32) * (hd ** -0.5)
+    scores = [jnp.where(vis[:, None, None], jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)), _MASKED)
+              for k, _, vis in parts]
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1) if len(parts) > 1 else scores[0], axis=-1)
+    out, offset = 0.0, 0
+    for k, v, _ in parts:
+        p = jax.lax.slice_in_dim(probs, offset, offset + k.shape[1], axis=-1)
+        out = out + jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32))
+        offset += k.shape[1]
     return out.reshape(b, t, h * hd).astype(q.dtype)
 
 
@@ -390,8 +401,7 @@ def cached_attention(q, k_new, v_new, positions, layer: LayerKV, lengths, n_new,
     from_new = (idx >= 0)[:, :, None, None]
     k_recent = jnp.where(from_new, fp16(_gather_rows(k_new, idx)), k_recent)
     v_recent = jnp.where(from_new, fp16(_gather_rows(v_new, idx)), v_recent)
-    out = attend(q, jnp.concatenate([a.astype(jnp.float32) for a in keys], axis=1),
-                 jnp.concatenate([a.astype(jnp.float32) for a in values], axis=1), jnp.concatenate(masks, axis=2))
+    out = attend_parts(q, list(zip(keys, values, masks)))
     return out, LayerKV(k_buf, v_buf, k_recent, v_recent, k_sink, v_sink)
 
 
