@@ -257,14 +257,16 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv
     result = perplexity(loaded.params, loaded.config, tokenize_documents(loaded.tokenizer, docs), ctx=ctx,
                         stride=stride, truncate=truncate, kv=kv, max_tokens=max_tokens)
     seconds = time.perf_counter() - t0
-    memory = kv_cache_memory(loaded.config, kv or "fp32", result.ctx)
+    memory = kv_cache_memory(loaded.config, kv, result.ctx) if kv else None  # None: scored without a cache
     payload = {"model": model, "data": data, "quant": loaded.quant, **result.to_json(),
-               "weight_bytes": weight_bytes(loaded.params), "kv_cache": memory, "kv_bytes": memory["bytes_per_sequence"],
-               "seconds": seconds, "tokens_per_s": result.tokens / seconds}
+               "weight_bytes": weight_bytes(loaded.params), "kv_cache": memory,
+               "kv_bytes": memory and memory["bytes_per_sequence"], "seconds": seconds,
+               "tokens_per_s": result.tokens / seconds}
+    cache = ("" if memory is None else f"KV cache ({memory['kv']}) {memory['bytes_per_sequence']:,} bytes per sequence "
+             f"of {result.ctx} ({memory['vs_fp16_per_sequence']:.1%} of fp16); ")
     human = (f"perplexity {result.ppl:.4f} over {result.tokens:,} tokens ({result.documents} documents, "
              f"{result.windows} windows, ctx {result.ctx}, stride {result.stride}); "
-             f"weights {payload['weight_bytes']:,} bytes; KV cache ({memory['kv']}) {memory['bytes_per_sequence']:,} bytes "
-             f"per sequence of {result.ctx} ({memory['vs_fp16_per_sequence']:.1%} of fp16); {seconds:.1f} s")
+             f"weights {payload['weight_bytes']:,} bytes; {cache}{seconds:.1f} s")
     _emit(as_json, payload, human)
 
 
@@ -449,6 +451,8 @@ def bench_kv(model, data, kvs, ctx, stride, min_context, concat, max_tokens, lim
     from bench import kv_cache
 
     specs = [_kv_spec(None, None, k) for k in kvs.split(",") if k.strip()]
+    if not specs:
+        raise click.UsageError("--kv needs at least one precision, e.g. fp32,int8,int4")
     if gen_tokens and gen_prompt < 1:
         raise click.UsageError("--gen-tokens needs --gen-prompt >= 1")
     result = kv_cache.run(model, data, kvs=specs, ctx=ctx, stride=stride, max_tokens=max_tokens, limit=limit,

@@ -152,6 +152,14 @@ def draft_greedy(params, cfg: ModelConfig, chunk, n_feed, start, cache: KVCache,
     return proposals, cache
 
 
+def cache_room(n_prompt: int, max_new_tokens: int, draft_len: int, context: int) -> int:
+    """Positions each model's KV cache gets: the prompt padded to its prefill bucket, and one round
+    of ``draft_len + 1`` past the last token, rounded to a power of two unless that would pass
+    the context (a quantized cache further rounds up to whole key groups)."""
+    needed = max(n_prompt + max_new_tokens + draft_len + 2, shape_bucket(n_prompt, 16))
+    return shape_bucket(needed, 64) if shape_bucket(needed, 64) <= context else needed
+
+
 def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig,
                          prompt: list[int], *, max_new_tokens: int, draft_len: int = 4,
                          sampling: SamplingConfig = SamplingConfig(), eos_ids=None,
@@ -183,11 +191,9 @@ def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, ta
     rng = np.random.default_rng(sampling.seed)
     vocab, draft_vocab = target_cfg.vocab_size, draft_cfg.vocab_size
 
-    # Room for the prompt padded to its prefill bucket, and for one round of draft_len + 1 past the end.
     n_prompt = len(prompt)
     t_pad = shape_bucket(n_prompt, 16)
-    needed = max(n_prompt + max_new_tokens + draft_len + 2, t_pad)
-    room = shape_bucket(needed, 64) if shape_bucket(needed, 64) <= context else needed  # no doubling past the context
+    room = cache_room(n_prompt, max_new_tokens, draft_len, context)
     # a round moves a cache length back by at most draft_len (rejected proposals): size the rings for it
     d_cache = KVCache.create(draft_cfg, 1, room, draft_kv, rewind=draft_len + 1)
     t_cache = KVCache.create(target_cfg, 1, room, target_kv, rewind=draft_len + 1)

@@ -38,7 +38,8 @@ import numpy as np
 import quant
 from models.config import ModelConfig, rope_inv_freq
 from quant import packing
-from quant.kv import RESIDUAL_DTYPE, KVSpec, bytes_per_token_per_layer, fixed_bytes_per_layer, parse_kv_spec
+from quant.kv import (RESIDUAL_DTYPE, KVSpec, bytes_per_token_per_layer, fixed_bytes_per_layer, parse_kv_spec,
+                      quantize_key_groups)
 from quant.qtensor import QuantizedTensor
 
 _MASKED = -1e30  # finite "minus infinity": a fully masked row (padding) stays NaN-free
@@ -148,7 +149,7 @@ class KVCache:
             for a in getattr(self, name):
                 if tuple(a.shape[2:]) != (kvh, hd):
                     raise ValueError(f"KV cache {name} buffer is {tuple(a.shape)}; the model stores ({kvh}, {hd}) per token")
-        if spec.quantized and len(self.k_recent) != cfg.n_layers or len(self.k_sink) != (cfg.n_layers if spec.sinks else 0):
+        if (spec.quantized and len(self.k_recent) != cfg.n_layers) or len(self.k_sink) != (cfg.n_layers if spec.sinks else 0):
             raise ValueError(f"KV cache buffers do not match its spec {spec}")
 
 
@@ -290,9 +291,9 @@ def _ring_positions(lengths, ring: int):
 
 def full_precision_from(positions, spec: KVSpec):
     """(B, T): the first position the query at ``positions`` sees in full precision (see
-    :mod:`quant.kv`): the start of its still-filling key group, minus ``R - G``."""
+    :mod:`quant.kv`): the start of its own key group, minus ``R - G``."""
     g = spec.key_positions
-    return (positions + 1) // g * g - (spec.residual_positions - g)
+    return positions // g * g - (spec.residual_positions - g)
 
 
 def _write_values(buf: QuantizedTensor, new, starts):
@@ -314,7 +315,7 @@ def _write_keys(buf: QuantizedTensor, ring_k, new, lengths):
     spec, g = buf.spec, buf.spec.group_size
     b, t = new.shape[:2]
     n_groups = buf.shape[1] // g
-    touched = min(-(-t // g) + 1, n_groups)  # static: groups one call can touch
+    touched = min((t + g - 2) // g + 1, n_groups)  # static: the most groups t consecutive positions span
     rows = packing.packed_length(g, spec.bits)  # packed rows per group
     ring = ring_k.shape[1]
 
@@ -324,14 +325,14 @@ def _write_keys(buf: QuantizedTensor, ring_k, new, lengths):
         pos = start * g + jnp.arange(touched * g, dtype=jnp.int32)
         fresh = jnp.where((pos >= length)[:, None], new_row[jnp.clip(pos - length, 0, t - 1)],
                           ring_row[jnp.remainder(pos, ring)].astype(jnp.float32))
-        q = quant.quantize(fresh, spec, axis=0, scale_dtype=scale.dtype)
+        q_packed, q_scale, q_zero = quantize_key_groups(fresh, spec.bits, g)
         keep = (start + jnp.arange(touched)) < first  # (touched,)
         old_p = jax.lax.dynamic_slice_in_dim(packed, start * rows, touched * rows, axis=0)
         old_s = jax.lax.dynamic_slice_in_dim(scale, start, touched, axis=0)
         old_z = jax.lax.dynamic_slice_in_dim(zero, start, touched, axis=0)
-        new_p = jnp.where(jnp.repeat(keep, rows)[:, None], old_p, q.packed)
-        new_s = jnp.where(keep[:, None], old_s, q.scale)
-        new_z = jnp.where(keep[:, None], old_z, q.zero)
+        new_p = jnp.where(jnp.repeat(keep, rows)[:, None], old_p, q_packed)
+        new_s = jnp.where(keep[:, None], old_s, q_scale)
+        new_z = jnp.where(keep[:, None], old_z, q_zero)
         return (jax.lax.dynamic_update_slice_in_dim(packed, new_p, start * rows, axis=0),
                 jax.lax.dynamic_update_slice_in_dim(scale, new_s, start, axis=0),
                 jax.lax.dynamic_update_slice_in_dim(zero, new_z, start, axis=0))

@@ -10,16 +10,17 @@ Grammar (the ``--kv`` flag; canonical form omits the defaults)::
   Tuning-Free Asymmetric 2bit Quantization for KV Cache"):
 
   - **keys per channel**: each of the ``D = n_kv_heads * head_dim`` channels is quantized over
-    groups of ``G`` consecutive positions (default 32), asymmetric (float16 scale and zero point
-    per group and channel).  Keys have fixed outlier channels, which per-token groups cannot
+    groups of ``G`` consecutive positions (default 32), asymmetric over the group's own
+    ``[min, max]`` (float16 scale and real-valued zero point per group and channel,
+    :func:`quantize_key_groups`).  Keys have fixed outlier channels, which per-token groups cannot
     absorb at 4 bits (measured: stories260K perplexity x4 with per-token int4 keys).
   - **values per token**: groups of ``N`` consecutive values of one token's vector, symmetric
     (float16 scale).  The default ``N`` is one head, or the fewest whole heads with at least 32
     values when heads are narrower.
-  - **residual window** of ``R`` positions (default ``R = G``; a multiple of ``G``): the query
-    at position ``p`` sees position ``j`` in full precision (float16) when
-    ``j >= G * floor((p + 1) / G) - (R - G)``, i.e. the key group ``p`` is still filling and the
-    ``R/G - 1`` groups before it; every older position is dequantized.  A key group is quantized
+  - **residual window** of up to ``R`` positions (default ``R = G``; a multiple of ``G``): the
+    query at position ``p`` sees position ``j`` in full precision (float16) when
+    ``j >= G * floor(p / G) - (R - G)``, i.e. ``j`` is in the key group of ``p`` (itself
+    included) or in the ``R/G - 1`` groups before it; every older position is dequantized.  A key group is quantized
     once it is complete, from the full-precision copies, which live in a ring buffer of the last
     ``R + rewind`` positions (``rewind``: how far a caller may move the cache length back, as
     speculative decoding does with rejected proposals).  The rule depends only on ``p`` and
@@ -93,8 +94,8 @@ class KVSpec:
         if self.residual is not None and (self.residual <= 0 or self.residual % self.key_positions):
             raise ValueError(f"the residual window ({self.residual}) must be a positive multiple of the key group "
                              f"({self.key_positions})")
-        if self.key_positions % 2:
-            raise ValueError(f"the key group must be even (int4 codes pack two positions per byte), got {self.key_positions}")
+        if self.bits == 4 and self.key_positions % 2:
+            raise ValueError(f"an int4 key group must be even (codes pack two positions per byte), got {self.key_positions}")
         # one object per meaning (a static jit argument): defaults are stored as None
         if self.key_group == DEFAULT_KEY_GROUP:
             object.__setattr__(self, "key_group", None)
@@ -156,6 +157,37 @@ class KVSpec:
         if self.sinks:
             parts.append(f"s{self.sinks}")
         return "-".join(parts)
+
+
+def quantize_key_groups(x, bits: int, group: int):
+    """Per-channel asymmetric quantization of keys over groups of ``group`` positions (KIVI).
+
+    ``x`` (n * group, D) float32 -> ``(packed, scale, zero)``: codes packed along axis 0 as
+    :mod:`quant.packing` lays them out, and float16 ``scale``, ``zero`` of shape (n, D), so that
+    ``x_hat = (q - zero) * scale``, the :class:`quant.QuantizedTensor` convention.  Unlike the
+    weight quantizer, the range is each group's own ``[min, max]``, not widened to contain 0, and
+    the zero point is a real number (``-min / scale`` in float16, as precise as a float16 copy of
+    the minimum): a key channel that sits far from 0 over a group, as outlier channels and slow
+    RoPE dimensions do, keeps all ``2**bits`` levels for its spread.
+    """
+    import jax.numpy as jnp
+
+    from quant import packing
+
+    n = x.shape[0] // group
+    xg = x.reshape(n, group, -1)
+    lo, hi = xg.min(axis=1), xg.max(axis=1)
+    levels = 2**bits - 1
+    # a step finer than 1/2**15 of the values is below float16 resolution anyway; the floor keeps
+    # |zero| = |min| / scale under 2**15, inside float16's range
+    s = jnp.maximum((hi - lo) / levels, jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * 2.0**-15)
+    s = jnp.where(s > 0, s, 1.0)
+    scale = s.astype(jnp.float16)
+    scale = jnp.where(scale.astype(jnp.float32) < s, jnp.nextafter(scale, jnp.float16(jnp.inf)), scale)  # range fits
+    zero = (-lo / scale.astype(jnp.float32)).astype(jnp.float16)
+    q = jnp.round(xg / scale.astype(jnp.float32)[:, None] + zero.astype(jnp.float32)[:, None])
+    codes = jnp.clip(q, 0, levels).astype(jnp.int32).reshape(x.shape)
+    return packing.pack_codes(codes, bits, 0), scale, zero
 
 
 def parse_kv_spec(spec: "KVSpec | str | None") -> KVSpec:

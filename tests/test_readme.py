@@ -42,3 +42,13 @@ def test_readme_cascade_example_runs(capsys):
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["r"].text.strip() and namespace["same"].stats is None
     assert namespace["pair"].describe()["small"]["quant"] == "int4"
+
+
+def test_readme_kv_cache_example_runs(capsys):
+    """The KV-cache block: INT8 cache memory and a generation with it."""
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    blocks = text.split("```python\n")[1:]
+    code = next(c for c in (b[: b.index("```")] for b in blocks) if "kv_cache_memory" in c)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["q8"].tokens[0] and "vs_fp16_per_token" in capsys.readouterr().out

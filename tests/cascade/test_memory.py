@@ -20,16 +20,38 @@ def test_parse_bytes_rejects(bad):
         parse_bytes(bad)
 
 
-def test_plan_counts_the_weights_and_the_caches_the_runtime_allocates():
+def test_plan_counts_the_weights_and_the_caches_the_runtime_allocates(monkeypatch):
+    """The plan's KV bytes are those of the caches a real run allocates (recorded by wrapping
+    KVCache.create), for a short prompt and for one that fills the context."""
+    import cascade.speculative as speculative
+
     pair = load_pair("default-small", "default-large", small_quant="int4", large_quant="int8")
-    plan = plan_memory(pair, ctx=300, batch=2, small_kv="int4", large_kv="int8", draft_len=4)
-    small, large = plan.models
+    allocated = []
+    create = KVCache.create
+
+    def recording(*args, **kwargs):
+        cache = create(*args, **kwargs)
+        allocated.append(cache.nbytes)
+        return cache
+
+    monkeypatch.setattr(speculative.KVCache, "create", staticmethod(recording))
+    tok = pair.tokenizer
+    for ctx, prompt_tokens in ((300, 5), (512, 400)):
+        ids = (tok.encode("Once upon a time " * 200))[:prompt_tokens]
+        allocated.clear()
+        speculative.speculative_generate(pair.small.params, pair.small.config, pair.large.params, pair.large.config,
+                                         ids, max_new_tokens=ctx - len(ids), draft_len=4, draft_kv="int4",
+                                         target_kv="int8")
+        plan = plan_memory(pair, ctx=ctx, small_kv="int4", large_kv="int8", draft_len=4)
+        small, large = plan.models
+        assert allocated[0] <= small.kv_bytes and allocated[1] <= large.kv_bytes  # an upper bound for any prompt
+        if ctx == 512:  # a prompt this long sets the bound
+            assert allocated == [small.kv_bytes, large.kv_bytes]
     assert small.weight_bytes == weight_bytes(pair.small.params) and large.weight_bytes == weight_bytes(pair.large.params)
-    assert small.kv_bytes == KVCache.create(pair.small.config, 2, 300, "int4", rewind=5).nbytes
-    assert large.kv_bytes == KVCache.create(pair.large.config, 2, 300, "int8", rewind=5).nbytes
     assert plan.total == small.total + large.total and plan.fits is None
     assert plan_memory(pair, ctx=300, budget=plan.total * 10).fits
-    tight = plan_memory(pair, ctx=300, batch=2, small_kv="int4", large_kv="int8", budget=plan.total - 1)
-    assert tight.fits is False
+    two = plan_memory(pair, ctx=512, batch=2, small_kv="int4", large_kv="int8")
+    assert two.models[1].kv_bytes == 2 * large.kv_bytes
+    assert plan_memory(pair, ctx=512, small_kv="int4", large_kv="int8", budget=plan.total - 1).fits is False
     with pytest.raises(ValueError, match="exceeds the context"):
         plan_memory(pair, ctx=100_000)
