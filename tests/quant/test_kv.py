@@ -69,3 +69,34 @@ def test_bytes_per_token_hand_computed():
     # ring of R + rewind positions and S sinks, keys and values, float16
     assert fixed_bytes_per_layer("int4-s4", 3, 64, rewind=5) == 2 * (32 + 5 + 4) * 192 * 2
     assert fixed_bytes_per_layer("bf16", 3, 64, rewind=5) == 0
+
+
+def test_key_groups_use_their_own_range():
+    """Per-channel asymmetric keys against numpy: a channel far from 0 keeps every level for its
+    spread (the weight quantizer would widen the range to 0 and use a fraction of them), a channel
+    that barely moves and an all-zero channel stay finite and exact to float16 resolution."""
+    import numpy as np
+
+    import quant
+    from quant.kv import quantize_key_groups
+    from quant.spec import IntSpec
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    x[:, 1] += 6.0  # offset channel
+    x[:, 2] = 9.0 + 1e-4 * x[:, 2]  # nearly constant, far from 0
+    x[:, 3] = 0.0
+    for bits in (8, 4):
+        packed, scale, zero = quantize_key_groups(x, bits, 32)
+        qt = quant.QuantizedTensor(packed, scale, zero, spec=IntSpec(bits=bits, granularity="group", group_size=32,
+                                                                     symmetric=False), shape=x.shape, axis=0)
+        got = np.asarray(quant.dequantize(qt), np.float64)
+        assert np.isfinite(got).all()
+        for g in range(2):
+            block = x[32 * g: 32 * (g + 1)].astype(np.float64)
+            step = (block.max(0) - block.min(0)) / (2**bits - 1)
+            err = np.abs(got[32 * g: 32 * (g + 1)] - block).max(0)
+            assert np.all(err <= step / 2 * 1.01 + np.abs(block).max(0) * 2.0**-10 + 1e-7)
+        widened = quant.dequantize(quant.quantize(x, f"int{bits}-g32-asym", axis=0))
+        err_widened = np.abs(np.asarray(widened, np.float64) - x)[:, 1].max()
+        assert np.abs(got - x)[:, 1].max() < 0.8 * err_widened  # the offset channel: finer steps
