@@ -100,19 +100,26 @@ def tiny_params():
     return init_params(CFG, jax.random.key(1))
 
 
-@pytest.mark.parametrize("kv", ["int4-kg4-r8-s2", "int8"])
-def test_prefill_equals_decoding_one_token_at_a_time(tiny_params, kv):
-    """The full-precision window depends only on positions, so a chunk sees what steps see."""
-    tokens = np.random.default_rng(2).integers(0, CFG.vocab_size, (1, 37)).astype(np.int32)
-    cache = KVCache.create(CFG, 1, 64, kv)
+@pytest.mark.parametrize("kv, window", [("int4-kg4-r8-s2", None), ("int8", None), ("int4-kg4-s2", 6)])
+def test_prefill_equals_decoding_one_token_at_a_time(tiny_params, kv, window):
+    """The full-precision window depends only on positions, so a chunk sees what steps see (also
+    under a Mistral-style sliding window)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, sliding_window=window)
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (1, 37)).astype(np.int32)
+    cache = KVCache.create(cfg, 1, 64, kv)
     positions = np.arange(37, dtype=np.int32)[None]
-    chunked, _ = forward(tiny_params, CFG, jnp.asarray(tokens), jnp.asarray(positions), cache)
-    cache = KVCache.create(CFG, 1, 64, kv)
+    chunked, _ = forward(tiny_params, cfg, jnp.asarray(tokens), jnp.asarray(positions), cache)
+    cache = KVCache.create(cfg, 1, 64, kv)
     stepped = []
     for t in range(37):
-        logits, cache = forward(tiny_params, CFG, jnp.asarray(tokens[:, t:t + 1]), cache.lengths[:, None], cache)
+        logits, cache = forward(tiny_params, cfg, jnp.asarray(tokens[:, t:t + 1]), cache.lengths[:, None], cache)
         stepped.append(np.asarray(logits[0, 0]))
     np.testing.assert_allclose(np.stack(stepped), np.asarray(chunked[0]), rtol=1e-4, atol=1e-4)
+    if window is not None:  # the window is in effect: the plain forward without it differs
+        plain = forward(tiny_params, CFG, jnp.asarray(tokens), jnp.asarray(positions))[0]
+        assert not np.allclose(np.asarray(plain[0]), np.asarray(chunked[0]), atol=1e-3)
 
 
 def test_rewind_within_the_ring_forgets_rejected_positions(tiny_params):
