@@ -54,6 +54,9 @@ import dataclasses
 import math
 import re
 
+import jax.numpy as jnp
+
+from quant import packing
 from quant.spec import IntSpec
 
 FLOAT_KV = {"fp32": ("float32", 4), "bf16": ("bfloat16", 2), "fp16": ("float16", 2)}
@@ -170,10 +173,6 @@ def quantize_key_groups(x, bits: int, group: int):
     the minimum): a key channel that sits far from 0 over a group, as outlier channels and slow
     RoPE dimensions do, keeps all ``2**bits`` levels for its spread.
     """
-    import jax.numpy as jnp
-
-    from quant import packing
-
     n = x.shape[0] // group
     xg = x.reshape(n, group, -1)
     lo, hi = xg.min(axis=1), xg.max(axis=1)
