@@ -18,30 +18,22 @@ from __future__ import annotations
 
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from models import generate, kv_cache_memory, load_model, perplexity, split_documents, tokenize_documents
-from models.llama import KVCache, Transformer
+from models.generation import forward
+from models.llama import KVCache
 
 DEFAULT_KV = ("fp32", "int8", "int4")
 
 
-@jax.jit
-def _argmax(logits):
-    return jnp.argmax(logits, axis=-1)
-
-
 def _teacher_forced_argmax(model, ids: list[int], kv: str) -> np.ndarray:
     """Argmax prediction after every prefix of ``ids``, through a cache of precision ``kv``."""
-    cfg = model.config
     tokens = jnp.asarray([ids], jnp.int32)
     positions = jnp.arange(len(ids), dtype=jnp.int32)[None]
-    cache = KVCache.create(cfg, 1, len(ids), kv)
-    logits, _ = jax.jit(lambda p, t, pos, c: Transformer(cfg).apply({"params": p}, t, pos, c))(model.params, tokens,
-                                                                                             positions, cache)
-    return np.asarray(_argmax(logits[0]))
+    logits, _ = forward(model.params, model.config, tokens, positions, KVCache.create(model.config, 1, len(ids), kv))
+    return np.asarray(jnp.argmax(logits[0], axis=-1))
 
 
 def run(model_path: str, data: str, *, kvs=DEFAULT_KV, ctx: int | None = None, stride: int | None = None,
