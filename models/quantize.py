@@ -16,17 +16,19 @@ import jax
 from models.model import Model
 from quant.qtensor import QuantizedTensor, dequantize
 from quant.rtn import QuantReport, key_path_str, quantize_params
-from quant.rules import PrecisionRules
+from quant.rules import PrecisionRules, is_rules_path
 
 
 def reduction_axis(path: str, shape) -> int:
     return 1 if path.startswith("embed/") else 0
 
 
-def quantize_model(model: Model, rules, *, progress: bool | None = None) -> tuple[Model, QuantReport]:
+def quantize_model(model: Model, rules, *, scale_dtype="float16", progress: bool | None = None) -> tuple[Model, QuantReport]:
+    """RTN-quantize ``model`` under ``rules`` (a spec, inline rules, a rules file or
+    :class:`quant.PrecisionRules`); scales and zero points stored in ``scale_dtype``."""
     parsed = PrecisionRules.parse(rules)
     # keep what the user typed ("int8", "attn=int8,*=int4-g64") unless it names a file: then the rules
-    label = rules.strip() if isinstance(rules, str) and not rules.strip().endswith(".json") else rules_text(parsed)
+    label = rules.strip() if isinstance(rules, str) and not is_rules_path(rules) else rules_text(parsed)
     is_q = lambda a: isinstance(a, QuantizedTensor)  # noqa: E731
     stored = {key_path_str(p): _nbytes(a) for p, a in jax.tree_util.tree_flatten_with_path(model.params, is_leaf=is_q)[0]}
     n_quantized = sum(is_q(a) for a in jax.tree.leaves(model.params, is_leaf=is_q))
@@ -34,7 +36,7 @@ def quantize_model(model: Model, rules, *, progress: bool | None = None) -> tupl
         warnings.warn(f"re-quantizing {n_quantized} already-quantized tensors from their dequantized values "
                       "(errors compound; the report's bytes_before is the stored size)", stacklevel=2)
     params = jax.tree.map(lambda a: dequantize(a, "float32") if is_q(a) else a, model.params, is_leaf=is_q)
-    qparams, report = quantize_params(params, parsed, axis=reduction_axis, progress=progress)
+    qparams, report = quantize_params(params, parsed, axis=reduction_axis, scale_dtype=scale_dtype, progress=progress)
     report = QuantReport(layers=tuple(dataclasses.replace(r, bytes_before=stored.get(r.path, r.bytes_before))
                                       for r in report.layers))
     return dataclasses.replace(model, params=qparams, quant=label), report

@@ -4,13 +4,22 @@ As qwix's rules and MaxText's ``quant_cfg_path`` JSON: an ordered list of
 ``(regex, spec)``; the first regex that *searches* successfully in a parameter's path wins,
 otherwise ``default`` applies.  Paths join pytree keys with ``/`` (``layers_0/mlp/up/kernel``).
 
-Integer specs only apply to arrays of rank >= 2 (matmul weights); rank-0/1 parameters (norm
-scales, biases) are never integer-quantized and keep their dtype unless a rule gives them a
-float spec.  ``PrecisionRules.parse`` reads the forms the CLI accepts:
+Lookup order for a parameter: the user's rules (first match wins), then, unless
+``keep_16bit=False``, the keep-16-bit rules (:data:`KEEP_16BIT_RULES`: norms, embeddings and the
+LM head in bf16), then ``default``.  So every form below keeps those tensors in bf16 unless a
+rule of the user's names them (``embed=int8,*=int4-g128`` quantizes the embedding).
 
-* a spec: ``int4-g128`` (default rules keep norms, embeddings and the LM head in bf16)
-* inline rules: ``"embed|lm_head=bf16,attn=int8,*=int4-g128"`` (``*`` names the default)
-* a JSON file: ``{"__default__": "int4-g128", "rules": [["embed|lm_head", "bf16"], ...]}``
+Integer specs only apply to arrays of rank >= 2 (matmul weights): for a rank-0/1 parameter (norm
+scale, bias) a rule with an integer spec does not match and the lookup goes on, so such
+parameters keep their dtype unless a rule gives them a float spec.  ``PrecisionRules.parse``
+reads the forms the CLI accepts:
+
+* a spec: ``int4-g128``
+* inline rules: ``"attn=int8,*=int4-g128"`` (``*`` names the default)
+* a JSON file, named by a path that ends in ``.json`` or contains a ``/`` (never guessed from a
+  bare word, so a file called ``int8`` in the working directory cannot replace the spec ``int8``):
+  ``{"__default__": "int4-g128", "rules": [["attn", "int8"], ...], "keep_16bit": true}``
+  (``keep_16bit`` optional, default true).
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import json
 import os
 import re
 
-from quant.spec import FloatSpec, IntSpec, Spec, parse_spec
+from quant.spec import IntSpec, Spec, parse_spec
 
 # Mixed-precision fallback that LLM quantizers use by default (GPTQ/AWQ leave these unquantized):
 # norms are tiny and sensitive; embeddings and the LM head see every token.
@@ -30,15 +39,20 @@ KEEP_16BIT_RULES: tuple[tuple[str, str], ...] = (
     (r"(^|[/.])lm_head([/.]|$)|^(params[/.])?output([/.]|$)", "bf16"),  # HF lm_head; Meta/GGUF output
 )
 
+_KEEP_16BIT_SPECS = tuple((pattern, parse_spec(spec)) for pattern, spec in KEEP_16BIT_RULES)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PrecisionRules:
     """Ordered (regex -> spec) rules with a default spec."""
 
-    rules: tuple[tuple[str, Spec], ...] = ()  # first regex that matches the path wins
+    rules: tuple[tuple[str, Spec], ...] = ()  # the user's rules: first regex that matches the path wins
     default: Spec | None = None  # spec for unmatched parameters; None leaves them unchanged
+    keep_16bit: bool = True  # after the user's rules, KEEP_16BIT_RULES (norms, embeddings, LM head -> bf16)
 
     def __post_init__(self):
+        if not isinstance(self.keep_16bit, bool):
+            raise ValueError(f"keep_16bit must be true or false, got {self.keep_16bit!r}")
         checked = []
         for pattern, spec in self.rules:
             if not isinstance(pattern, str):
@@ -55,7 +69,7 @@ class PrecisionRules:
     @classmethod
     def from_spec(cls, spec: Spec | str, keep_16bit: bool = True) -> "PrecisionRules":
         """One spec for every matmul weight; norms, embeddings and LM head in bf16 if ``keep_16bit``."""
-        return cls(rules=KEEP_16BIT_RULES if keep_16bit else (), default=parse_spec(spec))
+        return cls(default=parse_spec(spec), keep_16bit=keep_16bit)
 
     @classmethod
     def parse(cls, text: "str | PrecisionRules") -> "PrecisionRules":
@@ -65,7 +79,10 @@ class PrecisionRules:
         if not isinstance(text, str):
             raise ValueError(f"precision rules must be a spec, inline rules or a JSON path, got {type(text).__name__}")
         text = text.strip()
-        if text.endswith(".json") or os.path.isfile(text):
+        if not text:
+            raise ValueError("empty precision rules: expected a spec (e.g. int8, int4-g128), inline rules "
+                             "(e.g. 'attn=int8,*=int4-g128') or a rules file (a path ending in .json)")
+        if is_rules_path(text):
             return cls.from_json_file(text)
         if "=" not in text:
             return cls.from_spec(text)
@@ -91,25 +108,37 @@ class PrecisionRules:
             raise ValueError(f"precision rules file not found: {path}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"precision rules file {path} is not valid JSON: {e}") from None
-        if not isinstance(data, dict) or not set(data) <= {"__default__", "rules"}:
-            raise ValueError(f"{path}: expected an object with keys '__default__' and 'rules'")
+        if not isinstance(data, dict) or not set(data) <= {"__default__", "rules", "keep_16bit"}:
+            raise ValueError(f"{path}: expected an object with keys '__default__', 'rules' and optionally 'keep_16bit'")
         rules = data.get("rules", [])
-        if not all(isinstance(r, list) and len(r) == 2 for r in rules):
+        if not isinstance(rules, list) or not all(isinstance(r, list) and len(r) == 2 for r in rules):
             raise ValueError(f"{path}: 'rules' must be a list of [regex, spec] pairs")
-        return cls(rules=tuple(tuple(r) for r in rules), default=data.get("__default__"))
+        default = data.get("__default__")
+        if default is not None and not isinstance(default, str):
+            raise ValueError(f"{path}: '__default__' must be a spec string or null")
+        try:
+            return cls(rules=tuple(tuple(r) for r in rules), default=default, keep_16bit=data.get("keep_16bit", True))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_json(self) -> dict:
         return {"__default__": None if self.default is None else str(self.default),
-                "rules": [[p, str(s)] for p, s in self.rules]}
+                "rules": [[p, str(s)] for p, s in self.rules], "keep_16bit": self.keep_16bit}
 
     def spec_for(self, path: str, ndim: int) -> Spec | None:
-        """The spec for a parameter, or None to leave it unchanged."""
-        spec = self.default
-        for pattern, rule_spec in self.rules:
+        """The spec for a parameter, or None to leave it unchanged (see the module docstring)."""
+        keep = _KEEP_16BIT_SPECS if self.keep_16bit else ()
+        for pattern, spec in (*self.rules, *keep, ("", self.default)):
+            if spec is None or (isinstance(spec, IntSpec) and ndim < 2):
+                continue  # integer specs do not apply to vectors and scalars
             if re.search(pattern, path):
-                spec = rule_spec
-                break
-        if isinstance(spec, IntSpec) and ndim < 2:
-            return None
-        return spec
+                return spec
+        return None
+
+
+def is_rules_path(text: str) -> bool:
+    """Whether ``text`` names a rules file rather than a spec or inline rules: it ends in ``.json``,
+    or it contains a path separator and no ``=``.  Nothing is looked up in the working directory."""
+    text = text.strip()
+    return text.endswith(".json") or ("=" not in text and ("/" in text or os.sep in text))
 

@@ -19,7 +19,7 @@ from models.model import Model
 CFG = ModelConfig(vocab_size=64, dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                   rope_scaling=RopeScaling(rope_type="linear", factor=2.0), eos_token_ids=(2, 3))
 # bf16 norms and embedding, fp32 final norm, int8 (symmetric: no zero) attention, int4-g32-asym (zeros) MLP / head
-MIXED_RULES = "attn_norm|mlp_norm|embed=bf16,attn=int8,*=int4-g32-asym"
+MIXED_RULES = "final_norm=fp32,lm_head=int4-g32-asym,attn_norm|mlp_norm|embed=bf16,attn=int8,*=int4-g32-asym"
 
 
 def _logits(cfg, params):

@@ -27,9 +27,9 @@ def test_rules_applied_and_reported(params):
     assert isinstance(qp["layers_0"]["attn"]["q"]["kernel"], quant.QuantizedTensor)
     assert qp["layers_0"]["attn"]["q"]["kernel"].spec == quant.parse_spec("int8")
     assert qp["layers_0"]["mlp"]["down"]["kernel"].spec == quant.parse_spec("int4-g32")
-    # inline rules replace the 16-bit defaults: the embedding is a 2-D weight and gets int4 too
-    assert rows["embed_tokens/embedding"].spec == "int4-g32"
-    assert rows["layers_0/attn_norm/scale"].spec == "unchanged"  # int specs skip vectors
+    # inline rules keep the 16-bit defaults for what they do not name: embedding and norms in bf16
+    assert rows["embed_tokens/embedding"].spec == "bf16"
+    assert rows["layers_0/attn_norm/scale"].spec == "bf16"  # the int8 'attn' rule skips vectors: the keep rule applies
     assert qp["step"] == 7 and "step" not in rows  # non-float leaves pass through
     for path, r in rows.items():
         if r.spec.startswith("int"):

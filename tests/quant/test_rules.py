@@ -78,3 +78,53 @@ def test_keep_rules_cover_gguf_and_flax_names():
     for name in ("token_embd.weight", "params/output/kernel", "output_norm.weight", "tok_embeddings.weight"):
         assert str(rules.spec_for(name, 2)) == "bf16", name
     assert str(rules.spec_for("params/layers_0/attn/output/kernel", 2)) == "int4-g128"
+
+
+def test_a_file_named_like_a_spec_is_not_read(tmp_path, monkeypatch):
+    # regression: a file called "int8" in the working directory used to replace the spec int8
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "int8").write_text(json.dumps({"__default__": "int2-g16"}))
+    (tmp_path / "attn=int8").write_text("{}")
+    assert PrecisionRules.parse("int8") == PrecisionRules.from_spec("int8")
+    assert str(PrecisionRules.parse("int8").spec_for("layers_0/mlp/up/kernel", 2)) == "int8"
+    assert PrecisionRules.parse("attn=int8").rules == (("attn", parse_spec("int8")),)
+    # a rules file is named explicitly: a .json suffix or a path with a separator
+    (tmp_path / "rules").write_text(json.dumps({"__default__": "int2-g16"}))
+    assert str(PrecisionRules.parse("./rules").default) == "int2-g16"
+    with pytest.raises(ValueError, match="not found"):
+        PrecisionRules.parse("sub/rules")
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_empty_rules_are_an_error(text):
+    with pytest.raises(ValueError, match="empty precision rules"):
+        PrecisionRules.parse(text)
+
+
+@pytest.mark.parametrize("form", ["spec", "inline", "json"])
+def test_every_form_keeps_norms_embeddings_head_16bit(tmp_path, form):
+    # regression: inline rules used to quantize the embedding and leave norms in fp32
+    text = {"spec": "int4-g128", "inline": "attn=int8,*=int4-g128", "json": str(tmp_path / "r.json")}[form]
+    (tmp_path / "r.json").write_text(json.dumps({"__default__": "int4-g128", "rules": [["attn", "int8"]]}))
+    rules = PrecisionRules.parse(text)
+    for path, ndim in (("embed/embedding", 2), ("lm_head/kernel", 2), ("final_norm/scale", 1),
+                       ("layers_0/attn_norm/scale", 1)):  # attn_norm matches the user's int8 rule: int skips vectors
+        assert str(rules.spec_for(path, ndim)) == "bf16", (form, path)
+    assert str(rules.spec_for("layers_0/mlp/up/kernel", 2)) == "int4-g128"
+    assert str(rules.spec_for("layers_0/attn/q/kernel", 2)) == ("int8" if form != "spec" else "int4-g128")
+    assert rules.spec_for("layers_0/attn/q/bias", 1) is None
+
+
+def test_user_rules_come_before_the_keep_rules_and_can_turn_them_off(tmp_path):
+    rules = PrecisionRules.parse("embed=int8,*=int4-g128")
+    assert str(rules.spec_for("embed/embedding", 2)) == "int8"
+    assert str(rules.spec_for("lm_head/kernel", 2)) == "bf16"
+    path = tmp_path / "all.json"
+    path.write_text(json.dumps({"__default__": "int4-g128", "keep_16bit": False}))
+    everything = PrecisionRules.parse(str(path))
+    assert str(everything.spec_for("embed/embedding", 2)) == "int4-g128"
+    assert everything.spec_for("final_norm/scale", 1) is None
+    assert PrecisionRules.parse(str(path)).to_json() == {"__default__": "int4-g128", "rules": [], "keep_16bit": False}
+    path.write_text(json.dumps({"__default__": "int4-g128", "keep_16bit": "no"}))
+    with pytest.raises(ValueError, match="keep_16bit"):
+        PrecisionRules.parse(str(path))
