@@ -22,8 +22,15 @@ metadata (orbax would otherwise silently cast dtypes or ignore shapes), restores
 every leaf's shape, dtype and hash: a truncated, corrupted, edited or incomplete checkpoint is
 a one-line ``ValueError`` naming the directory (and the tensor or file where known).
 
-Saving is atomic: everything is written into a hidden sibling temp directory that is renamed
-onto the target only when complete; a failed save leaves neither target nor temp directory.
+Saving is atomic: everything is written into a hidden sibling temp directory
+(``.NAME.tmp-PID-XXXXXXXX``) that is renamed onto the target only when complete; an existing
+target is first moved aside to ``.NAME.old-PID-XXXXXXXX`` and removed after the rename.  A failed
+save leaves neither target nor temp directory.  A writer killed outright (``kill -9``, power loss)
+cannot clean up, so the next save or load of the same target does (:func:`recover_interrupted_save`):
+it removes the temp directories of writers that are no longer running and, when the target is
+missing but a dead writer's ``.old`` copy exists (killed between the two renames), renames that
+copy back, with a warning.  The target is therefore always absent, the old checkpoint, or the
+complete new one.
 """
 
 from __future__ import annotations
@@ -31,8 +38,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -60,21 +69,79 @@ def is_checkpoint(path) -> bool:
 # ---------------------------------------------------------------------------------------- save
 
 
+_SIDE_DIR = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def _pid_running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: a process of another user holds that pid
+        return True
+    return True
+
+
+def recover_interrupted_save(directory) -> list[str]:
+    """Clean up after writers of ``directory`` that died mid-save; returns what was done.
+
+    Removes their ``.NAME.tmp-*`` directories, and their ``.NAME.old-*`` copies of a replaced
+    checkpoint, except that a ``.old`` copy is renamed back onto the target when the target is
+    missing (the writer died between moving the old checkpoint aside and installing the new one).
+    Directories of writers that are still running (by process id, on this machine) are left alone.
+    """
+    target = os.path.abspath(os.fspath(directory))
+    parent, name = os.path.split(target)
+    try:
+        entries = sorted(os.listdir(parent or "."))
+    except OSError:
+        return []
+    done = []
+    for entry in entries:
+        m = _SIDE_DIR.match(entry)
+        if not m or m["name"] != name or _pid_running(int(m["pid"])):
+            continue
+        path = os.path.join(parent, entry)
+        if m["kind"] == "old" and not os.path.lexists(target):
+            os.rename(path, target)
+            _fsync_dir(parent)
+            done.append(f"restored the previous checkpoint from {entry} (a save was interrupted)")
+            warnings.warn(f"{target}: {done[-1]}", stacklevel=2)
+            continue
+        if os.path.islink(path):
+            os.unlink(path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        done.append(f"removed {entry} left by an interrupted save")
+    return done
+
+
+def check_destination(directory, *, overwrite: bool = False) -> str:
+    """Check that :func:`save_checkpoint` may write ``directory`` (after recovering from interrupted
+    saves); returns its absolute path.  Callers that do long work before saving (quantizing) call
+    this first, so a refused destination is reported before the work, not after."""
+    target = os.path.abspath(os.fspath(directory))
+    if not os.path.basename(target):
+        raise ValueError(f"{directory}: not a valid checkpoint directory name")
+    recover_interrupted_save(target)
+    if os.path.lexists(target):
+        if not overwrite:
+            raise ValueError(f"{target}: already exists; pass overwrite=True (--overwrite) to replace it")
+        if not (is_checkpoint(target) or (os.path.isdir(target) and not os.listdir(target))):
+            raise ValueError(f"{target}: exists and is not a cascade checkpoint; refusing to replace it")
+    return target
+
+
 def save_checkpoint(directory, model: Model, *, overwrite: bool = False) -> None:
     """Write ``model`` to ``directory`` (atomically); ValueError if it exists and not ``overwrite``.
 
     ``overwrite`` replaces only an existing cascade checkpoint (or an empty directory); any other
     existing path is refused rather than deleted.
     """
-    target = os.path.abspath(os.fspath(directory))
+    target = check_destination(directory, overwrite=overwrite)
     parent, name = os.path.split(target)
-    if not name:
-        raise ValueError(f"{directory}: not a valid checkpoint directory name")
-    if os.path.lexists(target):
-        if not overwrite:
-            raise ValueError(f"{target}: already exists; pass overwrite=True (--overwrite) to replace it")
-        if not (is_checkpoint(target) or (os.path.isdir(target) and not os.listdir(target))):
-            raise ValueError(f"{target}: exists and is not a cascade checkpoint; refusing to replace it")
     if not isinstance(model, Model) or not isinstance(model.config, ModelConfig):
         raise ValueError(f"{target}: save_checkpoint takes a models.model.Model, got {type(model).__name__}")
     if model.quant is not None and not isinstance(model.quant, str):
@@ -279,6 +346,7 @@ def _fsync_dir(path: str) -> None:
 def load_checkpoint(directory) -> Model:
     """Read a checkpoint written by :func:`save_checkpoint`, verifying every array's hash."""
     where = os.path.abspath(os.fspath(directory))
+    recover_interrupted_save(where)
     if not os.path.exists(where):
         raise ValueError(f"{where}: no such checkpoint directory")
     if not os.path.isdir(where):

@@ -21,7 +21,14 @@ def load_model(path, *, tokenizer=None) -> Model:
 
     path = resolve_model_path(path)
     if not os.path.exists(path):
+        from models.checkpoint import recover_interrupted_save
+
+        recover_interrupted_save(path)  # a checkpoint whose overwrite was killed midway comes back
+    if not os.path.exists(path):
         raise ValueError(f"{path}: no such file or directory")
+    if tokenizer is not None and not (os.path.isfile(path) and path.lower().endswith(".bin")):
+        raise ValueError(f"{path}: a tokenizer path applies only to a llama2.c .bin model; "
+                         "this model brings its own tokenizer")
     if os.path.isdir(path):
         from models.checkpoint import is_checkpoint
 
