@@ -41,14 +41,21 @@ from quant.kv import KVSpec
 
 @dataclasses.dataclass
 class SpeculativeStats:
-    """vLLM-style counters of one generation."""
+    """vLLM-style counters of one generation.
+
+    Only proposals that could still be emitted count: in the last round, when fewer than
+    ``draft_len`` tokens remain before ``max_new_tokens``, the proposals past the limit are
+    neither draft tokens nor accepted ones, and an accepted proposal after an emitted EOS is not
+    counted as accepted.  So ``emitted_tokens`` = 1 (the prefill's token) + ``accepted_tokens`` +
+    the target's own tokens, one per round unless the round was cut.
+    """
 
     rounds: int = 0  # draft-then-verify rounds (target calls after prefill)
-    draft_tokens: int = 0  # tokens proposed by the draft
-    accepted_tokens: int = 0  # proposals the target accepted
-    emitted_tokens: int = 0  # tokens produced: the prefill token + per round the accepted ones and one target token,
-    #                          cut at EOS / max_tokens (so accepted proposals past the cut are counted but not emitted)
+    draft_tokens: int = 0  # proposals that fit before max_new_tokens
+    accepted_tokens: int = 0  # proposals the target accepted and the output kept
+    emitted_tokens: int = 0  # tokens produced: the prefill token + per round the accepted ones and one target token
     accepted_at: list[int] = dataclasses.field(default_factory=list)  # [i]: rounds whose proposal i was accepted
+    offered_at: list[int] = dataclasses.field(default_factory=list)  # [i]: rounds whose proposal i counted
 
     @property
     def acceptance_rate(self) -> float:
@@ -59,11 +66,21 @@ class SpeculativeStats:
         """Accepted proposals per round (0 .. draft_len)."""
         return self.accepted_tokens / self.rounds if self.rounds else 0.0
 
+    def record_round(self, offered: int, accepted: int) -> None:
+        """One round: ``offered`` proposals counted, the first ``accepted`` of them accepted and kept."""
+        self.rounds += 1
+        self.draft_tokens += offered
+        self.accepted_tokens += accepted
+        for i in range(offered):
+            self.offered_at[i] += 1
+            self.accepted_at[i] += i < accepted
+
     def to_json(self) -> dict:
         return {"rounds": self.rounds, "draft_tokens": self.draft_tokens, "accepted_tokens": self.accepted_tokens,
                 "emitted_tokens": self.emitted_tokens, "acceptance_rate": round(self.acceptance_rate, 4),
                 "mean_accepted_length": round(self.mean_accepted_length, 4),
-                "acceptance_per_position": [round(a / self.rounds, 4) if self.rounds else 0.0 for a in self.accepted_at]}
+                "acceptance_per_position": [round(a / o, 4) if o else 0.0
+                                            for a, o in zip(self.accepted_at, self.offered_at)]}
 
 
 @dataclasses.dataclass
@@ -183,9 +200,12 @@ def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, ta
     if bad:
         raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {draft_cfg.vocab_size})")
     context = min(draft_cfg.max_seq_len, target_cfg.max_seq_len)
+    if len(prompt) >= context:
+        raise ValueError(f"the prompt is {len(prompt)} tokens; the context of the pair is {context}, "
+                         "so the prompt alone leaves no room to generate: shorten the prompt")
     if len(prompt) + max_new_tokens > context:
-        raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
-                         f"({context}) of the pair; lower --max-tokens")
+        raise ValueError(f"prompt ({len(prompt)} tokens) + max new tokens ({max_new_tokens}) exceeds the context "
+                         f"({context}) of the pair; generate at most {context - len(prompt)} tokens")
     eos = set(target_cfg.eos_token_ids if eos_ids is None else eos_ids)
     greedy = sampling.temperature == 0
     rng = np.random.default_rng(sampling.seed)
@@ -207,7 +227,7 @@ def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, ta
     first = _pick(np.asarray(t_logits[0]), greedy, sampling, rng)
     t1 = time.perf_counter()
 
-    stats = SpeculativeStats(emitted_tokens=1, accepted_at=[0] * draft_len)
+    stats = SpeculativeStats(emitted_tokens=1, accepted_at=[0] * draft_len, offered_at=[0] * draft_len)
     out = [first]
     committed = n_prompt  # tokens in both caches' valid prefix (the pending token is not yet fed)
     pending = first
@@ -247,16 +267,14 @@ def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, ta
             n_acc, nxt = verify_greedy(proposals, t_rows)
         else:
             n_acc, nxt = verify_sampled(proposals, np.stack(draft_probs), token_probs(t_rows, sampling), rng)
-        stats.rounds += 1
-        stats.draft_tokens += k
-        stats.accepted_tokens += n_acc
-        for i in range(n_acc):
-            stats.accepted_at[i] += 1
+        room = max_new_tokens - len(out)  # tokens this round may still emit (>= 1)
         new = [*proposals[:n_acc], nxt]
         for tok in new:
             out.append(tok)
             if tok in eos or len(out) >= max_new_tokens:
                 break
+        kept = len(out) - (max_new_tokens - room)  # tokens this round emitted
+        stats.record_round(offered=min(k, room), accepted=min(n_acc, kept))
         stats.emitted_tokens = len(out)
         # the valid prefix is now: committed + pending + accepted proposals; nxt is the new pending
         committed += 1 + n_acc
