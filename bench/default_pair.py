@@ -100,7 +100,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import jax
 
-    result = {"benchmark": "default-pair", "machine": f"{os.cpu_count()} cores {platform.machine()}",
+    from bench.context import run_context
+
+    result = {"benchmark": "default-pair", **run_context(), "machine": f"{os.cpu_count()} cores {platform.machine()}",
               "backend": jax.default_backend(), "perplexity": perplexity_rows(args.data),
               "speed": [] if args.skip_speed else speed_rows()}
     print(json.dumps(result, indent=2) if args.json else format_tables(result))

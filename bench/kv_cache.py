@@ -21,7 +21,8 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from models import generate, kv_cache_memory, load_model, perplexity, split_documents, tokenize_documents
+from bench.context import run_context
+from models import Model, generate, kv_cache_memory, load_model, perplexity, split_documents, tokenize_documents
 from models.generation import forward
 from models.llama import KVCache
 
@@ -36,13 +37,17 @@ def _teacher_forced_argmax(model, ids: list[int], kv: str) -> np.ndarray:
     return np.asarray(jnp.argmax(logits[0], axis=-1))
 
 
-def run(model_path: str, data: str, *, kvs=DEFAULT_KV, ctx: int | None = None, stride: int | None = None,
+def run(model: "str | Model", data: str, *, kvs=DEFAULT_KV, ctx: int | None = None, stride: int | None = None,
         max_tokens: int | None = None, limit: int | None = None, min_context: int = 1, concat: bool = False,
-        gen_prompt: int = 0, gen_tokens: int = 0, tokenizer: str | None = None, progress=None) -> dict:
-    """``concat``: score the documents as one stream (each still starting with BOS), as models like
-    llama2.c's were trained on packed stories; ``min_context``: score only targets with at least
-    that many tokens before them in their window (``ctx - stride``: long-context tokens only)."""
-    model = load_model(model_path, tokenizer=tokenizer)
+        gen_prompt: int = 0, gen_tokens: int = 0, tokenizer: str | None = None, label: str | None = None,
+        progress=None) -> dict:
+    """``model``: a MODEL path / built-in name, or a loaded :class:`models.Model` (``label`` names it
+    in the result).  ``concat``: score the documents as one stream (each still starting with BOS),
+    as models like llama2.c's were trained on packed stories; ``min_context``: score only targets
+    with at least that many tokens before them in their window (``ctx - stride``: long-context
+    tokens only)."""
+    model_path = label or (model if isinstance(model, str) else model.source)
+    model = model if isinstance(model, Model) else load_model(model, tokenizer=tokenizer)
     if model.tokenizer is None:
         raise ValueError(f"{model_path}: no tokenizer; pass tokenizer=")
     cfg = model.config
@@ -85,7 +90,7 @@ def run(model_path: str, data: str, *, kvs=DEFAULT_KV, ctx: int | None = None, s
             pred = _teacher_forced_argmax(model, prompt + ref_tokens[:-1], row["kv"])[len(prompt) - 1:]
             row["gen_teacher_forced_agreement"] = float(np.mean(pred == np.asarray(ref_tokens)))
         generation = {"prompt_tokens": len(prompt), "generated": gen_tokens}
-    return {"benchmark": "kv_cache", "model": _display_path(model_path), "data": _display_path(data), "ctx": ctx,
+    return {"benchmark": "kv_cache", **run_context(), "model": _display_path(model_path), "data": _display_path(data), "ctx": ctx,
             "stride": stride, "min_context": min_context, "concat": concat, "documents": len(docs), "generation": generation, "rows": rows}
 
 

@@ -8,8 +8,6 @@ ratio taken on one machine in one process.
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import time
 
@@ -19,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import quant
+from bench.context import run_context
 
 
 def _time(fn, *args, repeats: int, warmup: int) -> float:
@@ -39,6 +38,7 @@ def run(*, batches=(1, 16, 256), k=4096, n=4096, specs=("int8", "int4-g128"), ba
         raise ValueError("k, n and every batch size must be positive")
     if repeats < 1 or warmup < 0:
         raise ValueError("repeats must be >= 1 and warmup >= 0")
+    check_memory(batches=batches, k=k, n=n)
     specs = [quant.parse_spec(s) for s in specs]
     rng = np.random.default_rng(seed)
     w = jnp.asarray(rng.standard_normal((k, n), dtype=np.float32) / np.sqrt(k))
@@ -59,21 +59,30 @@ def run(*, batches=(1, 16, 256), k=4096, n=4096, specs=("int8", "int4-g128"), ba
             name, nbytes = _backend_name(x, qw, backend), qw.nbytes
         rows.append({"spec": s, "backend": name, "batch": b, "k": k, "n": n, "ms": round(ms, 4),
                      "speedup_vs_f32": round(base / ms, 3), "weight_bytes": nbytes})
-    dev = jax.devices()[0]
-    return {"benchmark": "matmul", "device": f"{dev.platform}:{dev.device_kind}", "cpu": cpu_name(),
-            "cores": os.cpu_count(), "jax": jax.__version__, "repeats": repeats, "warmup": warmup, "rows": rows}
+    return {"benchmark": "matmul", **run_context(repeats=repeats, warmup=warmup), "rows": rows}
 
 
-def cpu_name() -> str:
-    """The processor model (from /proc/cpuinfo on Linux), for benchmark records."""
+def check_memory(*, batches, k: int, n: int) -> None:
+    """Refuse shapes that cannot fit before allocating anything: the float32 weight, the reference
+    backend's dequantized copy, the quantized copies, the inputs and outputs, against the memory
+    this machine has available now."""
+    need = 3 * k * n * 4 + max(batches) * (k + n) * 4 * 2
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise ValueError(f"bench matmul with k={k}, n={n}, batch up to {max(batches)} needs about "
+                         f"{need / 2**30:.1f} GiB; this machine has {avail / 2**30:.1f} GiB available")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (MemAvailable on Linux), or None if unknown."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
         pass
-    return platform.processor() or platform.machine()
+    return None
 
 
 def _backend_name(x, w, backend) -> str:

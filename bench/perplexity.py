@@ -9,33 +9,41 @@ from __future__ import annotations
 
 import time
 
-from models import load_model, perplexity, quantize_model, split_documents, tokenize_documents, weight_bytes
+from bench.context import run_context
+from models import Model, load_model, perplexity, quantize_model, split_documents, tokenize_documents, weight_bytes
 
 DEFAULT_SPECS = ("source", "int8", "int8-g32", "int4-g32", "int4-g64", "int4-g32-asym", "int4-g64-asym", "int4-g32-mse")
 
 
-def run(model_path: str, data: str, *, specs=DEFAULT_SPECS, limit: int | None = 200, ctx: int | None = None,
-        stride: int | None = None, truncate: bool = True, tokenizer: str | None = None, progress=None) -> dict:
-    base = load_model(model_path, tokenizer=tokenizer)
+def run(model: "str | Model", data: str, *, specs=DEFAULT_SPECS, limit: int | None = 200, ctx: int | None = None,
+        stride: int | None = None, truncate: bool = True, tokenizer: str | None = None, label: str | None = None,
+        progress=None) -> dict:
+    """``model``: a MODEL path / built-in name, or a loaded :class:`models.Model` (``label`` names
+    it in the result)."""
+    model_path = label or (model if isinstance(model, str) else model.source)
+    base = model if isinstance(model, Model) else load_model(model, tokenizer=tokenizer)
     if base.tokenizer is None:
         raise ValueError(f"{model_path}: no tokenizer; pass tokenizer=")
     with open(data, encoding="utf-8") as f:
         docs = split_documents(f.read())[:limit]
     ids = tokenize_documents(base.tokenizer, docs)
-    rows = []
+    rows, result = [], None
     for spec in specs:
-        model = base if spec == "source" else quantize_model(base, spec)[0]
+        quantized = base if spec == "source" else quantize_model(base, spec, progress=False)[0]
         t0 = time.perf_counter()
-        r = perplexity(model.params, model.config, ids, ctx=ctx, stride=stride, truncate=truncate, progress=progress)
-        rows.append({"spec": spec, "ppl": r.ppl, "tokens": r.tokens, "weight_bytes": weight_bytes(model.params),
-                     "seconds": time.perf_counter() - t0})
+        result = perplexity(quantized.params, quantized.config, ids, ctx=ctx, stride=stride, truncate=truncate,
+                            progress=progress)
+        rows.append({"spec": spec, "ppl": result.ppl, "tokens": result.tokens,
+                     "weight_bytes": weight_bytes(quantized.params), "seconds": time.perf_counter() - t0})
+    if result is None:
+        raise ValueError("bench ppl needs at least one spec")
     ref = rows[0]
-    for r in rows:
-        r["ppl_change_pct"] = 100.0 * (r["ppl"] / ref["ppl"] - 1.0)
-        r["bytes_vs_first"] = r["weight_bytes"] / ref["weight_bytes"]
-    return {"benchmark": "perplexity", "model": _display_path(model_path), "data": _display_path(data),
-            "documents": len(docs), "ctx": r.ctx, "stride": None if truncate else r.stride, "truncate": truncate,
-            "rows": rows}
+    for row in rows:
+        row["ppl_change_pct"] = 100.0 * (row["ppl"] / ref["ppl"] - 1.0)
+        row["bytes_vs_first"] = row["weight_bytes"] / ref["weight_bytes"]
+    return {"benchmark": "perplexity", **run_context(), "model": _display_path(model_path),
+            "data": _display_path(data), "documents": len(docs), "ctx": result.ctx,
+            "stride": None if truncate else result.stride, "truncate": truncate, "rows": rows}
 
 
 def _display_path(path: str) -> str:

@@ -11,6 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import quant
+from bench.context import run_context
 from quant.rtn import relative_error
 
 DEFAULT_SPECS = ("int8", "int4", "int4-g128", "int4-g128-asym", "int4-g64-asym", "int4-g32", "int3-g32", "int2-g16-asym")
@@ -28,7 +29,7 @@ def run(*, specs=DEFAULT_SPECS, clips=("minmax", "mse", "p99.9"), k=2048, n=512,
         rows.append({"spec": str(quant.parse_spec(full)), "weights": dist, "k": k, "n": n,
                      "bits_per_weight": round(qt.bits_per_value, 4),
                      "rel_error": round(relative_error(weights[dist], quant.dequantize(qt)), 6)})
-    return {"benchmark": "quant_error", "rows": rows}
+    return {"benchmark": "quant_error", **run_context(seed=seed), "rows": rows}
 
 
 def format_table(result: dict) -> str:
