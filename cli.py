@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from importlib import metadata
 
 import click
@@ -25,6 +26,115 @@ def _emit(ctx_json: bool, payload: dict, human: str) -> None:
         click.echo(json.dumps(payload, allow_nan=False))  # strict JSON: NaN/Infinity are not JSON
     else:
         click.echo(human, err=True)
+
+
+# ----------------------------------------------------------------------------- parameter checks
+# Every value a flag takes is checked when the command line is parsed, before any model loads, so a
+# bad value is a usage error (exit 2) in every subcommand alike.
+
+MAX_SEED = 2**63 - 1  # = models.generation.MAX_SEED (not imported here: parsing must not import jax)
+SEED = click.IntRange(0, MAX_SEED)
+SEED_HELP = "Seed for sampling (and acceptance draws): an integer in [0, 2**63 - 1]."
+
+
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses nan and inf (``--temperature nan`` is a usage error)."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        rv = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(rv, param, ctx)
+
+
+def _prompt(ctx, param, value):
+    """A PROMPT must be non-empty text that is valid UTF-8 (argv bytes that are not arrive as
+    lone surrogates, which no tokenizer can encode)."""
+    if value is None:
+        return None
+    if value == "":
+        raise click.BadParameter("the prompt is empty; pass some text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = value[e.start].encode("utf-8", "surrogateescape") if "\udc80" <= value[e.start] <= "\udcff" else b""
+        raise click.BadParameter(f"the prompt is not valid UTF-8 text (byte {bad.hex() or '?'} at character "
+                                 f"{e.start})") from None
+    return value
+
+
+def _rules(ctx, param, value):
+    """Validate a precision spec / inline rules / rules file at parse time; keep the text as typed."""
+    if value is None:
+        return None
+    from quant.rules import PrecisionRules
+
+    if getattr(param, "name", None) in ("small_quant", "large_quant") and value.strip().lower() in ("none", "source"):
+        return value
+    try:
+        PrecisionRules.parse(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
+def _model(ctx, param, value):
+    """A MODEL is a built-in name or an existing path; anything else is a usage error."""
+    if value is None:
+        return None
+    from models.defaults import DEFAULT_MODELS
+
+    if value in DEFAULT_MODELS or os.path.exists(value):
+        return value
+    from models.checkpoint import recover_interrupted_save
+
+    recover_interrupted_save(value)  # a checkpoint whose overwrite was killed midway comes back
+    if os.path.exists(value):
+        return value
+    raise click.BadParameter(f"{value}: no such file or directory (built-in models: {', '.join(DEFAULT_MODELS)})")
+
+
+def _data_file(ctx, param, value):
+    """A text file to read: it must exist and be a regular file (not /dev/zero or a FIFO)."""
+    if value is None:
+        return None
+    if not os.path.exists(value):
+        raise click.BadParameter(f"{value}: no such file")
+    if not os.path.isfile(value):
+        raise click.BadParameter(f"{value}: not a regular file")
+    return value
+
+
+def _check_tokenizer_flag(model: str, tokenizer: str | None) -> None:
+    if tokenizer is not None and not (os.path.isfile(model) and model.lower().endswith(".bin")):
+        raise click.UsageError(f"--tokenizer applies only to a llama2.c .bin model; {model} brings its own tokenizer")
+
+
+def _check_kv_fits(kv: str | None, cfg, flag: str = "--kv") -> None:
+    """A KV spec whose sinks or window exceed the model's context is a usage error."""
+    if kv is None:
+        return
+    from quant.kv import parse_kv_spec
+
+    try:
+        parse_kv_spec(kv).check_context(cfg.max_seq_len)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=f"'{flag}'") from None
+
+
+def _check_pair_kv(pair, small_kv, large_kv, kv) -> None:
+    for role, role_kv, flag in (("small", small_kv, "--small-kv"), ("large", large_kv, "--large-kv")):
+        model = getattr(pair, role)
+        if model is not None:
+            _check_kv_fits(role_kv, model.config, flag if role_kv != kv else "--kv")
+
+
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+_scale_dtype_option = click.option(
+    "--scale-dtype", type=click.Choice(SCALE_DTYPES), default="float16", show_default=True,
+    help="Storage type of quantization scales and zero points (float32 for very small weights).")
 
 
 _KV_HELP = ("KV cache precision: fp32, bf16, fp16, int8 or int4 (KIVI layout: keys per channel, values per token, "
@@ -51,27 +161,30 @@ def app(debug: bool) -> None:
 
 
 @app.command()
-@click.argument("prompt", required=False, default="Once upon a time")
-@click.option("--small", "small_quant", default="int4", show_default=True,
+@click.argument("prompt", required=False, default="Once upon a time", callback=_prompt)
+@click.option("--small", "small_quant", default="int4", show_default=True, callback=_rules,
               help="Precision spec or rules for the draft model ('none' keeps its weights).")
-@click.option("--large", "large_quant", default="int8", show_default=True,
+@click.option("--large", "large_quant", default="int8", show_default=True, callback=_rules,
               help="Precision spec or rules for the verifier model ('none' keeps its weights).")
-@click.option("--small-model", default="default-small", show_default=True, help="The draft MODEL (path or built-in name).")
-@click.option("--large-model", default="default-large", show_default=True, help="The verifier MODEL (path or built-in name).")
+@click.option("--small-model", default="default-small", show_default=True, callback=_model,
+              help="The draft MODEL (path or built-in name).")
+@click.option("--large-model", default="default-large", show_default=True, callback=_model,
+              help="The verifier MODEL (path or built-in name).")
 @click.option("--mode", type=click.Choice(["speculative", "large", "small"]), default="speculative", show_default=True,
               help="speculative: small drafts, large verifies (output = the large model's); large/small: one model alone.")
 @click.option("--draft-len", default=4, show_default=True, type=click.IntRange(min=1, max=32), help="Tokens the draft proposes per round.")
 @click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens to generate at most.")
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
+@click.option("--temperature", default=0.0, show_default=True, type=FiniteFloat(min=0), help="0 = greedy.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample from the k most likely (0 = off).")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True), help="Nucleus sampling mass.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed for sampling and acceptance draws.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help=SEED_HELP)
 @click.option("--kv", default="fp32", show_default=True, callback=_kv_spec, help=_KV_HELP + " Both models.")
 @click.option("--small-kv", callback=_kv_spec, help="KV cache precision of the draft model [default: --kv].")
 @click.option("--large-kv", callback=_kv_spec, help="KV cache precision of the verifier model [default: --kv].")
+@_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_len, max_tokens, temperature, top_k,
-        top_p, seed, kv, small_kv, large_kv, as_json):
+        top_p, seed, kv, small_kv, large_kv, scale_dtype, as_json):
     """Generate a continuation of PROMPT with the cascade: the small model drafts, the large one verifies.
 
     With no model paths it uses the embedded pair (default-small, default-large), so it works
@@ -80,13 +193,12 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
     from cascade.pair import load_pair, run as run_pair
     from models import SamplingConfig
 
-    if not prompt:
-        raise click.UsageError("PROMPT is empty")
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     # a single-model mode loads only that model
     pair = load_pair(small_model if mode != "large" else None, large_model if mode != "small" else None,
-                     small_quant=small_quant, large_quant=large_quant)
+                     small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
     small_kv, large_kv = small_kv or kv, large_kv or kv
+    _check_pair_kv(pair, small_kv, large_kv, kv)
     r = run_pair(pair, prompt, mode=mode, max_new_tokens=max_tokens, draft_len=draft_len, sampling=sampling,
                  small_kv=small_kv, large_kv=large_kv)
     described = pair.describe()
@@ -112,39 +224,46 @@ def _is_weights_file(path: str) -> bool:
     return os.path.isfile(path) and path.lower().endswith((".safetensors", ".npz"))
 
 
+_RULES_HELP = ("Precision spec (int8, int4-g128, ...), inline rules ('attn=int8,*=int4-g128') or a rules file (a path "
+               "ending in .json or containing '/').")
+
 _MODEL_HELP = ("MODEL is a built-in name (default-small, default-large), a Hugging Face directory (config.json + safetensors + tokenizer), a .gguf file, "
                "a llama2.c .bin (tokenizer.model beside it, or --tokenizer), or a checkpoint saved by `cascade quantize`.")
 
 
-def _load_model(path: str, tokenizer: str | None, quant_rules: str | None, need_tokenizer: bool = True):
+def _load_model(path: str, tokenizer: str | None, quant_rules: str | None, need_tokenizer: bool = True,
+                scale_dtype: str = "float16"):
     """Load MODEL, check it has a tokenizer if needed, and RTN-quantize it if ``quant_rules``."""
     from models import load_model, quantize_model
 
+    _check_tokenizer_flag(path, tokenizer)
     model = load_model(path, tokenizer=tokenizer)
     if need_tokenizer and model.tokenizer is None:
         raise click.ClickException(f"{path}: no tokenizer found; pass --tokenizer PATH (a SentencePiece .model)")
     report = None
-    if quant_rules:
-        model, report = quantize_model(model, quant_rules)
+    if quant_rules is not None:
+        model, report = quantize_model(model, quant_rules, scale_dtype=scale_dtype)
     return model, report
 
 
 @app.command()
-@click.argument("model")
-@click.option("--quant", "quant_rules", required=True, help="Precision spec, inline rules or rules JSON file.")
+@click.argument("model", callback=_model)
+@click.option("--quant", "quant_rules", required=True, callback=_rules, help=_RULES_HELP)
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Write the quantized model (an orbax checkpoint directory).")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--axis", type=int, default=None,
               help="Only for a bare .safetensors/.npz weights file: reduction axis [default: 1 for .safetensors, 0 for .npz].")
+@_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def quantize(model, quant_rules, out_dir, tokenizer, overwrite, axis, as_json):
+def quantize(model, quant_rules, out_dir, tokenizer, overwrite, axis, scale_dtype, as_json):
     """RTN-quantize MODEL under precision rules; report bytes and error per tensor; save with -o.
 
     \b
     MODEL is a Hugging Face directory, a .gguf, a llama2.c .bin or a saved checkpoint; the saved
     checkpoint (-o) is itself a valid MODEL everywhere.  A bare .safetensors/.npz weights file
-    gets the report only.  The default rules keep embeddings, norms and the LM head in bf16.
+    gets the report only.  Every form of rules keeps embeddings, norms and the LM head in bf16
+    unless a rule names them (e.g. 'embed=int8,*=int4-g128').
     """
     import quant
 
@@ -153,15 +272,25 @@ def quantize(model, quant_rules, out_dir, tokenizer, overwrite, axis, as_json):
 
         if out_dir:
             raise click.UsageError("-o needs a model (HF directory, .gguf, .bin or checkpoint), not a bare weights file")
+        if tokenizer:
+            raise click.UsageError("--tokenizer applies only to a llama2.c .bin model, not a bare weights file")
         rules = quant.PrecisionRules.parse(quant_rules)
         params = weights_file.load(model)
         axis = weights_file.default_reduction_axis(model) if axis is None else axis
-        _, report = quant.quantize_params(params, rules, axis=axis)
+        _, report = quant.quantize_params(params, rules, axis=axis, scale_dtype=scale_dtype)
         _emit(as_json, {"model": model, "axis": axis, "rules": rules.to_json(), **report.to_json()}, report.table())
         return
+    if axis is not None:
+        raise click.UsageError("--axis applies only to a bare .safetensors/.npz weights file")
     from models import save_checkpoint
+    from models.checkpoint import check_destination
 
-    loaded, report = _load_model(model, tokenizer, quant_rules, need_tokenizer=False)
+    if out_dir:  # refuse a taken destination before the work, not after it
+        try:
+            check_destination(out_dir, overwrite=overwrite)
+        except ValueError as e:
+            raise click.UsageError(str(e).replace("pass overwrite=True (--overwrite)", "pass --overwrite")) from None
+    loaded, report = _load_model(model, tokenizer, quant_rules, need_tokenizer=False, scale_dtype=scale_dtype)
     if out_dir:
         save_checkpoint(out_dir, loaded, overwrite=overwrite)
     payload = {"model": model, "quant": loaded.quant, "out": out_dir, **report.to_json()}
@@ -169,7 +298,7 @@ def quantize(model, quant_rules, out_dir, tokenizer, overwrite, axis, as_json):
 
 
 @app.command()
-@click.argument("model")
+@click.argument("model", callback=_model)
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
 @click.option("--kv", "kvs", multiple=True, callback=lambda c, p, v: tuple(_kv_spec(c, p, x) for x in v),
               help="KV cache precision(s) to account for (repeatable) [default: fp32, fp16, int8, int4].")
@@ -184,6 +313,8 @@ def inspect(model, tokenizer, kvs, ctx, as_json):
     if _is_weights_file(model):
         from models import weights_file
 
+        if tokenizer or kvs or ctx:
+            raise click.UsageError("--tokenizer, --kv and --ctx apply to models, not to a bare weights file")
         params = weights_file.load(model)
         rows = [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype), "bytes": int(v.nbytes)} for k, v in params.items()]
         width = max([len(r["name"]) for r in rows] + [6])
@@ -196,6 +327,8 @@ def inspect(model, tokenizer, kvs, ctx, as_json):
     from models import describe_model, kv_cache_memory
 
     loaded, _ = _load_model(model, tokenizer, None, need_tokenizer=False)
+    for kv in kvs:
+        _check_kv_fits(kv, loaded.config)
     info = describe_model(loaded)
     ctx = ctx or loaded.config.max_seq_len
     info["kv_cache"] = [kv_cache_memory(loaded.config, kv, ctx) for kv in (kvs or ("fp32", "fp16", "int8", "int4"))]
@@ -215,9 +348,9 @@ def inspect(model, tokenizer, kvs, ctx, as_json):
 
 
 @app.command(name="eval")
-@click.argument("model")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="UTF-8 text file to score.")
-@click.option("--quant", "quant_rules", help="RTN-quantize first: precision spec, inline rules or rules JSON file.")
+@click.argument("model", callback=_model)
+@click.option("--data", required=True, callback=_data_file, help="UTF-8 text file to score.")
+@click.option("--quant", "quant_rules", callback=_rules, help="RTN-quantize first: " + _RULES_HELP)
 @click.option("--ctx", type=click.IntRange(min=2), help="Window length in tokens [default: the model context, at most 2048].")
 @click.option("--stride", type=click.IntRange(min=1), help="Window step for long documents [default: ctx//2].")
 @click.option("--truncate", is_flag=True, help="Score only the first ctx tokens of each document (llama2.c-style).")
@@ -226,8 +359,9 @@ def inspect(model, tokenizer, kvs, ctx, as_json):
 @click.option("--kv", callback=_kv_spec,
               help=_KV_HELP + " Scores every window through a cache of this precision [default: no cache].")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv, tokenizer, as_json):
+def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv, tokenizer, scale_dtype, as_json):
     """Perplexity of MODEL on a text file.
 
     \b
@@ -240,7 +374,8 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv
     from models import kv_cache_memory, perplexity, split_documents, tokenize_documents, weight_bytes
     from models.evaluation import DEFAULT_EVAL_CTX
 
-    loaded, _ = _load_model(model, tokenizer, quant_rules)
+    loaded, _ = _load_model(model, tokenizer, quant_rules, scale_dtype=scale_dtype)
+    _check_kv_fits(kv, loaded.config)
     if ctx is not None and ctx > loaded.config.max_seq_len:
         raise click.UsageError(f"--ctx {ctx} exceeds the model context ({loaded.config.max_seq_len})")
     if stride is not None and stride > (ctx or min(loaded.config.max_seq_len, DEFAULT_EVAL_CTX)):
@@ -271,31 +406,34 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv
 
 
 @app.command()
-@click.argument("model")
-@click.argument("prompt")
-@click.option("--quant", "quant_rules", help="RTN-quantize first: precision spec, inline rules or rules JSON file.")
+@click.argument("model", callback=_model)
+@click.argument("prompt", callback=_prompt)
+@click.option("--quant", "quant_rules", callback=_rules, help="RTN-quantize first: " + _RULES_HELP)
 @click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens to generate at most.")
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
+@click.option("--temperature", default=0.0, show_default=True, type=FiniteFloat(min=0), help="0 = greedy.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample from the k most likely (0 = off).")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True), help="Nucleus sampling mass.")
-@click.option("--seed", default=0, show_default=True, type=int, help="PRNG seed for sampling.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help=SEED_HELP)
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message with the model's chat template.")
 @click.option("--bos/--no-bos", default=None, help="Prepend BOS [default: the tokenizer's setting].")
 @click.option("--kv", default="fp32", show_default=True, callback=_kv_spec, help=_KV_HELP)
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, seed, chat, bos, kv, tokenizer, as_json):
+def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, seed, chat, bos, kv, tokenizer,
+             scale_dtype, as_json):
     """Generate a continuation of PROMPT with MODEL."""
     from models import SamplingConfig, generate as generate_tokens
 
-    loaded, _ = _load_model(model, tokenizer, quant_rules)
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    loaded, _ = _load_model(model, tokenizer, quant_rules, scale_dtype=scale_dtype)
+    _check_kv_fits(kv, loaded.config)
     tok = loaded.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
     # a chat template writes its own BOS when the model wants one; do not add a second
     ids = tok.encode(text, add_bos=bos if bos is not None else (False if chat else None))
     if not ids:
         raise click.UsageError("the prompt encodes to no tokens; pass a non-empty PROMPT or --bos")
-    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     out = generate_tokens(loaded.params, loaded.config, [ids], max_new_tokens=max_tokens, sampling=sampling,
                           eos_ids=tok.eos_ids or loaded.config.eos_token_ids, kv=kv)
     gen = out.tokens[0]
@@ -312,10 +450,14 @@ def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, 
 
 
 @app.command()
-@click.option("--small", "small_quant", default="int4", show_default=True, help="Precision spec or rules for the draft model.")
-@click.option("--large", "large_quant", default="int8", show_default=True, help="Precision spec or rules for the verifier model.")
-@click.option("--small-model", default="default-small", show_default=True, help="The draft MODEL (path or built-in name).")
-@click.option("--large-model", default="default-large", show_default=True, help="The verifier MODEL (path or built-in name).")
+@click.option("--small", "small_quant", default="int4", show_default=True, callback=_rules,
+              help="Precision spec or rules for the draft model ('none' keeps its weights).")
+@click.option("--large", "large_quant", default="int8", show_default=True, callback=_rules,
+              help="Precision spec or rules for the verifier model ('none' keeps its weights).")
+@click.option("--small-model", default="default-small", show_default=True, callback=_model,
+              help="The draft MODEL (path or built-in name).")
+@click.option("--large-model", default="default-large", show_default=True, callback=_model,
+              help="The verifier MODEL (path or built-in name).")
 @click.option("--mode", type=click.Choice(["speculative", "large", "small"]), default="speculative", show_default=True,
               help="Which models run (as in `cascade run`).")
 @click.option("--kv", default="fp32", show_default=True, callback=_kv_spec, help=_KV_HELP + " Both models.")
@@ -325,9 +467,10 @@ def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, 
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Sequences held at once.")
 @click.option("--draft-len", default=4, show_default=True, type=click.IntRange(min=1, max=32), help="As in `cascade run` (sizes the KV rings).")
 @click.option("--budget", help="Device memory budget, e.g. 2GiB or 512MB: exit 1 if the plan does not fit.")
+@_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def plan(small_quant, large_quant, small_model, large_model, mode, kv, small_kv, large_kv, ctx, batch, draft_len, budget,
-         as_json):
+         scale_dtype, as_json):
     """Memory of a cascade: each model's weights and KV cache at a context, against --budget.
 
     Counts what the runtime allocates for the weights (as stored, quantized or not) and the KV
@@ -343,7 +486,8 @@ def plan(small_quant, large_quant, small_model, large_model, mode, kv, small_kv,
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--budget") from None
     pair = load_pair(small_model if mode != "large" else None, large_model if mode != "small" else None,
-                     small_quant=small_quant, large_quant=large_quant)
+                     small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
+    _check_pair_kv(pair, small_kv or kv, large_kv or kv, kv)
     result = plan_memory(pair, ctx=ctx, batch=batch, small_kv=small_kv or kv, large_kv=large_kv or kv,
                          draft_len=draft_len, budget=budget_bytes)
     _emit(as_json, result.to_json(), result.table())
@@ -406,8 +550,8 @@ def bench_error(specs, k, n, out_path, as_json):
 
 
 @bench.command(name="ppl")
-@click.argument("model")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="UTF-8 text file to score.")
+@click.argument("model", callback=_model)
+@click.option("--data", required=True, callback=_data_file, help="UTF-8 text file to score.")
 @click.option("--spec", "specs", default=None, help="Comma-separated specs; 'source' = as loaded [default: a standard set].")
 @click.option("--limit", default=200, show_default=True, type=click.IntRange(min=1), help="First N documents.")
 @click.option("--ctx", type=click.IntRange(min=2), help="Window length [default: the model context, at most 2048].")
@@ -420,17 +564,24 @@ def bench_ppl(model, data, specs, limit, ctx, stride, no_truncate, tokenizer, ou
     """Perplexity and weight bytes of MODEL under several precision specs, on the same tokens."""
     from bench import perplexity as bench_ppl_mod
 
-    kwargs = {"specs": [s for s in specs.split(",") if s]} if specs else {}
-    result = bench_ppl_mod.run(model, data, limit=limit, ctx=ctx, stride=stride, truncate=not no_truncate,
-                               tokenizer=tokenizer, **kwargs)
+    spec_list = [s.strip() for s in (specs or "").split(",") if s.strip()]
+    if specs is not None and not spec_list:
+        raise click.BadParameter("expected comma-separated specs, e.g. source,int8,int4-g32", param_hint="'--spec'")
+    for spec in spec_list:
+        if spec != "source":
+            _rules(None, None, spec)
+    loaded, _ = _load_model(model, tokenizer, None)
+    kwargs = {"specs": spec_list} if spec_list else {}
+    result = bench_ppl_mod.run(loaded, data, limit=limit, ctx=ctx, stride=stride, truncate=not no_truncate,
+                               label=model, **kwargs)
     if out_path:
         _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
     _emit(as_json, result, bench_ppl_mod.format_table(result))
 
 
 @bench.command(name="kv")
-@click.argument("model")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="UTF-8 text file to score.")
+@click.argument("model", callback=_model)
+@click.option("--data", required=True, callback=_data_file, help="UTF-8 text file to score.")
 @click.option("--kv", "kvs", default="fp32,int8,int4", show_default=True,
               help="Comma-separated KV cache precisions; the first is the reference.")
 @click.option("--ctx", type=click.IntRange(min=2), help="Window length [default: the model context].")
@@ -455,9 +606,12 @@ def bench_kv(model, data, kvs, ctx, stride, min_context, concat, max_tokens, lim
         raise click.UsageError("--kv needs at least one precision, e.g. fp32,int8,int4")
     if gen_tokens and gen_prompt < 1:
         raise click.UsageError("--gen-tokens needs --gen-prompt >= 1")
-    result = kv_cache.run(model, data, kvs=specs, ctx=ctx, stride=stride, max_tokens=max_tokens, limit=limit,
+    loaded, _ = _load_model(model, tokenizer, None)
+    for kv in specs:
+        _check_kv_fits(kv, loaded.config)
+    result = kv_cache.run(loaded, data, kvs=specs, ctx=ctx, stride=stride, max_tokens=max_tokens, limit=limit,
                           min_context=min_context, concat=concat, gen_prompt=gen_prompt, gen_tokens=gen_tokens,
-                          tokenizer=tokenizer)
+                          label=model)
     if out_path:
         _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
     _emit(as_json, result, kv_cache.format_table(result))
@@ -482,7 +636,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        rv = app.main(args=argv, prog_name="cascade", standalone_mode=False)
+        with warnings.catch_warnings():
+            if not debug:  # one 'warning: ...' line each, not Python's file:line and source echo
+                warnings.showwarning = _show_warning
+            rv = app.main(args=argv, prog_name="cascade", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as e:
         return e.exit_code
@@ -507,11 +664,22 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"error: {_one_line(e)}", err=True)
         return 1
+    except MemoryError as e:  # a resource limit, not a bug: say so in one line
+        if debug:
+            raise
+        detail = _one_line(e) if str(e) else "the machine ran out of memory"
+        click.echo(f"error: out of memory ({detail}); try smaller inputs", err=True)
+        return 1
     except Exception as e:  # noqa: BLE001 - the last resort: still one line, never a traceback
         if debug:
             raise
         click.echo(f"error: internal error ({type(e).__name__}: {_one_line(e)}); rerun with --debug for a traceback", err=True)
         return 1
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = " ".join(str(message).split())
+    print(f"warning: {text}", file=sys.stderr if file is None else file)
 
 
 def _one_line(e: BaseException) -> str:

@@ -32,10 +32,10 @@ class ModelPair:
                 for role, m in (("small", self.small), ("large", self.large))}
 
 
-def _quantized(model: Model, spec: str | None) -> Model:
+def _quantized(model: Model, spec: str | None, scale_dtype) -> Model:
     if spec is None or spec.strip().lower() in NO_QUANT:
         return model
-    return quantize_model(model, spec, progress=False)[0]
+    return quantize_model(model, spec, scale_dtype=scale_dtype, progress=False)[0]
 
 
 def check_same_tokenizer(small: Model, large: Model) -> None:
@@ -48,9 +48,11 @@ def check_same_tokenizer(small: Model, large: Model) -> None:
 
 
 def load_pair(small: str | None = DEFAULT_SMALL, large: str | None = DEFAULT_LARGE, *,
-              small_quant: str | None = "int4", large_quant: str | None = "int8") -> ModelPair:
+              small_quant: str | None = "int4", large_quant: str | None = "int8",
+              scale_dtype="float16") -> ModelPair:
     """Load and quantize the pair (``*_quant``: a precision spec or rules; ``None``/``"none"`` keeps the
-    weights).  ``small=None`` or ``large=None`` loads one model, for single-model runs."""
+    weights; ``scale_dtype``: how quantization scales are stored).  ``small=None`` or ``large=None``
+    loads one model, for single-model runs."""
     if small is None and large is None:
         raise ValueError("load_pair needs at least one model")
     s = None if small is None else load_model(small)
@@ -60,8 +62,8 @@ def load_pair(small: str | None = DEFAULT_SMALL, large: str | None = DEFAULT_LAR
             raise ValueError(f"{m.source}: no tokenizer; a pair generates text")
     if s is not None and l is not None:
         check_same_tokenizer(s, l)
-    return ModelPair(small=None if s is None else _quantized(s, small_quant),
-                     large=None if l is None else _quantized(l, large_quant))
+    return ModelPair(small=None if s is None else _quantized(s, small_quant, scale_dtype),
+                     large=None if l is None else _quantized(l, large_quant, scale_dtype))
 
 
 @dataclasses.dataclass

@@ -96,6 +96,9 @@ def _decode_and_sample(params, cfg: ModelConfig, tokens, cache: KVCache, key, te
     return sample_logits(logits, key, temperature, top_k, top_p), logits, cache
 
 
+MAX_SEED = 2**63 - 1  # seeds are non-negative int64s: what jax.random.key and numpy's Generator both take
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
     temperature: float = 0.0  # 0 = greedy
@@ -110,6 +113,8 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (2**63 - 1), got {self.seed!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -164,10 +169,11 @@ def generate(params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_toke
     if bad:
         raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
     if longest >= cfg.max_seq_len:
-        raise ValueError(f"prompt is {longest} tokens; the model context is {cfg.max_seq_len}")
+        raise ValueError(f"the prompt is {longest} tokens; the model context is {cfg.max_seq_len}, "
+                         "so the prompt alone leaves no room to generate: shorten the prompt")
     if longest + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model "
-                         f"context ({cfg.max_seq_len}); lower --max-tokens")
+        raise ValueError(f"prompt ({longest} tokens) + max new tokens ({max_new_tokens}) exceeds the model "
+                         f"context ({cfg.max_seq_len}); generate at most {cfg.max_seq_len - longest} tokens")
     eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
     batch = len(prompts)
     t_pad = min(_bucket(longest, 16), cache_length(cfg, longest + max_new_tokens))

@@ -94,6 +94,7 @@ class KVCache:
         (an int cache rounds up to whole key groups).  ``rewind``: how far callers may move
         ``lengths`` back; it sizes the full-precision ring of an int cache."""
         spec = parse_kv_spec(kv)
+        spec.check_context(cfg.max_seq_len)
         if batch <= 0 or max_len <= 0:
             raise ValueError(f"KV cache needs positive batch and length, got batch={batch}, max_len={max_len}")
         if rewind < 0:
@@ -163,6 +164,7 @@ def kv_cache_memory(cfg: ModelConfig, kv: KVSpec | str | None, ctx: int, *, batc
     cache of the same positions: ``vs_fp16_per_token`` and ``vs_fp16_per_sequence``.
     """
     spec = parse_kv_spec(kv)
+    spec.check_context(cfg.max_seq_len)
     if ctx <= 0 or batch <= 0:
         raise ValueError(f"ctx and batch must be positive, got ctx={ctx}, batch={batch}")
     kvh, hd, n = cfg.n_kv_heads, cfg.head_dim, cfg.n_layers

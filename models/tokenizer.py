@@ -109,6 +109,10 @@ class Tokenizer:
         """Token ids of ``text``; BOS first when ``add_bos`` (default: the checkpoint's setting)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates, e.g. undecodable bytes from argv (surrogateescape)
+            raise ValueError(f"text is not valid UTF-8: unpaired surrogate {text[e.start]!r} at character {e.start}") from None
         if self.kind == "sentencepiece":
             ids = self._encode_sentencepiece(text)
         else:

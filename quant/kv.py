@@ -141,6 +141,19 @@ class KVSpec:
             heads += 1
         return heads * head_dim
 
+    def check_context(self, context: int) -> None:
+        """Raise ValueError unless the spec fits a model of ``context`` positions: sinks, the key
+        group and the full-precision window must each be shorter than (or, for the window and the
+        group, at most) the context, or the cache would allocate positions no sequence can reach."""
+        if not self.quantized:
+            return
+        for what, n, ok in (("sink", self.sinks, self.sinks < context),
+                            ("key group", self.key_positions, self.key_positions <= context),
+                            ("full-precision window", self.residual_positions, self.residual_positions <= context)):
+            if not ok:
+                raise ValueError(f"KV cache spec {self}: {n} {what} positions do not fit the model's context of "
+                                 f"{context} positions")
+
     def key_spec(self) -> IntSpec:
         """Keys: along positions, groups of ``G``, asymmetric."""
         return IntSpec(bits=self.bits, granularity="group", group_size=self.key_positions, symmetric=False)

@@ -200,13 +200,14 @@ def _assemble(x, spec, axis, scale_g, zero_g) -> QuantizedTensor:
     if _is_concrete(scale_g) and not bool(jnp.isfinite(scale_g).all()):
         raise ValueError(
             f"scales overflow {scale_g.dtype} (max |x| = {float(jnp.abs(x).max()):.4g}); "
-            "pass scale_dtype='float32'"
+            "store scales in float32 (scale_dtype='float32', or --scale-dtype float32 on the command line)"
         )
     if _is_concrete(scale_g) and scale_g.dtype != jnp.float32:
         tiny = float(jnp.finfo(scale_g.dtype).smallest_normal)
         if bool((scale_g.astype(jnp.float32) < tiny).any()):
             warnings.warn(f"some {spec} scales are below the smallest normal {scale_g.dtype} ({tiny:.3g}) and lose "
-                          "precision; pass scale_dtype='float32' for such small weights", stacklevel=3)
+                          "precision; store scales in float32 for such small weights (scale_dtype='float32', or "
+                          "--scale-dtype float32 on the command line)", stacklevel=3)
     packed, scale, zero = _encode(x, scale_g, zero_g, spec, axis)
     return QuantizedTensor(packed, scale, zero, spec=spec, shape=x.shape, axis=axis, dtype=x.dtype)
 

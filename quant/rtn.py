@@ -76,10 +76,9 @@ class QuantReport:
         for r in self.layers:
             shape = "x".join(map(str, r.shape)) or "()"
             lines.append(f"{r.path:<{width}}  {shape:<14} {r.spec:<16} {r.bytes_after:>12,} {r.rel_error:>9.2e}")
-        lines.append(
-            f"total: {self.bytes_before:,} -> {self.bytes_after:,} bytes "
-            f"({self.bytes_before / max(self.bytes_after, 1):.2f}x smaller)"
-        )
+        before, after = self.bytes_before, max(self.bytes_after, 1)
+        change = f"{before / after:.2f}x smaller" if before >= after else f"{after / max(before, 1):.2f}x larger"
+        lines.append(f"total: {self.bytes_before:,} -> {self.bytes_after:,} bytes ({change})")
         return "\n".join(lines)
 
 

@@ -101,11 +101,12 @@ def test_truncated_npz_and_missing_and_unknown(capsys, weights, tmp_path):
     _, npz, _ = weights
     trunc = tmp_path / "t.npz"
     trunc.write_bytes(npz.read_bytes()[:200])
-    for path, match in [(trunc, "cannot read"), (tmp_path / "nope.npz", "no such file"), (tmp_path, "directory")]:
+    for path, match, want in [(trunc, "cannot read", 1), (tmp_path / "nope.npz", "no such file", 2),
+                              (tmp_path, "directory", 1)]:
         code, _, err = run(capsys, "inspect", str(path))
-        assert code == 1 and match in err and err.count("\n") == 1
+        assert code == want and match in err and err.count("\n") == 1
     code, _, err = run(capsys, "quantize", str(npz), "--quant", "int5")
-    assert code == 1 and "unknown precision spec" in err
+    assert code == 2 and "unknown precision spec" in err
 
 
 def test_nan_weights_rejected_naming_tensor(capsys, tmp_path):

@@ -40,7 +40,7 @@ def test_quantize_save_then_eval_and_inspect_the_checkpoint(capsys, tmp_path):
     code, out, _ = run(capsys, "quantize", BIN, "--quant", "int8", "-o", out_dir, "--json")
     assert code == 0 and json.loads(out)["bytes_after"] < json.loads(out)["bytes_before"]
     code, out, _ = run(capsys, "quantize", BIN, "--quant", "int8", "-o", out_dir)
-    assert code == 1  # exists, no --overwrite
+    assert code == 2  # exists, no --overwrite: refused before quantizing
     evals = {}
     for name, model, extra in (("fp", BIN, ()), ("saved", out_dir, ()), ("flag", BIN, ("--quant", "int8"))):
         code, out, _ = run(capsys, "eval", model, "--data", VAL, "--limit", "5", "--json", *extra)

@@ -31,7 +31,8 @@ def test_run_json_is_deterministic_for_a_seed_and_exact_when_greedy(capsys):
     large = json.loads(run(capsys, "run", "The dog", "--max-tokens", "20", "--mode", "large", "--json")[1])
     assert spec["token_ids"] == large["token_ids"]  # the cascade's greedy output is the large model's
     s = spec["speculative"]
-    assert s["rounds"] >= 1 and s["draft_tokens"] == 4 * s["rounds"] and 0 <= s["acceptance_rate"] <= 1
+    assert s["rounds"] >= 1 and 4 * s["rounds"] - 6 <= s["draft_tokens"] <= 4 * s["rounds"]  # the last rounds: fewer
+    assert 0 <= s["acceptance_rate"] <= 1
     assert large["speculative"] is None and large["small"] is None and large["draft_len"] is None  # loads only the large
 
 
@@ -39,9 +40,9 @@ def test_run_json_is_deterministic_for_a_seed_and_exact_when_greedy(capsys):
     (("--draft-len", "0"), 2, "--draft-len"),
     (("--seed", "-1"), 2, "--seed"),
     (("--mode", "medium"), 2, "--mode"),
-    (("--small-model", "no/such/model"), 1, "no such file"),
+    (("--small-model", "no/such/model"), 2, "no such file"),
     (("--max-tokens", "600"), 1, "exceeds the context"),
-    (("--large", "int5"), 1, "unknown precision spec"),
+    (("--large", "int5"), 2, "unknown precision spec"),
 ])
 def test_bad_flags_are_one_line_errors(capsys, args, code, message):
     got, out, err = run(capsys, "run", "Once", *args)
