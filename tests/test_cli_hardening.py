@@ -1,0 +1,276 @@
+"""Regression tests for the bugs a hostile newcomer found (issue "Hardening"), one test per bug.
+
+Each one failed before its fix.  The fuzz suite (tests/test_cli_fuzz.py) checks the general
+properties (exit codes, one error line, strict JSON, nothing left behind) on generated input.
+"""
+
+import json
+import os
+
+import pytest
+
+import cli
+from tests.shared_data import DATA
+
+BIN = os.path.join(DATA, "stories260K", "stories260K.bin")
+TOK = os.path.join(DATA, "stories260K", "tok512.model")
+VAL = os.path.join(DATA, "text", "tinystories_val.txt")
+
+
+def run(capsys, *args):
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "internal error" not in err and "Traceback" not in err
+    return lines[0]
+
+
+def test_bench_ppl_reports_instead_of_crashing(capsys, tmp_path):
+    """Bug 1: `bench ppl` always crashed after scoring ('dict' object has no attribute 'ctx')."""
+    out_file = tmp_path / "ppl.json"
+    code, out, err = run(capsys, "bench", "ppl", BIN, "--data", VAL, "--limit", "2", "--spec", "source,int8",
+                         "--out", str(out_file), "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["ctx"] == 512 and d["documents"] == 2 and [r["spec"] for r in d["rows"]] == ["source", "int8"]
+    assert d["rows"][0]["ppl_change_pct"] == 0 and abs(d["rows"][1]["ppl_change_pct"]) < 1
+    assert {"device", "cpu", "cores", "jax"} <= set(d) and json.loads(out_file.read_text()) == d
+    code, _, err = run(capsys, "bench", "ppl", BIN, "--data", VAL, "--limit", "2", "--spec", "int9")
+    assert code == 2 and "int9" in one_error_line(err)
+
+
+def test_a_file_named_like_a_spec_does_not_replace_it(capsys, tmp_path, monkeypatch):
+    """Bug 2: a file `int8` in the working directory replaced the spec int8, default included."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "int8").write_text(json.dumps({"__default__": "int2-g16"}))
+    code, out, _ = run(capsys, "run", "Once upon a time", "--max-tokens", "2", "--mode", "large", "--json")
+    assert code == 0
+    reference = json.loads(run(capsys, "quantize", "default-large", "--quant", "int8", "--json")[1])
+    assert json.loads(out)["large"]["weight_bytes"] == reference["bytes_after"]
+    specs = {r["spec"] for r in reference["layers"]}
+    assert "int8" in specs and not any(s.startswith("int2") for s in specs)
+
+
+@pytest.mark.parametrize("args", [
+    ("quantize", "default-small", "--quant", ""),
+    ("generate", "default-small", "hi", "--quant", ""),
+    ("eval", "default-small", "--data", VAL, "--quant", " "),
+    ("run", "hi", "--small", ""),
+    ("plan", "--large", ""),
+])
+def test_an_empty_spec_is_a_usage_error(capsys, args):
+    """Bug 3: `--quant ""` was an internal error in quantize and silently unquantized elsewhere."""
+    code, out, err = run(capsys, *args)
+    assert code == 2 and out == "" and "empty precision rules" in one_error_line(err)
+
+
+def test_inline_rules_keep_embeddings_norms_and_head_16bit(capsys):
+    """Bug 4: inline rules quantized the embedding to int4 and left norms in fp32, against the help."""
+    code, out, _ = run(capsys, "quantize", "default-small", "--quant", "attn=int8,*=int4-g32", "--json")
+    assert code == 0
+    spec = {r["path"]: r["spec"] for r in json.loads(out)["layers"]}
+    assert spec["embed/embedding"] == "bf16" and spec["final_norm/scale"] == "bf16"
+    assert spec["layers_0/attn_norm/scale"] == "bf16" and spec["layers_0/mlp_norm/scale"] == "bf16"
+    assert spec["layers_0/attn/q_proj/kernel"] == "int8" and spec["layers_0/mlp/up_proj/kernel"] == "int4-g32"
+    # a rule of the user's that names the embedding wins over the keep-16-bit rules
+    code, out, _ = run(capsys, "quantize", "default-small", "--quant", "embed=int8,*=int4-g32", "--json")
+    assert {r["path"]: r["spec"] for r in json.loads(out)["layers"]}["embed/embedding"] == "int8"
+    assert "embeddings, norms and the LM head in bf16" in " ".join(run(capsys, "quantize", "--help")[1].split())
+
+
+@pytest.mark.parametrize("command", [("generate", "default-small", "hi"), ("run", "hi")])
+def test_one_seed_rule_for_every_command(capsys, command):
+    """Bug 5: generate overflowed on 2**63 and accepted -1; run refused -1.  Now [0, 2**63-1] everywhere."""
+    for seed in ("-1", str(2**63), "x"):
+        code, out, err = run(capsys, *command, "--seed", seed, "--temperature", "1", "--max-tokens", "2")
+        assert code == 2 and out == "" and "--seed" in one_error_line(err)
+    code, out, err = run(capsys, *command, "--seed", str(2**63 - 1), "--temperature", "1", "--max-tokens", "2",
+                         "--json")
+    assert code == 0 and len(json.loads(out)["token_ids"]) == 2, err
+
+
+def test_seed_rule_in_the_python_api():
+    from models import SamplingConfig
+
+    SamplingConfig(seed=2**63 - 1)
+    for bad in (-1, 2**63, 1.5, True):
+        with pytest.raises(ValueError, match="seed"):
+            SamplingConfig(seed=bad)
+
+
+@pytest.mark.parametrize("command", [("generate", "default-small"), ("run",)])
+def test_a_prompt_that_is_not_utf8_is_a_usage_error(capsys, command):
+    """Bug 6: invalid UTF-8 bytes in the prompt (lone surrogates in argv) were an internal error."""
+    bad = b"\xff\xfe bad".decode("utf-8", "surrogateescape")  # what Python makes of such argv bytes
+    code, out, err = run(capsys, *command, bad, "--max-tokens", "2")
+    assert code == 2 and out == "" and "not valid UTF-8" in one_error_line(err)
+
+
+def test_tokenizers_refuse_text_that_is_not_utf8():
+    from models import load_model
+    from models.loaders.llama2c import load_llama2c
+
+    bad = b"ok \xff".decode("utf-8", "surrogateescape")
+    for tok in (load_model("default-small").tokenizer, load_llama2c(BIN).tokenizer):
+        with pytest.raises(ValueError, match="not valid UTF-8"):
+            tok.encode(bad)
+
+
+@pytest.mark.parametrize("args", [
+    ("generate", "default-small", "hi", "--kv", "int4-s99999"),
+    ("run", "hi", "--kv", "int4-s512"),
+    ("plan", "--kv", "int4-s1000000000"),
+    ("plan", "--large-kv", "int8-r1024"),
+    ("eval", "default-small", "--data", VAL, "--kv", "int4-kg1024"),
+    ("inspect", "default-small", "--kv", "int4-s600"),
+])
+def test_kv_sinks_or_windows_beyond_the_context_are_usage_errors(capsys, args):
+    """Bug 7: sinks beyond the context allocated 99,999 slots (plan: 3.6 TB, exit 0)."""
+    code, out, err = run(capsys, *args)
+    assert code == 2 and out == "" and "context of 512 positions" in one_error_line(err)
+
+
+def test_kv_spec_check_context_in_the_library():
+    from models import KVCache, kv_cache_memory, load_model
+
+    cfg = load_model("default-small").config
+    for kv in ("int4-s512", "int8-r544", "int4-kg1024"):
+        with pytest.raises(ValueError, match="do not fit"):
+            KVCache.create(cfg, 1, 64, kv)
+        with pytest.raises(ValueError, match="do not fit"):
+            kv_cache_memory(cfg, kv, 64)
+    assert kv_cache_memory(cfg, "int4-s511", 512)["bytes"] > 0
+
+
+@pytest.mark.parametrize("args", [
+    ("generate", "default-small", "hi", "--tokenizer", TOK),
+    ("eval", "default-small", "--data", VAL, "--tokenizer", TOK),
+    ("inspect", "default-small", "--tokenizer", TOK),
+    ("quantize", "default-small", "--quant", "int8", "--tokenizer", TOK),
+    ("bench", "ppl", "default-small", "--data", VAL, "--tokenizer", TOK),
+])
+def test_tokenizer_flag_is_refused_for_models_with_their_own(capsys, args):
+    """Bug 9: --tokenizer was silently ignored for models that are not llama2.c .bin files."""
+    code, out, err = run(capsys, *args)
+    assert code == 2 and out == "" and "--tokenizer applies only to a llama2.c .bin" in one_error_line(err)
+    code, out, _ = run(capsys, "generate", BIN, "Once", "--tokenizer", TOK, "--max-tokens", "2", "--json")
+    assert code == 0 and json.loads(out)["token_ids"]
+
+
+def test_tokenizer_argument_is_refused_by_load_model():
+    from models import load_model
+
+    with pytest.raises(ValueError, match="only to a llama2.c .bin"):
+        load_model("default-small", tokenizer=TOK)
+
+
+@pytest.mark.parametrize("args, flag", [
+    (("generate", "default-small", "hi", "--temperature", "nan"), "--temperature"),
+    (("run", "hi", "--temperature", "inf"), "--temperature"),
+    (("generate", "no/such/model", "hi"), "MODEL"),
+    (("eval", "no/such/model", "--data", VAL), "MODEL"),
+    (("eval", "default-small", "--data", "no/such/file.txt"), "--data"),
+    (("run", "hi", "--large-model", "no/such/model"), "--large-model"),
+    (("generate", "default-small", ""), "PROMPT"),
+    (("run", ""), "PROMPT"),
+    (("eval", "default-small", "--data", "/dev/zero"), "--data"),
+])
+def test_range_and_missing_path_errors_are_all_usage_errors(capsys, args, flag):
+    """Bug 10: nan exited 1 while other range errors exit 2; a missing model exited 1 but a missing
+    --data 2; `run ""` was refused but `generate ""` accepted; /dev/zero ran out of memory."""
+    code, out, err = run(capsys, *args)
+    assert code == 2 and out == "" and flag in one_error_line(err)
+
+
+def test_overwrite_is_checked_before_quantizing(capsys, tmp_path, monkeypatch):
+    """Bug 10: -o onto a checkpoint without --overwrite was reported after quantizing, naming overwrite=True."""
+    out_dir = tmp_path / "ck"
+    assert run(capsys, "quantize", "default-small", "--quant", "int8", "-o", str(out_dir))[0] == 0
+    import models.quantize
+
+    def fail(*a, **k):
+        raise AssertionError("quantized before checking the destination")
+
+    monkeypatch.setattr(models.quantize, "quantize_params", fail)
+    code, out, err = run(capsys, "quantize", "default-small", "--quant", "int8", "-o", str(out_dir))
+    line = one_error_line(err)
+    assert code == 2 and "--overwrite" in line and "overwrite=True" not in line
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    code, _, err = run(capsys, "quantize", "default-small", "--quant", "int8", "-o", str(tmp_path / "mine"),
+                       "--overwrite")
+    assert code == 2 and "not a cascade checkpoint" in one_error_line(err)
+
+
+def test_prompt_alone_too_long_says_so(capsys):
+    """Bug 10: the over-long-prompt error told the user to lower --max-tokens when the prompt alone was too long."""
+    for command in (("generate", "default-small"), ("run",)):
+        code, _, err = run(capsys, *command, "hello " * 600, "--max-tokens", "2")
+        line = one_error_line(err)
+        assert code == 1 and "shorten the prompt" in line and "max-tokens" not in line
+    code, _, err = run(capsys, "generate", "default-small", "hello " * 100, "--max-tokens", "500")
+    assert code == 1 and "generate at most" in one_error_line(err)
+
+
+def test_warnings_are_one_line_and_name_the_cli_flag(capsys, tmp_path):
+    """Bug 10: warnings printed as raw `UserWarning` lines with a source line, suggesting a Python argument."""
+    import numpy as np
+
+    path = tmp_path / "tiny.npz"
+    np.savez(path, w=np.full((8, 8), 1e-6, np.float32))
+    code, out, err = run(capsys, "quantize", str(path), "--quant", "int8")
+    warning = [line for line in err.splitlines() if "smallest normal" in line]
+    assert code == 0 and len(warning) == 1 and warning[0].startswith("warning: ")
+    assert "--scale-dtype float32" in warning[0] and "UserWarning" not in err
+    code, out, err = run(capsys, "quantize", str(path), "--quant", "int8", "--scale-dtype", "float32", "--json")
+    assert code == 0 and "warning" not in err
+    assert json.loads(out)["layers"][0]["rel_error"] < 0.01
+
+
+def test_speculative_metrics_count_only_emitted_proposals(capsys):
+    """Bug 10: `run --max-tokens 2 --json` reported 4 accepted tokens for 2 emitted."""
+    for n in (1, 2, 3, 7, 24):
+        code, out, _ = run(capsys, "run", "Once upon a time", "--max-tokens", str(n), "--json")
+        d = json.loads(out)
+        s = d["speculative"]
+        assert code == 0 and len(d["token_ids"]) == s["emitted_tokens"] == n
+        assert s["accepted_tokens"] <= s["draft_tokens"] <= 4 * s["rounds"]
+        # every emitted token after the prefill's is an accepted proposal or the target's own, at most one a round
+        targets = n - 1 - s["accepted_tokens"]
+        assert s["rounds"] - 1 <= targets <= s["rounds"]
+
+
+def test_a_draft_equal_to_the_target_is_accepted_only_as_far_as_emitted():
+    from cascade.speculative import speculative_generate
+    from models import load_model
+
+    m = load_model("default-small")
+    ids = m.tokenizer.encode("Once upon a time")
+    for n, (drafted, accepted) in {2: (1, 1), 3: (2, 2), 6: (4, 4)}.items():
+        r = speculative_generate(m.params, m.config, m.params, m.config, ids, max_new_tokens=n, draft_len=4, eos_ids=())
+        st = r.stats
+        assert len(r.tokens) == st.emitted_tokens == n
+        assert (st.draft_tokens, st.accepted_tokens) == (drafted, accepted), n  # 6: one full round, 4 + the bonus
+        assert st.to_json()["acceptance_per_position"] == [1.0] * min(4, n - 1) + [0.0] * (4 - min(4, n - 1))
+
+
+@pytest.mark.parametrize("command", [("error", "--k", "64", "--n", "8", "--spec", "int8"),
+                                     ("kv", "default-small", "--data", VAL, "--limit", "2", "--ctx", "64",
+                                      "--kv", "fp32,int8")])
+def test_every_bench_json_has_the_device_context(capsys, command):
+    """Bug 10: `bench error` and `bench kv` JSON lacked the device context the README promises."""
+    code, out, err = run(capsys, "bench", *command, "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert {"device", "cpu", "cores", "jax"} <= set(d) and d["cores"] >= 1
+
+
+def test_huge_bench_matmul_shapes_are_refused_before_allocating(capsys):
+    """Bug 10: huge shapes ended in a MemoryError internal error."""
+    code, out, err = run(capsys, "bench", "matmul", "--k", "1000000", "--n", "1000000", "--batch", "1")
+    assert code == 1 and out == "" and "GiB available" in one_error_line(err)
