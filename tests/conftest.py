@@ -1,5 +1,6 @@
 import os
 
+import pytest
 from hypothesis import settings
 
 # Tests run on the CPU.
@@ -9,3 +10,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+@pytest.fixture(scope="session")
+def default_pair():
+    """The embedded pair loaded and quantized (small int4, large int8) once per test session, for
+    the tests of the Python API (CLI tests load it the way the CLI does, per call)."""
+    from cascade.pair import load_pair
+
+    return load_pair(small_quant="int4", large_quant="int8")

@@ -32,6 +32,7 @@ def test_eval_kv_json_reports_perplexity_and_cache_bytes(capsys):
     assert rows["int4"]["kv_cache"]["vs_fp16_per_token"] < 0.30
 
 
+@pytest.mark.slow  # compiles a program set per cache precision and mode (the fuzz suite covers --kv parsing)
 def test_generate_and_run_with_quantized_caches(capsys):
     code, out, _ = run(capsys, "generate", BIN, "Once upon a time", "--max-tokens", "40", "--kv", "int8", "--json")
     q8 = json.loads(out)

@@ -3,7 +3,6 @@
 import pytest
 
 from cascade.memory import parse_bytes, plan_memory
-from cascade.pair import load_pair
 from models import weight_bytes
 from models.llama import KVCache
 
@@ -20,12 +19,12 @@ def test_parse_bytes_rejects(bad):
         parse_bytes(bad)
 
 
-def test_plan_counts_the_weights_and_the_caches_the_runtime_allocates(monkeypatch):
+def test_plan_counts_the_weights_and_the_caches_the_runtime_allocates(monkeypatch, default_pair):
     """The plan's KV bytes are those of the caches a real run allocates (recorded by wrapping
     KVCache.create), for a short prompt and for one that fills the context."""
     import cascade.speculative as speculative
 
-    pair = load_pair("default-small", "default-large", small_quant="int4", large_quant="int8")
+    pair = default_pair
     allocated = []
     create = KVCache.create
 

@@ -9,9 +9,9 @@ from models import SamplingConfig, load_model
 from tests.shared_data import DATA
 
 
-@pytest.fixture(scope="module")
-def pair():
-    return load_pair(small_quant="int4", large_quant="int8")
+@pytest.fixture
+def pair(default_pair):
+    return default_pair
 
 
 def test_speculative_greedy_equals_the_quantized_large_model_alone(pair):

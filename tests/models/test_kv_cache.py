@@ -182,6 +182,7 @@ def stories():
     return load_model(str(DATA / "stories260K" / "stories260K.bin"))
 
 
+@pytest.mark.slow  # a real model, 400 greedy tokens per cache
 def test_int8_cache_greedy_matches_fp_cache_on_stories260k(stories):
     """The stories260K opening: 150 greedy tokens, the INT8 cache gives the fp32 cache's tokens.
     Then 400 tokens teacher-forced: wherever fp32's top two logits are more than 0.01 apart, the
