@@ -11,14 +11,9 @@ import json
 import os
 import sys
 import warnings
-from importlib import metadata
-
 import click
 
-try:
-    __version__ = metadata.version("cascade")
-except metadata.PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+source"
+from cascade import __version__
 
 
 def _emit(ctx_json: bool, payload: dict, human: str) -> None:
@@ -69,7 +64,7 @@ def _rules(ctx, param, value):
     """Validate a precision spec / inline rules / rules file at parse time; keep the text as typed."""
     if value is None:
         return None
-    from quant.rules import PrecisionRules
+    from cascade.quant.rules import PrecisionRules
 
     if getattr(param, "name", None) in ("small_quant", "large_quant") and value.strip().lower() in ("none", "source"):
         return value
@@ -84,11 +79,11 @@ def _model(ctx, param, value):
     """A MODEL is a built-in name or an existing path; anything else is a usage error."""
     if value is None:
         return None
-    from models.defaults import DEFAULT_MODELS
+    from cascade.models.defaults import DEFAULT_MODELS
 
     if value in DEFAULT_MODELS or os.path.exists(value):
         return value
-    from models.checkpoint import recover_interrupted_save
+    from cascade.models.checkpoint import recover_interrupted_save
 
     recover_interrupted_save(value)  # a checkpoint whose overwrite was killed midway comes back
     if os.path.exists(value):
@@ -116,7 +111,7 @@ def _check_kv_fits(kv: str | None, cfg, flag: str = "--kv") -> None:
     """A KV spec whose sinks or window exceed the model's context is a usage error."""
     if kv is None:
         return
-    from quant.kv import parse_kv_spec
+    from cascade.quant.kv import parse_kv_spec
 
     try:
         parse_kv_spec(kv).check_context(cfg.max_seq_len)
@@ -145,7 +140,7 @@ def _kv_spec(ctx, param, value):
     """Validate a --kv value at parse time: a bad spec is a usage error, before any model loads."""
     if value is None:
         return None
-    from quant.kv import parse_kv_spec
+    from cascade.quant.kv import parse_kv_spec
 
     try:
         return str(parse_kv_spec(value))
@@ -191,7 +186,7 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
     offline on a fresh install.  Greedy output equals the large model's own greedy output.
     """
     from cascade.pair import load_pair, run as run_pair
-    from models import SamplingConfig
+    from cascade.models import SamplingConfig
 
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     # a single-model mode loads only that model
@@ -234,7 +229,7 @@ _MODEL_HELP = ("MODEL is a built-in name (default-small, default-large), a Huggi
 def _load_model(path: str, tokenizer: str | None, quant_rules: str | None, need_tokenizer: bool = True,
                 scale_dtype: str = "float16"):
     """Load MODEL, check it has a tokenizer if needed, and RTN-quantize it if ``quant_rules``."""
-    from models import load_model, quantize_model
+    from cascade.models import load_model, quantize_model
 
     _check_tokenizer_flag(path, tokenizer)
     model = load_model(path, tokenizer=tokenizer)
@@ -265,10 +260,10 @@ def quantize(model, quant_rules, out_dir, tokenizer, overwrite, axis, scale_dtyp
     gets the report only.  Every form of rules keeps embeddings, norms and the LM head in bf16
     unless a rule names them (e.g. 'embed=int8,*=int4-g128').
     """
-    import quant
+    from cascade import quant
 
     if _is_weights_file(model):
-        from models import weights_file
+        from cascade.models import weights_file
 
         if out_dir:
             raise click.UsageError("-o needs a model (HF directory, .gguf, .bin or checkpoint), not a bare weights file")
@@ -282,8 +277,8 @@ def quantize(model, quant_rules, out_dir, tokenizer, overwrite, axis, scale_dtyp
         return
     if axis is not None:
         raise click.UsageError("--axis applies only to a bare .safetensors/.npz weights file")
-    from models import save_checkpoint
-    from models.checkpoint import check_destination
+    from cascade.models import save_checkpoint
+    from cascade.models.checkpoint import check_destination
 
     if out_dir:  # refuse a taken destination before the work, not after it
         try:
@@ -311,7 +306,7 @@ def inspect(model, tokenizer, kvs, ctx, as_json):
     MODEL may also be a bare .safetensors/.npz weights file (tensor list only).
     """
     if _is_weights_file(model):
-        from models import weights_file
+        from cascade.models import weights_file
 
         if tokenizer or kvs or ctx:
             raise click.UsageError("--tokenizer, --kv and --ctx apply to models, not to a bare weights file")
@@ -324,7 +319,7 @@ def inspect(model, tokenizer, kvs, ctx, as_json):
         lines.append(f"{len(rows)} tensors, {total:,} bytes")
         _emit(as_json, {"model": model, "tensors": rows, "bytes": total}, "\n".join(lines))
         return
-    from models import describe_model, kv_cache_memory
+    from cascade.models import describe_model, kv_cache_memory
 
     loaded, _ = _load_model(model, tokenizer, None, need_tokenizer=False)
     for kv in kvs:
@@ -371,8 +366,8 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv
     """
     import time
 
-    from models import kv_cache_memory, perplexity, split_documents, tokenize_documents, weight_bytes
-    from models.evaluation import DEFAULT_EVAL_CTX
+    from cascade.models import kv_cache_memory, perplexity, split_documents, tokenize_documents, weight_bytes
+    from cascade.models.evaluation import DEFAULT_EVAL_CTX
 
     loaded, _ = _load_model(model, tokenizer, quant_rules, scale_dtype=scale_dtype)
     _check_kv_fits(kv, loaded.config)
@@ -423,7 +418,7 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv
 def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, seed, chat, bos, kv, tokenizer,
              scale_dtype, as_json):
     """Generate a continuation of PROMPT with MODEL."""
-    from models import SamplingConfig, generate as generate_tokens
+    from cascade.models import SamplingConfig, generate as generate_tokens
 
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     loaded, _ = _load_model(model, tokenizer, quant_rules, scale_dtype=scale_dtype)
@@ -523,7 +518,7 @@ def _csv_ints(ctx, param, value):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_matmul(batch, k, n, specs, backend, repeats, warmup, out_path, as_json):
     """Time float32 x @ W against the quantized dequant-matmul, side by side."""
-    from bench import matmul as bench_mm
+    from cascade.bench import matmul as bench_mm
 
     result = bench_mm.run(batches=batch, k=k, n=n, specs=[s for s in specs.split(",") if s], backend=backend,
                           repeats=repeats, warmup=warmup)
@@ -540,7 +535,7 @@ def bench_matmul(batch, k, n, specs, backend, repeats, warmup, out_path, as_json
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_error(specs, k, n, out_path, as_json):
     """Relative quantization error and bits/weight per spec and clip method."""
-    from bench import quant_error
+    from cascade.bench import quant_error
 
     kwargs = {"specs": [s for s in specs.split(",") if s]} if specs else {}
     result = quant_error.run(k=k, n=n, **kwargs)
@@ -562,7 +557,7 @@ def bench_error(specs, k, n, out_path, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_ppl(model, data, specs, limit, ctx, stride, no_truncate, tokenizer, out_path, as_json):
     """Perplexity and weight bytes of MODEL under several precision specs, on the same tokens."""
-    from bench import perplexity as bench_ppl_mod
+    from cascade.bench import perplexity as bench_ppl_mod
 
     spec_list = [s.strip() for s in (specs or "").split(",") if s.strip()]
     if specs is not None and not spec_list:
@@ -599,7 +594,7 @@ def bench_ppl(model, data, specs, limit, ctx, stride, no_truncate, tokenizer, ou
 def bench_kv(model, data, kvs, ctx, stride, min_context, concat, max_tokens, limit, gen_prompt, gen_tokens, tokenizer,
              out_path, as_json):
     """Perplexity, cache bytes and greedy agreement of MODEL under several KV cache precisions."""
-    from bench import kv_cache
+    from cascade.bench import kv_cache
 
     specs = [_kv_spec(None, None, k) for k in kvs.split(",") if k.strip()]
     if not specs:

@@ -20,18 +20,16 @@ import platform
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cascade.pair import load_pair, run  # noqa: E402
-from models import perplexity, quantize_model, split_documents, tokenize_documents, weight_bytes  # noqa: E402
-from models.defaults import DEFAULT_LARGE, DEFAULT_SMALL, default_model_dir  # noqa: E402
+from cascade.pair import load_pair, run
+from cascade.models import perplexity, quantize_model, split_documents, tokenize_documents, weight_bytes
+from cascade.models.defaults import DEFAULT_LARGE, DEFAULT_SMALL, default_model_dir
 
 PROMPTS = ("Once upon a time", "Tom and Lily went to the park. They", "The little red bird was sad because")
 QUANT = {DEFAULT_SMALL: "int4", DEFAULT_LARGE: "int8"}
 
 
 def perplexity_rows(data_dir: str, tolerance: float = 0.01) -> list[dict]:
-    from models import load_model
+    from cascade.models import load_model
 
     with open(os.path.join(os.path.dirname(default_model_dir(DEFAULT_SMALL)), "training.json"), encoding="utf-8") as f:
         card = json.load(f)["models"]
@@ -100,7 +98,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import jax
 
-    from bench.context import run_context
+    from cascade.bench.context import run_context
 
     result = {"benchmark": "default-pair", **run_context(), "machine": f"{os.cpu_count()} cores {platform.machine()}",
               "backend": jax.default_backend(), "perplexity": perplexity_rows(args.data),

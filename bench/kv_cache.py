@@ -1,6 +1,6 @@
 """KV-cache precisions side by side: perplexity, cache bytes and greedy agreement.
 
-``python bench/kv_cache.py MODEL --data FILE --ctx N`` or ``cascade bench kv ...`` (``--json``
+``cascade bench kv MODEL --data FILE --ctx N`` (``--json``
 for rows).  For each ``--kv`` spec, on the same tokens:
 
 * perplexity (sliding windows of ``--ctx``; ``--min-context ctx-stride`` scores only targets
@@ -21,10 +21,10 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from bench.context import run_context
-from models import Model, generate, kv_cache_memory, load_model, perplexity, split_documents, tokenize_documents
-from models.generation import forward
-from models.llama import KVCache
+from cascade.bench.context import run_context
+from cascade.models import Model, generate, kv_cache_memory, load_model, perplexity, split_documents, tokenize_documents
+from cascade.models.generation import forward
+from cascade.models.llama import KVCache
 
 DEFAULT_KV = ("fp32", "int8", "int4")
 
@@ -41,7 +41,7 @@ def run(model: "str | Model", data: str, *, kvs=DEFAULT_KV, ctx: int | None = No
         max_tokens: int | None = None, limit: int | None = None, min_context: int = 1, concat: bool = False,
         gen_prompt: int = 0, gen_tokens: int = 0, tokenizer: str | None = None, label: str | None = None,
         progress=None) -> dict:
-    """``model``: a MODEL path / built-in name, or a loaded :class:`models.Model` (``label`` names it
+    """``model``: a MODEL path / built-in name, or a loaded :class:`cascade.models.Model` (``label`` names it
     in the result).  ``concat``: score the documents as one stream (each still starting with BOS),
     as models like llama2.c's were trained on packed stories; ``min_context``: score only targets
     with at least that many tokens before them in their window (``ctx - stride``: long-context
@@ -117,11 +117,3 @@ def format_table(result: dict) -> str:
             line += f" {'never' if d is None else d:>11} {r['gen_teacher_forced_agreement']:>9.1%}"
         lines.append(line)
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    import sys
-
-    from cli import main
-
-    sys.exit(main(["bench", "kv", *sys.argv[1:]]))

@@ -1,6 +1,6 @@
 """Dequant-matmul benchmark: float32 ``x @ W`` against quantized ``W`` in one run.
 
-Run ``python bench/matmul.py`` or ``cascade bench matmul`` (same flags, ``--json`` for rows).
+Run ``cascade bench matmul`` (``--json`` for rows; the CLI is the one entry point, this is the library).
 Each row times one jitted call, median over ``repeats`` runs after ``warmup`` calls; every
 quantized row is measured beside the float32 row of the same batch, so ``speedup_vs_f32`` is a
 ratio taken on one machine in one process.
@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-import quant
-from bench.context import run_context
+from cascade import quant
+from cascade.bench.context import run_context
 
 
 def _time(fn, *args, repeats: int, warmup: int) -> float:
@@ -86,7 +86,7 @@ def available_memory() -> int | None:
 
 
 def _backend_name(x, w, backend) -> str:
-    from quant.dequant_matmul import select_backend
+    from cascade.quant.dequant_matmul import select_backend
 
     return select_backend(x, w, backend).name
 
@@ -99,11 +99,3 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['spec']:<12} {r['backend']:<8} {r['batch']:>5} {r['k']:>6} {r['n']:>6} {r['ms']:>9.3f} "
                      f"{r['speedup_vs_f32']:>6.2f}x {r['weight_bytes'] / 2**20:>10.2f}")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    import sys
-
-    import cli
-
-    sys.exit(cli.main(["bench", "matmul", *sys.argv[1:]]))

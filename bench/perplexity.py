@@ -1,6 +1,6 @@
 """Perplexity and weight bytes of a model under several precision specs, side by side.
 
-``python bench/perplexity.py MODEL --data FILE`` or ``cascade bench ppl MODEL --data FILE``
+``cascade bench ppl MODEL --data FILE``
 (``--json`` for rows).  Each spec is RTN with the default rules (embeddings, norms and LM head
 kept in bf16); ``source`` is the model as loaded.  Every row scores the same tokens.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 
-from bench.context import run_context
-from models import Model, load_model, perplexity, quantize_model, split_documents, tokenize_documents, weight_bytes
+from cascade.bench.context import run_context
+from cascade.models import Model, load_model, perplexity, quantize_model, split_documents, tokenize_documents, weight_bytes
 
 DEFAULT_SPECS = ("source", "int8", "int8-g32", "int4-g32", "int4-g64", "int4-g32-asym", "int4-g64-asym", "int4-g32-mse")
 
@@ -18,7 +18,7 @@ DEFAULT_SPECS = ("source", "int8", "int8-g32", "int4-g32", "int4-g64", "int4-g32
 def run(model: "str | Model", data: str, *, specs=DEFAULT_SPECS, limit: int | None = 200, ctx: int | None = None,
         stride: int | None = None, truncate: bool = True, tokenizer: str | None = None, label: str | None = None,
         progress=None) -> dict:
-    """``model``: a MODEL path / built-in name, or a loaded :class:`models.Model` (``label`` names
+    """``model``: a MODEL path / built-in name, or a loaded :class:`cascade.models.Model` (``label`` names
     it in the result)."""
     model_path = label or (model if isinstance(model, str) else model.source)
     base = model if isinstance(model, Model) else load_model(model, tokenizer=tokenizer)
@@ -61,11 +61,3 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['spec']:<16} {r['ppl']:>8.4f} {r['ppl_change_pct']:>+7.2f}% {r['weight_bytes']:>13,} "
                      f"{r['bytes_vs_first']:>10.3f} {r['tokens']:>8,}")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    import sys
-
-    from cli import main
-
-    sys.exit(main(["bench", "ppl", *sys.argv[1:]]))

@@ -1,6 +1,6 @@
 """Quantization error per spec: relative Frobenius error and bits per weight, on synthetic weights.
 
-``python bench/quant_error.py`` or ``cascade bench error`` (``--json`` for rows).  Two weight
+``cascade bench error`` (``--json`` for rows).  Two weight
 distributions: Gaussian, and Student-t with 3 degrees of freedom (heavy tails, like the outlier
 channels of LLM weights).  Each spec is also tried with MSE and 99.9th-percentile clipping.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 from tqdm.auto import tqdm
 
-import quant
-from bench.context import run_context
-from quant.rtn import relative_error
+from cascade import quant
+from cascade.bench.context import run_context
+from cascade.quant.rtn import relative_error
 
 DEFAULT_SPECS = ("int8", "int4", "int4-g128", "int4-g128-asym", "int4-g64-asym", "int4-g32", "int3-g32", "int2-g16-asym")
 
@@ -37,11 +37,3 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"{r['spec']:<22} {r['weights']:<11} {r['bits_per_weight']:>7.3f} {r['rel_error']:>9.4f}")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    import sys
-
-    import cli
-
-    sys.exit(cli.main(["bench", "error", *sys.argv[1:]]))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from models import Model, SamplingConfig, generate, load_model, quantize_model, weight_bytes
-from models.defaults import DEFAULT_LARGE, DEFAULT_SMALL
+from cascade.models import Model, SamplingConfig, generate, load_model, quantize_model, weight_bytes
+from cascade.models.defaults import DEFAULT_LARGE, DEFAULT_SMALL
 from cascade.speculative import SpeculativeStats, speculative_generate
 
 MODES = ("speculative", "large", "small")
@@ -89,7 +89,7 @@ class RunResult:
 def run(pair: ModelPair, prompt: str, *, mode: str = "speculative", max_new_tokens: int = 128, draft_len: int = 4,
         sampling: SamplingConfig = SamplingConfig(), small_kv: str | None = None, large_kv: str | None = None) -> RunResult:
     """Generate with the pair; ``small_kv``/``large_kv``: each model's KV cache precision
-    (:mod:`quant.kv`, default fp32)."""
+    (:mod:`cascade.quant.kv`, default fp32)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     needs = {"speculative": ("small", "large"), "large": ("large",), "small": ("small",)}[mode]

@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import ModelConfig
-from models.generation import SamplingConfig, forward_cached, prefill
-from models.generation import _bucket as shape_bucket  # the same power-of-two buckets as generate()
-from models.llama import KVCache, Transformer
-from quant.kv import KVSpec
+from cascade.models.config import ModelConfig
+from cascade.models.generation import SamplingConfig, forward_cached, prefill
+from cascade.models.generation import _bucket as shape_bucket  # the same power-of-two buckets as generate()
+from cascade.models.llama import KVCache, Transformer
+from cascade.quant.kv import KVSpec
 
 
 @dataclasses.dataclass
@@ -96,13 +96,13 @@ class SpeculativeResult:
 
     @property
     def tokens_per_s(self) -> float | None:
-        """Decode speed after the first round (as :attr:`models.generation.Generation.tokens_per_s`)."""
+        """Decode speed after the first round (as :attr:`cascade.models.generation.Generation.tokens_per_s`)."""
         return self.steady_tokens / self.steady_s if self.steady_tokens > 0 and self.steady_s > 0 else None
 
 
 def token_probs(logits: np.ndarray, sampling: SamplingConfig) -> np.ndarray:
     """The sampling distribution (float64, sums to 1) of ``logits`` (..., V) under temperature,
-    top-k and top-p (nucleus over the renormalised top-k, as :func:`models.generation.sample_logits`)."""
+    top-k and top-p (nucleus over the renormalised top-k, as :func:`cascade.models.generation.sample_logits`)."""
     z = np.asarray(logits, np.float64) / sampling.temperature
     z = z - z.max(axis=-1, keepdims=True)
     if sampling.top_k:
@@ -185,7 +185,7 @@ def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, ta
 
     The two models must share the tokenizer (same vocabulary ids); the draft's vocabulary may not
     be larger than the target's.  ``draft_kv``/``target_kv``: each model's KV cache precision
-    (:mod:`quant.kv`); greedy output equals the target's own greedy output with ``target_kv``.
+    (:mod:`cascade.quant.kv`); greedy output equals the target's own greedy output with ``target_kv``.
     """
     if draft_len < 1:
         raise ValueError(f"draft_len must be >= 1, got {draft_len}")

@@ -6,7 +6,7 @@ A checkpoint is a directory::
     <dir>/arrays/                   orbax StandardCheckpointer tree of every array leaf
     <dir>/tokenizer/                the tokenizer's own files (only when the model has one)
 
-The orbax tree mirrors the parameter tree; a :class:`quant.QuantizedTensor` becomes a dict of
+The orbax tree mirrors the parameter tree; a :class:`cascade.quant.QuantizedTensor` becomes a dict of
 its leaves (``packed``, ``scale`` and, for asymmetric specs, ``zero``).  The manifest holds the
 format version, the :class:`ModelConfig`, the precision rules text (``Model.quant``), and a
 ``tree`` entry for every parameter path: ``kind`` (``float`` or ``quantized``), logical
@@ -48,9 +48,9 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy
 import numpy as np
 
-from models.config import ModelConfig
-from models.model import Model
-from quant.qtensor import QuantizedTensor
+from cascade.models.config import ModelConfig
+from cascade.models.model import Model
+from cascade.quant.qtensor import QuantizedTensor
 
 CHECKPOINT_MARKER = "cascade_checkpoint.json"
 FORMAT = "cascade_checkpoint"
@@ -143,7 +143,7 @@ def save_checkpoint(directory, model: Model, *, overwrite: bool = False) -> None
     target = check_destination(directory, overwrite=overwrite)
     parent, name = os.path.split(target)
     if not isinstance(model, Model) or not isinstance(model.config, ModelConfig):
-        raise ValueError(f"{target}: save_checkpoint takes a models.model.Model, got {type(model).__name__}")
+        raise ValueError(f"{target}: save_checkpoint takes a cascade.Model, got {type(model).__name__}")
     if model.quant is not None and not isinstance(model.quant, str):
         raise ValueError(f"{target}: Model.quant must be the precision rules text or None, "
                          f"got {type(model.quant).__name__}")
@@ -421,8 +421,8 @@ def _read_manifest(where: str) -> dict:
 
 def _check_entries(entries: dict, where: str) -> None:
     """Validate manifest entries (types, spec text, leaf shapes consistent with the spec)."""
-    from quant import packing, ranges
-    from quant.spec import IntSpec, parse_spec
+    from cascade.quant import packing, ranges
+    from cascade.quant.spec import IntSpec, parse_spec
 
     def bad(name, what):
         return ValueError(f"{where}: tensor {name!r}: {what} in {CHECKPOINT_MARKER}")
@@ -482,7 +482,7 @@ def _is_shape(v) -> bool:
 
 def _check_layout(config: ModelConfig, entries: dict, where: str) -> None:
     """The parameter paths and logical shapes are the ones ``models.llama`` expects for ``config``."""
-    from models.llama import param_shapes
+    from cascade.models.llama import param_shapes
 
     expected = param_shapes(config)
     missing = sorted(set(expected) - set(entries))
@@ -570,7 +570,7 @@ def _verified(restored: dict, path: tuple[str, ...], info: dict, name: str, wher
 
 
 def _load_tokenizer(path: str, where: str):
-    from models.tokenizer import Tokenizer
+    from cascade.models.tokenizer import Tokenizer
 
     try:
         return Tokenizer.load(path)

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from models.config import ModelConfig
-from models.llama import KVCache, Transformer
-from quant.kv import KVSpec, parse_kv_spec
+from cascade.models.config import ModelConfig
+from cascade.models.llama import KVCache, Transformer
+from cascade.quant.kv import KVSpec, parse_kv_spec
 
 DOC_SEPARATOR = "<|endoftext|>"
 DEFAULT_EVAL_CTX = 2048  # default window cap: attention here is unchunked, O(ctx^2) memory per row
@@ -133,7 +133,7 @@ def perplexity(params, cfg: ModelConfig, token_docs: list[list[int]], *, ctx: in
                max_tokens: int | None = None, min_context: int = 1) -> PerplexityResult:
     """Perplexity over tokenized documents (each already starting with BOS if the model uses one).
 
-    ``kv``: score every window through a KV cache of that precision (:mod:`quant.kv`), so a
+    ``kv``: score every window through a KV cache of that precision (:mod:`cascade.quant.kv`), so a
     quantized cache can be compared with ``kv="fp32"`` on the same tokens; None runs the plain
     forward.  ``max_tokens``: score only the first windows, until about that many tokens;
     ``min_context``: see :func:`windows_of`.

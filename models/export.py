@@ -16,15 +16,15 @@ import tempfile
 import flax
 import numpy as np
 
-from models.config import ModelConfig
-from quant.qtensor import QuantizedTensor
+from cascade.models.config import ModelConfig
+from cascade.quant.qtensor import QuantizedTensor
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
 
 
 def path_to_hf_name(path: str) -> str:
-    """Inverse of :func:`models.loaders.hf.hf_name_to_path`."""
-    from models.loaders.hf import _LAYER_NAMES
+    """Inverse of :func:`cascade.models.loaders.hf.hf_name_to_path`."""
+    from cascade.models.loaders.hf import _LAYER_NAMES
 
     fixed = {"embed/embedding": "model.embed_tokens.weight", "final_norm/scale": "model.norm.weight",
              "lm_head/kernel": "lm_head.weight"}
@@ -100,8 +100,8 @@ def save_hf(params, cfg: ModelConfig, out_dir, *, tokenizer_dir=None, overwrite:
 
 
 def export_trained(run_dir, tokenizer_dir, out_dir, *, overwrite: bool = True) -> str:
-    """The latest checkpoint of a :func:`models.training.train` run as an HF directory."""
-    from models.training import load_trained
+    """The latest checkpoint of a :func:`cascade.models.training.train` run as an HF directory."""
+    from cascade.models.training import load_trained
 
     cfg, params, step = load_trained(run_dir)
     return save_hf(params, cfg, out_dir, tokenizer_dir=tokenizer_dir, overwrite=overwrite)

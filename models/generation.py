@@ -16,14 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import ModelConfig
-from models.llama import KVCache, Transformer
-from quant.kv import KVSpec
+from cascade.models.config import ModelConfig
+from cascade.models.llama import KVCache, Transformer
+from cascade.quant.kv import KVSpec
 
 
 @partial(jax.jit, static_argnames=("cfg", "last_only"))
 def forward(params, cfg: ModelConfig, tokens, positions, cache=None, n_new=None, last_only: bool = False):
-    """One model call (see :class:`models.llama.Transformer`); returns ``(logits, cache)``."""
+    """One model call (see :class:`cascade.models.llama.Transformer`); returns ``(logits, cache)``."""
     return Transformer(cfg).apply({"params": params}, tokens, positions, cache, n_new, last_only)
 
 
@@ -157,7 +157,7 @@ def generate(params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_toke
     """Generate up to ``max_new_tokens`` for each prompt (lists of ids), stopping a row at EOS.
 
     ``key``: the PRNG key for sampling (default ``jax.random.key(sampling.seed)``); ``kv``: the KV
-    cache precision (:mod:`quant.kv`, default fp32).
+    cache precision (:mod:`cascade.quant.kv`, default fp32).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import flax
 
-from models.model import Model
-from quant.qtensor import QuantizedTensor
+from cascade.models.model import Model
+from cascade.quant.qtensor import QuantizedTensor
 
 
 def describe_model(model: Model) -> dict:

@@ -7,7 +7,7 @@ in Hugging Face layout load as they are; loaders for interleaved-RoPE formats (l
 permute q/k to this layout (:func:`unpermute_rope_rows`).
 
 Parameter tree (``kernel`` is ``(in, out)``, the Hugging Face ``weight`` transposed; any
-kernel may be a :class:`quant.QuantizedTensor` quantized along axis 0, any tensor may be
+kernel may be a :class:`cascade.quant.QuantizedTensor` quantized along axis 0, any tensor may be
 float32/bfloat16/float16)::
 
     embed/embedding                (vocab, dim)    may be a QuantizedTensor along axis 1
@@ -22,7 +22,7 @@ float32/bfloat16/float16)::
 The KV cache is static and preallocated (:class:`KVCache`): every call writes its new keys and
 values at each row's current length and attends over the whole buffer under a position mask,
 so decoding compiles once per (batch, cache length).  The cache may store float32/bf16/fp16 or
-int8/int4 codes (:mod:`quant.kv`): quantized on write, dequantized inside the jitted step.
+int8/int4 codes (:mod:`cascade.quant.kv`): quantized on write, dequantized inside the jitted step.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import quant
-from models.config import ModelConfig, rope_inv_freq
-from quant import packing
-from quant.kv import (RESIDUAL_DTYPE, KVSpec, bytes_per_token_per_layer, fixed_bytes_per_layer, parse_kv_spec,
+from cascade import quant
+from cascade.models.config import ModelConfig, rope_inv_freq
+from cascade.quant import packing
+from cascade.quant.kv import (RESIDUAL_DTYPE, KVSpec, bytes_per_token_per_layer, fixed_bytes_per_layer, parse_kv_spec,
                       quantize_key_groups)
-from quant.qtensor import QuantizedTensor
+from cascade.quant.qtensor import QuantizedTensor
 
 _MASKED = -1e30  # finite "minus infinity": a fully masked row (padding) stays NaN-free
 
@@ -49,10 +49,10 @@ _MASKED = -1e30  # finite "minus infinity": a fully masked row (padding) stays N
 class KVCache:
     """Static per-layer key/value buffers, each row's filled length, and how they are stored.
 
-    Per layer ``i`` (``D = n_kv_heads * head_dim``; layouts and bytes in :mod:`quant.kv`):
+    Per layer ``i`` (``D = n_kv_heads * head_dim``; layouts and bytes in :mod:`cascade.quant.kv`):
 
     * ``k[i]``, ``v[i]``: every position's keys/values: (batch, max_len, n_kv_heads, head_dim)
-      floats for a float spec; for int8/int4 a :class:`quant.QuantizedTensor` of logical shape
+      floats for a float spec; for int8/int4 a :class:`cascade.quant.QuantizedTensor` of logical shape
       (batch, max_len, D): keys per channel over groups of positions, values per token.
     * ``k_recent[i]``, ``v_recent[i]`` (int specs): float16 copies of the last
       ``C = R + rewind`` positions, (batch, C, n_kv_heads, head_dim), position ``p`` in slot
@@ -198,7 +198,7 @@ def _param(module: nn.Module, name: str, init, shape, dtype=jnp.float32):
 
 
 class Linear(nn.Module):
-    """``y = x @ kernel (+ bias)`` through :func:`quant.matmul`: float or quantized kernel."""
+    """``y = x @ kernel (+ bias)`` through :func:`cascade.quant.matmul`: float or quantized kernel."""
 
     features: int
     use_bias: bool = False
@@ -293,7 +293,7 @@ def _ring_positions(lengths, ring: int):
 
 def full_precision_from(positions, spec: KVSpec):
     """(B, T): the first position the query at ``positions`` sees in full precision (see
-    :mod:`quant.kv`): the start of its own key group, minus ``R - G``."""
+    :mod:`cascade.quant.kv`): the start of its own key group, minus ``R - G``."""
     g = spec.key_positions
     return positions // g * g - (spec.residual_positions - g)
 

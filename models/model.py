@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from models.config import ModelConfig
+from cascade.models.config import ModelConfig
 
 
 @dataclasses.dataclass(kw_only=True)

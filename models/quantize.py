@@ -1,6 +1,6 @@
 """Quantize a loaded model's weights under precision rules (RTN for now), with a report.
 
-The wiring of :func:`quant.quantize_params` into the model layout: linear kernels are
+The wiring of :func:`cascade.quant.quantize_params` into the model layout: linear kernels are
 ``(in, out)`` and quantized along ``in`` (axis 0); the embedding is ``(vocab, dim)`` and, if a
 rule quantizes it, is grouped along ``dim`` (axis 1) so rows can be gathered packed and a tied
 head can reuse it.  Already-quantized tensors (a GGUF import) are dequantized first.
@@ -13,10 +13,10 @@ import warnings
 
 import jax
 
-from models.model import Model
-from quant.qtensor import QuantizedTensor, dequantize
-from quant.rtn import QuantReport, key_path_str, quantize_params
-from quant.rules import PrecisionRules, is_rules_path
+from cascade.models.model import Model
+from cascade.quant.qtensor import QuantizedTensor, dequantize
+from cascade.quant.rtn import QuantReport, key_path_str, quantize_params
+from cascade.quant.rules import PrecisionRules, is_rules_path
 
 
 def reduction_axis(path: str, shape) -> int:
@@ -25,7 +25,7 @@ def reduction_axis(path: str, shape) -> int:
 
 def quantize_model(model: Model, rules, *, scale_dtype="float16", progress: bool | None = None) -> tuple[Model, QuantReport]:
     """RTN-quantize ``model`` under ``rules`` (a spec, inline rules, a rules file or
-    :class:`quant.PrecisionRules`); scales and zero points stored in ``scale_dtype``."""
+    :class:`cascade.quant.PrecisionRules`); scales and zero points stored in ``scale_dtype``."""
     parsed = PrecisionRules.parse(rules)
     # keep what the user typed ("int8", "attn=int8,*=int4-g64") unless it names a file: then the rules
     label = rules.strip() if isinstance(rules, str) and not is_rules_path(rules) else rules_text(parsed)

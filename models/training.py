@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from models.config import ModelConfig
-from models.llama import Transformer, init_params
+from cascade.models.config import ModelConfig
+from cascade.models.llama import Transformer, init_params
 
 EOT = "<|endoftext|>"
 LOSS_CSV_FIELDS = ("step", "tokens", "lr", "loss", "grad_norm", "val_loss", "elapsed_s")
@@ -64,7 +64,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, *, min_frequency:
 
 def save_hf_tokenizer(tok, directory) -> list[str]:
     """Write ``tokenizer.json`` and a ``tokenizer_config.json`` that ``transformers`` and
-    :meth:`models.tokenizer.Tokenizer.from_hf_dir` both read (BOS = EOS = ``<|endoftext|>``, BOS added)."""
+    :meth:`cascade.models.tokenizer.Tokenizer.from_hf_dir` both read (BOS = EOS = ``<|endoftext|>``, BOS added)."""
     os.makedirs(directory, exist_ok=True)
     tok.save(os.path.join(directory, "tokenizer.json"))
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT,
@@ -77,7 +77,7 @@ def save_hf_tokenizer(tok, directory) -> list[str]:
 
 def read_documents(paths: Iterable[str]) -> list[str]:
     """Documents of ``<|endoftext|>``-separated text files, in file order."""
-    from models.evaluation import split_documents
+    from cascade.models.evaluation import split_documents
 
     docs = []
     for p in paths:

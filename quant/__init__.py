@@ -2,24 +2,24 @@
 
 The public API lives here; each idea has one module behind it:
 
-* :mod:`quant.spec`        the precision-spec grammar (``int4-g128-asym`` ...)
-* :mod:`quant.packing`     bit layout of packed int8/4/3/2 codes
-* :mod:`quant.qtensor`     :class:`QuantizedTensor`, quantize / dequantize
-* :mod:`quant.ranges`      grouping and range estimation (min-max, percentile, MSE search)
-* :mod:`quant.observers`   activation statistics over calibration batches
-* :mod:`quant.ste`         fake quantization with a straight-through estimator (QAT)
-* :mod:`quant.rules`       precision rules (regex over parameter paths -> spec)
-* :mod:`quant.rtn`         round-to-nearest PTQ of a parameter pytree, with a report
-* :mod:`quant.dequant_matmul` dequant-matmul and its backend registry
+* :mod:`cascade.quant.spec`        the precision-spec grammar (``int4-g128-asym`` ...)
+* :mod:`cascade.quant.packing`     bit layout of packed int8/4/3/2 codes
+* :mod:`cascade.quant.qtensor`     :class:`QuantizedTensor`, quantize / dequantize
+* :mod:`cascade.quant.ranges`      grouping and range estimation (min-max, percentile, MSE search)
+* :mod:`cascade.quant.observers`   activation statistics over calibration batches
+* :mod:`cascade.quant.ste`         fake quantization with a straight-through estimator (QAT)
+* :mod:`cascade.quant.rules`       precision rules (regex over parameter paths -> spec)
+* :mod:`cascade.quant.rtn`         round-to-nearest PTQ of a parameter pytree, with a report
+* :mod:`cascade.quant.dequant_matmul` dequant-matmul and its backend registry
 """
 
-from quant.ste import fake_quant
-from quant.dequant_matmul import backends, matmul, register_backend
-from quant.observers import HistogramObserver, MinMaxObserver
-from quant.qtensor import QuantizedTensor, codes, dequantize, quantize, quantize_with_range, storage_nbytes, transpose
-from quant.rtn import QuantReport, quantize_params
-from quant.rules import KEEP_16BIT_RULES, PrecisionRules
-from quant.spec import FloatSpec, IntSpec, Spec, parse_spec
+from cascade.quant.ste import fake_quant
+from cascade.quant.dequant_matmul import backends, matmul, register_backend
+from cascade.quant.observers import HistogramObserver, MinMaxObserver
+from cascade.quant.qtensor import QuantizedTensor, codes, dequantize, quantize, quantize_with_range, storage_nbytes, transpose
+from cascade.quant.rtn import QuantReport, quantize_params
+from cascade.quant.rules import KEEP_16BIT_RULES, PrecisionRules
+from cascade.quant.spec import FloatSpec, IntSpec, Spec, parse_spec
 
 __all__ = [
     "FloatSpec", "HistogramObserver", "IntSpec", "KEEP_16BIT_RULES", "MinMaxObserver", "PrecisionRules",

@@ -18,7 +18,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from quant.qtensor import QuantizedTensor, check_unstacked, dequantize
+from cascade.quant.qtensor import QuantizedTensor, check_unstacked, dequantize
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

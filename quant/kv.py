@@ -28,7 +28,7 @@ Grammar (the ``--kv`` flag; canonical form omits the defaults)::
   - ``-s{S}``: attention sinks (Xiao et al. 2024, StreamingLLM): positions ``0 .. S-1`` are
     also kept in full precision.
 
-Stored layout of a quantized layer (each a :class:`quant.QuantizedTensor` of logical shape
+Stored layout of a quantized layer (each a :class:`cascade.quant.QuantizedTensor` of logical shape
 (batch, max_len, D); ``max_len`` is rounded up to a multiple of ``G``):
 
 * keys: quantized along axis 1 (positions) in groups of ``G``: ``packed`` uint8
@@ -56,8 +56,8 @@ import re
 
 import jax.numpy as jnp
 
-from quant import packing
-from quant.spec import IntSpec
+from cascade.quant import packing
+from cascade.quant.spec import IntSpec
 
 FLOAT_KV = {"fp32": ("float32", 4), "bf16": ("bfloat16", 2), "fp16": ("float16", 2)}
 INT_KV = {"int8": 8, "int4": 4}
@@ -179,8 +179,8 @@ def quantize_key_groups(x, bits: int, group: int):
     """Per-channel asymmetric quantization of keys over groups of ``group`` positions (KIVI).
 
     ``x`` (n * group, D) float32 -> ``(packed, scale, zero)``: codes packed along axis 0 as
-    :mod:`quant.packing` lays them out, and float16 ``scale``, ``zero`` of shape (n, D), so that
-    ``x_hat = (q - zero) * scale``, the :class:`quant.QuantizedTensor` convention.  Unlike the
+    :mod:`cascade.quant.packing` lays them out, and float16 ``scale``, ``zero`` of shape (n, D), so that
+    ``x_hat = (q - zero) * scale``, the :class:`cascade.quant.QuantizedTensor` convention.  Unlike the
     weight quantizer, the range is each group's own ``[min, max]``, not widened to contain 0, and
     the zero point is a real number (``-min / scale`` in float16, as precise as a float16 copy of
     the minimum): a key channel that sits far from 0 over a group, as outlier channels and slow

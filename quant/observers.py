@@ -19,8 +19,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from quant import ranges
-from quant.spec import IntSpec, Spec, clip_percentile, parse_spec
+from cascade.quant import ranges
+from cascade.quant.spec import IntSpec, Spec, clip_percentile, parse_spec
 
 
 def _channels_last(x, channel_axis):

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quant import packing, ranges
-from quant.spec import IntSpec, Spec, parse_spec
+from cascade.quant import packing, ranges
+from cascade.quant.spec import IntSpec, Spec, parse_spec
 
 SCALE_DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -32,8 +32,8 @@ SCALE_DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp
 class QuantizedTensor:
     """A tensor stored as packed integer codes plus per-group scales (and zero points).
 
-    Leaves (arrays): ``packed`` (uint8, codes packed along ``axis``, see :mod:`quant.packing`),
-    ``scale`` and ``zero`` (float, shape :func:`quant.ranges.scale_shape`; ``zero`` is None for
+    Leaves (arrays): ``packed`` (uint8, codes packed along ``axis``, see :mod:`cascade.quant.packing`),
+    ``scale`` and ``zero`` (float, shape :func:`cascade.quant.ranges.scale_shape`; ``zero`` is None for
     symmetric specs).  Static metadata: ``spec``, logical ``shape``, reduction ``axis`` and the
     float ``dtype`` that :func:`dequantize` returns by default.  As a pytree it passes through
     ``jit``, ``vmap`` (leaves gain a leading axis, metadata stays per-slice), ``tree_map`` and
@@ -94,7 +94,7 @@ def storage_nbytes(shape, spec: Spec, axis: int = 0, scale_dtype="float16") -> i
     """Documented storage formula: packed codes + (1 or 2) * n_groups * itemsize(scale_dtype).
 
     For an int spec: ``ceil(k / L) * B * (size / k)`` bytes of codes (L, B from
-    :data:`quant.packing.RUNS`, k the reduction-axis length) plus one scale per group (and one
+    :data:`cascade.quant.packing.RUNS`, k the reduction-axis length) plus one scale per group (and one
     zero point per group if asymmetric).  For a float spec: ``size * bits / 8``.
     """
     spec = parse_spec(spec)
@@ -174,7 +174,7 @@ def quantize_with_range(x, spec: Spec | str, lo, hi, *, axis: int = 0, scale_dty
     """Quantize with a given range (e.g. from an activation observer or a learned clip).
 
     ``lo`` and ``hi`` are scalars or arrays of the stored scale's shape
-    (:func:`quant.ranges.scale_shape`); values outside the range are clipped.  A zero-width
+    (:func:`cascade.quant.ranges.scale_shape`); values outside the range are clipped.  A zero-width
     range (a dead channel seen as all zeros in calibration) gets scale 1.
     """
     spec = _int_spec(spec)

@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from quant.spec import IntSpec, clip_percentile
+from cascade.quant.spec import IntSpec, clip_percentile
 
 # MSE clipping search, as GPTQ's ``Quantizer.find_params(mse=True)``: shrink the range by
 # ratios 1.00, 0.99, ..., 0.21 and keep, per group, the ratio with the lowest error.

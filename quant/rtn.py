@@ -1,7 +1,7 @@
 """Round-to-nearest (RTN) post-training quantization of a parameter pytree under precision rules.
 
 RTN is the baseline every PTQ paper compares against (GPTQ, AWQ, HQQ): each weight is quantized
-independently with :func:`quant.quantize`, the range chosen by the spec's clip method.
+independently with :func:`cascade.quant.quantize`, the range chosen by the spec's clip method.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from quant.qtensor import QuantizedTensor, dequantize, quantize, validate_input
-from quant.rules import PrecisionRules
-from quant.spec import FloatSpec
+from cascade.quant.qtensor import QuantizedTensor, dequantize, quantize, validate_input
+from cascade.quant.rules import PrecisionRules
+from cascade.quant.spec import FloatSpec
 
 
 def key_path_str(path) -> str:

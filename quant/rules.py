@@ -29,7 +29,7 @@ import json
 import os
 import re
 
-from quant.spec import IntSpec, Spec, parse_spec
+from cascade.quant.spec import IntSpec, Spec, parse_spec
 
 # Mixed-precision fallback that LLM quantizers use by default (GPTQ/AWQ leave these unquantized):
 # norms are tiny and sensitive; embeddings and the LM head see every token.

@@ -12,9 +12,9 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from quant import ranges
-from quant.qtensor import _int_spec, validate_input
-from quant.spec import IntSpec, Spec
+from cascade.quant import ranges
+from cascade.quant.qtensor import _int_spec, validate_input
+from cascade.quant.spec import IntSpec, Spec
 
 
 def clip_range(xg, spec: IntSpec):

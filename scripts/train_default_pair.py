@@ -8,7 +8,7 @@ Steps (each skipped when its output exists, so a killed run is resumed by runnin
 1. a byte-level BPE tokenizer (2048 tokens) on ``tinystories_train_00..03.txt``;
 2. the token streams of the training files and of ``tinystories_val.txt`` (validation loss only;
    never trained on);
-3. each model with :func:`models.training.train` (orbax checkpoints, resumable; ``loss.csv`` and
+3. each model with :func:`cascade.models.training.train` (orbax checkpoints, resumable; ``loss.csv`` and
    ``loss.png`` in its run directory);
 4. ``--export DIR``: each model as a Hugging Face directory ``DIR/default-{small,large}``, then
    ``DIR/MODEL_CARD.md`` and ``DIR/training.json`` with the validation perplexity of each (as
@@ -25,10 +25,9 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.config import ModelConfig  # noqa: E402
-from models.training import TrainConfig, read_documents, save_hf_tokenizer, token_stream, train, train_tokenizer  # noqa: E402
+from cascade.models.config import ModelConfig
+from cascade.models.training import TrainConfig, read_documents, save_hf_tokenizer, token_stream, train, train_tokenizer
 
 VOCAB = 2048
 TRAIN_FILES = [f"tinystories_train_{i:02d}.txt" for i in range(4)]
@@ -90,7 +89,7 @@ def main(argv=None):
                        on_log=lambda row, n=name: print(f"{n} {json.dumps(row)}", flush=True))
         print(f"{name}: step {result.step}, val loss {result.val_loss}, {time.perf_counter() - t0:.0f} s", flush=True)
         if args.export:
-            from models.export import export_trained
+            from cascade.models.export import export_trained
 
             out = export_trained(run, tok_dir, os.path.join(args.export, f"default-{name}"))
             print(f"{name}: exported to {out}", flush=True)
@@ -100,8 +99,8 @@ def main(argv=None):
 
 def validation_perplexity(model_dir, data_dir):
     """What ``cascade eval MODEL --data tinystories_val.txt`` reports (ctx = the model's 512, stride 256)."""
-    from models import load_model, perplexity, tokenize_documents
-    from models.training import read_documents
+    from cascade.models import load_model, perplexity, tokenize_documents
+    from cascade.models.training import read_documents
 
     m = load_model(model_dir)
     docs = read_documents([os.path.join(data_dir, VAL_FILE)])
@@ -114,7 +113,7 @@ def write_card(export_dir, run_dir, data_dir):
 
     import jax
 
-    from models.training import read_loss_log, training_seconds
+    from cascade.models.training import read_loss_log, training_seconds
 
     record = {"data": {"train": TRAIN_FILES, "validation": VAL_FILE,
                        "train_tokens": int(len(np.load(os.path.join(run_dir, "train_tokens.npy")))),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-import cli
+from cascade import cli
 
 
 def run(capsys, *args):

@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-import cli
+from cascade import cli
 from tests.shared_data import DATA
 
 EXPLORE = "CASCADE_FUZZ_EXAMPLES" in os.environ
@@ -159,11 +159,11 @@ def files(tmp_path_factory) -> dict[str, str]:
     """Small models, damaged ones, rules and text files, made once for the module."""
     import jax
 
-    from models import load_model, quantize_model, save_checkpoint
-    from models.config import ModelConfig
-    from models.defaults import default_model_dir
-    from models.export import save_hf
-    from models.llama import init_params
+    from cascade.models import load_model, quantize_model, save_checkpoint
+    from cascade.models.config import ModelConfig
+    from cascade.models.defaults import default_model_dir
+    from cascade.models.export import save_hf
+    from cascade.models.llama import init_params
     from safetensors.numpy import save_file
 
     d = tmp_path_factory.mktemp("fuzz")

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-import cli
+from cascade import cli
 from tests.shared_data import DATA
 
 BIN = os.path.join(DATA, "stories260K", "stories260K.bin")
@@ -95,7 +95,7 @@ def test_one_seed_rule_for_every_command(capsys, command):
 
 
 def test_seed_rule_in_the_python_api():
-    from models import SamplingConfig
+    from cascade.models import SamplingConfig
 
     SamplingConfig(seed=2**63 - 1)
     for bad in (-1, 2**63, 1.5, True):
@@ -112,8 +112,8 @@ def test_a_prompt_that_is_not_utf8_is_a_usage_error(capsys, command):
 
 
 def test_tokenizers_refuse_text_that_is_not_utf8():
-    from models import load_model
-    from models.loaders.llama2c import load_llama2c
+    from cascade.models import load_model
+    from cascade.models.loaders.llama2c import load_llama2c
 
     bad = b"ok \xff".decode("utf-8", "surrogateescape")
     for tok in (load_model("default-small").tokenizer, load_llama2c(BIN).tokenizer):
@@ -136,7 +136,7 @@ def test_kv_sinks_or_windows_beyond_the_context_are_usage_errors(capsys, args):
 
 
 def test_kv_spec_check_context_in_the_library():
-    from models import KVCache, kv_cache_memory, load_model
+    from cascade.models import KVCache, kv_cache_memory, load_model
 
     cfg = load_model("default-small").config
     for kv in ("int4-s512", "int8-r544", "int4-kg1024"):
@@ -163,7 +163,7 @@ def test_tokenizer_flag_is_refused_for_models_with_their_own(capsys, args):
 
 
 def test_tokenizer_argument_is_refused_by_load_model():
-    from models import load_model
+    from cascade.models import load_model
 
     with pytest.raises(ValueError, match="only to a llama2.c .bin"):
         load_model("default-small", tokenizer=TOK)
@@ -191,12 +191,12 @@ def test_overwrite_is_checked_before_quantizing(capsys, tmp_path, monkeypatch):
     """Bug 10: -o onto a checkpoint without --overwrite was reported after quantizing, naming overwrite=True."""
     out_dir = tmp_path / "ck"
     assert run(capsys, "quantize", "default-small", "--quant", "int8", "-o", str(out_dir))[0] == 0
-    import models.quantize
+    import cascade.models.quantize
 
     def fail(*a, **k):
         raise AssertionError("quantized before checking the destination")
 
-    monkeypatch.setattr(models.quantize, "quantize_params", fail)
+    monkeypatch.setattr(cascade.models.quantize, "quantize_params", fail)
     code, out, err = run(capsys, "quantize", "default-small", "--quant", "int8", "-o", str(out_dir))
     line = one_error_line(err)
     assert code == 2 and "--overwrite" in line and "overwrite=True" not in line
@@ -247,7 +247,7 @@ def test_speculative_metrics_count_only_emitted_proposals(capsys):
 
 def test_a_draft_equal_to_the_target_is_accepted_only_as_far_as_emitted():
     from cascade.speculative import speculative_generate
-    from models import load_model
+    from cascade.models import load_model
 
     m = load_model("default-small")
     ids = m.tokenizer.encode("Once upon a time")

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-import cli
+from cascade import cli
 from tests.shared_data import DATA
 
 BIN = os.path.join(DATA, "stories260K", "stories260K.bin")
@@ -34,12 +34,12 @@ def test_eval_kv_json_reports_perplexity_and_cache_bytes(capsys):
 
 @pytest.mark.slow  # compiles a program set per cache precision and mode (the fuzz suite covers --kv parsing)
 def test_generate_and_run_with_quantized_caches(capsys):
-    code, out, _ = run(capsys, "generate", BIN, "Once upon a time", "--max-tokens", "40", "--kv", "int8", "--json")
+    code, out, _ = run(capsys, "generate", BIN, "Once upon a time", "--max-tokens", "24", "--kv", "int8", "--json")
     q8 = json.loads(out)
-    fp = json.loads(run(capsys, "generate", BIN, "Once upon a time", "--max-tokens", "40", "--json")[1])
+    fp = json.loads(run(capsys, "generate", BIN, "Once upon a time", "--max-tokens", "24", "--json")[1])
     assert code == 0 and q8["kv"] == "int8" and q8["token_ids"] == fp["token_ids"]
-    spec = json.loads(run(capsys, "run", "The dog", "--max-tokens", "30", "--kv", "int4", "--json")[1])
-    large = json.loads(run(capsys, "run", "The dog", "--max-tokens", "30", "--large-kv", "int4", "--mode", "large",
+    spec = json.loads(run(capsys, "run", "The dog", "--max-tokens", "20", "--kv", "int4", "--json")[1])
+    large = json.loads(run(capsys, "run", "The dog", "--max-tokens", "20", "--large-kv", "int4", "--mode", "large",
                            "--json")[1])
     assert spec["small"]["kv"] == spec["large"]["kv"] == "int4" == large["large"]["kv"]
     assert spec["token_ids"] == large["token_ids"]  # exact: the large model's output with its int4 cache

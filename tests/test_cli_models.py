@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-import cli
+from cascade import cli
 
 from tests.shared_data import DATA  # noqa: E402
 BIN = os.path.join(DATA, "stories260K", "stories260K.bin")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import cli
+from cascade import cli
 
 
 def run(capsys, *args):

@@ -3,7 +3,7 @@
 ``default-small`` (the draft) and ``default-large`` (the verifier) are Llama-architecture models
 trained from scratch on TinyStories by ``scripts/train_default_pair.py``; they share one byte-level
 BPE tokenizer.  See ``MODEL_CARD.md`` beside the weights.  The names work wherever a MODEL path
-is accepted (:func:`models.load_model`, every CLI command).
+is accepted (:func:`cascade.models.load_model`, every CLI command).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""Loaders: every MODEL argument (a path or a built-in name) becomes a :class:`models.model.Model`.
+"""Loaders: every MODEL argument (a path or a built-in name) becomes a :class:`cascade.models.model.Model`.
 
-* ``default-small`` / ``default-large``: the embedded pair, :mod:`models.defaults`
+* ``default-small`` / ``default-large``: the embedded pair, :mod:`cascade.models.defaults`
 
-* a directory with ``cascade_checkpoint.json``: a saved (quantized) model, :mod:`models.checkpoint`
-* a directory with ``config.json``: a Hugging Face checkpoint, :mod:`models.loaders.hf`
-* a ``.gguf`` file: :mod:`models.loaders.gguf`
-* a ``.bin`` file: a llama2.c checkpoint, :mod:`models.loaders.llama2c` (``tokenizer``: its
+* a directory with ``cascade_checkpoint.json``: a saved (quantized) model, :mod:`cascade.models.checkpoint`
+* a directory with ``config.json``: a Hugging Face checkpoint, :mod:`cascade.models.loaders.hf`
+* a ``.gguf`` file: :mod:`cascade.models.loaders.gguf`
+* a ``.bin`` file: a llama2.c checkpoint, :mod:`cascade.models.loaders.llama2c` (``tokenizer``: its
   SentencePiece ``.model``; by default a ``tokenizer.model`` or single ``tok*.model`` beside it)
 """
 
@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import os
 
-from models.model import Model
+from cascade.models.model import Model
 
 
 def load_model(path, *, tokenizer=None) -> Model:
-    from models.defaults import resolve_model_path
+    from cascade.models.defaults import resolve_model_path
 
     path = resolve_model_path(path)
     if not os.path.exists(path):
-        from models.checkpoint import recover_interrupted_save
+        from cascade.models.checkpoint import recover_interrupted_save
 
         recover_interrupted_save(path)  # a checkpoint whose overwrite was killed midway comes back
     if not os.path.exists(path):
@@ -30,24 +30,24 @@ def load_model(path, *, tokenizer=None) -> Model:
         raise ValueError(f"{path}: a tokenizer path applies only to a llama2.c .bin model; "
                          "this model brings its own tokenizer")
     if os.path.isdir(path):
-        from models.checkpoint import is_checkpoint
+        from cascade.models.checkpoint import is_checkpoint
 
         if is_checkpoint(path):
-            from models.checkpoint import load_checkpoint
+            from cascade.models.checkpoint import load_checkpoint
 
             return load_checkpoint(path)
-        from models.loaders.hf import is_hf_dir, load_hf
+        from cascade.models.loaders.hf import is_hf_dir, load_hf
 
         if is_hf_dir(path):
             return load_hf(path)
         raise ValueError(f"{path}: not a model directory (no config.json or cascade_checkpoint.json)")
     lower = path.lower()
     if lower.endswith(".gguf"):
-        from models.loaders.gguf import load_gguf
+        from cascade.models.loaders.gguf import load_gguf
 
         return load_gguf(path)
     if lower.endswith(".bin"):
-        from models.loaders.llama2c import load_llama2c
+        from cascade.models.loaders.llama2c import load_llama2c
 
         return load_llama2c(path, tokenizer_path=tokenizer)
     raise ValueError(f"{path}: unknown model format (expected a Hugging Face directory, a saved checkpoint, "

@@ -1,7 +1,7 @@
 """What every loader shares: building the parameter tree from named (out, in) tensors, checked.
 
 A loader produces ``{our_path: array}`` with arrays already in our layout; :func:`build_params`
-checks the set of names and every shape against :func:`models.llama.param_shapes` and every
+checks the set of names and every shape against :func:`cascade.models.llama.param_shapes` and every
 float value for NaN/Inf, then nests them.  Nothing is returned unless all of it is right, so a
 half-loaded model is never used.
 """
@@ -12,9 +12,9 @@ import flax
 import jax
 import numpy as np
 
-from models.config import ModelConfig
-from models.llama import param_shapes
-from quant.qtensor import QuantizedTensor
+from cascade.models.config import ModelConfig
+from cascade.models.llama import param_shapes
+from cascade.quant.qtensor import QuantizedTensor
 
 
 def build_params(flat: dict, cfg: ModelConfig, source: str) -> dict:

@@ -6,13 +6,13 @@
   inside the file (a truncated file is an error naming the first tensor that runs past the end).
 * :func:`config_from_gguf` maps ``general.architecture = llama`` (and ``qwen2``) metadata to a
   :class:`ModelConfig`; anything the decoder does not implement is an :class:`UnsupportedModelError`.
-* :func:`load_gguf` maps llama.cpp tensor names to the :mod:`models.llama` parameter tree.
+* :func:`load_gguf` maps llama.cpp tensor names to the :mod:`cascade.models.llama` parameter tree.
 
 Layout.  GGUF lists dims fastest-first, so an ``(out, in)`` Hugging Face weight has GGUF dims
 ``[in, out]``; we report shapes in numpy (row-major) order, ``(out, in)``, and transpose kernels
 to ``(in, out)``.  llama.cpp's converter permutes the Q and K rows (weights and biases) of
 ``llama`` models for ggml's adjacent-pair RoPE; we undo that with
-:func:`models.llama.unpermute_rope_rows` (``qwen2`` files are stored unpermuted, rotate-half).
+:func:`cascade.models.llama.unpermute_rope_rows` (``qwen2`` files are stored unpermuted, rotate-half).
 
 Quantized weights are imported without requantizing (``dequantize=False``): ggml blocks of 32
 run along ``in``, exactly our groups along the reduction axis, so
@@ -24,7 +24,7 @@ run along ``in``, exactly our groups along the reduction axis, so
   A block with ``d == 0`` (all values equal ``m``) is stored as codes 0, scale 1, zero ``-m``.
 
 Q8_0 and Q4_0 dequantize bit-exactly as ``gguf.quants.dequantize`` does; Q4_1 to float32
-rounding.  Linear weights become :class:`quant.QuantizedTensor` of shape ``(in, out)`` along
+rounding.  Linear weights become :class:`cascade.quant.QuantizedTensor` of shape ``(in, out)`` along
 axis 0; the token embedding stays ``(vocab, dim)`` quantized along axis 1 (a tied head reuses
 it).  Every other type (F16, BF16, Q5_x, K-quants, I-quants, ...) is dequantized to float32 with
 ``gguf.quants.dequantize`` (with a warning for the lossy quantized ones); ``dequantize=True``
@@ -46,12 +46,12 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import ModelConfig, RopeScaling, UnsupportedModelError, rope_inv_freq
-from models.llama import param_shapes, unpermute_rope_rows
-from models.model import Model
-from quant.packing import pack_codes
-from quant.qtensor import QuantizedTensor
-from quant.spec import parse_spec
+from cascade.models.config import ModelConfig, RopeScaling, UnsupportedModelError, rope_inv_freq
+from cascade.models.llama import param_shapes, unpermute_rope_rows
+from cascade.models.model import Model
+from cascade.quant.packing import pack_codes
+from cascade.quant.qtensor import QuantizedTensor
+from cascade.quant.spec import parse_spec
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -482,9 +482,9 @@ def _convert(f: GGUFFile, name: str, kind: str, heads, dequantize: bool, lossy: 
 
 
 def load_gguf(path, *, dequantize: bool = False):
-    """Load a llama-architecture GGUF file as a :class:`models.model.Model` (format ``"gguf"``).
+    """Load a llama-architecture GGUF file as a :class:`cascade.models.model.Model` (format ``"gguf"``).
 
-    Q8_0 / Q4_0 / Q4_1 weights become :class:`quant.QuantizedTensor` without requantizing
+    Q8_0 / Q4_0 / Q4_1 weights become :class:`cascade.quant.QuantizedTensor` without requantizing
     (``dequantize=False``); everything else is float32.  All-or-nothing: every tensor is checked
     and converted before the model is returned.
     """
@@ -529,7 +529,7 @@ def load_gguf(path, *, dequantize: bool = False):
                       "were dequantized to float32", stacklevel=2)
     params = flax.traverse_util.unflatten_dict(flat, sep="/")
 
-    from models.tokenizer import Tokenizer
+    from cascade.models.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_gguf_metadata(f.metadata, source=path)
     return Model(config=cfg, params=params, tokenizer=tokenizer, source=path, format="gguf", quant=None)

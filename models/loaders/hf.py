@@ -1,7 +1,7 @@
 """Hugging Face checkpoints: a directory with ``config.json``, ``model.safetensors`` (or shards
 listed in ``model.safetensors.index.json``) and the tokenizer files (``tokenizer.json`` /
 ``tokenizer_config.json``).  Weights are read with ``safetensors`` into numpy, in their stored
-dtype (bf16 stays bf16), and renamed/transposed into the tree of :mod:`models.llama`.
+dtype (bf16 stays bf16), and renamed/transposed into the tree of :mod:`cascade.models.llama`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import re
 import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy for bf16 safetensors
 import numpy as np
 
-from models.config import load_hf_config
-from models.loaders.common import build_params, linear_from_torch
-from models.model import Model
+from cascade.models.config import load_hf_config
+from cascade.models.loaders.common import build_params, linear_from_torch
+from cascade.models.model import Model
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _LAYER_NAMES = {
@@ -93,7 +93,7 @@ def load_hf(directory, *, tokenizer: bool = True) -> Model:
     params = build_params(flat, cfg, str(directory))
     tok = None
     if tokenizer and any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer.model")):
-        from models.tokenizer import Tokenizer
+        from cascade.models.tokenizer import Tokenizer
 
         tok = Tokenizer.from_hf_dir(directory)
         if tok.vocab_size > cfg.vocab_size:

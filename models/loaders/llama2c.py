@@ -17,10 +17,10 @@ import os
 
 import numpy as np
 
-from models.config import ModelConfig
-from models.llama import unpermute_rope_rows
-from models.loaders.common import build_params, linear_from_torch
-from models.model import Model
+from cascade.models.config import ModelConfig
+from cascade.models.llama import unpermute_rope_rows
+from cascade.models.loaders.common import build_params, linear_from_torch
+from cascade.models.model import Model
 
 HEADER_BYTES = 7 * 4
 
@@ -93,7 +93,7 @@ def load_llama2c(path, *, tokenizer_path=None) -> Model:
     tok = None
     tokenizer_path = tokenizer_path or _default_tokenizer(path)
     if tokenizer_path is not None:
-        from models.tokenizer import Tokenizer
+        from cascade.models.tokenizer import Tokenizer
 
         tok = Tokenizer.from_sentencepiece(tokenizer_path)
         if tok.vocab_size != cfg.vocab_size:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bench import matmul, quant_error
+from cascade.bench import matmul, quant_error
 
 
 def test_matmul_rows_pair_every_spec_with_f32_of_the_same_batch():

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from cascade.pair import check_same_tokenizer, load_pair, run
-from models import SamplingConfig, load_model
+from cascade.models import SamplingConfig, load_model
 from tests.shared_data import DATA
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from cascade.speculative import speculative_generate, token_probs, verify_greedy, verify_sampled
-from models.config import ModelConfig
-from models.generation import SamplingConfig, generate
-from models.llama import init_params
+from cascade.models.config import ModelConfig
+from cascade.models.generation import SamplingConfig, generate
+from cascade.models.llama import init_params
 
 # untied heads: a random tied model mostly repeats its input token, which would make a weak test
 _BASE = dict(vocab_size=96, max_seq_len=128, bos_token_id=0, eos_token_ids=(1,), tie_embeddings=False)

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import quant
-from models import checkpoint, llama
-from models.checkpoint import CHECKPOINT_MARKER, is_checkpoint, load_checkpoint, save_checkpoint
-from models.config import ModelConfig, RopeScaling
-from models.model import Model
+from cascade import quant
+from cascade.models import checkpoint, llama
+from cascade.models.checkpoint import CHECKPOINT_MARKER, is_checkpoint, load_checkpoint, save_checkpoint
+from cascade.models.config import ModelConfig, RopeScaling
+from cascade.models.model import Model
 
 CFG = ModelConfig(vocab_size=64, dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                   rope_scaling=RopeScaling(rope_type="linear", factor=2.0), eos_token_ids=(2, 3))
@@ -138,9 +138,9 @@ class FakeTokenizer:
 
 @pytest.fixture
 def fake_tokenizer_module(monkeypatch):
-    module = types.ModuleType("models.tokenizer")
+    module = types.ModuleType("cascade.models.tokenizer")
     module.Tokenizer = FakeTokenizer
-    monkeypatch.setitem(sys.modules, "models.tokenizer", module)
+    monkeypatch.setitem(sys.modules, "cascade.models.tokenizer", module)
 
 
 def test_tokenizer_round_trip_and_tamper(tmp_path, float_params, fake_tokenizer_module):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from models import load_model, logits_of
-from models.defaults import DEFAULT_MODELS, default_model_dir, resolve_model_path
-from models.evaluation import split_documents
+from cascade.models import load_model, logits_of
+from cascade.models.defaults import DEFAULT_MODELS, default_model_dir, resolve_model_path
+from cascade.models.evaluation import split_documents
 from tests.shared_data import DATA
 
 VAL = os.path.join(DATA, "text", "tinystories_val.txt")

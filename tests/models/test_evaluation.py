@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from models.config import ModelConfig
-from models.generation import logits_of
-from models.llama import init_params
-from models.evaluation import perplexity, split_documents, windows_of
+from cascade.models.config import ModelConfig
+from cascade.models.generation import logits_of
+from cascade.models.llama import init_params
+from cascade.models.evaluation import perplexity, split_documents, windows_of
 
 from tests.shared_data import DATA  # noqa: E402
 
@@ -73,8 +73,8 @@ def test_perplexity_equals_numpy_sum_over_windows():
 def test_stories260k_perplexity_matches_numpy_reference_and_readme():
     """First 200 val stories, each BOS + tokens truncated to 512: 3.41 (data README), from both the
     Flax model and the independent float64 numpy forward pass."""
-    from models.loaders.llama2c import load_llama2c
-    from models.evaluation import tokenize_documents
+    from cascade.models.loaders.llama2c import load_llama2c
+    from cascade.models.evaluation import tokenize_documents
     from tests.models import reference_llama2c as ref
 
     bin_path = os.path.join(DATA, "stories260K", "stories260K.bin")

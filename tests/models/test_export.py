@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from models.config import ModelConfig
-from models.export import hf_state_dict, save_hf
-from models.generation import logits_of
-from models.llama import init_params
-from models.loaders.hf import load_hf
-from quant import quantize
-from quant.spec import parse_spec
+from cascade.models.config import ModelConfig
+from cascade.models.export import hf_state_dict, save_hf
+from cascade.models.generation import logits_of
+from cascade.models.llama import init_params
+from cascade.models.loaders.hf import load_hf
+from cascade.quant import quantize
+from cascade.quant.spec import parse_spec
 
 CONFIGS = {
     "tied-gqa": ModelConfig(vocab_size=80, dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,

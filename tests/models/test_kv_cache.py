@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import generate, kv_cache_memory, load_model
-from models.config import ModelConfig
-from models.generation import forward, prefill
-from models.llama import KVCache, LayerKV, cached_attention, init_params, read_kv
-from quant.kv import parse_kv_spec
+from cascade.models import generate, kv_cache_memory, load_model
+from cascade.models.config import ModelConfig
+from cascade.models.generation import forward, prefill
+from cascade.models.llama import KVCache, LayerKV, cached_attention, init_params, read_kv
+from cascade.quant.kv import parse_kv_spec
 from tests.shared_data import DATA
 
 CFG = ModelConfig(vocab_size=64, dim=32, hidden_dim=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8,

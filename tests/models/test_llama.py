@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.config import ModelConfig, UnsupportedModelError, config_from_hf
-from models.generation import SamplingConfig, forward, generate, logits_of, prefill
-from models.llama import KVCache
-from models.loaders.hf import load_hf
+from cascade.models.config import ModelConfig, UnsupportedModelError, config_from_hf
+from cascade.models.generation import SamplingConfig, forward, generate, logits_of, prefill
+from cascade.models.llama import KVCache
+from cascade.models.loaders.hf import load_hf
 from tests.models.hf_fixtures import VARIANTS, make_hf_model
 
 
@@ -81,7 +81,7 @@ def test_decoding_compiles_once_per_bucket(pair):
     """More tokens, other prompts of the same bucket, other sampling settings: no new compilation."""
     import jax
 
-    from models import generation
+    from cascade.models import generation
 
     _, _, model = pair
     generate(model.params, model.config, [[1, 2, 3]], max_new_tokens=3, eos_ids=())
@@ -104,7 +104,7 @@ def test_explicit_key_overrides_the_seed(pair):
 
 
 def test_sampling_is_reproducible_and_respects_top_k():
-    from models.generation import sample_logits
+    from cascade.models.generation import sample_logits
     import jax
 
     logits = jnp.asarray(np.random.RandomState(1).randn(4, 50).astype(np.float32))
@@ -125,7 +125,7 @@ def test_sampling_is_reproducible_and_respects_top_k():
 
 def test_top_p_applies_to_the_renormalised_top_k():
     """probs (.5, .3, .2), top_k=2 -> (.625, .375); top_p=0.6 is reached by the first token alone."""
-    from models.generation import sample_logits
+    from cascade.models.generation import sample_logits
     import jax
 
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.2]], jnp.float32))
@@ -139,7 +139,7 @@ def test_top_p_applies_to_the_renormalised_top_k():
 
 def test_top_p_matches_numpy_nucleus():
     """Empirical sampling frequencies lie inside the numpy-computed nucleus."""
-    from models.generation import sample_logits
+    from cascade.models.generation import sample_logits
     import jax
 
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
@@ -226,7 +226,7 @@ def test_config_round_trips_through_dict_and_hf_config(pair):
 def test_bad_config_values_name_the_file(tmp_path, edit, message):
     import json
 
-    from models.config import load_hf_config
+    from cascade.models.config import load_hf_config
 
     base = dict(architectures=["LlamaForCausalLM"], hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                 num_attention_heads=2, vocab_size=10)

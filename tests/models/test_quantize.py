@@ -6,14 +6,14 @@ import jax
 import numpy as np
 import pytest
 
-import quant
-from models.config import ModelConfig
-from models.generation import generate, logits_of
-from models.llama import embed_lookup, init_params
-from models.model import Model
-from models.evaluation import perplexity, split_documents, tokenize_documents
-from models.quantize import quantize_model, weight_bytes
-from quant.qtensor import QuantizedTensor
+from cascade import quant
+from cascade.models.config import ModelConfig
+from cascade.models.generation import generate, logits_of
+from cascade.models.llama import embed_lookup, init_params
+from cascade.models.model import Model
+from cascade.models.evaluation import perplexity, split_documents, tokenize_documents
+from cascade.models.quantize import quantize_model, weight_bytes
+from cascade.quant.qtensor import QuantizedTensor
 
 from tests.shared_data import DATA  # noqa: E402
 CFG = ModelConfig(vocab_size=64, dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
@@ -82,7 +82,7 @@ def test_rules_from_a_file_are_stored_as_rules_not_as_a_path(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_stories260k_int8_costs_under_one_percent_and_int4_stays_finite():
-    from models.loaders.llama2c import load_llama2c
+    from cascade.models.loaders.llama2c import load_llama2c
 
     model = load_llama2c(os.path.join(DATA, "stories260K", "stories260K.bin"))
     docs = split_documents(open(os.path.join(DATA, "text", "tinystories_val.txt"), encoding="utf-8").read())[:60]

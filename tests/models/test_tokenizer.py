@@ -11,7 +11,7 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from models.tokenizer import CONFIG_FILE, Tokenizer
+from cascade.models.tokenizer import CONFIG_FILE, Tokenizer
 
 from tests.shared_data import DATA  # noqa: E402
 STORIES_GGUF = DATA / "stories260K" / "stories260K.gguf"

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.config import ModelConfig
-from models.generation import logits_of
-from models.llama import init_params
-from models.tokenizer import Tokenizer
-from models.training import (EOT, TrainConfig, eval_batches, lm_loss, load_trained, make_optimizer, sample_batch,
+from cascade.models.config import ModelConfig
+from cascade.models.generation import logits_of
+from cascade.models.llama import init_params
+from cascade.models.tokenizer import Tokenizer
+from cascade.models.training import (EOT, TrainConfig, eval_batches, lm_loss, load_trained, make_optimizer, sample_batch,
                              save_hf_tokenizer, token_stream, train, train_tokenizer)
 
 CFG = ModelConfig(vocab_size=64, dim=32, hidden_dim=64, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
@@ -159,7 +159,7 @@ def test_token_stream_separates_documents_with_eot(bpe):
 
 
 def test_elapsed_time_accumulates_over_resumes(tmp_path):
-    from models.training import read_loss_log, training_seconds
+    from cascade.models.training import read_loss_log, training_seconds
 
     train(CFG, TC, STREAM, tmp_path, progress=False, stop_after=4)
     before = training_seconds(read_loss_log(tmp_path / "loss.csv"))

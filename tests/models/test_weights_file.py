@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from models import weights_file
+from cascade.models import weights_file
 
 
 def test_loads_safetensors_and_npz_identically(tmp_path):

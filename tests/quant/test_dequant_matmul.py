@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import quant
-from quant import dequant_matmul as mm
+from cascade import quant
+from cascade.quant import dequant_matmul as mm
 from tests.quant import reference
 
 SPECS = ["int8", "int4-g128", "int4-g64-asym", "int4-g32", "int8-tensor", "int3-g32", "int2-g16-asym", "int8-asym"]

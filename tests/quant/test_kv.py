@@ -2,7 +2,7 @@
 
 import pytest
 
-from quant.kv import (KVSpec, bytes_per_token_per_layer, fixed_bytes_per_layer, parse_kv_spec)
+from cascade.quant.kv import (KVSpec, bytes_per_token_per_layer, fixed_bytes_per_layer, parse_kv_spec)
 
 
 @pytest.mark.parametrize("text, fields", [
@@ -77,9 +77,9 @@ def test_key_groups_use_their_own_range():
     that barely moves and an all-zero channel stay finite and exact to float16 resolution."""
     import numpy as np
 
-    import quant
-    from quant.kv import quantize_key_groups
-    from quant.spec import IntSpec
+    from cascade import quant
+    from cascade.quant.kv import quantize_key_groups
+    from cascade.quant.spec import IntSpec
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 4)).astype(np.float32)

@@ -2,8 +2,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import quant
-from quant import HistogramObserver, MinMaxObserver
+from cascade import quant
+from cascade.quant import HistogramObserver, MinMaxObserver
 
 
 @pytest.fixture(scope="module")

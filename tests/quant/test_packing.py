@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quant.packing import pack_codes, packed_length, unpack_codes
+from cascade.quant.packing import pack_codes, packed_length, unpack_codes
 from tests.quant import reference
 
 

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import quant
-from quant.spec import parse_spec
+from cascade import quant
+from cascade.quant.spec import parse_spec
 from tests.quant import reference
 
 INT_SPECS = ["int8", "int4-g128", "int4-g64-asym", "int8-tensor", "int3-g32", "int2-g16", "int4", "int8-asym",

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import quant
-from quant import ranges
-from quant.spec import parse_spec
+from cascade import quant
+from cascade.quant import ranges
+from cascade.quant.spec import parse_spec
 
 
 def _mse(x, spec, axis=0):

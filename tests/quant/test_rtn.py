@@ -2,7 +2,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import quant
+from cascade import quant
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from quant import PrecisionRules, parse_spec
+from cascade.quant import PrecisionRules, parse_spec
 
 
 def test_first_match_wins_and_default():

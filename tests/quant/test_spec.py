@@ -1,6 +1,6 @@
 import pytest
 
-from quant.spec import FloatSpec, IntSpec, parse_spec
+from cascade.quant.spec import FloatSpec, IntSpec, parse_spec
 
 CANONICAL = ["int8", "int4-g128", "int4-g64-asym", "int8-tensor", "int3-g32", "int2-g16", "int4-g128-mse",
              "int8-p99.9", "int4-tensor-asym-p99", "bf16", "fp16", "fp32"]

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.config import RopeScaling, UnsupportedModelError
-from models.llama import Transformer
-from models.loaders.gguf import config_from_gguf, load_gguf, read_gguf
-from quant.qtensor import QuantizedTensor, dequantize
+from cascade.models.config import RopeScaling, UnsupportedModelError
+from cascade.models.llama import Transformer
+from cascade.models.loaders.gguf import config_from_gguf, load_gguf, read_gguf
+from cascade.quant.qtensor import QuantizedTensor, dequantize
 
 from tests.shared_data import DATA  # noqa: E402
 STORIES_GGUF = DATA / "stories260K" / "stories260K.gguf"

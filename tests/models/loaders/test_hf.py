@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.generation import logits_of
-from models.loaders import load_model
-from models.loaders.hf import load_hf
+from cascade.models.generation import logits_of
+from cascade.models.loaders import load_model
+from cascade.models.loaders.hf import load_hf
 from tests.models.hf_fixtures import make_hf_model
 
 

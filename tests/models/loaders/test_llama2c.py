@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from models.generation import generate, logits_of
-from models.loaders.llama2c import load_llama2c
+from cascade.models.generation import generate, logits_of
+from cascade.models.loaders.llama2c import load_llama2c
 from tests.models import reference_llama2c as ref
 
 from tests.shared_data import DATA  # noqa: E402
