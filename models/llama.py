@@ -518,9 +518,7 @@ class _EmbedTable(nn.Module):
 
 def tied_head(x, table):
     """Logits ``x @ E^T`` for a tied head (E float, or quantized along the model dim)."""
-    if isinstance(table, QuantizedTensor):
-        return quant.matmul(x, quant.transpose(table))
-    return quant.matmul(x, table.T.astype(x.dtype))
+    return quant.matmul_t(x, table)  # reads a quantized table in place (no transposed copy of its codes)
 
 
 def init_params(cfg: ModelConfig, key, dtype=jnp.float32):

@@ -14,7 +14,7 @@ The public API lives here; each idea has one module behind it:
 """
 
 from cascade.quant.ste import fake_quant
-from cascade.quant.dequant_matmul import backends, matmul, register_backend
+from cascade.quant.dequant_matmul import backends, matmul, matmul_t, register_backend
 from cascade.quant.observers import HistogramObserver, MinMaxObserver
 from cascade.quant.qtensor import QuantizedTensor, codes, dequantize, quantize, quantize_with_range, storage_nbytes, transpose
 from cascade.quant.rtn import QuantReport, quantize_params
@@ -23,6 +23,6 @@ from cascade.quant.spec import FloatSpec, IntSpec, Spec, parse_spec
 
 __all__ = [
     "FloatSpec", "HistogramObserver", "IntSpec", "KEEP_16BIT_RULES", "MinMaxObserver", "PrecisionRules",
-    "QuantReport", "QuantizedTensor", "Spec", "backends", "codes", "dequantize", "fake_quant", "matmul",
+    "QuantReport", "QuantizedTensor", "Spec", "backends", "codes", "dequantize", "fake_quant", "matmul", "matmul_t",
     "parse_spec", "quantize", "quantize_params", "quantize_with_range", "register_backend", "storage_nbytes", "transpose",
 ]

@@ -6,7 +6,9 @@ register themselves with :func:`register_backend` and are tested against it.  Fl
 goes straight to ``jnp.matmul``, so model code calls :func:`matmul` for every linear layer.
 
 Backend choice: the ``backend`` argument, else the ``CASCADE_MATMUL_BACKEND`` environment
-variable, else the highest-priority registered backend that supports the operands.
+variable, else the highest-priority registered backend that supports the operands.  Registered
+here: ``xla`` (the reference, priority 0) and ``cpu`` (:mod:`cascade.quant.kernels.cpu`, the
+native kernel, priority 10, where it applies: int8/int4 on the CPU at decode-sized batches).
 """
 
 from __future__ import annotations
@@ -23,18 +25,23 @@ from cascade.quant.qtensor import QuantizedTensor, check_unstacked, dequantize
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MatmulBackend:
-    name: str  # e.g. "xla", "cpu-ffi", "pallas"
+    name: str  # e.g. "xla", "cpu", "pallas"
     fn: Callable[[jnp.ndarray, QuantizedTensor], jnp.ndarray]  # (x (..., k), W (k, n)) -> (..., n)
     supports: Callable[[jnp.ndarray, QuantizedTensor], bool]  # can it run these operands here?
     priority: int = 0  # auto-selection prefers higher
+    # x @ W.T for W (n, k) quantized along axis 1 (a tied LM head), or None if not offered
+    fn_t: Callable[[jnp.ndarray, QuantizedTensor], jnp.ndarray] | None = None
+    supports_t: Callable[[jnp.ndarray, QuantizedTensor], bool] = lambda x, w: True
 
 
 _BACKENDS: dict[str, MatmulBackend] = {}
 
 
-def register_backend(name: str, fn, *, supports=lambda x, w: True, priority: int = 0) -> None:
-    """Register (or replace) a dequant-matmul backend."""
-    _BACKENDS[name] = MatmulBackend(name=name, fn=fn, supports=supports, priority=priority)
+def register_backend(name: str, fn, *, supports=lambda x, w: True, priority: int = 0, fn_t=None,
+                     supports_t=lambda x, w: True) -> None:
+    """Register (or replace) a dequant-matmul backend; ``fn_t``/``supports_t``: its ``x @ W.T``."""
+    _BACKENDS[name] = MatmulBackend(name=name, fn=fn, supports=supports, priority=priority, fn_t=fn_t,
+                                    supports_t=supports_t)
 
 
 def backends() -> dict[str, MatmulBackend]:
@@ -48,7 +55,24 @@ def xla_dequant_matmul(x, w: QuantizedTensor):
     return jnp.matmul(x, w_hat, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-register_backend("xla", xla_dequant_matmul, priority=0)
+def xla_dequant_matmul_t(x, w: QuantizedTensor):
+    """Reference ``x @ dequantize(W).T`` (W (n, k) quantized along axis 1)."""
+    w_hat = dequantize(w, x.dtype)
+    return jnp.matmul(x, w_hat.T, precision=jax.lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+register_backend("xla", xla_dequant_matmul, priority=0, fn_t=xla_dequant_matmul_t)
+
+
+def _register_kernels() -> None:
+    from cascade.quant.kernels import cpu
+
+    register_backend(cpu.NAME, cpu.matmul, supports=cpu.supports, priority=cpu.PRIORITY, fn_t=cpu.matmul_t,
+                     supports_t=lambda x, w: cpu.supports(x, w, transposed=True))
+
+
+_register_kernels()
 
 
 def check_operands(x, w) -> None:
@@ -66,19 +90,36 @@ def check_operands(x, w) -> None:
         raise ValueError(f"matmul shape mismatch: x has {x.shape[-1]} features, weight expects {w.shape[0]}")
 
 
-def select_backend(x, w: QuantizedTensor, backend: str | None = None) -> MatmulBackend:
+def select_backend(x, w: QuantizedTensor, backend: str | None = None, *, transposed: bool = False) -> MatmulBackend:
+    """The backend for ``x @ w`` (``transposed``: ``x @ w.T``)."""
+    def ok(b: MatmulBackend) -> bool:
+        return b.fn_t is not None and b.supports_t(x, w) if transposed else b.supports(x, w)
+
     name = backend or os.environ.get("CASCADE_MATMUL_BACKEND") or None
     if name is not None:
         if name not in _BACKENDS:
             raise ValueError(f"unknown matmul backend {name!r}; registered: {sorted(_BACKENDS)}")
         chosen = _BACKENDS[name]
-        if not chosen.supports(x, w):
+        if not ok(chosen):
             raise ValueError(f"matmul backend {name!r} does not support {w.spec} with input {x.dtype}{tuple(x.shape)}")
         return chosen
-    usable = [b for b in _BACKENDS.values() if b.supports(x, w)]
+    usable = [b for b in _BACKENDS.values() if ok(b)]
     if not usable:
         raise ValueError(f"no registered matmul backend supports {w.spec} with input {x.dtype}{tuple(x.shape)}")
     return max(usable, key=lambda b: b.priority)
+
+
+def backends_used(params, *, dtype="float32", rows: int = 1) -> dict[str, int]:
+    """Which backend serves each quantized weight of ``params`` for ``rows`` input rows of
+    ``dtype`` (decode: 1): ``{backend name: number of weights}``.  For reports (``inspect``,
+    ``generate --json``, benchmarks); selection itself happens at trace time in :func:`matmul`."""
+    counts: dict[str, int] = {}
+    for leaf in jax.tree.leaves(params, is_leaf=lambda a: isinstance(a, QuantizedTensor)):
+        if isinstance(leaf, QuantizedTensor) and len(leaf.shape) == 2 and not leaf.stack_shape:
+            x = jax.ShapeDtypeStruct((rows, leaf.shape[leaf.axis]), jnp.dtype(dtype))
+            name = select_backend(x, leaf, transposed=leaf.axis == 1).name  # axis 1: an embedding as a tied head
+            counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def matmul(x, w, *, backend: str | None = None):
@@ -88,3 +129,18 @@ def matmul(x, w, *, backend: str | None = None):
     if not isinstance(w, QuantizedTensor):
         return jnp.matmul(x, w)
     return select_backend(x, w, backend).fn(x, w)
+
+
+def matmul_t(x, w, *, backend: str | None = None):
+    """``x @ w.T`` for float or quantized ``w`` of shape (n, k), quantized along axis 1 (its rows:
+    a tied LM head over an embedding ``(vocab, dim)``); backends read it in place, with no
+    transposed copy of the codes."""
+    x = jnp.asarray(x)
+    if not isinstance(w, QuantizedTensor):
+        return jnp.matmul(x, jnp.asarray(w).T.astype(x.dtype))
+    check_unstacked(w)
+    if len(w.shape) != 2 or w.axis != 1:
+        raise ValueError(f"matmul_t takes a 2-D weight quantized along axis 1, got shape {w.shape}, axis {w.axis}")
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"matmul_t shape mismatch: x has {x.shape[-1]} features, weight rows have {w.shape[1]}")
+    return select_backend(x, w, backend, transposed=True).fn_t(x, w)

@@ -71,3 +71,26 @@ def minmax_scale(x_group: np.ndarray, bits: int, symmetric: bool) -> float:
 
 def n_groups(k: int, granularity: str, group_size: int | None) -> int:
     return {"tensor": 1, "channel": 1}.get(granularity) or math.ceil(k / group_size)
+
+
+def dequantize_ref(w) -> np.ndarray:
+    """float64 values of a 2-D QuantizedTensor (duck-typed: packed, scale, zero, spec, shape,
+    axis), from its bytes by the documented layout."""
+    spec = w.spec
+    u = unpack(np.asarray(w.packed), spec.bits, w.shape[w.axis], w.axis)
+    zero = None if w.zero is None else np.asarray(w.zero, np.float64)
+    return dequantize(u, np.asarray(w.scale, np.float64), zero, spec.bits, w.zero is None, spec.granularity,
+                      spec.group_size, w.axis)
+
+
+def expand_params(w) -> tuple[np.ndarray, np.ndarray | None]:
+    """A 2-D QuantizedTensor's scale and zero point per element (float64, the tensor's shape)."""
+    spec = w.spec
+    s_full = np.empty(w.shape, np.float64)
+    z_full = None if w.zero is None else np.empty(w.shape, np.float64)
+    for idx in groups(w.shape, spec.granularity, spec.group_size, w.axis):
+        pidx = _param_index(idx, spec.granularity, spec.group_size, w.axis)
+        s_full[idx] = float(np.asarray(w.scale, np.float64)[pidx])
+        if z_full is not None:
+            z_full[idx] = float(np.asarray(w.zero, np.float64)[pidx])
+    return s_full, z_full

@@ -1,0 +1,125 @@
+"""The native CPU dequant-matmul backend, ``cpu``: a C++ XLA FFI custom call.
+
+``y = x @ dequant(W)`` straight from the packed codes, never materializing the float weight
+(the reference backend does, and on CPU that costs 10x the float dot: README, matmul section).
+The kernel (``cpu_qmatmul.cc`` beside this file) reads the layout :mod:`cascade.quant.packing`
+documents as it is, runs AVX2 + FMA where the processor has them (a scalar path otherwise) and
+splits the output columns over XLA's intra-op thread pool (``CASCADE_NUM_THREADS`` caps the
+threads).  It supports int8 and int4 weights quantized along the input axis, per channel, per
+tensor or in groups (even sizes for int4), symmetric or asymmetric with float16, bfloat16 or
+float32 scales and zero points (GGUF Q4_1's float32 zeros included), and float32 or bfloat16
+activations.  Everything else goes to the reference ``xla`` backend.
+
+The extension is compiled by the package's own build (``pip install .`` / ``pip install -e .``,
+setup.py).  If it is missing (no compiler at install time) or does not load, the ``xla`` backend
+serves every call and one warning line says so on stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cascade.quant.qtensor import QuantizedTensor
+
+TARGET = "cascade_qmatmul"
+NAME = "cpu"
+PRIORITY = 10  # preferred over the reference (0) wherever it applies
+# Rows of x (batch x tokens) up to which the kernel is used; above, the reference
+# dequantize-then-dot wins (XLA's float GEMM amortizes the dequantization over many rows).
+MAX_ROWS = 64
+
+_warned = False
+
+
+@functools.cache
+def unavailable() -> str | None:
+    """None when the native kernel is registered with XLA, else why it is not."""
+    try:
+        from cascade.quant.kernels import _cpu
+    except ImportError as e:
+        return f"the extension was not built or does not load ({e})"
+    try:
+        jax.ffi.register_ffi_target(TARGET, _cpu.qmatmul_handler(), platform="cpu")
+    except Exception as e:  # noqa: BLE001 - any failure means: use the reference
+        return f"XLA refused the custom call ({type(e).__name__}: {e})"
+    return None
+
+
+def simd() -> str | None:
+    """The instruction set the kernel runs with ('avx2+fma' or 'scalar'), None if unavailable."""
+    if unavailable():
+        return None
+    from cascade.quant.kernels import _cpu
+
+    return _cpu.simd()
+
+
+def _warn_once(reason: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        print(f"warning: cascade: native CPU matmul kernel unavailable, using the reference xla backend: {reason}",
+              file=sys.stderr)
+
+
+def group_rows(w: QuantizedTensor) -> int:
+    """Values of the reduction axis that share one scale: the group size, or the whole axis."""
+    return w.spec.group_size if w.spec.granularity == "group" else w.shape[w.axis]
+
+
+def supports(x, w: QuantizedTensor, *, transposed: bool = False) -> bool:
+    """Whether the kernel runs ``x @ w`` (``transposed``: ``x @ w.T`` for ``w`` (n, k) quantized
+    along axis 1, a tied embedding used as the LM head)."""
+    if jax.default_backend() != "cpu":
+        return False
+    spec = w.spec
+    if spec.bits not in (4, 8) or w.axis != (1 if transposed else 0) or len(w.shape) != 2 or w.stack_shape:
+        return False
+    if x.dtype not in (jnp.float32, jnp.bfloat16) or math.prod(x.shape[:-1]) > MAX_ROWS:
+        return False
+    k = w.shape[w.axis]
+    g = group_rows(w)
+    if spec.bits == 4 and g % 2 and g < k:
+        return False  # a group would split a byte of two 4-bit codes
+    if transposed and g % 8 and g < k:
+        return False  # the transposed kernel reads 8 codes of a group at a time
+    reals = (jnp.float32, jnp.float16, jnp.bfloat16)
+    if w.scale.dtype not in reals or (w.zero is not None and w.zero.dtype not in reals):
+        return False
+    reason = unavailable()
+    if reason:
+        _warn_once(reason)
+        return False
+    return True
+
+
+def matmul(x, w: QuantizedTensor):
+    """``x @ dequant(w)`` through the native kernel; ``x`` (..., k), ``w`` (k, n) along axis 0."""
+    return _call(x, w, transposed=False)
+
+
+def matmul_t(x, w: QuantizedTensor):
+    """``x @ dequant(w).T`` for ``w`` (n, k) quantized along axis 1, read in place (no transposed
+    copy of the codes: for SmolLM2's tied head that copy cost 28 ms a token)."""
+    return _call(x, w, transposed=True)
+
+
+def _call(x, w: QuantizedTensor, *, transposed: bool):
+    reason = unavailable()  # registers the custom call on first use
+    if reason:
+        raise RuntimeError(f"the native CPU matmul kernel is unavailable: {reason}")
+    k = w.shape[w.axis]
+    n = w.shape[1 - w.axis]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    zero = w.zero if w.zero is not None else jnp.zeros((1, 1), jnp.float32)  # ignored: has_zero=False
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), x.dtype), vmap_method="sequential")
+    y = call(x2, w.packed, w.scale, zero, bits=np.int64(w.spec.bits), group=np.int64(group_rows(w)),
+             has_zero=w.zero is not None, transposed=transposed)
+    return y.reshape(*lead, n)

@@ -1,0 +1,551 @@
+// Native CPU dequant-matmul, y = x @ dequant(W), registered with XLA as an FFI custom call.
+//
+// W is a cascade.quant.QuantizedTensor of logical shape (K, N), quantized along K (axis 0) in
+// groups of `group` rows, in the layout quant/packing.py documents (no repacking):
+//
+//   codes  uint8 (ceil(K * bits / 8), N), row-major.  bits = 8: row k holds u[k, :].
+//          bits = 4: byte (j, n) holds u[2j, n] in bits 3:0 and u[2j+1, n] in bits 7:4.
+//          u is the unsigned code: symmetric specs store u = q + 2^(bits-1).
+//   scale  (ceil(K / group), N) or (1, 1) per tensor; float16, bfloat16 or float32.
+//   zero   same shape as scale (asymmetric specs only); float16, bfloat16 or float32.  A
+//          GGUF Q4_1 import has a real-valued float32 zero (z = -m / d).
+//
+//   w[k, n] = (u[k, n] - z[g, n]) * s[g, n]  (z = 2^(bits-1) for symmetric specs), g = k / group.
+//
+// The float weight is never materialized.  Codes are made signed in the integer domain,
+// v = u - 2^(bits-1) (exact), so per group and column
+//
+//   sum_k x[k] * w[k, n] = s[g, n] * (sum_k x[k] * v[k, n]  -  z'[g, n] * sum_k x[k]),
+//   z' = z - 2^(bits-1)  (0 for symmetric specs: no correction term),
+//
+// as llama.cpp does for Q4_1's minimum.  Work is split into chunks of output columns, claimed
+// by XLA's intra-op thread pool (CASCADE_NUM_THREADS caps the workers).  A chunk sweeps whole
+// rows of its columns, so the codes stream sequentially (with software prefetch across the
+// page boundaries of each row), and its float accumulators (gacc, acc: rows x columns) stay in
+// L1/L2.  Batch rows run four at a time; larger batches re-read the chunk's codes from L2.
+//
+// SIMD: AVX2 + FMA + F16C kernels chosen at run time (__builtin_cpu_supports); a portable
+// scalar path otherwise, and for column tails narrower than 8.  Tested against the reference
+// XLA backend (tests/quant/test_kernels_cpu.py).
+
+#include <Python.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define CASCADE_X86 1
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kMaxChunk = 1024;  // output columns per work item at most
+constexpr int64_t kDirectRows = 4;   // batch rows accumulated together (larger batches: in blocks)
+constexpr int64_t kPrefetchRows = 8;  // rows of codes prefetched ahead of the one in use
+constexpr int64_t kL2Codes = 256 << 10;  // bytes of a chunk's codes that batches > kDirectRows re-read from L2
+
+enum class Real { kF32, kF16, kBF16 };
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: normalize
+      exp = 127 - 15 + 1;
+      while (!(mant & 0x400)) {
+        mant <<= 1;
+        --exp;
+      }
+      bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000 | (mant << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+float bf16_to_float(uint16_t b) {
+  const uint32_t bits = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+uint16_t float_to_bf16(float f) {  // round to nearest even, as XLA's convert does
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffff) > 0x7f800000) return uint16_t((bits >> 16) | 0x40);  // quiet NaN
+  bits += 0x7fff + ((bits >> 16) & 1);
+  return uint16_t(bits >> 16);
+}
+
+float load_real(const void* p, Real t, int64_t i) {
+  switch (t) {
+    case Real::kF32: return static_cast<const float*>(p)[i];
+    case Real::kF16: return half_to_float(static_cast<const uint16_t*>(p)[i]);
+    case Real::kBF16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+  }
+  return 0.f;
+}
+
+struct Problem {
+  int64_t M, K, N;
+  bool transposed;  // codes (N, ceil(K * bits / 8)) and scale/zero (N, groups): W^T stored row by row
+  int bits;
+  int64_t group, groups;
+  const uint8_t* codes;
+  const void* scale;
+  Real scale_type;
+  bool scale_per_tensor;  // scale (and zero) of shape (1, 1)
+  const void* zero;       // nullptr for symmetric specs
+  Real zero_type;
+  const float* x;     // (M, K) float32
+  const float* xsum;  // (M, groups): sum of x over each group (asymmetric specs only)
+  float* y;           // (M, N) float32
+};
+
+// Scale and corrected zero (z - 2^(bits-1)) of group g for columns [n0, n0 + n) as float32.
+void group_params(const Problem& p, int64_t g, int64_t n0, int64_t n, float* s, float* z) {
+  const float offset = float(1 << (p.bits - 1));
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t at = p.scale_per_tensor ? 0 : p.transposed ? (n0 + i) * p.groups + g : g * p.N + n0 + i;
+    s[i] = load_real(p.scale, p.scale_type, at);
+    if (p.zero) z[i] = load_real(p.zero, p.zero_type, at) - offset;
+  }
+}
+
+// v = u - 2^(bits-1): the signed code of row k, column n.
+inline int code(const Problem& p, int64_t k, int64_t n) {
+  if (p.transposed) {
+    const int64_t row = (p.K * p.bits + 7) / 8;
+    if (p.bits == 8) return int(p.codes[n * row + k]) - 128;
+    const uint8_t byte = p.codes[n * row + (k >> 1)];
+    return int((k & 1) ? (byte >> 4) : (byte & 0xf)) - 8;
+  }
+  if (p.bits == 8) return int(p.codes[k * p.N + n]) - 128;
+  const uint8_t byte = p.codes[(k >> 1) * p.N + n];
+  return int((k & 1) ? (byte >> 4) : (byte & 0xf)) - 8;
+}
+
+// ------------------------------------------------------------------------------- scalar path
+
+void columns_scalar(const Problem& p, int64_t n0, int64_t n1) {
+  std::vector<float> s(n1 - n0), z(n1 - n0), acc(n1 - n0), gacc(n1 - n0);
+  for (int64_t b = 0; b < p.M; ++b) {
+    const float* x = p.x + b * p.K;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const int64_t k0 = g * p.group, k1 = std::min(p.K, k0 + p.group);
+      std::fill(gacc.begin(), gacc.end(), 0.f);
+      for (int64_t k = k0; k < k1; ++k)
+        for (int64_t n = n0; n < n1; ++n) gacc[n - n0] += x[k] * float(code(p, k, n));
+      group_params(p, g, n0, n1 - n0, s.data(), z.data());
+      for (int64_t i = 0; i < n1 - n0; ++i) {
+        const float corrected = p.zero ? gacc[i] - z[i] * p.xsum[b * p.groups + g] : gacc[i];
+        acc[i] += s[i] * corrected;
+      }
+    }
+    std::copy(acc.begin(), acc.end(), p.y + b * p.N + n0);
+  }
+}
+
+// --------------------------------------------------------------------------------- AVX2 path
+#ifdef CASCADE_X86
+#define AVX2_FN __attribute__((target("avx2,fma,f16c")))
+
+AVX2_FN inline float load1_real(const void* p, Real t, int64_t i) {  // F16C for one float16
+  return t == Real::kF16 ? _cvtsh_ss(static_cast<const uint16_t*>(p)[i]) : load_real(p, t, i);
+}
+
+AVX2_FN inline __m256 load8_real(const void* p, Real t, int64_t i) {
+  switch (t) {
+    case Real::kF32: return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+    case Real::kF16:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+    case Real::kBF16: {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+  }
+  return _mm256_setzero_ps();
+}
+
+// Scale and corrected zero of group g for 8 columns starting at n.
+AVX2_FN inline void group_params8(const Problem& p, int64_t g, int64_t n, __m256* s, __m256* z) {
+  if (p.scale_per_tensor) {
+    *s = _mm256_set1_ps(load_real(p.scale, p.scale_type, 0));
+    if (p.zero) *z = _mm256_set1_ps(load_real(p.zero, p.zero_type, 0) - float(1 << (p.bits - 1)));
+    return;
+  }
+  *s = load8_real(p.scale, p.scale_type, g * p.N + n);
+  if (p.zero)
+    *z = _mm256_sub_ps(load8_real(p.zero, p.zero_type, g * p.N + n), _mm256_set1_ps(float(1 << (p.bits - 1))));
+}
+
+// Signed codes of 8 columns: int8 row k / int4 rows (2j, 2j+1) as float.
+AVX2_FN inline __m256 codes8_int8(const uint8_t* row) {
+  const __m128i c = _mm_xor_si128(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row)), _mm_set1_epi8(char(0x80)));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
+}
+
+AVX2_FN inline void codes8_int4(const uint8_t* row, __m256* lo, __m256* hi) {
+  const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row)));
+  const __m256i eight = _mm256_set1_epi32(8);
+  *lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0xf)), eight));
+  *hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(c, 4), eight));
+}
+
+// Both paths sweep whole rows of a column chunk: codes are read sequentially (row k of the
+// chunk is W contiguous bytes), which the hardware prefetchers stream.  (Keeping a strip of
+// columns in registers while walking down K reads one short run per row with a stride of N
+// bytes: every row a new page, and the loads stall on memory latency, measured 7x slower.)
+// The float accumulators of a chunk, M x W, stay in L1/L2.
+
+// Direct path (M <= kDirectRows): per group, gacc[b][n] += x[b, k] * v[k, n] for the group's rows,
+// then acc[b][n] += s[g, n] * (gacc[b][n] - z'[g, n] * xsum[b, g]).  Four rows of K per pass over
+// the accumulators (four rows of int8 codes, two bytes of int4 codes); M is a template argument so
+// that the batch loop unrolls and the broadcast x values stay in registers.
+template <int BITS, int M>
+AVX2_FN void direct_chunk_m(const Problem& p, int64_t c0, int64_t c1, float* acc, float* gacc) {
+  const int64_t W = c1 - c0;
+  const int64_t code_rows = (p.K * BITS + 7) / 8;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t k0 = g * p.group, k1 = std::min(p.K, k0 + p.group);
+    std::fill(gacc, gacc + M * W, 0.f);
+    for (int64_t k = k0; k < k1; k += 4) {
+      const int64_t nk = std::min<int64_t>(4, k1 - k);  // rows this step (a group's tail may be short)
+      __m256 xv[M][4];
+      for (int b = 0; b < M; ++b)
+        for (int i = 0; i < 4; ++i) xv[b][i] = _mm256_set1_ps(i < nk ? p.x[b * p.K + k + i] : 0.f);
+      // rows of codes this step: int8 k .. k+3, int4 bytes k/2 and k/2 + 1 (k is even: groups
+      // of 4-bit codes are whole bytes); rows past the end are never read, their x is 0
+      const int64_t r0 = BITS == 8 ? k : k >> 1;
+      const int64_t nr = BITS == 8 ? nk : (nk + 1) / 2;
+      const uint8_t* rows[4];
+      for (int i = 0; i < 4; ++i) rows[i] = p.codes + std::min(r0 + i, r0 + nr - 1) * p.N + c0;
+      // software prefetch of the rows a few steps ahead: a row of the chunk is a short run on its
+      // own page, which the hardware prefetchers do not follow across the page boundary
+      const int64_t ahead_row = r0 + kPrefetchRows;
+      const uint8_t* ahead = p.codes + ahead_row * p.N + c0;
+      const int n_ahead = int(std::max<int64_t>(0, std::min<int64_t>(BITS == 8 ? 4 : 2, code_rows - ahead_row)));
+      for (int64_t n = 0; n < W; n += 8) {
+        if ((n & 63) == 0)
+          for (int i = 0; i < n_ahead; ++i) _mm_prefetch(reinterpret_cast<const char*>(ahead + i * p.N + n), _MM_HINT_T0);
+        __m256 v[4];
+        if (BITS == 8) {
+          for (int i = 0; i < 4; ++i) v[i] = codes8_int8(rows[i] + n);
+        } else {
+          codes8_int4(rows[0] + n, &v[0], &v[1]);
+          codes8_int4(rows[1] + n, &v[2], &v[3]);
+        }
+        for (int b = 0; b < M; ++b) {
+          float* ga = gacc + b * W + n;
+          __m256 a = _mm256_loadu_ps(ga);
+          a = _mm256_fmadd_ps(xv[b][0], v[0], a);
+          a = _mm256_fmadd_ps(xv[b][1], v[1], a);
+          a = _mm256_fmadd_ps(xv[b][2], v[2], a);
+          a = _mm256_fmadd_ps(xv[b][3], v[3], a);
+          _mm256_storeu_ps(ga, a);
+        }
+      }
+    }
+    for (int64_t n = 0; n < W; n += 8) {
+      __m256 s, z;
+      group_params8(p, g, c0 + n, &s, &z);
+      for (int b = 0; b < M; ++b) {
+        __m256 ga = _mm256_loadu_ps(gacc + b * W + n);
+        if (p.zero) ga = _mm256_fnmadd_ps(z, _mm256_set1_ps(p.xsum[b * p.groups + g]), ga);
+        float* a = acc + b * W + n;
+        _mm256_storeu_ps(a, _mm256_fmadd_ps(s, ga, _mm256_loadu_ps(a)));
+      }
+    }
+  }
+}
+
+template <int BITS>
+AVX2_FN void direct_chunk(const Problem& p, int64_t c0, int64_t c1, float* acc, float* gacc) {
+  switch (p.M) {
+    case 1: direct_chunk_m<BITS, 1>(p, c0, c1, acc, gacc); break;
+    case 2: direct_chunk_m<BITS, 2>(p, c0, c1, acc, gacc); break;
+    case 3: direct_chunk_m<BITS, 3>(p, c0, c1, acc, gacc); break;
+    default: direct_chunk_m<BITS, 4>(p, c0, c1, acc, gacc); break;
+  }
+}
+
+// Transposed layout (a tied LM head: the embedding E (N, K) quantized along K, y = x @ E^T): each
+// output's codes are one contiguous row, so an output is a dot product, 8 codes of K at a time,
+// with a per-group scale applied to the 8-lane partial sums and one horizontal sum at the end.
+// Needs the group size to be a multiple of 8 (the wrapper checks); K's tail < 8 is scalar.
+AVX2_FN inline __m256 codes8_along_k(const Problem& p, const uint8_t* row, int64_t k) {
+  if (p.bits == 8) return codes8_int8(row + k);
+  // 4 bytes hold codes k .. k+7: lane 2i = byte i & 15, lane 2i+1 = byte i >> 4
+  uint32_t four;
+  std::memcpy(&four, row + (k >> 1), 4);
+  const __m128i b = _mm_cvtsi32_si128(int(four));
+  const __m256i dup = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
+  const __m256i nib = _mm256_and_si256(_mm256_srlv_epi32(dup, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4)),
+                                       _mm256_set1_epi32(0xf));
+  return _mm256_cvtepi32_ps(_mm256_sub_epi32(nib, _mm256_set1_epi32(8)));
+}
+
+AVX2_FN void transposed_chunk(const Problem& p, int64_t n0, int64_t n1) {
+  const int64_t row_bytes = (p.K * p.bits + 7) / 8;
+  const float offset = float(1 << (p.bits - 1));
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.codes + n * row_bytes;
+    _mm_prefetch(reinterpret_cast<const char*>(row + 4 * row_bytes), _MM_HINT_T0);
+    for (int64_t b = 0; b < p.M; ++b) {
+      const float* x = p.x + b * p.K;
+      __m256 acc = _mm256_setzero_ps();
+      float tail = 0.f, correction = 0.f;
+      for (int64_t g = 0; g < p.groups; ++g) {
+        const int64_t k0 = g * p.group, k1 = std::min(p.K, k0 + p.group), k8 = k0 + (k1 - k0) / 8 * 8;
+        const int64_t at = p.scale_per_tensor ? 0 : n * p.groups + g;
+        const float s = load1_real(p.scale, p.scale_type, at);
+        __m256 gacc = _mm256_setzero_ps();
+        for (int64_t k = k0; k < k8; k += 8) gacc = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), codes8_along_k(p, row, k), gacc);
+        float gtail = 0.f;
+        for (int64_t k = k8; k < k1; ++k) gtail += x[k] * float(code(p, k, n));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(s), gacc, acc);
+        tail += s * gtail;
+        if (p.zero) correction += s * (load1_real(p.zero, p.zero_type, at) - offset) * p.xsum[b * p.groups + g];
+      }
+      // horizontal sum of the 8 lanes
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+      p.y[b * p.N + n] = _mm_cvtss_f32(h) + tail - correction;
+    }
+  }
+}
+
+// Columns [c0, c1): SIMD strips of 8, the remaining < 8 columns scalar.  Batches larger than
+// kDirectRows run in blocks of kDirectRows rows; each block re-reads the chunk's codes, which
+// the chunk width keeps small enough to stay in L2 (QMatmulImpl).
+AVX2_FN void chunk_avx2(const Problem& p, int64_t c0, int64_t c1, std::vector<float>& gacc, std::vector<float>& acc) {
+  const int64_t c1v = c0 + (c1 - c0) / 8 * 8;
+  if (c1v > c0) {
+    const int64_t W = c1v - c0;
+    acc.assign(p.M * W, 0.f);
+    gacc.resize(kDirectRows * W);
+    for (int64_t b0 = 0; b0 < p.M; b0 += kDirectRows) {
+      Problem block = p;
+      block.M = std::min(kDirectRows, p.M - b0);
+      block.x = p.x + b0 * p.K;
+      if (p.zero) block.xsum = p.xsum + b0 * p.groups;
+      if (p.bits == 8) direct_chunk<8>(block, c0, c1v, acc.data() + b0 * W, gacc.data());
+      else direct_chunk<4>(block, c0, c1v, acc.data() + b0 * W, gacc.data());
+    }
+    for (int64_t b = 0; b < p.M; ++b) std::copy(acc.data() + b * W, acc.data() + (b + 1) * W, p.y + b * p.N + c0);
+  }
+  if (c1v < c1) columns_scalar(p, c1v, c1);
+}
+
+bool have_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+}
+#else
+bool have_avx2() { return false; }
+#endif
+
+bool use_simd() {  // CASCADE_CPU_KERNEL_SCALAR=1 forces the portable path (tests use it)
+  static const bool forced_scalar = [] {
+    const char* v = std::getenv("CASCADE_CPU_KERNEL_SCALAR");
+    return v && *v && std::strcmp(v, "0") != 0;
+  }();
+  return have_avx2() && !forced_scalar;
+}
+
+void chunk(const Problem& p, int64_t c0, int64_t c1, std::vector<float>& gacc, std::vector<float>& acc) {
+#ifdef CASCADE_X86
+  if (use_simd()) {
+    if (p.transposed) transposed_chunk(p, c0, c1);
+    else chunk_avx2(p, c0, c1, gacc, acc);
+    return;
+  }
+#endif
+  columns_scalar(p, c0, c1);
+}
+
+int64_t max_workers() {
+  static const int64_t n = [] {
+    const char* v = std::getenv("CASCADE_NUM_THREADS");
+    const long parsed = v ? std::strtol(v, nullptr, 10) : 0;
+    return int64_t(parsed > 0 ? parsed : 0);
+  }();
+  return n;
+}
+
+// Work shared by the caller and the pool's workers: tiles are claimed from an atomic counter,
+// so a worker that starts late finds nothing left and returns; the caller waits only for tiles
+// that were claimed.  The state is reference-counted because such a late worker may outlive
+// the call.
+struct Shared {
+  Problem problem;
+  int64_t width;   // columns per chunk (a multiple of 32)
+  int64_t chunks;  // work items
+  std::atomic<int64_t> next{0}, done{0};
+};
+
+void work(Shared& s) {
+  thread_local std::vector<float> gacc, acc;
+  for (;;) {
+    const int64_t c = s.next.fetch_add(1, std::memory_order_relaxed);
+    if (c >= s.chunks) return;
+    const int64_t c0 = c * s.width;
+    chunk(s.problem, c0, std::min(s.problem.N, c0 + s.width), gacc, acc);
+    s.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes, ffi::AnyBuffer scale,
+                       ffi::AnyBuffer zero, ffi::Result<ffi::AnyBuffer> y, int64_t bits, int64_t group,
+                       bool has_zero, bool transposed) {
+  const auto xd = x.dimensions(), cd = codes.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || cd.size() != 2 || sd.size() != 2 || yd.size() != 2)
+    return ffi::Error::InvalidArgument("cascade_qmatmul: x, codes, scale and y must be 2-D");
+  if (bits != 4 && bits != 8) return ffi::Error::InvalidArgument("cascade_qmatmul: bits must be 4 or 8");
+  Problem p{};
+  p.M = xd[0];
+  p.K = xd[1];
+  p.transposed = transposed;
+  p.N = transposed ? cd[0] : cd[1];
+  p.bits = int(bits);
+  p.group = group;
+  if (p.group <= 0 || (bits == 4 && p.group % 2 && p.group < p.K) || (transposed && p.group % 8 && p.group < p.K))
+    return ffi::Error::InvalidArgument("cascade_qmatmul: bad group size");
+  p.groups = (p.K + p.group - 1) / p.group;
+  const int64_t code_rows = (p.K * bits + 7) / 8;
+  if ((transposed ? cd[1] : cd[0]) != code_rows || yd[0] != p.M || yd[1] != p.N)
+    return ffi::Error::InvalidArgument("cascade_qmatmul: shapes do not match");
+  p.scale_per_tensor = sd[0] == 1 && sd[1] == 1 && !(p.groups == 1 && p.N == 1);
+  const int64_t want0 = transposed ? p.N : p.groups, want1 = transposed ? p.groups : p.N;
+  if (!p.scale_per_tensor && (sd[0] != want0 || sd[1] != want1))
+    return ffi::Error::InvalidArgument("cascade_qmatmul: scale shape does not match the groups");
+  auto real = [](ffi::DataType t, Real* out) {
+    switch (t) {
+      case ffi::DataType::F32: *out = Real::kF32; return true;
+      case ffi::DataType::F16: *out = Real::kF16; return true;
+      case ffi::DataType::BF16: *out = Real::kBF16; return true;
+      default: return false;
+    }
+  };
+  Real x_type, y_type;
+  if (!real(x.element_type(), &x_type) || x_type == Real::kF16 || !real(y->element_type(), &y_type) ||
+      y_type != x_type || !real(scale.element_type(), &p.scale_type))
+    return ffi::Error::InvalidArgument("cascade_qmatmul: unsupported dtypes");
+  p.codes = codes.typed_data();
+  p.scale = scale.untyped_data();
+  if (has_zero) {
+    if (!real(zero.element_type(), &p.zero_type) || zero.element_count() != scale.element_count())
+      return ffi::Error::InvalidArgument("cascade_qmatmul: zero must match scale");
+    p.zero = zero.untyped_data();
+  }
+  if (p.M == 0 || p.N == 0) return ffi::Error::Success();
+
+  // float32 copies of x (bfloat16 inputs) and of y (bfloat16 outputs); group sums of x
+  std::vector<float> xf, yf, xsum;
+  if (x_type == Real::kF32) {
+    p.x = static_cast<const float*>(x.untyped_data());
+  } else {
+    xf.resize(p.M * p.K);
+    const uint16_t* xh = static_cast<const uint16_t*>(x.untyped_data());
+    for (int64_t i = 0; i < p.M * p.K; ++i) xf[i] = bf16_to_float(xh[i]);
+    p.x = xf.data();
+  }
+  if (p.zero) {
+    xsum.assign(p.M * p.groups, 0.f);
+    for (int64_t b = 0; b < p.M; ++b)
+      for (int64_t k = 0; k < p.K; ++k) xsum[b * p.groups + k / p.group] += p.x[b * p.K + k];
+    p.xsum = xsum.data();
+  }
+  if (y_type == Real::kF32) {
+    p.y = static_cast<float*>(y->untyped_data());
+  } else {
+    yf.resize(p.M * p.N);
+    p.y = yf.data();
+  }
+
+  // threads: the pool's (all cores), capped by CASCADE_NUM_THREADS, and one for small products
+  // where waking a thread costs more than it saves.  Chunks: about two per thread (balance),
+  // a multiple of 32 columns, at most kMaxChunk wide (the accumulators stay in L1/L2).
+  int64_t workers = std::max<int64_t>(1, pool.num_threads());
+  if (max_workers() > 0) workers = std::min(workers, max_workers());
+  if (p.M * p.K * p.N < (int64_t(1) << 18)) workers = 1;
+  auto shared = std::make_shared<Shared>();
+  shared->problem = p;
+  const int64_t per = (p.N + 2 * workers - 1) / (2 * workers);
+  int64_t width = std::min(kMaxChunk, (per + 31) / 32 * 32);
+  if (p.M > kDirectRows && !p.transposed) width = std::min(width, kL2Codes / code_rows / 32 * 32);
+  shared->width = std::max<int64_t>(32, width);
+  shared->chunks = (p.N + shared->width - 1) / shared->width;
+  workers = std::min(workers, shared->chunks);
+  for (int64_t i = 1; i < workers; ++i) pool.Schedule([shared] { work(*shared); });
+  work(*shared);
+  while (shared->done.load(std::memory_order_acquire) < shared->chunks) {
+#ifdef CASCADE_X86
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+
+  if (y_type == Real::kBF16) {
+    uint16_t* yh = static_cast<uint16_t*>(y->untyped_data());
+    for (int64_t i = 0; i < p.M * p.N; ++i) yh[i] = float_to_bf16(yf[i]);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CascadeQMatmul, QMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()        // x (M, K) float32 / bfloat16
+                                  .Arg<ffi::Buffer<ffi::U8>>()  // codes
+                                  .Arg<ffi::AnyBuffer>()        // scale
+                                  .Arg<ffi::AnyBuffer>()        // zero (ignored unless has_zero)
+                                  .Ret<ffi::AnyBuffer>()        // y (M, N), x's dtype
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group")
+                                  .Attr<bool>("has_zero")
+                                  .Attr<bool>("transposed"));
+
+// ---------------------------------------------------------------------------- Python module
+
+static PyObject* handler(PyObject*, PyObject*) {
+  return PyCapsule_New(reinterpret_cast<void*>(&CascadeQMatmul), nullptr, nullptr);
+}
+
+static PyObject* simd(PyObject*, PyObject*) { return PyUnicode_FromString(use_simd() ? "avx2+fma" : "scalar"); }
+
+static PyMethodDef kMethods[] = {
+    {"qmatmul_handler", handler, METH_NOARGS, "PyCapsule of the cascade_qmatmul XLA FFI handler."},
+    {"simd", simd, METH_NOARGS, "The instruction set the kernels run with here: 'avx2+fma' or 'scalar'."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_cpu", "cascade's native CPU kernels (XLA FFI handlers).", -1,
+                              kMethods};
+
+PyMODINIT_FUNC PyInit__cpu(void) { return PyModule_Create(&kModule); }

@@ -1,0 +1,76 @@
+"""Whole models on the native CPU matmul kernel equal the reference XLA backend.
+
+Greedy tokens (16) must be identical and perplexity equal to 1e-4 (relative), for stories260K
+(int8 and int4-g32), the default pair at the precisions `cascade run` uses, and SmolLM2-135M as
+imported from its Q4_1 GGUF (int4-g32-asym with float32 zeros, an int8-g32 tied head read in
+place by the transposed kernel).  Each backend is forced with CASCADE_MATMUL_BACKEND and the jit
+caches are cleared in between, so each run traces its own programs.  Perplexity is computed with
+the kernel's row limit lifted, so that whole windows run through it (by default, batches of more
+than cpu.MAX_ROWS rows go to the reference, which is faster there).
+"""
+
+import os
+
+import jax
+import pytest
+
+from cascade.models import generate, load_model, perplexity, quantize_model, split_documents, tokenize_documents
+from cascade.quant import dequant_matmul
+from cascade.quant.kernels import cpu
+from tests.shared_data import DATA
+
+VAL = os.path.join(DATA, "text", "tinystories_val.txt")
+WIKI = os.path.join(DATA, "text", "wiki.test.raw")
+
+
+def _on(backend, monkeypatch, fn):
+    monkeypatch.setenv("CASCADE_MATMUL_BACKEND", backend)
+    monkeypatch.setattr(cpu, "MAX_ROWS", 1 << 30)
+    jax.clear_caches()
+    try:
+        return fn()
+    finally:
+        jax.clear_caches()
+
+
+def _compare(model, monkeypatch, prompt: str, docs: list[str], ctx: int):
+    ids = model.tokenizer.encode(prompt)
+    scored = tokenize_documents(model.tokenizer, docs)
+
+    def run():
+        g = generate(model.params, model.config, [ids], max_new_tokens=16, eos_ids=())
+        p = perplexity(model.params, model.config, scored, ctx=ctx, truncate=True)
+        return g.tokens[0], p.ppl
+
+    used = dequant_matmul.backends_used(model.params)
+    assert set(used) == {"cpu"}, used  # every quantized weight of these models runs on the kernel
+    tokens_cpu, ppl_cpu = _on("cpu", monkeypatch, run)
+    tokens_xla, ppl_xla = _on("xla", monkeypatch, run)
+    assert tokens_cpu == tokens_xla
+    assert abs(ppl_cpu - ppl_xla) <= 1e-4 * ppl_xla, (ppl_cpu, ppl_xla)
+
+
+@pytest.fixture(scope="module")
+def val_docs():
+    with open(VAL, encoding="utf-8") as f:
+        return split_documents(f.read())[:4]
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4-g32"])
+def test_stories260k(monkeypatch, spec, val_docs):
+    model = quantize_model(load_model(os.path.join(DATA, "stories260K", "stories260K.bin")), spec, progress=False)[0]
+    _compare(model, monkeypatch, "Once upon a time", val_docs, ctx=256)
+
+
+@pytest.mark.parametrize("name, spec", [("default-small", "int4"), ("default-large", "int8")])
+def test_default_pair(monkeypatch, name, spec, val_docs):
+    model = quantize_model(load_model(name), spec, progress=False)[0]
+    _compare(model, monkeypatch, "Once upon a time", val_docs, ctx=256)
+
+
+@pytest.mark.slow
+def test_smollm2_as_imported(monkeypatch):
+    model = load_model(os.path.join(DATA, "smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    with open(WIKI, encoding="utf-8") as f:
+        text = f.read(6000)
+    _compare(model, monkeypatch, "The capital of France is", [text], ctx=256)
