@@ -330,11 +330,13 @@ def inspect(model, tokenizer, kvs, ctx, as_json):
     width = max(len(r["name"]) for r in info["tensors"])
     lines = [f"{info['architecture']} from {info['format']} ({model}): {info['params']:,} parameters, "
              f"{info['weight_bytes']:,} bytes of weights",
+             "quantized matmuls (decode): " + (", ".join(f"{n} on {b}" for b, n in info["matmul_backends"].items())
+                                               or "none (float weights)"),
              "config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items() if k != "architecture"),
              f"tokenizer: {info['tokenizer']}",
              f"{'tensor':<{width}}  {'shape':<14} {'precision':<16} {'bytes':>12}"]
     lines += [f"{r['name']:<{width}}  {'x'.join(map(str, r['shape'])):<14} {r['precision']:<16} {r['bytes']:>12,}"
-              for r in info["tensors"]]
+              + (f"  {r['matmul']}" if r["matmul"] else "") for r in info["tensors"]]
     lines.append(f"KV cache, one sequence of {ctx} positions:")
     lines.append(f"  {'kv':<14} {'bytes/token':>12} {'vs fp16':>8} {'bytes/sequence':>15} {'vs fp16':>8}")
     lines += [f"  {m['kv']:<14} {m['bytes_per_token']:>12,.1f} {m['vs_fp16_per_token']:>8.1%} "
@@ -418,7 +420,7 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv
 def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, seed, chat, bos, kv, tokenizer,
              scale_dtype, as_json):
     """Generate a continuation of PROMPT with MODEL."""
-    from cascade.models import SamplingConfig, generate as generate_tokens
+    from cascade.models import SamplingConfig, generate as generate_tokens, matmul_backends
 
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     loaded, _ = _load_model(model, tokenizer, quant_rules, scale_dtype=scale_dtype)
@@ -435,7 +437,7 @@ def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, 
     completion = tok.decode_completion(ids, gen)
     payload = {"model": model, "quant": loaded.quant, "kv": kv, "prompt": prompt, "prompt_token_ids": ids, "text": completion,
                "token_ids": gen, "stop_reason": out.stop_reasons[0], "prefill_s": out.prefill_s,
-               "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s}
+               "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s, "matmul_backends": matmul_backends(loaded)}
     if as_json:
         _emit(True, payload, "")
     else:
@@ -506,22 +508,45 @@ def _csv_ints(ctx, param, value):
     return out
 
 
+def _shapes(ctx, param, value):
+    try:
+        out = tuple(tuple(int(d) for d in v.lower().split("x")) for v in value.split(",") if v.strip())
+    except ValueError:
+        out = ()
+    if not out or any(len(s) != 2 or min(s) <= 0 for s in out):
+        raise click.BadParameter(f"expected comma-separated KxN shapes of positive integers, got {value!r}")
+    return out
+
+
+def _matmul_backend(ctx, param, value):
+    if value is None:
+        return None
+    from cascade.quant import dequant_matmul
+
+    if value not in dequant_matmul.backends():
+        raise click.BadParameter(f"unknown matmul backend {value!r}; registered: {', '.join(sorted(dequant_matmul.backends()))}")
+    return value
+
+
 @bench.command(name="matmul")
-@click.option("--batch", default="1,16,256", show_default=True, callback=_csv_ints, help="Comma-separated batch sizes.")
-@click.option("--k", default=4096, show_default=True, type=click.IntRange(min=1), help="Input features.")
-@click.option("--n", default=4096, show_default=True, type=click.IntRange(min=1), help="Output features.")
+@click.option("--batch", default="1,4,16,64", show_default=True, callback=_csv_ints, help="Comma-separated batch sizes.")
+@click.option("--shape", "shapes", default="4096x4096,4096x11008,11008x4096", show_default=True, callback=_shapes,
+              help="Comma-separated weight shapes KxN (input x output features).")
+@click.option("--k", default=None, type=click.IntRange(min=1), help="Input features of a single shape (overrides --shape).")
+@click.option("--n", default=None, type=click.IntRange(min=1), help="Output features of a single shape (overrides --shape).")
 @click.option("--spec", "specs", default="int8,int4-g128", show_default=True, help="Comma-separated precision specs.")
-@click.option("--backend", default=None, help="Matmul backend (default: best registered).")
+@click.option("--backend", default=None, callback=_matmul_backend,
+              help="Time only this matmul backend (default: every backend that runs the spec).")
 @click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=1), help="Timed runs (median).")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def bench_matmul(batch, k, n, specs, backend, repeats, warmup, out_path, as_json):
-    """Time float32 x @ W against the quantized dequant-matmul, side by side."""
+def bench_matmul(batch, shapes, k, n, specs, backend, repeats, warmup, out_path, as_json):
+    """Time float32 x @ W against the quantized dequant-matmul on every backend, side by side."""
     from cascade.bench import matmul as bench_mm
 
-    result = bench_mm.run(batches=batch, k=k, n=n, specs=[s for s in specs.split(",") if s], backend=backend,
-                          repeats=repeats, warmup=warmup)
+    result = bench_mm.run(batches=batch, shapes=shapes, k=k, n=n, specs=[s for s in specs.split(",") if s],
+                          backend=backend, repeats=repeats, warmup=warmup)
     if out_path:
         _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
     _emit(as_json, result, bench_mm.format_table(result))

@@ -2,13 +2,18 @@
 
 Run ``cascade bench matmul`` (``--json`` for rows; the CLI is the one entry point, this is the library).
 Each row times one jitted call, median over ``repeats`` runs after ``warmup`` calls; every
-quantized row is measured beside the float32 row of the same batch, so ``speedup_vs_f32`` is a
-ratio taken on one machine in one process.
+quantized row is measured beside the float32 row of the same shape and batch, on every backend
+that runs it (the reference ``xla`` and the native ``cpu`` kernel), so ``speedup_vs_f32`` is a
+ratio taken on one machine in one process.  ``gb_s`` is the weight's bytes over the time (the
+rate a batch-1 matmul streams its weight at), ``pct_copy_bw`` that rate against the machine's
+memory-copy bandwidth measured in the same run (:func:`copy_bandwidth`).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import threading
 import time
 
 import jax
@@ -17,7 +22,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cascade import quant
-from cascade.bench.context import run_context
+from cascade.quant import dequant_matmul
+from cascade.quant.kernels import cpu as cpu_kernel
+from cascade.bench.context import describe, run_context
 
 
 def _time(fn, *args, repeats: int, warmup: int) -> float:
@@ -31,35 +38,92 @@ def _time(fn, *args, repeats: int, warmup: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def run(*, batches=(1, 16, 256), k=4096, n=4096, specs=("int8", "int4-g128"), backend=None,
-        repeats=20, warmup=3, seed=0, progress=None) -> dict:
-    """Time f32 and each spec for each batch; returns ``{"device", ..., "rows": [...]}``."""
-    if k <= 0 or n <= 0 or any(b <= 0 for b in batches):
+DEFAULT_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))  # (k, n): a 7B model's attention and MLP
+
+
+def run(*, batches=(1, 4, 16, 64), shapes=DEFAULT_SHAPES, k=None, n=None, specs=("int8", "int4-g128"),
+        backend=None, repeats=20, warmup=3, seed=0, progress=None, copy_bytes=256 << 20) -> dict:
+    """Time f32 and each spec on every backend that runs it, for each shape and batch.
+
+    ``k``/``n`` give a single shape instead of ``shapes``; ``backend`` restricts the quantized rows
+    to one backend.  Returns ``{"device", ..., "copy_gb_s", "rows": [...]}``; a row's ``selected``
+    says whether automatic dispatch picks that backend for that batch (the kernel also runs above
+    its row limit here, to show where the limit belongs)."""
+    if k is not None or n is not None:
+        shapes = ((4096 if k is None else k, 4096 if n is None else n),)
+    shapes = tuple((int(a), int(b)) for a, b in shapes)
+    if not shapes or any(a <= 0 or b <= 0 for a, b in shapes) or any(b <= 0 for b in batches):
         raise ValueError("k, n and every batch size must be positive")
     if repeats < 1 or warmup < 0:
         raise ValueError("repeats must be >= 1 and warmup >= 0")
-    check_memory(batches=batches, k=k, n=n)
+    for a, b in shapes:
+        check_memory(batches=batches, k=a, n=b)
     specs = [quant.parse_spec(s) for s in specs]
+    if backend is not None and backend not in dequant_matmul.backends():
+        raise ValueError(f"unknown matmul backend {backend!r}; registered: {sorted(dequant_matmul.backends())}")
     rng = np.random.default_rng(seed)
-    w = jnp.asarray(rng.standard_normal((k, n), dtype=np.float32) / np.sqrt(k))
-    qweights = {str(s): quant.quantize(w, s) for s in specs}
+    copy_gb_s = copy_bandwidth(copy_bytes)
     f32_matmul = jax.jit(lambda x, w: x @ w)
-    # The quantized weight is a jit *argument*, so XLA cannot constant-fold the dequantization.
-    q_matmul = jax.jit(lambda x, w: quant.matmul(x, w, backend=backend))
     rows = []
-    jobs = [(b, s) for b in batches for s in ["fp32"] + list(qweights)]
-    for b, s in tqdm(jobs, desc="bench matmul", disable=None if progress is None else not progress, leave=False):
-        x = jnp.asarray(rng.standard_normal((b, k), dtype=np.float32))
-        if s == "fp32":
-            ms = _time(f32_matmul, x, w, repeats=repeats, warmup=warmup)
-            base, name, nbytes = ms, "xla", k * n * 4
-        else:
-            qw = qweights[s]
-            ms = _time(q_matmul, x, qw, repeats=repeats, warmup=warmup)
-            name, nbytes = _backend_name(x, qw, backend), qw.nbytes
-        rows.append({"spec": s, "backend": name, "batch": b, "k": k, "n": n, "ms": round(ms, 4),
-                     "speedup_vs_f32": round(base / ms, 3), "weight_bytes": nbytes})
-    return {"benchmark": "matmul", **run_context(repeats=repeats, warmup=warmup), "rows": rows}
+    jobs = [(shape, b) for shape in shapes for b in batches]
+    bar = tqdm(total=len(jobs), desc="bench matmul", disable=None if progress is None else not progress, leave=False)
+    for k_, n_ in shapes:
+        w = jnp.asarray(rng.standard_normal((k_, n_), dtype=np.float32) / np.sqrt(k_))
+        qweights = {str(s): quant.quantize(w, s) for s in specs}
+        for b in batches:
+            x = jnp.asarray(rng.standard_normal((b, k_), dtype=np.float32))
+            base = _time(f32_matmul, x, w, repeats=repeats, warmup=warmup)
+            rows.append(_row("fp32", "xla", b, k_, n_, base, base, k_ * n_ * 4, copy_gb_s, True))
+            for s, qw in qweights.items():
+                auto = dequant_matmul.select_backend(x, qw).name
+                for name in _backends_for(qw, k_, backend):
+                    # The quantized weight is a jit *argument*: XLA cannot constant-fold the dequantization.
+                    fn = jax.jit(dequant_matmul.backends()[name].fn)
+                    ms = _time(fn, x, qw, repeats=repeats, warmup=warmup)
+                    rows.append(_row(s, name, b, k_, n_, ms, base, qw.nbytes, copy_gb_s, name == auto))
+            bar.update()
+        del w, qweights
+    bar.close()
+    return {"benchmark": "matmul", **run_context(repeats=repeats, warmup=warmup), "copy_gb_s": round(copy_gb_s, 2),
+            "kernel_simd": cpu_kernel.simd(), "rows": rows}
+
+
+def _backends_for(w, k: int, only: str | None) -> list[str]:
+    """The backends that run ``w`` on this machine at batch 1 (the row limit is lifted here)."""
+    x1 = jax.ShapeDtypeStruct((1, k), jnp.float32)
+    names = [b.name for b in sorted(dequant_matmul.backends().values(), key=lambda b: b.priority) if b.supports(x1, w)]
+    if only is not None:
+        if only not in names:
+            raise ValueError(f"matmul backend {only!r} does not support {w.spec} here")
+        names = [only]
+    return names
+
+
+def _row(spec, backend, batch, k, n, ms, base, nbytes, copy_gb_s, selected) -> dict:
+    gb_s = nbytes / (ms * 1e-3) / 1e9
+    return {"spec": spec, "backend": backend, "batch": batch, "k": k, "n": n, "ms": round(ms, 4),
+            "speedup_vs_f32": round(base / ms, 3), "weight_bytes": nbytes, "gb_s": round(gb_s, 4),
+            "pct_copy_bw": round(100 * gb_s / copy_gb_s, 2), "selected": selected}
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> float:
+    """The machine's memory-copy bandwidth in GB/s: bytes copied per second (each byte read once
+    and written once; STREAM's "Copy" would count it twice) for a buffer far larger than the
+    caches, split over one thread per core (numpy's copy releases the GIL), median of ``repeats``."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    parts = max(1, os.cpu_count() or 1)
+    bounds = np.linspace(0, src.size, parts + 1).astype(int)
+    times = []
+    for _ in range(repeats + 1):  # the first copy faults the pages in
+        threads = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b])) for a, b in zip(bounds, bounds[1:])]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times[1:]) / 1e9
 
 
 def check_memory(*, batches, k: int, n: int) -> None:
@@ -85,17 +149,13 @@ def available_memory() -> int | None:
     return None
 
 
-def _backend_name(x, w, backend) -> str:
-    from cascade.quant.dequant_matmul import select_backend
-
-    return select_backend(x, w, backend).name
-
-
 def format_table(result: dict) -> str:
-    lines = [f"dequant-matmul on {result['device']} ({result['cpu']}, {result['cores']} cores; jax {result['jax']}, "
-             f"median of {result['repeats']} after {result['warmup']} warm-up)",
-             f"{'spec':<12} {'backend':<8} {'batch':>5} {'k':>6} {'n':>6} {'ms':>9} {'vs f32':>7} {'weight MiB':>10}"]
+    lines = [f"dequant-matmul {describe(result)}, median of {result['repeats']} after {result['warmup']} warm-up; "
+             f"memory copy {result['copy_gb_s']:.1f} GB/s; native kernel: {result['kernel_simd'] or 'unavailable'}",
+             f"{'spec':<12} {'backend':<7} {'batch':>5} {'k':>6} {'n':>6} {'ms':>9} {'vs f32':>7} {'MiB':>7} "
+             f"{'GB/s':>6} {'% copy':>6}  auto"]
     for r in result["rows"]:
-        lines.append(f"{r['spec']:<12} {r['backend']:<8} {r['batch']:>5} {r['k']:>6} {r['n']:>6} {r['ms']:>9.3f} "
-                     f"{r['speedup_vs_f32']:>6.2f}x {r['weight_bytes'] / 2**20:>10.2f}")
+        lines.append(f"{r['spec']:<12} {r['backend']:<7} {r['batch']:>5} {r['k']:>6} {r['n']:>6} {r['ms']:>9.3f} "
+                     f"{r['speedup_vs_f32']:>6.2f}x {r['weight_bytes'] / 2**20:>7.2f} {r['gb_s']:>6.1f} "
+                     f"{r['pct_copy_bw']:>6.1f}  {'*' if r['selected'] else ''}")
     return "\n".join(lines)

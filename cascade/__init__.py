@@ -28,6 +28,7 @@ _EXPORTS = {
     "ModelConfig": "cascade.models.config",
     "UnsupportedModelError": "cascade.models.config",
     "describe_model": "cascade.models.inspect",
+    "matmul_backends": "cascade.models.inspect",
     "save_checkpoint": "cascade.models.checkpoint",
     "load_checkpoint": "cascade.models.checkpoint",
     # quantizing

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from cascade.models import Model, SamplingConfig, generate, load_model, quantize_model, weight_bytes
+from cascade.models import Model, SamplingConfig, generate, load_model, matmul_backends, quantize_model, weight_bytes
 from cascade.models.defaults import DEFAULT_LARGE, DEFAULT_SMALL
 from cascade.speculative import SpeculativeStats, speculative_generate
 
@@ -28,7 +28,8 @@ class ModelPair:
         return (self.large or self.small).tokenizer
 
     def describe(self) -> dict:
-        return {role: None if m is None else {"source": m.source, "quant": m.quant, "weight_bytes": weight_bytes(m.params)}
+        return {role: None if m is None else {"source": m.source, "quant": m.quant, "weight_bytes": weight_bytes(m.params),
+                                              "matmul_backends": matmul_backends(m)}
                 for role, m in (("small", self.small), ("large", self.large))}
 
 

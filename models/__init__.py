@@ -13,7 +13,7 @@
 from cascade.models.checkpoint import load_checkpoint, save_checkpoint
 from cascade.models.config import ModelConfig, UnsupportedModelError
 from cascade.models.generation import Generation, SamplingConfig, generate, logits_of
-from cascade.models.inspect import describe_model
+from cascade.models.inspect import describe_model, matmul_backends
 from cascade.models.llama import KVCache, kv_cache_memory
 from cascade.models.loaders import load_model
 from cascade.models.model import Model
@@ -22,6 +22,6 @@ from cascade.models.quantize import quantize_model, weight_bytes
 
 __all__ = [
     "Generation", "KVCache", "Model", "ModelConfig", "PerplexityResult", "SamplingConfig", "UnsupportedModelError",
-    "describe_model", "generate", "kv_cache_memory", "load_checkpoint", "load_model", "logits_of", "perplexity", "quantize_model",
+    "describe_model", "generate", "matmul_backends", "kv_cache_memory", "load_checkpoint", "load_model", "logits_of", "perplexity", "quantize_model",
     "save_checkpoint", "split_documents", "tokenize_documents", "weight_bytes",
 ]

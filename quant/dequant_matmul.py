@@ -109,19 +109,6 @@ def select_backend(x, w: QuantizedTensor, backend: str | None = None, *, transpo
     return max(usable, key=lambda b: b.priority)
 
 
-def backends_used(params, *, dtype="float32", rows: int = 1) -> dict[str, int]:
-    """Which backend serves each quantized weight of ``params`` for ``rows`` input rows of
-    ``dtype`` (decode: 1): ``{backend name: number of weights}``.  For reports (``inspect``,
-    ``generate --json``, benchmarks); selection itself happens at trace time in :func:`matmul`."""
-    counts: dict[str, int] = {}
-    for leaf in jax.tree.leaves(params, is_leaf=lambda a: isinstance(a, QuantizedTensor)):
-        if isinstance(leaf, QuantizedTensor) and len(leaf.shape) == 2 and not leaf.stack_shape:
-            x = jax.ShapeDtypeStruct((rows, leaf.shape[leaf.axis]), jnp.dtype(dtype))
-            name = select_backend(x, leaf, transposed=leaf.axis == 1).name  # axis 1: an embedding as a tied head
-            counts[name] = counts.get(name, 0) + 1
-    return counts
-
-
 def matmul(x, w, *, backend: str | None = None):
     """``x @ w`` for float or quantized ``w`` of shape (k, n); ``x`` has shape (..., k)."""
     x = jnp.asarray(x)

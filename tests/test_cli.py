@@ -54,6 +54,7 @@ def test_console_script_installed():
 
 
 @pytest.mark.parametrize("args", [("bogus",), ("bench", "matmul", "--batch", "0"), ("bench", "matmul", "--k", "x"),
+                                  ("bench", "matmul", "--shape", "4096"), ("bench", "matmul", "--backend", "nope"),
                                   ("quantize",), ("inspect", "a", "b"), ("--nope",)])
 def test_usage_errors_are_one_line_exit_2(capsys, args):
     code, out, err = run(capsys, *args)
@@ -129,10 +130,16 @@ def test_bench_matmul_json_rows_and_out_file(capsys, tmp_path):
     data = json.loads(out)
     assert json.loads(out_file.read_text()) == data
     rows = data["rows"]
-    assert [(r["spec"], r["batch"]) for r in rows] == [(s, b) for b in (1, 4) for s in ("fp32", "int8", "int4-g32")]
+    # every quantized spec on both backends (reference and native kernel), beside the f32 row of its batch
+    assert [(r["spec"], r["backend"], r["batch"]) for r in rows] == [
+        (s, be, b) for b in (1, 4) for s, be in [("fp32", "xla"), ("int8", "xla"), ("int8", "cpu"), ("int4-g32", "xla"),
+                                                 ("int4-g32", "cpu")]]
     for r in rows:
-        assert set(r) >= {"spec", "backend", "batch", "k", "n", "ms", "speedup_vs_f32"}
+        assert set(r) >= {"spec", "backend", "batch", "k", "n", "ms", "speedup_vs_f32", "gb_s", "pct_copy_bw", "selected"}
         assert r["ms"] > 0 and r["k"] == 72 and r["n"] == 16
+        assert r["gb_s"] == pytest.approx(r["weight_bytes"] / r["ms"] / 1e6, rel=0.01)
+        assert r["selected"] == (r["backend"] == ("xla" if r["spec"] == "fp32" else "cpu"))  # batches 1, 4: the kernel
+    assert data["copy_gb_s"] > 0 and data["kernel_simd"] in ("avx2+fma", "scalar")
     assert [r["speedup_vs_f32"] for r in rows if r["spec"] == "fp32"] == [1.0, 1.0]
     assert rows[1]["weight_bytes"] == 72 * 16 + 16 * 2  # int8 codes + one fp16 scale per column
 

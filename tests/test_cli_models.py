@@ -25,6 +25,15 @@ def test_generate_json_is_the_greedy_story(capsys):
     d = json.loads(out)
     assert d["text"].startswith(", there was a little girl named Lily")
     assert len(d["token_ids"]) == 12 and d["stop_reason"] == "max_tokens" and d["tokens_per_s"] > 0
+    assert d["matmul_backends"] == {}  # float weights: no quantized matmul
+
+
+def test_generate_json_says_which_backend_ran(capsys, monkeypatch):
+    code, out, _ = run(capsys, "generate", BIN, "Once upon a time", "--max-tokens", "4", "--quant", "int4-g32", "--json")
+    assert code == 0 and json.loads(out)["matmul_backends"] == {"cpu": 7 * 5}  # 5 layers x (q, k, v, o, gate, up, down)
+    monkeypatch.setenv("CASCADE_MATMUL_BACKEND", "xla")
+    code, out, _ = run(capsys, "generate", BIN, "Once upon a time", "--max-tokens", "4", "--quant", "int4-g32", "--json")
+    assert code == 0 and json.loads(out)["matmul_backends"] == {"xla": 7 * 5}
 
 
 def test_generate_sampling_is_seeded(capsys):
@@ -54,6 +63,11 @@ def test_quantize_save_then_eval_and_inspect_the_checkpoint(capsys, tmp_path):
     assert info["format"] == "checkpoint" and info["quant"] == "int8"
     prec = {t["name"]: t["precision"] for t in info["tensors"]}
     assert prec["layers_0/mlp/up_proj/kernel"] == "int8" and prec["embed/embedding"] == "bfloat16"
+    matmul = {t["name"]: t["matmul"] for t in info["tensors"]}
+    assert matmul["layers_0/mlp/up_proj/kernel"] == "cpu" and matmul["embed/embedding"] is None
+    assert info["matmul_backends"] == {"cpu": 7 * 5}
+    code, out, err = run(capsys, "inspect", out_dir)
+    assert "quantized matmuls (decode): 35 on cpu" in out + err
 
 
 @pytest.mark.parametrize("args, match", [

@@ -6,22 +6,32 @@ from cascade.bench import matmul, quant_error
 
 
 def test_matmul_rows_pair_every_spec_with_f32_of_the_same_batch():
-    result = matmul.run(batches=(1, 3), k=40, n=8, specs=("int8", "int4-g16-asym"), repeats=2, warmup=1, progress=False)
+    result = matmul.run(batches=(1, 3), shapes=((40, 8), (16, 24)), specs=("int8", "int4-g16-asym"), backend="xla",
+                        repeats=2, warmup=1, progress=False, copy_bytes=1 << 20)
     rows = result["rows"]
-    assert [(r["spec"], r["batch"]) for r in rows] == [(s, b) for b in (1, 3) for s in ("fp32", "int8", "int4-g16-asym")]
+    assert [(r["k"], r["n"], r["spec"], r["batch"]) for r in rows] == [
+        (k, n, s, b) for k, n in ((40, 8), (16, 24)) for b in (1, 3) for s in ("fp32", "int8", "int4-g16-asym")]
     for r in rows:
-        f32 = next(x for x in rows if x["spec"] == "fp32" and x["batch"] == r["batch"])
+        f32 = next(x for x in rows if x["spec"] == "fp32" and (x["batch"], x["k"]) == (r["batch"], r["k"]))
         assert r["speedup_vs_f32"] == pytest.approx(f32["ms"] / r["ms"], rel=0.01)
         assert r["backend"] == "xla"
+        assert r["pct_copy_bw"] == pytest.approx(100 * r["gb_s"] / result["copy_gb_s"], rel=0.02, abs=0.02)
     assert rows[2]["weight_bytes"] == 40 * 8 // 2 + 3 * 8 * 2 * 2  # int4 codes + fp16 scale and zero per group
     assert "int4-g16-asym" in matmul.format_table(result)
 
 
 @pytest.mark.parametrize("kwargs,match", [({"k": 0}, "positive"), ({"batches": (0,)}, "positive"),
-                                          ({"repeats": 0}, "repeats"), ({"specs": ("int9",)}, "unknown precision")])
+                                          ({"repeats": 0}, "repeats"), ({"specs": ("int9",)}, "unknown precision"),
+                                          ({"backend": "nope"}, "unknown matmul backend")])
 def test_matmul_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        matmul.run(**{"k": 8, "n": 8, "batches": (1,), "repeats": 1, "progress": False, **kwargs})
+        matmul.run(**{"k": 8, "n": 8, "batches": (1,), "repeats": 1, "progress": False, "copy_bytes": 1 << 20, **kwargs})
+
+
+def test_copy_bandwidth_is_bytes_over_time(monkeypatch):
+    clock = iter(range(0, 100, 2))  # every copy takes 2 "seconds"
+    monkeypatch.setattr(matmul.time, "perf_counter", lambda: next(clock))
+    assert matmul.copy_bandwidth(4 << 20, repeats=3) == pytest.approx((4 << 20) / 2 / 1e9)
 
 
 def test_quant_error_rows_are_consistent():

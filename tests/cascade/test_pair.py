@@ -39,6 +39,8 @@ def test_pairs_must_share_a_tokenizer(pair):
 def test_the_quant_specs_are_applied(pair):
     d = pair.describe()
     assert d["small"]["quant"] == "int4" and d["large"]["quant"] == "int8"
+    n_linear = 7 * pair.large.config.n_layers  # q, k, v, o, gate, up, down per layer; embedding and head stay bf16
+    assert d["large"]["matmul_backends"] == {"cpu": n_linear}  # the native kernel serves every one on CPU
     assert pair.small.params["layers_0"]["mlp"]["up_proj"]["kernel"].spec.bits == 4
     with pytest.raises(ValueError, match="unknown mode"):
         run(pair, "x", mode="medium")
@@ -47,6 +49,7 @@ def test_the_quant_specs_are_applied(pair):
 def test_a_one_model_pair_runs_its_mode_only():
     solo = load_pair(None, "default-small", large_quant="none")
     assert solo.small is None and solo.describe()["small"] is None
+    assert solo.describe()["large"]["matmul_backends"] == {}  # unquantized: no dequant-matmul
     assert run(solo, "Once", mode="large", max_new_tokens=4).token_ids
     with pytest.raises(ValueError, match="needs the small model"):
         run(solo, "Once", mode="speculative", max_new_tokens=4)

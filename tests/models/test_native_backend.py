@@ -15,7 +15,7 @@ import jax
 import pytest
 
 from cascade.models import generate, load_model, perplexity, quantize_model, split_documents, tokenize_documents
-from cascade.quant import dequant_matmul
+from cascade.models.inspect import matmul_backends
 from cascade.quant.kernels import cpu
 from tests.shared_data import DATA
 
@@ -42,7 +42,7 @@ def _compare(model, monkeypatch, prompt: str, docs: list[str], ctx: int):
         p = perplexity(model.params, model.config, scored, ctx=ctx, truncate=True)
         return g.tokens[0], p.ppl
 
-    used = dequant_matmul.backends_used(model.params)
+    used = matmul_backends(model)
     assert set(used) == {"cpu"}, used  # every quantized weight of these models runs on the kernel
     tokens_cpu, ppl_cpu = _on("cpu", monkeypatch, run)
     tokens_xla, ppl_xla = _on("xla", monkeypatch, run)
