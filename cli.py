@@ -552,6 +552,49 @@ def bench_matmul(batch, shapes, k, n, specs, backend, repeats, warmup, out_path,
     _emit(as_json, result, bench_mm.format_table(result))
 
 
+@bench.command(name="decode")
+@click.argument("model", callback=_model)
+@click.option("--spec", "specs", default="fp32,int8,int4-g32,source", show_default=True,
+              help="Comma-separated: fp32, source (as loaded), or precision specs/rules (RTN).")
+@click.option("--prompt", default="Once upon a time", show_default=True, callback=_prompt, help="The prompt.")
+@click.option("--tokens", default=64, show_default=True, type=click.IntRange(min=3), help="Tokens decoded per run.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Timed runs (median).")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
+@click.option("--llamacpp", "llamacpp", default=None, metavar="PYTHON",
+              help="Also time llama.cpp on the same GGUF: the Python of a venv with llama-cpp-python "
+                   "(bench/llamacpp_venv.sh builds one), or 'auto' for that script's default venv.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="llama.cpp threads [default: all cores].")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def bench_decode(model, specs, prompt, tokens, repeats, warmup, llamacpp, threads, tokenizer, out_path, as_json):
+    """Decode tokens/s at batch 1 of MODEL at several precisions (and llama.cpp's), side by side."""
+    from cascade import quant
+    from cascade.bench import decode as bench_dec
+
+    spec_list = [s.strip() for s in specs.split(",") if s.strip()]
+    if not spec_list:
+        raise click.BadParameter("expected at least one spec", param_hint="--spec")
+    for s in spec_list:
+        if s not in ("fp32", "source"):
+            try:
+                quant.PrecisionRules.parse(s)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="--spec") from None
+    if llamacpp == "auto":
+        llamacpp = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cascade",
+                                "llamacpp-venv", "bin", "python")
+    if llamacpp is not None and not os.path.isfile(llamacpp):
+        raise click.BadParameter(f"{llamacpp}: no such file (build the venv with bench/llamacpp_venv.sh)",
+                                 param_hint="--llamacpp")
+    loaded, _ = _load_model(model, tokenizer, None)
+    result = bench_dec.run(loaded, label=model, specs=spec_list, prompt=prompt, tokens=tokens, repeats=repeats,
+                           warmup=warmup, llamacpp=llamacpp, threads=threads)
+    if out_path:
+        _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    _emit(as_json, result, bench_dec.format_table(result))
+
+
 @bench.command(name="error")
 @click.option("--spec", "specs", default=None, help="Comma-separated precision specs (default: a standard set).")
 @click.option("--k", default=2048, show_default=True, type=click.IntRange(min=1), help="Rows of the test weight.")

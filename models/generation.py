@@ -91,9 +91,12 @@ def sample_logits(logits, key, temperature, top_k, top_p):
 
 @partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
 def _decode_and_sample(params, cfg: ModelConfig, tokens, cache: KVCache, key, temperature, top_k, top_p):
+    """One decode step as one jitted call: the forward pass, the PRNG split and the sampling
+    (the only host round trip per token is the sampled ids)."""
     positions = cache.lengths[:, None]
     logits, cache = Transformer(cfg).apply({"params": params}, tokens[:, None], positions, cache, None, True)
-    return sample_logits(logits, key, temperature, top_k, top_p), logits, cache
+    key, sub = jax.random.split(key)
+    return sample_logits(logits, sub, temperature, top_k, top_p), key, cache
 
 
 MAX_SEED = 2**63 - 1  # seeds are non-negative int64s: what jax.random.key and numpy's Generator both take
@@ -199,8 +202,7 @@ def generate(params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_toke
             break
         if steps == 1:
             t_first = time.perf_counter()
-        key, sub = jax.random.split(key)
-        nxt, _, cache = _decode_and_sample(params, cfg, nxt, cache, sub, temp, top_k, top_p)
+        nxt, key, cache = _decode_and_sample(params, cfg, nxt, cache, key, temp, top_k, top_p)
         nxt_host = np.asarray(nxt)
         for i, t in enumerate(nxt_host):
             if not done[i]:

@@ -177,3 +177,24 @@ def test_json_output_is_strict_json(capsys, tmp_path):
     np.savez(path, w=np.full((4, 4), 1e6, np.float32))
     code, out, err = run(capsys, "quantize", str(path), "--quant", "fp16", "--json")
     assert code == 1 and out == "" and "overflows" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, match", [
+    (("--spec", ""), "at least one spec"), (("--spec", "int9"), "int9"), (("--llamacpp", "/no/such/python"), "no such file"),
+    (("--tokens", "2"), "tokens"),
+])
+def test_bench_decode_usage_errors(capsys, args, match):
+    code, out, err = run(capsys, "bench", "decode", "default-small", *args)
+    assert code == 2 and out == "" and match in err
+
+
+def test_bench_decode_json(capsys, tmp_path):
+    out_file = tmp_path / "dec.json"
+    code, out, _ = run(capsys, "bench", "decode", "default-small", "--spec", "int4-g32", "--tokens", "4",
+                       "--repeats", "1", "--warmup", "0", "--json", "--out", str(out_file))
+    assert code == 0
+    data = json.loads(out)
+    assert json.loads(out_file.read_text()) == data and data["benchmark"] == "decode"
+    [row] = data["rows"]
+    assert row["engine"] == "cascade" and row["spec"] == "int4-g32" and row["tokens_per_s"] > 0
+    assert row["matmul_backends"] == {"cpu": 7 * 3} and row["vs_llamacpp"] is None  # default-small: 3 layers

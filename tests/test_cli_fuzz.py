@@ -66,6 +66,7 @@ MODES = (["speculative", "large", "small"], ["medium", ""])
 BUDGETS = (["1GiB", "512MB", "100", "1.5GB", "1e12"], ["0", "-5", "lots", ""])
 MM_SPECS = (["int8", "int4-g16", "int8,int4-g32-asym", "int3-g16", "bf16"], ["int9", "", ",", "int4-g0"])
 PPL_SPECS = (["source", "int8", "source,int4-g32", "source,source"], ["int9", "", ",", "none"])
+DECODE_SPECS = (["source", "fp32", "int8", "source,int4-g32"], ["int9", "", ",", "none", "fp64"])
 KV_LISTS = (["fp32,int8", "int4", "fp16,int4-s4"], ["", "fp32,bogus", "int4-s99999", ","])
 BATCHES = (["1", "1,4", "2"], ["0", "a", "", "1,,2", "-1", "99999999999"])
 SMALL_DIMS = (["8", "16", "40", "3"], ["0", "-1", "x"])
@@ -110,6 +111,12 @@ COMMANDS = {
                              "--repeats": (["1", "2"], ["0", "-1"]), "--warmup": (["0", "1"], ["-1"]),
                              "--backend": (["xla"], ["nope", ""]), "--out": OUT_FILES, **COMMON},
                             ("--k", "--n", "--repeats")),
+    "bench-decode": Command(("bench", "decode"), ((MODELS, True),),
+                            {"--spec": DECODE_SPECS, "--prompt": PROMPTS, "--tokens": (["3", "4"], ["2", "0", "x", ""]),
+                             "--repeats": (["1"], ["0", "x"]), "--warmup": (["0"], ["-1"]), "--threads": INTS,
+                             "--tokenizer": TOKENIZERS,
+                             "--out": OUT_FILES, **COMMON},
+                            ("--tokens", "--repeats", "--warmup", "--spec")),
     "bench-error": Command(("bench", "error"), (),
                            {"--spec": MM_SPECS, "--k": SMALL_DIMS, "--n": SMALL_DIMS, "--out": OUT_FILES, **COMMON},
                            ("--k", "--n", "--spec")),

@@ -1,0 +1,184 @@
+"""Decode speed at batch 1: one model at several precisions, and llama.cpp on the same GGUF file.
+
+Run ``cascade bench decode MODEL`` (``--json`` for rows).  Each precision row generates
+``tokens`` tokens greedily from the same prompt, end-of-text ignored, and reports the median
+``tokens_per_s`` over ``repeats`` runs after ``warmup`` runs (the first compiles); tokens/s counts
+the decode steps after the first, as ``cascade generate`` does.  Specs: ``fp32`` (every weight
+float32, dequantized if the file is quantized), ``source`` (the model as loaded: a GGUF Q4_1 file
+runs on its own int4/int8 codes), or any precision spec or rules (RTN from the float weights;
+embeddings, norms and head kept in 16-bit unless a rule names them, as ``cascade quantize``).
+
+Each row also breaks its decode step down (``step_ms``): ``matmul_ms`` is the time of all the
+step's weight matmuls (every linear layer and the head at batch 1, on the backends the model
+uses) in one jitted call, and ``call_ms`` the time of a jitted call that takes the same
+parameters and cache and returns the next id to the host, doing no work: what dispatch and the
+host round trip cost per step.  The rest (attention, norms, rotary, sampling) is
+``step_ms - matmul_ms - call_ms``.
+
+With ``llamacpp`` (the Python of a venv with ``llama-cpp-python``, see ``bench/llamacpp_venv.sh``)
+and a GGUF model, llama.cpp decodes the same prompt and count with ``threads`` threads in a
+subprocess of the same run (``bench/llamacpp_decode.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from cascade.bench.context import describe, run_context
+from cascade.models import KVCache, generate, matmul_backends, quantize_model, weight_bytes
+from cascade.models.generation import cache_length
+from cascade.models.model import Model
+from cascade.quant import dequant_matmul
+from cascade.quant.qtensor import QuantizedTensor, dequantize
+
+DEFAULT_SPECS = ("fp32", "int8", "int4-g32", "source")
+DEFAULT_PROMPT = "Once upon a time"
+
+
+def run(model: Model, *, label: str | None = None, specs=DEFAULT_SPECS, prompt: str = DEFAULT_PROMPT, tokens: int = 64,
+        repeats: int = 3, warmup: int = 1, llamacpp: str | None = None, threads: int | None = None,
+        progress=None) -> dict:
+    if tokens < 3:
+        raise ValueError("tokens must be >= 3 (the first decode step is not timed)")
+    if repeats < 1 or warmup < 0:
+        raise ValueError("repeats must be >= 1 and warmup >= 0")
+    if model.tokenizer is None:
+        raise ValueError("bench decode needs a model with a tokenizer")
+    ids = model.tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens")
+    if len(ids) + tokens > model.config.max_seq_len:
+        raise ValueError(f"prompt ({len(ids)} tokens) + {tokens} tokens exceeds the model context "
+                         f"({model.config.max_seq_len})")
+    if llamacpp is not None and model.format != "gguf":
+        raise ValueError("--llamacpp needs a GGUF model (llama.cpp reads only GGUF files)")
+    label = label or model.source
+    rows = []
+    for spec in tqdm(list(specs), desc="bench decode", disable=None if progress is None else not progress, leave=False):
+        variant = _variant(model, spec)
+        rates = []
+        for i in range(warmup + repeats):
+            out = generate(variant.params, variant.config, [ids], max_new_tokens=tokens, eos_ids=())
+            if i >= warmup:
+                rates.append(out.tokens_per_s)
+        tok_s = statistics.median(rates)
+        step_ms = 1e3 / tok_s
+        matmul_ms = _matmul_ms(variant, repeats=max(5, repeats))
+        call_ms = _call_ms(variant, len(ids) + tokens, repeats=max(5, repeats))
+        rows.append({"engine": "cascade", "spec": spec, "quant": variant.quant, "tokens_per_s": round(tok_s, 2),
+                     "runs": [round(r, 2) for r in rates], "weight_bytes": weight_bytes(variant.params),
+                     "matmul_backends": matmul_backends(variant), "step_ms": round(step_ms, 3),
+                     "matmul_ms": round(matmul_ms, 3), "call_ms": round(call_ms, 3),
+                     "other_ms": round(step_ms - matmul_ms - call_ms, 3)})
+    if llamacpp is not None:
+        rows.append(_llamacpp_row(llamacpp, model.source, prompt, tokens, repeats, warmup, threads or os.cpu_count()))
+    ref = next((r["tokens_per_s"] for r in rows if r["engine"] == "llama.cpp"), None)
+    for r in rows:
+        r["vs_llamacpp"] = None if ref is None else round(r["tokens_per_s"] / ref, 3)
+    return {"benchmark": "decode", "model": label, **run_context(repeats=repeats, warmup=warmup), "tokens": tokens,
+            "prompt_tokens": len(ids), "rows": rows}
+
+
+def _variant(model: Model, spec: str) -> Model:
+    is_q = lambda a: isinstance(a, QuantizedTensor)  # noqa: E731
+    if spec == "source":
+        return model
+    if spec == "fp32":
+        params = jax.tree.map(lambda a: dequantize(a, "float32") if is_q(a) else jnp.asarray(a, jnp.float32),
+                              model.params, is_leaf=is_q)
+        return dataclasses.replace(model, params=params, quant="fp32")
+    return quantize_model(model, spec, progress=False)[0]
+
+
+def _linear_weights(model: Model) -> list[tuple[object, bool]]:
+    """Every weight a decode step multiplies by: (weight, transposed) for each 2-D kernel, and the
+    embedding read as the head (transposed) when the head is tied."""
+    out = []
+    flat = jax.tree_util.tree_flatten_with_path(model.params, is_leaf=lambda a: isinstance(a, QuantizedTensor))[0]
+    for path, a in flat:
+        name = jax.tree_util.keystr(path)
+        if "embed" in name:
+            if model.config.tie_embeddings:
+                out.append((a, True))
+        elif len(a.shape) == 2:
+            out.append((a, False))
+    return out
+
+
+def _matmul_ms(model: Model, *, repeats: int) -> float:
+    weights = _linear_weights(model)
+    dtype = jnp.float32
+    xs = [jnp.ones((1, w.shape[1] if t else w.shape[0]), dtype) for w, t in weights]
+    ws = [w for w, _ in weights]
+    flags = tuple(t for _, t in weights)
+
+    @jax.jit
+    def all_matmuls(xs, ws):
+        return [dequant_matmul.matmul_t(x, w) if t else dequant_matmul.matmul(x, w) for x, w, t in zip(xs, ws, flags)]
+
+    return _median_ms(lambda: all_matmuls(xs, ws), repeats)
+
+
+def _call_ms(model: Model, needed: int, *, repeats: int) -> float:
+    cache = KVCache.create(model.config, 1, cache_length(model.config, needed), None)
+
+    @jax.jit
+    def nothing(params, cache, tok):
+        return tok + 1
+
+    tok = jnp.zeros((1,), jnp.int32)
+    return _median_ms(lambda: np.asarray(nothing(model.params, cache, tok)), repeats)
+
+
+def _median_ms(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _llamacpp_row(python: str, gguf: str, prompt: str, tokens: int, repeats: int, warmup: int, threads: int) -> dict:
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llamacpp_decode.py")
+    cmd = [python, script, gguf, "--prompt", prompt, "--tokens", str(tokens), "--threads", str(threads),
+           "--repeats", str(repeats), "--warmup", str(warmup)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    except OSError as e:
+        raise ValueError(f"cannot run llama.cpp's Python {python!r}: {e.strerror}") from None
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ValueError(f"llama.cpp run failed (exit {proc.returncode}): {last}")
+    res = json.loads(proc.stdout)
+    return {"engine": "llama.cpp", "spec": "source", "quant": f"llama-cpp-python {res['version']}, {threads} threads",
+            "tokens_per_s": round(statistics.median(res["tokens_per_s"]), 2),
+            "runs": [round(r, 2) for r in res["tokens_per_s"]], "weight_bytes": os.path.getsize(gguf),
+            "matmul_backends": None, "step_ms": round(1e3 / statistics.median(res["tokens_per_s"]), 3),
+            "matmul_ms": None, "call_ms": None, "other_ms": None}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"decode at batch 1, {result['model']}, {result['tokens']} tokens after a {result['prompt_tokens']}-token "
+             f"prompt {describe(result)}, median of {result['repeats']} after {result['warmup']} warm-up",
+             f"{'engine':<9} {'spec':<9} {'tok/s':>8} {'vs llama.cpp':>12} {'MiB':>7} {'step ms':>8} {'matmul':>7} "
+             f"{'call':>6} {'other':>6}  backends"]
+    for r in result["rows"]:
+        def f(v, width, fmt=".2f"):
+            return f"{'-':>{width}}" if v is None else f"{v:>{width}{fmt}}"
+        backends = ", ".join(f"{n} {b}" for b, n in (r["matmul_backends"] or {}).items()) or "-"
+        lines.append(f"{r['engine']:<9} {r['spec']:<9} {r['tokens_per_s']:>8.1f} "
+                     f"{'-' if r['vs_llamacpp'] is None else format(r['vs_llamacpp'], '.2f') + 'x':>12} {r['weight_bytes'] / 2**20:>7.1f} {f(r['step_ms'], 8)} "
+                     f"{f(r['matmul_ms'], 7)} {f(r['call_ms'], 6)} {f(r['other_ms'], 6)}  {backends}")
+    return "\n".join(lines)
