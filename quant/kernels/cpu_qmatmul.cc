@@ -294,47 +294,76 @@ AVX2_FN void direct_chunk(const Problem& p, int64_t c0, int64_t c1, float* acc, 
 // output's codes are one contiguous row, so an output is a dot product, 8 codes of K at a time,
 // with a per-group scale applied to the 8-lane partial sums and one horizontal sum at the end.
 // Needs the group size to be a multiple of 8 (the wrapper checks); K's tail < 8 is scalar.
-AVX2_FN inline __m256 codes8_along_k(const Problem& p, const uint8_t* row, int64_t k) {
-  if (p.bits == 8) return codes8_int8(row + k);
+AVX2_FN inline float hsum8(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+  return _mm_cvtss_f32(h);
+}
+
+// Unsigned codes k .. k+7 of one row of the transposed layout, as float (no offset: the kernel
+// folds 2^(bits-1) into the per-group correction, one multiply per group instead of a subtract
+// per value).
+template <int BITS>
+AVX2_FN inline __m256 ucodes8_along_k(const uint8_t* row, int64_t k) {
+  if (BITS == 8) return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k))));
   // 4 bytes hold codes k .. k+7: lane 2i = byte i & 15, lane 2i+1 = byte i >> 4
   uint32_t four;
   std::memcpy(&four, row + (k >> 1), 4);
   const __m128i b = _mm_cvtsi32_si128(int(four));
   const __m256i dup = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
-  const __m256i nib = _mm256_and_si256(_mm256_srlv_epi32(dup, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4)),
-                                       _mm256_set1_epi32(0xf));
-  return _mm256_cvtepi32_ps(_mm256_sub_epi32(nib, _mm256_set1_epi32(8)));
+  return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(dup, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4)),
+                                             _mm256_set1_epi32(0xf)));
+}
+
+// R outputs (rows of E) at once (each 8 values of x loaded once for the R rows);
+// sum_k x[k] w[k] = sum_g s_g (sum_{k in g} x[k] u[k] - z_g xsum_g), z_g = the zero point (or
+// 2^(bits-1) for symmetric specs).
+template <int BITS, int R>
+AVX2_FN void transposed_rows(const Problem& p, int64_t n, const float* x, const float* xsum, float* y) {
+  const int64_t row_bytes = (p.K * BITS + 7) / 8;
+  const float offset = float(1 << (BITS - 1));
+  const uint8_t* row[R];
+  for (int r = 0; r < R; ++r) row[r] = p.codes + (n + r) * row_bytes;
+  __m256 acc[R];
+  float tail[R], correction[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), tail[r] = 0.f, correction[r] = 0.f;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t k0 = g * p.group, k1 = std::min(p.K, k0 + p.group), k8 = k0 + (k1 - k0) / 8 * 8;
+    __m256 gacc[R];
+    for (int r = 0; r < R; ++r) gacc[r] = _mm256_setzero_ps();
+    for (int64_t k = k0; k < k8; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + k);
+      for (int r = 0; r < R; ++r) gacc[r] = _mm256_fmadd_ps(xv, ucodes8_along_k<BITS>(row[r], k), gacc[r]);
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = p.scale_per_tensor ? 0 : (n + r) * p.groups + g;
+      const float sc = load1_real(p.scale, p.scale_type, at);
+      float gtail = 0.f;
+      for (int64_t k = k8; k < k1; ++k) gtail += x[k] * float(code(p, k, n + r) + (1 << (BITS - 1)));
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(sc), gacc[r], acc[r]);
+      tail[r] += sc * gtail;
+      correction[r] += sc * (p.zero ? load1_real(p.zero, p.zero_type, at) : offset) * xsum[g];
+    }
+  }
+  for (int r = 0; r < R; ++r) y[n + r] = hsum8(acc[r]) + tail[r] - correction[r];
+}
+
+template <int BITS>
+AVX2_FN void transposed_chunk_bits(const Problem& p, int64_t n0, int64_t n1) {
+  for (int64_t b = 0; b < p.M; ++b) {
+    const float* x = p.x + b * p.K;
+    const float* xsum = p.xsum + b * p.groups;
+    float* y = p.y + b * p.N;
+    // one output at a time: interleaving 2-8 rows (independent FMA chains) measured up to 2x
+    // slower, the head's rows being a memory stream that one sequential reader follows best
+    for (int64_t n = n0; n < n1; ++n) transposed_rows<BITS, 1>(p, n, x, xsum, y);
+  }
 }
 
 AVX2_FN void transposed_chunk(const Problem& p, int64_t n0, int64_t n1) {
-  const int64_t row_bytes = (p.K * p.bits + 7) / 8;
-  const float offset = float(1 << (p.bits - 1));
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = p.codes + n * row_bytes;
-    _mm_prefetch(reinterpret_cast<const char*>(row + 4 * row_bytes), _MM_HINT_T0);
-    for (int64_t b = 0; b < p.M; ++b) {
-      const float* x = p.x + b * p.K;
-      __m256 acc = _mm256_setzero_ps();
-      float tail = 0.f, correction = 0.f;
-      for (int64_t g = 0; g < p.groups; ++g) {
-        const int64_t k0 = g * p.group, k1 = std::min(p.K, k0 + p.group), k8 = k0 + (k1 - k0) / 8 * 8;
-        const int64_t at = p.scale_per_tensor ? 0 : n * p.groups + g;
-        const float s = load1_real(p.scale, p.scale_type, at);
-        __m256 gacc = _mm256_setzero_ps();
-        for (int64_t k = k0; k < k8; k += 8) gacc = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), codes8_along_k(p, row, k), gacc);
-        float gtail = 0.f;
-        for (int64_t k = k8; k < k1; ++k) gtail += x[k] * float(code(p, k, n));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(s), gacc, acc);
-        tail += s * gtail;
-        if (p.zero) correction += s * (load1_real(p.zero, p.zero_type, at) - offset) * p.xsum[b * p.groups + g];
-      }
-      // horizontal sum of the 8 lanes
-      __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-      p.y[b * p.N + n] = _mm_cvtss_f32(h) + tail - correction;
-    }
-  }
+  if (p.bits == 8) transposed_chunk_bits<8>(p, n0, n1);
+  else transposed_chunk_bits<4>(p, n0, n1);
 }
 
 // Columns [c0, c1): SIMD strips of 8, the remaining < 8 columns scalar.  Batches larger than
@@ -473,7 +502,7 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
     for (int64_t i = 0; i < p.M * p.K; ++i) xf[i] = bf16_to_float(xh[i]);
     p.x = xf.data();
   }
-  if (p.zero) {
+  if (p.zero || p.transposed) {  // the transposed kernel folds the code offset in through xsum
     xsum.assign(p.M * p.groups, 0.f);
     for (int64_t b = 0; b < p.M; ++b)
       for (int64_t k = 0; k < p.K; ++k) xsum[b * p.groups + k / p.group] += p.x[b * p.K + k];
