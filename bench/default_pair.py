@@ -95,13 +95,16 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     ap.add_argument("--out", help="also write the JSON here")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-ppl", action="store_true", help="speed only (e.g. to compare matmul backends)")
     args = ap.parse_args(argv)
     import jax
 
     from cascade.bench.context import run_context
 
     result = {"benchmark": "default-pair", **run_context(), "machine": f"{os.cpu_count()} cores {platform.machine()}",
-              "backend": jax.default_backend(), "perplexity": perplexity_rows(args.data),
+              "backend": jax.default_backend(),
+              "matmul_backend": os.environ.get("CASCADE_MATMUL_BACKEND") or "auto",
+              "perplexity": [] if args.skip_ppl else perplexity_rows(args.data),
               "speed": [] if args.skip_speed else speed_rows()}
     print(json.dumps(result, indent=2) if args.json else format_tables(result))
     if args.out:
