@@ -4,8 +4,9 @@
 (the reference backend does, and on CPU that costs 10x the float dot: README, matmul section).
 The kernel (``cpu_qmatmul.cc`` beside this file) reads the layout :mod:`cascade.quant.packing`
 documents as it is, runs AVX2 + FMA where the processor has them (a scalar path otherwise) and
-splits the output columns over XLA's intra-op thread pool (``CASCADE_NUM_THREADS`` caps the
-threads).  It supports int8 and int4 weights quantized along the input axis, per channel, per
+splits the work over its own helper threads, one per further core (``CASCADE_NUM_THREADS`` caps
+the threads; they busy-wait ``CASCADE_CPU_SPIN_US`` microseconds, default 200, for the next call
+before they sleep).  It supports int8 and int4 weights quantized along the input axis, per channel, per
 tensor or in groups (even sizes for int4), symmetric or asymmetric with float16, bfloat16 or
 float32 scales and zero points (GGUF Q4_1's float32 zeros included), and float32 or bfloat16
 activations.  Everything else goes to the reference ``xla`` backend.

@@ -18,11 +18,15 @@
 //   sum_k x[k] * w[k, n] = s[g, n] * (sum_k x[k] * v[k, n]  -  z'[g, n] * sum_k x[k]),
 //   z' = z - 2^(bits-1)  (0 for symmetric specs: no correction term),
 //
-// as llama.cpp does for Q4_1's minimum.  Work is split into chunks of output columns, claimed
-// by XLA's intra-op thread pool (CASCADE_NUM_THREADS caps the workers).  A chunk sweeps whole
-// rows of its columns, so the codes stream sequentially (with software prefetch across the
-// page boundaries of each row), and its float accumulators (gacc, acc: rows x columns) stay in
-// L1/L2.  Batch rows run four at a time; larger batches re-read the chunk's codes from L2.
+// as llama.cpp does for Q4_1's minimum.  Work items are claimed from an atomic counter by the
+// calling thread and the kernel's own helper threads (SpinPool: one per further core,
+// CASCADE_NUM_THREADS caps the total; they busy-wait CASCADE_CPU_SPIN_US after a call, as
+// llama.cpp's do).  Decode shapes (batch <= 4) with grouped scales split K into bands of whole
+// groups, so each thread streams its own contiguous run of code rows, and add the bands' partial
+// sums at the end; other shapes split the output columns.  An item sweeps whole rows of its
+// columns, so the codes stream sequentially (with software prefetch across the page boundaries
+// of each row), and its float accumulators (gacc, acc: rows x columns) stay in L1/L2.  Batch
+// rows run four at a time; larger batches re-read the chunk's codes from L2.
 //
 // SIMD: AVX2 + FMA + F16C kernels chosen at run time (__builtin_cpu_supports); a portable
 // scalar path otherwise, and for column tails narrower than 8.  Tested against the reference
@@ -32,7 +36,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
+#include <mutex>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -111,6 +118,7 @@ struct Problem {
   bool transposed;  // codes (N, ceil(K * bits / 8)) and scale/zero (N, groups): W^T stored row by row
   int bits;
   int64_t group, groups;
+  int64_t g0, g1;  // the band of groups [g0, g1) this call sums over (a K-split work item; else all)
   const uint8_t* codes;
   const void* scale;
   Real scale_type;
@@ -152,7 +160,7 @@ void columns_scalar(const Problem& p, int64_t n0, int64_t n1) {
   for (int64_t b = 0; b < p.M; ++b) {
     const float* x = p.x + b * p.K;
     std::fill(acc.begin(), acc.end(), 0.f);
-    for (int64_t g = 0; g < p.groups; ++g) {
+    for (int64_t g = p.g0; g < p.g1; ++g) {
       const int64_t k0 = g * p.group, k1 = std::min(p.K, k0 + p.group);
       std::fill(gacc.begin(), gacc.end(), 0.f);
       for (int64_t k = k0; k < k1; ++k)
@@ -227,7 +235,7 @@ template <int BITS, int M>
 AVX2_FN void direct_chunk_m(const Problem& p, int64_t c0, int64_t c1, float* acc, float* gacc) {
   const int64_t W = c1 - c0;
   const int64_t code_rows = (p.K * BITS + 7) / 8;
-  for (int64_t g = 0; g < p.groups; ++g) {
+  for (int64_t g = p.g0; g < p.g1; ++g) {
     const int64_t k0 = g * p.group, k1 = std::min(p.K, k0 + p.group);
     std::fill(gacc, gacc + M * W, 0.f);
     for (int64_t k = k0; k < k1; k += 4) {
@@ -431,8 +439,11 @@ int64_t max_workers() {
 // the call.
 struct Shared {
   Problem problem;
-  int64_t width;   // columns per chunk (a multiple of 32)
-  int64_t chunks;  // work items
+  int64_t width;       // columns per chunk (a multiple of 32)
+  int64_t col_chunks;  // chunks per band
+  int64_t bands;       // K-split: bands of whole groups, each summed into its own partial y
+  int64_t chunks;      // work items: bands x col_chunks
+  float* partial;      // (bands, M, N) partial sums when bands > 1
   std::atomic<int64_t> next{0}, done{0};
 };
 
@@ -441,11 +452,92 @@ void work(Shared& s) {
   for (;;) {
     const int64_t c = s.next.fetch_add(1, std::memory_order_relaxed);
     if (c >= s.chunks) return;
-    const int64_t c0 = c * s.width;
-    chunk(s.problem, c0, std::min(s.problem.N, c0 + s.width), gacc, acc);
+    const int64_t band = c / s.col_chunks, c0 = (c % s.col_chunks) * s.width;
+    if (s.bands > 1) {
+      Problem p = s.problem;
+      p.g0 = band * p.groups / s.bands;
+      p.g1 = (band + 1) * p.groups / s.bands;
+      p.y = s.partial + band * p.M * p.N;
+      chunk(p, c0, std::min(p.N, c0 + s.width), gacc, acc);
+    } else {
+      chunk(s.problem, c0, std::min(s.problem.N, c0 + s.width), gacc, acc);
+    }
     s.done.fetch_add(1, std::memory_order_release);
   }
 }
+
+// The kernel's own worker threads, which spin for a while after a call before they sleep.
+// A decode step is ~200 small matmuls with a few microseconds of other work between them;
+// waking a sleeping thread (XLA's pool) costs tens of microseconds each time, about as much as a
+// whole 576 x 576 product, so the second core went nearly unused (2 threads: +17% tokens/s).
+// As llama.cpp's thread pool does, the helpers busy-wait CASCADE_CPU_SPIN_US microseconds
+// (default 200; 0: always sleep) for the next call, then block on a condition variable.
+class SpinPool {
+ public:
+  static SpinPool& get() {
+    static SpinPool* pool = new SpinPool();  // never destroyed: its threads are detached
+    return *pool;
+  }
+  int64_t helpers() const { return int64_t(n_); }
+  // Offer `job` to the first `wanted` helpers (they call work(); the caller works too).
+  void post(const std::shared_ptr<Shared>& job, int64_t wanted) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_ = job;
+      wanted_ = wanted;
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  SpinPool() {
+    unsigned hw = std::thread::hardware_concurrency();
+    int64_t threads = hw ? int64_t(hw) : 1;
+    if (max_workers() > 0) threads = std::min(threads, max_workers());
+    const char* v = std::getenv("CASCADE_CPU_SPIN_US");
+    spin_us_ = v && *v ? std::max(0L, std::strtol(v, nullptr, 10)) : 200;
+    n_ = size_t(std::max<int64_t>(0, threads - 1));
+    for (size_t i = 0; i < n_; ++i) std::thread([this, i] { loop(int64_t(i)); }).detach();
+  }
+  void loop(int64_t index) {
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t gen = gen_.load(std::memory_order_acquire);
+      if (gen == seen && spin_us_ > 0) {
+        const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
+        while ((gen = gen_.load(std::memory_order_acquire)) == seen) {
+          for (int i = 0; i < 64; ++i) pause();
+          if (std::chrono::steady_clock::now() > until) break;
+        }
+      }
+      std::shared_ptr<Shared> job;
+      int64_t wanted;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+        seen = gen_.load(std::memory_order_acquire);
+        job = job_;
+        wanted = wanted_;
+      }
+      if (job && index < wanted) work(*job);
+    }
+  }
+  static void pause() {
+#ifdef CASCADE_X86
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+  size_t n_ = 0;
+  long spin_us_ = 200;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::shared_ptr<Shared> job_;
+  int64_t wanted_ = 0;
+};
 
 ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes, ffi::AnyBuffer scale,
                        ffi::AnyBuffer zero, ffi::Result<ffi::AnyBuffer> y, int64_t bits, int64_t group,
@@ -464,6 +556,8 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   if (p.group <= 0 || (bits == 4 && p.group % 2 && p.group < p.K) || (transposed && p.group % 8 && p.group < p.K))
     return ffi::Error::InvalidArgument("cascade_qmatmul: bad group size");
   p.groups = (p.K + p.group - 1) / p.group;
+  p.g0 = 0;
+  p.g1 = p.groups;
   const int64_t code_rows = (p.K * bits + 7) / 8;
   if ((transposed ? cd[1] : cd[0]) != code_rows || yd[0] != p.M || yd[1] != p.N)
     return ffi::Error::InvalidArgument("cascade_qmatmul: shapes do not match");
@@ -518,18 +612,33 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   // threads: the pool's (all cores), capped by CASCADE_NUM_THREADS, and one for small products
   // where waking a thread costs more than it saves.  Chunks: about two per thread (balance),
   // a multiple of 32 columns, at most kMaxChunk wide (the accumulators stay in L1/L2).
-  int64_t workers = std::max<int64_t>(1, pool.num_threads());
-  if (max_workers() > 0) workers = std::min(workers, max_workers());
+  (void)pool;
+  SpinPool& helpers = SpinPool::get();
+  int64_t workers = 1 + helpers.helpers();
   if (p.M * p.K * p.N < (int64_t(1) << 18)) workers = 1;
   auto shared = std::make_shared<Shared>();
   shared->problem = p;
-  const int64_t per = (p.N + 2 * workers - 1) / (2 * workers);
-  int64_t width = std::min(kMaxChunk, (per + 31) / 32 * 32);
-  if (p.M > kDirectRows && !p.transposed) width = std::min(width, kL2Codes / code_rows / 32 * 32);
+  // Decode shapes (M <= kDirectRows) with groups: split K into bands of whole groups, so each
+  // thread streams its own contiguous run of code rows (whole rows up to kMaxChunk columns);
+  // the partial sums are added at the end.  Otherwise split the output columns.
+  std::vector<float> partial;
+  shared->bands = 1;
+  int64_t width;
+  if (workers > 1 && p.M <= kDirectRows && !p.transposed && p.groups >= 2 * workers) {
+    shared->bands = 2 * workers;
+    width = std::min(kMaxChunk, (p.N + 31) / 32 * 32);
+    partial.assign(shared->bands * p.M * p.N, 0.f);
+    shared->partial = partial.data();
+  } else {
+    const int64_t per = (p.N + 2 * workers - 1) / (2 * workers);
+    width = std::min(kMaxChunk, (per + 31) / 32 * 32);
+    if (p.M > kDirectRows && !p.transposed) width = std::min(width, kL2Codes / code_rows / 32 * 32);
+  }
   shared->width = std::max<int64_t>(32, width);
-  shared->chunks = (p.N + shared->width - 1) / shared->width;
+  shared->col_chunks = (p.N + shared->width - 1) / shared->width;
+  shared->chunks = shared->bands * shared->col_chunks;
   workers = std::min(workers, shared->chunks);
-  for (int64_t i = 1; i < workers; ++i) pool.Schedule([shared] { work(*shared); });
+  if (workers > 1) helpers.post(shared, workers - 1);
   work(*shared);
   while (shared->done.load(std::memory_order_acquire) < shared->chunks) {
 #ifdef CASCADE_X86
@@ -539,6 +648,14 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
 #endif
   }
 
+  if (shared->bands > 1) {  // y = the sum of the bands' partial sums
+    const int64_t mn = p.M * p.N;
+    for (int64_t i = 0; i < mn; ++i) {
+      float t = 0.f;
+      for (int64_t b = 0; b < shared->bands; ++b) t += partial[b * mn + i];
+      p.y[i] = t;
+    }
+  }
   if (y_type == Real::kBF16) {
     uint16_t* yh = static_cast<uint16_t*>(y->untyped_data());
     for (int64_t i = 0; i < p.M * p.N; ++i) yh[i] = float_to_bf16(yf[i]);

@@ -103,6 +103,16 @@ def test_leading_dims_and_large_n_split_over_threads():
     _check(x.reshape(6, 512), w)
 
 
+@pytest.mark.parametrize("spec", ["int4-g32-asym", "int8-g32", "int4-g64"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_decode_shapes_split_over_k_bands(spec, rows):
+    """Batches up to 4 with many groups run as bands of whole groups, one partial sum per band
+    (K = 1000: a short last group; n = 333: a scalar column tail inside every band)."""
+    rng = np.random.default_rng(rows)
+    w = quant.quantize(rng.standard_normal((1000, 333)).astype(np.float32), spec)
+    _check(jnp.asarray(rng.standard_normal((rows, 1000)), jnp.float32), w)
+
+
 def _raw(codes_u, scale, zero, bits, group, k):
     """A QuantizedTensor built from unsigned codes (k, n), packed by the documented layout."""
     from cascade.quant.spec import IntSpec
