@@ -7,8 +7,10 @@ goes straight to ``jnp.matmul``, so model code calls :func:`matmul` for every li
 
 Backend choice: the ``backend`` argument, else the ``CASCADE_MATMUL_BACKEND`` environment
 variable, else the highest-priority registered backend that supports the operands.  Registered
-here: ``xla`` (the reference, priority 0) and ``cpu`` (:mod:`cascade.quant.kernels.cpu`, the
-native kernel, priority 10, where it applies: int8/int4 on the CPU at decode-sized batches).
+here: ``xla`` (the reference, priority 0), ``cpu`` (:mod:`cascade.quant.kernels.cpu`, the
+native kernel, priority 10, where it applies: int8/int4 on the CPU at decode-sized batches) and
+``pallas`` (:mod:`cascade.quant.kernels.pallas`, priority 20, on GPU/TPU; on CPU only when
+forced, in interpret mode).
 """
 
 from __future__ import annotations
@@ -66,10 +68,11 @@ register_backend("xla", xla_dequant_matmul, priority=0, fn_t=xla_dequant_matmul_
 
 
 def _register_kernels() -> None:
-    from cascade.quant.kernels import cpu
+    from cascade.quant.kernels import cpu, pallas
 
     register_backend(cpu.NAME, cpu.matmul, supports=cpu.supports, priority=cpu.PRIORITY, fn_t=cpu.matmul_t,
                      supports_t=lambda x, w: cpu.supports(x, w, transposed=True))
+    register_backend(pallas.NAME, pallas.matmul, supports=pallas.supports, priority=pallas.PRIORITY)
 
 
 _register_kernels()

@@ -28,8 +28,22 @@ def test_every_backend_matches_reference_on_odd_shapes(backend, spec):
     rng = np.random.default_rng(0)
     w = quant.quantize(rng.standard_normal((172, 24)).astype(np.float32), spec)  # 172: short last group
     x = rng.standard_normal((3, 172)).astype(np.float32)
+    if not quant.backends()[backend].supports(jnp.asarray(x), w):
+        # a backend that does not run these operands refuses when forced, and auto-selection passes it over
+        with pytest.raises(ValueError, match="does not support"):
+            quant.matmul(jnp.asarray(x), w, backend=backend)
+        assert mm.select_backend(jnp.asarray(x), w).name != backend
+        return
     out = np.asarray(quant.matmul(jnp.asarray(x), w, backend=backend))
     np.testing.assert_allclose(out, _reference_matmul(x, w), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4-g128", "int4-g64-asym", "int4-g32", "int8-tensor", "int8-asym"])
+def test_the_native_kernel_runs_every_int8_int4_spec_of_this_table(spec):
+    """The kernels' own suites (test_kernels_cpu.py, test_kernels_pallas.py) go deeper; here: the
+    native CPU backend is one of the backends above for every int8/int4 spec (172: a short last group)."""
+    w = quant.quantize(np.ones((172, 24), np.float32), spec)
+    assert quant.backends()["cpu"].supports(jnp.ones((3, 172)), w)
 
 
 @settings(max_examples=15, deadline=None)
@@ -75,7 +89,7 @@ def test_backend_registry_selection(monkeypatch):
         return mm.xla_dequant_matmul(x, w)
 
     monkeypatch.setattr(mm, "_BACKENDS", dict(mm._BACKENDS))
-    quant.register_backend("test-int8-only", groupwise, supports=lambda x, w: w.spec.bits == 8, priority=10)
+    quant.register_backend("test-int8-only", groupwise, supports=lambda x, w: w.spec.bits == 8, priority=100)
     w8 = quant.quantize(np.ones((8, 4), np.float32), "int8")
     w4 = quant.quantize(np.ones((8, 4), np.float32), "int4")
     x = jnp.ones((1, 8))
