@@ -555,7 +555,7 @@ def bench_matmul(batch, shapes, k, n, specs, backend, repeats, warmup, out_path,
 @bench.command(name="decode")
 @click.argument("model", callback=_model)
 @click.option("--spec", "specs", default="fp32,int8,int4-g32,source", show_default=True,
-              help="Comma-separated: fp32, source (as loaded), or precision specs/rules (RTN).")
+              help="Comma-separated: fp32, source (as loaded), precision specs or rules files (RTN).")
 @click.option("--prompt", default="Once upon a time", show_default=True, callback=_prompt, help="The prompt.")
 @click.option("--tokens", default=64, show_default=True, type=click.IntRange(min=3), help="Tokens decoded per run.")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Timed runs (median).")
