@@ -222,3 +222,26 @@ def test_the_scalar_path_in_a_subprocess():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, "-c", SCALAR_SCRIPT], capture_output=True, text=True, env=env, cwd=root)
     assert proc.returncode == 0 and "scalar ok" in proc.stdout, proc.stderr[-3000:]
+
+
+FALLBACK_SCRIPT = """
+import sys
+sys.modules["cascade.quant.kernels._cpu"] = None  # as if the extension was never built: importing it fails
+import jax.numpy as jnp, numpy as np
+from cascade import quant
+from cascade.quant import dequant_matmul
+w = quant.quantize(np.ones((64, 32), np.float32), "int4-g32")
+for _ in range(3):
+    y = quant.matmul(jnp.ones((1, 64)), w)
+assert dequant_matmul.select_backend(jnp.ones((1, 64)), w).name == "xla"
+print("fallback ok", float(y[0, 0]))
+"""
+
+
+def test_a_missing_extension_falls_back_to_the_reference_with_one_warning_line():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "CASCADE_MATMUL_BACKEND"}
+    proc = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], capture_output=True, text=True, env=env, cwd=root)
+    assert proc.returncode == 0 and "fallback ok 64.0" in proc.stdout, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if "native CPU matmul kernel unavailable" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: cascade: "), proc.stderr[-3000:]
