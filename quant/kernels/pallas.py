@@ -45,9 +45,9 @@ def group_rows(w: QuantizedTensor) -> int:
     return w.spec.group_size if w.spec.granularity == "group" else w.shape[w.axis]
 
 
-def _step(group: int, bits: int) -> int | None:
-    """Rows of K per loop step: the largest power of two <= 256 dividing the group (and, for
-    int4, leaving whole bytes: an even step)."""
+def _step(group: int) -> int | None:
+    """Rows of K per loop step: the largest power of two <= 256 dividing the group (always even,
+    so an int4 step is whole bytes)."""
     return next((s for s in _STEPS if group % s == 0), None)
 
 
@@ -70,7 +70,7 @@ def supports(x, w: QuantizedTensor) -> bool:
         return False
     k, n = w.shape
     g = group_rows(w)
-    return k % g == 0 and _step(g, spec.bits) is not None and _block_n(n) is not None
+    return k % g == 0 and _step(g) is not None and _block_n(n) is not None
 
 
 def matmul(x, w: QuantizedTensor):
@@ -83,7 +83,7 @@ def matmul(x, w: QuantizedTensor):
     x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
     group = group_rows(w)
     bits = w.spec.bits
-    ks = _step(group, bits)
+    ks = _step(group)
     bn = _block_n(n)
     groups = k // group
     scale = w.scale.astype(jnp.float32)
