@@ -40,6 +40,7 @@ from cascade.models.config import ModelConfig, rope_inv_freq
 from cascade.quant import packing
 from cascade.quant.kv import (RESIDUAL_DTYPE, KVSpec, bytes_per_token_per_layer, fixed_bytes_per_layer, parse_kv_spec,
                       quantize_key_groups)
+from cascade.quant.kernels import cpu as cpu_kernels
 from cascade.quant.qtensor import QuantizedTensor
 
 _MASKED = -1e30  # finite "minus infinity": a fully masked row (padding) stays NaN-free
@@ -272,6 +273,59 @@ def attention(q, k, v, q_pos, k_pos, window: int | None):
     return attend(q, k, v, visibility(q_pos, k_pos, window))
 
 
+def attend_partial(q, k, v, visible):
+    """The softmax *partial* of queries over one part of the context (reference implementation).
+
+    q (B, T, H, hd) float32 already scaled by hd^-0.5; k/v (B, S, KV, hd); ``visible`` (B, T, S).
+    Returns ``(acc (B, T, H, hd), m (B, T, H), l (B, T, H))``: ``m`` the largest visible score,
+    ``l`` the sum of ``exp(score - m)``, ``acc`` the sum of ``exp(score - m) * value``; a query
+    that sees nothing gets ``m = -inf``, ``l = 0``, ``acc = 0``.  :func:`merge_partials` combines
+    parts exactly as one softmax over all of them would.
+    """
+    b, t, h, hd = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, hd)
+    vis = visible[:, :, None, None, :]
+    scores = jnp.where(vis, jnp.einsum("btkgd,bskd->btkgs", qg, k.astype(jnp.float32)), _MASKED)
+    seen = jnp.any(visible, axis=-1)[:, :, None, None]
+    m = jnp.where(seen, jnp.max(scores, axis=-1), -jnp.inf)
+    p = jnp.where(vis, jnp.exp(scores - jnp.where(seen, m, 0.0)[..., None]), 0.0)
+    acc = jnp.einsum("btkgs,bskd->btkgd", p, v.astype(jnp.float32))
+    return acc.reshape(b, t, h, hd), m.reshape(b, t, h), jnp.sum(p, axis=-1).reshape(b, t, h)
+
+
+def merge_partials(parts, dtype):
+    """Attention output (B, T, H * hd) in ``dtype`` from softmax partials ``[(acc, m, l), ...]``
+    (:func:`attend_partial`, :func:`cache_partial`): the log-sum-exp merge."""
+    m = parts[0][1]
+    for _, mi, _ in parts[1:]:
+        m = jnp.maximum(m, mi)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    acc, total = 0.0, 0.0
+    for a, mi, li in parts:
+        w = jnp.where(jnp.isfinite(mi), jnp.exp(mi - m_safe), 0.0)
+        acc = acc + a * w[..., None]
+        total = total + li * w
+    out = acc / jnp.where(total > 0, total, 1.0)[..., None]
+    b, t, h, hd = out.shape
+    return out.reshape(b, t, h * hd).astype(dtype)
+
+
+def cache_partial(q, k, v, lo, hi):
+    """:func:`attend_partial` of queries ``q`` (B, T, H, hd, scaled) over the cache positions
+    ``[lo[b, t], hi[b, t])`` of a layer's stored buffers ``k``, ``v`` (float (B, S, KV, hd), or
+    int8/int4 :class:`cascade.quant.QuantizedTensor`s in the KIVI layout).  Decode-sized calls run
+    the native CPU kernel, which reads the cache in place (no float or transposed copy); the
+    reference dequantizes the buffers and masks (``CASCADE_ATTENTION_BACKEND=xla`` forces it)."""
+    if cpu_kernels.attention_supported(q, k, v):
+        return cpu_kernels.cache_attention(q, lo, hi, k, v)
+    kvh = k.shape[2] // q.shape[3] if isinstance(k, QuantizedTensor) else k.shape[2]
+    keys, values = read_kv(k, kvh), read_kv(v, kvh)
+    pos = jnp.arange(keys.shape[1], dtype=jnp.int32)[None, None, :]
+    visible = (pos >= lo[:, :, None]) & (pos < hi[:, :, None])
+    return attend_partial(q, keys, values, visible)
+
+
 def _write_rows(buf, new, starts):
     """Write ``new`` (B, T, ...) into ``buf`` (B, S, ...) at row-wise offsets ``starts`` (B,)."""
     def one(b, n, s):
@@ -364,11 +418,14 @@ def cached_attention(q, k_new, v_new, positions, layer: LayerKV, lengths, n_new,
     otherwise, from the ring (positions written by earlier calls), from this call's own keys and
     values, or from the sink buffer.  Returns ``(out, new LayerKV)``.
     """
-    b, t, kvh, _ = k_new.shape
+    b, t, kvh, hd = k_new.shape
+    qs = q.astype(jnp.float32) * (hd ** -0.5)
+    # the cache positions each query may see (causal, and the sliding window if any)
+    lo = jnp.zeros_like(positions) if window is None else jnp.maximum(positions - window + 1, 0)
     if not spec.quantized:
         k_buf, v_buf = _write_rows(layer.k, k_new, lengths), _write_rows(layer.v, v_new, lengths)
-        cache_pos = jnp.broadcast_to(jnp.arange(k_buf.shape[1], dtype=jnp.int32), (b, k_buf.shape[1]))
-        return attention(q, k_buf, v_buf, positions, cache_pos, window), LayerKV(k_buf, v_buf)
+        out = merge_partials([cache_partial(qs, k_buf, v_buf, lo, positions + 1)], q.dtype)
+        return out, LayerKV(k_buf, v_buf)
 
     def fp16(x):  # what the ring and sinks hold: the full-precision path sees the same values from either
         return x.astype(RESIDUAL_DTYPE)
@@ -377,14 +434,10 @@ def cached_attention(q, k_new, v_new, positions, layer: LayerKV, lengths, n_new,
     ring = k_recent.shape[1]
     k_buf = _write_keys(layer.k, k_recent, k_new, lengths)
     v_buf = _write_values(layer.v, v_new, lengths)
-    max_len = k_buf.shape[1]
-    fp_from = full_precision_from(positions, spec)[:, :, None]  # (B, T, 1)
-
-    cache_pos = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (b, max_len))
-    vis = visibility(positions, cache_pos, window) & (cache_pos[:, None, :] < fp_from)
-    if spec.sinks:
-        vis &= cache_pos[:, None, :] >= spec.sinks
-    keys, values, masks = [read_kv(k_buf, kvh)], [read_kv(v_buf, kvh)], [vis]
+    fp_from = full_precision_from(positions, spec)  # (B, T)
+    # the quantized part: visible positions before the full-precision window, sinks excluded
+    parts = [cache_partial(qs, k_buf, v_buf, jnp.maximum(lo, spec.sinks), jnp.minimum(positions + 1, fp_from))]
+    fp_from = fp_from[:, :, None]
     if spec.sinks:  # sink positions this call writes go in first
         sink_pos = jnp.broadcast_to(jnp.arange(spec.sinks, dtype=jnp.int32), (b, spec.sinks))
         idx = sink_pos - lengths[:, None]
@@ -392,20 +445,18 @@ def cached_attention(q, k_new, v_new, positions, layer: LayerKV, lengths, n_new,
         k_sink = jnp.where(take, fp16(_gather_rows(k_new, idx)), k_sink)
         v_sink = jnp.where(take, fp16(_gather_rows(v_new, idx)), v_sink)
         vis_sink = visibility(positions, sink_pos, window) & (sink_pos[:, None, :] < fp_from)
-        keys, values, masks = keys + [k_sink], values + [v_sink], masks + [vis_sink]
+        parts.append(attend_partial(qs, k_sink, v_sink, vis_sink))
     ring_pos = _ring_positions(lengths, ring)
     vis_ring = visibility(positions, ring_pos, window) & (ring_pos[:, None, :] >= jnp.maximum(fp_from, 0))
     vis_new = visibility(positions, positions, window) & (positions[:, None, :] >= fp_from)
-    keys += [k_recent, fp16(k_new)]
-    values += [v_recent, fp16(v_new)]
-    masks += [vis_ring, vis_new]
+    parts.append(attend_partial(qs, k_recent, v_recent, vis_ring))
+    parts.append(attend_partial(qs, fp16(k_new), fp16(v_new), vis_new))
     # the ring keeps the last `ring` positions written: old slots, or this call's rows
     idx = _ring_positions(lengths + n_new, ring) - lengths[:, None]
     from_new = (idx >= 0)[:, :, None, None]
     k_recent = jnp.where(from_new, fp16(_gather_rows(k_new, idx)), k_recent)
     v_recent = jnp.where(from_new, fp16(_gather_rows(v_new, idx)), v_recent)
-    out = attend_parts(q, list(zip(keys, values, masks)))
-    return out, LayerKV(k_buf, v_buf, k_recent, v_recent, k_sink, v_sink)
+    return merge_partials(parts, q.dtype), LayerKV(k_buf, v_buf, k_recent, v_recent, k_sink, v_sink)
 
 
 class Attention(nn.Module):

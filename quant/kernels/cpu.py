@@ -1,4 +1,4 @@
-"""The native CPU dequant-matmul backend, ``cpu``: a C++ XLA FFI custom call.
+"""The native CPU kernels: the dequant-matmul backend ``cpu`` and the KV-cache attention, C++ XLA FFI custom calls.
 
 ``y = x @ dequant(W)`` straight from the packed codes, never materializing the float weight
 (the reference backend does, and on CPU that costs 10x the float dot: README, matmul section).
@@ -11,6 +11,10 @@ tensor or in groups (even sizes for int4), symmetric or asymmetric with float16,
 float32 scales and zero points (GGUF Q4_1's float32 zeros included), and float32 or bfloat16
 activations.  Everything else goes to the reference ``xla`` backend.
 
+The same extension holds the KV-cache attention kernel (``cpu_attention.cc``):
+:func:`cache_attention` reads float and int8/int4 KIVI caches in place for decode-sized calls
+(README, KV cache).
+
 The extension is compiled by the package's own build (``pip install .`` / ``pip install -e .``,
 setup.py).  If it is missing (no compiler at install time) or does not load, the ``xla`` backend
 serves every call and one warning line says so on stderr.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 
 import jax
@@ -29,11 +34,17 @@ import numpy as np
 from cascade.quant.qtensor import QuantizedTensor
 
 TARGET = "cascade_qmatmul"
+ATTENTION_FLOAT_TARGET = "cascade_cache_attention_float"
+ATTENTION_KIVI_TARGET = "cascade_cache_attention_kivi"
 NAME = "cpu"
 PRIORITY = 10  # preferred over the reference (0) wherever it applies
 # Rows of x (batch x tokens) up to which the kernel is used; above, the reference
 # dequantize-then-dot wins (XLA's float GEMM amortizes the dequantization over many rows).
 MAX_ROWS = 64
+# Query tokens per call up to which cache attention runs on the kernel (decode steps and
+# speculative verification); longer calls (prefill, scoring windows) batch better in XLA's dots.
+MAX_ATTENTION_TOKENS = 16
+ATTENTION_BACKEND_ENV = "CASCADE_ATTENTION_BACKEND"
 
 _warned = False
 
@@ -47,6 +58,8 @@ def unavailable() -> str | None:
         return f"the extension was not built or does not load ({e})"
     try:
         jax.ffi.register_ffi_target(TARGET, _cpu.qmatmul_handler(), platform="cpu")
+        jax.ffi.register_ffi_target(ATTENTION_FLOAT_TARGET, _cpu.attention_float_handler(), platform="cpu")
+        jax.ffi.register_ffi_target(ATTENTION_KIVI_TARGET, _cpu.attention_kivi_handler(), platform="cpu")
     except Exception as e:  # noqa: BLE001 - any failure means: use the reference
         return f"XLA refused the custom call ({type(e).__name__}: {e})"
     return None
@@ -124,3 +137,66 @@ def _call(x, w: QuantizedTensor, *, transposed: bool):
     y = call(x2, w.packed, w.scale, zero, bits=np.int64(w.spec.bits), group=np.int64(group_rows(w)),
              has_zero=w.zero is not None, transposed=transposed)
     return y.reshape(*lead, n)
+
+
+# ------------------------------------------------------------------------- KV-cache attention
+
+
+def attention_supported(q, k, v) -> bool:
+    """Whether :func:`cache_attention` runs the kernel for queries ``q`` (B, T, H, hd) over a
+    cache ``k``, ``v``: float (B, S, KV, hd) arrays, or int8/int4 KIVI :class:`QuantizedTensor`s.
+    ``CASCADE_ATTENTION_BACKEND=xla`` turns the kernel off (``cpu``: on wherever it applies,
+    the default)."""
+    choice = os.environ.get(ATTENTION_BACKEND_ENV, "").strip().lower()
+    if choice not in ("", "auto", "cpu", "xla"):
+        raise ValueError(f"{ATTENTION_BACKEND_ENV}={choice!r}: expected xla or cpu")
+    if choice == "xla" or jax.default_backend() != "cpu" or q.ndim != 4 or q.shape[1] > MAX_ATTENTION_TOKENS:
+        return False
+    if isinstance(k, QuantizedTensor) != isinstance(v, QuantizedTensor):
+        return False
+    if isinstance(k, QuantizedTensor):
+        if k.spec.bits not in (4, 8) or v.spec.bits != k.spec.bits or k.axis != 1 or v.axis != 2 or v.zero is not None:
+            return False
+    elif k.dtype not in (jnp.float32, jnp.float16, jnp.bfloat16) or v.dtype != k.dtype:
+        return False
+    reason = unavailable()
+    if reason:
+        _warn_once(reason)
+        return False
+    return True
+
+
+def attention_backend() -> str:
+    """The backend a decode step's cache attention runs on here: ``cpu`` (the native kernel) or
+    ``xla`` (the reference: another platform, the extension missing, or
+    ``CASCADE_ATTENTION_BACKEND=xla``).  ``generate --json``, ``run --json`` and ``bench decode``
+    report it."""
+    forced = os.environ.get(ATTENTION_BACKEND_ENV, "").strip().lower()
+    if forced == "xla" or jax.default_backend() != "cpu" or unavailable():
+        return "xla"
+    return "cpu"
+
+
+def cache_attention(q, lo, hi, k, v):
+    """The softmax partial of queries ``q`` (B, T, H, hd) float32, already scaled by hd^-0.5, over
+    cache positions ``[lo[b, t], hi[b, t])`` (B, T) of ``k``, ``v``, read in place by the kernel:
+    ``(acc (B, T, H, hd), m (B, T, H), l (B, T, H))`` with ``m`` the largest score, ``l`` the sum
+    of ``exp(score - m)`` and ``acc`` the sum of ``exp(score - m) * value``; ``m = -inf``,
+    ``l = 0``, ``acc = 0`` where no position is visible."""
+    reason = unavailable()
+    if reason:
+        raise RuntimeError(f"the native CPU attention kernel is unavailable: {reason}")
+    b, t, h, hd = q.shape
+    out = (jax.ShapeDtypeStruct((b, t, h, hd), jnp.float32), jax.ShapeDtypeStruct((b, t, h), jnp.float32),
+           jax.ShapeDtypeStruct((b, t, h), jnp.float32))
+    q = q.astype(jnp.float32)
+    lo, hi = lo.astype(jnp.int32), hi.astype(jnp.int32)
+    if not isinstance(k, QuantizedTensor):
+        call = jax.ffi.ffi_call(ATTENTION_FLOAT_TARGET, out, vmap_method="sequential")
+        return call(q, lo, hi, k, v)
+    width = k.shape[2]
+    kv_heads = width // hd
+    call = jax.ffi.ffi_call(ATTENTION_KIVI_TARGET, out, vmap_method="sequential")
+    return call(q, lo, hi, k.packed, k.scale, k.zero, v.packed, v.scale, bits=np.int64(k.spec.bits),
+                key_group=np.int64(k.spec.group_size), value_group=np.int64(v.spec.group_size),
+                kv_heads=np.int64(kv_heads))

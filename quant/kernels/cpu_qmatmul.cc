@@ -32,86 +32,26 @@
 // scalar path otherwise, and for column tails narrower than 8.  Tested against the reference
 // XLA backend (tests/quant/test_kernels_cpu.py).
 
-#include <Python.h>
-
 #include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
-#include <mutex>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define CASCADE_X86 1
-#endif
-
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using namespace cascade_cpu;
+
 constexpr int64_t kMaxChunk = 1024;  // output columns per work item at most
 constexpr int64_t kDirectRows = 4;   // batch rows accumulated together (larger batches: in blocks)
 constexpr int64_t kPrefetchRows = 8;  // rows of codes prefetched ahead of the one in use
 constexpr int64_t kL2Codes = 256 << 10;  // bytes of a chunk's codes that batches > kDirectRows re-read from L2
-
-enum class Real { kF32, kF16, kBF16 };
-
-float half_to_float(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000) << 16;
-  uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
-  if (exp == 0) {
-    if (mant == 0) {
-      bits = sign;
-    } else {  // subnormal: normalize
-      exp = 127 - 15 + 1;
-      while (!(mant & 0x400)) {
-        mant <<= 1;
-        --exp;
-      }
-      bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
-    }
-  } else if (exp == 31) {
-    bits = sign | 0x7f800000 | (mant << 13);
-  } else {
-    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-float bf16_to_float(uint16_t b) {
-  const uint32_t bits = uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-uint16_t float_to_bf16(float f) {  // round to nearest even, as XLA's convert does
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffff) > 0x7f800000) return uint16_t((bits >> 16) | 0x40);  // quiet NaN
-  bits += 0x7fff + ((bits >> 16) & 1);
-  return uint16_t(bits >> 16);
-}
-
-float load_real(const void* p, Real t, int64_t i) {
-  switch (t) {
-    case Real::kF32: return static_cast<const float*>(p)[i];
-    case Real::kF16: return half_to_float(static_cast<const uint16_t*>(p)[i]);
-    case Real::kBF16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
-  }
-  return 0.f;
-}
 
 struct Problem {
   int64_t M, K, N;
@@ -177,7 +117,6 @@ void columns_scalar(const Problem& p, int64_t n0, int64_t n1) {
 
 // --------------------------------------------------------------------------------- AVX2 path
 #ifdef CASCADE_X86
-#define AVX2_FN __attribute__((target("avx2,fma,f16c")))
 
 AVX2_FN inline float load1_real(const void* p, Real t, int64_t i) {  // F16C for one float16
   return t == Real::kF16 ? _cvtsh_ss(static_cast<const uint16_t*>(p)[i]) : load_real(p, t, i);
@@ -396,22 +335,7 @@ AVX2_FN void chunk_avx2(const Problem& p, int64_t c0, int64_t c1, std::vector<fl
   if (c1v < c1) columns_scalar(p, c1v, c1);
 }
 
-bool have_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-}
-#else
-bool have_avx2() { return false; }
-#endif
-
-bool use_simd() {  // CASCADE_CPU_KERNEL_SCALAR=1 forces the portable path (tests use it)
-  static const bool forced_scalar = [] {
-    const char* v = std::getenv("CASCADE_CPU_KERNEL_SCALAR");
-    return v && *v && std::strcmp(v, "0") != 0;
-  }();
-  return have_avx2() && !forced_scalar;
-}
+#endif  // CASCADE_X86
 
 void chunk(const Problem& p, int64_t c0, int64_t c1, std::vector<float>& gacc, std::vector<float>& acc) {
 #ifdef CASCADE_X86
@@ -424,122 +348,29 @@ void chunk(const Problem& p, int64_t c0, int64_t c1, std::vector<float>& gacc, s
   columns_scalar(p, c0, c1);
 }
 
-int64_t max_workers() {
-  static const int64_t n = [] {
-    const char* v = std::getenv("CASCADE_NUM_THREADS");
-    const long parsed = v ? std::strtol(v, nullptr, 10) : 0;
-    return int64_t(parsed > 0 ? parsed : 0);
-  }();
-  return n;
-}
-
-// Work shared by the caller and the pool's workers: tiles are claimed from an atomic counter,
-// so a worker that starts late finds nothing left and returns; the caller waits only for tiles
-// that were claimed.  The state is reference-counted because such a late worker may outlive
-// the call.
-struct Shared {
+// One matmul as a Job: items are (band, column chunk) pairs.
+struct Shared : Job {
   Problem problem;
   int64_t width;       // columns per chunk (a multiple of 32)
   int64_t col_chunks;  // chunks per band
   int64_t bands;       // K-split: bands of whole groups, each summed into its own partial y
-  int64_t chunks;      // work items: bands x col_chunks
   float* partial;      // (bands, M, N) partial sums when bands > 1
-  std::atomic<int64_t> next{0}, done{0};
-};
-
-void work(Shared& s) {
-  thread_local std::vector<float> gacc, acc;
-  for (;;) {
-    const int64_t c = s.next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= s.chunks) return;
-    const int64_t band = c / s.col_chunks, c0 = (c % s.col_chunks) * s.width;
-    if (s.bands > 1) {
-      Problem p = s.problem;
-      p.g0 = band * p.groups / s.bands;
-      p.g1 = (band + 1) * p.groups / s.bands;
-      p.y = s.partial + band * p.M * p.N;
-      chunk(p, c0, std::min(p.N, c0 + s.width), gacc, acc);
+  void item(int64_t c) override {
+    thread_local std::vector<float> gacc, acc;
+    const int64_t band = c / col_chunks, c0 = (c % col_chunks) * width;
+    if (bands > 1) {
+      Problem p = problem;
+      p.g0 = band * p.groups / bands;
+      p.g1 = (band + 1) * p.groups / bands;
+      p.y = partial + band * p.M * p.N;
+      chunk(p, c0, std::min(p.N, c0 + width), gacc, acc);
     } else {
-      chunk(s.problem, c0, std::min(s.problem.N, c0 + s.width), gacc, acc);
-    }
-    s.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
-// The kernel's own worker threads, which spin for a while after a call before they sleep.
-// A decode step is ~200 small matmuls with a few microseconds of other work between them;
-// waking a sleeping thread (XLA's pool) costs tens of microseconds each time, about as much as a
-// whole 576 x 576 product, so the second core went nearly unused (2 threads: +17% tokens/s).
-// As llama.cpp's thread pool does, the helpers busy-wait CASCADE_CPU_SPIN_US microseconds
-// (default 200; 0: always sleep) for the next call, then block on a condition variable.
-class SpinPool {
- public:
-  static SpinPool& get() {
-    static SpinPool* pool = new SpinPool();  // never destroyed: its threads are detached
-    return *pool;
-  }
-  int64_t helpers() const { return int64_t(n_); }
-  // Offer `job` to the first `wanted` helpers (they call work(); the caller works too).
-  void post(const std::shared_ptr<Shared>& job, int64_t wanted) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      job_ = job;
-      wanted_ = wanted;
-      gen_.fetch_add(1, std::memory_order_release);
-    }
-    cv_.notify_all();
-  }
-
- private:
-  SpinPool() {
-    unsigned hw = std::thread::hardware_concurrency();
-    int64_t threads = hw ? int64_t(hw) : 1;
-    if (max_workers() > 0) threads = std::min(threads, max_workers());
-    const char* v = std::getenv("CASCADE_CPU_SPIN_US");
-    spin_us_ = v && *v ? std::max(0L, std::strtol(v, nullptr, 10)) : 200;
-    n_ = size_t(std::max<int64_t>(0, threads - 1));
-    for (size_t i = 0; i < n_; ++i) std::thread([this, i] { loop(int64_t(i)); }).detach();
-  }
-  void loop(int64_t index) {
-    uint64_t seen = 0;
-    for (;;) {
-      uint64_t gen = gen_.load(std::memory_order_acquire);
-      if (gen == seen && spin_us_ > 0) {
-        const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
-        while ((gen = gen_.load(std::memory_order_acquire)) == seen) {
-          for (int i = 0; i < 64; ++i) pause();
-          if (std::chrono::steady_clock::now() > until) break;
-        }
-      }
-      std::shared_ptr<Shared> job;
-      int64_t wanted;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return gen_.load(std::memory_order_acquire) != seen; });
-        seen = gen_.load(std::memory_order_acquire);
-        job = job_;
-        wanted = wanted_;
-      }
-      if (job && index < wanted) work(*job);
+      chunk(problem, c0, std::min(problem.N, c0 + width), gacc, acc);
     }
   }
-  static void pause() {
-#ifdef CASCADE_X86
-    _mm_pause();
-#else
-    std::this_thread::yield();
-#endif
-  }
-  size_t n_ = 0;
-  long spin_us_ = 200;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::atomic<uint64_t> gen_{0};
-  std::shared_ptr<Shared> job_;
-  int64_t wanted_ = 0;
 };
 
-ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes, ffi::AnyBuffer scale,
+ffi::Error QMatmulImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes, ffi::AnyBuffer scale,
                        ffi::AnyBuffer zero, ffi::Result<ffi::AnyBuffer> y, int64_t bits, int64_t group,
                        bool has_zero, bool transposed) {
   const auto xd = x.dimensions(), cd = codes.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
@@ -612,9 +443,7 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   // threads: the pool's (all cores), capped by CASCADE_NUM_THREADS, and one for small products
   // where waking a thread costs more than it saves.  Chunks: about two per thread (balance),
   // a multiple of 32 columns, at most kMaxChunk wide (the accumulators stay in L1/L2).
-  (void)pool;
-  SpinPool& helpers = SpinPool::get();
-  int64_t workers = 1 + helpers.helpers();
+  int64_t workers = 1 + SpinPool::get().helpers();
   if (p.M * p.K * p.N < (int64_t(1) << 18)) workers = 1;
   auto shared = std::make_shared<Shared>();
   shared->problem = p;
@@ -636,17 +465,8 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   }
   shared->width = std::max<int64_t>(32, width);
   shared->col_chunks = (p.N + shared->width - 1) / shared->width;
-  shared->chunks = shared->bands * shared->col_chunks;
-  workers = std::min(workers, shared->chunks);
-  if (workers > 1) helpers.post(shared, workers - 1);
-  work(*shared);
-  while (shared->done.load(std::memory_order_acquire) < shared->chunks) {
-#ifdef CASCADE_X86
-    _mm_pause();
-#else
-    std::this_thread::yield();
-#endif
-  }
+  shared->items = shared->bands * shared->col_chunks;
+  run_job(shared, workers);
 
   if (shared->bands > 1) {  // y = the sum of the bands' partial sums
     const int64_t mn = p.M * p.N;
@@ -667,7 +487,6 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CascadeQMatmul, QMatmulImpl,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()        // x (M, K) float32 / bfloat16
                                   .Arg<ffi::Buffer<ffi::U8>>()  // codes
                                   .Arg<ffi::AnyBuffer>()        // scale
@@ -677,21 +496,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CascadeQMatmul, QMatmulImpl,
                                   .Attr<int64_t>("group")
                                   .Attr<bool>("has_zero")
                                   .Attr<bool>("transposed"));
-
-// ---------------------------------------------------------------------------- Python module
-
-static PyObject* handler(PyObject*, PyObject*) {
-  return PyCapsule_New(reinterpret_cast<void*>(&CascadeQMatmul), nullptr, nullptr);
-}
-
-static PyObject* simd(PyObject*, PyObject*) { return PyUnicode_FromString(use_simd() ? "avx2+fma" : "scalar"); }
-
-static PyMethodDef kMethods[] = {
-    {"qmatmul_handler", handler, METH_NOARGS, "PyCapsule of the cascade_qmatmul XLA FFI handler."},
-    {"simd", simd, METH_NOARGS, "The instruction set the kernels run with here: 'avx2+fma' or 'scalar'."},
-    {nullptr, nullptr, 0, nullptr}};
-
-static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_cpu", "cascade's native CPU kernels (XLA FFI handlers).", -1,
-                              kMethods};
-
-PyMODINIT_FUNC PyInit__cpu(void) { return PyModule_Create(&kModule); }
