@@ -564,10 +564,18 @@ def bench_matmul(batch, shapes, k, n, specs, backend, repeats, warmup, out_path,
               help="Also time llama.cpp on the same GGUF: the Python of a venv with llama-cpp-python "
                    "(bench/llamacpp_venv.sh builds one), or 'auto' for that script's default venv.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="llama.cpp threads [default: all cores].")
+@click.option("--kv", "kv_specs", default="fp32", show_default=True,
+              help="Comma-separated KV-cache precisions, one row each (e.g. fp32,fp16,int8,int4).")
+@click.option("--context", default=None, type=click.IntRange(min=1),
+              help="Decode after a prompt of this many tokens (the prompt's ids repeated): attention over a long cache.")
+@click.option("--attention", "attention", default="auto", show_default=True,
+              help="Comma-separated cache-attention backends to time each row on: cpu (native kernel), xla "
+                   "(reference); auto: whichever is selected.")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def bench_decode(model, specs, prompt, tokens, repeats, warmup, llamacpp, threads, tokenizer, out_path, as_json):
+def bench_decode(model, specs, prompt, tokens, repeats, warmup, llamacpp, threads, kv_specs, context, attention,
+                 tokenizer, out_path, as_json):
     """Decode tokens/s at batch 1 of MODEL at several precisions (and llama.cpp's), side by side."""
     from cascade import quant
     from cascade.bench import decode as bench_dec
@@ -587,9 +595,25 @@ def bench_decode(model, specs, prompt, tokens, repeats, warmup, llamacpp, thread
     if llamacpp is not None and not os.path.isfile(llamacpp):
         raise click.BadParameter(f"{llamacpp}: no such file (build the venv with bench/llamacpp_venv.sh)",
                                  param_hint="--llamacpp")
+    kv_list = [k.strip() for k in kv_specs.split(",") if k.strip()]
+    if not kv_list:
+        raise click.BadParameter("expected at least one KV spec", param_hint="--kv")
+    for k in kv_list:
+        try:
+            parse_kv_spec(k)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--kv") from None
+    attn_list = [None if a.strip() == "auto" else a.strip() for a in attention.split(",") if a.strip()]
+    if not attn_list or any(a not in (None, "cpu", "xla") for a in attn_list):
+        raise click.BadParameter(f"{attention!r}: expected a comma-separated list of cpu, xla or auto",
+                                 param_hint="--attention")
+    if context is not None and llamacpp is not None:
+        raise click.BadParameter("--context does not combine with --llamacpp (llama.cpp runs on the prompt text)",
+                                 param_hint="--context")
     loaded, _ = _load_model(model, tokenizer, None)
     result = bench_dec.run(loaded, label=model, specs=spec_list, prompt=prompt, tokens=tokens, repeats=repeats,
-                           warmup=warmup, llamacpp=llamacpp, threads=threads)
+                           warmup=warmup, llamacpp=llamacpp, threads=threads, kv=kv_list, context=context,
+                           attention=attn_list)
     if out_path:
         _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
     _emit(as_json, result, bench_dec.format_table(result))

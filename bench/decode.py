@@ -15,6 +15,12 @@ parameters and cache and returns the next id to the host, doing no work: what di
 host round trip cost per step.  The rest (attention, norms, rotary, sampling) is
 ``step_ms - matmul_ms - call_ms``.
 
+``kv`` adds one row per KV-cache precision (``fp32``, ``fp16``, ``int8``, ``int4``, ...) and
+``context`` decodes after a prompt of that many tokens (the prompt's ids repeated), so that
+attention over a long cache shows.  ``attention`` lists the attention backends to time each row
+on: ``cpu`` (the native kernel, the default where it is built) and ``xla`` (the reference, forced
+with ``CASCADE_ATTENTION_BACKEND=xla``), side by side in the same run.
+
 With ``llamacpp`` (the Python of a venv with ``llama-cpp-python``, see ``bench/llamacpp_venv.sh``)
 and a GGUF model, llama.cpp decodes the same prompt and count with ``threads`` threads in a
 subprocess of the same run (``bench/llamacpp_decode.py``).
@@ -22,6 +28,7 @@ subprocess of the same run (``bench/llamacpp_decode.py``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -39,6 +46,8 @@ from cascade.models import KVCache, generate, matmul_backends, quantize_model, w
 from cascade.models.generation import cache_length
 from cascade.models.model import Model
 from cascade.quant import dequant_matmul
+from cascade.quant.kernels import cpu as cpu_kernels
+from cascade.quant.kv import parse_kv_spec
 from cascade.quant.qtensor import QuantizedTensor, dequantize
 
 DEFAULT_SPECS = ("fp32", "int8", "int4-g32", "source")
@@ -47,7 +56,7 @@ DEFAULT_PROMPT = "Once upon a time"
 
 def run(model: Model, *, label: str | None = None, specs=DEFAULT_SPECS, prompt: str = DEFAULT_PROMPT, tokens: int = 64,
         repeats: int = 3, warmup: int = 1, llamacpp: str | None = None, threads: int | None = None,
-        progress=None) -> dict:
+        kv=("fp32",), context: int | None = None, attention=(None,), progress=None) -> dict:
     if tokens < 3:
         raise ValueError("tokens must be >= 3 (the first decode step is not timed)")
     if repeats < 1 or warmup < 0:
@@ -57,6 +66,17 @@ def run(model: Model, *, label: str | None = None, specs=DEFAULT_SPECS, prompt: 
     ids = model.tokenizer.encode(prompt)
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
+    if context is not None:
+        if llamacpp is not None:
+            raise ValueError("--context and --llamacpp do not combine (llama.cpp is run on the prompt text)")
+        if context < 1:
+            raise ValueError("context must be >= 1")
+        ids = (ids * (context // len(ids) + 1))[:context]
+    for a in attention:
+        if a not in (None, "cpu", "xla"):
+            raise ValueError(f"unknown attention backend {a!r}: expected cpu or xla")
+    for k in kv:
+        parse_kv_spec(k).check_context(model.config.max_seq_len)
     if len(ids) + tokens > model.config.max_seq_len:
         raise ValueError(f"prompt ({len(ids)} tokens) + {tokens} tokens exceeds the model context "
                          f"({model.config.max_seq_len})")
@@ -64,18 +84,25 @@ def run(model: Model, *, label: str | None = None, specs=DEFAULT_SPECS, prompt: 
         raise ValueError("--llamacpp needs a GGUF model (llama.cpp reads only GGUF files)")
     label = label or model.source
     rows = []
-    for spec in tqdm(list(specs), desc="bench decode", disable=None if progress is None else not progress, leave=False):
-        variant = _variant(model, spec)
-        rates = []
-        for i in range(warmup + repeats):
-            out = generate(variant.params, variant.config, [ids], max_new_tokens=tokens, eos_ids=())
-            if i >= warmup:
-                rates.append(out.tokens_per_s)
+    combos = [(spec, k, a) for spec in specs for k in kv for a in attention]
+    variants = {}
+    for spec, kv_spec, attn in tqdm(combos, desc="bench decode", disable=None if progress is None else not progress,
+                                    leave=False):
+        if spec not in variants:
+            variants = {spec: _variant(model, spec)}  # one variant in memory at a time
+        variant = variants[spec]
+        with _attention_backend(attn):
+            rates = []
+            for i in range(warmup + repeats):
+                out = generate(variant.params, variant.config, [ids], max_new_tokens=tokens, eos_ids=(), kv=kv_spec)
+                if i >= warmup:
+                    rates.append(out.tokens_per_s)
         tok_s = statistics.median(rates)
         step_ms = 1e3 / tok_s
         matmul_ms = _matmul_ms(variant, repeats=max(5, repeats))
         call_ms = _call_ms(variant, len(ids) + tokens, repeats=max(5, repeats))
-        rows.append({"engine": "cascade", "spec": spec, "quant": variant.quant, "tokens_per_s": round(tok_s, 2),
+        rows.append({"engine": "cascade", "spec": spec, "quant": variant.quant, "kv": kv_spec,
+                     "attention": attn or cpu_kernels.attention_backend(), "tokens_per_s": round(tok_s, 2),
                      "runs": [round(r, 2) for r in rates], "weight_bytes": weight_bytes(variant.params),
                      "matmul_backends": matmul_backends(variant), "step_ms": round(step_ms, 3),
                      "matmul_ms": round(matmul_ms, 3), "call_ms": round(call_ms, 3),
@@ -87,6 +114,26 @@ def run(model: Model, *, label: str | None = None, specs=DEFAULT_SPECS, prompt: 
         r["vs_llamacpp"] = None if ref is None else round(r["tokens_per_s"] / ref, 3)
     return {"benchmark": "decode", "model": label, **run_context(repeats=repeats, warmup=warmup), "tokens": tokens,
             "prompt_tokens": len(ids), "rows": rows}
+
+
+@contextlib.contextmanager
+def _attention_backend(name: str | None):
+    """Run with CASCADE_ATTENTION_BACKEND set to ``name`` (None: as it is); the jit caches are
+    cleared on the way in and out, since the choice is made when a program is traced."""
+    if name is None:
+        yield
+        return
+    old = os.environ.get(cpu_kernels.ATTENTION_BACKEND_ENV)
+    os.environ[cpu_kernels.ATTENTION_BACKEND_ENV] = name
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(cpu_kernels.ATTENTION_BACKEND_ENV, None)
+        else:
+            os.environ[cpu_kernels.ATTENTION_BACKEND_ENV] = old
+        jax.clear_caches()
 
 
 def _variant(model: Model, spec: str) -> Model:
@@ -164,6 +211,7 @@ def _llamacpp_row(python: str, gguf: str, prompt: str, tokens: int, repeats: int
     res = json.loads(proc.stdout)
     return {"engine": "llama.cpp", "spec": "source", "quant": f"llama-cpp-python {res['version']}, {threads} threads",
             "tokens_per_s": round(statistics.median(res["tokens_per_s"]), 2),
+            "kv": "f16", "attention": None,
             "runs": [round(r, 2) for r in res["tokens_per_s"]], "weight_bytes": os.path.getsize(gguf),
             "matmul_backends": None, "step_ms": round(1e3 / statistics.median(res["tokens_per_s"]), 3),
             "matmul_ms": None, "call_ms": None, "other_ms": None}
@@ -172,13 +220,13 @@ def _llamacpp_row(python: str, gguf: str, prompt: str, tokens: int, repeats: int
 def format_table(result: dict) -> str:
     lines = [f"decode at batch 1, {result['model']}, {result['tokens']} tokens after a {result['prompt_tokens']}-token "
              f"prompt {describe(result)}, median of {result['repeats']} after {result['warmup']} warm-up",
-             f"{'engine':<9} {'spec':<9} {'tok/s':>8} {'vs llama.cpp':>12} {'MiB':>7} {'step ms':>8} {'matmul':>7} "
-             f"{'call':>6} {'other':>6}  backends"]
+             f"{'engine':<9} {'spec':<9} {'kv':<6} {'attn':<4} {'tok/s':>8} {'vs llama.cpp':>12} {'MiB':>7} {'step ms':>8} "
+             f"{'matmul':>7} {'call':>6} {'other':>6}  backends"]
     for r in result["rows"]:
         def f(v, width, fmt=".2f"):
             return f"{'-':>{width}}" if v is None else f"{v:>{width}{fmt}}"
         backends = ", ".join(f"{n} {b}" for b, n in (r["matmul_backends"] or {}).items()) or "-"
-        lines.append(f"{r['engine']:<9} {r['spec']:<9} {r['tokens_per_s']:>8.1f} "
+        lines.append(f"{r['engine']:<9} {r['spec']:<9} {r['kv']:<6} {r['attention'] or '-':<4} {r['tokens_per_s']:>8.1f} "
                      f"{'-' if r['vs_llamacpp'] is None else format(r['vs_llamacpp'], '.2f') + 'x':>12} {r['weight_bytes'] / 2**20:>7.1f} {f(r['step_ms'], 8)} "
                      f"{f(r['matmul_ms'], 7)} {f(r['call_ms'], 6)} {f(r['other_ms'], 6)}  {backends}")
     return "\n".join(lines)

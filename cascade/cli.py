@@ -1,1 +1,782 @@
-../cli.py
+"""The ``cascade`` command line: a thin layer over the Python API.
+
+Conventions for every subcommand: ``--json`` prints one JSON object on stdout; tables,
+progress bars and messages go to stderr; an error is one line on stderr (``error: ...``) with
+a non-zero exit code (2 for bad usage, 1 otherwise), and a traceback only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+import click
+
+from cascade import __version__
+
+
+def _emit(ctx_json: bool, payload: dict, human: str) -> None:
+    if ctx_json:
+        click.echo(json.dumps(payload, allow_nan=False))  # strict JSON: NaN/Infinity are not JSON
+    else:
+        click.echo(human, err=True)
+
+
+# ----------------------------------------------------------------------------- parameter checks
+# Every value a flag takes is checked when the command line is parsed, before any model loads, so a
+# bad value is a usage error (exit 2) in every subcommand alike.
+
+MAX_SEED = 2**63 - 1  # = models.generation.MAX_SEED (not imported here: parsing must not import jax)
+SEED = click.IntRange(0, MAX_SEED)
+SEED_HELP = "Seed for sampling (and acceptance draws): an integer in [0, 2**63 - 1]."
+
+
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses nan and inf (``--temperature nan`` is a usage error)."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        rv = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(rv, param, ctx)
+
+
+def _prompt(ctx, param, value):
+    """A PROMPT must be non-empty text that is valid UTF-8 (argv bytes that are not arrive as
+    lone surrogates, which no tokenizer can encode)."""
+    if value is None:
+        return None
+    if value == "":
+        raise click.BadParameter("the prompt is empty; pass some text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = value[e.start].encode("utf-8", "surrogateescape") if "\udc80" <= value[e.start] <= "\udcff" else b""
+        raise click.BadParameter(f"the prompt is not valid UTF-8 text (byte {bad.hex() or '?'} at character "
+                                 f"{e.start})") from None
+    return value
+
+
+def _rules(ctx, param, value):
+    """Validate a precision spec / inline rules / rules file at parse time; keep the text as typed."""
+    if value is None:
+        return None
+    from cascade.quant.rules import PrecisionRules
+
+    if getattr(param, "name", None) in ("small_quant", "large_quant") and value.strip().lower() in ("none", "source"):
+        return value
+    try:
+        PrecisionRules.parse(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
+def _model(ctx, param, value):
+    """A MODEL is a built-in name or an existing path; anything else is a usage error."""
+    if value is None:
+        return None
+    from cascade.models.defaults import DEFAULT_MODELS
+
+    if value in DEFAULT_MODELS or os.path.exists(value):
+        return value
+    from cascade.models.checkpoint import recover_interrupted_save
+
+    recover_interrupted_save(value)  # a checkpoint whose overwrite was killed midway comes back
+    if os.path.exists(value):
+        return value
+    raise click.BadParameter(f"{value}: no such file or directory (built-in models: {', '.join(DEFAULT_MODELS)})")
+
+
+def _data_file(ctx, param, value):
+    """A text file to read: it must exist and be a regular file (not /dev/zero or a FIFO)."""
+    if value is None:
+        return None
+    if not os.path.exists(value):
+        raise click.BadParameter(f"{value}: no such file")
+    if not os.path.isfile(value):
+        raise click.BadParameter(f"{value}: not a regular file")
+    return value
+
+
+def _check_tokenizer_flag(model: str, tokenizer: str | None) -> None:
+    if tokenizer is not None and not (os.path.isfile(model) and model.lower().endswith(".bin")):
+        raise click.UsageError(f"--tokenizer applies only to a llama2.c .bin model; {model} brings its own tokenizer")
+
+
+def _check_kv_fits(kv: str | None, cfg, flag: str = "--kv") -> None:
+    """A KV spec whose sinks or window exceed the model's context is a usage error."""
+    if kv is None:
+        return
+    from cascade.quant.kv import parse_kv_spec
+
+    try:
+        parse_kv_spec(kv).check_context(cfg.max_seq_len)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=f"'{flag}'") from None
+
+
+def _check_pair_kv(pair, small_kv, large_kv, kv) -> None:
+    for role, role_kv, flag in (("small", small_kv, "--small-kv"), ("large", large_kv, "--large-kv")):
+        model = getattr(pair, role)
+        if model is not None:
+            _check_kv_fits(role_kv, model.config, flag if role_kv != kv else "--kv")
+
+
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+_scale_dtype_option = click.option(
+    "--scale-dtype", type=click.Choice(SCALE_DTYPES), default="float16", show_default=True,
+    help="Storage type of quantization scales and zero points (float32 for very small weights).")
+
+
+_KV_HELP = ("KV cache precision: fp32, bf16, fp16, int8 or int4 (KIVI layout: keys per channel, values per token, "
+            "a float16 window of recent positions), e.g. int4-s4 keeps 4 sink positions too; see README 'KV cache'.")
+
+
+def _kv_spec(ctx, param, value):
+    """Validate a --kv value at parse time: a bad spec is a usage error, before any model loads."""
+    if value is None:
+        return None
+    from cascade.quant.kv import parse_kv_spec
+
+    try:
+        return str(parse_kv_spec(value))
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="cascade")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def app(debug: bool) -> None:
+    """Quantize Llama-family models and serve them as a small/large cascade."""
+
+
+@app.command()
+@click.argument("prompt", required=False, default="Once upon a time", callback=_prompt)
+@click.option("--small", "small_quant", default="int4", show_default=True, callback=_rules,
+              help="Precision spec or rules for the draft model ('none' keeps its weights).")
+@click.option("--large", "large_quant", default="int8", show_default=True, callback=_rules,
+              help="Precision spec or rules for the verifier model ('none' keeps its weights).")
+@click.option("--small-model", default="default-small", show_default=True, callback=_model,
+              help="The draft MODEL (path or built-in name).")
+@click.option("--large-model", default="default-large", show_default=True, callback=_model,
+              help="The verifier MODEL (path or built-in name).")
+@click.option("--mode", type=click.Choice(["speculative", "large", "small"]), default="speculative", show_default=True,
+              help="speculative: small drafts, large verifies (output = the large model's); large/small: one model alone.")
+@click.option("--draft-len", default=4, show_default=True, type=click.IntRange(min=1, max=32), help="Tokens the draft proposes per round.")
+@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens to generate at most.")
+@click.option("--temperature", default=0.0, show_default=True, type=FiniteFloat(min=0), help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample from the k most likely (0 = off).")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True), help="Nucleus sampling mass.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help=SEED_HELP)
+@click.option("--kv", default="fp32", show_default=True, callback=_kv_spec, help=_KV_HELP + " Both models.")
+@click.option("--small-kv", callback=_kv_spec, help="KV cache precision of the draft model [default: --kv].")
+@click.option("--large-kv", callback=_kv_spec, help="KV cache precision of the verifier model [default: --kv].")
+@_scale_dtype_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_len, max_tokens, temperature, top_k,
+        top_p, seed, kv, small_kv, large_kv, scale_dtype, as_json):
+    """Generate a continuation of PROMPT with the cascade: the small model drafts, the large one verifies.
+
+    With no model paths it uses the embedded pair (default-small, default-large), so it works
+    offline on a fresh install.  Greedy output equals the large model's own greedy output.
+    """
+    from cascade.pair import load_pair, run as run_pair
+    from cascade.models import SamplingConfig
+
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    # a single-model mode loads only that model
+    pair = load_pair(small_model if mode != "large" else None, large_model if mode != "small" else None,
+                     small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
+    small_kv, large_kv = small_kv or kv, large_kv or kv
+    _check_pair_kv(pair, small_kv, large_kv, kv)
+    r = run_pair(pair, prompt, mode=mode, max_new_tokens=max_tokens, draft_len=draft_len, sampling=sampling,
+                 small_kv=small_kv, large_kv=large_kv)
+    described = pair.describe()
+    payload = {role: None if described[role] is None else {"model": path, **described[role], "kv": role_kv}
+               for role, path, role_kv in (("small", small_model, small_kv), ("large", large_model, large_kv))}
+    payload.update({"draft_len": draft_len if mode == "speculative" else None, **r.to_json()})
+    if as_json:
+        _emit(True, payload, "")
+        return
+    click.echo(prompt + r.text)
+    speed = "n/a" if r.tokens_per_s is None else f"{r.tokens_per_s:.1f}"
+    line = f"[{mode}: {len(r.token_ids)} tokens, {speed} tok/s decode, stop: {r.stop_reason}"
+    if r.stats is not None:
+        st = r.stats
+        line += (f"; {st.rounds} rounds, acceptance {st.acceptance_rate:.0%}, "
+                 f"{st.mean_accepted_length:.2f} accepted / round of {draft_len}")
+    models = {"speculative": f"small {small_quant}, large {large_quant}; kv {small_kv}/{large_kv}",
+              "large": f"large {large_quant}; kv {large_kv}", "small": f"small {small_quant}; kv {small_kv}"}[mode]
+    click.echo(f"{line}; {models}]", err=True)
+
+
+def _is_weights_file(path: str) -> bool:
+    return os.path.isfile(path) and path.lower().endswith((".safetensors", ".npz"))
+
+
+_RULES_HELP = ("Precision spec (int8, int4-g128, ...), inline rules ('attn=int8,*=int4-g128') or a rules file (a path "
+               "ending in .json or containing '/').")
+
+_MODEL_HELP = ("MODEL is a built-in name (default-small, default-large), a Hugging Face directory (config.json + safetensors + tokenizer), a .gguf file, "
+               "a llama2.c .bin (tokenizer.model beside it, or --tokenizer), or a checkpoint saved by `cascade quantize`.")
+
+
+def _load_model(path: str, tokenizer: str | None, quant_rules: str | None, need_tokenizer: bool = True,
+                scale_dtype: str = "float16"):
+    """Load MODEL, check it has a tokenizer if needed, and RTN-quantize it if ``quant_rules``."""
+    from cascade.models import load_model, quantize_model
+
+    _check_tokenizer_flag(path, tokenizer)
+    model = load_model(path, tokenizer=tokenizer)
+    if need_tokenizer and model.tokenizer is None:
+        raise click.ClickException(f"{path}: no tokenizer found; pass --tokenizer PATH (a SentencePiece .model)")
+    report = None
+    if quant_rules is not None:
+        model, report = quantize_model(model, quant_rules, scale_dtype=scale_dtype)
+    return model, report
+
+
+@app.command()
+@click.argument("model", callback=_model)
+@click.option("--quant", "quant_rules", required=True, callback=_rules, help=_RULES_HELP)
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Write the quantized model (an orbax checkpoint directory).")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--axis", type=int, default=None,
+              help="Only for a bare .safetensors/.npz weights file: reduction axis [default: 1 for .safetensors, 0 for .npz].")
+@_scale_dtype_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def quantize(model, quant_rules, out_dir, tokenizer, overwrite, axis, scale_dtype, as_json):
+    """RTN-quantize MODEL under precision rules; report bytes and error per tensor; save with -o.
+
+    \b
+    MODEL is a Hugging Face directory, a .gguf, a llama2.c .bin or a saved checkpoint; the saved
+    checkpoint (-o) is itself a valid MODEL everywhere.  A bare .safetensors/.npz weights file
+    gets the report only.  Every form of rules keeps embeddings, norms and the LM head in bf16
+    unless a rule names them (e.g. 'embed=int8,*=int4-g128').
+    """
+    from cascade import quant
+
+    if _is_weights_file(model):
+        from cascade.models import weights_file
+
+        if out_dir:
+            raise click.UsageError("-o needs a model (HF directory, .gguf, .bin or checkpoint), not a bare weights file")
+        if tokenizer:
+            raise click.UsageError("--tokenizer applies only to a llama2.c .bin model, not a bare weights file")
+        rules = quant.PrecisionRules.parse(quant_rules)
+        params = weights_file.load(model)
+        axis = weights_file.default_reduction_axis(model) if axis is None else axis
+        _, report = quant.quantize_params(params, rules, axis=axis, scale_dtype=scale_dtype)
+        _emit(as_json, {"model": model, "axis": axis, "rules": rules.to_json(), **report.to_json()}, report.table())
+        return
+    if axis is not None:
+        raise click.UsageError("--axis applies only to a bare .safetensors/.npz weights file")
+    from cascade.models import save_checkpoint
+    from cascade.models.checkpoint import check_destination
+
+    if out_dir:  # refuse a taken destination before the work, not after it
+        try:
+            check_destination(out_dir, overwrite=overwrite)
+        except ValueError as e:
+            raise click.UsageError(str(e).replace("pass overwrite=True (--overwrite)", "pass --overwrite")) from None
+    loaded, report = _load_model(model, tokenizer, quant_rules, need_tokenizer=False, scale_dtype=scale_dtype)
+    if out_dir:
+        save_checkpoint(out_dir, loaded, overwrite=overwrite)
+    payload = {"model": model, "quant": loaded.quant, "out": out_dir, **report.to_json()}
+    _emit(as_json, payload, report.table() + (f"\nsaved to {out_dir}" if out_dir else ""))
+
+
+@app.command()
+@click.argument("model", callback=_model)
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("--kv", "kvs", multiple=True, callback=lambda c, p, v: tuple(_kv_spec(c, p, x) for x in v),
+              help="KV cache precision(s) to account for (repeatable) [default: fp32, fp16, int8, int4].")
+@click.option("--ctx", type=click.IntRange(min=1), help="Context for the KV cache bytes [default: the model context].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def inspect(model, tokenizer, kvs, ctx, as_json):
+    """Architecture, parameter count, per-tensor precision and bytes of MODEL, and its KV cache
+    bytes per token and per sequence for each KV precision.
+
+    MODEL may also be a bare .safetensors/.npz weights file (tensor list only).
+    """
+    if _is_weights_file(model):
+        from cascade.models import weights_file
+
+        if tokenizer or kvs or ctx:
+            raise click.UsageError("--tokenizer, --kv and --ctx apply to models, not to a bare weights file")
+        params = weights_file.load(model)
+        rows = [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype), "bytes": int(v.nbytes)} for k, v in params.items()]
+        width = max([len(r["name"]) for r in rows] + [6])
+        lines = [f"{'tensor':<{width}}  {'shape':<16} {'dtype':<9} {'bytes':>12}"]
+        lines += [f"{r['name']:<{width}}  {'x'.join(map(str, r['shape'])):<16} {r['dtype']:<9} {r['bytes']:>12,}" for r in rows]
+        total = sum(r["bytes"] for r in rows)
+        lines.append(f"{len(rows)} tensors, {total:,} bytes")
+        _emit(as_json, {"model": model, "tensors": rows, "bytes": total}, "\n".join(lines))
+        return
+    from cascade.models import describe_model, kv_cache_memory
+
+    loaded, _ = _load_model(model, tokenizer, None, need_tokenizer=False)
+    for kv in kvs:
+        _check_kv_fits(kv, loaded.config)
+    info = describe_model(loaded)
+    ctx = ctx or loaded.config.max_seq_len
+    info["kv_cache"] = [kv_cache_memory(loaded.config, kv, ctx) for kv in (kvs or ("fp32", "fp16", "int8", "int4"))]
+    width = max(len(r["name"]) for r in info["tensors"])
+    lines = [f"{info['architecture']} from {info['format']} ({model}): {info['params']:,} parameters, "
+             f"{info['weight_bytes']:,} bytes of weights",
+             "quantized matmuls (decode): " + (", ".join(f"{n} on {b}" for b, n in info["matmul_backends"].items())
+                                               or "none (float weights)"),
+             "config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items() if k != "architecture"),
+             f"tokenizer: {info['tokenizer']}",
+             f"{'tensor':<{width}}  {'shape':<14} {'precision':<16} {'bytes':>12}"]
+    lines += [f"{r['name']:<{width}}  {'x'.join(map(str, r['shape'])):<14} {r['precision']:<16} {r['bytes']:>12,}"
+              + (f"  {r['matmul']}" if r["matmul"] else "") for r in info["tensors"]]
+    lines.append(f"KV cache, one sequence of {ctx} positions:")
+    lines.append(f"  {'kv':<14} {'bytes/token':>12} {'vs fp16':>8} {'bytes/sequence':>15} {'vs fp16':>8}")
+    lines += [f"  {m['kv']:<14} {m['bytes_per_token']:>12,.1f} {m['vs_fp16_per_token']:>8.1%} "
+              f"{m['bytes_per_sequence']:>15,} {m['vs_fp16_per_sequence']:>8.1%}" for m in info["kv_cache"]]
+    _emit(as_json, {"model": model, **info}, "\n".join(lines))
+
+
+@app.command(name="eval")
+@click.argument("model", callback=_model)
+@click.option("--data", required=True, callback=_data_file, help="UTF-8 text file to score.")
+@click.option("--quant", "quant_rules", callback=_rules, help="RTN-quantize first: " + _RULES_HELP)
+@click.option("--ctx", type=click.IntRange(min=2), help="Window length in tokens [default: the model context, at most 2048].")
+@click.option("--stride", type=click.IntRange(min=1), help="Window step for long documents [default: ctx//2].")
+@click.option("--truncate", is_flag=True, help="Score only the first ctx tokens of each document (llama2.c-style).")
+@click.option("--limit", type=click.IntRange(min=1), help="Score only the first N documents.")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Score only the first windows, about N tokens.")
+@click.option("--kv", callback=_kv_spec,
+              help=_KV_HELP + " Scores every window through a cache of this precision [default: no cache].")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@_scale_dtype_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv, tokenizer, scale_dtype, as_json):
+    """Perplexity of MODEL on a text file.
+
+    \b
+    Documents are separated by lines holding only <|endoftext|>; each is scored alone as
+    BOS + tokens.  Documents longer than --ctx are scored in sliding windows of --ctx tokens
+    every --stride tokens, each token predicted once.
+    """
+    import time
+
+    from cascade.models import kv_cache_memory, perplexity, split_documents, tokenize_documents, weight_bytes
+    from cascade.models.evaluation import DEFAULT_EVAL_CTX
+
+    loaded, _ = _load_model(model, tokenizer, quant_rules, scale_dtype=scale_dtype)
+    _check_kv_fits(kv, loaded.config)
+    if ctx is not None and ctx > loaded.config.max_seq_len:
+        raise click.UsageError(f"--ctx {ctx} exceeds the model context ({loaded.config.max_seq_len})")
+    if stride is not None and stride > (ctx or min(loaded.config.max_seq_len, DEFAULT_EVAL_CTX)):
+        raise click.UsageError("--stride must not exceed --ctx")
+    try:
+        with open(data, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise click.ClickException(f"{data}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    docs = split_documents(text)[:limit]
+    if not docs:
+        raise click.ClickException(f"{data}: no text to score")
+    t0 = time.perf_counter()
+    result = perplexity(loaded.params, loaded.config, tokenize_documents(loaded.tokenizer, docs), ctx=ctx,
+                        stride=stride, truncate=truncate, kv=kv, max_tokens=max_tokens)
+    seconds = time.perf_counter() - t0
+    memory = kv_cache_memory(loaded.config, kv, result.ctx) if kv else None  # None: scored without a cache
+    payload = {"model": model, "data": data, "quant": loaded.quant, **result.to_json(),
+               "weight_bytes": weight_bytes(loaded.params), "kv_cache": memory,
+               "kv_bytes": memory and memory["bytes_per_sequence"], "seconds": seconds,
+               "tokens_per_s": result.tokens / seconds}
+    cache = ("" if memory is None else f"KV cache ({memory['kv']}) {memory['bytes_per_sequence']:,} bytes per sequence "
+             f"of {result.ctx} ({memory['vs_fp16_per_sequence']:.1%} of fp16); ")
+    human = (f"perplexity {result.ppl:.4f} over {result.tokens:,} tokens ({result.documents} documents, "
+             f"{result.windows} windows, ctx {result.ctx}, stride {result.stride}); "
+             f"weights {payload['weight_bytes']:,} bytes; {cache}{seconds:.1f} s")
+    _emit(as_json, payload, human)
+
+
+@app.command()
+@click.argument("model", callback=_model)
+@click.argument("prompt", callback=_prompt)
+@click.option("--quant", "quant_rules", callback=_rules, help="RTN-quantize first: " + _RULES_HELP)
+@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens to generate at most.")
+@click.option("--temperature", default=0.0, show_default=True, type=FiniteFloat(min=0), help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample from the k most likely (0 = off).")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True), help="Nucleus sampling mass.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help=SEED_HELP)
+@click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message with the model's chat template.")
+@click.option("--bos/--no-bos", default=None, help="Prepend BOS [default: the tokenizer's setting].")
+@click.option("--kv", default="fp32", show_default=True, callback=_kv_spec, help=_KV_HELP)
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@_scale_dtype_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, seed, chat, bos, kv, tokenizer,
+             scale_dtype, as_json):
+    """Generate a continuation of PROMPT with MODEL."""
+    from cascade.models import SamplingConfig, generate as generate_tokens, matmul_backends
+    from cascade.quant.kernels.cpu import attention_backend
+
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    loaded, _ = _load_model(model, tokenizer, quant_rules, scale_dtype=scale_dtype)
+    _check_kv_fits(kv, loaded.config)
+    tok = loaded.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+    # a chat template writes its own BOS when the model wants one; do not add a second
+    ids = tok.encode(text, add_bos=bos if bos is not None else (False if chat else None))
+    if not ids:
+        raise click.UsageError("the prompt encodes to no tokens; pass a non-empty PROMPT or --bos")
+    out = generate_tokens(loaded.params, loaded.config, [ids], max_new_tokens=max_tokens, sampling=sampling,
+                          eos_ids=tok.eos_ids or loaded.config.eos_token_ids, kv=kv)
+    gen = out.tokens[0]
+    completion = tok.decode_completion(ids, gen)
+    payload = {"model": model, "quant": loaded.quant, "kv": kv, "prompt": prompt, "prompt_token_ids": ids, "text": completion,
+               "token_ids": gen, "stop_reason": out.stop_reasons[0], "prefill_s": out.prefill_s,
+               "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s, "matmul_backends": matmul_backends(loaded),
+               "attention_backend": attention_backend()}
+    if as_json:
+        _emit(True, payload, "")
+    else:
+        click.echo(prompt + completion if not chat else completion)
+        speed = "n/a" if out.tokens_per_s is None else f"{out.tokens_per_s:.1f}"
+        click.echo(f"[{len(gen)} tokens, {speed} tok/s decode, stop: {out.stop_reasons[0]}]", err=True)
+
+
+@app.command()
+@click.option("--small", "small_quant", default="int4", show_default=True, callback=_rules,
+              help="Precision spec or rules for the draft model ('none' keeps its weights).")
+@click.option("--large", "large_quant", default="int8", show_default=True, callback=_rules,
+              help="Precision spec or rules for the verifier model ('none' keeps its weights).")
+@click.option("--small-model", default="default-small", show_default=True, callback=_model,
+              help="The draft MODEL (path or built-in name).")
+@click.option("--large-model", default="default-large", show_default=True, callback=_model,
+              help="The verifier MODEL (path or built-in name).")
+@click.option("--mode", type=click.Choice(["speculative", "large", "small"]), default="speculative", show_default=True,
+              help="Which models run (as in `cascade run`).")
+@click.option("--kv", default="fp32", show_default=True, callback=_kv_spec, help=_KV_HELP + " Both models.")
+@click.option("--small-kv", callback=_kv_spec, help="KV cache precision of the draft model [default: --kv].")
+@click.option("--large-kv", callback=_kv_spec, help="KV cache precision of the verifier model [default: --kv].")
+@click.option("--ctx", type=click.IntRange(min=1), help="Positions per sequence [default: the pair's context].")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Sequences held at once.")
+@click.option("--draft-len", default=4, show_default=True, type=click.IntRange(min=1, max=32), help="As in `cascade run` (sizes the KV rings).")
+@click.option("--budget", help="Device memory budget, e.g. 2GiB or 512MB: exit 1 if the plan does not fit.")
+@_scale_dtype_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def plan(small_quant, large_quant, small_model, large_model, mode, kv, small_kv, large_kv, ctx, batch, draft_len, budget,
+         scale_dtype, as_json):
+    """Memory of a cascade: each model's weights and KV cache at a context, against --budget.
+
+    Counts what the runtime allocates for the weights (as stored, quantized or not) and the KV
+    caches (codes, scales, full-precision windows); activations are not counted.
+    """
+    from cascade.memory import parse_bytes, plan_memory
+    from cascade.pair import load_pair
+
+    budget_bytes = None
+    if budget is not None:
+        try:
+            budget_bytes = parse_bytes(budget)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--budget") from None
+    pair = load_pair(small_model if mode != "large" else None, large_model if mode != "small" else None,
+                     small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
+    _check_pair_kv(pair, small_kv or kv, large_kv or kv, kv)
+    result = plan_memory(pair, ctx=ctx, batch=batch, small_kv=small_kv or kv, large_kv=large_kv or kv,
+                         draft_len=draft_len, budget=budget_bytes)
+    _emit(as_json, result.to_json(), result.table())
+    if result.fits is False:
+        raise click.ClickException(f"the plan needs {result.total:,} bytes; the budget is {result.budget:,} bytes "
+                                   f"(lower --ctx/--batch, or use --kv int4 / smaller weight specs)")
+
+
+@app.group()
+def bench():
+    """Benchmarks (print a table; --json for rows)."""
+
+
+def _csv_ints(ctx, param, value):
+    try:
+        out = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not out or any(v <= 0 for v in out):
+        raise click.BadParameter(f"expected positive integers, got {value!r}")
+    return out
+
+
+def _shapes(ctx, param, value):
+    try:
+        out = tuple(tuple(int(d) for d in v.lower().split("x")) for v in value.split(",") if v.strip())
+    except ValueError:
+        out = ()
+    if not out or any(len(s) != 2 or min(s) <= 0 for s in out):
+        raise click.BadParameter(f"expected comma-separated KxN shapes of positive integers, got {value!r}")
+    return out
+
+
+def _matmul_backend(ctx, param, value):
+    if value is None:
+        return None
+    from cascade.quant import dequant_matmul
+
+    if value not in dequant_matmul.backends():
+        raise click.BadParameter(f"unknown matmul backend {value!r}; registered: {', '.join(sorted(dequant_matmul.backends()))}")
+    return value
+
+
+@bench.command(name="matmul")
+@click.option("--batch", default="1,4,16,64", show_default=True, callback=_csv_ints, help="Comma-separated batch sizes.")
+@click.option("--shape", "shapes", default="4096x4096,4096x11008,11008x4096", show_default=True, callback=_shapes,
+              help="Comma-separated weight shapes KxN (input x output features).")
+@click.option("--k", default=None, type=click.IntRange(min=1), help="Input features of a single shape (overrides --shape).")
+@click.option("--n", default=None, type=click.IntRange(min=1), help="Output features of a single shape (overrides --shape).")
+@click.option("--spec", "specs", default="int8,int4-g128", show_default=True, help="Comma-separated precision specs.")
+@click.option("--backend", default=None, callback=_matmul_backend,
+              help="Time only this matmul backend (default: every backend that runs the spec).")
+@click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=1), help="Timed runs (median).")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def bench_matmul(batch, shapes, k, n, specs, backend, repeats, warmup, out_path, as_json):
+    """Time float32 x @ W against the quantized dequant-matmul on every backend, side by side."""
+    from cascade.bench import matmul as bench_mm
+
+    result = bench_mm.run(batches=batch, shapes=shapes, k=k, n=n, specs=[s for s in specs.split(",") if s],
+                          backend=backend, repeats=repeats, warmup=warmup)
+    if out_path:
+        _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    _emit(as_json, result, bench_mm.format_table(result))
+
+
+@bench.command(name="decode")
+@click.argument("model", callback=_model)
+@click.option("--spec", "specs", default="fp32,int8,int4-g32,source", show_default=True,
+              help="Comma-separated: fp32, source (as loaded), precision specs or rules files (RTN).")
+@click.option("--prompt", default="Once upon a time", show_default=True, callback=_prompt, help="The prompt.")
+@click.option("--tokens", default=64, show_default=True, type=click.IntRange(min=3), help="Tokens decoded per run.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Timed runs (median).")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
+@click.option("--llamacpp", "llamacpp", default=None, metavar="PYTHON",
+              help="Also time llama.cpp on the same GGUF: the Python of a venv with llama-cpp-python "
+                   "(bench/llamacpp_venv.sh builds one), or 'auto' for that script's default venv.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="llama.cpp threads [default: all cores].")
+@click.option("--kv", "kv_specs", default="fp32", show_default=True,
+              help="Comma-separated KV-cache precisions, one row each (e.g. fp32,fp16,int8,int4).")
+@click.option("--context", default=None, type=click.IntRange(min=1),
+              help="Decode after a prompt of this many tokens (the prompt's ids repeated): attention over a long cache.")
+@click.option("--attention", "attention", default="auto", show_default=True,
+              help="Comma-separated cache-attention backends to time each row on: cpu (native kernel), xla "
+                   "(reference); auto: whichever is selected.")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def bench_decode(model, specs, prompt, tokens, repeats, warmup, llamacpp, threads, kv_specs, context, attention,
+                 tokenizer, out_path, as_json):
+    """Decode tokens/s at batch 1 of MODEL at several precisions (and llama.cpp's), side by side."""
+    from cascade import quant
+    from cascade.bench import decode as bench_dec
+
+    spec_list = [s.strip() for s in specs.split(",") if s.strip()]
+    if not spec_list:
+        raise click.BadParameter("expected at least one spec", param_hint="--spec")
+    for s in spec_list:
+        if s not in ("fp32", "source"):
+            try:
+                quant.PrecisionRules.parse(s)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="--spec") from None
+    if llamacpp == "auto":
+        llamacpp = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cascade",
+                                "llamacpp-venv", "bin", "python")
+    if llamacpp is not None and not os.path.isfile(llamacpp):
+        raise click.BadParameter(f"{llamacpp}: no such file (build the venv with bench/llamacpp_venv.sh)",
+                                 param_hint="--llamacpp")
+    from cascade.quant.kv import parse_kv_spec
+
+    kv_list = [k.strip() for k in kv_specs.split(",") if k.strip()]
+    if not kv_list:
+        raise click.BadParameter("expected at least one KV spec", param_hint="--kv")
+    for k in kv_list:
+        try:
+            parse_kv_spec(k)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--kv") from None
+    attn_list = [None if a.strip() == "auto" else a.strip() for a in attention.split(",") if a.strip()]
+    if not attn_list or any(a not in (None, "cpu", "xla") for a in attn_list):
+        raise click.BadParameter(f"{attention!r}: expected a comma-separated list of cpu, xla or auto",
+                                 param_hint="--attention")
+    if context is not None and llamacpp is not None:
+        raise click.BadParameter("--context does not combine with --llamacpp (llama.cpp runs on the prompt text)",
+                                 param_hint="--context")
+    loaded, _ = _load_model(model, tokenizer, None)
+    result = bench_dec.run(loaded, label=model, specs=spec_list, prompt=prompt, tokens=tokens, repeats=repeats,
+                           warmup=warmup, llamacpp=llamacpp, threads=threads, kv=kv_list, context=context,
+                           attention=attn_list)
+    if out_path:
+        _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    _emit(as_json, result, bench_dec.format_table(result))
+
+
+@bench.command(name="error")
+@click.option("--spec", "specs", default=None, help="Comma-separated precision specs (default: a standard set).")
+@click.option("--k", default=2048, show_default=True, type=click.IntRange(min=1), help="Rows of the test weight.")
+@click.option("--n", default=512, show_default=True, type=click.IntRange(min=1), help="Columns of the test weight.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def bench_error(specs, k, n, out_path, as_json):
+    """Relative quantization error and bits/weight per spec and clip method."""
+    from cascade.bench import quant_error
+
+    kwargs = {"specs": [s for s in specs.split(",") if s]} if specs else {}
+    result = quant_error.run(k=k, n=n, **kwargs)
+    if out_path:
+        _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    _emit(as_json, result, quant_error.format_table(result))
+
+
+@bench.command(name="ppl")
+@click.argument("model", callback=_model)
+@click.option("--data", required=True, callback=_data_file, help="UTF-8 text file to score.")
+@click.option("--spec", "specs", default=None, help="Comma-separated specs; 'source' = as loaded [default: a standard set].")
+@click.option("--limit", default=200, show_default=True, type=click.IntRange(min=1), help="First N documents.")
+@click.option("--ctx", type=click.IntRange(min=2), help="Window length [default: the model context, at most 2048].")
+@click.option("--stride", type=click.IntRange(min=1), help="Window step with --no-truncate [default: ctx//2].")
+@click.option("--no-truncate", is_flag=True, help="Score long documents in windows instead of truncating them to ctx.")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def bench_ppl(model, data, specs, limit, ctx, stride, no_truncate, tokenizer, out_path, as_json):
+    """Perplexity and weight bytes of MODEL under several precision specs, on the same tokens."""
+    from cascade.bench import perplexity as bench_ppl_mod
+
+    spec_list = [s.strip() for s in (specs or "").split(",") if s.strip()]
+    if specs is not None and not spec_list:
+        raise click.BadParameter("expected comma-separated specs, e.g. source,int8,int4-g32", param_hint="'--spec'")
+    for spec in spec_list:
+        if spec != "source":
+            _rules(None, None, spec)
+    loaded, _ = _load_model(model, tokenizer, None)
+    kwargs = {"specs": spec_list} if spec_list else {}
+    result = bench_ppl_mod.run(loaded, data, limit=limit, ctx=ctx, stride=stride, truncate=not no_truncate,
+                               label=model, **kwargs)
+    if out_path:
+        _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    _emit(as_json, result, bench_ppl_mod.format_table(result))
+
+
+@bench.command(name="kv")
+@click.argument("model", callback=_model)
+@click.option("--data", required=True, callback=_data_file, help="UTF-8 text file to score.")
+@click.option("--kv", "kvs", default="fp32,int8,int4", show_default=True,
+              help="Comma-separated KV cache precisions; the first is the reference.")
+@click.option("--ctx", type=click.IntRange(min=2), help="Window length [default: the model context].")
+@click.option("--stride", type=click.IntRange(min=1), help="Window step [default: ctx/4].")
+@click.option("--min-context", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Score only targets with at least N tokens of context (ctx - stride: long-context tokens only).")
+@click.option("--concat", is_flag=True, help="Join the documents into one token stream (packed, as llama2.c trains).")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Score about N tokens (the first windows).")
+@click.option("--limit", type=click.IntRange(min=1), help="First N documents.")
+@click.option("--gen-prompt", default=0, show_default=True, type=click.IntRange(min=0), help="Prompt tokens for the greedy-agreement run.")
+@click.option("--gen-tokens", default=0, show_default=True, type=click.IntRange(min=0), help="Greedy tokens to compare (0 = skip).")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def bench_kv(model, data, kvs, ctx, stride, min_context, concat, max_tokens, limit, gen_prompt, gen_tokens, tokenizer,
+             out_path, as_json):
+    """Perplexity, cache bytes and greedy agreement of MODEL under several KV cache precisions."""
+    from cascade.bench import kv_cache
+
+    specs = [_kv_spec(None, None, k) for k in kvs.split(",") if k.strip()]
+    if not specs:
+        raise click.UsageError("--kv needs at least one precision, e.g. fp32,int8,int4")
+    if gen_tokens and gen_prompt < 1:
+        raise click.UsageError("--gen-tokens needs --gen-prompt >= 1")
+    loaded, _ = _load_model(model, tokenizer, None)
+    for kv in specs:
+        _check_kv_fits(kv, loaded.config)
+    result = kv_cache.run(loaded, data, kvs=specs, ctx=ctx, stride=stride, max_tokens=max_tokens, limit=limit,
+                          min_context=min_context, concat=concat, gen_prompt=gen_prompt, gen_tokens=gen_tokens,
+                          label=model)
+    if out_path:
+        _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    _emit(as_json, result, kv_cache.format_table(result))
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Write via a temporary file and rename, so a failure never leaves a half-written file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs ``app`` and turns every failure into one line and an exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        with warnings.catch_warnings():
+            if not debug:  # one 'warning: ...' line each, not Python's file:line and source echo
+                warnings.showwarning = _show_warning
+            rv = app.main(args=argv, prog_name="cascade", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.NoArgsIsHelpError as e:  # `cascade` or `cascade bench` alone: show the help
+        click.echo(e.ctx.get_help())
+        return 0
+    except click.Abort:
+        click.echo("error: aborted", err=True)
+        return 130
+    except click.UsageError as e:
+        command = e.ctx.command_path if e.ctx else "cascade"
+        hint = f" (see '{command} --help')"
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
+        return 2
+    except click.ClickException as e:
+        if debug:
+            raise
+        click.echo(f"error: {e.format_message()}", err=True)
+        return e.exit_code
+    except (ValueError, OSError) as e:
+        if debug:
+            raise
+        click.echo(f"error: {_one_line(e)}", err=True)
+        return 1
+    except MemoryError as e:  # a resource limit, not a bug: say so in one line
+        if debug:
+            raise
+        detail = _one_line(e) if str(e) else "the machine ran out of memory"
+        click.echo(f"error: out of memory ({detail}); try smaller inputs", err=True)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the last resort: still one line, never a traceback
+        if debug:
+            raise
+        click.echo(f"error: internal error ({type(e).__name__}: {_one_line(e)}); rerun with --debug for a traceback", err=True)
+        return 1
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = " ".join(str(message).split())
+    print(f"warning: {text}", file=sys.stderr if file is None else file)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

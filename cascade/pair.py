@@ -12,6 +12,7 @@ import dataclasses
 
 from cascade.models import Model, SamplingConfig, generate, load_model, matmul_backends, quantize_model, weight_bytes
 from cascade.models.defaults import DEFAULT_LARGE, DEFAULT_SMALL
+from cascade.quant.kernels.cpu import attention_backend
 from cascade.speculative import SpeculativeStats, speculative_generate
 
 MODES = ("speculative", "large", "small")
@@ -29,7 +30,8 @@ class ModelPair:
 
     def describe(self) -> dict:
         return {role: None if m is None else {"source": m.source, "quant": m.quant, "weight_bytes": weight_bytes(m.params),
-                                              "matmul_backends": matmul_backends(m)}
+                                              "matmul_backends": matmul_backends(m),
+                                              "attention_backend": attention_backend()}
                 for role, m in (("small", self.small), ("large", self.large))}
 
 

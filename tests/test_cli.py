@@ -181,7 +181,9 @@ def test_json_output_is_strict_json(capsys, tmp_path):
 
 @pytest.mark.parametrize("args, match", [
     (("--spec", ""), "at least one spec"), (("--spec", "int9"), "int9"), (("--llamacpp", "/no/such/python"), "no such file"),
-    (("--tokens", "2"), "tokens"),
+    (("--tokens", "2"), "tokens"), (("--kv", "int5"), "int5"), (("--kv", ","), "at least one KV spec"),
+    (("--attention", "gpu"), "--attention"), (("--context", "0"), "context"),
+    (("--context", "64", "--llamacpp", "/bin/sh"), "does not combine"),
 ])
 def test_bench_decode_usage_errors(capsys, args, match):
     code, out, err = run(capsys, "bench", "decode", "default-small", *args)

@@ -31,9 +31,12 @@ def test_generate_json_is_the_greedy_story(capsys):
 def test_generate_json_says_which_backend_ran(capsys, monkeypatch):
     code, out, _ = run(capsys, "generate", BIN, "Once upon a time", "--max-tokens", "4", "--quant", "int4-g32", "--json")
     assert code == 0 and json.loads(out)["matmul_backends"] == {"cpu": 7 * 5}  # 5 layers x (q, k, v, o, gate, up, down)
+    assert json.loads(out)["attention_backend"] == "cpu"  # the native KV-cache attention kernel
     monkeypatch.setenv("CASCADE_MATMUL_BACKEND", "xla")
+    monkeypatch.setenv("CASCADE_ATTENTION_BACKEND", "xla")
     code, out, _ = run(capsys, "generate", BIN, "Once upon a time", "--max-tokens", "4", "--quant", "int4-g32", "--json")
     assert code == 0 and json.loads(out)["matmul_backends"] == {"xla": 7 * 5}
+    assert json.loads(out)["attention_backend"] == "xla"
 
 
 def test_generate_sampling_is_seeded(capsys):

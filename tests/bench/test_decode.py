@@ -65,3 +65,22 @@ def test_llamacpp_needs_a_gguf_and_a_working_python(model, tmp_path):
     bad.chmod(0o755)
     with pytest.raises(ValueError, match="exit 3.*no llama_cpp here"):
         decode.run(model, specs=("source",), tokens=4, repeats=1, warmup=0, llamacpp=str(bad), progress=False)
+
+
+def test_rows_per_kv_and_attention_backend_after_a_long_context(model):
+    result = decode.run(model, specs=("source",), kv=("fp32", "int4"), attention=("cpu", "xla"), context=200,
+                        tokens=4, repeats=1, warmup=0, progress=False)
+    assert result["prompt_tokens"] == 200
+    rows = result["rows"]
+    assert [(r["kv"], r["attention"]) for r in rows] == [("fp32", "cpu"), ("fp32", "xla"), ("int4", "cpu"),
+                                                         ("int4", "xla")]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    table = decode.format_table(result)
+    assert "int4" in table and "xla" in table
+
+
+@pytest.mark.parametrize("kwargs, match", [({"kv": ("int5",)}, "int5"), ({"attention": ("gpu",)}, "attention"),
+                                           ({"context": 0}, "context")])
+def test_bad_kv_attention_and_context(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        decode.run(model, **{"specs": ("source",), "tokens": 4, "progress": False, **kwargs})

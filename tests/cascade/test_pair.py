@@ -41,6 +41,7 @@ def test_the_quant_specs_are_applied(pair):
     assert d["small"]["quant"] == "int4" and d["large"]["quant"] == "int8"
     n_linear = 7 * pair.large.config.n_layers  # q, k, v, o, gate, up, down per layer; embedding and head stay bf16
     assert d["large"]["matmul_backends"] == {"cpu": n_linear}  # the native kernel serves every one on CPU
+    assert d["small"]["attention_backend"] == d["large"]["attention_backend"] == "cpu"
     assert pair.small.params["layers_0"]["mlp"]["up_proj"]["kernel"].spec.bits == 4
     with pytest.raises(ValueError, match="unknown mode"):
         run(pair, "x", mode="medium")
