@@ -10,11 +10,13 @@ The public API lives here; each idea has one module behind it:
 * :mod:`cascade.quant.ste`         fake quantization with a straight-through estimator (QAT)
 * :mod:`cascade.quant.rules`       precision rules (regex over parameter paths -> spec)
 * :mod:`cascade.quant.rtn`         round-to-nearest PTQ of a parameter pytree, with a report
+* :mod:`cascade.quant.gptq`        GPTQ on one weight matrix given its Hessian (the core; not yet wired to models)
 * :mod:`cascade.quant.dequant_matmul` dequant-matmul and its backend registry
 """
 
 from cascade.quant.ste import fake_quant
 from cascade.quant.dequant_matmul import backends, matmul, matmul_t, register_backend
+from cascade.quant.gptq import gptq_quantize
 from cascade.quant.observers import HistogramObserver, MinMaxObserver
 from cascade.quant.qtensor import QuantizedTensor, codes, dequantize, quantize, quantize_with_range, storage_nbytes, transpose
 from cascade.quant.rtn import QuantReport, quantize_params
@@ -23,6 +25,6 @@ from cascade.quant.spec import FloatSpec, IntSpec, Spec, parse_spec
 
 __all__ = [
     "FloatSpec", "HistogramObserver", "IntSpec", "KEEP_16BIT_RULES", "MinMaxObserver", "PrecisionRules",
-    "QuantReport", "QuantizedTensor", "Spec", "backends", "codes", "dequantize", "fake_quant", "matmul", "matmul_t",
+    "QuantReport", "QuantizedTensor", "Spec", "backends", "codes", "dequantize", "fake_quant", "gptq_quantize", "matmul", "matmul_t",
     "parse_spec", "quantize", "quantize_params", "quantize_with_range", "register_backend", "storage_nbytes", "transpose",
 ]
