@@ -421,6 +421,7 @@ def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, 
              scale_dtype, as_json):
     """Generate a continuation of PROMPT with MODEL."""
     from cascade.models import SamplingConfig, generate as generate_tokens, matmul_backends
+    from cascade.quant.kernels.cpu import attention_backend
 
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     loaded, _ = _load_model(model, tokenizer, quant_rules, scale_dtype=scale_dtype)
@@ -437,7 +438,8 @@ def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, 
     completion = tok.decode_completion(ids, gen)
     payload = {"model": model, "quant": loaded.quant, "kv": kv, "prompt": prompt, "prompt_token_ids": ids, "text": completion,
                "token_ids": gen, "stop_reason": out.stop_reasons[0], "prefill_s": out.prefill_s,
-               "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s, "matmul_backends": matmul_backends(loaded)}
+               "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s, "matmul_backends": matmul_backends(loaded),
+               "attention_backend": attention_backend()}
     if as_json:
         _emit(True, payload, "")
     else:
@@ -595,6 +597,8 @@ def bench_decode(model, specs, prompt, tokens, repeats, warmup, llamacpp, thread
     if llamacpp is not None and not os.path.isfile(llamacpp):
         raise click.BadParameter(f"{llamacpp}: no such file (build the venv with bench/llamacpp_venv.sh)",
                                  param_hint="--llamacpp")
+    from cascade.quant.kv import parse_kv_spec
+
     kv_list = [k.strip() for k in kv_specs.split(",") if k.strip()]
     if not kv_list:
         raise click.BadParameter("expected at least one KV spec", param_hint="--kv")
