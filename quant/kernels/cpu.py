@@ -82,6 +82,14 @@ def _warn_once(reason: str) -> None:
               file=sys.stderr)
 
 
+def _available() -> bool:
+    """Whether the extension is loaded; if not, say why once on stderr."""
+    reason = unavailable()
+    if reason:
+        _warn_once(reason)
+    return reason is None
+
+
 def group_rows(w: QuantizedTensor) -> int:
     """Values of the reduction axis that share one scale: the group size, or the whole axis."""
     return w.spec.group_size if w.spec.granularity == "group" else w.shape[w.axis]
@@ -106,11 +114,7 @@ def supports(x, w: QuantizedTensor, *, transposed: bool = False) -> bool:
     reals = (jnp.float32, jnp.float16, jnp.bfloat16)
     if w.scale.dtype not in reals or (w.zero is not None and w.zero.dtype not in reals):
         return False
-    reason = unavailable()
-    if reason:
-        _warn_once(reason)
-        return False
-    return True
+    return _available()
 
 
 def matmul(x, w: QuantizedTensor):
@@ -159,11 +163,7 @@ def attention_supported(q, k, v) -> bool:
             return False
     elif k.dtype not in (jnp.float32, jnp.float16, jnp.bfloat16) or v.dtype != k.dtype:
         return False
-    reason = unavailable()
-    if reason:
-        _warn_once(reason)
-        return False
-    return True
+    return _available()
 
 
 def attention_backend() -> str:

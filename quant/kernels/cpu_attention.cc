@@ -126,19 +126,6 @@ void axpy_scalar(float w, const float* x, float* y, int64_t n) {
 }
 
 #ifdef CASCADE_X86
-AVX2_FN inline __m256 load8(const void* p, Real t, int64_t i) {
-  switch (t) {
-    case Real::kF32: return _mm256_loadu_ps(static_cast<const float*>(p) + i);
-    case Real::kF16:
-      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
-    case Real::kBF16: {
-      const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
-    }
-  }
-  return _mm256_setzero_ps();
-}
-
 AVX2_FN inline __m256 bytes8(const uint8_t* p) {  // 8 unsigned bytes as floats
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
@@ -146,7 +133,7 @@ AVX2_FN inline __m256 bytes8(const uint8_t* p) {  // 8 unsigned bytes as floats
 AVX2_FN void key_avx2(const Attn& a, int64_t b, int64_t h, int64_t p, const float* s, const float* z, float* out) {
   if (!a.quantized) {
     const int64_t base = ((b * a.S + p) * a.KV + h) * a.hd;
-    for (int64_t i = 0; i < a.hd; i += 8) _mm256_storeu_ps(out + i, load8(a.k, a.kv_type, base + i));
+    for (int64_t i = 0; i < a.hd; i += 8) _mm256_storeu_ps(out + i, load8_real(a.k, a.kv_type, base + i));
     return;
   }
   const int64_t c0 = h * a.hd;
@@ -166,14 +153,10 @@ AVX2_FN void key_avx2(const Attn& a, int64_t b, int64_t h, int64_t p, const floa
   }
 }
 
-AVX2_FN inline float load1(const void* p, Real t, int64_t i) {  // F16C for one float16
-  return t == Real::kF16 ? _cvtsh_ss(static_cast<const uint16_t*>(p)[i]) : load_real(p, t, i);
-}
-
 AVX2_FN void value_avx2(const Attn& a, int64_t b, int64_t h, int64_t p, float* out) {
   if (!a.quantized) {
     const int64_t base = ((b * a.S + p) * a.KV + h) * a.hd;
-    for (int64_t i = 0; i < a.hd; i += 8) _mm256_storeu_ps(out + i, load8(a.v, a.kv_type, base + i));
+    for (int64_t i = 0; i < a.hd; i += 8) _mm256_storeu_ps(out + i, load8_real(a.v, a.kv_type, base + i));
     return;
   }
   const int64_t c0 = h * a.hd;
@@ -181,7 +164,7 @@ AVX2_FN void value_avx2(const Attn& a, int64_t b, int64_t h, int64_t p, float* o
   // value groups are whole multiples of 8 channels: the scale changes at most once per 8
   const int64_t srow = (b * a.S + p) * (a.D / a.vgroup);
   int64_t g = c0 / a.vgroup, next = (g + 1) * a.vgroup;
-  __m256 s = _mm256_set1_ps(load1(a.vs, a.vs_type, srow + g));
+  __m256 s = _mm256_set1_ps(load1_real(a.vs, a.vs_type, srow + g));
   const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
   const __m256i mask = _mm256_set1_epi32(0xf);
   const uint8_t* row = a.bits == 8 ? a.vp + (b * a.S + p) * a.D : a.vp + (b * a.S + p) * (a.D / 2);
@@ -189,7 +172,7 @@ AVX2_FN void value_avx2(const Attn& a, int64_t b, int64_t h, int64_t p, float* o
     if (c0 + i >= next) {
       ++g;
       next += a.vgroup;
-      s = _mm256_set1_ps(load1(a.vs, a.vs_type, srow + g));
+      s = _mm256_set1_ps(load1_real(a.vs, a.vs_type, srow + g));
     }
     __m256 u;
     if (a.bits == 8) {
@@ -207,8 +190,8 @@ AVX2_FN void value_avx2(const Attn& a, int64_t b, int64_t h, int64_t p, float* o
 AVX2_FN void group_scale_zero_avx2(const Attn& a, int64_t b, int64_t h, int64_t g, float* s, float* z) {
   const int64_t at = (b * (a.S / a.kgroup) + g) * a.D + h * a.hd;
   for (int64_t i = 0; i < a.hd; i += 8) {
-    _mm256_storeu_ps(s + i, load8(a.ks, a.ks_type, at + i));
-    _mm256_storeu_ps(z + i, load8(a.kz, a.kz_type, at + i));
+    _mm256_storeu_ps(s + i, load8_real(a.ks, a.ks_type, at + i));
+    _mm256_storeu_ps(z + i, load8_real(a.kz, a.kz_type, at + i));
   }
 }
 

@@ -118,23 +118,6 @@ void columns_scalar(const Problem& p, int64_t n0, int64_t n1) {
 // --------------------------------------------------------------------------------- AVX2 path
 #ifdef CASCADE_X86
 
-AVX2_FN inline float load1_real(const void* p, Real t, int64_t i) {  // F16C for one float16
-  return t == Real::kF16 ? _cvtsh_ss(static_cast<const uint16_t*>(p)[i]) : load_real(p, t, i);
-}
-
-AVX2_FN inline __m256 load8_real(const void* p, Real t, int64_t i) {
-  switch (t) {
-    case Real::kF32: return _mm256_loadu_ps(static_cast<const float*>(p) + i);
-    case Real::kF16:
-      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
-    case Real::kBF16: {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-  }
-  return _mm256_setzero_ps();
-}
-
 // Scale and corrected zero of group g for 8 columns starting at n.
 AVX2_FN inline void group_params8(const Problem& p, int64_t g, int64_t n, __m256* s, __m256* z) {
   if (p.scale_per_tensor) {
