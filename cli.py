@@ -241,9 +241,25 @@ def _load_model(path: str, tokenizer: str | None, quant_rules: str | None, need_
     return model, report
 
 
+PTQ_METHODS = ("rtn", "gptq", "awq", "hqq")  # = models.quantize.METHODS (not imported here: parsing must not import jax)
+CALIBRATED_METHODS = ("gptq", "awq")
+
+
 @app.command()
 @click.argument("model", callback=_model)
 @click.option("--quant", "quant_rules", required=True, callback=_rules, help=_RULES_HELP)
+@click.option("--method", type=click.Choice(PTQ_METHODS), default="rtn", show_default=True,
+              help="PTQ method: rtn (round to nearest), gptq or awq (need --calib), hqq (calibration-free).")
+@click.option("--calib", callback=_data_file,
+              help="Calibration text (documents separated by <|endoftext|> lines), for gptq and awq.")
+@click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(32, 1024),
+              help="Calibration sequences.")
+@click.option("--calib-len", default=512, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per calibration sequence (at most the model context).")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for sampling the calibration sequences.")
+@click.option("--damp", default=0.01, show_default=True, type=FiniteFloat(min=0, max=1),
+              help="GPTQ dampening, a fraction of the Hessian's mean diagonal.")
+@click.option("--act-order", is_flag=True, help="GPTQ: quantize inputs by decreasing activation energy (static groups).")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Write the quantized model (an orbax checkpoint directory).")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
@@ -251,17 +267,34 @@ def _load_model(path: str, tokenizer: str | None, quant_rules: str | None, need_
               help="Only for a bare .safetensors/.npz weights file: reduction axis [default: 1 for .safetensors, 0 for .npz].")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def quantize(model, quant_rules, out_dir, tokenizer, overwrite, axis, scale_dtype, as_json):
-    """RTN-quantize MODEL under precision rules; report bytes and error per tensor; save with -o.
+def quantize(model, quant_rules, method, calib, calib_samples, calib_len, seed, damp, act_order, out_dir, tokenizer,
+             overwrite, axis, scale_dtype, as_json):
+    """Quantize MODEL under precision rules with a PTQ method; report bytes and error per tensor;
+    save with -o.
 
     \b
     MODEL is a Hugging Face directory, a .gguf, a llama2.c .bin or a saved checkpoint; the saved
-    checkpoint (-o) is itself a valid MODEL everywhere.  A bare .safetensors/.npz weights file
-    gets the report only.  Every form of rules keeps embeddings, norms and the LM head in bf16
-    unless a rule names them (e.g. 'embed=int8,*=int4-g128').
+    checkpoint (-o) is itself a valid MODEL everywhere, and records the method, its settings and
+    the calibration recipe (shown by `cascade inspect`).  A bare .safetensors/.npz weights file
+    gets the report only (rtn or hqq).  Every form of rules keeps embeddings, norms and the LM head
+    in bf16 unless a rule names them (e.g. 'embed=int8,*=int4-g128').
     """
     from cascade import quant
 
+    ctx = click.get_current_context()
+    def given(*names):
+        return [f"--{p.replace('_', '-')}" for p in names
+                if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
+
+    calib_flags = given("calib_samples", "calib_len", "seed")
+    if method != "gptq" and given("damp", "act_order"):
+        raise click.UsageError(f"{', '.join(given('damp', 'act_order'))} apply only to --method gptq, not to {method}")
+    if method in CALIBRATED_METHODS and calib is None:
+        raise click.UsageError(f"--method {method} needs calibration text: pass --calib FILE")
+    if method not in CALIBRATED_METHODS and (calib is not None or calib_flags):
+        used = ["--calib"] * (calib is not None) + calib_flags
+        raise click.UsageError(f"{', '.join(used)} apply only to --method {' or '.join(CALIBRATED_METHODS)}, "
+                               f"not to {method}")
     if _is_weights_file(model):
         from cascade.models import weights_file
 
@@ -269,15 +302,24 @@ def quantize(model, quant_rules, out_dir, tokenizer, overwrite, axis, scale_dtyp
             raise click.UsageError("-o needs a model (HF directory, .gguf, .bin or checkpoint), not a bare weights file")
         if tokenizer:
             raise click.UsageError("--tokenizer applies only to a llama2.c .bin model, not a bare weights file")
+        if method in CALIBRATED_METHODS:
+            raise click.UsageError(f"--method {method} calibrates a model; a bare weights file takes rtn or hqq")
         rules = quant.PrecisionRules.parse(quant_rules)
         params = weights_file.load(model)
         axis = weights_file.default_reduction_axis(model) if axis is None else axis
-        _, report = quant.quantize_params(params, rules, axis=axis, scale_dtype=scale_dtype)
-        _emit(as_json, {"model": model, "axis": axis, "rules": rules.to_json(), **report.to_json()}, report.table())
+        quantizer = None
+        if method == "hqq":
+            from cascade.quant.hqq import hqq_quantize
+
+            def quantizer(path, leaf, spec, ax, sdt):
+                return hqq_quantize(leaf, spec, axis=ax, scale_dtype=sdt)
+        _, report = quant.quantize_params(params, rules, axis=axis, scale_dtype=scale_dtype, quantizer=quantizer)
+        _emit(as_json, {"model": model, "axis": axis, "method": method, "rules": rules.to_json(), **report.to_json()},
+              report.table())
         return
     if axis is not None:
         raise click.UsageError("--axis applies only to a bare .safetensors/.npz weights file")
-    from cascade.models import save_checkpoint
+    from cascade.models import load_model, quantize_model, save_checkpoint
     from cascade.models.checkpoint import check_destination
 
     if out_dir:  # refuse a taken destination before the work, not after it
@@ -285,11 +327,40 @@ def quantize(model, quant_rules, out_dir, tokenizer, overwrite, axis, scale_dtyp
             check_destination(out_dir, overwrite=overwrite)
         except ValueError as e:
             raise click.UsageError(str(e).replace("pass overwrite=True (--overwrite)", "pass --overwrite")) from None
-    loaded, report = _load_model(model, tokenizer, quant_rules, need_tokenizer=False, scale_dtype=scale_dtype)
+    _check_tokenizer_flag(model, tokenizer)
+    loaded = load_model(model, tokenizer=tokenizer)
+    calib_set = None
+    if calib is not None:
+        from cascade.models.calibration import calibration_tokens
+
+        if calib_len > loaded.config.max_seq_len:
+            raise click.BadParameter(f"{calib_len} exceeds the model context ({loaded.config.max_seq_len})",
+                                     param_hint="'--calib-len'")
+        if loaded.tokenizer is None:
+            raise click.ClickException(f"{model}: no tokenizer found to read --calib; pass --tokenizer PATH")
+        calib_set = calibration_tokens(loaded.tokenizer, calib, samples=calib_samples, length=calib_len, seed=seed,
+                                       max_len=loaded.config.max_seq_len)
+    quantized, report = quantize_model(loaded, quant_rules, method=method, calib=calib_set, damp=damp,
+                                       act_order=act_order, scale_dtype=scale_dtype)
     if out_dir:
-        save_checkpoint(out_dir, loaded, overwrite=overwrite)
-    payload = {"model": model, "quant": loaded.quant, "out": out_dir, **report.to_json()}
-    _emit(as_json, payload, report.table() + (f"\nsaved to {out_dir}" if out_dir else ""))
+        save_checkpoint(out_dir, quantized, overwrite=overwrite)
+    payload = {"model": model, "quant": quantized.quant, "ptq": quantized.ptq, "out": out_dir, **report.to_json()}
+    _emit(as_json, payload, report.table() + f"\n{_ptq_text(quantized.ptq)}" + (f"\nsaved to {out_dir}" if out_dir else ""))
+
+
+def _ptq_text(ptq: dict | None) -> str:
+    """One line on how a model was quantized (method, settings, calibration recipe)."""
+    if not ptq:
+        return "quantized with: unknown (a checkpoint saved before PTQ methods were recorded)"
+    settings = ", ".join(f"{k} {v}" for k, v in ptq.get("settings", {}).items())
+    line = f"quantized with: {ptq.get('method')}" + (f" ({settings})" if settings else "")
+    c = ptq.get("calibration")
+    if c:
+        line += (f"; calibrated on {c['samples']} x {c['length']} tokens of {os.path.basename(c['file'])} "
+                 f"(sha256 {c['sha256'][:12]}, seed {c['seed']})")
+    if "seconds" in ptq:
+        line += f"; {ptq['seconds']:.1f} s"
+    return line
 
 
 @app.command()
@@ -332,6 +403,7 @@ def inspect(model, tokenizer, kvs, ctx, as_json):
              f"{info['weight_bytes']:,} bytes of weights",
              "quantized matmuls (decode): " + (", ".join(f"{n} on {b}" for b, n in info["matmul_backends"].items())
                                                or "none (float weights)"),
+             *([f"precision rules: {info['quant']}; {_ptq_text(info['ptq'])}"] if info["quant"] else []),
              "config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items() if k != "architecture"),
              f"tokenizer: {info['tokenizer']}",
              f"{'tensor':<{width}}  {'shape':<14} {'precision':<16} {'bytes':>12}"]

@@ -8,7 +8,8 @@ A checkpoint is a directory::
 
 The orbax tree mirrors the parameter tree; a :class:`cascade.quant.QuantizedTensor` becomes a dict of
 its leaves (``packed``, ``scale`` and, for asymmetric specs, ``zero``).  The manifest holds the
-format version, the :class:`ModelConfig`, the precision rules text (``Model.quant``), and a
+format version, the :class:`ModelConfig`, the precision rules text (``Model.quant``), how the
+model was quantized (``Model.ptq``: PTQ method, its settings, the calibration recipe), and a
 ``tree`` entry for every parameter path: ``kind`` (``float`` or ``quantized``), logical
 ``shape`` and ``dtype``; quantized entries add the ``spec`` text and ``axis``; every stored
 leaf has its ``shape``, ``dtype`` and the ``sha256`` of its bytes.  ``array_files`` and
@@ -147,6 +148,12 @@ def save_checkpoint(directory, model: Model, *, overwrite: bool = False) -> None
     if model.quant is not None and not isinstance(model.quant, str):
         raise ValueError(f"{target}: Model.quant must be the precision rules text or None, "
                          f"got {type(model.quant).__name__}")
+    if model.ptq is not None:
+        try:
+            if not isinstance(model.ptq, dict) or json.loads(json.dumps(model.ptq)) != model.ptq:
+                raise TypeError
+        except (TypeError, ValueError):
+            raise ValueError(f"{target}: Model.ptq must be a JSON object (method, settings, calibration) or None") from None
     entries, arrays = _flatten(model.params, target)
     _check_layout(model.config, entries, target)
 
@@ -167,6 +174,7 @@ def save_checkpoint(directory, model: Model, *, overwrite: bool = False) -> None
             "format_version": FORMAT_VERSION,
             "config": model.config.to_dict(),
             "quant": model.quant,
+            "ptq": model.ptq,
             "source": model.source,
             "source_format": model.format,
             "tokenizer": tokenizer_files,
@@ -381,7 +389,7 @@ def load_checkpoint(directory) -> Model:
 
     tokenizer = None if manifest["tokenizer"] is None else _load_tokenizer(tokenizer_dir, where)
     return Model(config=config, params=params, tokenizer=tokenizer, source=where, format="checkpoint",
-                 quant=manifest["quant"])
+                 quant=manifest["quant"], ptq=manifest.get("ptq"))
 
 
 def _first_line(e: BaseException) -> str:
@@ -411,6 +419,8 @@ def _read_manifest(where: str) -> dict:
                        ("tokenizer", (dict, type(None))), ("array_files", dict)):
         if not isinstance(manifest.get(key), types):
             raise ValueError(f"{where}: {CHECKPOINT_MARKER} has a missing or malformed {key!r} entry")
+    if not isinstance(manifest.get("ptq"), (dict, type(None))):  # optional: absent in checkpoints before PTQ methods
+        raise ValueError(f"{where}: {CHECKPOINT_MARKER} has a malformed 'ptq' entry")
     for key in ("tokenizer", "array_files"):
         for rel, info in (manifest[key] or {}).items():
             if (not isinstance(info, dict) or not isinstance(info.get("size"), int)

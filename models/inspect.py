@@ -29,7 +29,7 @@ def describe_model(model: Model) -> dict:
 
     tok = model.tokenizer
     return {
-        "architecture": model.config.architecture, "format": model.format, "quant": model.quant,
+        "architecture": model.config.architecture, "format": model.format, "quant": model.quant, "ptq": model.ptq,
         "params": model.config.n_params, "weight_bytes": sum(r["bytes"] for r in rows),
         "config": model.config.to_dict(),
         "tokenizer": None if tok is None else f"{tok.kind}, {tok.vocab_size} tokens, bos={tok.bos_id}, eos={list(tok.eos_ids)}",

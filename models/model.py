@@ -16,3 +16,4 @@ class Model:
     source: str = ""  # where it was loaded from (path or built-in name)
     format: str = ""  # "hf", "gguf", "llama2c" or "checkpoint"
     quant: str | None = None  # precision rules applied (canonical text), None for the source precision
+    ptq: dict | None = None  # how it was quantized: method, settings, calibration recipe (None: not quantized here)

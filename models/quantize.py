@@ -1,31 +1,65 @@
-"""Quantize a loaded model's weights under precision rules (RTN for now), with a report.
+"""Quantize a loaded model's weights under precision rules, with a PTQ method, and a report.
 
-The wiring of :func:`cascade.quant.quantize_params` into the model layout: linear kernels are
-``(in, out)`` and quantized along ``in`` (axis 0); the embedding is ``(vocab, dim)`` and, if a
-rule quantizes it, is grouped along ``dim`` (axis 1) so rows can be gathered packed and a tied
-head can reuse it.  Already-quantized tensors (a GGUF import) are dequantized first.
+Methods (``method=``):
+
+* ``rtn``  round-to-nearest, each tensor on its own (the baseline);
+* ``hqq``  half-quadratic optimisation of each group's zero point (or scale), calibration-free
+  (:mod:`cascade.quant.hqq`);
+* ``gptq`` GPTQ (:mod:`cascade.quant.gptq`) on every linear kernel of the decoder blocks, from
+  Hessians collected on calibration text (:mod:`cascade.models.calibration`);
+* ``awq``  activation-aware scales folded into the preceding op, then a clipping search
+  (:mod:`cascade.quant.awq`), from the same calibration statistics.
+
+The calibrated methods run **block by block, sequentially**: block ``i``'s statistics are taken on
+the outputs of blocks ``0 .. i-1`` *already quantized*, so each block corrects for the error of
+those before it.  Tensors outside the blocks that a rule quantizes (the embedding, an untied LM
+head) get RTN, as the GPTQ and AWQ reference implementations do.
+
+The wiring into the model layout: linear kernels are ``(in, out)`` and quantized along ``in``
+(axis 0); the embedding is ``(vocab, dim)`` and, if a rule quantizes it, is grouped along ``dim``
+(axis 1) so rows can be gathered packed and a tied head can reuse it.  Already-quantized tensors
+(a GGUF import) are dequantized first.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 
 import jax
+from tqdm.auto import tqdm
 
+from cascade.models.calibration import INPUT_OF
 from cascade.models.model import Model
-from cascade.quant.qtensor import QuantizedTensor, dequantize
+from cascade.quant.qtensor import QuantizedTensor, dequantize, quantize
 from cascade.quant.rtn import QuantReport, key_path_str, quantize_params
 from cascade.quant.rules import PrecisionRules, is_rules_path
+from cascade.quant.spec import IntSpec
+
+METHODS = ("rtn", "gptq", "awq", "hqq")
+CALIBRATED = ("gptq", "awq")
+DAMP_RETRIES = (1.0, 10.0, 100.0)  # dampening multipliers tried when a Hessian is not positive definite
 
 
 def reduction_axis(path: str, shape) -> int:
     return 1 if path.startswith("embed/") else 0
 
 
-def quantize_model(model: Model, rules, *, scale_dtype="float16", progress: bool | None = None) -> tuple[Model, QuantReport]:
-    """RTN-quantize ``model`` under ``rules`` (a spec, inline rules, a rules file or
-    :class:`cascade.quant.PrecisionRules`); scales and zero points stored in ``scale_dtype``."""
+def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp: float = 0.01,
+                   act_order: bool = False, block_size: int = 128, awq_grid: int = 20, scale_dtype="float16",
+                   progress: bool | None = None) -> tuple[Model, QuantReport]:
+    """Quantize ``model`` under ``rules`` (a spec, inline rules, a rules file or
+    :class:`cascade.quant.PrecisionRules`) with ``method``; scales and zero points stored in
+    ``scale_dtype``.  ``calib``: a :class:`cascade.models.calibration.CalibrationSet` (GPTQ);
+    ``damp``, ``act_order``, ``block_size``: GPTQ settings.  The returned model's ``ptq`` records
+    the method, its settings and the calibration recipe."""
+    if method not in METHODS:
+        raise ValueError(f"unknown PTQ method {method!r}; choose one of {', '.join(METHODS)}")
+    if method in CALIBRATED and calib is None:
+        raise ValueError(f"{method} needs calibration data (--calib FILE)")
+    if method not in CALIBRATED and calib is not None:
+        raise ValueError(f"{method} does not use calibration data; drop --calib")
     parsed = PrecisionRules.parse(rules)
     # keep what the user typed ("int8", "attn=int8,*=int4-g64") unless it names a file: then the rules
     label = rules.strip() if isinstance(rules, str) and not is_rules_path(rules) else rules_text(parsed)
@@ -36,10 +70,163 @@ def quantize_model(model: Model, rules, *, scale_dtype="float16", progress: bool
         warnings.warn(f"re-quantizing {n_quantized} already-quantized tensors from their dequantized values "
                       "(errors compound; the report's bytes_before is the stored size)", stacklevel=2)
     params = jax.tree.map(lambda a: dequantize(a, "float32") if is_q(a) else a, model.params, is_leaf=is_q)
-    qparams, report = quantize_params(params, parsed, axis=reduction_axis, scale_dtype=scale_dtype, progress=progress)
+    t0 = time.perf_counter()
+    quantizer, settings = None, {}
+    if method == "hqq":
+        from cascade.quant.hqq import hqq_quantize
+
+        def quantizer(path, leaf, spec, axis, sdt):
+            return hqq_quantize(leaf, spec, axis=axis, scale_dtype=sdt)
+    elif method in CALIBRATED:
+        if method == "gptq":
+            settings = {"damp": damp, "act_order": act_order, "block_size": block_size}
+            block_fn = gptq_block_quantizer(damp=damp, act_order=act_order, block_size=block_size,
+                                            scale_dtype=scale_dtype)
+        else:
+            settings = {"grid": awq_grid}
+            block_fn = awq_block_quantizer(model.config, grid=awq_grid, scale_dtype=scale_dtype)
+        params, done = calibrated_blocks(params, model.config, parsed, calib, block_fn, desc=method, progress=progress)
+
+        def quantizer(path, leaf, spec, axis, sdt):
+            return done[path] if path in done else quantize(leaf, spec, axis=axis, scale_dtype=sdt)
+    qparams, report = quantize_params(params, parsed, axis=reduction_axis, scale_dtype=scale_dtype, progress=progress,
+                                      quantizer=quantizer)
     report = QuantReport(layers=tuple(dataclasses.replace(r, bytes_before=stored.get(r.path, r.bytes_before))
                                       for r in report.layers))
-    return dataclasses.replace(model, params=qparams, quant=label), report
+    ptq = {"method": method, "settings": settings, "calibration": None if calib is None else dict(calib.recipe),
+           "seconds": round(time.perf_counter() - t0, 3)}
+    return dataclasses.replace(model, params=qparams, quant=label, ptq=ptq), report
+
+
+# the linear layers of a block, in the order the forward pass reads them
+BLOCK_LINEARS = ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
+
+
+def _get(tree, path: str):
+    for k in path.split("/"):
+        tree = tree[k]
+    return tree
+
+
+def _set(tree: dict, path: str, value) -> dict:
+    """A copy of the nested dict ``tree`` with ``path`` replaced (the rest shared)."""
+    head, _, rest = path.partition("/")
+    out = dict(tree)
+    out[head] = value if not rest else _set(tree[head], rest, value)
+    return out
+
+
+def calibrated_blocks(params, cfg, rules: PrecisionRules, calib, quantize_block, *, desc: str,
+                      progress: bool | None = None):
+    """The sequential calibration loop shared by GPTQ and AWQ (module docs).
+
+    For each block with an integer-spec kernel, ``quantize_block(name, block, specs, stats)``
+    returns ``(block', {layer: QuantizedTensor})``: ``block'`` the block's float parameters as the
+    method leaves them (AWQ folds scales into norms and kernels), ``stats`` the block's
+    :func:`cascade.models.calibration.block_statistics`.  The next block's inputs are this block's
+    outputs with its kernels quantized.  Returns ``(params', {parameter path: QuantizedTensor})``.
+    """
+    from cascade.models import calibration
+
+    hidden = calibration.embed_tokens(params, calib.tokens)
+    done: dict[str, QuantizedTensor] = {}
+    params = dict(params)
+    bar = tqdm(range(cfg.n_layers), desc=desc, unit="block", disable=None if progress is None else not progress,
+               leave=False)
+    for i in bar:
+        name = f"layers_{i}"
+        block = params[name]
+        specs = {layer: rules.spec_for(f"{name}/{layer}/kernel", 2) for layer in BLOCK_LINEARS}
+        specs = {layer: spec for layer, spec in specs.items() if isinstance(spec, IntSpec)}
+        if specs:
+            stats = calibration.block_statistics(block, cfg, hidden)
+            block, quantized = quantize_block(name, block, specs, stats)
+            params[name] = block
+            for layer, qt in quantized.items():
+                done[f"{name}/{layer}/kernel"] = qt
+                block = _set(block, f"{layer}/kernel", dequantize(qt, "float32"))
+        if i + 1 < cfg.n_layers:  # the next block sees this block's quantized outputs
+            hidden = calibration.block_outputs(block, cfg, hidden)
+    return params, done
+
+
+def gptq_block_quantizer(*, damp: float, act_order: bool, block_size: int, scale_dtype):
+    """``quantize_block`` for :func:`calibrated_blocks`: GPTQ of each kernel from its input's Hessian."""
+    from cascade.quant.gptq import gptq_quantize
+
+    def quantize_block(name, block, specs, stats):
+        out = {}
+        for layer, spec in specs.items():
+            out[layer] = _gptq_retrying(gptq_quantize, _get(block, f"{layer}/kernel"), stats[INPUT_OF[layer]].hessian,
+                                        spec, f"{name}/{layer}/kernel", damp=damp, block_size=block_size,
+                                        act_order=act_order, scale_dtype=scale_dtype)
+        return block, out
+
+    return quantize_block
+
+
+def awq_block_quantizer(cfg, *, grid: int, scale_dtype):
+    """``quantize_block`` for :func:`calibrated_blocks`: AWQ scales searched for the four inputs of a
+    block (q/k/v, o, gate/up, down; the first integer spec of each group), folded into attn_norm, v,
+    mlp_norm and up; then each kernel's clipping search on its scaled inputs and quantization."""
+    import numpy as np
+
+    from cascade.quant import awq
+    from cascade.quant.qtensor import quantize_with_range
+
+    h, kvh, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    o_index = awq.kv_head_index(h, kvh, hd)
+
+    def quantize_block(name, block, specs, stats):
+        scaled_inputs = {}
+        for group, layers in (("attn", awq.ATTN_INPUTS), ("mlp", awq.MLP_INPUTS), ("o", ("attn/o_proj",)),
+                              ("down", ("mlp/down_proj",))):
+            st = stats[group]
+            x = np.asarray(st.sample, np.float32)
+            group_specs = [specs[layer] for layer in layers if layer in specs]
+            if not group_specs:
+                scaled_inputs[group] = x
+                continue
+            ws = [_get(block, f"{layer}/kernel") for layer in layers]
+            if group == "o":
+                s, _ = awq.awq_search_scale(ws, x, awq.reduce_to_kv(st.mean_abs, h, kvh, hd), group_specs[0],
+                                            grid=grid, index=o_index, scale_dtype=scale_dtype)
+                block = awq.fold_v_into_o(block, s, h, kvh, hd)
+                s = np.asarray(s)[o_index]
+            else:
+                s, _ = awq.awq_search_scale(ws, x, st.mean_abs, group_specs[0], grid=grid, scale_dtype=scale_dtype)
+                if group == "down":
+                    block = awq.fold_up_into_down(block, s)
+                else:
+                    block = awq.fold_norm_scale(block, f"{group}_norm", layers, s)
+            scaled_inputs[group] = x / np.asarray(s, np.float32)[None, :]
+        out = {}
+        for layer, spec in specs.items():
+            w = _get(block, f"{layer}/kernel")
+            x = scaled_inputs[INPUT_OF[layer]]
+            if spec.granularity == "tensor":
+                out[layer] = quantize(w, spec, axis=0, scale_dtype=scale_dtype)
+            else:
+                lo, hi = awq.awq_search_clip(w, x, spec, grid=grid, scale_dtype=scale_dtype)
+                out[layer] = quantize_with_range(w, spec, lo, hi, axis=0, scale_dtype=scale_dtype)
+        return block, out
+
+    return quantize_block
+
+
+def _gptq_retrying(gptq_quantize, w, h, spec, path: str, *, damp: float, **kw) -> QuantizedTensor:
+    """GPTQ with ``damp``, retried with 10x and 100x the dampening if the Hessian is not positive
+    definite; a clear error naming the layer after that."""
+    tries = [damp] + [max(damp, 0.01) * f for f in DAMP_RETRIES[1:]]
+    for d in tries:
+        try:
+            return gptq_quantize(w, h, spec, damp=d, **kw)
+        except ValueError as e:
+            if "positive definite" not in str(e):
+                raise ValueError(f"{path}: {e}") from None
+            last = e
+    raise ValueError(f"{path}: {last} (dampening up to {tries[-1]:g} x the mean diagonal tried); "
+                     "raise --damp or calibrate on more text") from None
 
 
 def rules_text(rules: PrecisionRules) -> str:

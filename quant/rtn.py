@@ -93,6 +93,7 @@ def quantize_params(
     axis: int | Callable[[str, tuple[int, ...]], int] = 0,
     scale_dtype="float16",
     progress: bool | None = None,
+    quantizer: Callable | None = None,
 ):
     """Apply ``rules`` to every floating-point array leaf of ``params``.
 
@@ -100,6 +101,8 @@ def quantize_params(
     replaced by :class:`QuantizedTensor` and float-spec leaves cast.  ``axis`` is the
     reduction axis of each weight (0 for Flax ``(in, out)`` kernels) or a function of
     ``(path, shape)``.  Non-float leaves pass through untouched and unreported.
+    ``quantizer(path, leaf, spec, axis, scale_dtype) -> QuantizedTensor`` replaces RTN for integer
+    specs (HQQ, or the GPTQ/AWQ results of a calibration pass); None is RTN.
     """
     rules = PrecisionRules.parse(rules)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -124,7 +127,10 @@ def quantize_params(
         else:
             ax = axis(name, tuple(leaf.shape)) if callable(axis) else axis
             try:
-                new = quantize(leaf, spec, axis=ax, scale_dtype=scale_dtype)
+                if quantizer is None:
+                    new = quantize(leaf, spec, axis=ax, scale_dtype=scale_dtype)
+                else:
+                    new = quantizer(name, leaf, spec, ax, scale_dtype)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
             err = relative_error(leaf, dequantize(new, jnp.float32))

@@ -1,0 +1,172 @@
+"""PTQ methods on whole models: the sequential calibration loop, GPTQ/AWQ/HQQ against RTN on a
+real model, recorded recipes, and the `cascade quantize --method` command line."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from cascade import cli, quant
+from cascade.models import calibration, load_model
+from cascade.models.config import ModelConfig
+from cascade.models.evaluation import perplexity, split_documents, tokenize_documents
+from cascade.models.llama import init_params
+from cascade.models.model import Model
+from cascade.models.quantize import _gptq_retrying, calibrated_blocks, quantize_model
+from cascade.quant.gptq import gptq_quantize
+from cascade.quant.qtensor import QuantizedTensor
+
+from tests.shared_data import DATA
+
+BIN = os.path.join(DATA, "stories260K", "stories260K.bin")
+TRAIN = os.path.join(DATA, "text", "tinystories_train_00.txt")
+VAL = os.path.join(DATA, "text", "tinystories_val.txt")
+CFG = ModelConfig(vocab_size=64, dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                  max_seq_len=64, tie_embeddings=True)
+
+
+def test_each_block_is_calibrated_on_the_quantized_outputs_of_the_blocks_before_it():
+    params = init_params(CFG, jax.random.key(0))
+    tokens = np.asarray(jax.random.randint(jax.random.key(1), (4, 8), 0, 64), np.int32)
+    calib = calibration.CalibrationSet(tokens=tokens, recipe={})
+    seen = {}
+
+    def rtn_block(name, block, specs, stats):
+        seen[name] = stats
+        return block, {layer: quant.quantize(block[layer.split("/")[0]][layer.split("/")[1]]["kernel"], spec)
+                       for layer, spec in specs.items()}
+
+    _, done = calibrated_blocks(params, CFG, quant.PrecisionRules.parse("int3-g16"), calib, rtn_block, desc="t",
+                                progress=False)
+    assert len(done) == 14 and all(isinstance(q, QuantizedTensor) for q in done.values())
+    h0 = calibration.embed_tokens(params, tokens)
+    deq0 = jax.tree.map(lambda a: a, params["layers_0"])
+    for path, q in done.items():
+        if path.startswith("layers_0/"):
+            _, mod, lin, _ = path.split("/")
+            deq0 = {**deq0, mod: {**deq0[mod], lin: {"kernel": quant.dequantize(q, "float32")}}}
+    want = calibration.block_statistics(params["layers_1"], CFG, calibration.block_outputs(deq0, CFG, h0))
+    float_path = calibration.block_statistics(params["layers_1"], CFG, calibration.block_outputs(params["layers_0"], CFG, h0))
+    np.testing.assert_allclose(seen["layers_1"]["attn"].hessian, want["attn"].hessian, rtol=1e-5)
+    assert not np.allclose(seen["layers_1"]["attn"].hessian, float_path["attn"].hessian, rtol=1e-3)
+
+
+def test_a_hessian_that_is_not_positive_definite_is_retried_then_named():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 8)).astype(np.float32)
+    x = rng.normal(size=(4, 16))  # rank 4 < 16: singular without dampening
+    q = _gptq_retrying(gptq_quantize, w, x.T @ x, "int4", "layers_0/attn/q_proj/kernel", damp=0.0)
+    assert isinstance(q, QuantizedTensor)  # the retry with more dampening succeeded
+    with pytest.raises(ValueError, match=r"layers_3/mlp/up_proj/kernel: the Hessian is not positive definite.*tried"):
+        _gptq_retrying(gptq_quantize, w, -np.eye(16), "int4", "layers_3/mlp/up_proj/kernel", damp=0.01)
+
+
+@pytest.fixture(scope="module")
+def stories():
+    model = load_model(BIN)
+    calib = calibration.calibration_tokens(model.tokenizer, TRAIN, samples=64, length=256, seed=0)
+    with open(VAL) as f:
+        docs = tokenize_documents(model.tokenizer, split_documents(f.read())[:60])
+    return model, calib, docs
+
+
+def _ppl(model, docs):
+    return perplexity(model.params, model.config, docs, ctx=256, progress=False).ppl
+
+
+def test_gptq_awq_and_hqq_beat_rtn_on_stories260K_at_3_bits(stories):
+    """The README's PTQ table, in small: every method lowers RTN's perplexity at int3-g32."""
+    model, calib, docs = stories
+    ppl = {m: _ppl(quantize_model(model, "int3-g32", method=m, calib=calib if m in ("gptq", "awq") else None,
+                                  progress=False)[0], docs) for m in ("rtn", "gptq", "awq", "hqq")}
+    base = _ppl(model, docs)
+    assert base < min(ppl.values())
+    for m in ("gptq", "awq", "hqq"):
+        assert ppl[m] < ppl["rtn"], ppl
+    assert max(ppl["gptq"], ppl["awq"]) < ppl["rtn"] - 0.3 * (ppl["rtn"] - base), ppl  # calibrated: a large share
+
+
+def test_the_recipe_is_recorded_and_survives_a_checkpoint(stories, tmp_path):
+    from cascade.models import load_checkpoint, save_checkpoint
+
+    model, calib, _ = stories
+    q, _ = quantize_model(model, "attn=int8,*=int4-g32", method="gptq", calib=calib, act_order=True, progress=False)
+    assert str(q.params["layers_2"]["attn"]["o_proj"]["kernel"].spec) == "int8"
+    assert str(q.params["layers_2"]["mlp"]["down_proj"]["kernel"].spec) == "int4-g32"
+    assert q.ptq["method"] == "gptq" and q.ptq["settings"] == {"damp": 0.01, "act_order": True, "block_size": 128}
+    assert q.ptq["calibration"] == calib.recipe
+    save_checkpoint(tmp_path / "ck", q)
+    back = load_checkpoint(tmp_path / "ck")
+    assert back.ptq == q.ptq and back.quant == q.quant
+    for a, b in zip(jax.tree.leaves(q.params), jax.tree.leaves(back.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def run(capsys, *args):
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_gptq_checkpoint_runs_in_the_cascade(capsys, tmp_path):
+    """default-small quantized with GPTQ, saved, inspected, and used as the draft of `cascade run`."""
+    out_dir = str(tmp_path / "small-gptq")
+    code, out, err = run(capsys, "quantize", "default-small", "--quant", "int4-g32", "--method", "gptq", "--calib", TRAIN,
+                         "--calib-samples", "32", "--calib-len", "128", "-o", out_dir, "--json")
+    assert code == 0, err
+    payload = json.loads(out)
+    assert payload["ptq"]["method"] == "gptq" and payload["ptq"]["calibration"]["samples"] == 32
+    code, out, err = run(capsys, "inspect", out_dir, "--json")
+    assert code == 0 and json.loads(out)["ptq"] == payload["ptq"]
+    code, _, err = run(capsys, "inspect", out_dir)
+    assert "quantized with: gptq (damp 0.01, act_order False, block_size 128); calibrated on 32 x 128 tokens" in err
+    args = ("run", "Once upon a time", "--max-tokens", "16", "--json")
+    code, out, err = run(capsys, *args, "--small-model", out_dir, "--small", "source")
+    assert code == 0, err
+    spec = json.loads(out)
+    large = json.loads(run(capsys, *args, "--mode", "large")[1])
+    assert spec["token_ids"] == large["token_ids"]  # exact: the GPTQ draft only changes the speed
+    assert spec["speculative"]["acceptance_rate"] > 0.3
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (("--method", "gptq"), 2, "--method gptq needs calibration text: pass --calib FILE"),
+    (("--method", "rtn", "--calib", TRAIN), 2, "--calib apply only to --method gptq or awq, not to rtn"),
+    (("--method", "hqq", "--calib-samples", "64"), 2, "--calib-samples apply only to --method gptq or awq"),
+    (("--method", "awq", "--calib", TRAIN, "--damp", "0.1"), 2, "--damp apply only to --method gptq, not to awq"),
+    (("--method", "gptq", "--calib", "no/such.txt"), 2, "no/such.txt: no such file"),
+    (("--method", "gptq", "--calib", TRAIN, "--calib-samples", "16"), 2, "16 is not in the range 32<=x<=1024"),
+    (("--method", "gptq", "--calib", TRAIN, "--calib-len", "600"), 2, "600 exceeds the model context (512)"),
+    (("--method", "nope"), 2, "'nope' is not one of"),
+    (("--method", "gptq", "--calib", VAL, "--calib-samples", "1024"), 1, "1024 samples of 512 tokens need"),
+])
+def test_bad_ptq_flags_are_one_line_errors(capsys, tmp_path, args, code, message):
+    got, out, err = run(capsys, "quantize", BIN, "--quant", "int4-g32", *args, "-o", str(tmp_path / "out"))
+    assert got == code and message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_an_empty_calibration_file_is_refused(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    got, _, err = run(capsys, "quantize", BIN, "--quant", "int4-g32", "--method", "awq", "--calib", str(empty))
+    assert got == 1 and "is empty" in err and len(err.strip().splitlines()) == 1
+
+
+def test_hqq_on_a_model_records_its_method(stories):
+    model, _, _ = stories
+    q, report = quantize_model(model, "int4-g32-asym", method="hqq", progress=False)
+    r, rtn_report = quantize_model(model, "int4-g32-asym", progress=False)
+    assert q.ptq == {"method": "hqq", "settings": {}, "calibration": None, "seconds": q.ptq["seconds"]}
+    errs = {x.path: x.rel_error for x in rtn_report.layers if x.spec == "int4-g32-asym"}
+    hqq_errs = {x.path: x.rel_error for x in report.layers if x.spec == "int4-g32-asym"}
+    assert errs and all(hqq_errs[p] < errs[p] for p in errs)  # every kernel's weight error falls
+    with pytest.raises(ValueError, match="hqq does not use calibration data"):
+        quantize_model(model, "int4", method="hqq", calib=object())
+    with pytest.raises(ValueError, match="gptq needs calibration data"):
+        quantize_model(model, "int4", method="gptq")
+    with pytest.raises(ValueError, match="unknown PTQ method 'x'"):
+        quantize_model(model, "int4", method="x")
