@@ -427,10 +427,14 @@ def inspect(model, tokenizer, kvs, ctx, as_json):
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Score only the first windows, about N tokens.")
 @click.option("--kv", callback=_kv_spec,
               help=_KV_HELP + " Scores every window through a cache of this precision [default: no cache].")
+@click.option("--reference", is_flag=False, flag_value="source", default=None, metavar="[SOURCE]",
+              help="Also report KL divergence, top-1 agreement and Δppl against a reference model: SOURCE, or with "
+                   "no value the unquantized source (MODEL itself with --quant; a checkpoint's recorded source).")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv, tokenizer, scale_dtype, as_json):
+def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv, reference, tokenizer, scale_dtype,
+          as_json):
     """Perplexity of MODEL on a text file.
 
     \b
@@ -443,7 +447,27 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv
     from cascade.models import kv_cache_memory, perplexity, split_documents, tokenize_documents, weight_bytes
     from cascade.models.evaluation import DEFAULT_EVAL_CTX
 
-    loaded, _ = _load_model(model, tokenizer, quant_rules, scale_dtype=scale_dtype)
+    if reference is not None and kv is not None:
+        raise click.UsageError("--reference compares plain forwards; drop --kv")
+    if reference is not None and reference != "source":
+        _model(None, None, reference)
+    loaded, _ = _load_model(model, tokenizer, None, scale_dtype=scale_dtype)
+    source = loaded
+    if quant_rules is not None:
+        from cascade.models import quantize_model
+
+        loaded, _ = quantize_model(loaded, quant_rules, scale_dtype=scale_dtype)
+    ref = None
+    if reference == "source":
+        if quant_rules is not None:
+            ref = source
+        elif loaded.format == "checkpoint" and loaded.ptq and os.path.exists(loaded.ptq.get("source") or ""):
+            ref = _load_model(loaded.ptq["source"], loaded.ptq.get("tokenizer"), None)[0]
+        else:
+            raise click.UsageError("--reference without a value needs --quant, or a checkpoint whose source model "
+                                   "still exists; name the reference: --reference MODEL")
+    elif reference is not None:
+        ref = _load_model(reference, None, None)[0]
     _check_kv_fits(kv, loaded.config)
     if ctx is not None and ctx > loaded.config.max_seq_len:
         raise click.UsageError(f"--ctx {ctx} exceeds the model context ({loaded.config.max_seq_len})")
@@ -458,19 +482,36 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv
     if not docs:
         raise click.ClickException(f"{data}: no text to score")
     t0 = time.perf_counter()
-    result = perplexity(loaded.params, loaded.config, tokenize_documents(loaded.tokenizer, docs), ctx=ctx,
-                        stride=stride, truncate=truncate, kv=kv, max_tokens=max_tokens)
+    token_docs = tokenize_documents(loaded.tokenizer, docs)
+    fid = None
+    if ref is not None:
+        from cascade.models.evaluation import fidelity
+
+        if ref.config.vocab_size != loaded.config.vocab_size or tokenize_documents(ref.tokenizer, docs[:3]) != token_docs[:3]:
+            raise click.ClickException("the reference model does not share MODEL's tokenizer; KL divergence needs "
+                                       "the same tokens")
+        fid = fidelity(loaded.params, loaded.config, ref.params, ref.config, token_docs, ctx=ctx, stride=stride,
+                       truncate=truncate, max_tokens=max_tokens)
+        result = fid.perplexity(len(token_docs))
+    else:
+        result = perplexity(loaded.params, loaded.config, token_docs, ctx=ctx,
+                            stride=stride, truncate=truncate, kv=kv, max_tokens=max_tokens)
     seconds = time.perf_counter() - t0
     memory = kv_cache_memory(loaded.config, kv, result.ctx) if kv else None  # None: scored without a cache
     payload = {"model": model, "data": data, "quant": loaded.quant, **result.to_json(),
                "weight_bytes": weight_bytes(loaded.params), "kv_cache": memory,
                "kv_bytes": memory and memory["bytes_per_sequence"], "seconds": seconds,
-               "tokens_per_s": result.tokens / seconds}
+               "tokens_per_s": result.tokens / seconds,
+               "reference": None if ref is None else ref.source, "fidelity": None if fid is None else fid.to_json()}
     cache = ("" if memory is None else f"KV cache ({memory['kv']}) {memory['bytes_per_sequence']:,} bytes per sequence "
              f"of {result.ctx} ({memory['vs_fp16_per_sequence']:.1%} of fp16); ")
     human = (f"perplexity {result.ppl:.4f} over {result.tokens:,} tokens ({result.documents} documents, "
              f"{result.windows} windows, ctx {result.ctx}, stride {result.stride}); "
              f"weights {payload['weight_bytes']:,} bytes; {cache}{seconds:.1f} s")
+    if fid is not None:
+        human += (f"\nvs reference {ref.source}: perplexity {fid.ref_ppl:.4f} (Δppl {fid.delta_ppl:+.4f}); "
+                  f"KL divergence mean {fid.kld_mean:.5f}, p99 {fid.kld_p99:.5f}, max {fid.kld_max:.4f} nats; "
+                  f"top-1 agreement {fid.top1_agreement:.2%}")
     _emit(as_json, payload, human)
 
 
@@ -518,6 +559,69 @@ def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, 
         click.echo(prompt + completion if not chat else completion)
         speed = "n/a" if out.tokens_per_s is None else f"{out.tokens_per_s:.1f}"
         click.echo(f"[{len(gen)} tokens, {speed} tok/s decode, stop: {out.stop_reasons[0]}]", err=True)
+
+
+@app.command()
+@click.argument("model_a", metavar="A", callback=_model)
+@click.argument("model_b", metavar="B", callback=_model)
+@click.option("--prompts", required=True, callback=_data_file, help="Text file: one prompt per non-empty line.")
+@click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(min=1), help="Greedy tokens per prompt.")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def compare(model_a, model_b, prompts, max_tokens, tokenizer, as_json):
+    """Greedy outputs of models A and B side by side, with the first token where they diverge.
+
+    \b
+    The check with real prompts after quantizing: e.g. `cascade compare SOURCE CHECKPOINT --prompts FILE`.
+    Both models must share the tokenizer.
+    """
+    from cascade.models import generate as generate_tokens
+    from cascade.models.generation import first_divergence
+
+    try:
+        with open(prompts, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise click.ClickException(f"{prompts}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not lines:
+        raise click.ClickException(f"{prompts}: no prompts (one per non-empty line)")
+    if tokenizer is not None and not (_is_llama2c(model_a) or _is_llama2c(model_b)):
+        raise click.UsageError("--tokenizer applies only to a llama2.c .bin model; A and B bring their own tokenizers")
+    a = _load_model(model_a, tokenizer if _is_llama2c(model_a) else None, None)[0]
+    b = _load_model(model_b, tokenizer if _is_llama2c(model_b) else None, None)[0]
+    if a.config.vocab_size != b.config.vocab_size or [a.tokenizer.encode(p) for p in lines[:3]] != [b.tokenizer.encode(p) for p in lines[:3]]:
+        raise click.ClickException("A and B do not share a tokenizer; compare models of the same family")
+    rows = []
+    for prompt in lines:
+        ids = a.tokenizer.encode(prompt)
+        outs = [generate_tokens(m.params, m.config, [ids], max_new_tokens=max_tokens,
+                                eos_ids=m.tokenizer.eos_ids or m.config.eos_token_ids).tokens[0] for m in (a, b)]
+        at = first_divergence(outs[0], outs[1])
+        rows.append({"prompt": prompt, "a": a.tokenizer.decode_completion(ids, outs[0]),
+                     "b": b.tokenizer.decode_completion(ids, outs[1]), "a_token_ids": outs[0], "b_token_ids": outs[1],
+                     "first_divergence": at,
+                     "diverging_tokens": None if at is None else [_token_text(m.tokenizer, ids, out, at)
+                                                                  for m, out in ((a, outs[0]), (b, outs[1]))]})
+    same = sum(r["first_divergence"] is None for r in rows)
+    lines_out = []
+    for r in rows:
+        where = "identical" if r["first_divergence"] is None else (
+            f"diverge at token {r['first_divergence']}: {r['diverging_tokens'][0]!r} vs {r['diverging_tokens'][1]!r}")
+        lines_out += [f"prompt: {r['prompt']}", f"  A: {r['a']!r}", f"  B: {r['b']!r}", f"  {where}"]
+    lines_out.append(f"{same}/{len(rows)} prompts identical over {max_tokens} greedy tokens")
+    _emit(as_json, {"a": model_a, "b": model_b, "a_quant": a.quant, "b_quant": b.quant, "max_tokens": max_tokens,
+                    "identical": same, "prompts": rows}, "\n".join(lines_out))
+
+
+def _token_text(tok, prompt_ids, out, i: int) -> str | None:
+    """The text token ``i`` of a completion adds (None past its end), as it reads in context."""
+    if i >= len(out):
+        return None
+    return tok.decode_completion(prompt_ids, out[: i + 1])[len(tok.decode_completion(prompt_ids, out[:i])):]
+
+
+def _is_llama2c(path: str) -> bool:
+    return os.path.isfile(path) and path.lower().endswith(".bin")
 
 
 @app.command()

@@ -127,6 +127,45 @@ def _length_bucket(n: int, ctx: int) -> int:
     return min(ctx, max(64, -(-n // 64) * 64 if n <= 256 else 1 << (n - 1).bit_length()))
 
 
+def _windows(cfg: ModelConfig, token_docs, ctx, stride, truncate, max_tokens, min_context):
+    ctx = min(ctx or min(cfg.max_seq_len, DEFAULT_EVAL_CTX), cfg.max_seq_len)
+    stride = stride or max(1, ctx // 2)
+    if ctx < 2:
+        raise ValueError(f"ctx must be at least 2, got {ctx}")
+    wins = [w for ids in token_docs for w in windows_of(ids, ctx, stride, truncate, min_context)]
+    if not wins:
+        raise ValueError("no document has two or more tokens to score")
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        scored = np.cumsum([len(w.tokens) - w.first_scored for w in wins])
+        wins = wins[: int(np.searchsorted(scored, max_tokens)) + 1]
+    return wins, ctx, stride
+
+
+def _batches(cfg: ModelConfig, wins: list[Window], ctx: int, batch_tokens: int | None, progress: bool | None, desc: str):
+    """``(tokens, weights)`` batches over ``wins``: windows grouped by padded length so each
+    (batch, length) shape compiles once; ``weights`` marks the scored positions."""
+    batch_tokens = batch_tokens or max(ctx, (64 << 20) // (4 * cfg.vocab_size))
+    by_len: dict[int, list[Window]] = {}
+    for w in wins:
+        by_len.setdefault(_length_bucket(len(w.tokens), ctx), []).append(w)
+    bar = tqdm(total=len(wins), desc=desc, unit="window", disable=None if progress is None else not progress, leave=False)
+    for length, group in sorted(by_len.items()):
+        attn_rows = (64 << 20) // (4 * cfg.n_heads * length * length)  # keep the (B, H, T, T) scores ~64 MB
+        bsz = max(1, min(batch_tokens // length, attn_rows, len(group)))
+        for i in range(0, len(group), bsz):
+            chunk = group[i:i + bsz]
+            tokens = np.zeros((bsz, length), np.int32)
+            weights = np.zeros((bsz, length), np.float32)
+            for r, w in enumerate(chunk):
+                tokens[r, : len(w.tokens)] = w.tokens
+                weights[r, w.first_scored: len(w.tokens)] = 1.0
+            yield tokens, weights
+            bar.update(len(chunk))
+    bar.close()
+
+
 def perplexity(params, cfg: ModelConfig, token_docs: list[list[int]], *, ctx: int | None = None,
                stride: int | None = None, truncate: bool = False, batch_tokens: int | None = None,
                progress: bool | None = None, kv: KVSpec | str | None = None,
@@ -141,47 +180,90 @@ def perplexity(params, cfg: ModelConfig, token_docs: list[list[int]], *, ctx: in
     ``batch_tokens`` bounds ``batch * window`` per model call (default: about 64 MB of logits); the
     batch is also cut so the attention scores stay near 64 MB.
     """
-    ctx = min(ctx or min(cfg.max_seq_len, DEFAULT_EVAL_CTX), cfg.max_seq_len)
-    stride = stride or max(1, ctx // 2)
-    if ctx < 2:
-        raise ValueError(f"ctx must be at least 2, got {ctx}")
     kv = None if kv is None else parse_kv_spec(kv)
-    wins = [w for ids in token_docs for w in windows_of(ids, ctx, stride, truncate, min_context)]
-    if not wins:
-        raise ValueError("no document has two or more tokens to score")
-    if max_tokens is not None:
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        scored = np.cumsum([len(w.tokens) - w.first_scored for w in wins])
-        wins = wins[: int(np.searchsorted(scored, max_tokens)) + 1]
-    batch_tokens = batch_tokens or max(ctx, (64 << 20) // (4 * cfg.vocab_size))
-    # Group windows by padded length so each (batch, length) shape compiles once.
-    by_len: dict[int, list[Window]] = {}
-    for w in wins:
-        by_len.setdefault(_length_bucket(len(w.tokens), ctx), []).append(w)
+    wins, ctx, stride = _windows(cfg, token_docs, ctx, stride, truncate, max_tokens, min_context)
     total_nll, total_tokens = 0.0, 0.0
-    bar = tqdm(total=len(wins), desc="eval", unit="window", disable=None if progress is None else not progress, leave=False)
-    for length, group in sorted(by_len.items()):
-        attn_rows = (64 << 20) // (4 * cfg.n_heads * length * length)  # keep the (B, H, T, T) scores ~64 MB
-        bsz = max(1, min(batch_tokens // length, attn_rows, len(group)))
-        for i in range(0, len(group), bsz):
-            chunk = group[i:i + bsz]
-            tokens = np.zeros((bsz, length), np.int32)
-            weights = np.zeros((bsz, length), np.float32)
-            for r, w in enumerate(chunk):
-                tokens[r, : len(w.tokens)] = w.tokens
-                weights[r, w.first_scored: len(w.tokens)] = 1.0
-            if kv is None:
-                nll, count = _window_nll(params, cfg, tokens, weights)
-            else:
-                nll, count = _window_nll_cached(params, cfg, tokens, weights, kv)
-            total_nll += float(nll)
-            total_tokens += float(count)
-            bar.update(len(chunk))
-    bar.close()
+    for tokens, weights in _batches(cfg, wins, ctx, batch_tokens, progress, "eval"):
+        if kv is None:
+            nll, count = _window_nll(params, cfg, tokens, weights)
+        else:
+            nll, count = _window_nll_cached(params, cfg, tokens, weights, kv)
+        total_nll += float(nll)
+        total_tokens += float(count)
     mean = total_nll / total_tokens
     return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens=int(total_tokens), documents=len(token_docs),
                             windows=len(wins), ctx=ctx, stride=stride, kv=None if kv is None else str(kv))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FidelityResult:
+    """How closely a model's next-token distributions follow a reference's (llama.cpp's
+    ``perplexity --kl-divergence``): over the same scored tokens, ``KL(P_ref || P)`` per token
+    (nats), the share of tokens where both put the same token first, and both perplexities."""
+
+    ppl: float  # the model's perplexity
+    ref_ppl: float  # the reference's perplexity
+    delta_ppl: float  # ppl - ref_ppl
+    kld_mean: float  # mean KL(P_ref || P) over scored tokens
+    kld_p99: float  # its 99th percentile
+    kld_max: float
+    top1_agreement: float  # fraction of scored tokens with argmax P == argmax P_ref
+    tokens: int
+    windows: int
+    ctx: int
+    stride: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def perplexity(self, documents: int) -> PerplexityResult:
+        """The model's side as a :class:`PerplexityResult` (same windows, same tokens)."""
+        return PerplexityResult(ppl=self.ppl, nll=math.log(self.ppl), tokens=self.tokens, documents=documents,
+                                windows=self.windows, ctx=self.ctx, stride=self.stride)
+
+
+@partial(jax.jit, static_argnames=("cfg", "ref_cfg"))
+def _window_fidelity(params, cfg: ModelConfig, ref_params, ref_cfg: ModelConfig, tokens, weights):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    logits, _ = Transformer(cfg).apply({"params": params}, tokens, positions)
+    ref_logits, _ = Transformer(ref_cfg).apply({"params": ref_params}, tokens, positions)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    ref_logp = jax.nn.log_softmax(ref_logits[:, :-1].astype(jnp.float32), axis=-1)
+    kld = jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)  # (B, T-1)
+    same = jnp.argmax(logp, axis=-1) == jnp.argmax(ref_logp, axis=-1)
+    target = tokens[:, 1:, None]
+    w = weights[:, 1:]
+    nll = -(jnp.take_along_axis(logp, target, axis=-1)[..., 0] * w).sum()
+    ref_nll = -(jnp.take_along_axis(ref_logp, target, axis=-1)[..., 0] * w).sum()
+    return jnp.maximum(kld, 0.0), same, nll, ref_nll
+
+
+def fidelity(params, cfg: ModelConfig, ref_params, ref_cfg: ModelConfig, token_docs: list[list[int]], *,
+             ctx: int | None = None, stride: int | None = None, truncate: bool = False,
+             batch_tokens: int | None = None, progress: bool | None = None, max_tokens: int | None = None,
+             min_context: int = 1) -> FidelityResult:
+    """:class:`FidelityResult` of ``params`` against ``ref_params`` over the windows
+    :func:`perplexity` scores (both models see the same tokens; they must share the vocabulary)."""
+    if cfg.vocab_size != ref_cfg.vocab_size:
+        raise ValueError(f"the reference has a vocabulary of {ref_cfg.vocab_size} tokens, the model {cfg.vocab_size}: "
+                         "compare models that share a tokenizer")
+    ctx = min(ctx or DEFAULT_EVAL_CTX, cfg.max_seq_len, ref_cfg.max_seq_len)
+    wins, ctx, stride = _windows(cfg, token_docs, ctx, stride, truncate, max_tokens, min_context)
+    klds, same, nll, ref_nll = [], 0, 0.0, 0.0
+    for tokens, weights in _batches(cfg, wins, ctx, (batch_tokens or max(ctx, (64 << 20) // (4 * cfg.vocab_size))) // 2,
+                                    progress, "fidelity"):
+        kld, agree, n, rn = _window_fidelity(params, cfg, ref_params, ref_cfg, tokens, weights)
+        scored = weights[:, 1:] > 0
+        klds.append(np.asarray(kld)[scored])
+        same += int(np.asarray(agree)[scored].sum())
+        nll += float(n)
+        ref_nll += float(rn)
+    kld = np.concatenate(klds).astype(np.float64)
+    count = kld.size
+    ppl, ref_ppl = math.exp(nll / count), math.exp(ref_nll / count)
+    return FidelityResult(ppl=ppl, ref_ppl=ref_ppl, delta_ppl=ppl - ref_ppl, kld_mean=float(kld.mean()),
+                          kld_p99=float(np.percentile(kld, 99)), kld_max=float(kld.max()),
+                          top1_agreement=same / count, tokens=count, windows=len(wins), ctx=ctx, stride=stride)
 
 
 def tokenize_documents(tokenizer, docs: list[str], bos: bool | None = None) -> list[list[int]]:

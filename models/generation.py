@@ -213,3 +213,12 @@ def generate(params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_toke
     reasons = ["eos" if d else "max_tokens" for d in done]
     return Generation(tokens=out, prompt_lengths=lengths, stop_reasons=reasons, prefill_s=t1 - t0, decode_s=t2 - t1,
                       steady_steps=max(steps - 1, 0), steady_s=(t2 - t_first) if t_first is not None else 0.0)
+
+
+def first_divergence(a, b) -> int | None:
+    """The first index where token sequences ``a`` and ``b`` differ (a length difference counts at
+    the shorter one's end), or None when they are equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))

@@ -93,7 +93,7 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
                                       quantizer=quantizer)
     report = QuantReport(layers=tuple(dataclasses.replace(r, bytes_before=stored.get(r.path, r.bytes_before))
                                       for r in report.layers))
-    ptq = {"method": method, "settings": settings, "calibration": None if calib is None else dict(calib.recipe),
+    ptq = {"method": method, "source": model.source, "settings": settings, "calibration": None if calib is None else dict(calib.recipe),
            "seconds": round(time.perf_counter() - t0, 3)}
     return dataclasses.replace(model, params=qparams, quant=label, ptq=ptq), report
 

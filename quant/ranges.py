@@ -95,14 +95,14 @@ def fitted_range(lo, hi, spec: IntSpec):
 def scale_zero_from_range(lo, hi, spec: IntSpec, scale_dtype=jnp.float16):
     """Scale and zero point covering [lo, hi] (arrays of equal shape).
 
-    Symmetric: ``s = max(|lo|, |hi|) / qmax``, ``z = 0``.  Asymmetric: the range is widened to
+    Symmetric: ``s = max(|lo|, |hi|) / qmax`` (``/ (qmax + 0.5)`` on the full grid), ``z = 0``.  Asymmetric: the range is widened to
     contain 0 (so 0 is exact), ``s = (hi - lo) / (2**bits - 1)``, ``z = round(-lo / s)``.
     The scale is rounded *up* to ``scale_dtype`` so that the range still fits the integer grid
     with the stored scale; that keeps the rounding error at most ``s/2`` inside the range.
     An all-zero group gets ``s = 1``.  Returns ``(scale, zero)`` with ``zero`` None if symmetric.
     """
     lo, hi = fitted_range(lo, hi, spec)
-    s = hi / spec.qmax if spec.symmetric else (hi - lo) / (spec.qmax - spec.qmin)
+    s = hi / spec.scale_divisor if spec.symmetric else (hi - lo) / (spec.qmax - spec.qmin)
     s = jnp.where(s > 0, s, 1.0)
     stored = s.astype(scale_dtype)
     stored = jnp.where(stored.astype(jnp.float32) < s, jnp.nextafter(stored, jnp.asarray(jnp.inf, scale_dtype)), stored)

@@ -3,7 +3,7 @@
 The same string means the same thing in the CLI, the Python API, saved checkpoints and
 benchmark output.  Grammar (canonical form omits the defaults shown in brackets)::
 
-    int{8|4|3|2}[-g{N} | -tensor | -channel][-asym | -sym][-minmax | -mse | -p{PCT}]
+    int{8|4|3|2}[-g{N} | -tensor | -channel][-asym | -sym | -full][-minmax | -mse | -p{PCT}]
     bf16 | fp16 | fp32
 
 * ``int8``            per-output-channel, symmetric, min-max range
@@ -12,6 +12,8 @@ benchmark output.  Grammar (canonical form omits the defaults shown in brackets)
 * ``int8-tensor``     one scale for the whole tensor
 * ``int4-g128-mse``   range clipped by an MSE-optimal search (grid over clip ratios)
 * ``int8-p99.9``      range clipped at the 99.9th percentile of the values
+* ``int3-g32-full``   symmetric on all ``2**b`` levels (int3: -4..3, scale ``absmax / 3.5``, as qwix);
+                      plain symmetric uses ``2**b - 1`` levels (int3: -3..3, scale ``absmax / 3``)
 * ``bf16``/``fp16``/``fp32``  no integer quantization, the tensor is cast to that float type
 
 "Channel" is every index of the non-reduction axes; the reduction axis is the one a matmul
@@ -29,8 +31,8 @@ FLOAT_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 GRANULARITIES = ("tensor", "channel", "group")
 
 ALLOWED_FORMS = (
-    "int{8,4,3,2}[-g<N>|-tensor|-channel][-asym|-sym][-minmax|-mse|-p<PCT>] "
-    "(e.g. int8, int4-g128, int4-g64-asym, int8-tensor, int3-g32, int2-g16, int4-g128-mse, "
+    "int{8,4,3,2}[-g<N>|-tensor|-channel][-asym|-sym|-full][-minmax|-mse|-p<PCT>] "
+    "(e.g. int8, int4-g128, int4-g64-asym, int8-tensor, int3-g32, int3-g32-full, int2-g16, int4-g128-mse, "
     "int8-p99.9) or a float type: bf16, fp16, fp32"
 )
 
@@ -43,6 +45,7 @@ class IntSpec:
     granularity: str = "channel"  # "tensor", "channel" or "group"
     group_size: int | None = None  # values per group along the reduction axis ("group" only)
     symmetric: bool = True  # symmetric: zero point 0; asymmetric: scale and zero point
+    full_range: bool = False  # symmetric only: all 2**bits levels [-2**(b-1), 2**(b-1) - 1] instead of +-(2**(b-1) - 1)
     clip: str = "minmax"  # range estimator: "minmax", "mse" or "p<PCT>" (percentile)
 
     def __post_init__(self):
@@ -57,6 +60,8 @@ class IntSpec:
                 raise ValueError(f"group_size must be positive, got {self.group_size}")
         elif self.group_size is not None:
             raise ValueError(f"group_size is only valid with granularity='group', got {self.group_size}")
+        if self.full_range and not self.symmetric:
+            raise ValueError("full_range applies only to symmetric specs (asymmetric specs use every level already)")
         pct = clip_percentile(self.clip)  # validates
         if pct is not None:  # one name per percentile: p99.90 and p099.9 are p99.9
             text = repr(pct)
@@ -64,13 +69,21 @@ class IntSpec:
 
     @property
     def qmin(self) -> int:
-        """Smallest integer the quantizer produces (restricted symmetric range)."""
-        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+        """Smallest integer the quantizer produces (restricted symmetric range unless ``full_range``)."""
+        if not self.symmetric:
+            return 0
+        return -(2 ** (self.bits - 1)) if self.full_range else -(2 ** (self.bits - 1) - 1)
 
     @property
     def qmax(self) -> int:
         """Largest integer the quantizer produces."""
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def scale_divisor(self) -> float:
+        """A symmetric range ``[-a, a]`` gets the scale ``a / scale_divisor``: ``qmax``, or
+        ``qmax + 0.5`` on the full grid (``-a`` lands on ``qmin``, ``+a`` half a step above ``qmax``)."""
+        return self.qmax + 0.5 if self.full_range else float(self.qmax)
 
     @property
     def code_offset(self) -> int:
@@ -90,6 +103,8 @@ class IntSpec:
             parts.append("tensor")
         if not self.symmetric:
             parts.append("asym")
+        elif self.full_range:
+            parts.append("full")
         if self.clip != "minmax":
             parts.append(self.clip)
         return "-".join(parts)
@@ -155,8 +170,8 @@ def parse_spec(text: str | Spec) -> Spec:
             kind, value = "granularity", ("group", int(m.group(1)))
         elif tok in ("tensor", "channel"):
             kind, value = "granularity", (tok, None)
-        elif tok in ("asym", "sym"):
-            kind, value = "symmetry", tok == "sym"
+        elif tok in ("asym", "sym", "full"):
+            kind, value = "symmetry", tok
         elif tok in ("minmax", "mse") or _PERCENTILE.fullmatch(tok):
             kind, value = "clip", tok
         else:
@@ -167,7 +182,8 @@ def parse_spec(text: str | Spec) -> Spec:
         if kind == "granularity":
             fields["granularity"], fields["group_size"] = value
         elif kind == "symmetry":
-            fields["symmetric"] = value
+            fields["symmetric"] = value != "asym"
+            fields["full_range"] = value == "full"
         else:
             fields["clip"] = value
     try:

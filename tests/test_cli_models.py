@@ -138,3 +138,54 @@ def test_hf_directory_eval_and_bad_config(capsys, hf_chat_dir, tmp_path):
     (bad / "config.json").write_text(json.dumps({**cfg, "hidden_size": None}))
     code, out, err = run(capsys, "inspect", str(bad))
     assert code == 1 and out == "" and err.count("\n") == 1 and "config.json: bad value in config" in err
+
+
+def test_eval_reference_reports_kl_divergence_top1_and_delta_ppl(capsys, tmp_path):
+    base = ("eval", BIN, "--data", VAL, "--limit", "8", "--json")
+    code, out, err = run(capsys, *base, "--quant", "int3-g32", "--reference")
+    assert code == 0, err
+    d = json.loads(out)
+    f = d["fidelity"]
+    assert d["reference"] == BIN and d["ppl"] == f["ppl"] and f["tokens"] == d["tokens"]
+    float_ppl = json.loads(run(capsys, *base)[1])["ppl"]
+    assert abs(f["ref_ppl"] - float_ppl) < 1e-6 * float_ppl  # the reference is the unquantized model
+    assert abs(f["delta_ppl"] - (d["ppl"] - float_ppl)) < 1e-4
+    assert 0 < f["kld_mean"] < f["kld_p99"] <= f["kld_max"] and 0.3 < f["top1_agreement"] < 1
+    # int8 stays much closer to the source than int3
+    g = json.loads(run(capsys, *base, "--quant", "int8", "--reference", BIN)[1])["fidelity"]
+    assert g["kld_mean"] < f["kld_mean"] / 10 and g["top1_agreement"] > f["top1_agreement"]
+    # a checkpoint made by `cascade quantize` finds its source by itself
+    ck = str(tmp_path / "ck")
+    assert run(capsys, "quantize", BIN, "--quant", "int8", "-o", ck)[0] == 0
+    h = json.loads(run(capsys, "eval", ck, "--data", VAL, "--limit", "8", "--json", "--reference")[1])
+    assert h["reference"] == BIN and abs(h["fidelity"]["kld_mean"] - g["kld_mean"]) < 1e-6
+    code, _, err = run(capsys, "eval", BIN, "--data", VAL, "--reference")
+    assert code == 2 and "--reference without a value needs --quant" in err
+    code, _, err = run(capsys, "eval", BIN, "--data", VAL, "--quant", "int8", "--reference", "--kv", "int8")
+    assert code == 2 and "drop --kv" in err
+
+
+def test_compare_shows_the_first_diverging_token(capsys, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Once upon a time\n\nThe little dog\n")
+    ck = str(tmp_path / "int3")
+    assert run(capsys, "quantize", BIN, "--quant", "int3-g32", "-o", ck)[0] == 0
+    code, out, err = run(capsys, "compare", BIN, BIN, "--prompts", str(prompts), "--max-tokens", "12", "--json")
+    assert code == 0, err
+    same = json.loads(out)
+    assert same["identical"] == 2 and all(r["first_divergence"] is None for r in same["prompts"])
+    code, out, err = run(capsys, "compare", BIN, ck, "--prompts", str(prompts), "--max-tokens", "24", "--json")
+    d = json.loads(out)
+    assert code == 0 and d["b_quant"] == "int3-g32" and len(d["prompts"]) == 2
+    for r in d["prompts"]:
+        at = r["first_divergence"]
+        if at is not None:
+            assert r["a_token_ids"][:at] == r["b_token_ids"][:at] and r["a_token_ids"][at] != r["b_token_ids"][at]
+            assert r["a"].startswith(r["a"][:1]) and all(t is not None for t in r["diverging_tokens"])
+    assert d["identical"] < 2  # int3 RTN changes stories260K's greedy text
+    code, _, err = run(capsys, "compare", BIN, ck, "--prompts", str(prompts))
+    assert code == 0 and "prompts identical over 32 greedy tokens" in err and "diverge at token" in err
+    empty = tmp_path / "e.txt"
+    empty.write_text("\n\n")
+    code, _, err = run(capsys, "compare", BIN, ck, "--prompts", str(empty))
+    assert code == 1 and "no prompts" in err

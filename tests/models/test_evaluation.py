@@ -116,3 +116,57 @@ def test_perplexity_through_a_cache():
     assert int4.ppl != pytest.approx(plain.ppl, rel=1e-7) and int4.ppl == pytest.approx(plain.ppl, rel=0.05)
     cut = perplexity(params, cfg, docs, ctx=64, stride=16, max_tokens=80)
     assert cut.windows == 3 and cut.tokens == 63 + 16 + 16
+
+
+def _fidelity_models():
+    import jax
+
+    from cascade.models.config import ModelConfig
+    from cascade.models.llama import init_params
+
+    cfg = ModelConfig(vocab_size=48, dim=32, hidden_dim=48, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8,
+                      max_seq_len=32, tie_embeddings=True)
+    a = init_params(cfg, jax.random.key(0))
+    b = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(1), x.shape), a)
+    return cfg, a, b
+
+
+def test_fidelity_equals_a_float64_computation_over_the_same_windows():
+    from cascade.models.evaluation import fidelity, windows_of
+    from cascade.models.generation import logits_of
+
+    cfg, a, b = _fidelity_models()
+    rng = np.random.default_rng(0)
+    docs = [list(rng.integers(0, 48, n)) for n in (5, 40, 17)]
+    got = fidelity(b, cfg, a, cfg, docs, ctx=16, stride=8, progress=False)
+    klds, same, nll, ref_nll = [], 0, 0.0, 0.0
+    for ids in docs:
+        for w in windows_of(ids, 16, 8):
+            lp = np.asarray(logits_of(b, cfg, np.asarray(w.tokens)[None]), np.float64)[0]
+            lr = np.asarray(logits_of(a, cfg, np.asarray(w.tokens)[None]), np.float64)[0]
+            lp -= np.log(np.exp(lp - lp.max(-1, keepdims=True)).sum(-1, keepdims=True)) + lp.max(-1, keepdims=True)
+            lr -= np.log(np.exp(lr - lr.max(-1, keepdims=True)).sum(-1, keepdims=True)) + lr.max(-1, keepdims=True)
+            for t in range(w.first_scored, len(w.tokens)):
+                klds.append(float((np.exp(lr[t - 1]) * (lr[t - 1] - lp[t - 1])).sum()))
+                same += int(lp[t - 1].argmax() == lr[t - 1].argmax())
+                nll -= lp[t - 1, w.tokens[t]]
+                ref_nll -= lr[t - 1, w.tokens[t]]
+    n = len(klds)
+    assert got.tokens == n == sum(len(d) - 1 for d in docs)
+    np.testing.assert_allclose(got.kld_mean, np.mean(klds), rtol=1e-3)
+    np.testing.assert_allclose(got.kld_p99, np.percentile(klds, 99), rtol=1e-3)
+    assert got.top1_agreement == same / n and 0 < got.kld_mean
+    np.testing.assert_allclose([got.ppl, got.ref_ppl], np.exp([nll / n, ref_nll / n]), rtol=1e-5)
+    np.testing.assert_allclose(got.delta_ppl, got.ppl - got.ref_ppl)
+    itself = fidelity(a, cfg, a, cfg, docs, ctx=16, stride=8, progress=False)
+    assert itself.kld_max < 1e-6 and itself.top1_agreement == 1.0 and itself.delta_ppl == 0.0
+
+
+def test_fidelity_needs_a_shared_vocabulary():
+    import dataclasses
+
+    from cascade.models.evaluation import fidelity
+
+    cfg, a, _ = _fidelity_models()
+    with pytest.raises(ValueError, match="vocabulary of 64 tokens, the model 48"):
+        fidelity(a, cfg, a, dataclasses.replace(cfg, vocab_size=64), [[1, 2, 3]])

@@ -160,7 +160,7 @@ def test_hqq_on_a_model_records_its_method(stories):
     model, _, _ = stories
     q, report = quantize_model(model, "int4-g32-asym", method="hqq", progress=False)
     r, rtn_report = quantize_model(model, "int4-g32-asym", progress=False)
-    assert q.ptq == {"method": "hqq", "settings": {}, "calibration": None, "seconds": q.ptq["seconds"]}
+    assert q.ptq == {"method": "hqq", "source": BIN, "settings": {}, "calibration": None, "seconds": q.ptq["seconds"]}
     errs = {x.path: x.rel_error for x in rtn_report.layers if x.spec == "int4-g32-asym"}
     hqq_errs = {x.path: x.rel_error for x in report.layers if x.spec == "int4-g32-asym"}
     assert errs and all(hqq_errs[p] < errs[p] for p in errs)  # every kernel's weight error falls
