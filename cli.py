@@ -846,6 +846,51 @@ def bench_ppl(model, data, specs, limit, ctx, stride, no_truncate, tokenizer, ou
     _emit(as_json, result, bench_ppl_mod.format_table(result))
 
 
+@bench.command(name="ptq")
+@click.argument("model", callback=_model)
+@click.option("--calib", required=True, callback=_data_file, help="Calibration text (GPTQ, AWQ).")
+@click.option("--data", required=True, callback=_data_file, help="UTF-8 text file to score.")
+@click.option("--spec", "specs", default="int4,int4-g128,int4-g32,int3-g32,int3-g64-asym,int2-g16-asym", show_default=True,
+              help="Comma-separated precision specs.")
+@click.option("--method", "methods", default="rtn,gptq,awq,hqq", show_default=True,
+              help="Comma-separated methods: rtn, gptq, awq, hqq, and the peers qwix-rtn, qwix-gptq, qwix-awq "
+                   "(benchmark only: needs qwix, see bench/qwix_setup.sh).")
+@click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(32, 1024), help="Calibration sequences.")
+@click.option("--calib-len", default=512, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per calibration sequence (capped at the model context).")
+@click.option("--limit", default=200, show_default=True, type=click.IntRange(min=1), help="First N documents of --data.")
+@click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=2), help="Window length (capped at the model context).")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Score only the first windows, about N tokens.")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def bench_ptq(model, calib, data, specs, methods, calib_samples, calib_len, limit, ctx, max_tokens, tokenizer, out_path,
+              as_json):
+    """RTN, GPTQ, AWQ and HQQ side by side: perplexity, Δppl, KL divergence, top-1 agreement, bytes and
+    seconds per spec and method, against the float model (see bench/ptq.py)."""
+    from cascade.bench import ptq as bench_ptq_mod
+
+    spec_list = [s.strip() for s in specs.split(",") if s.strip()]
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    for spec in spec_list:
+        _rules(None, None, spec)
+    known = PTQ_METHODS + bench_ptq_mod.QWIX_METHODS
+    for m in method_list:
+        if m not in known:
+            raise click.BadParameter(f"unknown method {m!r}; choose from {', '.join(known)}", param_hint="'--method'")
+    if not spec_list or not method_list:
+        raise click.UsageError("--spec and --method need at least one value each")
+    _check_tokenizer_flag(model, tokenizer)
+    from cascade.models import load_model
+
+    result = bench_ptq_mod.run(load_model(model, tokenizer=tokenizer), calib, data, specs=spec_list, methods=method_list,
+                               samples=calib_samples, length=calib_len, limit=limit, ctx=ctx, max_tokens=max_tokens)
+    result["model"] = model
+    if out_path:
+        _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    _emit(as_json, result, bench_ptq_mod.table(result))
+
+
 @bench.command(name="kv")
 @click.argument("model", callback=_model)
 @click.option("--data", required=True, callback=_data_file, help="UTF-8 text file to score.")

@@ -25,7 +25,7 @@ from cascade.quant.qtensor import QuantizedTensor
 from tests.quant.reference import dequantize_ref, expand_params, unpack
 
 SPECS = ["int8", "int8-tensor", "int8-g64-asym", "int8-asym", "int4", "int4-asym", "int4-g32", "int4-g128",
-         "int4-g32-asym", "int4-g64-asym", "int4-g16-mse"]
+         "int4-g32-asym", "int4-g64-asym", "int4-g16-mse", "int4-g32-full", "int8-full"]
 SHAPES = [(64, 32), (173, 37), (300, 129), (1, 8), (33, 1)]  # (K, N): tails of 8-wide strips, short groups, odd K
 ROWS = [1, 2, 4, 5, 16, 64]
 

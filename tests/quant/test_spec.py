@@ -77,3 +77,15 @@ def test_any_valid_spec_round_trips(bits, gran, sym, clip):
 def test_structural_errors_also_list_allowed_forms(bad):
     with pytest.raises(ValueError, match="allowed: int"):
         parse_spec(bad)
+
+
+def test_the_full_symmetric_grid_is_an_opt_in_spec():
+    s = parse_spec("int3-g32-full")
+    assert (s.qmin, s.qmax, s.scale_divisor, s.full_range, s.symmetric) == (-4, 3, 3.5, True, True)
+    assert str(s) == "int3-g32-full" and parse_spec(str(s)) == s
+    assert parse_spec("int3-g32").qmin == -3 and parse_spec("int3-g32").scale_divisor == 3.0
+    assert parse_spec("int8-full").qmin == -128 and parse_spec("int4-full").code_offset == 8  # codes 0..15
+    with pytest.raises(ValueError, match="sets the symmetry twice"):
+        parse_spec("int4-full-asym")
+    with pytest.raises(ValueError, match="full_range applies only to symmetric"):
+        IntSpec(bits=4, symmetric=False, full_range=True)

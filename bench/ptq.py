@@ -1,0 +1,88 @@
+"""Accurate PTQ side by side: RTN, GPTQ, AWQ, HQQ (and qwix's peers) on the same weights, specs,
+calibration and evaluation text.
+
+``cascade bench ptq MODEL --calib FILE --data FILE`` (``--json`` for rows).  For each spec and
+method the model is quantized (default rules: embeddings, norms and LM head in bf16) and scored
+against the float model it came from, over the same windows: perplexity, Δppl, mean KL divergence
+of the next-token distributions (and its 99th percentile), top-1 agreement, weight bytes and the
+seconds quantization took.  A model whose weights were stored quantized (SmolLM2's Q4_1 GGUF) is
+dequantized to float32 first and that float model is the reference.
+
+``gap_closed`` per row: ``(ppl_rtn - ppl) / (ppl_rtn - ppl_float)`` for the same spec.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+
+from cascade.bench.context import run_context
+from cascade.models import Model, load_model, quantize_model, split_documents, tokenize_documents, weight_bytes
+from cascade.models.calibration import calibration_tokens
+from cascade.models.evaluation import fidelity
+from cascade.quant.qtensor import QuantizedTensor, dequantize
+
+DEFAULT_SPECS = ("int4", "int4-g128", "int4-g32", "int3-g32", "int3-g64-asym", "int2-g16-asym")
+DEFAULT_METHODS = ("rtn", "gptq", "awq", "hqq")
+QWIX_METHODS = ("qwix-rtn", "qwix-gptq", "qwix-awq")
+
+
+def float_model(model: Model) -> Model:
+    """``model`` with every quantized tensor dequantized to float32 (the reference)."""
+    import dataclasses
+
+    is_q = lambda a: isinstance(a, QuantizedTensor)  # noqa: E731
+    params = jax.tree.map(lambda a: dequantize(a, "float32") if is_q(a) else a, model.params, is_leaf=is_q)
+    return dataclasses.replace(model, params=params, quant=None)
+
+
+def run(model: "str | Model", calib: str, data: str, *, specs=DEFAULT_SPECS, methods=DEFAULT_METHODS,
+        samples: int = 128, length: int = 512, seed: int = 0, limit: int | None = 200, ctx: int = 512,
+        max_tokens: int | None = None, tokenizer: str | None = None, progress=None) -> dict:
+    base = float_model(model if isinstance(model, Model) else load_model(model, tokenizer=tokenizer))
+    length = min(length, base.config.max_seq_len)
+    ctx = min(ctx, base.config.max_seq_len)
+    cal = calibration_tokens(base.tokenizer, calib, samples=samples, length=length, seed=seed,
+                             max_len=base.config.max_seq_len)
+    with open(data, encoding="utf-8") as f:
+        docs = tokenize_documents(base.tokenizer, split_documents(f.read())[:limit])
+    rows = []
+    float_ppl = None
+    for spec in specs:
+        for method in methods:
+            t0 = time.perf_counter()
+            if method.startswith("qwix-"):
+                from cascade.bench.qwix_peer import qwix_quantize_model
+
+                quantized = qwix_quantize_model(base, spec, method, cal)
+            else:
+                quantized, _ = quantize_model(base, spec, method=method,
+                                              calib=cal if method in ("gptq", "awq") else None, progress=progress)
+            seconds = time.perf_counter() - t0
+            fid = fidelity(quantized.params, quantized.config, base.params, base.config, docs, ctx=ctx,
+                           max_tokens=max_tokens, progress=progress)
+            float_ppl = fid.ref_ppl
+            rows.append({"spec": spec, "method": method, "ppl": fid.ppl, "delta_ppl": fid.delta_ppl,
+                         "kld_mean": fid.kld_mean, "kld_p99": fid.kld_p99, "top1_agreement": fid.top1_agreement,
+                         "weight_bytes": weight_bytes(quantized.params), "seconds": seconds, "tokens": fid.tokens})
+    for row in rows:
+        rtn = next((r["ppl"] for r in rows if r["spec"] == row["spec"] and r["method"] == "rtn"), None)
+        row["gap_closed"] = None if rtn is None or rtn <= float_ppl else (rtn - row["ppl"]) / (rtn - float_ppl)
+    return {"benchmark": "ptq", **run_context(), "model": base.source, "float_ppl": float_ppl,
+            "float_weight_bytes": weight_bytes(base.params), "calibration": cal.recipe, "data": data,
+            "documents": len(docs), "ctx": ctx, "max_tokens": max_tokens, "rows": rows}
+
+
+def table(result: dict) -> str:
+    lines = [f"{result['model']}: float perplexity {result['float_ppl']:.4f} on {result['data']} "
+             f"(ctx {result['ctx']}); calibration {result['calibration']['samples']} x "
+             f"{result['calibration']['length']} tokens",
+             f"{'spec':<15} {'method':<10} {'ppl':>8} {'Δppl':>8} {'KLD':>8} {'KLD p99':>8} {'top-1':>7} "
+             f"{'gap closed':>10} {'bytes':>11} {'seconds':>8}"]
+    for r in result["rows"]:
+        gap = "" if r["gap_closed"] is None else f"{r['gap_closed']:.0%}"
+        lines.append(f"{r['spec']:<15} {r['method']:<10} {r['ppl']:>8.3f} {r['delta_ppl']:>+8.3f} {r['kld_mean']:>8.4f} "
+                     f"{r['kld_p99']:>8.3f} {r['top1_agreement']:>7.1%} {gap:>10} {r['weight_bytes']:>11,} "
+                     f"{r['seconds']:>8.1f}")
+    return "\n".join(lines)
