@@ -6,7 +6,8 @@
 * :mod:`cascade.models.tokenizer`   one tokenizer type over ``tokenizers`` and SentencePiece
 * :mod:`cascade.models.generation`  jitted prefill/decode, sampling, the generation loop
 * :mod:`cascade.models.evaluation`  perplexity over documents, sliding windows
-* :mod:`cascade.models.quantize`    RTN quantization of a loaded model under precision rules
+* :mod:`cascade.models.quantize`    PTQ of a loaded model under precision rules: RTN, GPTQ, AWQ, HQQ
+* :mod:`cascade.models.calibration` calibration text and per-block input statistics (GPTQ, AWQ)
 * :mod:`cascade.models.checkpoint`  self-contained orbax checkpoints of (quantized) models
 """
 

@@ -61,6 +61,13 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
     if method not in CALIBRATED and calib is not None:
         raise ValueError(f"{method} does not use calibration data; drop --calib")
     parsed = PrecisionRules.parse(rules)
+    if method in CALIBRATED:
+        for i in range(model.config.n_layers):
+            for layer in BLOCK_LINEARS:
+                spec = parsed.spec_for(f"layers_{i}/{layer}/kernel", 2)
+                if isinstance(spec, IntSpec) and spec.granularity == "tensor":
+                    raise ValueError(f"{method} does not support per-tensor specs ({spec}, for layers_{i}/{layer}/kernel): "
+                                     "use a per-channel or grouped spec, or --method rtn/hqq")
     # keep what the user typed ("int8", "attn=int8,*=int4-g64") unless it names a file: then the rules
     label = rules.strip() if isinstance(rules, str) and not is_rules_path(rules) else rules_text(parsed)
     is_q = lambda a: isinstance(a, QuantizedTensor)  # noqa: E731
@@ -204,11 +211,8 @@ def awq_block_quantizer(cfg, *, grid: int, scale_dtype):
         for layer, spec in specs.items():
             w = _get(block, f"{layer}/kernel")
             x = scaled_inputs[INPUT_OF[layer]]
-            if spec.granularity == "tensor":
-                out[layer] = quantize(w, spec, axis=0, scale_dtype=scale_dtype)
-            else:
-                lo, hi = awq.awq_search_clip(w, x, spec, grid=grid, scale_dtype=scale_dtype)
-                out[layer] = quantize_with_range(w, spec, lo, hi, axis=0, scale_dtype=scale_dtype)
+            lo, hi = awq.awq_search_clip(w, x, spec, grid=grid, scale_dtype=scale_dtype)
+            out[layer] = quantize_with_range(w, spec, lo, hi, axis=0, scale_dtype=scale_dtype)
         return block, out
 
     return quantize_block

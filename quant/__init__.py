@@ -10,7 +10,9 @@ The public API lives here; each idea has one module behind it:
 * :mod:`cascade.quant.ste`         fake quantization with a straight-through estimator (QAT)
 * :mod:`cascade.quant.rules`       precision rules (regex over parameter paths -> spec)
 * :mod:`cascade.quant.rtn`         round-to-nearest PTQ of a parameter pytree, with a report
-* :mod:`cascade.quant.gptq`        GPTQ on one weight matrix given its Hessian (the core; not yet wired to models)
+* :mod:`cascade.quant.gptq`        GPTQ on one weight matrix given its Hessian (the core)
+* :mod:`cascade.quant.awq`         AWQ scale and clip searches on matrices, and the exact folds into a block
+* :mod:`cascade.quant.hqq`         HQQ: half-quadratic zero-point / scale optimisation (calibration-free)
 * :mod:`cascade.quant.dequant_matmul` dequant-matmul and its backend registry
 """
 

@@ -141,6 +141,8 @@ def test_a_gptq_checkpoint_runs_in_the_cascade(capsys, tmp_path):
     (("--method", "gptq", "--calib", TRAIN, "--calib-len", "600"), 2, "600 exceeds the model context (512)"),
     (("--method", "nope"), 2, "'nope' is not one of"),
     (("--method", "gptq", "--calib", VAL, "--calib-samples", "1024"), 1, "1024 samples of 512 tokens need"),
+    (("--method", "awq", "--calib", TRAIN, "--quant", "mlp=int8-tensor,*=int4"), 1,
+     "awq does not support per-tensor specs (int8-tensor, for layers_0/mlp/gate_proj/kernel)"),
 ])
 def test_bad_ptq_flags_are_one_line_errors(capsys, tmp_path, args, code, message):
     got, out, err = run(capsys, "quantize", BIN, "--quant", "int4-g32", *args, "-o", str(tmp_path / "out"))
