@@ -84,7 +84,7 @@ def run(*, batches=(1, 4, 16, 64), shapes=DEFAULT_SHAPES, k=None, n=None, specs=
             bar.update()
         del w, qweights
     bar.close()
-    return {"benchmark": "matmul", **run_context(repeats=repeats, warmup=warmup), "copy_gb_s": round(copy_gb_s, 2),
+    return {"benchmark": "matmul", **run_context(repeats=repeats, warmup=warmup), "copy_gb_s": _sig(copy_gb_s),
             "kernel_simd": cpu_kernel.simd(), "rows": rows}
 
 
@@ -101,8 +101,8 @@ def _backends_for(w, k: int, only: str | None) -> list[str]:
 
 def _row(spec, backend, batch, k, n, ms, base, nbytes, copy_gb_s, selected) -> dict:
     gb_s = nbytes / (ms * 1e-3) / 1e9
-    return {"spec": spec, "backend": backend, "batch": batch, "k": k, "n": n, "ms": round(ms, 4),
-            "speedup_vs_f32": round(base / ms, 3), "weight_bytes": nbytes, "gb_s": round(gb_s, 4),
+    return {"spec": spec, "backend": backend, "batch": batch, "k": k, "n": n, "ms": _sig(ms),
+            "speedup_vs_f32": round(base / ms, 3), "weight_bytes": nbytes, "gb_s": _sig(gb_s),
             "pct_copy_bw": round(100 * gb_s / copy_gb_s, 2), "selected": selected}
 
 
@@ -159,3 +159,9 @@ def format_table(result: dict) -> str:
                      f"{r['speedup_vs_f32']:>6.2f}x {r['weight_bytes'] / 2**20:>7.2f} {r['gb_s']:>6.1f} "
                      f"{r['pct_copy_bw']:>6.1f}  {'*' if r['selected'] else ''}")
     return "\n".join(lines)
+
+
+def _sig(x: float) -> float:
+    """``x`` to 5 significant digits: fixed decimals would flatten sub-microsecond timings of tiny
+    shapes (and the ratios the rows are checked by) to a few steps."""
+    return float(f"{x:.5g}")
