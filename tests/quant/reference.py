@@ -94,3 +94,19 @@ def expand_params(w) -> tuple[np.ndarray, np.ndarray | None]:
         if z_full is not None:
             z_full[idx] = float(np.asarray(w.zero, np.float64)[pidx])
     return s_full, z_full
+
+
+def stored_scale_zero(lo: np.ndarray, hi: np.ndarray, spec):
+    """Scale and zero point covering [lo, hi] by the documented formulas, float64: the range widened to
+    hold 0 (asymmetric) or to [-a, a] (symmetric), the scale stored in float16 rounded up so the range
+    fits, the zero point rounded (zeros for symmetric specs)."""
+    if spec.symmetric:
+        s = np.maximum(-lo, hi) / spec.qmax
+    else:
+        lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
+        s = (hi - lo) / (spec.qmax - spec.qmin)
+    s = np.where(s > 0, s, 1.0)
+    s16 = s.astype(np.float16)
+    s = np.where(s16.astype(np.float64) < s, np.nextafter(s16, np.float16(np.inf)), s16).astype(np.float64)
+    z = np.zeros_like(s) if spec.symmetric else np.clip(np.round(-lo / s), spec.qmin, spec.qmax)
+    return s, z

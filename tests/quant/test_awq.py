@@ -19,6 +19,7 @@ from cascade.quant.awq import (
     fold_up_into_down, fold_v_into_o, kv_head_index, reduce_to_kv,
 )
 from cascade.quant.spec import parse_spec
+from tests.quant import reference
 
 # ---------------------------------------------------------------------------- folds
 
@@ -162,16 +163,7 @@ def test_scale_search_beats_rtn_on_salient_channels(spec):
 def _fake_quant64(rows, lo, hi, spec):
     """Fake-quantize one group's rows (g, N) with the range (lo, hi) (N,) by the documented formulas:
     scale stored in float16 rounded up, zero point rounded; float64."""
-    if spec.symmetric:
-        a = np.maximum(-lo, hi)
-        s = a / spec.qmax
-    else:
-        lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
-        s = (hi - lo) / (spec.qmax - spec.qmin)
-    s = np.where(s > 0, s, 1.0)
-    s16 = s.astype(np.float16)
-    s = np.where(s16.astype(np.float64) < s, np.nextafter(s16, np.float16(np.inf)), s16).astype(np.float64)
-    z = 0.0 if spec.symmetric else np.clip(np.round(-lo / s), spec.qmin, spec.qmax)
+    s, z = reference.stored_scale_zero(lo, hi, spec)
     return (np.clip(np.round(rows / s) + z, spec.qmin, spec.qmax) - z) * s
 
 

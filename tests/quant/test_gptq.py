@@ -8,26 +8,13 @@ import pytest
 from cascade import quant
 from cascade.quant.gptq import gptq_quantize
 from cascade.quant.spec import parse_spec
+from tests.quant import reference
 
 
 def _scale_zero(rows, spec):
     """Min-max scale and zero of one group (rows (g, N)) as the documented formulas give them,
     float16-stored (rounded up so the range fits), zero rounded: float64 numpy."""
-    lo, hi = rows.min(0), rows.max(0)
-    if spec.symmetric:
-        a = np.maximum(-lo, hi)
-        s = a / spec.qmax
-    else:
-        lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
-        s = (hi - lo) / (spec.qmax - spec.qmin)
-    s = np.where(s > 0, s, 1.0)
-    s16 = s.astype(np.float16)
-    s16 = np.where(s16.astype(np.float64) < s, np.nextafter(s16, np.float16(np.inf)), s16).astype(np.float64)
-    if spec.symmetric:
-        return s16, np.zeros_like(s16)
-    s32 = s16.astype(np.float32).astype(np.float64)
-    z = np.clip(np.round(-lo / s32), spec.qmin, spec.qmax)
-    return s16, z
+    return reference.stored_scale_zero(rows.min(0), rows.max(0), spec)
 
 
 def gptq_reference(w, h, spec, damp=0.01, act_order=False):
