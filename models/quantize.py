@@ -30,7 +30,7 @@ import warnings
 import jax
 from tqdm.auto import tqdm
 
-from cascade.models.calibration import INPUT_OF
+from cascade.models.calibration import INPUT_OF, INPUTS
 from cascade.models.model import Model
 from cascade.quant.qtensor import QuantizedTensor, dequantize, quantize
 from cascade.quant.rtn import QuantReport, key_path_str, quantize_params
@@ -106,7 +106,7 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
 
 
 # the linear layers of a block, in the order the forward pass reads them
-BLOCK_LINEARS = ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
+BLOCK_LINEARS = tuple(INPUT_OF)
 
 
 def _get(tree, path: str):
@@ -186,8 +186,7 @@ def awq_block_quantizer(cfg, *, grid: int, scale_dtype):
 
     def quantize_block(name, block, specs, stats):
         scaled_inputs = {}
-        for group, layers in (("attn", awq.ATTN_INPUTS), ("mlp", awq.MLP_INPUTS), ("o", ("attn/o_proj",)),
-                              ("down", ("mlp/down_proj",))):
+        for group, layers in INPUTS.items():  # the folds touch disjoint axes, so their order does not matter
             st = stats[group]
             x = np.asarray(st.sample, np.float32)
             group_specs = [specs[layer] for layer in layers if layer in specs]
