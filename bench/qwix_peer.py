@@ -22,7 +22,8 @@ dequantized float32 weights put back in place of the kernel):
 
 Inputs are identical to ours: GPTQ and AWQ go through our sequential loop
 (:func:`cascade.models.quantize.calibrated_blocks`), so block ``i`` is calibrated on the outputs
-of blocks ``0..i-1`` already fake-quantized by qwix; the statistics are the same
+of blocks ``0..i-1`` already fake-quantized by qwix, and GPTQ, as ours, goes input by input
+inside a block (o_proj's Hessian is taken behind qwix's q/k/v); the statistics are the same
 :func:`cascade.models.calibration.block_statistics` (Hessian, mean ``|x|``).  Everything outside the
 kernels follows our rules (norms, embeddings, LM head cast to bf16 by the keep-16-bit rules).
 
@@ -322,7 +323,9 @@ def qwix_quantize_model(model, spec: str, method: str, calib=None, *, progress: 
             # the block's parameters and as what the next block's inputs are computed with
             return block, {}
 
-        params, done = calibrated_blocks(params, cfg, rules, calib, quantize_block, desc=method, progress=progress)
+        # the same loop as ours: GPTQ input by input inside each block, AWQ block by block
+        params, done = calibrated_blocks(params, cfg, rules, calib, quantize_block, desc=method,
+                                         within_block=method == "qwix-gptq", progress=progress)
         assert not done
 
     # everything else, as our rules say: float specs cast; an integer spec outside the blocks (a

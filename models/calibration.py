@@ -15,6 +15,13 @@ search data).  Layers that read the same input (q/k/v after ``attn_norm``; gate/
 ``mlp_norm``) share one entry, so memory is bounded by one block's statistics: for each of the
 four inputs ``K x K`` floats plus ``keep_tokens x K``.
 
+**Input by input** (:func:`staged_block`, GPTQ's loop).  The same statistics, but the block runs
+one linear input at a time over every batch (attn -> o -> mlp -> down), and the layers reading
+each input can be quantized before the rest of the block runs: o_proj is calibrated on the
+outputs of the quantized q/k/v, and so on (GPTQ's "true sequential" order).  It costs one forward
+pass per block instead of two (statistics, then outputs), holding the block's intermediate
+activations for the whole calibration set (for SmolLM2-135M at 128 x 512 tokens, about 1.2 GB).
+
 ``tests/models/test_calibration.py`` checks the statistics against a direct numpy computation on
 the same batches.
 """
@@ -32,7 +39,7 @@ import numpy as np
 
 from cascade.models.config import ModelConfig
 from cascade.models.evaluation import split_documents
-from cascade.models.llama import Block, Linear
+from cascade.models.llama import MLP, Attention, Block, Linear, RMSNorm
 
 DEFAULT_SAMPLES = 128
 DEFAULT_LENGTH = 512
@@ -117,6 +124,23 @@ class InputStats:
     def mean_abs(self) -> np.ndarray:
         return self.abs_sum / max(self.tokens, 1)
 
+    @classmethod
+    def empty(cls, k: int) -> "InputStats":
+        return cls(hessian=np.zeros((k, k)), abs_sum=np.zeros(k), abs_max=np.zeros(k, np.float32), tokens=0,
+                   sample=np.zeros((0, k), np.float32))
+
+    def add(self, x, keep_tokens: int) -> None:
+        """Accumulate one batch of inputs ``x`` (..., K)."""
+        x2 = np.ascontiguousarray(np.asarray(x, np.float32).reshape(-1, self.abs_sum.shape[0]))
+        a = np.abs(x2)
+        self.hessian += x2.T @ x2  # float32 per batch (numpy spots x.T @ x and runs BLAS syrk: half the work)
+        self.abs_sum += a.sum(0, dtype=np.float64)
+        self.abs_max = np.maximum(self.abs_max, a.max(0))
+        self.tokens += x2.shape[0]
+        room = keep_tokens - self.sample.shape[0]
+        if room > 0:
+            self.sample = np.concatenate([self.sample, x2[:room]])
+
 
 def _capture_inputs(block: nn.Module, variables, x, positions):
     """Run ``block`` and return (output, {input name: the (B, T, K) input of its linear layers})."""
@@ -133,66 +157,153 @@ def _capture_inputs(block: nn.Module, variables, x, positions):
     return out, seen
 
 
-@partial(jax.jit, static_argnames=("cfg", "keep"))
-def _batch_stats(block_params, cfg: ModelConfig, x, keep: int):
-    b, t, _ = x.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    out, seen = _capture_inputs(Block(cfg), {"params": block_params}, x, positions)
-    stats = {}
-    for name, inp in seen.items():
-        x2 = inp.reshape(-1, inp.shape[-1]).astype(jnp.float32)
-        stats[name] = (x2.T @ x2, jnp.abs(x2).sum(0), jnp.abs(x2).max(0), x2[:keep])
-    return out, stats
+def _positions(x):
+    b, t = x.shape[:2]
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _batch_inputs(block_params, cfg: ModelConfig, x):
+    out, seen = _capture_inputs(Block(cfg), {"params": block_params}, x, _positions(x))
+    return out, seen
 
 
 @partial(jax.jit, static_argnames=("cfg",))
 def _block_forward(block_params, cfg: ModelConfig, x):
-    b, t, _ = x.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    out, _ = Block(cfg).apply({"params": block_params}, x, positions, None)
+    out, _ = Block(cfg).apply({"params": block_params}, x, _positions(x), None)
     return out
 
 
 def batch_size(cfg: ModelConfig, length: int) -> int:
-    """Sequences per block call: attention scores (B, H, T, T) and the MLP activations near 64 MB."""
+    """Sequences per block call: attention scores (B, H, T, T) and the MLP activations near 16 MB
+    (XLA on CPU slows down on larger float buffers: 1 sequence of 512 tokens attends 1.8x faster
+    than 5 at a time on SmolLM2-135M)."""
     per_seq = 4 * length * max(cfg.n_heads * length, 4 * cfg.hidden_dim)
-    return max(1, (64 << 20) // per_seq)
+    return max(1, (16 << 20) // per_seq)
+
+
+def _batches(n: int, cfg: ModelConfig, length: int):
+    bsz = batch_size(cfg, length)
+    return [slice(i, i + bsz) for i in range(0, n, bsz)]
 
 
 def block_statistics(block_params, cfg: ModelConfig, hidden: np.ndarray, *,
                      keep_tokens: int = DEFAULT_KEEP_TOKENS) -> dict[str, InputStats]:
     """Statistics of every linear input of one block over ``hidden`` (N, T, dim), the hidden
-    states entering it (see the module docstring)."""
+    states entering it, with the block's weights as given (see the module docstring)."""
     n, t, _ = hidden.shape
-    bsz = batch_size(cfg, t)
     acc: dict[str, InputStats] = {}
-    for i in range(0, n, bsz):
-        x = jnp.asarray(hidden[i:i + bsz], jnp.float32)
-        rows = x.shape[0] * t
-        _, stats = _batch_stats(block_params, cfg, x, keep_tokens)
-        for name, (h, s, m, sample) in stats.items():
-            h, s, m = (np.asarray(a) for a in (h, s, m))
-            sample = np.asarray(sample[: max(0, keep_tokens - (acc[name].sample.shape[0] if name in acc else 0))])
-            if name not in acc:
-                acc[name] = InputStats(hessian=h.astype(np.float64), abs_sum=s.astype(np.float64), abs_max=m,
-                                       tokens=rows, sample=sample)
-            else:
-                a = acc[name]
-                a.hessian += h
-                a.abs_sum += s
-                a.abs_max = np.maximum(a.abs_max, m)
-                a.tokens += rows
-                if sample.shape[0]:
-                    a.sample = np.concatenate([a.sample, sample])
+    for rows in _batches(n, cfg, t):
+        _, seen = _batch_inputs(block_params, cfg, jnp.asarray(hidden[rows], jnp.float32))
+        for name, x in seen.items():
+            acc.setdefault(name, InputStats.empty(x.shape[-1])).add(x, keep_tokens)
     return acc
 
 
 def block_outputs(block_params, cfg: ModelConfig, hidden: np.ndarray) -> np.ndarray:
     """The block's outputs (N, T, dim) for the hidden states ``hidden`` entering it, in batches."""
     n, t, _ = hidden.shape
-    bsz = batch_size(cfg, t)
-    return np.concatenate([np.asarray(_block_forward(block_params, cfg, jnp.asarray(hidden[i:i + bsz], jnp.float32)))
-                           for i in range(0, n, bsz)])
+    return np.concatenate([np.asarray(_block_forward(block_params, cfg, jnp.asarray(hidden[rows], jnp.float32)))
+                           for rows in _batches(n, cfg, t)])
+
+
+# -- one block, input by input ("true sequential") ------------------------------------------------
+# The block's forward pass (models/llama.py Block) cut at its four linear inputs.  Each stage runs
+# over every calibration batch before the next starts, so the layers reading an input can be
+# quantized before the rest of the block runs on their quantized outputs.
+
+def _skipping(layer: str, module, variables, *args):
+    """Apply ``module`` with the Linear named ``layer`` not computed (zeros); returns that Linear's input."""
+    seen = []
+
+    def interceptor(next_fun, a, kwargs, context):
+        if isinstance(context.module, Linear) and context.method_name == "__call__" and context.module.name == layer:
+            seen.append(a[0])
+            return jnp.zeros(a[0].shape[:-1] + (context.module.features,), a[0].dtype)
+        return next_fun(*a, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        module.apply(variables, *args)
+    return seen[0]
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _stage_attn(bp, cfg: ModelConfig, h):
+    return RMSNorm(cfg.norm_eps).apply({"params": bp["attn_norm"]}, h)
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _stage_o(bp, cfg: ModelConfig, x_attn):
+    return _skipping("o_proj", Attention(cfg), {"params": bp["attn"]}, x_attn, _positions(x_attn), None)
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _stage_mlp(bp, cfg: ModelConfig, h, ctx):
+    h = h + Linear(cfg.dim, cfg.o_bias).apply({"params": bp["attn"]["o_proj"]}, ctx)
+    return h, RMSNorm(cfg.norm_eps).apply({"params": bp["mlp_norm"]}, h)
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _stage_down(bp, cfg: ModelConfig, x_mlp):
+    return _skipping("down_proj", MLP(cfg), {"params": bp["mlp"]}, x_mlp)
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _stage_out(bp, cfg: ModelConfig, h, act):
+    return h + Linear(cfg.dim, cfg.mlp_bias).apply({"params": bp["mlp"]["down_proj"]}, act)
+
+
+HESSIAN_ROWS = 8192  # rows per float32 XᵀX product (BLAS syrk is slow on a few hundred rows at a time)
+
+
+def _chunks(values, rows: int):
+    """The arrays ``values`` (each (..., K)) regrouped into (about ``rows``, K) chunks, in order."""
+    pending, n = [], 0
+    for v in values:
+        v = v.reshape(-1, v.shape[-1])
+        pending.append(v)
+        n += v.shape[0]
+        if n >= rows:
+            yield np.concatenate(pending)
+            pending, n = [], 0
+    if pending:
+        yield np.concatenate(pending)
+
+
+def staged_block(block_params, cfg: ModelConfig, hidden: np.ndarray, on_input, *,
+                 keep_tokens: int = DEFAULT_KEEP_TOKENS):
+    """One block over ``hidden`` (N, T, dim), one linear input at a time, in forward order
+    (``attn``, ``o``, ``mlp``, ``down``): each input's :class:`InputStats` are collected over all
+    batches, then ``on_input(name, stats, block_params)`` returns the block parameters the rest of
+    the pass uses (the layers reading that input quantized, say).  One forward pass in all.
+
+    Returns ``(block_params, outputs)``: the last parameters and the block's outputs (N, T, dim)."""
+    n, t, _ = hidden.shape
+    batches = _batches(n, cfg, t)
+    bp = block_params
+
+    def collect(name, values):
+        st = InputStats.empty(values[0].shape[-1])
+        for chunk in _chunks(values, HESSIAN_ROWS):
+            st.add(chunk, keep_tokens)
+        return on_input(name, st, bp)
+
+    x_attn = [np.asarray(_stage_attn(bp, cfg, jnp.asarray(hidden[r], jnp.float32))) for r in batches]
+    bp = collect("attn", x_attn)
+    ctx = [np.asarray(_stage_o(bp, cfg, x)) for x in x_attn]
+    del x_attn
+    bp = collect("o", ctx)
+    staged = [_stage_mlp(bp, cfg, jnp.asarray(hidden[r], jnp.float32), c) for r, c in zip(batches, ctx)]
+    del ctx
+    h = [np.asarray(s[0]) for s in staged]
+    x_mlp = [np.asarray(s[1]) for s in staged]
+    del staged
+    bp = collect("mlp", x_mlp)
+    act = [np.asarray(_stage_down(bp, cfg, x)) for x in x_mlp]
+    del x_mlp
+    bp = collect("down", act)
+    out = np.concatenate([np.asarray(_stage_out(bp, cfg, hh, a)) for hh, a in zip(h, act)])
+    return bp, out
 
 
 def embed_tokens(params, tokens: np.ndarray) -> np.ndarray:

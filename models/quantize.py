@@ -92,7 +92,8 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
         else:
             settings = {"grid": awq_grid}
             block_fn = awq_block_quantizer(model.config, grid=awq_grid, scale_dtype=scale_dtype)
-        params, done = calibrated_blocks(params, model.config, parsed, calib, block_fn, desc=method, progress=progress)
+        params, done = calibrated_blocks(params, model.config, parsed, calib, block_fn, desc=method,
+                                         within_block=method == "gptq", progress=progress)
 
         def quantizer(path, leaf, spec, axis, sdt):
             return done[path] if path in done else quantize(leaf, spec, axis=axis, scale_dtype=sdt)
@@ -124,14 +125,21 @@ def _set(tree: dict, path: str, value) -> dict:
 
 
 def calibrated_blocks(params, cfg, rules: PrecisionRules, calib, quantize_block, *, desc: str,
-                      progress: bool | None = None):
+                      within_block: bool = False, progress: bool | None = None):
     """The sequential calibration loop shared by GPTQ and AWQ (module docs).
 
     For each block with an integer-spec kernel, ``quantize_block(name, block, specs, stats)``
     returns ``(block', {layer: QuantizedTensor})``: ``block'`` the block's float parameters as the
-    method leaves them (AWQ folds scales into norms and kernels), ``stats`` the block's
+    method leaves them (AWQ folds scales into norms and kernels; a fake-quant peer may put its
+    dequantized kernels there), ``stats`` the block's
     :func:`cascade.models.calibration.block_statistics`.  The next block's inputs are this block's
-    outputs with its kernels quantized.  Returns ``(params', {parameter path: QuantizedTensor})``.
+    outputs with its kernels quantized.
+
+    ``within_block``: also sequential inside the block (GPTQ): ``quantize_block`` is called once per
+    linear input, in forward order, with only the layers reading it and ``{input: stats}``, and the
+    stats of each input are taken with the layers before it already quantized
+    (:func:`cascade.models.calibration.staged_block`: one forward pass per block, not two).
+    Returns ``(params', {parameter path: QuantizedTensor})``.
     """
     from cascade.models import calibration
 
@@ -140,21 +148,42 @@ def calibrated_blocks(params, cfg, rules: PrecisionRules, calib, quantize_block,
     params = dict(params)
     bar = tqdm(range(cfg.n_layers), desc=desc, unit="block", disable=None if progress is None else not progress,
                leave=False)
+
+    def quantize_into(name, specs, stats):
+        """Quantize ``specs``' layers of block ``name``; returns the block the forward pass runs on:
+        as the method leaves it, with every kernel quantized so far dequantized in."""
+        params[name], quantized = quantize_block(name, params[name], specs, stats)
+        done.update({f"{name}/{layer}/kernel": qt for layer, qt in quantized.items()})
+        return _with_quantized(params[name], name, done)
+
     for i in bar:
         name = f"layers_{i}"
         block = params[name]
         specs = {layer: rules.spec_for(f"{name}/{layer}/kernel", 2) for layer in BLOCK_LINEARS}
         specs = {layer: spec for layer, spec in specs.items() if isinstance(spec, IntSpec)}
+        if specs and within_block:
+            def on_input(group, stats, run_block, name=name, specs=specs):
+                group_specs = {layer: specs[layer] for layer in INPUTS[group] if layer in specs}
+                if not group_specs:
+                    return run_block
+                return quantize_into(name, group_specs, {group: stats})
+
+            _, hidden = calibration.staged_block(block, cfg, hidden, on_input)
+            continue
         if specs:
-            stats = calibration.block_statistics(block, cfg, hidden)
-            block, quantized = quantize_block(name, block, specs, stats)
-            params[name] = block
-            for layer, qt in quantized.items():
-                done[f"{name}/{layer}/kernel"] = qt
-                block = _set(block, f"{layer}/kernel", dequantize(qt, "float32"))
+            block = quantize_into(name, specs, calibration.block_statistics(block, cfg, hidden))
         if i + 1 < cfg.n_layers:  # the next block sees this block's quantized outputs
             hidden = calibration.block_outputs(block, cfg, hidden)
     return params, done
+
+
+def _with_quantized(block, name: str, done) -> dict:
+    """``block`` with every kernel quantized so far (in ``done``) replaced by its dequantized values."""
+    for layer in BLOCK_LINEARS:
+        qt = done.get(f"{name}/{layer}/kernel")
+        if qt is not None:
+            block = _set(block, f"{layer}/kernel", dequantize(qt, "float32"))
+    return block
 
 
 def gptq_block_quantizer(*, damp: float, act_order: bool, block_size: int, scale_dtype):

@@ -71,6 +71,53 @@ def test_block_output_is_the_model_block():
     np.testing.assert_allclose(calibration.block_outputs(params["layers_1"], CFG, x), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
+def _rtn_kernels(bp, group):
+    """``bp`` with the kernels that read ``group`` replaced by their int3 RTN values."""
+    from cascade import quant
+
+    for layer in calibration.INPUTS[group]:
+        mod, lin = layer.split("/")
+        w = quant.dequantize(quant.quantize(bp[mod][lin]["kernel"], "int3-g16"), "float32")
+        bp = {**bp, mod: {**bp[mod], lin: {**bp[mod][lin], "kernel": w}}}
+    return bp
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["unchanged", "quantized-input-by-input"])
+def test_staged_block_sees_each_input_after_the_layers_before_it_are_replaced(monkeypatch, quantize):
+    """One forward pass, input by input: each input's statistics are those of the block whose
+    earlier layers are already replaced (checked against the step-by-step float64 computation),
+    and the outputs are the final block's (the model's Block)."""
+    params = init_params(CFG, jax.random.key(4))
+    bp = params["layers_1"]
+    x = np.asarray(jax.random.normal(jax.random.key(5), (5, 12, CFG.dim)), np.float32)
+    monkeypatch.setattr(calibration, "batch_size", lambda cfg, length: 2)
+    seen, blocks = {}, {}
+
+    def on_input(name, stats, block):
+        seen[name], blocks[name] = stats, block
+        return _rtn_kernels(block, name) if quantize else block
+
+    final, out = calibration.staged_block(bp, CFG, x, on_input, keep_tokens=30)
+    assert list(seen) == ["attn", "o", "mlp", "down"]  # forward order
+    for name, st in seen.items():
+        direct, _ = _direct_inputs(blocks[name], jnp.asarray(x))  # the block as it stood at that input
+        xs = direct[name]
+        assert st.tokens == 60
+        np.testing.assert_allclose(st.hessian, xs.T @ xs, rtol=2e-4, atol=2e-4 * np.abs(xs.T @ xs).max())
+        np.testing.assert_allclose(st.mean_abs, np.abs(xs).mean(0), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(st.abs_max, np.abs(xs).max(0), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(st.sample, xs[:30], rtol=1e-4, atol=1e-5)
+    pos = jnp.broadcast_to(jnp.arange(12), (5, 12))
+    want, _ = Block(CFG).apply({"params": final}, jnp.asarray(x), pos, None)
+    np.testing.assert_allclose(out, np.asarray(want), rtol=1e-4, atol=1e-5)
+    if quantize:  # the statistics really moved: o's input is the quantized q/k/v's attention
+        float_stats = calibration.block_statistics(bp, CFG, x)
+        assert not np.allclose(seen["o"].hessian, float_stats["o"].hessian, rtol=1e-3)
+        np.testing.assert_allclose(seen["attn"].hessian, float_stats["attn"].hessian, rtol=1e-5)
+    else:
+        np.testing.assert_allclose(out, calibration.block_outputs(bp, CFG, x), rtol=1e-5, atol=1e-6)
+
+
 def _text_file(tmp_path, docs):
     path = tmp_path / "calib.txt"
     path.write_text("\n<|endoftext|>\n".join(docs) + "\n")

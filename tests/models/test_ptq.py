@@ -14,7 +14,7 @@ from cascade.models.config import ModelConfig
 from cascade.models.evaluation import perplexity, split_documents, tokenize_documents
 from cascade.models.llama import init_params
 from cascade.models.model import Model
-from cascade.models.quantize import _gptq_retrying, calibrated_blocks, quantize_model
+from cascade.models.quantize import BLOCK_LINEARS, _gptq_retrying, calibrated_blocks, quantize_model
 from cascade.quant.gptq import gptq_quantize
 from cascade.quant.qtensor import QuantizedTensor
 
@@ -27,20 +27,26 @@ CFG = ModelConfig(vocab_size=64, dim=32, hidden_dim=48, n_layers=2, n_heads=4, n
                   max_seq_len=64, tie_embeddings=True)
 
 
-def test_each_block_is_calibrated_on_the_quantized_outputs_of_the_blocks_before_it():
+@pytest.mark.parametrize("within_block", [False, True], ids=["block", "input-by-input"])
+def test_each_block_is_calibrated_on_the_quantized_outputs_of_the_blocks_before_it(within_block):
     params = init_params(CFG, jax.random.key(0))
     tokens = np.asarray(jax.random.randint(jax.random.key(1), (4, 8), 0, 64), np.int32)
     calib = calibration.CalibrationSet(tokens=tokens, recipe={})
-    seen = {}
+    seen, calls = {}, []
 
     def rtn_block(name, block, specs, stats):
-        seen[name] = stats
+        seen.setdefault(name, {}).update(stats)
+        calls.append((name, tuple(specs), tuple(stats)))
         return block, {layer: quant.quantize(block[layer.split("/")[0]][layer.split("/")[1]]["kernel"], spec)
                        for layer, spec in specs.items()}
 
     _, done = calibrated_blocks(params, CFG, quant.PrecisionRules.parse("int3-g16"), calib, rtn_block, desc="t",
-                                progress=False)
+                                within_block=within_block, progress=False)
     assert len(done) == 14 and all(isinstance(q, QuantizedTensor) for q in done.values())
+    if within_block:  # one call per input, in forward order, with the layers reading it
+        assert calls[:4] == [("layers_0", calibration.INPUTS[g], (g,)) for g in ("attn", "o", "mlp", "down")]
+    else:
+        assert calls[0][:2] == ("layers_0", BLOCK_LINEARS) and set(calls[0][2]) == set(calibration.INPUTS)
     h0 = calibration.embed_tokens(params, tokens)
     deq0 = jax.tree.map(lambda a: a, params["layers_0"])
     for path, q in done.items():
