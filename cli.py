@@ -241,15 +241,16 @@ def _load_model(path: str, tokenizer: str | None, quant_rules: str | None, need_
     return model, report
 
 
-PTQ_METHODS = ("rtn", "gptq", "awq", "hqq")  # = models.quantize.METHODS (not imported here: parsing must not import jax)
-CALIBRATED_METHODS = ("gptq", "awq")
+PTQ_METHODS = ("rtn", "gptq", "awq", "hqq", "awq-gptq")  # = models.quantize.METHODS (not imported here: parsing must not import jax)
+CALIBRATED_METHODS = ("gptq", "awq", "awq-gptq")
 
 
 @app.command()
 @click.argument("model", callback=_model)
 @click.option("--quant", "quant_rules", required=True, callback=_rules, help=_RULES_HELP)
 @click.option("--method", type=click.Choice(PTQ_METHODS), default="rtn", show_default=True,
-              help="PTQ method: rtn (round to nearest), gptq or awq (need --calib), hqq (calibration-free).")
+              help="PTQ method: rtn (round to nearest), gptq, awq or awq-gptq (AWQ's scales, then GPTQ; "
+                   "need --calib), hqq (calibration-free).")
 @click.option("--calib", callback=_data_file,
               help="Calibration text (documents separated by <|endoftext|> lines), for gptq and awq.")
 @click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(32, 1024),
@@ -287,13 +288,14 @@ def quantize(model, quant_rules, method, calib, calib_samples, calib_len, seed, 
                 if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
 
     calib_flags = given("calib_samples", "calib_len", "seed")
-    if method != "gptq" and given("damp", "act_order"):
-        raise click.UsageError(f"{', '.join(given('damp', 'act_order'))} apply only to --method gptq, not to {method}")
+    if method not in ("gptq", "awq-gptq") and given("damp", "act_order"):
+        raise click.UsageError(f"{', '.join(given('damp', 'act_order'))} apply only to --method gptq or awq-gptq, "
+                               f"not to {method}")
     if method in CALIBRATED_METHODS and calib is None:
         raise click.UsageError(f"--method {method} needs calibration text: pass --calib FILE")
     if method not in CALIBRATED_METHODS and (calib is not None or calib_flags):
         used = ["--calib"] * (calib is not None) + calib_flags
-        raise click.UsageError(f"{', '.join(used)} apply only to --method {' or '.join(CALIBRATED_METHODS)}, "
+        raise click.UsageError(f"{', '.join(used)} apply only to --method {', '.join(CALIBRATED_METHODS)}, "
                                f"not to {method}")
     if _is_weights_file(model):
         from cascade.models import weights_file
@@ -853,7 +855,7 @@ def bench_ppl(model, data, specs, limit, ctx, stride, no_truncate, tokenizer, ou
 @click.option("--spec", "specs", default="int4,int4-g128,int4-g32,int3-g32,int3-g64-asym,int2-g16-asym", show_default=True,
               help="Comma-separated precision specs.")
 @click.option("--method", "methods", default="rtn,gptq,awq,hqq", show_default=True,
-              help="Comma-separated methods: rtn, gptq, awq, hqq, and the peers qwix-rtn, qwix-gptq, qwix-awq "
+              help="Comma-separated methods: rtn, gptq, awq, hqq, awq-gptq, and the peers qwix-rtn, qwix-gptq, qwix-awq "
                    "(benchmark only: needs qwix, see bench/qwix_setup.sh).")
 @click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(32, 1024), help="Calibration sequences.")
 @click.option("--calib-len", default=512, show_default=True, type=click.IntRange(min=2),

@@ -19,6 +19,7 @@ import jax
 
 from cascade.bench.context import run_context
 from cascade.models import Model, load_model, quantize_model, split_documents, tokenize_documents, weight_bytes
+from cascade.models.quantize import CALIBRATED
 from cascade.models.calibration import calibration_tokens
 from cascade.models.evaluation import fidelity
 from cascade.quant.qtensor import QuantizedTensor, dequantize
@@ -58,7 +59,7 @@ def run(model: "str | Model", calib: str, data: str, *, specs=DEFAULT_SPECS, met
                 quantized = qwix_quantize_model(base, spec, method, cal)
             else:
                 quantized, _ = quantize_model(base, spec, method=method,
-                                              calib=cal if method in ("gptq", "awq") else None, progress=progress)
+                                              calib=cal if method in CALIBRATED else None, progress=progress)
             seconds = time.perf_counter() - t0
             fid = fidelity(quantized.params, quantized.config, base.params, base.config, docs, ctx=ctx,
                            max_tokens=max_tokens, progress=progress)

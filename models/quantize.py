@@ -8,7 +8,10 @@ Methods (``method=``):
 * ``gptq`` GPTQ (:mod:`cascade.quant.gptq`) on every linear kernel of the decoder blocks, from
   Hessians collected on calibration text (:mod:`cascade.models.calibration`);
 * ``awq``  activation-aware scales folded into the preceding op, then a clipping search
-  (:mod:`cascade.quant.awq`), from the same calibration statistics.
+  (:mod:`cascade.quant.awq`), from the same calibration statistics;
+* ``awq-gptq`` AWQ's scales, folded as ``awq`` does, then GPTQ (instead of the clipping search) on
+  the scaled kernels with the Hessian of the scaled inputs, ``diag(1/s) XᵀX diag(1/s)`` (the two
+  are complementary: the AWQ paper reports AWQ + GPTQ below either alone at 2-3 bits).
 
 The calibrated methods run **block by block, sequentially**: block ``i``'s statistics are taken on
 the outputs of blocks ``0 .. i-1`` *already quantized*, so each block corrects for the error of
@@ -37,8 +40,8 @@ from cascade.quant.rtn import QuantReport, key_path_str, quantize_params
 from cascade.quant.rules import PrecisionRules, is_rules_path
 from cascade.quant.spec import IntSpec
 
-METHODS = ("rtn", "gptq", "awq", "hqq")
-CALIBRATED = ("gptq", "awq")
+METHODS = ("rtn", "gptq", "awq", "hqq", "awq-gptq")
+CALIBRATED = ("gptq", "awq", "awq-gptq")
 DAMP_RETRIES = (1.0, 10.0, 100.0)  # dampening multipliers tried when a Hessian is not positive definite
 
 
@@ -85,13 +88,14 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
         def quantizer(path, leaf, spec, axis, sdt):
             return hqq_quantize(leaf, spec, axis=axis, scale_dtype=sdt)
     elif method in CALIBRATED:
+        gptq_settings = {"damp": damp, "act_order": act_order, "block_size": block_size}
         if method == "gptq":
-            settings = {"damp": damp, "act_order": act_order, "block_size": block_size}
-            block_fn = gptq_block_quantizer(damp=damp, act_order=act_order, block_size=block_size,
-                                            scale_dtype=scale_dtype)
+            settings = gptq_settings
+            block_fn = gptq_block_quantizer(**gptq_settings, scale_dtype=scale_dtype)
         else:
-            settings = {"grid": awq_grid}
-            block_fn = awq_block_quantizer(model.config, grid=awq_grid, scale_dtype=scale_dtype)
+            settings = {"grid": awq_grid, **(gptq_settings if method == "awq-gptq" else {})}
+            block_fn = awq_block_quantizer(model.config, grid=awq_grid, scale_dtype=scale_dtype,
+                                           gptq=gptq_settings if method == "awq-gptq" else None)
         params, done = calibrated_blocks(params, model.config, parsed, calib, block_fn, desc=method,
                                          within_block=method == "gptq", progress=progress)
 
@@ -201,10 +205,13 @@ def gptq_block_quantizer(*, damp: float, act_order: bool, block_size: int, scale
     return quantize_block
 
 
-def awq_block_quantizer(cfg, *, grid: int, scale_dtype):
+def awq_block_quantizer(cfg, *, grid: int, scale_dtype, gptq: dict | None = None):
     """``quantize_block`` for :func:`calibrated_blocks`: AWQ scales searched for the four inputs of a
     block (q/k/v, o, gate/up, down; the first integer spec of each group), folded into attn_norm, v,
-    mlp_norm and up; then each kernel's clipping search on its scaled inputs and quantization."""
+    mlp_norm and up; then each kernel's clipping search on its scaled inputs and quantization, or,
+    with ``gptq`` (damp, act_order, block_size), GPTQ on the scaled kernel with the scaled inputs'
+    Hessian ``diag(1/s) XᵀX diag(1/s)``."""
+    from cascade.quant.gptq import gptq_quantize
     import numpy as np
 
     from cascade.quant import awq
@@ -214,7 +221,7 @@ def awq_block_quantizer(cfg, *, grid: int, scale_dtype):
     o_index = awq.kv_head_index(h, kvh, hd)
 
     def quantize_block(name, block, specs, stats):
-        scaled_inputs = {}
+        scaled_inputs, scales = {}, {}
         for group, layers in INPUTS.items():  # the folds touch disjoint axes, so their order does not matter
             st = stats[group]
             x = np.asarray(st.sample, np.float32)
@@ -234,10 +241,17 @@ def awq_block_quantizer(cfg, *, grid: int, scale_dtype):
                     block = awq.fold_up_into_down(block, s)
                 else:
                     block = awq.fold_norm_scale(block, f"{group}_norm", layers, s)
+            scales[group] = np.asarray(s, np.float64)
             scaled_inputs[group] = x / np.asarray(s, np.float32)[None, :]
         out = {}
         for layer, spec in specs.items():
             w = _get(block, f"{layer}/kernel")
+            if gptq is not None:
+                s = scales[INPUT_OF[layer]]
+                hessian = stats[INPUT_OF[layer]].hessian / np.outer(s, s)
+                out[layer] = _gptq_retrying(gptq_quantize, w, hessian, spec, f"{name}/{layer}/kernel", **gptq,
+                                            scale_dtype=scale_dtype)
+                continue
             x = scaled_inputs[INPUT_OF[layer]]
             lo, hi = awq.awq_search_clip(w, x, spec, grid=grid, scale_dtype=scale_dtype)
             out[layer] = quantize_with_range(w, spec, lo, hi, axis=0, scale_dtype=scale_dtype)
