@@ -15,7 +15,11 @@ Methods (``method=``):
 
 The calibrated methods run **block by block, sequentially**: block ``i``'s statistics are taken on
 the outputs of blocks ``0 .. i-1`` *already quantized*, so each block corrects for the error of
-those before it.  Tensors outside the blocks that a rule quantizes (the embedding, an untied LM
+those before it.  ``gptq`` goes further inside a block (``within_block``): it quantizes q/k/v,
+then takes o_proj's Hessian behind them, and so on to down_proj
+(:func:`cascade.models.calibration.staged_block`).  ``awq`` and ``awq-gptq`` take a whole block's
+statistics first, since the v->o fold rescales v after o's input is measured.  Tensors outside
+the blocks that a rule quantizes (the embedding, an untied LM
 head) get RTN, as the GPTQ and AWQ reference implementations do.
 
 The wiring into the model layout: linear kernels are ``(in, out)`` and quantized along ``in``
