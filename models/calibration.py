@@ -164,8 +164,9 @@ def _positions(x):
 
 @partial(jax.jit, static_argnames=("cfg",))
 def _batch_inputs(block_params, cfg: ModelConfig, x):
-    out, seen = _capture_inputs(Block(cfg), {"params": block_params}, x, _positions(x))
-    return out, seen
+    """The block's linear inputs for one batch (its output is not returned, so XLA drops down_proj)."""
+    _, seen = _capture_inputs(Block(cfg), {"params": block_params}, x, _positions(x))
+    return seen
 
 
 @partial(jax.jit, static_argnames=("cfg",))
@@ -194,7 +195,7 @@ def block_statistics(block_params, cfg: ModelConfig, hidden: np.ndarray, *,
     n, t, _ = hidden.shape
     acc: dict[str, InputStats] = {}
     for rows in _batches(n, cfg, t):
-        _, seen = _batch_inputs(block_params, cfg, jnp.asarray(hidden[rows], jnp.float32))
+        seen = _batch_inputs(block_params, cfg, jnp.asarray(hidden[rows], jnp.float32))
         for name, x in seen.items():
             acc.setdefault(name, InputStats.empty(x.shape[-1])).add(x, keep_tokens)
     return acc
