@@ -102,6 +102,11 @@ def _data_file(ctx, param, value):
     return value
 
 
+def _data_files(ctx, param, values):
+    """Several ``--data`` files (a ``multiple=True`` option), each checked as :func:`_data_file` does."""
+    return tuple(_data_file(ctx, param, v) for v in values)
+
+
 def _check_tokenizer_flag(model: str, tokenizer: str | None) -> None:
     if tokenizer is not None and not (os.path.isfile(model) and model.lower().endswith(".bin")):
         raise click.UsageError(f"--tokenizer applies only to a llama2.c .bin model; {model} brings its own tokenizer")
@@ -851,7 +856,8 @@ def bench_ppl(model, data, specs, limit, ctx, stride, no_truncate, tokenizer, ou
 @bench.command(name="ptq")
 @click.argument("model", callback=_model)
 @click.option("--calib", required=True, callback=_data_file, help="Calibration text (GPTQ, AWQ).")
-@click.option("--data", required=True, callback=_data_file, help="UTF-8 text file to score.")
+@click.option("--data", required=True, multiple=True, callback=_data_files,
+              help="UTF-8 text file to score (repeat the flag to score every model on several files).")
 @click.option("--spec", "specs", default="int4,int4-g128,int4-g32,int3-g32,int3-g64-asym,int2-g16-asym", show_default=True,
               help="Comma-separated precision specs.")
 @click.option("--method", "methods", default="rtn,gptq,awq,hqq", show_default=True,
@@ -885,8 +891,17 @@ def bench_ptq(model, calib, data, specs, methods, calib_samples, calib_len, limi
     _check_tokenizer_flag(model, tokenizer)
     from cascade.models import load_model
 
-    result = bench_ptq_mod.run(load_model(model, tokenizer=tokenizer), calib, data, specs=spec_list, methods=method_list,
-                               samples=calib_samples, length=calib_len, limit=limit, ctx=ctx, max_tokens=max_tokens)
+    def save(partial: dict) -> None:  # each finished row lands in --out; stderr shows it
+        partial["model"] = model
+        if out_path:
+            _write_atomic(out_path, json.dumps(partial, indent=2, allow_nan=False) + "\n")
+        r = partial["rows"][-1]
+        click.echo(f"{r['spec']} {r['method']} on {os.path.basename(r['data'])}: ppl {r['ppl']:.3f}, "
+                   f"KLD {r['kld_mean']:.4f}, {r['seconds']:.1f} s", err=True)
+
+    result = bench_ptq_mod.run(load_model(model, tokenizer=tokenizer), calib, list(data), specs=spec_list,
+                               methods=method_list, samples=calib_samples, length=calib_len, limit=limit, ctx=ctx,
+                               max_tokens=max_tokens, on_row=save)
     result["model"] = model
     if out_path:
         _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")

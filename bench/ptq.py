@@ -8,7 +8,10 @@ of the next-token distributions (and its 99th percentile), top-1 agreement, weig
 seconds quantization took.  A model whose weights were stored quantized (SmolLM2's Q4_1 GGUF) is
 dequantized to float32 first and that float model is the reference.
 
-``gap_closed`` per row: ``(ppl_rtn - ppl) / (ppl_rtn - ppl_float)`` for the same spec.
+``gap_closed`` per row: ``(ppl_rtn - ppl) / (ppl_rtn - ppl_float)`` for the same spec and data.
+``--data`` may be given several times (SmolLM2 is scored on TinyStories and WikiText-2): each
+quantized model is then scored on every file.  With ``--out`` the file is rewritten (atomically)
+after every row, marked ``"partial": true`` until the run ends, so an interrupted run keeps its rows.
 """
 
 from __future__ import annotations
@@ -38,18 +41,38 @@ def float_model(model: Model) -> Model:
     return dataclasses.replace(model, params=params, quant=None)
 
 
-def run(model: "str | Model", calib: str, data: str, *, specs=DEFAULT_SPECS, methods=DEFAULT_METHODS,
+def run(model: "str | Model", calib: str, data: "str | list[str]", *, specs=DEFAULT_SPECS, methods=DEFAULT_METHODS,
         samples: int = 128, length: int = 512, seed: int = 0, limit: int | None = 200, ctx: int = 512,
-        max_tokens: int | None = None, tokenizer: str | None = None, progress=None) -> dict:
+        max_tokens: int | None = None, tokenizer: str | None = None, progress=None, on_row=None) -> dict:
+    """The result (module docs).  ``data``: one text file or several; each quantized model is scored on
+    every one (rows carry ``data``; the top-level ``data``, ``float_ppl`` and ``documents`` are the
+    first file's, ``evaluations`` lists them all).  ``on_row(result)`` is called with the result so far
+    (``"partial": true``) after every row, so a long run can be saved as it goes."""
     base = float_model(model if isinstance(model, Model) else load_model(model, tokenizer=tokenizer))
     length = min(length, base.config.max_seq_len)
     ctx = min(ctx, base.config.max_seq_len)
     cal = calibration_tokens(base.tokenizer, calib, samples=samples, length=length, seed=seed,
                              max_len=base.config.max_seq_len)
-    with open(data, encoding="utf-8") as f:
-        docs = tokenize_documents(base.tokenizer, split_documents(f.read())[:limit])
+    files = [data] if isinstance(data, str) else list(data)
+    docs = {}
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            docs[path] = tokenize_documents(base.tokenizer, split_documents(f.read())[:limit])
     rows = []
-    float_ppl = None
+    float_ppl: dict[str, float] = {}
+
+    def result(partial: bool) -> dict:
+        for row in rows:
+            rtn = next((r["ppl"] for r in rows if r["spec"] == row["spec"] and r["data"] == row["data"]
+                        and r["method"] == "rtn"), None)
+            ref = float_ppl[row["data"]]
+            row["gap_closed"] = None if rtn is None or rtn <= ref else (rtn - row["ppl"]) / (rtn - ref)
+        return {"benchmark": "ptq", **run_context(), "model": base.source, "float_ppl": float_ppl.get(files[0]),
+                "float_weight_bytes": weight_bytes(base.params), "calibration": cal.recipe, "data": files[0],
+                "documents": len(docs[files[0]]), "ctx": ctx, "max_tokens": max_tokens,
+                "evaluations": [{"data": p, "float_ppl": float_ppl.get(p), "documents": len(docs[p])} for p in files],
+                **({"partial": True} if partial else {}), "rows": rows}
+
     for spec in specs:
         for method in methods:
             t0 = time.perf_counter()
@@ -61,29 +84,32 @@ def run(model: "str | Model", calib: str, data: str, *, specs=DEFAULT_SPECS, met
                 quantized, _ = quantize_model(base, spec, method=method,
                                               calib=cal if method in CALIBRATED else None, progress=progress)
             seconds = time.perf_counter() - t0
-            fid = fidelity(quantized.params, quantized.config, base.params, base.config, docs, ctx=ctx,
-                           max_tokens=max_tokens, progress=progress)
-            float_ppl = fid.ref_ppl
-            rows.append({"spec": spec, "method": method, "ppl": fid.ppl, "delta_ppl": fid.delta_ppl,
-                         "kld_mean": fid.kld_mean, "kld_p99": fid.kld_p99, "top1_agreement": fid.top1_agreement,
-                         "weight_bytes": weight_bytes(quantized.params), "seconds": seconds, "tokens": fid.tokens})
-    for row in rows:
-        rtn = next((r["ppl"] for r in rows if r["spec"] == row["spec"] and r["method"] == "rtn"), None)
-        row["gap_closed"] = None if rtn is None or rtn <= float_ppl else (rtn - row["ppl"]) / (rtn - float_ppl)
-    return {"benchmark": "ptq", **run_context(), "model": base.source, "float_ppl": float_ppl,
-            "float_weight_bytes": weight_bytes(base.params), "calibration": cal.recipe, "data": data,
-            "documents": len(docs), "ctx": ctx, "max_tokens": max_tokens, "rows": rows}
+            for path in files:
+                fid = fidelity(quantized.params, quantized.config, base.params, base.config, docs[path], ctx=ctx,
+                               max_tokens=max_tokens, progress=progress)
+                float_ppl[path] = fid.ref_ppl
+                rows.append({"spec": spec, "method": method, "data": path, "ppl": fid.ppl, "delta_ppl": fid.delta_ppl,
+                             "kld_mean": fid.kld_mean, "kld_p99": fid.kld_p99, "top1_agreement": fid.top1_agreement,
+                             "weight_bytes": weight_bytes(quantized.params), "seconds": seconds, "tokens": fid.tokens})
+                if on_row is not None:
+                    on_row(result(partial=True))
+    return result(partial=False)
 
 
 def table(result: dict) -> str:
-    lines = [f"{result['model']}: float perplexity {result['float_ppl']:.4f} on {result['data']} "
-             f"(ctx {result['ctx']}); calibration {result['calibration']['samples']} x "
-             f"{result['calibration']['length']} tokens",
-             f"{'spec':<15} {'method':<10} {'ppl':>8} {'Δppl':>8} {'KLD':>8} {'KLD p99':>8} {'top-1':>7} "
-             f"{'gap closed':>10} {'bytes':>11} {'seconds':>8}"]
-    for r in result["rows"]:
-        gap = "" if r["gap_closed"] is None else f"{r['gap_closed']:.0%}"
-        lines.append(f"{r['spec']:<15} {r['method']:<10} {r['ppl']:>8.3f} {r['delta_ppl']:>+8.3f} {r['kld_mean']:>8.4f} "
-                     f"{r['kld_p99']:>8.3f} {r['top1_agreement']:>7.1%} {gap:>10} {r['weight_bytes']:>11,} "
-                     f"{r['seconds']:>8.1f}")
+    evaluations = result.get("evaluations") or [{"data": result["data"], "float_ppl": result["float_ppl"]}]
+    lines = []
+    for ev in evaluations:
+        lines += [f"{result['model']}: float perplexity {ev['float_ppl']:.4f} on {ev['data']} "
+                  f"(ctx {result['ctx']}); calibration {result['calibration']['samples']} x "
+                  f"{result['calibration']['length']} tokens",
+                  f"{'spec':<15} {'method':<10} {'ppl':>8} {'Δppl':>8} {'KLD':>8} {'KLD p99':>8} {'top-1':>7} "
+                  f"{'gap closed':>10} {'bytes':>11} {'seconds':>8}"]
+        for r in result["rows"]:
+            if r.get("data", ev["data"]) != ev["data"]:
+                continue
+            gap = "" if r["gap_closed"] is None else f"{r['gap_closed']:.0%}"
+            lines.append(f"{r['spec']:<15} {r['method']:<10} {r['ppl']:>8.3f} {r['delta_ppl']:>+8.3f} "
+                         f"{r['kld_mean']:>8.4f} {r['kld_p99']:>8.3f} {r['top1_agreement']:>7.1%} {gap:>10} "
+                         f"{r['weight_bytes']:>11,} {r['seconds']:>8.1f}")
     return "\n".join(lines)
