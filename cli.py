@@ -870,10 +870,11 @@ def bench_ppl(model, data, specs, limit, ctx, stride, no_truncate, tokenizer, ou
 @click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=2), help="Window length (capped at the model context).")
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Score only the first windows, about N tokens.")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("--act-order", is_flag=True, help="GPTQ's activation order for the gptq and awq-gptq rows.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def bench_ptq(model, calib, data, specs, methods, calib_samples, calib_len, limit, ctx, max_tokens, tokenizer, out_path,
-              as_json):
+def bench_ptq(model, calib, data, specs, methods, calib_samples, calib_len, limit, ctx, max_tokens, tokenizer,
+              act_order, out_path, as_json):
     """RTN, GPTQ, AWQ and HQQ side by side: perplexity, Δppl, KL divergence, top-1 agreement, bytes and
     seconds per spec and method, against the float model (see bench/ptq.py)."""
     from cascade.bench import ptq as bench_ptq_mod
@@ -901,7 +902,7 @@ def bench_ptq(model, calib, data, specs, methods, calib_samples, calib_len, limi
 
     result = bench_ptq_mod.run(load_model(model, tokenizer=tokenizer), calib, list(data), specs=spec_list,
                                methods=method_list, samples=calib_samples, length=calib_len, limit=limit, ctx=ctx,
-                               max_tokens=max_tokens, on_row=save)
+                               max_tokens=max_tokens, act_order=act_order, on_row=save)
     result["model"] = model
     if out_path:
         _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")

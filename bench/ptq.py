@@ -43,11 +43,13 @@ def float_model(model: Model) -> Model:
 
 def run(model: "str | Model", calib: str, data: "str | list[str]", *, specs=DEFAULT_SPECS, methods=DEFAULT_METHODS,
         samples: int = 128, length: int = 512, seed: int = 0, limit: int | None = 200, ctx: int = 512,
-        max_tokens: int | None = None, tokenizer: str | None = None, progress=None, on_row=None) -> dict:
+        max_tokens: int | None = None, tokenizer: str | None = None, act_order: bool = False, progress=None,
+        on_row=None) -> dict:
     """The result (module docs).  ``data``: one text file or several; each quantized model is scored on
     every one (rows carry ``data``; the top-level ``data``, ``float_ppl`` and ``documents`` are the
     first file's, ``evaluations`` lists them all).  ``on_row(result)`` is called with the result so far
-    (``"partial": true``) after every row, so a long run can be saved as it goes."""
+    (``"partial": true``) after every row, so a long run can be saved as it goes.  ``act_order``:
+    GPTQ's activation order for ``gptq`` and ``awq-gptq``."""
     base = float_model(model if isinstance(model, Model) else load_model(model, tokenizer=tokenizer))
     length = min(length, base.config.max_seq_len)
     ctx = min(ctx, base.config.max_seq_len)
@@ -69,7 +71,7 @@ def run(model: "str | Model", calib: str, data: "str | list[str]", *, specs=DEFA
             row["gap_closed"] = None if rtn is None or rtn <= ref else (rtn - row["ppl"]) / (rtn - ref)
         return {"benchmark": "ptq", **run_context(), "model": base.source, "float_ppl": float_ppl.get(files[0]),
                 "float_weight_bytes": weight_bytes(base.params), "calibration": cal.recipe, "data": files[0],
-                "documents": len(docs[files[0]]), "ctx": ctx, "max_tokens": max_tokens,
+                "documents": len(docs[files[0]]), "ctx": ctx, "max_tokens": max_tokens, "act_order": act_order,
                 "evaluations": [{"data": p, "float_ppl": float_ppl.get(p), "documents": len(docs[p])} for p in files],
                 **({"partial": True} if partial else {}), "rows": rows}
 
@@ -81,8 +83,9 @@ def run(model: "str | Model", calib: str, data: "str | list[str]", *, specs=DEFA
 
                 quantized = qwix_quantize_model(base, spec, method, cal)
             else:
-                quantized, _ = quantize_model(base, spec, method=method,
-                                              calib=cal if method in CALIBRATED else None, progress=progress)
+                gptq_kw = {"act_order": act_order} if method in ("gptq", "awq-gptq") else {}
+                quantized, _ = quantize_model(base, spec, method=method, calib=cal if method in CALIBRATED else None,
+                                              progress=progress, **gptq_kw)
             seconds = time.perf_counter() - t0
             for path in files:
                 fid = fidelity(quantized.params, quantized.config, base.params, base.config, docs[path], ctx=ctx,

@@ -55,3 +55,20 @@ def test_bench_ptq_rows(capsys, tmp_path):
         assert r["seconds"] == rows[(spec, method, VAL)]["seconds"]
     assert cli.main(["bench", "ptq", BIN, "--calib", TRAIN, "--data", VAL, "--method", "rtn,nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_bench_ptq_act_order_reaches_gptq(monkeypatch):
+    """``act_order`` goes to the GPTQ-based methods only, and the result records it."""
+    from cascade.bench import ptq
+
+    calls = []
+    real = ptq.quantize_model
+
+    def spy(model, spec, **kw):
+        calls.append((kw["method"], kw.get("act_order")))
+        return real(model, spec, **kw)
+
+    monkeypatch.setattr(ptq, "quantize_model", spy)
+    d = ptq.run(BIN, TRAIN, VAL, specs=("int4-g32",), methods=("rtn", "gptq"), samples=32, length=64, limit=3,
+                ctx=128, max_tokens=512, act_order=True)
+    assert calls == [("rtn", None), ("gptq", True)] and d["act_order"] is True
