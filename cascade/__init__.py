@@ -49,7 +49,7 @@ _EXPORTS = {
     "split_documents": "cascade.models.evaluation",
     "tokenize_documents": "cascade.models.evaluation",
     "parse_kv_spec": "cascade.quant.kv",
-    "kv_cache_memory": "cascade.models.llama",
+    "kv_cache_memory": "cascade.models.kv_cache",
     # the pair: speculative decoding with a quantized draft
     "ModelPair": "cascade.pair",
     "RunResult": "cascade.pair",

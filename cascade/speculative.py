@@ -35,7 +35,8 @@ import numpy as np
 from cascade.models.config import ModelConfig
 from cascade.models.generation import SamplingConfig, forward_cached, prefill
 from cascade.models.generation import _bucket as shape_bucket  # the same power-of-two buckets as generate()
-from cascade.models.llama import KVCache, Transformer
+from cascade.models.kv_cache import KVCache
+from cascade.models.llama import Transformer
 from cascade.quant.kv import KVSpec
 
 

@@ -1,7 +1,9 @@
 """Llama-family models: configuration, the Flax decoder, loaders, generation, evaluation, checkpoints.
 
 * :mod:`cascade.models.config`      :class:`ModelConfig` and Hugging Face ``config.json`` translation
-* :mod:`cascade.models.llama`       the Flax decoder and its static KV cache (fp32/bf16/fp16/int8/int4)
+* :mod:`cascade.models.llama`       the Flax decoder (the network alone)
+* :mod:`cascade.models.kv_cache`    its static KV cache (fp32/bf16/fp16/int8/int4) and cached attention
+* :mod:`cascade.models.attention`   attention arithmetic: masks, grouped-query attention, softmax partials
 * :mod:`cascade.models.loaders`     :func:`load_model` for HF directories, GGUF, llama2.c, saved checkpoints
 * :mod:`cascade.models.tokenizer`   one tokenizer type over ``tokenizers`` and SentencePiece
 * :mod:`cascade.models.generation`  jitted prefill/decode, sampling, the generation loop
@@ -15,7 +17,7 @@ from cascade.models.checkpoint import load_checkpoint, save_checkpoint
 from cascade.models.config import ModelConfig, UnsupportedModelError
 from cascade.models.generation import Generation, SamplingConfig, generate, logits_of
 from cascade.models.inspect import describe_model, matmul_backends
-from cascade.models.llama import KVCache, kv_cache_memory
+from cascade.models.kv_cache import KVCache, kv_cache_memory
 from cascade.models.loaders import load_model
 from cascade.models.model import Model
 from cascade.models.evaluation import PerplexityResult, perplexity, split_documents, tokenize_documents

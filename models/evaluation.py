@@ -27,7 +27,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cascade.models.config import ModelConfig
-from cascade.models.llama import KVCache, Transformer
+from cascade.models.kv_cache import KVCache
+from cascade.models.llama import Transformer
 from cascade.quant.kv import KVSpec, parse_kv_spec
 
 DOC_SEPARATOR = "<|endoftext|>"

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cascade.models.config import ModelConfig
-from cascade.models.llama import KVCache, Transformer
+from cascade.models.kv_cache import KVCache
+from cascade.models.llama import Transformer
 from cascade.quant.kv import KVSpec
 
 

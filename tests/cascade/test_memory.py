@@ -4,7 +4,7 @@ import pytest
 
 from cascade.memory import parse_bytes, plan_memory
 from cascade.models import weight_bytes
-from cascade.models.llama import KVCache
+from cascade.models.kv_cache import KVCache
 
 
 @pytest.mark.parametrize("text, value", [("2GiB", 2 * 2**30), ("512 MB", 512 * 10**6), ("1.5k", 1500), ("1000", 1000),

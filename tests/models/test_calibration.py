@@ -9,7 +9,8 @@ import pytest
 
 from cascade.models import calibration
 from cascade.models.config import ModelConfig
-from cascade.models.llama import Block, RMSNorm, apply_rope, attention, init_params
+from cascade.models.attention import attention
+from cascade.models.llama import Block, RMSNorm, apply_rope, init_params
 from cascade.models.config import rope_inv_freq
 
 CFG = ModelConfig(vocab_size=64, dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,

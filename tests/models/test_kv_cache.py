@@ -1,4 +1,4 @@
-"""Quantized KV caches (models.llama.KVCache with quant.kv specs) against slow references.
+"""Quantized KV caches (models.kv_cache.KVCache with quant.kv specs) against slow references.
 
 The reference for attention is numpy float64 over the *dequantized* cache: for each query and
 each visible key, the value the layout promises (float16 copy inside the full-precision window
@@ -15,7 +15,8 @@ import pytest
 from cascade.models import generate, kv_cache_memory, load_model
 from cascade.models.config import ModelConfig
 from cascade.models.generation import forward, prefill
-from cascade.models.llama import KVCache, LayerKV, cached_attention, init_params, read_kv
+from cascade.models.kv_cache import KVCache, LayerKV, cached_attention, read_kv
+from cascade.models.llama import init_params
 from cascade.quant.kv import parse_kv_spec
 from tests.shared_data import DATA
 

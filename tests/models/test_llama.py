@@ -7,7 +7,7 @@ import torch
 
 from cascade.models.config import ModelConfig, UnsupportedModelError, config_from_hf
 from cascade.models.generation import SamplingConfig, forward, generate, logits_of, prefill
-from cascade.models.llama import KVCache
+from cascade.models.kv_cache import KVCache
 from cascade.models.loaders.hf import load_hf
 from tests.models.hf_fixtures import VARIANTS, make_hf_model
 

@@ -105,7 +105,7 @@ def test_the_decode_step_calls_the_attention_kernel(kv, target):
     """A silent fallback cannot pass CI: the compiled decode step contains the kernel's custom
     call, once per layer."""
     from cascade.models.generation import _decode_and_sample
-    from cascade.models.llama import KVCache
+    from cascade.models.kv_cache import KVCache
 
     model = load_model("default-small")
     cache = KVCache.create(model.config, 1, 64, kv)

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cascade.models.llama import attend_partial, cache_partial, merge_partials
+from cascade.models.attention import attend_partial, merge_partials
+from cascade.models.kv_cache import cache_partial
 from cascade.quant import packing
 from cascade.quant.kernels import cpu
 from cascade.quant.kv import parse_kv_spec
