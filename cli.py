@@ -27,7 +27,7 @@ def _emit(ctx_json: bool, payload: dict, human: str) -> None:
 # Every value a flag takes is checked when the command line is parsed, before any model loads, so a
 # bad value is a usage error (exit 2) in every subcommand alike.
 
-MAX_SEED = 2**63 - 1  # = models.generation.MAX_SEED (not imported here: parsing must not import jax)
+MAX_SEED = 2**63 - 1  # = models.sampling.MAX_SEED (not imported here: parsing must not import jax)
 SEED = click.IntRange(0, MAX_SEED)
 SEED_HELP = "Seed for sampling (and acceptance draws): an integer in [0, 2**63 - 1]."
 

@@ -41,7 +41,7 @@ _EXPORTS = {
     "quantize": "cascade.quant.qtensor",
     "dequantize": "cascade.quant.qtensor",
     # generating and scoring with one model
-    "SamplingConfig": "cascade.models.generation",
+    "SamplingConfig": "cascade.models.sampling",
     "Generation": "cascade.models.generation",
     "generate": "cascade.models.generation",
     "perplexity": "cascade.models.evaluation",

@@ -5,7 +5,10 @@ Chen et al., "Accelerating Large Language Model Decoding with Speculative Sampli
 
 Each round the draft proposes ``draft_len`` tokens one at a time; the target scores the pending
 token and all proposals in one call (``draft_len + 1`` positions) and the verifier accepts a
-prefix of them:
+prefix of them.  The whole round (proposer, scorer, verifier and the cache rewind) is **one jitted
+call** on the device (:func:`speculative_round`), greedy or sampled, for a batch of rows at once:
+each row has its own cache length, acceptance and rewind, and stops on its own; the host reads
+back the proposals, the accepted counts and the next tokens once per round.
 
 * greedy (temperature 0): proposal ``d_i`` is accepted while it equals the target's argmax; the
   target's own argmax follows the accepted prefix.  The output is exactly the target's greedy
@@ -18,8 +21,10 @@ prefix of them:
 Both models keep static KV caches; rejected proposals are dropped by moving the cache length
 back (their rows are overwritten later and are never visible: attention masks keys by
 position).  A quantized cache with a full-precision residual window keeps ``draft_len + 1``
-extra positions in its ring, so a rewind never loses the window.  Roles follow vLLM: proposer (:func:`_draft`), scorer (the target's chunked
-forward), verifier (:func:`verify_greedy` / :func:`verify_sampled`).
+extra positions in its ring, so a rewind never loses the window.  Roles follow vLLM: proposer
+(:func:`propose`), scorer (the target's chunked forward), verifier (:func:`verify_greedy` /
+:func:`verify_sampled`); the sampling transform both models' distributions go through is
+:func:`cascade.models.sampling.token_probs`.
 """
 
 from __future__ import annotations
@@ -33,10 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from cascade.models.config import ModelConfig
-from cascade.models.generation import SamplingConfig, forward_cached, prefill
+from cascade.models.generation import prefill
 from cascade.models.generation import _bucket as shape_bucket  # the same power-of-two buckets as generate()
 from cascade.models.kv_cache import KVCache
 from cascade.models.llama import Transformer
+from cascade.models.sampling import SamplingConfig, filtered_logits, sample_logits, token_probs
 from cascade.quant.kv import KVSpec
 
 
@@ -101,73 +107,114 @@ class SpeculativeResult:
         return self.steady_tokens / self.steady_s if self.steady_tokens > 0 and self.steady_s > 0 else None
 
 
-def token_probs(logits: np.ndarray, sampling: SamplingConfig) -> np.ndarray:
-    """The sampling distribution (float64, sums to 1) of ``logits`` (..., V) under temperature,
-    top-k and top-p (nucleus over the renormalised top-k, as :func:`cascade.models.generation.sample_logits`)."""
-    z = np.asarray(logits, np.float64) / sampling.temperature
-    z = z - z.max(axis=-1, keepdims=True)
-    if sampling.top_k:
-        kth = np.sort(z, axis=-1)[..., -min(sampling.top_k, z.shape[-1])][..., None]
-        z = np.where(z >= kth, z, -np.inf)
-    p = np.exp(z)
-    p /= p.sum(axis=-1, keepdims=True)
-    if sampling.top_p < 1.0:
-        order = np.argsort(-p, axis=-1, kind="stable")
-        sorted_p = np.take_along_axis(p, order, axis=-1)
-        keep_sorted = (np.cumsum(sorted_p, axis=-1) - sorted_p) < sampling.top_p  # always keeps the first
-        keep = np.zeros_like(keep_sorted)
-        np.put_along_axis(keep, order, keep_sorted, axis=-1)
-        p = np.where(keep, p, 0.0)
-        p /= p.sum(axis=-1, keepdims=True)
-    return p
+def verify_greedy(proposals, target_logits):
+    """``(n_accepted (B,), next_token (B,))`` for greedy decoding: proposals (B, k) are accepted while
+    they equal the target's argmax over ``target_logits`` (B, k + 1, V); the target's own argmax
+    follows the accepted prefix."""
+    best = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # (B, k + 1)
+    k = proposals.shape[1]
+    n = jnp.sum(jnp.cumprod(proposals == best[:, :k], axis=1), axis=1).astype(jnp.int32)
+    return n, jnp.take_along_axis(best, n[:, None], axis=1)[:, 0]
 
 
-def verify_greedy(proposals: list[int], target_logits: np.ndarray) -> tuple[int, int]:
-    """``(n_accepted, next_token)`` for greedy decoding; ``target_logits`` (k+1, V)."""
-    best = np.argmax(target_logits, axis=-1)
-    n = 0
-    while n < len(proposals) and proposals[n] == int(best[n]):
-        n += 1
-    return n, int(best[n])
+def verify_sampled(proposals, draft_probs, target_probs, key):
+    """``(n_accepted (B,), next_token (B,))`` by the speculative-sampling rule: proposal ``d_i ~ q_i``
+    is accepted with probability ``min(1, p_i(d_i) / q_i(d_i))``; at the first rejection the next
+    token is drawn from ``norm(max(0, p_i - q_i))``, after ``k`` acceptances from ``p_k``.
+    ``draft_probs`` (B, k, V) and ``target_probs`` (B, k + 1, V) are the distributions each proposal
+    was drawn from / is judged by (the draft's padded with zeros to the target's vocabulary)."""
+    b, k = proposals.shape
+    k_accept, k_next = jax.random.split(key)
+    d = proposals[:, :, None]
+    p_d = jnp.take_along_axis(target_probs[:, :k], d, axis=2)[:, :, 0]
+    q_d = jnp.take_along_axis(draft_probs, d, axis=2)[:, :, 0]
+    accept = jax.random.uniform(k_accept, (b, k)) * q_d < p_d
+    n = jnp.sum(jnp.cumprod(accept, axis=1), axis=1).astype(jnp.int32)
+    # a zero row at k: after k acceptances the "residual" is p_k itself
+    q_full = jnp.concatenate([draft_probs, jnp.zeros_like(draft_probs[:, :1])], axis=1)
+    p_n = jnp.take_along_axis(target_probs, n[:, None, None], axis=1)[:, 0]
+    q_n = jnp.take_along_axis(q_full, n[:, None, None], axis=1)[:, 0]
+    residual = jnp.maximum(p_n - q_n, 0.0)
+    total = jnp.sum(residual, axis=-1, keepdims=True)
+    # total == 0 only if p == q, where rejection has probability 0; guard float noise anyway
+    dist = jnp.where(total > 0, residual, p_n)
+    nxt = jax.random.categorical(k_next, jnp.log(dist), axis=-1).astype(jnp.int32)
+    return n, nxt
 
 
-def verify_sampled(proposals: list[int], draft_probs: np.ndarray, target_probs: np.ndarray,
-                   rng: np.random.Generator) -> tuple[int, int]:
-    """``(n_accepted, next_token)`` by the speculative-sampling rule; ``draft_probs`` (k, V),
-    ``target_probs`` (k+1, V) are the distributions each proposal was drawn from / is judged by."""
-    for i, d in enumerate(proposals):
-        p, q = target_probs[i, d], draft_probs[i, d]
-        if rng.random() * q < p:  # accept with probability min(1, p/q)
-            continue
-        residual = np.maximum(target_probs[i] - draft_probs[i], 0.0)
-        total = residual.sum()
-        # total == 0 only if p == q, where rejection has probability 0; guard float noise anyway
-        dist = residual / total if total > 0 else target_probs[i]
-        return i, int(rng.choice(len(dist), p=dist))
-    return len(proposals), int(rng.choice(target_probs.shape[-1], p=target_probs[-1]))
+def _draw(logits, key, greedy: bool, sampling):
+    """One token per row from ``logits`` (B, V) and its distribution (None when greedy)."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+    z = filtered_logits(logits, *sampling)
+    return jax.random.categorical(key, z, axis=-1).astype(jnp.int32), jax.nn.softmax(z, axis=-1)
 
 
-@partial(jax.jit, static_argnames=("cfg", "k"), donate_argnames=("cache",))
-def draft_greedy(params, cfg: ModelConfig, chunk, n_feed, start, cache: KVCache, k: int):
-    """The greedy proposer in one device call: feed ``chunk`` (1, 2; ``n_feed`` real tokens) at
-    ``start``, then propose ``k`` tokens, each fed back in turn (the last one is not fed).
-    Returns ``(proposals (k,), cache)``."""
+def propose(params, cfg: ModelConfig, cache: KVCache, chunk, n_feed, start, key, sampling, *, k: int, greedy: bool):
+    """The proposer: feed ``chunk`` (B, 2; the first ``n_feed`` (B,) real) at ``start`` (B,), then
+    draw ``k`` tokens, feeding each back in turn but the last.  Returns ``(proposals (B, k),
+    q (B, k, V_draft) or None when greedy, cache)``."""
     model = Transformer(cfg)
-    cache = cache.replace(lengths=jnp.reshape(start, (1,)))
-    logits, cache = model.apply({"params": params}, chunk, start + jnp.arange(2, dtype=jnp.int32)[None, :], cache,
-                                jnp.reshape(n_feed, (1,)), last_only=True)
-    first = jnp.argmax(logits[0]).astype(jnp.int32)
-    proposals = jnp.zeros((k,), jnp.int32).at[0].set(first)
+    cache = cache.replace(lengths=start)
+    positions = start[:, None] + jnp.arange(2, dtype=jnp.int32)[None, :]
+    logits, cache = model.apply({"params": params}, chunk, positions, cache, n_feed, last_only=True)
+    b = chunk.shape[0]
+    keys = jax.random.split(key, k)
+    tok, q = _draw(logits, keys[0], greedy, sampling)
+    proposals = jnp.zeros((b, k), jnp.int32).at[:, 0].set(tok)
+    qs = None if greedy else jnp.zeros((b, k, logits.shape[-1]), jnp.float32).at[:, 0].set(q)
 
     def step(i, carry):
-        proposals, cache = carry
-        pos = start + n_feed - 1 + i  # d_i sits right after the pending token (at start + n_feed - 1)
-        logits, cache = model.apply({"params": params}, proposals[i - 1][None, None], jnp.reshape(pos, (1, 1)), cache,
+        proposals, qs, cache = carry
+        logits, cache = model.apply({"params": params}, proposals[:, i - 1][:, None], cache.lengths[:, None], cache,
                                     None, last_only=True)
-        return proposals.at[i].set(jnp.argmax(logits[0]).astype(jnp.int32)), cache
+        tok, q = _draw(logits, keys[i], greedy, sampling)
+        return proposals.at[:, i].set(tok), None if greedy else qs.at[:, i].set(q), cache
 
-    proposals, cache = jax.lax.fori_loop(1, k, step, (proposals, cache))
-    return proposals, cache
+    proposals, qs, cache = jax.lax.fori_loop(1, k, step, (proposals, qs, cache))
+    return proposals, qs, cache
+
+
+@partial(jax.jit, static_argnames=("draft_cfg", "target_cfg", "k", "greedy"), donate_argnames=("d_cache", "t_cache"))
+def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig, d_cache: KVCache,
+                      t_cache: KVCache, pending, behind, active, key, sampling, *, k: int, greedy: bool):
+    """One draft-score-verify round for a batch of rows, in one device call.
+
+    State per row: ``t_cache.lengths`` = ``committed``, the positions both models agree on;
+    ``pending`` (B,) the last emitted token, in neither cache yet; ``behind`` (B,) a token at
+    ``committed - 1`` the draft has not fed (after a fully accepted round), or -1; ``active`` (B,)
+    rows still generating (a finished row keeps its state).  ``sampling``: ``(temperature,
+    top_k, top_p)`` device scalars.
+
+    Returns ``(proposals (B, k), n_accepted (B,), next (B,), behind', d_cache, t_cache, key')``:
+    the caches rewound to the accepted prefix (``committed + 1 + n_accepted``; the draft one short
+    when all ``k`` were accepted, ``behind'`` then holds its last proposal).
+    """
+    committed = t_cache.lengths
+    draft_vocab = draft_cfg.vocab_size
+    has_behind = behind >= 0
+    start = committed - has_behind.astype(jnp.int32)
+    chunk = jnp.where(has_behind[:, None], jnp.stack([behind, pending], axis=1),
+                      jnp.stack([pending, jnp.zeros_like(pending)], axis=1))
+    chunk = jnp.where(chunk < draft_vocab, chunk, 0)  # a target-only id reaches the draft as 0: only acceptance suffers
+    key, k_draft, k_verify = jax.random.split(key, 3)
+    proposals, q, d_cache = propose(draft_params, draft_cfg, d_cache, chunk, 1 + has_behind.astype(jnp.int32), start,
+                                    k_draft, sampling, k=k, greedy=greedy)
+    # scorer: the target over [pending, d_1 .. d_k]
+    t_tokens = jnp.concatenate([pending[:, None], proposals], axis=1)
+    t_pos = committed[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None, :]
+    t_logits, t_cache = Transformer(target_cfg).apply({"params": target_params}, t_tokens, t_pos, t_cache, None)
+    if greedy:
+        n_acc, nxt = verify_greedy(proposals, t_logits)
+    else:
+        vocab = t_logits.shape[-1]
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, vocab - q.shape[-1])))
+        n_acc, nxt = verify_sampled(proposals, q, token_probs(t_logits, *sampling), k_verify)
+    new_committed = jnp.where(active, committed + 1 + n_acc, committed)
+    full = n_acc == k
+    d_len = jnp.where(active, jnp.where(full, new_committed - 1, new_committed), start)
+    behind = jnp.where(active, jnp.where(full, proposals[:, -1], -1), behind)
+    return (proposals, n_acc, nxt, behind, d_cache.replace(lengths=d_len), t_cache.replace(lengths=new_committed), key)
 
 
 def cache_room(n_prompt: int, max_new_tokens: int, draft_len: int, context: int) -> int:
@@ -178,122 +225,112 @@ def cache_room(n_prompt: int, max_new_tokens: int, draft_len: int, context: int)
     return shape_bucket(needed, 64) if shape_bucket(needed, 64) <= context else needed
 
 
+def _check_request(prompts, max_new_tokens, draft_len, draft_cfg: ModelConfig, target_cfg: ModelConfig) -> int:
+    """Validate a batch request; returns the pair's context."""
+    if draft_len < 1:
+        raise ValueError(f"draft_len must be >= 1, got {draft_len}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("the prompt needs at least one token")
+    if draft_cfg.vocab_size > target_cfg.vocab_size:
+        raise ValueError(f"the draft vocabulary ({draft_cfg.vocab_size}) is larger than the target's "
+                         f"({target_cfg.vocab_size}); the pair must share a tokenizer")
+    bad = [t for p in prompts for t in p if not 0 <= int(t) < draft_cfg.vocab_size]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {draft_cfg.vocab_size})")
+    context = min(draft_cfg.max_seq_len, target_cfg.max_seq_len)
+    longest = max(len(p) for p in prompts)
+    if longest >= context:
+        raise ValueError(f"the prompt is {longest} tokens; the context of the pair is {context}, "
+                         "so the prompt alone leaves no room to generate: shorten the prompt")
+    if longest + max_new_tokens > context:
+        raise ValueError(f"prompt ({longest} tokens) + max new tokens ({max_new_tokens}) exceeds the context "
+                         f"({context}) of the pair; generate at most {context - longest} tokens")
+    return context
+
+
 def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig,
                          prompt: list[int], *, max_new_tokens: int, draft_len: int = 4,
                          sampling: SamplingConfig = SamplingConfig(), eos_ids=None,
                          draft_kv: KVSpec | str | None = None, target_kv: KVSpec | str | None = None) -> SpeculativeResult:
-    """Generate up to ``max_new_tokens`` after ``prompt`` (ids) with the draft/target pair.
+    """Generate up to ``max_new_tokens`` after ``prompt`` (ids) with the draft/target pair: one row
+    of :func:`speculative_generate_batch`."""
+    return speculative_generate_batch(draft_params, draft_cfg, target_params, target_cfg, [prompt],
+                                      max_new_tokens=max_new_tokens, draft_len=draft_len, sampling=sampling,
+                                      eos_ids=eos_ids, draft_kv=draft_kv, target_kv=target_kv)[0]
+
+
+def speculative_generate_batch(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig,
+                               prompts: list[list[int]], *, max_new_tokens: int, draft_len: int = 4,
+                               sampling: SamplingConfig = SamplingConfig(), eos_ids=None,
+                               draft_kv: KVSpec | str | None = None,
+                               target_kv: KVSpec | str | None = None) -> list[SpeculativeResult]:
+    """Generate up to ``max_new_tokens`` after each prompt (lists of ids) with the draft/target pair,
+    the rows together (each its own lengths, acceptance, rewinds and stop).
 
     The two models must share the tokenizer (same vocabulary ids); the draft's vocabulary may not
     be larger than the target's.  ``draft_kv``/``target_kv``: each model's KV cache precision
     (:mod:`cascade.quant.kv`); greedy output equals the target's own greedy output with ``target_kv``.
     """
-    if draft_len < 1:
-        raise ValueError(f"draft_len must be >= 1, got {draft_len}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not prompt:
-        raise ValueError("the prompt needs at least one token")
-    if draft_cfg.vocab_size > target_cfg.vocab_size:
-        raise ValueError(f"the draft vocabulary ({draft_cfg.vocab_size}) is larger than the target's "
-                         f"({target_cfg.vocab_size}); the pair must share a tokenizer")
-    bad = [t for t in prompt if not 0 <= int(t) < draft_cfg.vocab_size]
-    if bad:
-        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {draft_cfg.vocab_size})")
-    context = min(draft_cfg.max_seq_len, target_cfg.max_seq_len)
-    if len(prompt) >= context:
-        raise ValueError(f"the prompt is {len(prompt)} tokens; the context of the pair is {context}, "
-                         "so the prompt alone leaves no room to generate: shorten the prompt")
-    if len(prompt) + max_new_tokens > context:
-        raise ValueError(f"prompt ({len(prompt)} tokens) + max new tokens ({max_new_tokens}) exceeds the context "
-                         f"({context}) of the pair; generate at most {context - len(prompt)} tokens")
+    context = _check_request(prompts, max_new_tokens, draft_len, draft_cfg, target_cfg)
     eos = set(target_cfg.eos_token_ids if eos_ids is None else eos_ids)
-    greedy = sampling.temperature == 0
-    rng = np.random.default_rng(sampling.seed)
-    vocab, draft_vocab = target_cfg.vocab_size, draft_cfg.vocab_size
-
-    n_prompt = len(prompt)
-    t_pad = shape_bucket(n_prompt, 16)
-    room = cache_room(n_prompt, max_new_tokens, draft_len, context)
+    k = draft_len
+    batch = len(prompts)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    longest = int(lengths.max())
+    room = cache_room(longest, max_new_tokens, k, context)
     # a round moves a cache length back by at most draft_len (rejected proposals): size the rings for it
-    d_cache = KVCache.create(draft_cfg, 1, room, draft_kv, rewind=draft_len + 1)
-    t_cache = KVCache.create(target_cfg, 1, room, target_kv, rewind=draft_len + 1)
-    tokens = np.zeros((1, t_pad), np.int32)
-    tokens[0, :n_prompt] = prompt
-    lengths = np.array([n_prompt], np.int32)
+    d_cache = KVCache.create(draft_cfg, batch, room, draft_kv, rewind=k + 1)
+    t_cache = KVCache.create(target_cfg, batch, room, target_kv, rewind=k + 1)
+    tokens = np.zeros((batch, shape_bucket(longest, 16)), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    key = jax.random.key(sampling.seed)
+    params = sampling.arrays()
 
     t0 = time.perf_counter()
     _, d_cache = prefill(draft_params, draft_cfg, tokens, lengths, d_cache)
     t_logits, t_cache = prefill(target_params, target_cfg, tokens, lengths, t_cache)
-    first = _pick(np.asarray(t_logits[0]), greedy, sampling, rng)
+    key, sub = jax.random.split(key)
+    first = np.asarray(sample_logits(t_logits, sub, *params))
     t1 = time.perf_counter()
 
-    stats = SpeculativeStats(emitted_tokens=1, accepted_at=[0] * draft_len, offered_at=[0] * draft_len)
-    out = [first]
-    committed = n_prompt  # tokens in both caches' valid prefix (the pending token is not yet fed)
-    pending = first
-    draft_behind: int | None = None  # a token the target accepted that the draft never fed (full acceptance)
-    while out[-1] not in eos and len(out) < max_new_tokens:
-        k = draft_len  # (static: the target call has k + 1 positions)
-        # --- proposer: k draft tokens, the first call also catching up on a token it missed
-        chunk = [pending] if draft_behind is None else [draft_behind, pending]
-        # a target-only token (id past the draft's vocabulary) reaches the draft as id 0: only acceptance suffers
-        chunk = [t if t < draft_vocab else 0 for t in chunk]
-        d_start = committed - (0 if draft_behind is None else 1)
-        proposals, draft_probs = [], []
-        feed, n_feed = np.array([chunk + [0] * (2 - len(chunk))], np.int32), len(chunk)
-        if greedy:  # one device call for all k proposals
-            drafted, d_cache = draft_greedy(draft_params, draft_cfg, jnp.asarray(feed), jnp.int32(n_feed),
-                                            jnp.int32(d_start), d_cache, k)
-            proposals = [int(t) for t in np.asarray(drafted)]
-        else:  # host loop: the verifier needs each proposal's distribution q
-            d_cache = d_cache.replace(lengths=jnp.array([d_start], jnp.int32))
-            for i in range(k):
-                pos = np.arange(feed.shape[1], dtype=np.int32)[None, :] + (d_start if i == 0 else committed + i)
-                logits, d_cache = forward_cached(draft_params, draft_cfg, jnp.asarray(feed), jnp.asarray(pos), d_cache,
-                                                 jnp.array([n_feed], jnp.int32), last_only=True)
-                q = token_probs(np.asarray(logits[0]), sampling)
-                tok = int(rng.choice(len(q), p=q))
-                draft_probs.append(np.pad(q, (0, vocab - len(q))))
-                proposals.append(tok)
-                feed, n_feed = np.array([[tok]], np.int32), 1
-        # --- scorer: the target over [pending, d_1 .. d_k]
-        t_tokens = np.array([[pending, *proposals]], np.int32)
-        t_pos = committed + np.arange(k + 1, dtype=np.int32)[None, :]
-        t_logits, t_cache = forward_cached(target_params, target_cfg, jnp.asarray(t_tokens), jnp.asarray(t_pos),
-                                           t_cache, None)
-        t_rows = np.asarray(t_logits[0])
-        # --- verifier
-        if greedy:
-            n_acc, nxt = verify_greedy(proposals, t_rows)
-        else:
-            n_acc, nxt = verify_sampled(proposals, np.stack(draft_probs), token_probs(t_rows, sampling), rng)
-        room = max_new_tokens - len(out)  # tokens this round may still emit (>= 1)
-        new = [*proposals[:n_acc], nxt]
-        for tok in new:
-            out.append(tok)
-            if tok in eos or len(out) >= max_new_tokens:
-                break
-        kept = len(out) - (max_new_tokens - room)  # tokens this round emitted
-        stats.record_round(offered=min(k, room), accepted=min(n_acc, kept))
-        stats.emitted_tokens = len(out)
-        # the valid prefix is now: committed + pending + accepted proposals; nxt is the new pending
-        committed += 1 + n_acc
-        t_cache = t_cache.replace(lengths=jnp.array([committed], jnp.int32))
-        # the draft fed pending, d_1 .. d_{k-1}: it lacks d_k when all k were accepted
-        draft_behind = proposals[-1] if n_acc == k else None
+    stats = [SpeculativeStats(emitted_tokens=1, accepted_at=[0] * k, offered_at=[0] * k) for _ in range(batch)]
+    out = [[int(t)] for t in first]
+    done = [out[i][-1] in eos or max_new_tokens <= 1 for i in range(batch)]
+    pending = jnp.asarray(first, jnp.int32)
+    behind = jnp.full((batch,), -1, jnp.int32)
+    rounds, t_round1, n_round1 = 0, None, None
+    while not all(done):
+        active = jnp.asarray([not d for d in done])
+        proposals, n_acc, nxt, behind, d_cache, t_cache, key = speculative_round(
+            draft_params, draft_cfg, target_params, target_cfg, d_cache, t_cache, pending, behind, active, key, params,
+            k=k, greedy=sampling.greedy)
+        proposals_h, n_acc_h, nxt_h = np.asarray(proposals), np.asarray(n_acc), np.asarray(nxt)
+        for i in range(batch):
+            if done[i]:
+                continue
+            row, n = out[i], int(n_acc_h[i])
+            room_i = max_new_tokens - len(row)  # tokens this round may still emit (>= 1)
+            for tok in [*proposals_h[i, :n].tolist(), int(nxt_h[i])]:
+                row.append(tok)
+                if tok in eos or len(row) >= max_new_tokens:
+                    done[i] = True
+                    break
+            kept = len(row) - (max_new_tokens - room_i)  # tokens this round emitted
+            stats[i].record_round(offered=min(k, room_i), accepted=min(n, kept))
+            stats[i].emitted_tokens = len(row)
         pending = nxt
-        if stats.rounds == 1:
-            t_round1, n_round1 = time.perf_counter(), len(out)
+        rounds += 1
+        if rounds == 1:
+            t_round1, n_round1 = time.perf_counter(), [len(r) for r in out]
     t2 = time.perf_counter()
-    steady = (len(out) - n_round1, t2 - t_round1) if stats.rounds > 1 else (0, 0.0)
-    return SpeculativeResult(tokens=out, prompt_length=n_prompt, stop_reason="eos" if out[-1] in eos else "max_tokens",
-                             stats=stats, prefill_s=t1 - t0, decode_s=t2 - t1, steady_tokens=steady[0],
-                             steady_s=steady[1])
-
-
-def _pick(logits: np.ndarray, greedy: bool, sampling: SamplingConfig, rng: np.random.Generator) -> int:
-    if greedy:
-        return int(np.argmax(logits))
-    p = token_probs(logits, sampling)
-    return int(rng.choice(len(p), p=p))
+    results = []
+    for i in range(batch):
+        steady = (len(out[i]) - n_round1[i], t2 - t_round1) if rounds > 1 else (0, 0.0)
+        results.append(SpeculativeResult(tokens=out[i], prompt_length=int(lengths[i]),
+                                         stop_reason="eos" if out[i][-1] in eos else "max_tokens", stats=stats[i],
+                                         prefill_s=t1 - t0, decode_s=t2 - t1, steady_tokens=steady[0],
+                                         steady_s=steady[1]))
+    return results

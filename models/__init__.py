@@ -6,7 +6,8 @@
 * :mod:`cascade.models.attention`   attention arithmetic: masks, grouped-query attention, softmax partials
 * :mod:`cascade.models.loaders`     :func:`load_model` for HF directories, GGUF, llama2.c, saved checkpoints
 * :mod:`cascade.models.tokenizer`   one tokenizer type over ``tokenizers`` and SentencePiece
-* :mod:`cascade.models.generation`  jitted prefill/decode, sampling, the generation loop
+* :mod:`cascade.models.sampling`    the one logits -> distribution transform (temperature, top-k, top-p)
+* :mod:`cascade.models.generation`  jitted prefill/decode and the generation loop
 * :mod:`cascade.models.evaluation`  perplexity over documents, sliding windows
 * :mod:`cascade.models.quantize`    PTQ of a loaded model under precision rules: RTN, GPTQ, AWQ, HQQ
 * :mod:`cascade.models.calibration` calibration text and per-block input statistics (GPTQ, AWQ)

@@ -19,6 +19,7 @@ import numpy as np
 from cascade.models.config import ModelConfig
 from cascade.models.kv_cache import KVCache
 from cascade.models.llama import Transformer
+from cascade.models.sampling import SamplingConfig, sample_logits
 from cascade.quant.kv import KVSpec
 
 
@@ -63,33 +64,6 @@ def check_cache_room(cache: KVCache, n_new: int) -> None:
                          f"in a cache of {cache.max_len}")
 
 
-@jax.jit
-def sample_logits(logits, key, temperature, top_k, top_p):
-    """Next tokens (B,) from logits (B, V): greedy when ``temperature == 0``, else softmax sampling
-    at ``temperature`` restricted to the ``top_k`` most likely tokens (0 = all) and to the smallest
-    set whose probability reaches ``top_p`` (nucleus sampling, Holtzman et al. 2019)."""
-    logits = logits.astype(jnp.float32)
-
-    def greedy(_):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def sample(key):
-        scaled = logits / jnp.maximum(temperature, 1e-6)
-        vocab = logits.shape[-1]
-        sorted_desc = -jnp.sort(-scaled, axis=-1)
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-        kth = jax.lax.dynamic_slice_in_dim(sorted_desc, k - 1, 1, axis=-1)  # (B, 1); ties at the k-th value are kept
-        in_top_k = jnp.arange(vocab)[None, :] < k
-        # nucleus over the top-k distribution renormalised (as Hugging Face applies top-k, then top-p)
-        probs_sorted = jax.nn.softmax(jnp.where(in_top_k, sorted_desc, -jnp.inf), axis=-1)
-        mass_above = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
-        nucleus_min = jnp.min(jnp.where((mass_above < top_p) & in_top_k, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-        keep = (scaled >= kth) & (scaled >= nucleus_min)
-        return jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf), axis=-1).astype(jnp.int32)
-
-    return jax.lax.cond(temperature > 0, sample, greedy, key)
-
-
 @partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
 def _decode_and_sample(params, cfg: ModelConfig, tokens, cache: KVCache, key, temperature, top_k, top_p):
     """One decode step as one jitted call: the forward pass, the PRNG split and the sampling
@@ -98,27 +72,6 @@ def _decode_and_sample(params, cfg: ModelConfig, tokens, cache: KVCache, key, te
     logits, cache = Transformer(cfg).apply({"params": params}, tokens[:, None], positions, cache, None, True)
     key, sub = jax.random.split(key)
     return sample_logits(logits, sub, temperature, top_k, top_p), key, cache
-
-
-MAX_SEED = 2**63 - 1  # seeds are non-negative int64s: what jax.random.key and numpy's Generator both take
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SamplingConfig:
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = no top-k cut
-    top_p: float = 1.0  # 1 = no nucleus cut
-    seed: int = 0  # PRNG seed for sampling
-
-    def __post_init__(self):
-        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (2**63 - 1), got {self.seed!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -186,7 +139,7 @@ def generate(params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_toke
         tokens[i, : len(p)] = p
     cache = KVCache.create(cfg, batch, cache_length(cfg, longest + max_new_tokens), kv)
     key = jax.random.key(sampling.seed) if key is None else key
-    temp, top_k, top_p = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
+    temp, top_k, top_p = sampling.arrays()
 
     t0 = time.perf_counter()
     logits, cache = prefill(params, cfg, tokens, np.asarray(lengths, np.int32), cache)

@@ -5,9 +5,12 @@ import jax
 import numpy as np
 import pytest
 
-from cascade.speculative import speculative_generate, token_probs, verify_greedy, verify_sampled
+import jax.numpy as jnp
+
+from cascade.speculative import speculative_generate, verify_greedy, verify_sampled
 from cascade.models.config import ModelConfig
-from cascade.models.generation import SamplingConfig, generate
+from cascade.models.generation import generate
+from cascade.models.sampling import SamplingConfig, token_probs
 from cascade.models.llama import init_params
 
 # untied heads: a random tied model mostly repeats its input token, which would make a weak test
@@ -89,36 +92,48 @@ def test_sampled_speculative_decoding_is_seeded(target):
 
 def test_verify_sampled_reproduces_the_target_distribution():
     """The first emitted token of a round is distributed as p, whatever the draft's q
-    (Leviathan et al. 2023, Theorem 1): the draft proposes d ~ q, the rule accepts or resamples."""
-    p = np.array([0.5, 0.25, 0.15, 0.1, 0.0])
-    q = np.array([0.1, 0.1, 0.2, 0.3, 0.3])
-    rng = np.random.default_rng(0)
+    (Leviathan et al. 2023, Theorem 1): the draft proposes d ~ q, the rule accepts or resamples.
+    40,000 independent rows in one call."""
+    p = np.array([0.5, 0.25, 0.15, 0.1, 0.0], np.float32)
+    q = np.array([0.1, 0.1, 0.2, 0.3, 0.3], np.float32)
     n = 40_000
-    counts = np.zeros(5)
-    for _ in range(n):
-        d = int(rng.choice(5, p=q))
-        n_acc, nxt = verify_sampled([d], q[None], np.stack([p, p]), rng)
-        counts[d if n_acc == 1 else nxt] += 1
-    freq = counts / n
+    d = np.random.default_rng(0).choice(5, size=n, p=q).astype(np.int32)
+    n_acc, nxt = verify_sampled(jnp.asarray(d)[:, None], jnp.broadcast_to(q, (n, 1, 5)), jnp.broadcast_to(p, (n, 2, 5)),
+                                jax.random.key(0))
+    emitted = np.where(np.asarray(n_acc) == 1, d, np.asarray(nxt))
+    freq = np.bincount(emitted, minlength=5) / n
     np.testing.assert_allclose(freq, p, atol=4 * np.sqrt(0.25 / n))  # 4 sigma
-    assert counts[4] == 0  # a token the target never samples is never emitted
+    assert freq[4] == 0  # a token the target never samples is never emitted
+
+
+def test_verify_sampled_after_k_acceptances_draws_from_the_last_target_row():
+    p = np.zeros((1, 3, 4), np.float32)
+    p[0, :2, 2] = 1.0  # both proposals (token 2) certain under the target
+    p[0, 2, 3] = 1.0  # the bonus position puts all mass on token 3
+    q = np.zeros((1, 2, 4), np.float32)
+    q[0, :, 2] = 1.0
+    n_acc, nxt = verify_sampled(jnp.asarray([[2, 2]], jnp.int32), jnp.asarray(q), jnp.asarray(p), jax.random.key(1))
+    assert int(n_acc[0]) == 2 and int(nxt[0]) == 3
 
 
 def test_verify_greedy_accepts_the_matching_prefix():
-    logits = np.eye(6)[[2, 4, 1, 5]] * 3.0  # target argmax per position: 2, 4, 1, 5
-    assert verify_greedy([2, 4, 0], logits) == (2, 1)
-    assert verify_greedy([2, 4, 1], logits) == (3, 5)
-    assert verify_greedy([3, 4, 1], logits) == (0, 2)
+    logits = jnp.asarray(np.eye(6)[[2, 4, 1, 5]] * 3.0)  # target argmax per position: 2, 4, 1, 5
+    n, nxt = verify_greedy(jnp.asarray([[2, 4, 0], [2, 4, 1], [3, 4, 1]], jnp.int32), jnp.stack([logits] * 3))
+    assert np.asarray(n).tolist() == [2, 3, 0] and np.asarray(nxt).tolist() == [1, 5, 2]
 
 
 def test_token_probs_temperature_top_k_top_p():
-    logits = np.log(np.array([0.4, 0.3, 0.2, 0.1]))
-    np.testing.assert_allclose(token_probs(logits, SamplingConfig(temperature=1.0)), [0.4, 0.3, 0.2, 0.1])
-    np.testing.assert_allclose(token_probs(logits, SamplingConfig(temperature=1.0, top_k=2)), [4 / 7, 3 / 7, 0, 0])
+    logits = jnp.log(jnp.asarray([0.4, 0.3, 0.2, 0.1]))
+
+    def probs(temperature=1.0, top_k=0, top_p=1.0):
+        return np.asarray(token_probs(logits, jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p)))
+
+    np.testing.assert_allclose(probs(), [0.4, 0.3, 0.2, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(probs(top_k=2), [4 / 7, 3 / 7, 0, 0], rtol=1e-6)
     # nucleus 0.65: 0.4 then 0.4+0.3 >= 0.65 -> the first two
-    np.testing.assert_allclose(token_probs(logits, SamplingConfig(temperature=1.0, top_p=0.65)), [4 / 7, 3 / 7, 0, 0])
+    np.testing.assert_allclose(probs(top_p=0.65), [4 / 7, 3 / 7, 0, 0], rtol=1e-6)
     hot = np.array([0.4, 0.3, 0.2, 0.1]) ** 2
-    np.testing.assert_allclose(token_probs(logits, SamplingConfig(temperature=0.5)), hot / hot.sum())
+    np.testing.assert_allclose(probs(temperature=0.5), hot / hot.sum(), rtol=1e-6)
 
 
 def test_bad_requests_are_clear_errors(target):
@@ -145,3 +160,56 @@ def test_greedy_output_with_quantized_caches_equals_the_target_alone_with_its_ca
                                eos_ids=(), draft_kv="int4", target_kv=kv)
     assert out.tokens == ref
     assert out.stats.accepted_tokens < out.stats.draft_tokens  # some rounds were rewound
+
+
+@pytest.mark.parametrize("kv", [None, "int4-kg8-s2"])
+def test_batched_rows_each_equal_the_target_alone(draft, target, kv):
+    """Rows of different prompt lengths decode together (each its own lengths, acceptance and
+    rewinds, stopping on its own) and each row's greedy output is the target's alone."""
+    from cascade.speculative import speculative_generate_batch
+
+    draft, draft_cfg = draft
+    ref = generate(target, TARGET_CFG, PROMPTS, max_new_tokens=33, eos_ids=(), kv=kv).tokens
+    eos = ref[1][5]  # a token row 1 emits early: that row stops there, the others may run on
+    want = generate(target, TARGET_CFG, PROMPTS, max_new_tokens=33, eos_ids=(eos,), kv=kv)
+    out = speculative_generate_batch(draft, draft_cfg, target, TARGET_CFG, PROMPTS, max_new_tokens=33, draft_len=3,
+                                     eos_ids=(eos,), draft_kv=kv, target_kv=kv)
+    assert [r.tokens for r in out] == want.tokens
+    assert [r.stop_reason for r in out] == want.stop_reasons and out[1].stop_reason == "eos"
+    for r in out:
+        assert r.stats.emitted_tokens == len(r.tokens) and r.stats.accepted_tokens <= r.stats.draft_tokens
+
+
+def test_sampled_speculative_tokens_follow_the_target_distribution(target):
+    """The second generated token (the first one a speculative round emits) over 4,000 rows is
+    distributed as under the target alone: the exact marginal sum_t p(t) p(. | t) from the target's
+    own logits, by a chi-square test (0.1% level), with a draft that disagrees with the target."""
+    from cascade.models.generation import logits_of
+    from cascade.speculative import speculative_generate_batch
+
+    draft = _peaked(init_params(DRAFT_CFG, jax.random.key(1)), 3.0)
+    prompt = [0, 5, 17, 33]
+    s = SamplingConfig(temperature=1.0, top_k=12, seed=11)
+    sp = (jnp.float32(1.0), jnp.int32(12), jnp.float32(1.0))
+    n = 4000
+    out = speculative_generate_batch(draft, DRAFT_CFG, target, TARGET_CFG, [prompt] * n, max_new_tokens=2, draft_len=3,
+                                     sampling=s, eos_ids=())
+    second = np.array([r.tokens[1] for r in out])
+    p0 = np.asarray(token_probs(logits_of(target, TARGET_CFG, [prompt])[0, -1], *sp), np.float64)
+    firsts = np.flatnonzero(p0 > 0)
+    rows = np.array([prompt + [int(t)] for t in firsts])
+    p1 = np.asarray(token_probs(logits_of(target, TARGET_CFG, rows)[:, -1], *sp), np.float64)
+    expected = n * (p0[firsts] @ p1)
+    counts = np.bincount(second, minlength=TARGET_CFG.vocab_size)
+    assert counts[expected == 0].sum() == 0  # never a token the target cannot sample
+    cells = expected >= 5
+    rest = ~cells & (expected > 0)
+    obs, exp = counts[cells], expected[cells]
+    if rest.any():  # the rare tokens pooled into one cell
+        obs, exp = np.r_[obs, counts[rest].sum()], np.r_[exp, expected[rest].sum()]
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    df = len(obs) - 1
+    critical = df * (1 - 2 / (9 * df) + 3.09 * np.sqrt(2 / (9 * df))) ** 3  # chi2 0.999 quantile (Wilson-Hilferty)
+    assert stat < critical, (stat, critical)
+    accepted = sum(r.stats.accepted_tokens for r in out)
+    assert 0 < accepted < n  # the draft is right sometimes, not always: both branches of the rule ran

@@ -104,7 +104,7 @@ def test_explicit_key_overrides_the_seed(pair):
 
 
 def test_sampling_is_reproducible_and_respects_top_k():
-    from cascade.models.generation import sample_logits
+    from cascade.models.sampling import sample_logits
     import jax
 
     logits = jnp.asarray(np.random.RandomState(1).randn(4, 50).astype(np.float32))
@@ -125,7 +125,7 @@ def test_sampling_is_reproducible_and_respects_top_k():
 
 def test_top_p_applies_to_the_renormalised_top_k():
     """probs (.5, .3, .2), top_k=2 -> (.625, .375); top_p=0.6 is reached by the first token alone."""
-    from cascade.models.generation import sample_logits
+    from cascade.models.sampling import sample_logits
     import jax
 
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.2]], jnp.float32))
@@ -139,7 +139,7 @@ def test_top_p_applies_to_the_renormalised_top_k():
 
 def test_top_p_matches_numpy_nucleus():
     """Empirical sampling frequencies lie inside the numpy-computed nucleus."""
-    from cascade.models.generation import sample_logits
+    from cascade.models.sampling import sample_logits
     import jax
 
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
