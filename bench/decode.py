@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from cascade.bench.context import describe, run_context
 from cascade.models import KVCache, generate, matmul_backends, quantize_model, weight_bytes
-from cascade.models.generation import cache_length
+from cascade.models.decoder import cache_length
 from cascade.models.model import Model
 from cascade.quant import dequant_matmul
 from cascade.quant.kernels import cpu as cpu_kernels

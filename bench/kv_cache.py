@@ -23,7 +23,7 @@ import numpy as np
 
 from cascade.bench.context import run_context
 from cascade.models import Model, generate, kv_cache_memory, load_model, perplexity, split_documents, tokenize_documents
-from cascade.models.generation import forward
+from cascade.models.decoder import forward
 from cascade.models.kv_cache import KVCache
 
 DEFAULT_KV = ("fp32", "int8", "int4")

@@ -3,8 +3,8 @@
 The plan counts what the runtime allocates for ``batch`` sequences of up to ``ctx`` positions
 (prompt plus generated tokens): each model's weights as stored (codes, scales and zero points of
 quantized tensors) and its KV cache at its precision (:func:`cascade.models.kv_cache_memory`) at the
-length the runtime gives it: :func:`cascade.models.generation.cache_length` alone, or
-:func:`cascade.speculative.cache_room` in a cascade (room for one more draft round, and a
+length the runtime gives it: :func:`cascade.models.decoder.cache_length` alone, or
+:func:`cascade.models.decoder.cache_room` in a cascade (room for one more draft round, and a
 full-precision ring sized for ``draft_len + 1`` rewound positions), for the longest prompt that
 fits in ``ctx``.  Not counted: activations and XLA scratch space, which include a float32 copy
 of one layer's dequantized keys and values and the attention scores of the current call.
@@ -15,9 +15,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from cascade.speculative import cache_room
 from cascade.models import kv_cache_memory, weight_bytes
-from cascade.models.generation import cache_length
+from cascade.models.decoder import cache_length, cache_room
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4, "t": 1000**4, "tb": 1000**4}

@@ -37,11 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cascade.models import decoder
 from cascade.models.config import ModelConfig
-from cascade.models.generation import prefill
-from cascade.models.generation import _bucket as shape_bucket  # the same power-of-two buckets as generate()
+from cascade.models.decoder import cache_room, prefill, prompt_bucket
 from cascade.models.kv_cache import KVCache
-from cascade.models.llama import Transformer
 from cascade.models.sampling import SamplingConfig, filtered_logits, sample_logits, token_probs
 from cascade.quant.kv import KVSpec
 
@@ -154,10 +153,7 @@ def propose(params, cfg: ModelConfig, cache: KVCache, chunk, n_feed, start, key,
     """The proposer: feed ``chunk`` (B, 2; the first ``n_feed`` (B,) real) at ``start`` (B,), then
     draw ``k`` tokens, feeding each back in turn but the last.  Returns ``(proposals (B, k),
     q (B, k, V_draft) or None when greedy, cache)``."""
-    model = Transformer(cfg)
-    cache = cache.replace(lengths=start)
-    positions = start[:, None] + jnp.arange(2, dtype=jnp.int32)[None, :]
-    logits, cache = model.apply({"params": params}, chunk, positions, cache, n_feed, last_only=True)
+    logits, cache = decoder.chunk(params, cfg, chunk, decoder.rewind(cache, start), n_feed, last_only=True)
     b = chunk.shape[0]
     keys = jax.random.split(key, k)
     tok, q = _draw(logits, keys[0], greedy, sampling)
@@ -166,8 +162,7 @@ def propose(params, cfg: ModelConfig, cache: KVCache, chunk, n_feed, start, key,
 
     def step(i, carry):
         proposals, qs, cache = carry
-        logits, cache = model.apply({"params": params}, proposals[:, i - 1][:, None], cache.lengths[:, None], cache,
-                                    None, last_only=True)
+        logits, cache = decoder.step(params, cfg, proposals[:, i - 1], cache)
         tok, q = _draw(logits, keys[i], greedy, sampling)
         return proposals.at[:, i].set(tok), None if greedy else qs.at[:, i].set(q), cache
 
@@ -201,9 +196,8 @@ def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, targe
     proposals, q, d_cache = propose(draft_params, draft_cfg, d_cache, chunk, 1 + has_behind.astype(jnp.int32), start,
                                     k_draft, sampling, k=k, greedy=greedy)
     # scorer: the target over [pending, d_1 .. d_k]
-    t_tokens = jnp.concatenate([pending[:, None], proposals], axis=1)
-    t_pos = committed[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None, :]
-    t_logits, t_cache = Transformer(target_cfg).apply({"params": target_params}, t_tokens, t_pos, t_cache, None)
+    t_logits, t_cache = decoder.chunk(target_params, target_cfg, jnp.concatenate([pending[:, None], proposals], axis=1),
+                                      t_cache)
     if greedy:
         n_acc, nxt = verify_greedy(proposals, t_logits)
     else:
@@ -214,15 +208,7 @@ def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, targe
     full = n_acc == k
     d_len = jnp.where(active, jnp.where(full, new_committed - 1, new_committed), start)
     behind = jnp.where(active, jnp.where(full, proposals[:, -1], -1), behind)
-    return (proposals, n_acc, nxt, behind, d_cache.replace(lengths=d_len), t_cache.replace(lengths=new_committed), key)
-
-
-def cache_room(n_prompt: int, max_new_tokens: int, draft_len: int, context: int) -> int:
-    """Positions each model's KV cache gets: the prompt padded to its prefill bucket, and one round
-    of ``draft_len + 1`` past the last token, rounded to a power of two unless that would pass
-    the context (a quantized cache further rounds up to whole key groups)."""
-    needed = max(n_prompt + max_new_tokens + draft_len + 2, shape_bucket(n_prompt, 16))
-    return shape_bucket(needed, 64) if shape_bucket(needed, 64) <= context else needed
+    return proposals, n_acc, nxt, behind, decoder.rewind(d_cache, d_len), decoder.rewind(t_cache, new_committed), key
 
 
 def _check_request(prompts, max_new_tokens, draft_len, draft_cfg: ModelConfig, target_cfg: ModelConfig) -> int:
@@ -283,7 +269,7 @@ def speculative_generate_batch(draft_params, draft_cfg: ModelConfig, target_para
     # a round moves a cache length back by at most draft_len (rejected proposals): size the rings for it
     d_cache = KVCache.create(draft_cfg, batch, room, draft_kv, rewind=k + 1)
     t_cache = KVCache.create(target_cfg, batch, room, target_kv, rewind=k + 1)
-    tokens = np.zeros((batch, shape_bucket(longest, 16)), np.int32)
+    tokens = np.zeros((batch, prompt_bucket(longest)), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
     key = jax.random.key(sampling.seed)

@@ -16,7 +16,8 @@
 
 from cascade.models.checkpoint import load_checkpoint, save_checkpoint
 from cascade.models.config import ModelConfig, UnsupportedModelError
-from cascade.models.generation import Generation, SamplingConfig, generate, logits_of
+from cascade.models.generation import Generation, SamplingConfig, generate
+from cascade.models.decoder import logits_of
 from cascade.models.inspect import describe_model, matmul_backends
 from cascade.models.kv_cache import KVCache, kv_cache_memory
 from cascade.models.loaders import load_model

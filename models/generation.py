@@ -1,9 +1,7 @@
-"""Jitted prefill and decode over a static KV cache, sampling, and the generation loop.
-
-Shapes are bucketed so a session compiles a handful of programs: the prompt is right-padded to
-a power of two (at least 16) and the cache length is a power of two (at least 64, at most the
-model context).  Rows keep their own lengths, so a batch of prompts of different lengths needs
-no left padding and every row sees exactly the positions it would see alone.
+"""Generation with one model: prefill, then one jitted decode-and-sample step per token, over the
+decoder of :mod:`cascade.models.decoder` (its shape buckets: a session compiles a handful of
+programs).  Rows keep their own lengths, so a batch of prompts of different lengths needs no left
+padding and every row sees exactly the positions it would see alone.
 """
 
 from __future__ import annotations
@@ -13,63 +11,21 @@ import time
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from cascade.models import decoder
 from cascade.models.config import ModelConfig
+from cascade.models.decoder import cache_length, prefill, prompt_bucket
 from cascade.models.kv_cache import KVCache
-from cascade.models.llama import Transformer
 from cascade.models.sampling import SamplingConfig, sample_logits
 from cascade.quant.kv import KVSpec
-
-
-@partial(jax.jit, static_argnames=("cfg", "last_only"))
-def forward(params, cfg: ModelConfig, tokens, positions, cache=None, n_new=None, last_only: bool = False):
-    """One model call (see :class:`cascade.models.llama.Transformer`); returns ``(logits, cache)``."""
-    return Transformer(cfg).apply({"params": params}, tokens, positions, cache, n_new, last_only)
-
-
-@partial(jax.jit, static_argnames=("cfg", "last_only"), donate_argnames=("cache",))
-def forward_cached(params, cfg: ModelConfig, tokens, positions, cache: KVCache, n_new=None, last_only: bool = False):
-    """:func:`forward` that updates ``cache`` in place (the argument is donated: do not reuse it)."""
-    return Transformer(cfg).apply({"params": params}, tokens, positions, cache, n_new, last_only)
-
-
-def logits_of(params, cfg: ModelConfig, tokens) -> jnp.ndarray:
-    """Logits (B, T, V) of a plain causal forward over ``tokens`` (B, T), no cache."""
-    tokens = jnp.asarray(tokens, jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    return forward(params, cfg, tokens, positions)[0]
-
-
-def prefill(params, cfg: ModelConfig, tokens, lengths, cache: KVCache):
-    """Write right-padded prompts ``tokens`` (B, T) of ``lengths`` (B,) into ``cache`` (at each row's
-    current length); returns the logits at each row's last prompt token (B, V) and the cache."""
-    tokens = jnp.asarray(tokens, jnp.int32)
-    cache.check_compatible(cfg)
-    check_cache_room(cache, tokens.shape[1])
-    positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-    return forward(params, cfg, tokens, positions, cache, jnp.asarray(lengths, jnp.int32), last_only=True)
-
-
-def check_cache_room(cache: KVCache, n_new: int) -> None:
-    """Raise if writing ``n_new`` more positions would run past the cache (a host sync).
-
-    :func:`forward` itself does not check: inside jit a write past the end would be clamped
-    silently, so every entry point that feeds it (``prefill``, ``generate``) checks first.
-    """
-    longest = int(jnp.max(cache.lengths))
-    if longest + n_new > cache.max_len:
-        raise ValueError(f"KV cache overflow: a row holds {longest} positions and {n_new} more do not fit "
-                         f"in a cache of {cache.max_len}")
 
 
 @partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
 def _decode_and_sample(params, cfg: ModelConfig, tokens, cache: KVCache, key, temperature, top_k, top_p):
     """One decode step as one jitted call: the forward pass, the PRNG split and the sampling
     (the only host round trip per token is the sampled ids)."""
-    positions = cache.lengths[:, None]
-    logits, cache = Transformer(cfg).apply({"params": params}, tokens[:, None], positions, cache, None, True)
+    logits, cache = decoder.step(params, cfg, tokens, cache)
     key, sub = jax.random.split(key)
     return sample_logits(logits, sub, temperature, top_k, top_p), key, cache
 
@@ -98,17 +54,6 @@ class Generation:
         return decoded / self.decode_s if decoded > 0 and self.decode_s > 0 else None
 
 
-def _bucket(n: int, minimum: int) -> int:
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
-
-
-def cache_length(cfg: ModelConfig, needed: int) -> int:
-    """The cache bucket for ``needed`` positions: a power of two >= 64, capped at the context."""
-    if needed > cfg.max_seq_len:
-        raise ValueError(f"needs {needed} positions but the model context is {cfg.max_seq_len}")
-    return min(_bucket(needed, 64), cfg.max_seq_len)
-
-
 def generate(params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_tokens: int,
              sampling: SamplingConfig = SamplingConfig(), key=None, eos_ids=None, kv: KVSpec | str | None = None) -> Generation:
     """Generate up to ``max_new_tokens`` for each prompt (lists of ids), stopping a row at EOS.
@@ -133,7 +78,7 @@ def generate(params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_toke
                          f"context ({cfg.max_seq_len}); generate at most {cfg.max_seq_len - longest} tokens")
     eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
     batch = len(prompts)
-    t_pad = min(_bucket(longest, 16), cache_length(cfg, longest + max_new_tokens))
+    t_pad = min(prompt_bucket(longest), cache_length(cfg, longest + max_new_tokens))
     tokens = np.zeros((batch, t_pad), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p

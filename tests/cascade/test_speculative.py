@@ -184,7 +184,7 @@ def test_sampled_speculative_tokens_follow_the_target_distribution(target):
     """The second generated token (the first one a speculative round emits) over 4,000 rows is
     distributed as under the target alone: the exact marginal sum_t p(t) p(. | t) from the target's
     own logits, by a chi-square test (0.1% level), with a draft that disagrees with the target."""
-    from cascade.models.generation import logits_of
+    from cascade.models.decoder import logits_of
     from cascade.speculative import speculative_generate_batch
 
     draft = _peaked(init_params(DRAFT_CFG, jax.random.key(1)), 3.0)

@@ -9,7 +9,7 @@ import pytest
 import sentencepiece as spm
 
 from cascade.models.config import ModelConfig
-from cascade.models.generation import logits_of
+from cascade.models.decoder import logits_of
 from cascade.models.llama import init_params
 from cascade.models.evaluation import perplexity, split_documents, windows_of
 
@@ -133,7 +133,7 @@ def _fidelity_models():
 
 def test_fidelity_equals_a_float64_computation_over_the_same_windows():
     from cascade.models.evaluation import fidelity, windows_of
-    from cascade.models.generation import logits_of
+    from cascade.models.decoder import logits_of
 
     cfg, a, b = _fidelity_models()
     rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@ import torch
 
 from cascade.models.config import ModelConfig
 from cascade.models.export import hf_state_dict, save_hf
-from cascade.models.generation import logits_of
+from cascade.models.decoder import logits_of
 from cascade.models.llama import init_params
 from cascade.models.loaders.hf import load_hf
 from cascade.quant import quantize

@@ -14,7 +14,7 @@ import pytest
 
 from cascade.models import generate, kv_cache_memory, load_model
 from cascade.models.config import ModelConfig
-from cascade.models.generation import forward, prefill
+from cascade.models.decoder import forward, prefill
 from cascade.models.kv_cache import KVCache, LayerKV, cached_attention, read_kv
 from cascade.models.llama import init_params
 from cascade.quant.kv import parse_kv_spec

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cascade.models.config import ModelConfig, UnsupportedModelError, config_from_hf
-from cascade.models.generation import SamplingConfig, forward, generate, logits_of, prefill
+from cascade.models.generation import SamplingConfig, generate
+from cascade.models.decoder import forward, logits_of, prefill
 from cascade.models.kv_cache import KVCache
 from cascade.models.loaders.hf import load_hf
 from tests.models.hf_fixtures import VARIANTS, make_hf_model
@@ -81,14 +82,14 @@ def test_decoding_compiles_once_per_bucket(pair):
     """More tokens, other prompts of the same bucket, other sampling settings: no new compilation."""
     import jax
 
-    from cascade.models import generation
+    from cascade.models import decoder, generation
 
     _, _, model = pair
     generate(model.params, model.config, [[1, 2, 3]], max_new_tokens=3, eos_ids=())
-    before = (generation._decode_and_sample._cache_size(), generation.forward._cache_size())
+    before = (generation._decode_and_sample._cache_size(), decoder.forward._cache_size())
     generate(model.params, model.config, [[4, 5, 6, 7]], max_new_tokens=20, eos_ids=(),
              sampling=SamplingConfig(temperature=0.7, top_k=5, top_p=0.9), key=jax.random.key(7))
-    assert (generation._decode_and_sample._cache_size(), generation.forward._cache_size()) == before
+    assert (generation._decode_and_sample._cache_size(), decoder.forward._cache_size()) == before
 
 
 def test_explicit_key_overrides_the_seed(pair):

@@ -8,7 +8,8 @@ import pytest
 
 from cascade import quant
 from cascade.models.config import ModelConfig
-from cascade.models.generation import generate, logits_of
+from cascade.models.generation import generate
+from cascade.models.decoder import logits_of
 from cascade.models.llama import embed_lookup, init_params
 from cascade.models.model import Model
 from cascade.models.evaluation import perplexity, split_documents, tokenize_documents

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cascade.models.config import ModelConfig
-from cascade.models.generation import logits_of
+from cascade.models.decoder import logits_of
 from cascade.models.llama import init_params
 from cascade.models.tokenizer import Tokenizer
 from cascade.models.training import (EOT, TrainConfig, eval_batches, lm_loss, load_trained, make_optimizer, sample_batch,

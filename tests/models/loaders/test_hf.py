@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cascade.models.generation import logits_of
+from cascade.models.decoder import logits_of
 from cascade.models.loaders import load_model
 from cascade.models.loaders.hf import load_hf
 from tests.models.hf_fixtures import make_hf_model

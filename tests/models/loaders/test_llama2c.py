@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from cascade.models.generation import generate, logits_of
+from cascade.models.generation import generate
+from cascade.models.decoder import logits_of
 from cascade.models.loaders.llama2c import load_llama2c
 from tests.models import reference_llama2c as ref
 
