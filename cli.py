@@ -107,6 +107,13 @@ def _data_files(ctx, param, values):
     return tuple(_data_file(ctx, param, v) for v in values)
 
 
+def _given(*names) -> list[str]:
+    """The flags among ``names`` (parameter names) that the user typed on the command line."""
+    ctx = click.get_current_context()
+    return [f"--{p.replace('_', '-')}" for p in names
+            if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
+
+
 def _check_tokenizer_flag(model: str, tokenizer: str | None) -> None:
     if tokenizer is not None and not (os.path.isfile(model) and model.lower().endswith(".bin")):
         raise click.UsageError(f"--tokenizer applies only to a llama2.c .bin model; {model} brings its own tokenizer")
@@ -170,9 +177,16 @@ def app(debug: bool) -> None:
               help="The draft MODEL (path or built-in name).")
 @click.option("--large-model", default="default-large", show_default=True, callback=_model,
               help="The verifier MODEL (path or built-in name).")
-@click.option("--mode", type=click.Choice(["speculative", "large", "small"]), default="speculative", show_default=True,
-              help="speculative: small drafts, large verifies (output = the large model's); large/small: one model alone.")
+@click.option("--mode", type=click.Choice(["speculative", "spec-cascade", "large", "small"]), default="speculative",
+              show_default=True,
+              help="speculative: small drafts, large verifies (output = the large model's); spec-cascade: the same, but "
+                   "the small model's tokens stand where --rule trusts it (faster, not exact); large/small: one model alone.")
 @click.option("--draft-len", default=4, show_default=True, type=click.IntRange(min=1, max=32), help="Tokens the draft proposes per round.")
+@click.option("--rule", type=click.Choice(["chow", "diff", "opt"]), default="chow", show_default=True,
+              help="spec-cascade deferral rule: chow (defer when the small model's top probability < 1 - alpha), diff "
+                   "(when it trails the large model's by alpha), opt (by alpha x their total variation).")
+@click.option("--alpha", default=0.1, show_default=True, type=FiniteFloat(min=0, max=1),
+              help="spec-cascade: how much the small model is trusted (0 = defer everywhere: exact speculation).")
 @click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens to generate at most.")
 @click.option("--temperature", default=0.0, show_default=True, type=FiniteFloat(min=0), help="0 = greedy.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample from the k most likely (0 = off).")
@@ -183,8 +197,8 @@ def app(debug: bool) -> None:
 @click.option("--large-kv", callback=_kv_spec, help="KV cache precision of the verifier model [default: --kv].")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_len, max_tokens, temperature, top_k,
-        top_p, seed, kv, small_kv, large_kv, scale_dtype, as_json):
+def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_len, rule, alpha, max_tokens, temperature,
+        top_k, top_p, seed, kv, small_kv, large_kv, scale_dtype, as_json):
     """Generate a continuation of PROMPT with the cascade: the small model drafts, the large one verifies.
 
     With no model paths it uses the embedded pair (default-small, default-large), so it works
@@ -199,12 +213,15 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
                      small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
     small_kv, large_kv = small_kv or kv, large_kv or kv
     _check_pair_kv(pair, small_kv, large_kv, kv)
+    if mode != "spec-cascade" and _given("rule", "alpha"):
+        raise click.UsageError(f"{', '.join(_given('rule', 'alpha'))} apply only to --mode spec-cascade")
     r = run_pair(pair, prompt, mode=mode, max_new_tokens=max_tokens, draft_len=draft_len, sampling=sampling,
-                 small_kv=small_kv, large_kv=large_kv)
+                 small_kv=small_kv, large_kv=large_kv, rule=rule, alpha=alpha)
     described = pair.describe()
     payload = {role: None if described[role] is None else {"model": path, **described[role], "kv": role_kv}
                for role, path, role_kv in (("small", small_model, small_kv), ("large", large_model, large_kv))}
-    payload.update({"draft_len": draft_len if mode == "speculative" else None, **r.to_json()})
+    payload.update({"draft_len": draft_len if mode in ("speculative", "spec-cascade") else None,
+                    **({"rule": rule, "alpha": alpha} if mode == "spec-cascade" else {}), **r.to_json()})
     if as_json:
         _emit(True, payload, "")
         return
@@ -215,7 +232,10 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
         st = r.stats
         line += (f"; {st.rounds} rounds, acceptance {st.acceptance_rate:.0%}, "
                  f"{st.mean_accepted_length:.2f} accepted / round of {draft_len}")
-    models = {"speculative": f"small {small_quant}, large {large_quant}; kv {small_kv}/{large_kv}",
+        if mode == "spec-cascade":
+            line += f", {st.deferral_rate:.0%} of judged positions deferred ({rule}, alpha {alpha:g})"
+    pair_text = f"small {small_quant}, large {large_quant}; kv {small_kv}/{large_kv}"
+    models = {"speculative": pair_text, "spec-cascade": pair_text,
               "large": f"large {large_quant}; kv {large_kv}", "small": f"small {small_quant}; kv {small_kv}"}[mode]
     click.echo(f"{line}; {models}]", err=True)
 
@@ -287,11 +307,7 @@ def quantize(model, quant_rules, method, calib, calib_samples, calib_len, seed, 
     """
     from cascade import quant
 
-    ctx = click.get_current_context()
-    def given(*names):
-        return [f"--{p.replace('_', '-')}" for p in names
-                if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
-
+    given = _given
     calib_flags = given("calib_samples", "calib_len", "seed")
     if method not in ("gptq", "awq-gptq") and given("damp", "act_order"):
         raise click.UsageError(f"{', '.join(given('damp', 'act_order'))} apply only to --method gptq or awq-gptq, "

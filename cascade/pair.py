@@ -2,8 +2,10 @@
 
 :func:`load_pair` loads two models (built-in names or paths), checks they share a tokenizer, and
 RTN-quantizes each under its own precision spec (``--small int4 --large int8``).  :func:`run`
-generates with the pair (``mode="speculative"``) or with one of its models alone (``"large"``,
-``"small"``), and reports text, token ids, timing and the speculative metrics.
+generates with the pair (``mode="speculative"``, exact; ``"spec-cascade"``, a speculative cascade
+whose deferral ``rule`` and ``alpha`` let the small model's tokens stand where it is confident) or
+with one of its models alone (``"large"``, ``"small"``), and reports text, token ids, timing and the
+speculative metrics.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from cascade.models.defaults import DEFAULT_LARGE, DEFAULT_SMALL
 from cascade.quant.kernels.cpu import attention_backend
 from cascade.speculative import SpeculativeStats, speculative_generate
 
-MODES = ("speculative", "large", "small")
+MODES = ("speculative", "spec-cascade", "large", "small")
 NO_QUANT = ("none", "source")  # keep the checkpoint's own weights
 
 
@@ -80,7 +82,7 @@ class RunResult:
     prefill_s: float
     decode_s: float
     tokens_per_s: float | None  # decode tokens per second after the first token
-    stats: SpeculativeStats | None  # speculative mode only
+    stats: SpeculativeStats | None  # speculative and spec-cascade modes
 
     def to_json(self) -> dict:
         out = {k: getattr(self, k) for k in ("mode", "prompt", "prompt_token_ids", "text", "token_ids", "stop_reason",
@@ -90,12 +92,15 @@ class RunResult:
 
 
 def run(pair: ModelPair, prompt: str, *, mode: str = "speculative", max_new_tokens: int = 128, draft_len: int = 4,
-        sampling: SamplingConfig = SamplingConfig(), small_kv: str | None = None, large_kv: str | None = None) -> RunResult:
+        sampling: SamplingConfig = SamplingConfig(), small_kv: str | None = None, large_kv: str | None = None,
+        rule: str = "chow", alpha: float = 0.1) -> RunResult:
     """Generate with the pair; ``small_kv``/``large_kv``: each model's KV cache precision
-    (:mod:`cascade.quant.kv`, default fp32)."""
+    (:mod:`cascade.quant.kv`, default fp32); ``rule``/``alpha``: the deferral rule of
+    ``mode="spec-cascade"`` (:func:`cascade.speculative.deferral`)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    needs = {"speculative": ("small", "large"), "large": ("large",), "small": ("small",)}[mode]
+    needs = {"speculative": ("small", "large"), "spec-cascade": ("small", "large"), "large": ("large",),
+             "small": ("small",)}[mode]
     missing = [role for role in needs if getattr(pair, role) is None]
     if missing:
         raise ValueError(f"mode {mode!r} needs the {' and '.join(missing)} model, which this pair was loaded without")
@@ -104,10 +109,11 @@ def run(pair: ModelPair, prompt: str, *, mode: str = "speculative", max_new_toke
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
     eos = tok.eos_ids or pair.large.config.eos_token_ids
-    if mode == "speculative":
+    if mode in ("speculative", "spec-cascade"):
+        cascade_rule = {"rule": rule, "alpha": alpha} if mode == "spec-cascade" else {}
         r = speculative_generate(pair.small.params, pair.small.config, pair.large.params, pair.large.config, ids,
                                  max_new_tokens=max_new_tokens, draft_len=draft_len, sampling=sampling, eos_ids=eos,
-                                 draft_kv=small_kv, target_kv=large_kv)
+                                 draft_kv=small_kv, target_kv=large_kv, **cascade_rule)
         gen, stop, prefill_s, decode_s, tps, stats = r.tokens, r.stop_reason, r.prefill_s, r.decode_s, r.tokens_per_s, r.stats
     else:
         m = pair.large if mode == "large" else pair.small

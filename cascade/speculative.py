@@ -62,6 +62,8 @@ class SpeculativeStats:
     emitted_tokens: int = 0  # tokens produced: the prefill token + per round the accepted ones and one target token
     accepted_at: list[int] = dataclasses.field(default_factory=list)  # [i]: rounds whose proposal i was accepted
     offered_at: list[int] = dataclasses.field(default_factory=list)  # [i]: rounds whose proposal i counted
+    judged_tokens: int = 0  # spec-cascade: drafted positions the verifier judged (accepted ones + the stopping one)
+    deferred_tokens: int = 0  # spec-cascade: of those, the positions the rule deferred to the large model
 
     @property
     def acceptance_rate(self) -> float:
@@ -81,12 +83,19 @@ class SpeculativeStats:
             self.offered_at[i] += 1
             self.accepted_at[i] += i < accepted
 
+    @property
+    def deferral_rate(self) -> float:
+        """Spec-cascade: the fraction of judged positions deferred to the large model."""
+        return self.deferred_tokens / self.judged_tokens if self.judged_tokens else 0.0
+
     def to_json(self) -> dict:
         return {"rounds": self.rounds, "draft_tokens": self.draft_tokens, "accepted_tokens": self.accepted_tokens,
                 "emitted_tokens": self.emitted_tokens, "acceptance_rate": round(self.acceptance_rate, 4),
                 "mean_accepted_length": round(self.mean_accepted_length, 4),
                 "acceptance_per_position": [round(a / o, 4) if o else 0.0
-                                            for a, o in zip(self.accepted_at, self.offered_at)]}
+                                            for a, o in zip(self.accepted_at, self.offered_at)],
+                "judged_tokens": self.judged_tokens, "deferred_tokens": self.deferred_tokens,
+                "deferral_rate": round(self.deferral_rate, 4)}
 
 
 @dataclasses.dataclass
@@ -141,39 +150,73 @@ def verify_sampled(proposals, draft_probs, target_probs, key):
     return n, nxt
 
 
-def _draw(logits, key, greedy: bool, sampling):
-    """One token per row from ``logits`` (B, V) and its distribution (None when greedy)."""
+RULES = ("chow", "diff", "opt")  # spec-cascade deferral rules
+
+
+def deferral(q, p, rule: str, alpha):
+    """Token-level deferral of a speculative cascade (Narasimhan et al., "Faster Cascades via
+    Speculative Decoding", ICLR 2025): True where the position defers to the large model, from the
+    small model's ``q`` and the large model's ``p`` (..., V) at the same position:
+
+    * ``chow``: ``max q < 1 - alpha`` (the small model is not confident);
+    * ``diff``: ``max q < max p - alpha`` (the large model is more confident by a margin);
+    * ``opt``:  ``max q < max p - alpha * TV(p, q)``, the paper's plug-in approximation of the
+      optimal rule (TV: total variation distance).
+    """
+    mq, mp = jnp.max(q, axis=-1), jnp.max(p, axis=-1)
+    if rule == "chow":
+        return mq < 1 - alpha
+    if rule == "diff":
+        return mq < mp - alpha
+    if rule == "opt":
+        return mq < mp - alpha * 0.5 * jnp.sum(jnp.abs(p - q), axis=-1)
+    raise ValueError(f"unknown deferral rule {rule!r}; choose from {', '.join(RULES)}")
+
+
+def _draw(logits, key, greedy: bool, sampling, want_q: bool):
+    """One token per row from ``logits`` (B, V) and the distribution it came from: the sampling
+    transform's, or for greedy the plain softmax when ``want_q`` (a deferral rule reads it), else None."""
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), jax.nn.softmax(logits, axis=-1) if want_q else None
     z = filtered_logits(logits, *sampling)
     return jax.random.categorical(key, z, axis=-1).astype(jnp.int32), jax.nn.softmax(z, axis=-1)
 
 
-def propose(params, cfg: ModelConfig, cache: KVCache, chunk, n_feed, start, key, sampling, *, k: int, greedy: bool):
+def propose(params, cfg: ModelConfig, cache: KVCache, chunk, n_feed, start, key, sampling, *, k: int, greedy: bool,
+            want_q: bool = False):
     """The proposer: feed ``chunk`` (B, 2; the first ``n_feed`` (B,) real) at ``start`` (B,), then
     draw ``k`` tokens, feeding each back in turn but the last.  Returns ``(proposals (B, k),
-    q (B, k, V_draft) or None when greedy, cache)``."""
+    q (B, k, V_draft) or None (greedy, unless ``want_q``), cache)``."""
     logits, cache = decoder.chunk(params, cfg, chunk, decoder.rewind(cache, start), n_feed, last_only=True)
     b = chunk.shape[0]
     keys = jax.random.split(key, k)
-    tok, q = _draw(logits, keys[0], greedy, sampling)
+    with_q = want_q or not greedy
+    tok, q = _draw(logits, keys[0], greedy, sampling, with_q)
     proposals = jnp.zeros((b, k), jnp.int32).at[:, 0].set(tok)
-    qs = None if greedy else jnp.zeros((b, k, logits.shape[-1]), jnp.float32).at[:, 0].set(q)
+    qs = jnp.zeros((b, k, logits.shape[-1]), jnp.float32).at[:, 0].set(q) if with_q else None
 
     def step(i, carry):
         proposals, qs, cache = carry
         logits, cache = decoder.step(params, cfg, proposals[:, i - 1], cache)
-        tok, q = _draw(logits, keys[i], greedy, sampling)
-        return proposals.at[:, i].set(tok), None if greedy else qs.at[:, i].set(q), cache
+        tok, q = _draw(logits, keys[i], greedy, sampling, with_q)
+        return proposals.at[:, i].set(tok), qs.at[:, i].set(q) if with_q else None, cache
 
     proposals, qs, cache = jax.lax.fori_loop(1, k, step, (proposals, qs, cache))
     return proposals, qs, cache
 
 
-@partial(jax.jit, static_argnames=("draft_cfg", "target_cfg", "k", "greedy"), donate_argnames=("d_cache", "t_cache"))
+@partial(jax.jit, static_argnames=("draft_cfg", "target_cfg", "k", "greedy", "rule"),
+         donate_argnames=("d_cache", "t_cache"))
 def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig, d_cache: KVCache,
-                      t_cache: KVCache, pending, behind, active, key, sampling, *, k: int, greedy: bool):
+                      t_cache: KVCache, pending, behind, active, key, sampling, alpha=0.0, *, k: int, greedy: bool,
+                      rule: str | None = None):
     """One draft-score-verify round for a batch of rows, in one device call.
+
+    ``rule`` None: exact speculative decoding.  A :func:`deferral` rule (with ``alpha``) makes it a
+    *speculative cascade*: each drafted position is judged against ``pi = q`` where the rule keeps
+    the small model and ``pi = p`` where it defers (greedy: a kept position accepts the draft's
+    token, a deferred one needs the large model's argmax), so the output follows that mixture
+    rather than ``p``; the token after ``k`` acceptances comes from ``p``.
 
     State per row: ``t_cache.lengths`` = ``committed``, the positions both models agree on;
     ``pending`` (B,) the last emitted token, in neither cache yet; ``behind`` (B,) a token at
@@ -181,7 +224,8 @@ def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, targe
     rows still generating (a finished row keeps its state).  ``sampling``: ``(temperature,
     top_k, top_p)`` device scalars.
 
-    Returns ``(proposals (B, k), n_accepted (B,), next (B,), behind', d_cache, t_cache, key')``:
+    Returns ``(proposals (B, k), n_accepted (B,), next (B,), deferred (B, k), behind', d_cache,
+    t_cache, key')`` (``deferred``: the rule's verdict per drafted position, all True when exact):
     the caches rewound to the accepted prefix (``committed + 1 + n_accepted``; the draft one short
     when all ``k`` were accepted, ``behind'`` then holds its last proposal).
     """
@@ -194,21 +238,36 @@ def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, targe
     chunk = jnp.where(chunk < draft_vocab, chunk, 0)  # a target-only id reaches the draft as 0: only acceptance suffers
     key, k_draft, k_verify = jax.random.split(key, 3)
     proposals, q, d_cache = propose(draft_params, draft_cfg, d_cache, chunk, 1 + has_behind.astype(jnp.int32), start,
-                                    k_draft, sampling, k=k, greedy=greedy)
+                                    k_draft, sampling, k=k, greedy=greedy, want_q=rule is not None)
     # scorer: the target over [pending, d_1 .. d_k]
     t_logits, t_cache = decoder.chunk(target_params, target_cfg, jnp.concatenate([pending[:, None], proposals], axis=1),
                                       t_cache)
-    if greedy:
-        n_acc, nxt = verify_greedy(proposals, t_logits)
-    else:
-        vocab = t_logits.shape[-1]
+    vocab = t_logits.shape[-1]
+    if q is not None:
         q = jnp.pad(q, ((0, 0), (0, 0), (0, vocab - q.shape[-1])))
-        n_acc, nxt = verify_sampled(proposals, q, token_probs(t_logits, *sampling), k_verify)
+    if rule is None:
+        deferred = jnp.ones(proposals.shape, bool)
+        if greedy:
+            n_acc, nxt = verify_greedy(proposals, t_logits)
+        else:
+            n_acc, nxt = verify_sampled(proposals, q, token_probs(t_logits, *sampling), k_verify)
+    else:
+        p = jax.nn.softmax(t_logits, axis=-1) if greedy else token_probs(t_logits, *sampling)
+        deferred = deferral(q, p[:, :k], rule, alpha)
+        if greedy:
+            best = jnp.argmax(t_logits, axis=-1).astype(jnp.int32)
+            ok = ~deferred | (proposals == best[:, :k])
+            n_acc = jnp.sum(jnp.cumprod(ok, axis=1), axis=1).astype(jnp.int32)
+            nxt = jnp.take_along_axis(best, n_acc[:, None], axis=1)[:, 0]  # a rejection only happens where it deferred
+        else:
+            pi = jnp.where(deferred[:, :, None], p[:, :k], q)
+            n_acc, nxt = verify_sampled(proposals, q, jnp.concatenate([pi, p[:, k:]], axis=1), k_verify)
     new_committed = jnp.where(active, committed + 1 + n_acc, committed)
     full = n_acc == k
     d_len = jnp.where(active, jnp.where(full, new_committed - 1, new_committed), start)
     behind = jnp.where(active, jnp.where(full, proposals[:, -1], -1), behind)
-    return proposals, n_acc, nxt, behind, decoder.rewind(d_cache, d_len), decoder.rewind(t_cache, new_committed), key
+    return (proposals, n_acc, nxt, deferred, behind, decoder.rewind(d_cache, d_len), decoder.rewind(t_cache, new_committed),
+            key)
 
 
 def _check_request(prompts, max_new_tokens, draft_len, draft_cfg: ModelConfig, target_cfg: ModelConfig) -> int:
@@ -239,26 +298,34 @@ def _check_request(prompts, max_new_tokens, draft_len, draft_cfg: ModelConfig, t
 def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig,
                          prompt: list[int], *, max_new_tokens: int, draft_len: int = 4,
                          sampling: SamplingConfig = SamplingConfig(), eos_ids=None,
-                         draft_kv: KVSpec | str | None = None, target_kv: KVSpec | str | None = None) -> SpeculativeResult:
+                         draft_kv: KVSpec | str | None = None, target_kv: KVSpec | str | None = None,
+                         rule: str | None = None, alpha: float = 0.0) -> SpeculativeResult:
     """Generate up to ``max_new_tokens`` after ``prompt`` (ids) with the draft/target pair: one row
     of :func:`speculative_generate_batch`."""
     return speculative_generate_batch(draft_params, draft_cfg, target_params, target_cfg, [prompt],
                                       max_new_tokens=max_new_tokens, draft_len=draft_len, sampling=sampling,
-                                      eos_ids=eos_ids, draft_kv=draft_kv, target_kv=target_kv)[0]
+                                      eos_ids=eos_ids, draft_kv=draft_kv, target_kv=target_kv, rule=rule,
+                                      alpha=alpha)[0]
 
 
 def speculative_generate_batch(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig,
                                prompts: list[list[int]], *, max_new_tokens: int, draft_len: int = 4,
                                sampling: SamplingConfig = SamplingConfig(), eos_ids=None,
-                               draft_kv: KVSpec | str | None = None,
-                               target_kv: KVSpec | str | None = None) -> list[SpeculativeResult]:
+                               draft_kv: KVSpec | str | None = None, target_kv: KVSpec | str | None = None,
+                               rule: str | None = None, alpha: float = 0.0) -> list[SpeculativeResult]:
     """Generate up to ``max_new_tokens`` after each prompt (lists of ids) with the draft/target pair,
     the rows together (each its own lengths, acceptance, rewinds and stop).
 
     The two models must share the tokenizer (same vocabulary ids); the draft's vocabulary may not
     be larger than the target's.  ``draft_kv``/``target_kv``: each model's KV cache precision
     (:mod:`cascade.quant.kv`); greedy output equals the target's own greedy output with ``target_kv``.
+    ``rule``/``alpha``: a speculative cascade (:func:`speculative_round`, :func:`deferral`) instead of
+    exact speculation; ``alpha`` in [0, 1].
     """
+    if rule is not None and rule not in RULES:
+        raise ValueError(f"unknown deferral rule {rule!r}; choose from {', '.join(RULES)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     context = _check_request(prompts, max_new_tokens, draft_len, draft_cfg, target_cfg)
     eos = set(target_cfg.eos_token_ids if eos_ids is None else eos_ids)
     k = draft_len
@@ -290,10 +357,11 @@ def speculative_generate_batch(draft_params, draft_cfg: ModelConfig, target_para
     rounds, t_round1, n_round1 = 0, None, None
     while not all(done):
         active = jnp.asarray([not d for d in done])
-        proposals, n_acc, nxt, behind, d_cache, t_cache, key = speculative_round(
+        proposals, n_acc, nxt, deferred, behind, d_cache, t_cache, key = speculative_round(
             draft_params, draft_cfg, target_params, target_cfg, d_cache, t_cache, pending, behind, active, key, params,
-            k=k, greedy=sampling.greedy)
-        proposals_h, n_acc_h, nxt_h = np.asarray(proposals), np.asarray(n_acc), np.asarray(nxt)
+            jnp.float32(alpha), k=k, greedy=sampling.greedy, rule=rule)
+        proposals_h, n_acc_h, nxt_h, deferred_h = (np.asarray(proposals), np.asarray(n_acc), np.asarray(nxt),
+                                                   np.asarray(deferred))
         for i in range(batch):
             if done[i]:
                 continue
@@ -306,6 +374,9 @@ def speculative_generate_batch(draft_params, draft_cfg: ModelConfig, target_para
                     break
             kept = len(row) - (max_new_tokens - room_i)  # tokens this round emitted
             stats[i].record_round(offered=min(k, room_i), accepted=min(n, kept))
+            if rule is not None:  # positions the verifier judged: the accepted ones and the one that stopped it
+                stats[i].judged_tokens += min(n + 1, k, room_i)
+                stats[i].deferred_tokens += int(deferred_h[i, : min(n + 1, k, room_i)].sum())
             stats[i].emitted_tokens = len(row)
         pending = nxt
         rounds += 1

@@ -213,3 +213,74 @@ def test_sampled_speculative_tokens_follow_the_target_distribution(target):
     assert stat < critical, (stat, critical)
     accepted = sum(r.stats.accepted_tokens for r in out)
     assert 0 < accepted < n  # the draft is right sometimes, not always: both branches of the rule ran
+
+
+def _chi_square(counts, expected):
+    """(statistic, 0.999 critical value) of observed ``counts`` against ``expected`` (same total);
+    cells expected below 5 are pooled."""
+    cells = expected >= 5
+    rest = ~cells & (expected > 0)
+    obs, exp = counts[cells], expected[cells]
+    if rest.any():
+        obs, exp = np.r_[obs, counts[rest].sum()], np.r_[exp, expected[rest].sum()]
+    df = len(obs) - 1
+    return float(((obs - exp) ** 2 / exp).sum()), df * (1 - 2 / (9 * df) + 3.09 * np.sqrt(2 / (9 * df))) ** 3
+
+
+def test_spec_cascade_greedy_ends_of_the_alpha_range(draft, target):
+    """Chow's rule keeps the small model's token where max q >= 1 - alpha: at alpha = 1 it never
+    defers (every proposal is the small model's greedy token and is accepted; the large model adds
+    the prefill's token and each round's token after the k proposals); at alpha = 0 it defers
+    wherever the small model is not certain, which here is everywhere (the large model's output)."""
+    from cascade.models.decoder import logits_of
+
+    draft, draft_cfg = draft
+    prompt = PROMPTS[0]
+    large = generate(target, TARGET_CFG, [prompt], max_new_tokens=30, eos_ids=()).tokens[0]
+    never = speculative_generate(draft, draft_cfg, target, TARGET_CFG, prompt, max_new_tokens=30, draft_len=4,
+                                 eos_ids=(), rule="chow", alpha=1.0)
+    assert never.stats.deferred_tokens == 0 and never.stats.acceptance_rate == 1.0
+    text = [prompt + never.tokens]
+    small_next = np.argmax(np.asarray(logits_of(draft, draft_cfg, text))[0], axis=-1)
+    large_next = np.argmax(np.asarray(logits_of(target, TARGET_CFG, text))[0], axis=-1)
+    for i, tok in enumerate(never.tokens):  # token i is predicted at position len(prompt) + i - 1
+        by = large_next if i % 5 == 0 else small_next  # i = 0 (prefill), 5, 10, ...: the large model's turn
+        assert tok == by[len(prompt) + i - 1], i
+    always = speculative_generate(draft, draft_cfg, target, TARGET_CFG, prompt, max_new_tokens=30, draft_len=4,
+                                  eos_ids=(), rule="chow", alpha=0.0)
+    assert always.stats.deferred_tokens == always.stats.judged_tokens > 0
+    assert always.tokens == large and never.tokens != large
+    mid = speculative_generate(draft, draft_cfg, target, TARGET_CFG, prompt, max_new_tokens=30, draft_len=4,
+                               eos_ids=(), rule="chow", alpha=0.5)
+    assert mid.stats.acceptance_rate >= always.stats.acceptance_rate
+
+
+@pytest.mark.parametrize("rule,alpha", [("diff", 0.02), ("opt", 0.02), ("chow", 0.88)])
+def test_sampled_spec_cascade_follows_its_mixture(target, rule, alpha):
+    """The second generated token over 4,000 rows is distributed as the stated mixture
+    ``sum_t p(t) pi(. | t)``, ``pi = p`` where the rule defers and ``q`` where it does not, computed
+    from both models' own logits; and measurably not as the large model alone."""
+    from cascade.models.decoder import logits_of
+    from cascade.speculative import deferral, speculative_generate_batch
+
+    draft = _peaked(init_params(DRAFT_CFG, jax.random.key(1)), 3.0)
+    prompt = [0, 5, 17, 33]
+    sp = (jnp.float32(1.0), jnp.int32(12), jnp.float32(1.0))
+    n = 4000
+    out = speculative_generate_batch(draft, DRAFT_CFG, target, TARGET_CFG, [prompt] * n, max_new_tokens=2, draft_len=2,
+                                     sampling=SamplingConfig(temperature=1.0, top_k=12, seed=5), eos_ids=(),
+                                     rule=rule, alpha=alpha)
+    counts = np.bincount([r.tokens[1] for r in out], minlength=TARGET_CFG.vocab_size)
+    p0 = np.asarray(token_probs(logits_of(target, TARGET_CFG, [prompt])[0, -1], *sp), np.float64)
+    firsts = np.flatnonzero(p0 > 0)
+    rows = np.array([prompt + [int(t)] for t in firsts])
+    p1 = token_probs(logits_of(target, TARGET_CFG, rows)[:, -1], *sp)
+    q1 = token_probs(logits_of(draft, DRAFT_CFG, rows)[:, -1], *sp)
+    r = np.asarray(deferral(q1, p1, rule, alpha))
+    mix = np.where(r[:, None], np.asarray(p1, np.float64), np.asarray(q1, np.float64))
+    assert 0 < r.sum() < len(r)  # some first tokens defer, some keep the small model
+    stat, critical = _chi_square(counts, n * (p0[firsts] @ mix))
+    assert stat < critical, (stat, critical)
+    stat_p, _ = _chi_square(counts, n * (p0[firsts] @ np.asarray(p1, np.float64)))
+    assert stat_p > critical  # the test can tell the mixture from the large model alone
+    assert 0 < sum(r.stats.deferred_tokens for r in out) < sum(r.stats.judged_tokens for r in out)
