@@ -56,6 +56,7 @@ _EXPORTS = {
     "load_pair": "cascade.pair",
     "run_pair": "cascade.pair",
     "speculative_generate": "cascade.speculative",
+    "speculative_generate_batch": "cascade.speculative",
     "SpeculativeStats": "cascade.speculative",
     # the memory plan
     "plan_memory": "cascade.memory",

@@ -43,9 +43,30 @@ def test_run_json_is_deterministic_for_a_seed_and_exact_when_greedy(capsys):
     (("--small-model", "no/such/model"), 2, "no such file"),
     (("--max-tokens", "600"), 1, "exceeds the context"),
     (("--large", "int5"), 2, "unknown precision spec"),
+    (("--alpha", "0.3"), 2, "--alpha apply only to --mode spec-cascade"),
+    (("--mode", "spec-cascade", "--alpha", "1.5"), 2, "--alpha"),
+    (("--mode", "spec-cascade", "--rule", "best"), 2, "--rule"),
 ])
 def test_bad_flags_are_one_line_errors(capsys, args, code, message):
     got, out, err = run(capsys, "run", "Once", *args)
     assert got == code and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+
+
+def test_spec_cascade_reports_its_rule_and_deferrals(capsys):
+    """alpha 0 defers every judged position (the large model's greedy output); alpha 1 never defers
+    and accepts every proposal."""
+    large = json.loads(run(capsys, "run", "The dog", "--max-tokens", "20", "--mode", "large", "--json")[1])
+    exact = json.loads(run(capsys, "run", "The dog", "--max-tokens", "20", "--mode", "spec-cascade", "--alpha", "0",
+                           "--json")[1])
+    assert exact["rule"] == "chow" and exact["alpha"] == 0.0 and exact["draft_len"] == 4
+    s = exact["speculative"]
+    assert s["deferred_tokens"] == s["judged_tokens"] > 0 and s["deferral_rate"] == 1.0
+    assert exact["token_ids"] == large["token_ids"]
+    trusting = json.loads(run(capsys, "run", "The dog", "--max-tokens", "20", "--mode", "spec-cascade", "--alpha", "1",
+                              "--rule", "chow", "--json")[1])
+    t = trusting["speculative"]
+    assert t["deferred_tokens"] == 0 and t["acceptance_rate"] == 1.0
+    code, out, err = run(capsys, "run", "The dog", "--max-tokens", "12", "--mode", "spec-cascade", "--rule", "diff")
+    assert code == 0 and "deferred (diff, alpha 0.1)" in err
