@@ -177,16 +177,23 @@ def app(debug: bool) -> None:
               help="The draft MODEL (path or built-in name).")
 @click.option("--large-model", default="default-large", show_default=True, callback=_model,
               help="The verifier MODEL (path or built-in name).")
-@click.option("--mode", type=click.Choice(["speculative", "spec-cascade", "large", "small"]), default="speculative",
-              show_default=True,
+@click.option("--mode", type=click.Choice(["speculative", "spec-cascade", "defer", "large", "small"]),
+              default="speculative", show_default=True,
               help="speculative: small drafts, large verifies (output = the large model's); spec-cascade: the same, but "
-                   "the small model's tokens stand where --rule trusts it (faster, not exact); large/small: one model alone.")
+                   "the small model's tokens stand where --rule trusts it (faster, not exact); defer: the small model "
+                   "answers, the large one instead when --defer-score < --threshold; large/small: one model alone.")
 @click.option("--draft-len", default=4, show_default=True, type=click.IntRange(min=1, max=32), help="Tokens the draft proposes per round.")
 @click.option("--rule", type=click.Choice(["chow", "diff", "opt"]), default="chow", show_default=True,
               help="spec-cascade deferral rule: chow (defer when the small model's top probability < 1 - alpha), diff "
                    "(when it trails the large model's by alpha), opt (by alpha x their total variation).")
 @click.option("--alpha", default=0.1, show_default=True, type=FiniteFloat(min=0, max=1),
               help="spec-cascade: how much the small model is trusted (0 = defer everywhere: exact speculation).")
+@click.option("--defer-score", type=click.Choice(["mean-logprob", "min-logprob", "quantile", "entropy"]),
+              default="mean-logprob", show_default=True,
+              help="defer: the small model's confidence in its answer (mean or minimum token log-probability, the "
+                   "10th percentile of token probabilities, minus the mean entropy).")
+@click.option("--threshold", default=-1.0, show_default=True, type=FiniteFloat(),
+              help="defer: the large model answers when the score is below this.")
 @click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens to generate at most.")
 @click.option("--temperature", default=0.0, show_default=True, type=FiniteFloat(min=0), help="0 = greedy.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample from the k most likely (0 = off).")
@@ -197,8 +204,8 @@ def app(debug: bool) -> None:
 @click.option("--large-kv", callback=_kv_spec, help="KV cache precision of the verifier model [default: --kv].")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_len, rule, alpha, max_tokens, temperature,
-        top_k, top_p, seed, kv, small_kv, large_kv, scale_dtype, as_json):
+def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_len, rule, alpha, defer_score, threshold,
+        max_tokens, temperature, top_k, top_p, seed, kv, small_kv, large_kv, scale_dtype, as_json):
     """Generate a continuation of PROMPT with the cascade: the small model drafts, the large one verifies.
 
     With no model paths it uses the embedded pair (default-small, default-large), so it works
@@ -207,16 +214,20 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
     from cascade.pair import load_pair, run as run_pair
     from cascade.models import SamplingConfig
 
+    for flags, owner in ((("rule", "alpha"), "spec-cascade"), (("defer_score", "threshold"), "defer"),
+                         (("draft_len",), ("speculative", "spec-cascade"))):
+        if mode not in ((owner,) if isinstance(owner, str) else owner) and _given(*flags):
+            where = owner if isinstance(owner, str) else " or ".join(owner)
+            raise click.UsageError(f"{', '.join(_given(*flags))} apply only to --mode {where}")
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     # a single-model mode loads only that model
     pair = load_pair(small_model if mode != "large" else None, large_model if mode != "small" else None,
                      small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
     small_kv, large_kv = small_kv or kv, large_kv or kv
     _check_pair_kv(pair, small_kv, large_kv, kv)
-    if mode != "spec-cascade" and _given("rule", "alpha"):
-        raise click.UsageError(f"{', '.join(_given('rule', 'alpha'))} apply only to --mode spec-cascade")
     r = run_pair(pair, prompt, mode=mode, max_new_tokens=max_tokens, draft_len=draft_len, sampling=sampling,
-                 small_kv=small_kv, large_kv=large_kv, rule=rule, alpha=alpha)
+                 small_kv=small_kv, large_kv=large_kv, rule=rule, alpha=alpha, defer_score=defer_score,
+                 threshold=threshold)
     described = pair.describe()
     payload = {role: None if described[role] is None else {"model": path, **described[role], "kv": role_kv}
                for role, path, role_kv in (("small", small_model, small_kv), ("large", large_model, large_kv))}
@@ -234,8 +245,10 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
                  f"{st.mean_accepted_length:.2f} accepted / round of {draft_len}")
         if mode == "spec-cascade":
             line += f", {st.deferral_rate:.0%} of judged positions deferred ({rule}, alpha {alpha:g})"
+    if r.deferral is not None:
+        line += f"; {r.deferral.reason}"
     pair_text = f"small {small_quant}, large {large_quant}; kv {small_kv}/{large_kv}"
-    models = {"speculative": pair_text, "spec-cascade": pair_text,
+    models = {"speculative": pair_text, "spec-cascade": pair_text, "defer": pair_text,
               "large": f"large {large_quant}; kv {large_kv}", "small": f"small {small_quant}; kv {small_kv}"}[mode]
     click.echo(f"{line}; {models}]", err=True)
 

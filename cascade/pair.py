@@ -5,19 +5,24 @@ RTN-quantizes each under its own precision spec (``--small int4 --large int8``).
 generates with the pair (``mode="speculative"``, exact; ``"spec-cascade"``, a speculative cascade
 whose deferral ``rule`` and ``alpha`` let the small model's tokens stand where it is confident) or
 with one of its models alone (``"large"``, ``"small"``), and reports text, token ids, timing and the
-speculative metrics.
+speculative metrics.  ``"defer"`` is a sequence-level cascade: the small model answers, and
+the large model answers instead when the small model's confidence in its answer is below a
+threshold (:mod:`cascade.deferral`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from cascade.models import Model, SamplingConfig, generate, load_model, matmul_backends, quantize_model, weight_bytes
 from cascade.models.defaults import DEFAULT_LARGE, DEFAULT_SMALL
 from cascade.quant.kernels.cpu import attention_backend
+from cascade.deferral import Deferral, answer_scores, decide
+from cascade.deferral import check as check_deferral
 from cascade.speculative import SpeculativeStats, speculative_generate
 
-MODES = ("speculative", "spec-cascade", "large", "small")
+MODES = ("speculative", "spec-cascade", "defer", "large", "small")
 NO_QUANT = ("none", "source")  # keep the checkpoint's own weights
 
 
@@ -83,24 +88,32 @@ class RunResult:
     decode_s: float
     tokens_per_s: float | None  # decode tokens per second after the first token
     stats: SpeculativeStats | None  # speculative and spec-cascade modes
+    answered_by: str | None = None  # "small" or "large": the model whose tokens these are (None: both, speculative)
+    deferral: Deferral | None = None  # defer mode: the score, threshold and verdict
+    seconds: dict | None = None  # wall time in each model (defer mode: {"small": s, "large": s})
 
     def to_json(self) -> dict:
         out = {k: getattr(self, k) for k in ("mode", "prompt", "prompt_token_ids", "text", "token_ids", "stop_reason",
-                                             "prefill_s", "decode_s", "tokens_per_s")}
+                                             "prefill_s", "decode_s", "tokens_per_s", "answered_by")}
         out["speculative"] = self.stats.to_json() if self.stats is not None else None
+        out["deferral"] = None if self.deferral is None else {**self.deferral.to_json(), "seconds": self.seconds}
         return out
 
 
 def run(pair: ModelPair, prompt: str, *, mode: str = "speculative", max_new_tokens: int = 128, draft_len: int = 4,
         sampling: SamplingConfig = SamplingConfig(), small_kv: str | None = None, large_kv: str | None = None,
-        rule: str = "chow", alpha: float = 0.1) -> RunResult:
+        rule: str = "chow", alpha: float = 0.1, defer_score: str = "mean-logprob",
+        threshold: float = -1.0) -> RunResult:
     """Generate with the pair; ``small_kv``/``large_kv``: each model's KV cache precision
     (:mod:`cascade.quant.kv`, default fp32); ``rule``/``alpha``: the deferral rule of
-    ``mode="spec-cascade"`` (:func:`cascade.speculative.deferral`)."""
+    ``mode="spec-cascade"`` (:func:`cascade.speculative.deferral`); ``defer_score``/``threshold``:
+    ``mode="defer"`` (:mod:`cascade.deferral`)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    needs = {"speculative": ("small", "large"), "spec-cascade": ("small", "large"), "large": ("large",),
-             "small": ("small",)}[mode]
+    needs = {"speculative": ("small", "large"), "spec-cascade": ("small", "large"), "defer": ("small", "large"),
+             "large": ("large",), "small": ("small",)}[mode]
+    if mode == "defer":
+        check_deferral(defer_score, threshold)  # before any generation
     missing = [role for role in needs if getattr(pair, role) is None]
     if missing:
         raise ValueError(f"mode {mode!r} needs the {' and '.join(missing)} model, which this pair was loaded without")
@@ -115,6 +128,22 @@ def run(pair: ModelPair, prompt: str, *, mode: str = "speculative", max_new_toke
                                  max_new_tokens=max_new_tokens, draft_len=draft_len, sampling=sampling, eos_ids=eos,
                                  draft_kv=small_kv, target_kv=large_kv, **cascade_rule)
         gen, stop, prefill_s, decode_s, tps, stats = r.tokens, r.stop_reason, r.prefill_s, r.decode_s, r.tokens_per_s, r.stats
+    elif mode == "defer":
+        t0 = time.perf_counter()
+        g = generate(pair.small.params, pair.small.config, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
+                     eos_ids=eos, kv=small_kv)
+        verdict = decide(answer_scores(pair.small.params, pair.small.config, ids, g.tokens[0]), defer_score, threshold)
+        seconds = {"small": time.perf_counter() - t0, "large": 0.0}
+        if verdict.deferred:
+            t1 = time.perf_counter()
+            g = generate(pair.large.params, pair.large.config, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
+                         eos_ids=eos, kv=large_kv)
+            seconds["large"] = time.perf_counter() - t1
+        text = tok.decode_completion(ids, g.tokens[0])
+        return RunResult(mode=mode, prompt=prompt, prompt_token_ids=ids, text=text, token_ids=g.tokens[0],
+                         stop_reason=g.stop_reasons[0], prefill_s=g.prefill_s, decode_s=g.decode_s,
+                         tokens_per_s=g.tokens_per_s, stats=None, answered_by="large" if verdict.deferred else "small",
+                         deferral=verdict, seconds={k: round(v, 4) for k, v in seconds.items()})
     else:
         m = pair.large if mode == "large" else pair.small
         g = generate(m.params, m.config, [ids], max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos,
@@ -123,4 +152,5 @@ def run(pair: ModelPair, prompt: str, *, mode: str = "speculative", max_new_toke
                                                       g.tokens_per_s, None)
     text = tok.decode_completion(ids, gen)
     return RunResult(mode=mode, prompt=prompt, prompt_token_ids=ids, text=text, token_ids=gen, stop_reason=stop,
-                     prefill_s=prefill_s, decode_s=decode_s, tokens_per_s=tps, stats=stats)
+                     prefill_s=prefill_s, decode_s=decode_s, tokens_per_s=tps, stats=stats,
+                     answered_by=mode if mode in ("large", "small") else None)

@@ -62,7 +62,8 @@ TOKENIZERS = (["@tok"], ["@text_file", "no/such/tok.model", "@empty_dir"])
 OUT_DIRS = (["@out/ck", "@out/taken"], ["@out/afile", "@out/missing/ck", "@out", "", "@out/.."])
 OUT_FILES = (["@out/r.json"], ["@out/afile", "@out/missing/r.json", "@out", "@out/taken", ""])
 SCALE_DTYPES = (["float16", "bfloat16", "float32"], ["int8", ""])
-MODES = (["speculative", "large", "small"], ["medium", ""])
+MODES = (["speculative", "spec-cascade", "defer", "large", "small"], ["medium", ""])
+PLAN_MODES = (["speculative", "large", "small"], ["medium", "", "defer"])
 BUDGETS = (["1GiB", "512MB", "100", "1.5GB", "1e12"], ["0", "-5", "lots", ""])
 MM_SPECS = (["int8", "int4-g16", "int8,int4-g32-asym", "int3-g16", "bf16"], ["int9", "", ",", "int4-g0"])
 PPL_SPECS = (["source", "int8", "source,int4-g32", "source,source"], ["int9", "", ",", "none"])
@@ -90,7 +91,10 @@ COMMANDS = {
     "run": Command(("run",), ((PROMPTS, False),),
                    {"--small": PAIR_RULES, "--large": PAIR_RULES, "--small-model": MODELS, "--large-model": MODELS,
                     "--mode": MODES, "--draft-len": INTS, **SAMPLING, "--kv": KVS, "--small-kv": KVS,
-                    "--large-kv": KVS, "--scale-dtype": SCALE_DTYPES, **COMMON},
+                    "--large-kv": KVS, "--scale-dtype": SCALE_DTYPES, "--rule": (["chow", "diff", "opt"], ["", "best"]),
+                    "--alpha": (["0", "0.3", "1"], ["1.5", "-0.1", "nan", ""]),
+                    "--defer-score": (["mean-logprob", "min-logprob", "quantile", "entropy"], ["", "vibes"]),
+                    "--threshold": (["-1", "0", "-2.5"], ["nan", "inf", "x", ""]), **COMMON},
                    ("--max-tokens", "--small-model", "--large-model")),
     "eval": Command(("eval",), ((MODELS, True),),
                     {"--data": DATA_FILES, "--quant": RULES, "--ctx": (INTS[0], INTS[1] + ["4096"]), "--stride": INTS,
@@ -103,7 +107,7 @@ COMMANDS = {
                        {"--kv": KVS, "--ctx": INTS, "--tokenizer": TOKENIZERS, **COMMON}),
     "plan": Command(("plan",), (),
                     {"--small": PAIR_RULES, "--large": PAIR_RULES, "--small-model": MODELS, "--large-model": MODELS,
-                     "--mode": MODES, "--kv": KVS, "--small-kv": KVS, "--large-kv": KVS, "--ctx": INTS,
+                     "--mode": PLAN_MODES, "--kv": KVS, "--small-kv": KVS, "--large-kv": KVS, "--ctx": INTS,
                      "--batch": INTS, "--draft-len": INTS, "--budget": BUDGETS, "--scale-dtype": SCALE_DTYPES,
                      **COMMON}),
     "bench-matmul": Command(("bench", "matmul"), (),

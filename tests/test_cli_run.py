@@ -46,6 +46,10 @@ def test_run_json_is_deterministic_for_a_seed_and_exact_when_greedy(capsys):
     (("--alpha", "0.3"), 2, "--alpha apply only to --mode spec-cascade"),
     (("--mode", "spec-cascade", "--alpha", "1.5"), 2, "--alpha"),
     (("--mode", "spec-cascade", "--rule", "best"), 2, "--rule"),
+    (("--threshold", "-2"), 2, "--threshold apply only to --mode defer"),
+    (("--mode", "defer", "--threshold", "nan"), 2, "--threshold"),
+    (("--mode", "defer", "--defer-score", "vibes"), 2, "--defer-score"),
+    (("--mode", "large", "--draft-len", "3"), 2, "--draft-len apply only to --mode speculative or spec-cascade"),
 ])
 def test_bad_flags_are_one_line_errors(capsys, args, code, message):
     got, out, err = run(capsys, "run", "Once", *args)
@@ -70,3 +74,13 @@ def test_spec_cascade_reports_its_rule_and_deferrals(capsys):
     assert t["deferred_tokens"] == 0 and t["acceptance_rate"] == 1.0
     code, out, err = run(capsys, "run", "The dog", "--max-tokens", "12", "--mode", "spec-cascade", "--rule", "diff")
     assert code == 0 and "deferred (diff, alpha 0.1)" in err
+
+
+def test_defer_mode_json_says_who_answered_and_why(capsys):
+    d = json.loads(run(capsys, "run", "The dog", "--max-tokens", "12", "--mode", "defer", "--threshold", "0.5",
+                       "--json")[1])
+    assert d["mode"] == "defer" and d["answered_by"] == "large" and d["speculative"] is None
+    assert d["deferral"]["score"] == "mean-logprob" and d["deferral"]["deferred"] is True
+    assert d["deferral"]["value"] < 0.5 and "large model answered" in d["deferral"]["reason"]
+    code, out, err = run(capsys, "run", "The dog", "--max-tokens", "12", "--mode", "defer", "--threshold", "-100")
+    assert code == 0 and "small model's answer stands" in err
