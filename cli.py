@@ -202,17 +202,34 @@ def app(debug: bool) -> None:
 @click.option("--kv", default="fp32", show_default=True, callback=_kv_spec, help=_KV_HELP + " Both models.")
 @click.option("--small-kv", callback=_kv_spec, help="KV cache precision of the draft model [default: --kv].")
 @click.option("--large-kv", callback=_kv_spec, help="KV cache precision of the verifier model [default: --kv].")
+@click.option("--prompts", "prompts_file", callback=_data_file,
+              help="A UTF-8 file of prompts, one per line, generated together as one batch (instead of PROMPT); "
+                   "with --json, one JSON object per line.")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_len, rule, alpha, defer_score, threshold,
-        max_tokens, temperature, top_k, top_p, seed, kv, small_kv, large_kv, scale_dtype, as_json):
+        max_tokens, temperature, top_k, top_p, seed, kv, small_kv, large_kv, prompts_file, scale_dtype, as_json):
     """Generate a continuation of PROMPT with the cascade: the small model drafts, the large one verifies.
 
     With no model paths it uses the embedded pair (default-small, default-large), so it works
     offline on a fresh install.  Greedy output equals the large model's own greedy output.
     """
-    from cascade.pair import load_pair, run as run_pair
+    from cascade.pair import RowError, generate_batch, load_pair
     from cascade.models import SamplingConfig
+
+    if prompts_file is not None:
+        if _given("prompt"):
+            raise click.UsageError("give PROMPT or --prompts FILE, not both")
+        try:
+            with open(prompts_file, encoding="utf-8") as f:
+                prompts = f.read().splitlines()
+        except UnicodeDecodeError as e:
+            raise click.BadParameter(f"{prompts_file} is not UTF-8 text ({e.reason} at byte {e.start})",
+                                     param_hint="'--prompts'") from None
+        if not prompts:
+            raise click.BadParameter(f"{prompts_file} holds no prompts", param_hint="'--prompts'")
+    else:
+        prompts = [prompt]
 
     for flags, owner in ((("rule", "alpha"), "spec-cascade"), (("defer_score", "threshold"), "defer"),
                          (("draft_len",), ("speculative", "spec-cascade"))):
@@ -225,18 +242,39 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
                      small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
     small_kv, large_kv = small_kv or kv, large_kv or kv
     _check_pair_kv(pair, small_kv, large_kv, kv)
-    r = run_pair(pair, prompt, mode=mode, max_new_tokens=max_tokens, draft_len=draft_len, sampling=sampling,
-                 small_kv=small_kv, large_kv=large_kv, rule=rule, alpha=alpha, defer_score=defer_score,
-                 threshold=threshold)
+    results = generate_batch(pair, prompts, mode=mode, max_new_tokens=max_tokens, draft_len=draft_len,
+                             sampling=sampling, small_kv=small_kv, large_kv=large_kv, rule=rule, alpha=alpha,
+                             defer_score=defer_score, threshold=threshold)
+    batch = prompts_file is not None
+    if not batch and isinstance(results[0], RowError):
+        raise click.ClickException(results[0].error)
     described = pair.describe()
-    payload = {role: None if described[role] is None else {"model": path, **described[role], "kv": role_kv}
-               for role, path, role_kv in (("small", small_model, small_kv), ("large", large_model, large_kv))}
-    payload.update({"draft_len": draft_len if mode in ("speculative", "spec-cascade") else None,
-                    **({"rule": rule, "alpha": alpha} if mode == "spec-cascade" else {}), **r.to_json()})
-    if as_json:
-        _emit(True, payload, "")
-        return
-    click.echo(prompt + r.text)
+    models = {role: None if described[role] is None else {"model": path, **described[role], "kv": role_kv}
+              for role, path, role_kv in (("small", small_model, small_kv), ("large", large_model, large_kv))}
+    settings = {"draft_len": draft_len if mode in ("speculative", "spec-cascade") else None,
+                **({"rule": rule, "alpha": alpha} if mode == "spec-cascade" else {})}
+    failed = 0
+    for index, r in enumerate(results):
+        if isinstance(r, RowError):
+            failed += 1
+            if as_json:
+                click.echo(json.dumps({"index": index, **r.to_json()}, allow_nan=False))
+            else:
+                click.echo(f"error: prompt {index + 1} of {prompts_file}: {r.error}", err=True)
+            continue
+        if as_json:
+            row = {**models, **settings, **r.to_json()}
+            click.echo(json.dumps({"index": index, **row} if batch else row, allow_nan=False))
+            continue
+        if batch and index:
+            click.echo("")
+        _print_run(r, mode, draft_len, rule, alpha, small_quant, large_quant, small_kv, large_kv)
+    if failed:  # the other rows completed; the exit code says some did not
+        raise click.exceptions.Exit(1)
+
+
+def _print_run(r, mode, draft_len, rule, alpha, small_quant, large_quant, small_kv, large_kv) -> None:
+    click.echo(r.prompt + r.text)
     speed = "n/a" if r.tokens_per_s is None else f"{r.tokens_per_s:.1f}"
     line = f"[{mode}: {len(r.token_ids)} tokens, {speed} tok/s decode, stop: {r.stop_reason}"
     if r.stats is not None:

@@ -55,6 +55,8 @@ _EXPORTS = {
     "RunResult": "cascade.pair",
     "load_pair": "cascade.pair",
     "run_pair": "cascade.pair",
+    "run_pair_batch": "cascade.pair",
+    "RowError": "cascade.pair",
     "speculative_generate": "cascade.speculative",
     "speculative_generate_batch": "cascade.speculative",
     "SpeculativeStats": "cascade.speculative",
@@ -63,7 +65,7 @@ _EXPORTS = {
     "MemoryPlan": "cascade.memory",
     "parse_bytes": "cascade.memory",
 }
-_ALIASES = {"run_pair": "run"}  # cascade.run_pair is cascade.pair.run
+_ALIASES = {"run_pair": "run", "run_pair_batch": "generate_batch"}  # cascade.run_pair is cascade.pair.run
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

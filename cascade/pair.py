@@ -20,7 +20,7 @@ from cascade.models.defaults import DEFAULT_LARGE, DEFAULT_SMALL
 from cascade.quant.kernels.cpu import attention_backend
 from cascade.deferral import Deferral, answer_scores, decide
 from cascade.deferral import check as check_deferral
-from cascade.speculative import SpeculativeStats, speculative_generate
+from cascade.speculative import SpeculativeStats, speculative_generate_batch
 
 MODES = ("speculative", "spec-cascade", "defer", "large", "small")
 NO_QUANT = ("none", "source")  # keep the checkpoint's own weights
@@ -90,7 +90,7 @@ class RunResult:
     stats: SpeculativeStats | None  # speculative and spec-cascade modes
     answered_by: str | None = None  # "small" or "large": the model whose tokens these are (None: both, speculative)
     deferral: Deferral | None = None  # defer mode: the score, threshold and verdict
-    seconds: dict | None = None  # wall time in each model (defer mode: {"small": s, "large": s})
+    seconds: dict | None = None  # defer mode: wall time in each model for the whole batch ({"small": s, "large": s})
 
     def to_json(self) -> dict:
         out = {k: getattr(self, k) for k in ("mode", "prompt", "prompt_token_ids", "text", "token_ids", "stop_reason",
@@ -100,14 +100,49 @@ class RunResult:
         return out
 
 
-def run(pair: ModelPair, prompt: str, *, mode: str = "speculative", max_new_tokens: int = 128, draft_len: int = 4,
-        sampling: SamplingConfig = SamplingConfig(), small_kv: str | None = None, large_kv: str | None = None,
-        rule: str = "chow", alpha: float = 0.1, defer_score: str = "mean-logprob",
-        threshold: float = -1.0) -> RunResult:
-    """Generate with the pair; ``small_kv``/``large_kv``: each model's KV cache precision
-    (:mod:`cascade.quant.kv`, default fp32); ``rule``/``alpha``: the deferral rule of
-    ``mode="spec-cascade"`` (:func:`cascade.speculative.deferral`); ``defer_score``/``threshold``:
-    ``mode="defer"`` (:mod:`cascade.deferral`)."""
+@dataclasses.dataclass(frozen=True)
+class RowError:
+    """A prompt of a batch that could not run (the other rows still did)."""
+
+    prompt: str
+    error: str
+
+    def to_json(self) -> dict:
+        return {"prompt": self.prompt, "error": self.error}
+
+
+def _row_problem(ids: list[int], context: int, max_new_tokens: int) -> str | None:
+    if not ids:
+        return "the prompt encodes to no tokens"
+    if len(ids) >= context:
+        return (f"the prompt is {len(ids)} tokens; the context is {context}, so the prompt alone leaves no room "
+                "to generate: shorten the prompt")
+    if len(ids) + max_new_tokens > context:
+        return (f"prompt ({len(ids)} tokens) + max new tokens ({max_new_tokens}) exceeds the context ({context}); "
+                f"generate at most {context - len(ids)} tokens")
+    return None
+
+
+def run(pair: ModelPair, prompt: str, **kwargs) -> RunResult:
+    """Generate with the pair for one prompt: :func:`generate_batch` of one row, its error raised."""
+    (r,) = generate_batch(pair, [prompt], **kwargs)
+    if isinstance(r, RowError):
+        raise ValueError(r.error)
+    return r
+
+
+def generate_batch(pair: ModelPair, prompts: list[str], *, mode: str = "speculative", max_new_tokens: int = 128,
+                   draft_len: int = 4, sampling: SamplingConfig = SamplingConfig(), small_kv: str | None = None,
+                   large_kv: str | None = None, rule: str = "chow", alpha: float = 0.1,
+                   defer_score: str = "mean-logprob", threshold: float = -1.0) -> list["RunResult | RowError"]:
+    """Generate with the pair for every prompt, the rows together in every mode (each its own cache
+    length, acceptance, rewinds and stop).  A prompt that cannot run (it encodes to nothing, or does
+    not fit the context with ``max_new_tokens``) is a :class:`RowError` in its place; the others run.
+
+    ``small_kv``/``large_kv``: each model's KV cache precision (:mod:`cascade.quant.kv`, default
+    fp32); ``rule``/``alpha``: the deferral rule of ``mode="spec-cascade"``
+    (:func:`cascade.speculative.deferral`); ``defer_score``/``threshold``: ``mode="defer"``
+    (:mod:`cascade.deferral`)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     needs = {"speculative": ("small", "large"), "spec-cascade": ("small", "large"), "defer": ("small", "large"),
@@ -117,40 +152,64 @@ def run(pair: ModelPair, prompt: str, *, mode: str = "speculative", max_new_toke
     missing = [role for role in needs if getattr(pair, role) is None]
     if missing:
         raise ValueError(f"mode {mode!r} needs the {' and '.join(missing)} model, which this pair was loaded without")
+    if not prompts:
+        raise ValueError("no prompts to generate for")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     tok = pair.tokenizer
-    ids = tok.encode(prompt)
-    if not ids:
-        raise ValueError("the prompt encodes to no tokens")
-    eos = tok.eos_ids or pair.large.config.eos_token_ids
+    context = min(getattr(pair, role).config.max_seq_len for role in needs)
+    encoded = [tok.encode(p) for p in prompts]
+    out: list = [None] * len(prompts)
+    good = []
+    for i, (p, ids) in enumerate(zip(prompts, encoded)):
+        problem = "the prompt is empty" if p == "" else _row_problem(ids, context, max_new_tokens)
+        if problem is None:
+            good.append(i)
+        else:
+            out[i] = RowError(prompt=p, error=problem)
+    if not good:
+        return out
+    ids = [encoded[i] for i in good]
+    eos = tok.eos_ids or (pair.large or pair.small).config.eos_token_ids
+
+    def result(i, tokens, stop, prefill_s, decode_s, tps, **extra):
+        return RunResult(mode=mode, prompt=prompts[i], prompt_token_ids=encoded[i],
+                         text=tok.decode_completion(encoded[i], tokens), token_ids=tokens, stop_reason=stop,
+                         prefill_s=prefill_s, decode_s=decode_s, tokens_per_s=tps, **extra)
+
+    def alone(model, kv, rows):
+        return generate(model.params, model.config, [encoded[i] for i in rows], max_new_tokens=max_new_tokens,
+                        sampling=sampling, eos_ids=eos, kv=kv)
+
     if mode in ("speculative", "spec-cascade"):
         cascade_rule = {"rule": rule, "alpha": alpha} if mode == "spec-cascade" else {}
-        r = speculative_generate(pair.small.params, pair.small.config, pair.large.params, pair.large.config, ids,
-                                 max_new_tokens=max_new_tokens, draft_len=draft_len, sampling=sampling, eos_ids=eos,
-                                 draft_kv=small_kv, target_kv=large_kv, **cascade_rule)
-        gen, stop, prefill_s, decode_s, tps, stats = r.tokens, r.stop_reason, r.prefill_s, r.decode_s, r.tokens_per_s, r.stats
+        rs = speculative_generate_batch(pair.small.params, pair.small.config, pair.large.params, pair.large.config, ids,
+                                        max_new_tokens=max_new_tokens, draft_len=draft_len, sampling=sampling,
+                                        eos_ids=eos, draft_kv=small_kv, target_kv=large_kv, **cascade_rule)
+        for i, r in zip(good, rs):
+            out[i] = result(i, r.tokens, r.stop_reason, r.prefill_s, r.decode_s, r.tokens_per_s, stats=r.stats)
     elif mode == "defer":
         t0 = time.perf_counter()
-        g = generate(pair.small.params, pair.small.config, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
-                     eos_ids=eos, kv=small_kv)
-        verdict = decide(answer_scores(pair.small.params, pair.small.config, ids, g.tokens[0]), defer_score, threshold)
-        seconds = {"small": time.perf_counter() - t0, "large": 0.0}
-        if verdict.deferred:
+        g = alone(pair.small, small_kv, good)
+        verdicts = [decide(answer_scores(pair.small.params, pair.small.config, encoded[i], toks), defer_score, threshold)
+                    for i, toks in zip(good, g.tokens)]
+        small_s = time.perf_counter() - t0
+        rows = {i: (toks, stop, g) for i, toks, stop in zip(good, g.tokens, g.stop_reasons)}
+        deferred = [i for i, v in zip(good, verdicts) if v.deferred]
+        large_s = 0.0
+        if deferred:
             t1 = time.perf_counter()
-            g = generate(pair.large.params, pair.large.config, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
-                         eos_ids=eos, kv=large_kv)
-            seconds["large"] = time.perf_counter() - t1
-        text = tok.decode_completion(ids, g.tokens[0])
-        return RunResult(mode=mode, prompt=prompt, prompt_token_ids=ids, text=text, token_ids=g.tokens[0],
-                         stop_reason=g.stop_reasons[0], prefill_s=g.prefill_s, decode_s=g.decode_s,
-                         tokens_per_s=g.tokens_per_s, stats=None, answered_by="large" if verdict.deferred else "small",
-                         deferral=verdict, seconds={k: round(v, 4) for k, v in seconds.items()})
+            gl = alone(pair.large, large_kv, deferred)
+            large_s = time.perf_counter() - t1
+            rows.update({i: (toks, stop, gl) for i, toks, stop in zip(deferred, gl.tokens, gl.stop_reasons)})
+        seconds = {"small": round(small_s, 4), "large": round(large_s, 4)}
+        for i, v in zip(good, verdicts):
+            toks, stop, gen = rows[i]
+            out[i] = result(i, toks, stop, gen.prefill_s, gen.decode_s, gen.tokens_per_s, stats=None,
+                            answered_by="large" if v.deferred else "small", deferral=v, seconds=seconds)
     else:
-        m = pair.large if mode == "large" else pair.small
-        g = generate(m.params, m.config, [ids], max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos,
-                     kv=large_kv if mode == "large" else small_kv)
-        gen, stop, prefill_s, decode_s, tps, stats = (g.tokens[0], g.stop_reasons[0], g.prefill_s, g.decode_s,
-                                                      g.tokens_per_s, None)
-    text = tok.decode_completion(ids, gen)
-    return RunResult(mode=mode, prompt=prompt, prompt_token_ids=ids, text=text, token_ids=gen, stop_reason=stop,
-                     prefill_s=prefill_s, decode_s=decode_s, tokens_per_s=tps, stats=stats,
-                     answered_by=mode if mode in ("large", "small") else None)
+        m, kv = (pair.large, large_kv) if mode == "large" else (pair.small, small_kv)
+        g = alone(m, kv, good)
+        for i, toks, stop in zip(good, g.tokens, g.stop_reasons):
+            out[i] = result(i, toks, stop, g.prefill_s, g.decode_s, g.tokens_per_s, stats=None, answered_by=mode)
+    return out

@@ -94,7 +94,7 @@ COMMANDS = {
                     "--large-kv": KVS, "--scale-dtype": SCALE_DTYPES, "--rule": (["chow", "diff", "opt"], ["", "best"]),
                     "--alpha": (["0", "0.3", "1"], ["1.5", "-0.1", "nan", ""]),
                     "--defer-score": (["mean-logprob", "min-logprob", "quantile", "entropy"], ["", "vibes"]),
-                    "--threshold": (["-1", "0", "-2.5"], ["nan", "inf", "x", ""]), **COMMON},
+                    "--threshold": (["-1", "0", "-2.5"], ["nan", "inf", "x", ""]), "--prompts": DATA_FILES, **COMMON},
                    ("--max-tokens", "--small-model", "--large-model")),
     "eval": Command(("eval",), ((MODELS, True),),
                     {"--data": DATA_FILES, "--quant": RULES, "--ctx": (INTS[0], INTS[1] + ["4096"]), "--stride": INTS,

@@ -84,3 +84,25 @@ def test_defer_mode_json_says_who_answered_and_why(capsys):
     assert d["deferral"]["value"] < 0.5 and "large model answered" in d["deferral"]["reason"]
     code, out, err = run(capsys, "run", "The dog", "--max-tokens", "12", "--mode", "defer", "--threshold", "-100")
     assert code == 0 and "small model's answer stands" in err
+
+
+def test_prompts_file_runs_the_rows_together_and_reports_bad_ones(capsys, tmp_path):
+    """Each good row equals that prompt run alone; an empty or over-long line is its own error
+    (one line naming the row), the other rows complete, and the exit code is 1."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\n\nThe dog ran\n" + "word " * 700 + "\n")
+    code, out, err = run(capsys, "run", "--prompts", str(prompts), "--max-tokens", "16", "--json")
+    assert code == 1
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2, 3]
+    assert rows[1]["error"] == "the prompt is empty" and "leaves no room to generate" in rows[3]["error"]
+    for r in (rows[0], rows[2]):
+        alone = json.loads(run(capsys, "run", r["prompt"], "--max-tokens", "16", "--json")[1])
+        assert r["token_ids"] == alone["token_ids"] and r["mode"] == "speculative"
+    code, out, err = run(capsys, "run", "--prompts", str(prompts), "--max-tokens", "16", "--mode", "large")
+    assert code == 1 and out.startswith("Once upon a time") and "The dog ran" in out
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: prompt 2 of " + str(prompts) + ": the prompt is empty",
+        "error: prompt 4 of " + str(prompts) + ": the prompt is 1402 tokens; the context is 512, so the prompt "
+        "alone leaves no room to generate: shorten the prompt"]
+    assert run(capsys, "run", "Hello", "--prompts", str(prompts))[0] == 2  # PROMPT or --prompts, not both
