@@ -60,6 +60,8 @@ _EXPORTS = {
     "speculative_generate": "cascade.speculative",
     "speculative_generate_batch": "cascade.speculative",
     "SpeculativeStats": "cascade.speculative",
+    # the router an app holds
+    "Cascade": "cascade.router",
     # the memory plan
     "plan_memory": "cascade.memory",
     "MemoryPlan": "cascade.memory",

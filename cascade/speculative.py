@@ -308,13 +308,32 @@ def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, ta
                                       alpha=alpha)[0]
 
 
+def drain(stream):
+    """Run a token stream (:func:`speculative_stream`, :func:`cascade.models.generation.generate_stream`)
+    to its end; returns its result."""
+    while True:
+        try:
+            next(stream)
+        except StopIteration as end:
+            return end.value
+
+
 def speculative_generate_batch(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig,
-                               prompts: list[list[int]], *, max_new_tokens: int, draft_len: int = 4,
-                               sampling: SamplingConfig = SamplingConfig(), eos_ids=None,
-                               draft_kv: KVSpec | str | None = None, target_kv: KVSpec | str | None = None,
-                               rule: str | None = None, alpha: float = 0.0) -> list[SpeculativeResult]:
+                               prompts: list[list[int]], **kwargs) -> list[SpeculativeResult]:
     """Generate up to ``max_new_tokens`` after each prompt (lists of ids) with the draft/target pair,
-    the rows together (each its own lengths, acceptance, rewinds and stop).
+    the rows together (each its own lengths, acceptance, rewinds and stop): :func:`speculative_stream`
+    run to its end (same keyword arguments)."""
+    return drain(speculative_stream(draft_params, draft_cfg, target_params, target_cfg, prompts, **kwargs))
+
+
+def speculative_stream(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig,
+                       prompts: list[list[int]], *, max_new_tokens: int, draft_len: int = 4,
+                       sampling: SamplingConfig = SamplingConfig(), eos_ids=None,
+                       draft_kv: KVSpec | str | None = None, target_kv: KVSpec | str | None = None,
+                       rule: str | None = None, alpha: float = 0.0):
+    """A generator: after the prefill and after every round it yields the tokens each row emitted
+    (``list[list[int]]``, empty for a finished row); it returns the list of
+    :class:`SpeculativeResult` (``StopIteration.value``; :func:`drain` runs it to the end).
 
     The two models must share the tokenizer (same vocabulary ids); the draft's vocabulary may not
     be larger than the target's.  ``draft_kv``/``target_kv``: each model's KV cache precision
@@ -352,6 +371,7 @@ def speculative_generate_batch(draft_params, draft_cfg: ModelConfig, target_para
     stats = [SpeculativeStats(emitted_tokens=1, accepted_at=[0] * k, offered_at=[0] * k) for _ in range(batch)]
     out = [[int(t)] for t in first]
     done = [out[i][-1] in eos or max_new_tokens <= 1 for i in range(batch)]
+    yield [list(row) for row in out]
     pending = jnp.asarray(first, jnp.int32)
     behind = jnp.full((batch,), -1, jnp.int32)
     rounds, t_round1, n_round1 = 0, None, None
@@ -362,6 +382,7 @@ def speculative_generate_batch(draft_params, draft_cfg: ModelConfig, target_para
             jnp.float32(alpha), k=k, greedy=sampling.greedy, rule=rule)
         proposals_h, n_acc_h, nxt_h, deferred_h = (np.asarray(proposals), np.asarray(n_acc), np.asarray(nxt),
                                                    np.asarray(deferred))
+        before = [len(row) for row in out]
         for i in range(batch):
             if done[i]:
                 continue
@@ -382,6 +403,7 @@ def speculative_generate_batch(draft_params, draft_cfg: ModelConfig, target_para
         rounds += 1
         if rounds == 1:
             t_round1, n_round1 = time.perf_counter(), [len(r) for r in out]
+        yield [row[b:] for row, b in zip(out, before)]
     t2 = time.perf_counter()
     results = []
     for i in range(batch):

@@ -54,9 +54,22 @@ class Generation:
         return decoded / self.decode_s if decoded > 0 and self.decode_s > 0 else None
 
 
-def generate(params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_tokens: int,
-             sampling: SamplingConfig = SamplingConfig(), key=None, eos_ids=None, kv: KVSpec | str | None = None) -> Generation:
-    """Generate up to ``max_new_tokens`` for each prompt (lists of ids), stopping a row at EOS.
+def generate(params, cfg: ModelConfig, prompts: list[list[int]], **kwargs) -> Generation:
+    """Generate up to ``max_new_tokens`` for each prompt (lists of ids), stopping a row at EOS:
+    :func:`generate_stream` run to its end (same keyword arguments)."""
+    stream = generate_stream(params, cfg, prompts, **kwargs)
+    while True:
+        try:
+            next(stream)
+        except StopIteration as end:
+            return end.value
+
+
+def generate_stream(params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_tokens: int,
+                    sampling: SamplingConfig = SamplingConfig(), key=None, eos_ids=None,
+                    kv: KVSpec | str | None = None):
+    """A generator: after the prefill and after every decode step it yields the token each row
+    emitted (``list[list[int]]``, empty for a finished row); it returns the :class:`Generation`.
 
     ``key``: the PRNG key for sampling (default ``jax.random.key(sampling.seed)``); ``kv``: the KV
     cache precision (:mod:`cascade.quant.kv`, default fp32).
@@ -95,6 +108,7 @@ def generate(params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_toke
 
     out = [[int(t)] for t in nxt_host]
     done = [int(t) in eos for t in nxt_host]
+    yield [list(row) for row in out]
     steps, t_first = 0, None
     for _ in range(max_new_tokens - 1):
         if all(done):
@@ -103,11 +117,14 @@ def generate(params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_toke
             t_first = time.perf_counter()
         nxt, key, cache = _decode_and_sample(params, cfg, nxt, cache, key, temp, top_k, top_p)
         nxt_host = np.asarray(nxt)
+        emitted = [[] for _ in out]
         for i, t in enumerate(nxt_host):
             if not done[i]:
                 out[i].append(int(t))
+                emitted[i].append(int(t))
                 done[i] = int(t) in eos
         steps += 1
+        yield emitted
     t2 = time.perf_counter()
     reasons = ["eos" if d else "max_tokens" for d in done]
     return Generation(tokens=out, prompt_lengths=lengths, stop_reasons=reasons, prefill_s=t1 - t0, decode_s=t2 - t1,

@@ -1,0 +1,198 @@
+"""The cascade router an application holds for its lifetime: :class:`Cascade`.
+
+``Cascade.load(...)`` loads and quantizes the pair once (only the model a single-model mode
+needs), checks the memory plan against ``budget``, and then serves ``generate`` (a batch of
+prompts, every mode), ``stream`` (text pieces as they are decoded) and ``plan``, accumulating
+metrics across calls under vLLM's names where they exist.  Jitted programs are cached per shape
+bucket (:mod:`cascade.models.decoder`), so calls after the first compile nothing new for prompts
+and lengths in the same buckets.
+
+Thread safety: calls are serialised by a lock held for the whole call, so an instance may be
+shared between threads (each call runs alone; JAX itself would allow more, the metrics would not).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Iterator
+
+from cascade.memory import MemoryPlan, plan_memory
+from cascade.models.defaults import DEFAULT_LARGE, DEFAULT_SMALL
+from cascade.models.sampling import SamplingConfig
+from cascade.pair import MODES, ModelPair, RowError, RunResult, generate_batch, load_pair
+
+
+class Cascade:
+    """A loaded pair and its serving settings (see the module docs); build it with :meth:`load`."""
+
+    def __init__(self, pair: ModelPair, *, mode: str = "speculative", small_kv: str | None = None,
+                 large_kv: str | None = None, draft_len: int = 4, rule: str = "chow", alpha: float = 0.1,
+                 defer_score: str = "mean-logprob", threshold: float = -1.0):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        self.pair = pair
+        self.settings = {"mode": mode, "small_kv": small_kv, "large_kv": large_kv, "draft_len": draft_len,
+                         "rule": rule, "alpha": alpha, "defer_score": defer_score, "threshold": threshold}
+        self._lock = threading.Lock()
+        self._m = {"requests": 0, "rows": 0, "failed_rows": 0, "generated_tokens": 0, "seconds": 0.0,
+                   "draft_tokens": 0, "accepted_tokens": 0, "rounds": 0, "judged_tokens": 0, "deferred_tokens": 0,
+                   "deferred_rows": 0, "deferral_rows": 0, "accepted_at": [], "offered_at": []}
+
+    @classmethod
+    def load(cls, small: str | None = DEFAULT_SMALL, large: str | None = DEFAULT_LARGE, *, small_quant: str | None = "int4",
+             large_quant: str | None = "int8", mode: str = "speculative", kv: str | None = None,
+             small_kv: str | None = None, large_kv: str | None = None, budget: int | str | None = None,
+             ctx: int | None = None, batch: int = 1, scale_dtype="float16", **settings) -> "Cascade":
+        """Load the pair (``small``/``large``: built-in names or paths; a single-model ``mode`` loads
+        only its model), quantize each under its rules, and check the memory plan for ``batch``
+        sequences of ``ctx`` positions against ``budget`` (ValueError with what would fit when it
+        does not).  ``settings``: ``draft_len``, ``rule``, ``alpha``, ``defer_score``, ``threshold``."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        pair = load_pair(small if mode != "large" else None, large if mode != "small" else None,
+                         small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
+        self = cls(pair, mode=mode, small_kv=small_kv or kv, large_kv=large_kv or kv, **settings)
+        if budget is not None:
+            plan = self.plan(ctx=ctx, batch=batch, budget=budget)
+            if not plan.fits:
+                raise ValueError(f"the plan needs {plan.total:,} bytes for {batch} sequence(s) of {plan.ctx} positions; "
+                                 f"the budget is {plan.budget:,} bytes ({plan.total - plan.budget:,} over): lower ctx or "
+                                 "batch, use kv='int4', or smaller weight specs")
+        return self
+
+    def plan(self, *, ctx: int | None = None, batch: int = 1, budget: int | str | None = None) -> MemoryPlan:
+        """The memory plan of this pair and settings (:func:`cascade.memory.plan_memory`)."""
+        s = self.settings
+        return plan_memory(self.pair, ctx=ctx, batch=batch, small_kv=s["small_kv"] or "fp32",
+                           large_kv=s["large_kv"] or "fp32", draft_len=s["draft_len"], budget=budget)
+
+    def generate(self, prompts: str | list[str], *, max_new_tokens: int = 128,
+                 sampling: SamplingConfig = SamplingConfig(), **overrides) -> "RunResult | list[RunResult | RowError]":
+        """Generate for one prompt (returns its :class:`RunResult`; an error raises) or a list of prompts
+        (returns one :class:`RunResult` or :class:`RowError` per prompt, the rows run together).
+        ``overrides``: any setting of :meth:`load` for this call (``mode``, ``alpha``, ...)."""
+        single = isinstance(prompts, str)
+        with self._lock:
+            t0 = time.perf_counter()
+            results = generate_batch(self.pair, [prompts] if single else list(prompts), max_new_tokens=max_new_tokens,
+                                     sampling=sampling, **{**self.settings, **overrides})
+            self._record(results, time.perf_counter() - t0)
+        if single:
+            if isinstance(results[0], RowError):
+                raise ValueError(results[0].error)
+            return results[0]
+        return results
+
+    def stream(self, prompt: str, *, max_new_tokens: int = 128, sampling: SamplingConfig = SamplingConfig(),
+               **overrides) -> Iterator[str]:
+        """Text pieces of the completion of ``prompt`` as they are decoded (after each round of a
+        speculative mode, each step of a single-model mode; ``defer`` can only answer once the small
+        model's answer has been scored, so it yields the answer whole).  Joined, the pieces are the
+        text :meth:`generate` returns."""
+        from cascade.models.generation import generate_stream
+        from cascade.speculative import speculative_stream
+
+        s = {**self.settings, **overrides}
+        mode = s["mode"]
+        with self._lock:
+            t0 = time.perf_counter()
+            if mode == "defer":
+                (r,) = generate_batch(self.pair, [prompt], max_new_tokens=max_new_tokens, sampling=sampling, **s)
+                if isinstance(r, RowError):
+                    raise ValueError(r.error)
+                self._record([r], time.perf_counter() - t0)
+                yield r.text
+                return
+            # validation and errors exactly as generate(): run zero-work checks through generate_batch's rules
+            tok = self.pair.tokenizer
+            ids = tok.encode(prompt)
+            problem = _check_one(self.pair, mode, prompt, ids, max_new_tokens)
+            if problem:
+                raise ValueError(problem)
+            eos = tok.eos_ids or (self.pair.large or self.pair.small).config.eos_token_ids
+            if mode in ("speculative", "spec-cascade"):
+                rule = {"rule": s["rule"], "alpha": s["alpha"]} if mode == "spec-cascade" else {}
+                stream = speculative_stream(self.pair.small.params, self.pair.small.config, self.pair.large.params,
+                                            self.pair.large.config, [ids], max_new_tokens=max_new_tokens,
+                                            draft_len=s["draft_len"], sampling=sampling, eos_ids=eos,
+                                            draft_kv=s["small_kv"], target_kv=s["large_kv"], **rule)
+            else:
+                m, kv = (self.pair.large, s["large_kv"]) if mode == "large" else (self.pair.small, s["small_kv"])
+                stream = generate_stream(m.params, m.config, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
+                                         eos_ids=eos, kv=kv)
+            tokens, shown = [], ""
+            while True:
+                try:
+                    new = next(stream)
+                except StopIteration as end:
+                    final = end.value
+                    break
+                tokens += new[0]
+                text = tok.decode_completion(ids, tokens)
+                if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+                    continue
+                if len(text) > len(shown) and text.startswith(shown):
+                    yield text[len(shown):]
+                    shown = text
+            text = tok.decode_completion(ids, tokens)
+            if text.startswith(shown) and len(text) > len(shown):
+                yield text[len(shown):]
+            stats = final[0].stats if mode in ("speculative", "spec-cascade") else None
+            self._record([RunResult(mode=mode, prompt=prompt, prompt_token_ids=ids, text=text, token_ids=tokens,
+                                    stop_reason="", prefill_s=0.0, decode_s=0.0, tokens_per_s=None, stats=stats)],
+                         time.perf_counter() - t0)
+
+    def _record(self, results, seconds: float) -> None:
+        m = self._m
+        m["requests"] += 1
+        m["seconds"] += seconds
+        for r in results:
+            m["rows"] += 1
+            if isinstance(r, RowError):
+                m["failed_rows"] += 1
+                continue
+            m["generated_tokens"] += len(r.token_ids)
+            if r.deferral is not None:
+                m["deferral_rows"] += 1
+                m["deferred_rows"] += r.deferral.deferred
+            st = r.stats
+            if st is not None:
+                for key in ("draft_tokens", "accepted_tokens", "rounds", "judged_tokens", "deferred_tokens"):
+                    m[key] += getattr(st, key)
+                for name in ("accepted_at", "offered_at"):
+                    have = m[name]
+                    have += [0] * (len(getattr(st, name)) - len(have))
+                    for i, v in enumerate(getattr(st, name)):
+                        have[i] += v
+
+    @property
+    def metrics(self) -> dict:
+        """Counters over every call so far: requests, rows (failed rows), generated tokens, seconds and
+        tokens/s; speculative modes: vLLM's draft tokens, accepted tokens, acceptance rate, mean
+        acceptance length and acceptance per position; spec-cascade: the fraction of judged positions
+        deferred; defer: the fraction of answers the large model gave."""
+        m = self._m
+        return {"requests": m["requests"], "rows": m["rows"], "failed_rows": m["failed_rows"],
+                "generated_tokens": m["generated_tokens"], "seconds": round(m["seconds"], 4),
+                "tokens_per_s": round(m["generated_tokens"] / m["seconds"], 2) if m["seconds"] else None,
+                "draft_tokens": m["draft_tokens"], "accepted_tokens": m["accepted_tokens"],
+                "acceptance_rate": round(m["accepted_tokens"] / m["draft_tokens"], 4) if m["draft_tokens"] else None,
+                "mean_acceptance_length": round(m["accepted_tokens"] / m["rounds"], 4) if m["rounds"] else None,
+                "acceptance_per_position": [round(a / o, 4) if o else 0.0 for a, o in zip(m["accepted_at"], m["offered_at"])],
+                "deferral_rate": (round(m["deferred_tokens"] / m["judged_tokens"], 4) if m["judged_tokens"]
+                                  else round(m["deferred_rows"] / m["deferral_rows"], 4) if m["deferral_rows"] else None)}
+
+
+def _check_one(pair: ModelPair, mode: str, prompt: str, ids: list[int], max_new_tokens: int) -> str | None:
+    """The error :func:`cascade.pair.generate_batch` would give this prompt, or None."""
+    from cascade.pair import _row_problem
+
+    needs = ("small", "large") if mode in ("speculative", "spec-cascade") else (mode,)
+    missing = [role for role in needs if getattr(pair, role) is None]
+    if missing:
+        return f"mode {mode!r} needs the {' and '.join(missing)} model, which this pair was loaded without"
+    if prompt == "":
+        return "the prompt is empty"
+    context = min(getattr(pair, role).config.max_seq_len for role in needs)
+    return _row_problem(ids, context, max_new_tokens)
