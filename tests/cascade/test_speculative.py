@@ -284,3 +284,62 @@ def test_sampled_spec_cascade_follows_its_mixture(target, rule, alpha):
     stat_p, _ = _chi_square(counts, n * (p0[firsts] @ np.asarray(p1, np.float64)))
     assert stat_p > critical  # the test can tell the mixture from the large model alone
     assert 0 < sum(r.stats.deferred_tokens for r in out) < sum(r.stats.judged_tokens for r in out)
+
+
+@pytest.mark.parametrize("kv", [None, "int8", "int4-kg8-s2"])
+def test_rewind_leaves_the_caches_of_a_fresh_run_on_the_accepted_text(kv):
+    """After rounds with rejections, each model's cache (every position it holds as valid) equals the
+    cache a fresh prefill of the accepted text builds; a quantized cache is compared dequantized,
+    with its full-precision ring."""
+    from cascade.models.decoder import prefill
+    from cascade.models.kv_cache import KVCache, read_kv
+    from cascade.speculative import speculative_round
+
+    target = _peaked(init_params(TARGET_CFG, jax.random.key(2)), 3.0)
+    draft = _peaked(init_params(DRAFT_CFG, jax.random.key(1)), 3.0)  # disagrees often: rejections
+    prompt, k = [0, 5, 17, 33, 2, 9], 3
+    tokens = np.zeros((1, 16), np.int32)
+    tokens[0, : len(prompt)] = prompt
+    lengths = np.array([len(prompt)], np.int32)
+    d_cache = KVCache.create(DRAFT_CFG, 1, 64, kv, rewind=k + 1)
+    t_cache = KVCache.create(TARGET_CFG, 1, 64, kv, rewind=k + 1)
+    _, d_cache = prefill(draft, DRAFT_CFG, tokens, lengths, d_cache)
+    logits, t_cache = prefill(target, TARGET_CFG, tokens, lengths, t_cache)
+    text = list(prompt)
+    pending = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    behind, key, rejected = jnp.full((1,), -1, jnp.int32), jax.random.key(0), 0
+    sp = (jnp.float32(0), jnp.int32(0), jnp.float32(1))
+    for _ in range(5):
+        text.append(int(pending[0]))  # the pending token is about to be fed
+        proposals, n_acc, nxt, _, behind, d_cache, t_cache, key = speculative_round(
+            draft, DRAFT_CFG, target, TARGET_CFG, d_cache, t_cache, pending, behind, jnp.array([True]), key, sp,
+            k=k, greedy=True)
+        n = int(n_acc[0])
+        rejected += n < k
+        text += [int(t) for t in np.asarray(proposals[0, :n])]
+        pending = nxt
+    assert rejected >= 2
+    committed = int(t_cache.lengths[0])
+    assert committed == len(text)
+    for cfg, params, cache in ((TARGET_CFG, target, t_cache), (DRAFT_CFG, draft, d_cache)):
+        valid = int(cache.lengths[0])  # the draft may be one behind
+        fresh = KVCache.create(cfg, 1, 64, kv, rewind=k + 1)
+        toks = np.zeros((1, 64), np.int32)
+        toks[0, :valid] = text[:valid]
+        _, fresh = prefill(params, cfg, toks, np.array([valid], np.int32), fresh)
+        for layer in range(cfg.n_layers):
+            for name in ("k", "v"):
+                got = np.asarray(read_kv(getattr(cache, name)[layer], cfg.n_kv_heads))[0, :valid]
+                want = np.asarray(read_kv(getattr(fresh, name)[layer], cfg.n_kv_heads))[0, :valid]
+                if kv is None:
+                    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+                else:  # codes of whole groups match; the last, partial group is read from the ring
+                    g = cache.spec.key_positions
+                    whole = valid // g * g
+                    np.testing.assert_allclose(got[:whole], want[:whole], rtol=1e-2, atol=1e-2)
+                    ring = np.asarray(getattr(cache, f"{name}_recent")[layer])[0]
+                    ring_fresh = np.asarray(getattr(fresh, f"{name}_recent")[layer])[0]
+                    # the window a query reads: the last R positions (the k + 1 extra slots absorb rejected writes)
+                    window = cache.spec.residual_positions
+                    slots = [p % ring.shape[0] for p in range(max(0, valid - window), valid)]
+                    np.testing.assert_allclose(ring[slots], ring_fresh[slots], rtol=1e-3, atol=1e-3)
