@@ -40,3 +40,23 @@ def test_quant_error_rows_are_consistent():
     assert set(by) == {(s, d) for s in ("int4-g16", "int4-g16-mse", "int4-g16-p99.9") for d in ("gaussian", "student-t3")}
     for d in ("gaussian", "student-t3"):
         assert by[("int4-g16-mse", d)] <= by[("int4-g16", d)]  # the MSE search includes min-max
+
+
+def test_cascade_bench_rows(tmp_path):
+    """bench/cascade.py: every mode over the same prompts; the exact modes agree with the large model
+    everywhere, the large model alone makes one call per token, and the PNG is written."""
+    from cascade.bench import cascade as bench_cascade
+
+    r = bench_cascade.run("default-small", "default-large", tokens=6, repeats=1, alphas=(0.3,), thresholds=(-1.0,),
+                          batches=(1, 2))
+    rows = {(x["mode"], x.get("alpha"), x.get("threshold")): x for x in r["rows"]}
+    assert set(rows) == {("large", None, None), ("speculative", None, None), ("spec-cascade", 0.3, None),
+                         ("defer", None, -1.0)}
+    assert rows[("large", None, None)]["large_calls_per_token"] == 1.0 and rows[("large", None, None)]["vs_large"] == 1.0
+    assert rows[("speculative", None, None)]["agreement"] == 1.0  # exact
+    assert rows[("speculative", None, None)]["ppl_under_large"] == rows[("large", None, None)]["ppl_under_large"]
+    assert 0 < rows[("speculative", None, None)]["large_calls_per_token"] <= 1
+    assert {(x["mode"], x["batch"]) for x in r["batch_rows"]} == {(m, b) for m in ("large", "speculative") for b in (1, 2)}
+    assert "spec-cascade" in bench_cascade.table(r)
+    bench_cascade.plot(r, str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

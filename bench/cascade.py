@@ -1,0 +1,192 @@
+"""The router's modes side by side on one pair: speed, quality and cost, in one run.
+
+    python -m cascade.bench.cascade [--small default-small --large default-large] [--tokens 64]
+        [--repeats 3] [--out bench/results/cascade-default-pair.json] [--png bench/results/cascade-default-pair.png]
+
+Rows (greedy unless ``--temperature``): ``large`` alone, ``speculative`` (exact, ``--draft-len``),
+``spec-cascade`` (Chow's rule at several ``alpha``) and ``defer`` (mean log-probability at several
+thresholds), each over the same prompts, one prompt at a time.  Per row: decode tokens/s (all
+generated tokens over all wall time, prefill included, median of ``--repeats`` runs after a
+warm-up run), large-model calls per generated token (rounds in the speculative modes, one per token
+for the large model, the deferred answers' tokens in ``defer``), and quality: the perplexity of the
+generated text under the large model in float32 (lower is better), and agreement with the large
+model's own greedy output (the fraction of tokens before the first divergence, averaged over
+prompts).  Then batch throughput: ``large`` and ``speculative`` on 1, 4 and 16 rows at once.  A PNG
+plots the cost-quality curve (x: large-model calls per token, y: perplexity under the large model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import numpy as np
+
+PROMPTS = ("Once upon a time", "Tom and Lily went to the park. They", "The little red bird was sad because",
+           "One day, a boy named Max found a box.", "The cat and the dog were friends.", "Sara wanted to bake a cake,",
+           "In the forest there lived a small bear.", "Mom said it was time for bed, but")
+
+
+def _configs(alphas, thresholds, draft_len):
+    yield {"mode": "large"}
+    yield {"mode": "speculative", "draft_len": draft_len}
+    for a in alphas:
+        yield {"mode": "spec-cascade", "draft_len": draft_len, "rule": "chow", "alpha": a}
+    for t in thresholds:
+        yield {"mode": "defer", "defer_score": "mean-logprob", "threshold": t}
+
+
+def _text_ppl(params, cfg, prompt_ids, tokens) -> float:
+    from cascade.models.decoder import logits_of
+    import jax
+
+    logits = np.asarray(logits_of(params, cfg, [list(prompt_ids) + list(tokens)])[0], np.float64)
+    rows = logits[len(prompt_ids) - 1: len(prompt_ids) - 1 + len(tokens)]
+    logp = np.asarray(jax.nn.log_softmax(rows, axis=-1))
+    return float(-logp[np.arange(len(tokens)), tokens].mean())
+
+
+def run(small: str, large: str, *, tokens: int = 64, repeats: int = 3, draft_len: int = 4,
+        alphas=(0.1, 0.2, 0.3, 0.5), thresholds=(-0.6, -0.8, -1.0), batches=(1, 4, 16), temperature: float = 0.0) -> dict:
+    from cascade.bench.context import run_context
+    from cascade.models import SamplingConfig, load_model
+    from cascade.models.generation import first_divergence
+    from cascade.pair import generate_batch, load_pair, run as run_pair
+
+    pair = load_pair(small, large, small_quant="int4", large_quant="int8")
+    ref = load_model(large)  # the float model that judges quality
+    sampling = SamplingConfig(temperature=temperature, seed=0)
+    prompts = list(PROMPTS)
+    want = {p: run_pair(pair, p, mode="large", max_new_tokens=tokens).token_ids for p in prompts}
+    rows = []
+    for config in _configs(alphas, thresholds, draft_len):
+        for p in prompts:  # warm-up: every shape compiled before timing
+            run_pair(pair, p, max_new_tokens=tokens, sampling=sampling, **config)
+        speeds, last = [], None
+        for _ in range(repeats):
+            t0, n, results = time.perf_counter(), 0, []
+            for p in prompts:
+                r = run_pair(pair, p, max_new_tokens=tokens, sampling=sampling, **config)
+                n += len(r.token_ids)
+                results.append(r)
+            speeds.append(n / (time.perf_counter() - t0))
+            last = results
+        n_tokens = sum(len(r.token_ids) for r in last)
+        if config["mode"] == "large":
+            calls = n_tokens
+        elif config["mode"] == "defer":
+            calls = sum(len(r.token_ids) for r in last if r.answered_by == "large")
+        else:
+            calls = sum(r.stats.rounds + 1 for r in last)  # + the prefill's call
+        agree = []
+        for r in last:
+            d = first_divergence(r.token_ids, want[r.prompt])
+            agree.append(1.0 if d is None else d / max(len(want[r.prompt]), 1))
+        nll = statistics.mean(_text_ppl(ref.params, ref.config, r.prompt_token_ids, r.token_ids) for r in last)
+        row = {**config, "tokens_per_s": round(statistics.median(speeds), 1), "tokens": n_tokens,
+               "large_calls_per_token": round(calls / n_tokens, 4), "ppl_under_large": round(math.exp(nll), 4),
+               "agreement": round(statistics.mean(agree), 4)}
+        if config["mode"] in ("speculative", "spec-cascade"):
+            row["acceptance_rate"] = round(sum(r.stats.accepted_tokens for r in last)
+                                           / max(sum(r.stats.draft_tokens for r in last), 1), 4)
+        if config["mode"] == "spec-cascade":
+            row["deferral_rate"] = round(sum(r.stats.deferred_tokens for r in last)
+                                         / max(sum(r.stats.judged_tokens for r in last), 1), 4)
+        if config["mode"] == "defer":
+            row["deferred_prompts"] = sum(r.answered_by == "large" for r in last)
+        rows.append(row)
+    base = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["vs_large"] = round(row["tokens_per_s"] / base, 3)
+    batch_rows = []
+    for mode in ("large", "speculative"):
+        for b in batches:
+            batch_prompts = [prompts[i % len(prompts)] for i in range(b)]
+            generate_batch(pair, batch_prompts, mode=mode, max_new_tokens=tokens, draft_len=draft_len)  # warm-up
+            speeds = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                out = generate_batch(pair, batch_prompts, mode=mode, max_new_tokens=tokens, draft_len=draft_len)
+                speeds.append(sum(len(r.token_ids) for r in out) / (time.perf_counter() - t0))
+            batch_rows.append({"mode": mode, "batch": b, "tokens_per_s": round(statistics.median(speeds), 1)})
+    for row in batch_rows:
+        one = next(r for r in batch_rows if r["mode"] == row["mode"] and r["batch"] == 1)["tokens_per_s"]
+        row["vs_batch_1"] = round(row["tokens_per_s"] / one, 3)
+    return {"benchmark": "cascade", **run_context(repeats=repeats, warmup=1), "small": small, "large": large,
+            "weights": {"small": "int4", "large": "int8"}, "tokens": tokens, "temperature": temperature,
+            "prompts": len(prompts), "rows": rows, "batch_rows": batch_rows}
+
+
+def table(result: dict) -> str:
+    lines = [f"{result['small']} int4 -> {result['large']} int8, {result['prompts']} prompts x {result['tokens']} tokens, "
+             f"temperature {result['temperature']}",
+             f"{'mode':<13} {'setting':<16} {'tok/s':>8} {'vs large':>8} {'calls/tok':>9} {'ppl (large)':>11} "
+             f"{'agree':>6} {'accept':>7} {'deferred':>8}"]
+    for r in result["rows"]:
+        setting = (f"alpha {r['alpha']}" if r["mode"] == "spec-cascade" else f"thr {r['threshold']}" if r["mode"] == "defer"
+                   else f"k {r['draft_len']}" if r["mode"] == "speculative" else "")
+        acc = f"{r['acceptance_rate']:.0%}" if "acceptance_rate" in r else ""
+        dfr = (f"{r['deferral_rate']:.0%}" if "deferral_rate" in r else
+               f"{r['deferred_prompts']}/{result['prompts']}" if "deferred_prompts" in r else "")
+        lines.append(f"{r['mode']:<13} {setting:<16} {r['tokens_per_s']:>8.1f} {r['vs_large']:>7.2f}x "
+                     f"{r['large_calls_per_token']:>9.3f} {r['ppl_under_large']:>11.3f} {r['agreement']:>6.0%} {acc:>7} {dfr:>8}")
+    lines += ["", f"{'mode':<13} {'batch':>5} {'tok/s':>8} {'vs batch 1':>10}"]
+    for r in result["batch_rows"]:
+        lines.append(f"{r['mode']:<13} {r['batch']:>5} {r['tokens_per_s']:>8.1f} {r['vs_batch_1']:>9.2f}x")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode, marker in (("large", "s"), ("speculative", "D"), ("spec-cascade", "o"), ("defer", "^")):
+        rs = [r for r in result["rows"] if r["mode"] == mode]
+        ax.plot([r["large_calls_per_token"] for r in rs], [r["ppl_under_large"] for r in rs], marker=marker,
+                linestyle="-" if len(rs) > 1 else "", label=mode)
+        for r in rs:
+            label = (f"a={r['alpha']}" if mode == "spec-cascade" else f"t={r['threshold']}" if mode == "defer" else "")
+            if label:
+                ax.annotate(label, (r["large_calls_per_token"], r["ppl_under_large"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("large-model calls per generated token (cost)")
+    ax.set_ylabel("perplexity of the output under the large float model")
+    ax.set_title(f"{result['small']} int4 / {result['large']} int8: cost vs quality")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", default="default-small")
+    ap.add_argument("--large", default="default-large")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--draft-len", type=int, default=4)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--out")
+    ap.add_argument("--png")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    result = run(args.small, args.large, tokens=args.tokens, repeats=args.repeats, draft_len=args.draft_len,
+                 temperature=args.temperature)
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    if args.png:
+        plot(result, args.png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
