@@ -202,13 +202,15 @@ def app(debug: bool) -> None:
 @click.option("--kv", default="fp32", show_default=True, callback=_kv_spec, help=_KV_HELP + " Both models.")
 @click.option("--small-kv", callback=_kv_spec, help="KV cache precision of the draft model [default: --kv].")
 @click.option("--large-kv", callback=_kv_spec, help="KV cache precision of the verifier model [default: --kv].")
+@click.option("--budget", help="Device memory budget (e.g. 64MB, 2GiB): checked before loading, for the whole "
+                                  "context and the batch; over budget is an error saying what would fit.")
 @click.option("--prompts", "prompts_file", callback=_data_file,
               help="A UTF-8 file of prompts, one per line, generated together as one batch (instead of PROMPT); "
                    "with --json, one JSON object per line.")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_len, rule, alpha, defer_score, threshold,
-        max_tokens, temperature, top_k, top_p, seed, kv, small_kv, large_kv, prompts_file, scale_dtype, as_json):
+        max_tokens, temperature, top_k, top_p, seed, kv, small_kv, large_kv, budget, prompts_file, scale_dtype, as_json):
     """Generate a continuation of PROMPT with the cascade: the small model drafts, the large one verifies.
 
     With no model paths it uses the embedded pair (default-small, default-large), so it works
@@ -237,10 +239,13 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
             where = owner if isinstance(owner, str) else " or ".join(owner)
             raise click.UsageError(f"{', '.join(_given(*flags))} apply only to --mode {where}")
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    small_kv, large_kv = small_kv or kv, large_kv or kv
+    if budget is not None:
+        _check_budget(budget, mode, small_model, large_model, small_quant, large_quant, small_kv, large_kv, draft_len,
+                      len(prompts), scale_dtype)
     # a single-model mode loads only that model
     pair = load_pair(small_model if mode != "large" else None, large_model if mode != "small" else None,
                      small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
-    small_kv, large_kv = small_kv or kv, large_kv or kv
     _check_pair_kv(pair, small_kv, large_kv, kv)
     results = generate_batch(pair, prompts, mode=mode, max_new_tokens=max_tokens, draft_len=draft_len,
                              sampling=sampling, small_kv=small_kv, large_kv=large_kv, rule=rule, alpha=alpha,
@@ -271,6 +276,24 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
         _print_run(r, mode, draft_len, rule, alpha, small_quant, large_quant, small_kv, large_kv)
     if failed:  # the other rows completed; the exit code says some did not
         raise click.exceptions.Exit(1)
+
+
+def _check_budget(budget, mode, small_model, large_model, small_quant, large_quant, small_kv, large_kv, draft_len, batch,
+                  scale_dtype) -> None:
+    """Refuse a run whose memory plan (from the configs, before loading; the whole context, ``batch``
+    rows) exceeds ``budget``, in one line with what would fit."""
+    from cascade.memory import over_budget_message, parse_bytes, plan_from_configs
+
+    try:
+        parse_bytes(budget)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--budget") from None
+    request = dict(small=small_model if mode != "large" else None, large=large_model if mode != "small" else None,
+                   small_quant=small_quant, large_quant=large_quant, small_kv=small_kv, large_kv=large_kv,
+                   draft_len=draft_len, batch=batch, budget=budget, scale_dtype=scale_dtype)
+    plan = plan_from_configs(**request)
+    if not plan.fits:
+        raise click.ClickException(over_budget_message(plan, **request))
 
 
 def _print_run(r, mode, draft_len, rule, alpha, small_quant, large_quant, small_kv, large_kv) -> None:

@@ -1,5 +1,10 @@
 """Device memory of a cascade: weights plus KV caches of both models, against a budget.
 
+Two ways to get a plan: :func:`plan_memory` counts a *loaded* pair's weights as they are;
+:func:`plan_from_configs` computes the same numbers from the models' configs, their precision rules
+and the KV specs alone, before any weight is loaded (the bytes of each tensor under its spec, from
+the parameter shapes), so a budget can be refused without reading the weights.
+
 The plan counts what the runtime allocates for ``batch`` sequences of up to ``ctx`` positions
 (prompt plus generated tokens): each model's weights as stored (codes, scales and zero points of
 quantized tensors) and its KV cache at its precision (:func:`cascade.models.kv_cache_memory`) at the
@@ -82,14 +87,113 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+def planned_weight_bytes(cfg, rules, *, scale_dtype="float16") -> int:
+    """Bytes of a model's weights after quantizing under ``rules`` (what :func:`cascade.models.quantize_model`
+    stores), from the config alone: each parameter's shape and the spec its rule gives it (codes,
+    scales and zero points of an integer spec; the cast of a float spec; float32 for a parameter no
+    rule touches, as quantization leaves a dequantized import)."""
+    import math
+    from functools import partial
+
+    import jax
+    import jax.numpy as jnp
+
+    from cascade.models.llama import param_shapes
+    from cascade.models.quantize import reduction_axis
+    from cascade.quant.qtensor import quantize
+    from cascade.quant.rules import PrecisionRules
+    from cascade.quant.spec import FloatSpec
+
+    parsed = PrecisionRules.parse(rules)
+    total = 0
+    for path, shape in param_shapes(cfg).items():
+        spec = parsed.spec_for(path, len(shape))
+        n = math.prod(shape)
+        if spec is None:
+            total += 4 * n
+        elif isinstance(spec, FloatSpec):
+            total += n * spec.bits // 8
+        else:
+            q = jax.eval_shape(partial(quantize, spec=spec, axis=reduction_axis(path, shape), scale_dtype=scale_dtype),
+                               jax.ShapeDtypeStruct(shape, jnp.float32))
+            total += q.nbytes
+    return total
+
+
+def plan_from_configs(small: str | None, large: str | None, *, small_quant: str | None = "int4",
+                      large_quant: str | None = "int8", ctx: int | None = None, batch: int = 1, small_kv: str = "fp32",
+                      large_kv: str = "fp32", draft_len: int = 4, budget: int | str | None = None,
+                      scale_dtype="float16") -> MemoryPlan:
+    """:func:`plan_memory` for the pair ``small``/``large`` (names or paths; None: absent) quantized
+    under ``*_quant``, computed from the configs without loading weights.  A model kept as stored
+    (``*_quant`` None or "none") cannot be counted this way: ValueError (use :func:`plan_memory`)."""
+    from cascade.models.loaders import read_config
+
+    roles = [(role, src, quant, kv) for role, src, quant, kv in (("small", small, small_quant, small_kv),
+                                                                  ("large", large, large_quant, large_kv))
+             if src is not None]
+    if not roles:
+        raise ValueError("the pair has no model to plan for")
+    configs = {role: read_config(src) for role, src, _, _ in roles}
+    weights = {}
+    for role, src, quant, _ in roles:
+        if quant is None or str(quant).strip().lower() in ("none", "source"):
+            raise ValueError(f"the {role} model keeps its stored weights: its bytes are counted from the loaded "
+                             "model (plan_memory), not from its config")
+        weights[role] = planned_weight_bytes(configs[role], quant, scale_dtype=scale_dtype)
+    return _plan([(role, src, quant, kv, configs[role], weights[role]) for role, src, quant, kv in roles],
+                 ctx=ctx, batch=batch, draft_len=draft_len, budget=budget)
+
+
+def over_budget_message(plan: MemoryPlan, **request) -> str:
+    """One line for a plan over its budget: by how much, and which single changes would fit
+    (``request``: the :func:`plan_from_configs` arguments that made ``plan``)."""
+    over = plan.total - plan.budget
+    tries = []
+    kinds = {m.role: m for m in plan.models}
+    if any(not m.kv.startswith("int4") for m in plan.models):
+        tries.append(("--kv int4", {"small_kv": "int4", "large_kv": "int4"}))
+    for role in ("large", "small"):
+        if role in kinds and str(kinds[role].quant) not in ("int4", "int4-g128"):
+            tries.append((f"--{role} int4", {f"{role}_quant": "int4"}))
+    ctx = plan.ctx // 2
+    while ctx >= 16:
+        tries.append((f"--ctx {ctx}", {"ctx": ctx}))
+        ctx //= 2
+    batch = plan.batch // 2
+    while batch >= 1:
+        tries.append((f"--batch {batch}", {"batch": batch}))
+        batch //= 2
+    fits, seen = [], set()
+    for label, change in tries:
+        flag = label.split()[0]
+        if flag in seen:
+            continue
+        try:
+            alt = plan_from_configs(**{**request, **change})
+        except ValueError:
+            continue
+        if alt.total <= plan.budget:
+            fits.append(f"{label} ({alt.total:,} bytes)")
+            seen.add(flag)
+    hint = f"; would fit: {', '.join(fits)}" if fits else "; nothing smaller in one change fits"
+    return (f"the plan needs {plan.total:,} bytes for {plan.batch} sequence(s) of {plan.ctx} positions; the budget "
+            f"is {plan.budget:,} bytes ({over:,} over){hint}")
+
+
 def plan_memory(pair, *, ctx: int | None = None, batch: int = 1, small_kv: str = "fp32", large_kv: str = "fp32",
                 draft_len: int = 4, budget: int | str | None = None) -> MemoryPlan:
     """The memory plan of a loaded :class:`cascade.pair.ModelPair` (either model may be absent)."""
-    models = [(role, m, kv) for role, m, kv in (("small", pair.small, small_kv), ("large", pair.large, large_kv))
-              if m is not None]
+    models = [(role, m.source, m.quant, kv, m.config, weight_bytes(m.params))
+              for role, m, kv in (("small", pair.small, small_kv), ("large", pair.large, large_kv)) if m is not None]
     if not models:
         raise ValueError("the pair has no model to plan for")
-    context = min(m.config.max_seq_len for _, m, _ in models)
+    return _plan(models, ctx=ctx, batch=batch, draft_len=draft_len, budget=budget)
+
+
+def _plan(models, *, ctx, batch, draft_len, budget) -> MemoryPlan:
+    """``models``: (role, source, quant, kv, config, weight bytes) per model."""
+    context = min(cfg.max_seq_len for *_, cfg, _ in models)
     ctx = ctx or context
     if ctx > context:
         raise ValueError(f"ctx {ctx} exceeds the context of the pair ({context})")
@@ -97,11 +201,11 @@ def plan_memory(pair, *, ctx: int | None = None, batch: int = 1, small_kv: str =
     rewind = draft_len + 1 if speculative else 0
     # the runtime's cache length for sequences of at most ctx positions (any prompt/new split)
     positions = (max(cache_room(n, ctx - n, draft_len, context) for n in range(1, ctx + 1)) if speculative
-                 else cache_length(models[0][1].config, ctx))
+                 else cache_length(models[0][4], ctx))
     rows = []
-    for role, m, kv in models:
-        mem = kv_cache_memory(m.config, kv, positions, batch=batch, rewind=rewind)
-        rows.append(ModelMemory(role=role, source=m.source, quant=m.quant, kv=mem["kv"], weight_bytes=weight_bytes(m.params),
+    for role, source, quant, kv, cfg, wbytes in models:
+        mem = kv_cache_memory(cfg, kv, positions, batch=batch, rewind=rewind)
+        rows.append(ModelMemory(role=role, source=source, quant=quant, kv=mem["kv"], weight_bytes=wbytes,
                                 kv_positions=positions, kv_bytes=mem["bytes"], kv_bytes_per_token=mem["bytes_per_token"]))
     return MemoryPlan(ctx=ctx, batch=batch, models=tuple(rows),
                       budget=None if budget is None else parse_bytes(budget) if isinstance(budget, str) else int(budget))

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Iterator
 
-from cascade.memory import MemoryPlan, plan_memory
+from cascade.memory import MemoryPlan, over_budget_message, plan_from_configs, plan_memory
 from cascade.models.defaults import DEFAULT_LARGE, DEFAULT_SMALL
 from cascade.models.sampling import SamplingConfig
 from cascade.pair import MODES, ModelPair, RowError, RunResult, generate_batch, load_pair
@@ -45,21 +45,23 @@ class Cascade:
              small_kv: str | None = None, large_kv: str | None = None, budget: int | str | None = None,
              ctx: int | None = None, batch: int = 1, scale_dtype="float16", **settings) -> "Cascade":
         """Load the pair (``small``/``large``: built-in names or paths; a single-model ``mode`` loads
-        only its model), quantize each under its rules, and check the memory plan for ``batch``
-        sequences of ``ctx`` positions against ``budget`` (ValueError with what would fit when it
-        does not).  ``settings``: ``draft_len``, ``rule``, ``alpha``, ``defer_score``, ``threshold``."""
+        only its model) and quantize each under its rules.  With ``budget``, the memory plan for
+        ``batch`` sequences of ``ctx`` positions is checked first, from the configs alone
+        (:func:`cascade.memory.plan_from_configs`): over budget is a ValueError saying by how much and
+        which single change would fit, and nothing is loaded.  ``settings``: ``draft_len``, ``rule``,
+        ``alpha``, ``defer_score``, ``threshold``."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-        pair = load_pair(small if mode != "large" else None, large if mode != "small" else None,
-                         small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
-        self = cls(pair, mode=mode, small_kv=small_kv or kv, large_kv=large_kv or kv, **settings)
-        if budget is not None:
-            plan = self.plan(ctx=ctx, batch=batch, budget=budget)
+        small, large = (small if mode != "large" else None), (large if mode != "small" else None)
+        if budget is not None:  # checked from the configs, before any weight is loaded
+            request = dict(small=small, large=large, small_quant=small_quant, large_quant=large_quant, ctx=ctx,
+                           batch=batch, small_kv=small_kv or kv or "fp32", large_kv=large_kv or kv or "fp32",
+                           draft_len=settings.get("draft_len", 4), budget=budget, scale_dtype=scale_dtype)
+            plan = plan_from_configs(**request)
             if not plan.fits:
-                raise ValueError(f"the plan needs {plan.total:,} bytes for {batch} sequence(s) of {plan.ctx} positions; "
-                                 f"the budget is {plan.budget:,} bytes ({plan.total - plan.budget:,} over): lower ctx or "
-                                 "batch, use kv='int4', or smaller weight specs")
-        return self
+                raise ValueError(over_budget_message(plan, **request))
+        pair = load_pair(small, large, small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
+        return cls(pair, mode=mode, small_kv=small_kv or kv, large_kv=large_kv or kv, **settings)
 
     def plan(self, *, ctx: int | None = None, batch: int = 1, budget: int | str | None = None) -> MemoryPlan:
         """The memory plan of this pair and settings (:func:`cascade.memory.plan_memory`)."""

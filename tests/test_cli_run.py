@@ -50,6 +50,8 @@ def test_run_json_is_deterministic_for_a_seed_and_exact_when_greedy(capsys):
     (("--mode", "defer", "--threshold", "nan"), 2, "--threshold"),
     (("--mode", "defer", "--defer-score", "vibes"), 2, "--defer-score"),
     (("--mode", "large", "--draft-len", "3"), 2, "--draft-len apply only to --mode speculative or spec-cascade"),
+    (("--budget", "5MB"), 1, "the plan needs 9,839,424 bytes for 1 sequence(s) of 512 positions"),
+    (("--budget", "lots"), 2, "--budget"),
 ])
 def test_bad_flags_are_one_line_errors(capsys, args, code, message):
     got, out, err = run(capsys, "run", "Once", *args)

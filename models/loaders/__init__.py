@@ -52,3 +52,37 @@ def load_model(path, *, tokenizer=None) -> Model:
         return load_llama2c(path, tokenizer_path=tokenizer)
     raise ValueError(f"{path}: unknown model format (expected a Hugging Face directory, a saved checkpoint, "
                      "a .gguf file or a llama2.c .bin file)")
+
+
+def read_config(path, *, tokenizer=None):
+    """The :class:`ModelConfig` of a model without loading its weights (a built-in name, a Hugging Face
+    directory, a saved checkpoint, a .gguf or a llama2.c .bin), e.g. for a memory plan."""
+    import json
+
+    from cascade.models.config import ModelConfig, load_hf_config
+    from cascade.models.defaults import resolve_model_path
+
+    path = resolve_model_path(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file or directory")
+    if os.path.isdir(path):
+        from cascade.models.checkpoint import CHECKPOINT_MARKER, is_checkpoint
+
+        if is_checkpoint(path):
+            with open(os.path.join(path, CHECKPOINT_MARKER), encoding="utf-8") as f:
+                return ModelConfig.from_dict(json.load(f)["config"])
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return load_hf_config(os.path.join(path, "config.json"))
+        raise ValueError(f"{path}: not a model directory (no config.json or cascade_checkpoint.json)")
+    lower = path.lower()
+    if lower.endswith(".gguf"):
+        from cascade.models.loaders.gguf import config_from_gguf, read_gguf
+
+        f = read_gguf(path)
+        return config_from_gguf(f.metadata, path, tensor_names=set(f.tensors))
+    if lower.endswith(".bin"):
+        from cascade.models.loaders.llama2c import read_header
+
+        return read_header(path)[0]
+    raise ValueError(f"{path}: unknown model format (expected a Hugging Face directory, a saved checkpoint, "
+                     "a .gguf file or a llama2.c .bin file)")

@@ -60,3 +60,83 @@ def test_plan_counts_the_weights_and_the_caches_the_runtime_allocates(monkeypatc
     assert plan_memory(pair, ctx=512, small_kv="int4", large_kv="int8", budget=plan.total - 1).fits is False
     with pytest.raises(ValueError, match="exceeds the context"):
         plan_memory(pair, ctx=100_000)
+
+
+@pytest.mark.parametrize("source, rules", [
+    ("default-small", "int4"), ("default-large", "int8"),
+    ("stories260K/stories260K.bin", "attn=int8,*=int4-g32-asym"),
+    ("stories260K/stories260K.bin", "embed=int8,*=int3-g16"),
+    ("smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf", "int4-g128"),
+])
+def test_planned_weight_bytes_from_the_config_equal_the_quantized_model(source, rules):
+    """Bytes from the config and rules alone (no weights read) equal the bytes of the model loaded
+    and quantized under the same rules."""
+    import os
+    import warnings
+
+    from cascade.memory import planned_weight_bytes
+    from cascade.models import load_model, quantize_model
+    from cascade.models.loaders import read_config
+    from tests.shared_data import DATA
+
+    path = source if source.startswith("default") else os.path.join(DATA, source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # re-quantizing an imported GGUF warns
+        quantized = quantize_model(load_model(path), rules, progress=False)[0]
+    assert planned_weight_bytes(read_config(path), rules) == weight_bytes(quantized.params)
+
+
+def test_plan_from_configs_equals_the_plan_of_the_loaded_pair(default_pair):
+    from cascade.memory import plan_from_configs
+
+    for kw in ({}, {"ctx": 200, "batch": 3, "small_kv": "int4", "large_kv": "int8-r32"}):
+        loaded = plan_memory(default_pair, budget="64MB", **kw)
+        planned = plan_from_configs("default-small", "default-large", small_quant="int4", large_quant="int8",
+                                    budget="64MB", **kw)
+        assert planned.total == loaded.total and planned.fits == loaded.fits
+        assert [(m.role, m.weight_bytes, m.kv_positions, m.kv_bytes) for m in planned.models] == \
+            [(m.role, m.weight_bytes, m.kv_positions, m.kv_bytes) for m in loaded.models]
+    with pytest.raises(ValueError, match="keeps its stored weights"):
+        plan_from_configs("default-small", "default-large", small_quant="none")
+
+
+def test_a_budget_too_small_is_refused_before_loading(monkeypatch):
+    """Over budget: one error with the excess and the single changes that would fit, each of which
+    really fits; no model is loaded."""
+    import cascade.router as router
+    from cascade import Cascade
+    from cascade.memory import plan_from_configs
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(router, "load_pair", no_loading)
+    with pytest.raises(ValueError) as e:
+        Cascade.load(budget="20MB", ctx=512, batch=8)
+    msg = str(e.value)
+    need = plan_from_configs("default-small", "default-large", ctx=512, batch=8).total
+    assert f"needs {need:,} bytes" in msg and f"({need - 20_000_000:,} over)" in msg and "would fit: --kv int4" in msg
+    assert plan_from_configs("default-small", "default-large", ctx=512, batch=8, small_kv="int4",
+                             large_kv="int4").total <= 20_000_000
+    assert "--batch 2" in msg and plan_from_configs("default-small", "default-large", batch=2).total <= 20_000_000
+
+
+def test_live_buffers_after_loading_agree_with_the_plan():
+    """The device buffers a loaded router holds are its planned weights (within 5%), and a cache
+    the runtime allocates at the planned length holds the planned KV bytes."""
+    import gc
+
+    import jax
+
+    from cascade import Cascade
+
+    gc.collect()
+    before = {id(a): a.nbytes for a in jax.live_arrays()}
+    router = Cascade.load(budget="64MB")
+    live = sum(a.nbytes for a in jax.live_arrays() if id(a) not in before)
+    plan = router.plan(budget="64MB")
+    weights = sum(m.weight_bytes for m in plan.models)
+    assert abs(live - weights) <= 0.05 * weights, (live, weights)
+    for m, model in zip(plan.models, (router.pair.small, router.pair.large)):
+        cache = KVCache.create(model.config, plan.batch, m.kv_positions, m.kv, rewind=5)
+        assert cache.nbytes == m.kv_bytes
