@@ -131,11 +131,19 @@ def _check_kv_fits(kv: str | None, cfg, flag: str = "--kv") -> None:
         raise click.BadParameter(str(e), param_hint=f"'{flag}'") from None
 
 
-def _check_pair_kv(pair, small_kv, large_kv, kv) -> None:
+def _check_pair_kv(configs: dict, small_kv, large_kv, kv) -> None:
+    """``configs``: {role: ModelConfig} of the models that run."""
     for role, role_kv, flag in (("small", small_kv, "--small-kv"), ("large", large_kv, "--large-kv")):
-        model = getattr(pair, role)
-        if model is not None:
-            _check_kv_fits(role_kv, model.config, flag if role_kv != kv else "--kv")
+        if configs.get(role) is not None:
+            _check_kv_fits(role_kv, configs[role], flag if role_kv != kv else "--kv")
+
+
+def _pair_configs(mode, small_model, large_model) -> dict:
+    """The configs of the models ``mode`` runs, read without loading weights."""
+    from cascade.models.loaders import read_config
+
+    return {role: read_config(src) for role, src in (("small", small_model), ("large", large_model))
+            if mode != {"small": "large", "large": "small"}[role]}
 
 
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
@@ -240,13 +248,13 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
             raise click.UsageError(f"{', '.join(_given(*flags))} apply only to --mode {where}")
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     small_kv, large_kv = small_kv or kv, large_kv or kv
+    _check_pair_kv(_pair_configs(mode, small_model, large_model), small_kv, large_kv, kv)
     if budget is not None:
         _check_budget(budget, mode, small_model, large_model, small_quant, large_quant, small_kv, large_kv, draft_len,
                       len(prompts), scale_dtype)
     # a single-model mode loads only that model
     pair = load_pair(small_model if mode != "large" else None, large_model if mode != "small" else None,
                      small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
-    _check_pair_kv(pair, small_kv, large_kv, kv)
     results = generate_batch(pair, prompts, mode=mode, max_new_tokens=max_tokens, draft_len=draft_len,
                              sampling=sampling, small_kv=small_kv, large_kv=large_kv, rule=rule, alpha=alpha,
                              defer_score=defer_score, threshold=threshold)
@@ -748,7 +756,7 @@ def plan(small_quant, large_quant, small_model, large_model, mode, kv, small_kv,
     Counts what the runtime allocates for the weights (as stored, quantized or not) and the KV
     caches (codes, scales, full-precision windows); activations are not counted.
     """
-    from cascade.memory import parse_bytes, plan_memory
+    from cascade.memory import parse_bytes, plan_from_configs, plan_memory
     from cascade.pair import load_pair
 
     budget_bytes = None
@@ -757,11 +765,18 @@ def plan(small_quant, large_quant, small_model, large_model, mode, kv, small_kv,
             budget_bytes = parse_bytes(budget)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--budget") from None
-    pair = load_pair(small_model if mode != "large" else None, large_model if mode != "small" else None,
-                     small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
-    _check_pair_kv(pair, small_kv or kv, large_kv or kv, kv)
-    result = plan_memory(pair, ctx=ctx, batch=batch, small_kv=small_kv or kv, large_kv=large_kv or kv,
-                         draft_len=draft_len, budget=budget_bytes)
+    _check_pair_kv(_pair_configs(mode, small_model, large_model), small_kv or kv, large_kv or kv, kv)
+    small, large = small_model if mode != "large" else None, large_model if mode != "small" else None
+    stored = [q for m, q in ((small, small_quant), (large, large_quant))
+              if m is not None and (q is None or q.strip().lower() in ("none", "source"))]
+    if stored:  # a model kept as stored is counted from its loaded weights
+        pair = load_pair(small, large, small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
+        result = plan_memory(pair, ctx=ctx, batch=batch, small_kv=small_kv or kv, large_kv=large_kv or kv,
+                             draft_len=draft_len, budget=budget_bytes)
+    else:  # from the configs alone: nothing is loaded
+        result = plan_from_configs(small, large, small_quant=small_quant, large_quant=large_quant, ctx=ctx, batch=batch,
+                                   small_kv=small_kv or kv, large_kv=large_kv or kv, draft_len=draft_len,
+                                   budget=budget_bytes, scale_dtype=scale_dtype)
     _emit(as_json, result.to_json(), result.table())
     if result.fits is False:
         raise click.ClickException(f"the plan needs {result.total:,} bytes; the budget is {result.budget:,} bytes "
