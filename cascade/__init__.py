@@ -64,6 +64,7 @@ _EXPORTS = {
     "Cascade": "cascade.router",
     # the memory plan
     "plan_memory": "cascade.memory",
+    "plan_from_configs": "cascade.memory",
     "MemoryPlan": "cascade.memory",
     "parse_bytes": "cascade.memory",
 }
