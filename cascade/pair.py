@@ -111,7 +111,24 @@ class RowError:
         return {"prompt": self.prompt, "error": self.error}
 
 
-def _row_problem(ids: list[int], context: int, max_new_tokens: int) -> str | None:
+NEEDS = {"speculative": ("small", "large"), "spec-cascade": ("small", "large"), "defer": ("small", "large"),
+         "large": ("large",), "small": ("small",)}  # the models each mode runs
+
+
+def check_mode(pair: ModelPair, mode: str) -> int:
+    """Raise if ``mode`` is unknown or needs a model the pair lacks; returns the context of the models it runs."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    missing = [role for role in NEEDS[mode] if getattr(pair, role) is None]
+    if missing:
+        raise ValueError(f"mode {mode!r} needs the {' and '.join(missing)} model, which this pair was loaded without")
+    return min(getattr(pair, role).config.max_seq_len for role in NEEDS[mode])
+
+
+def row_problem(prompt: str, ids: list[int], context: int, max_new_tokens: int) -> str | None:
+    """Why ``prompt`` (encoded ``ids``) cannot run in ``context`` with ``max_new_tokens``, or None."""
+    if prompt == "":
+        return "the prompt is empty"
     if not ids:
         return "the prompt encodes to no tokens"
     if len(ids) >= context:
@@ -143,26 +160,19 @@ def generate_batch(pair: ModelPair, prompts: list[str], *, mode: str = "speculat
     fp32); ``rule``/``alpha``: the deferral rule of ``mode="spec-cascade"``
     (:func:`cascade.speculative.deferral`); ``defer_score``/``threshold``: ``mode="defer"``
     (:mod:`cascade.deferral`)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    needs = {"speculative": ("small", "large"), "spec-cascade": ("small", "large"), "defer": ("small", "large"),
-             "large": ("large",), "small": ("small",)}[mode]
+    context = check_mode(pair, mode)
     if mode == "defer":
         check_deferral(defer_score, threshold)  # before any generation
-    missing = [role for role in needs if getattr(pair, role) is None]
-    if missing:
-        raise ValueError(f"mode {mode!r} needs the {' and '.join(missing)} model, which this pair was loaded without")
     if not prompts:
         raise ValueError("no prompts to generate for")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     tok = pair.tokenizer
-    context = min(getattr(pair, role).config.max_seq_len for role in needs)
     encoded = [tok.encode(p) for p in prompts]
     out: list = [None] * len(prompts)
     good = []
     for i, (p, ids) in enumerate(zip(prompts, encoded)):
-        problem = "the prompt is empty" if p == "" else _row_problem(ids, context, max_new_tokens)
+        problem = row_problem(p, ids, context, max_new_tokens)
         if problem is None:
             good.append(i)
         else:

@@ -20,7 +20,7 @@ from typing import Iterator
 from cascade.memory import MemoryPlan, over_budget_message, plan_from_configs, plan_memory
 from cascade.models.defaults import DEFAULT_LARGE, DEFAULT_SMALL
 from cascade.models.sampling import SamplingConfig
-from cascade.pair import MODES, ModelPair, RowError, RunResult, generate_batch, load_pair
+from cascade.pair import MODES, ModelPair, RowError, RunResult, check_mode, generate_batch, load_pair, row_problem
 
 
 class Cascade:
@@ -106,10 +106,11 @@ class Cascade:
                 self._record([r], time.perf_counter() - t0)
                 yield r.text
                 return
-            # validation and errors exactly as generate(): run zero-work checks through generate_batch's rules
+            # the same checks and errors as generate()
+            context = check_mode(self.pair, mode)
             tok = self.pair.tokenizer
             ids = tok.encode(prompt)
-            problem = _check_one(self.pair, mode, prompt, ids, max_new_tokens)
+            problem = row_problem(prompt, ids, context, max_new_tokens)
             if problem:
                 raise ValueError(problem)
             eos = tok.eos_ids or (self.pair.large or self.pair.small).config.eos_token_ids
@@ -184,17 +185,3 @@ class Cascade:
                 "acceptance_per_position": [round(a / o, 4) if o else 0.0 for a, o in zip(m["accepted_at"], m["offered_at"])],
                 "deferral_rate": (round(m["deferred_tokens"] / m["judged_tokens"], 4) if m["judged_tokens"]
                                   else round(m["deferred_rows"] / m["deferral_rows"], 4) if m["deferral_rows"] else None)}
-
-
-def _check_one(pair: ModelPair, mode: str, prompt: str, ids: list[int], max_new_tokens: int) -> str | None:
-    """The error :func:`cascade.pair.generate_batch` would give this prompt, or None."""
-    from cascade.pair import _row_problem
-
-    needs = ("small", "large") if mode in ("speculative", "spec-cascade") else (mode,)
-    missing = [role for role in needs if getattr(pair, role) is None]
-    if missing:
-        return f"mode {mode!r} needs the {' and '.join(missing)} model, which this pair was loaded without"
-    if prompt == "":
-        return "the prompt is empty"
-    context = min(getattr(pair, role).config.max_seq_len for role in needs)
-    return _row_problem(ids, context, max_new_tokens)

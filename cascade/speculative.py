@@ -40,6 +40,7 @@ import numpy as np
 from cascade.models import decoder
 from cascade.models.config import ModelConfig
 from cascade.models.decoder import cache_room, prefill, prompt_bucket
+from cascade.models.generation import drain
 from cascade.models.kv_cache import KVCache
 from cascade.models.sampling import SamplingConfig, filtered_logits, sample_logits, token_probs
 from cascade.quant.kv import KVSpec
@@ -306,16 +307,6 @@ def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, ta
                                       max_new_tokens=max_new_tokens, draft_len=draft_len, sampling=sampling,
                                       eos_ids=eos_ids, draft_kv=draft_kv, target_kv=target_kv, rule=rule,
                                       alpha=alpha)[0]
-
-
-def drain(stream):
-    """Run a token stream (:func:`speculative_stream`, :func:`cascade.models.generation.generate_stream`)
-    to its end; returns its result."""
-    while True:
-        try:
-            next(stream)
-        except StopIteration as end:
-            return end.value
 
 
 def speculative_generate_batch(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig,

@@ -54,15 +54,20 @@ class Generation:
         return decoded / self.decode_s if decoded > 0 and self.decode_s > 0 else None
 
 
-def generate(params, cfg: ModelConfig, prompts: list[list[int]], **kwargs) -> Generation:
-    """Generate up to ``max_new_tokens`` for each prompt (lists of ids), stopping a row at EOS:
-    :func:`generate_stream` run to its end (same keyword arguments)."""
-    stream = generate_stream(params, cfg, prompts, **kwargs)
+def drain(stream):
+    """Run a token stream (:func:`generate_stream`, :func:`cascade.speculative.speculative_stream`) to
+    its end; returns its result."""
     while True:
         try:
             next(stream)
         except StopIteration as end:
             return end.value
+
+
+def generate(params, cfg: ModelConfig, prompts: list[list[int]], **kwargs) -> Generation:
+    """Generate up to ``max_new_tokens`` for each prompt (lists of ids), stopping a row at EOS:
+    :func:`generate_stream` run to its end (same keyword arguments)."""
+    return drain(generate_stream(params, cfg, prompts, **kwargs))
 
 
 def generate_stream(params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_tokens: int,

@@ -77,7 +77,7 @@ def test_shared_between_threads(router):
 
 
 def test_budget_is_checked_at_load():
-    with pytest.raises(ValueError, match=r"over\): lower ctx or batch"):
+    with pytest.raises(ValueError, match=r"over\); nothing smaller in one change fits"):
         Cascade.load(budget="1MB")
     fits = Cascade.load(budget="64MB", ctx=256, batch=2)
     plan = fits.plan(ctx=256, batch=2)
