@@ -756,7 +756,7 @@ def plan(small_quant, large_quant, small_model, large_model, mode, kv, small_kv,
     Counts what the runtime allocates for the weights (as stored, quantized or not) and the KV
     caches (codes, scales, full-precision windows); activations are not counted.
     """
-    from cascade.memory import parse_bytes, plan_from_configs, plan_memory
+    from cascade.memory import over_budget_message, parse_bytes, plan_from_configs, plan_memory
     from cascade.pair import load_pair
 
     budget_bytes = None
@@ -773,13 +773,16 @@ def plan(small_quant, large_quant, small_model, large_model, mode, kv, small_kv,
         pair = load_pair(small, large, small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
         result = plan_memory(pair, ctx=ctx, batch=batch, small_kv=small_kv or kv, large_kv=large_kv or kv,
                              draft_len=draft_len, budget=budget_bytes)
+        request = None
     else:  # from the configs alone: nothing is loaded
-        result = plan_from_configs(small, large, small_quant=small_quant, large_quant=large_quant, ctx=ctx, batch=batch,
-                                   small_kv=small_kv or kv, large_kv=large_kv or kv, draft_len=draft_len,
-                                   budget=budget_bytes, scale_dtype=scale_dtype)
+        request = dict(small=small, large=large, small_quant=small_quant, large_quant=large_quant, ctx=ctx, batch=batch,
+                       small_kv=small_kv or kv, large_kv=large_kv or kv, draft_len=draft_len, budget=budget_bytes,
+                       scale_dtype=scale_dtype)
+        result = plan_from_configs(**request)
     _emit(as_json, result.to_json(), result.table())
     if result.fits is False:
-        raise click.ClickException(f"the plan needs {result.total:,} bytes; the budget is {result.budget:,} bytes "
+        raise click.ClickException(over_budget_message(result, **request) if request else
+                                   f"the plan needs {result.total:,} bytes; the budget is {result.budget:,} bytes "
                                    f"(lower --ctx/--batch, or use --kv int4 / smaller weight specs)")
 
 

@@ -18,6 +18,7 @@ of one layer's dequantized keys and values and the attention scores of the curre
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 from cascade.models import kv_cache_memory, weight_bytes
@@ -93,14 +94,9 @@ def planned_weight_bytes(cfg, rules, *, scale_dtype="float16") -> int:
     scales and zero points of an integer spec; the cast of a float spec; float32 for a parameter no
     rule touches, as quantization leaves a dequantized import)."""
     import math
-    from functools import partial
-
-    import jax
-    import jax.numpy as jnp
 
     from cascade.models.llama import param_shapes
     from cascade.models.quantize import reduction_axis
-    from cascade.quant.qtensor import quantize
     from cascade.quant.rules import PrecisionRules
     from cascade.quant.spec import FloatSpec
 
@@ -114,10 +110,21 @@ def planned_weight_bytes(cfg, rules, *, scale_dtype="float16") -> int:
         elif isinstance(spec, FloatSpec):
             total += n * spec.bits // 8
         else:
-            q = jax.eval_shape(partial(quantize, spec=spec, axis=reduction_axis(path, shape), scale_dtype=scale_dtype),
-                               jax.ShapeDtypeStruct(shape, jnp.float32))
-            total += q.nbytes
+            total += _quantized_nbytes(tuple(shape), spec, reduction_axis(path, shape), str(scale_dtype))
     return total
+
+
+@functools.lru_cache(maxsize=4096)
+def _quantized_nbytes(shape: tuple, spec, axis: int, scale_dtype: str) -> int:
+    """Bytes of a ``shape`` tensor quantized under ``spec`` (traced with ``jax.eval_shape``, never
+    allocated; cached, since a model repeats a few shapes and a budget check plans several times)."""
+    import jax
+    import jax.numpy as jnp
+
+    from cascade.quant.qtensor import quantize
+
+    return jax.eval_shape(functools.partial(quantize, spec=spec, axis=axis, scale_dtype=scale_dtype),
+                          jax.ShapeDtypeStruct(shape, jnp.float32)).nbytes
 
 
 def plan_from_configs(small: str | None, large: str | None, *, small_quant: str | None = "int4",

@@ -66,6 +66,8 @@ def test_plan_json_and_budget(capsys):
     assert code == 1 and err.strip().splitlines()[-1].startswith("error: the plan needs")
     code, _, _ = run(capsys, "plan", "--kv", "int4", "--budget", str(plan["total_bytes"]))
     assert code == 0
+    code, _, err = run(capsys, "plan", "--batch", "4", "--budget", "10MB")  # as run --budget words it
+    assert code == 1 and "(11,177,408 over); would fit: --kv int4 (8,897,856 bytes)" in err
 
 
 @pytest.mark.parametrize("args", [
