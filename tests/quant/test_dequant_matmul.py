@@ -108,3 +108,20 @@ def test_backend_registry_selection(monkeypatch):
     monkeypatch.setattr(mm, "_BACKENDS", {})
     with pytest.raises(ValueError, match="no registered matmul backend"):
         quant.matmul(x, w8)
+
+
+def test_a_large_float_weight_of_another_dtype_is_multiplied_row_by_row(monkeypatch):
+    """A bf16 weight under f32 activations: a few rows (a speculative verification) go row by row,
+    each exactly as a single-row call computes it, and all within float tolerance of float64."""
+    import cascade.quant.dequant_matmul as dm
+
+    monkeypatch.setattr(dm, "ROWWISE_BYTES", 1024)  # a small weight takes the path in this test
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((48, 40)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((2, 3, 48)), jnp.float32)
+    ref = x.astype(np.float64) @ np.asarray(w.astype(jnp.float32), np.float64)
+    for got, one in ((dm.matmul(x, w), lambda r: dm.matmul(r, w)), (dm.matmul_t(x, w.T), lambda r: dm.matmul_t(r, w.T))):
+        assert got.shape == (2, 3, 40) and got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-4)
+        rows = np.stack([np.asarray(one(x[b, t][None]))[0] for b in range(2) for t in range(3)]).reshape(2, 3, 40)
+        np.testing.assert_array_equal(np.asarray(got), rows)
