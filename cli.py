@@ -152,6 +152,21 @@ _scale_dtype_option = click.option(
     help="Storage type of quantization scales and zero points (float32 for very small weights).")
 
 
+class DraftLen(click.ParamType):
+    """``--draft-len``: a number of tokens (1-32) or ``auto`` (adaptive drafting)."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        from cascade.speculative import draft_setting
+
+        try:
+            draft_setting(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+        return "auto" if str(value).strip().lower() == "auto" else int(value)
+
+
 _KV_HELP = ("KV cache precision: fp32, bf16, fp16, int8 or int4 (KIVI layout: keys per channel, values per token, "
             "a float16 window of recent positions), e.g. int4-s4 keeps 4 sink positions too; see README 'KV cache'.")
 
@@ -190,7 +205,12 @@ def app(debug: bool) -> None:
               help="speculative: small drafts, large verifies (output = the large model's); spec-cascade: the same, but "
                    "the small model's tokens stand where --rule trusts it (faster, not exact); defer: the small model "
                    "answers, the large one instead when --defer-score < --threshold; large/small: one model alone.")
-@click.option("--draft-len", default=4, show_default=True, type=click.IntRange(min=1, max=32), help="Tokens the draft proposes per round.")
+@click.option("--draft-len", default=4, show_default=True, type=DraftLen(),
+              help="Tokens the draft proposes per round, or auto: up to 8, stopping before a token the draft is "
+                   "less sure of than --draft-confidence.")
+@click.option("--draft-confidence", type=FiniteFloat(min=0, max=1),
+              help="Stop a round's draft before a token whose draft probability is below this [default: 0.5 with "
+                   "--draft-len auto, else 0: never].")
 @click.option("--rule", type=click.Choice(["chow", "diff", "opt"]), default="chow", show_default=True,
               help="spec-cascade deferral rule: chow (defer when the small model's top probability < 1 - alpha), diff "
                    "(when it trails the large model's by alpha), opt (by alpha x their total variation).")
@@ -217,8 +237,8 @@ def app(debug: bool) -> None:
                    "with --json, one JSON object per line.")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_len, rule, alpha, defer_score, threshold,
-        max_tokens, temperature, top_k, top_p, seed, kv, small_kv, large_kv, budget, prompts_file, scale_dtype, as_json):
+def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_len, draft_confidence, rule, alpha,
+        defer_score, threshold, max_tokens, temperature, top_k, top_p, seed, kv, small_kv, large_kv, budget, prompts_file, scale_dtype, as_json):
     """Generate a continuation of PROMPT with the cascade: the small model drafts, the large one verifies.
 
     With no model paths it uses the embedded pair (default-small, default-large), so it works
@@ -226,6 +246,7 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
     """
     from cascade.pair import RowError, generate_batch, load_pair
     from cascade.models import SamplingConfig
+    from cascade.speculative import draft_setting
 
     if prompts_file is not None:
         if _given("prompt"):
@@ -242,7 +263,7 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
         prompts = [prompt]
 
     for flags, owner in ((("rule", "alpha"), "spec-cascade"), (("defer_score", "threshold"), "defer"),
-                         (("draft_len",), ("speculative", "spec-cascade"))):
+                         (("draft_len", "draft_confidence"), ("speculative", "spec-cascade"))):
         if mode not in ((owner,) if isinstance(owner, str) else owner) and _given(*flags):
             where = owner if isinstance(owner, str) else " or ".join(owner)
             raise click.UsageError(f"{', '.join(_given(*flags))} apply only to --mode {where}")
@@ -257,14 +278,16 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
                      small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
     results = generate_batch(pair, prompts, mode=mode, max_new_tokens=max_tokens, draft_len=draft_len,
                              sampling=sampling, small_kv=small_kv, large_kv=large_kv, rule=rule, alpha=alpha,
-                             defer_score=defer_score, threshold=threshold)
+                             defer_score=defer_score, threshold=threshold, draft_confidence=draft_confidence)
     batch = prompts_file is not None
     if not batch and isinstance(results[0], RowError):
         raise click.ClickException(results[0].error)
     described = pair.describe()
     models = {role: None if described[role] is None else {"model": path, **described[role], "kv": role_kv}
               for role, path, role_kv in (("small", small_model, small_kv), ("large", large_model, large_kv))}
-    settings = {"draft_len": draft_len if mode in ("speculative", "spec-cascade") else None,
+    speculative = mode in ("speculative", "spec-cascade")
+    settings = {"draft_len": draft_len if speculative else None,
+                "draft_confidence": draft_setting(draft_len, draft_confidence)[1] if speculative else None,
                 **({"rule": rule, "alpha": alpha} if mode == "spec-cascade" else {})}
     failed = 0
     for index, r in enumerate(results):
@@ -311,7 +334,8 @@ def _print_run(r, mode, draft_len, rule, alpha, small_quant, large_quant, small_
     if r.stats is not None:
         st = r.stats
         line += (f"; {st.rounds} rounds, acceptance {st.acceptance_rate:.0%}, "
-                 f"{st.mean_accepted_length:.2f} accepted / round of {draft_len}")
+                 f"{st.mean_accepted_length:.2f} of {st.draft_tokens / max(st.rounds, 1):.2f} drafted tokens accepted "
+                 f"per round (--draft-len {draft_len})")
         if mode == "spec-cascade":
             line += f", {st.deferral_rate:.0%} of judged positions deferred ({rule}, alpha {alpha:g})"
     if r.deferral is not None:
@@ -745,7 +769,7 @@ def _is_llama2c(path: str) -> bool:
 @click.option("--large-kv", callback=_kv_spec, help="KV cache precision of the verifier model [default: --kv].")
 @click.option("--ctx", type=click.IntRange(min=1), help="Positions per sequence [default: the pair's context].")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Sequences held at once.")
-@click.option("--draft-len", default=4, show_default=True, type=click.IntRange(min=1, max=32), help="As in `cascade run` (sizes the KV rings).")
+@click.option("--draft-len", default=4, show_default=True, type=DraftLen(), help="As in `cascade run` (sizes the KV rings).")
 @click.option("--budget", help="Device memory budget, e.g. 2GiB or 512MB: exit 1 if the plan does not fit.")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")

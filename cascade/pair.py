@@ -20,7 +20,7 @@ from cascade.models.defaults import DEFAULT_LARGE, DEFAULT_SMALL
 from cascade.quant.kernels.cpu import attention_backend
 from cascade.deferral import Deferral, answer_scores, decide
 from cascade.deferral import check as check_deferral
-from cascade.speculative import SpeculativeStats, speculative_generate_batch
+from cascade.speculative import SpeculativeStats, draft_setting, speculative_generate_batch
 
 MODES = ("speculative", "spec-cascade", "defer", "large", "small")
 NO_QUANT = ("none", "source")  # keep the checkpoint's own weights
@@ -92,6 +92,26 @@ class RunResult:
     deferral: Deferral | None = None  # defer mode: the score, threshold and verdict
     seconds: dict | None = None  # defer mode: wall time in each model for the whole batch ({"small": s, "large": s})
 
+    def table(self) -> str:
+        """The result as a two-column table for people (:meth:`to_json` for scripts)."""
+        rows = [("mode", self.mode), ("answered by", self.answered_by or "small drafts, large verifies"),
+                ("tokens", len(self.token_ids)), ("stop", self.stop_reason), ("prefill s", f"{self.prefill_s:.4f}"),
+                ("decode s", f"{self.decode_s:.4f}"),
+                ("tokens/s", "n/a" if self.tokens_per_s is None else f"{self.tokens_per_s:.1f}")]
+        st = self.stats
+        if st is not None:
+            rows += [("rounds", st.rounds), ("draft tokens", st.draft_tokens), ("accepted tokens", st.accepted_tokens),
+                     ("acceptance", f"{st.acceptance_rate:.1%}"),
+                     ("mean acceptance length", f"{st.mean_accepted_length:.2f}"),
+                     ("acceptance per position", " ".join(f"{a / o:.2f}" if o else "-"
+                                                          for a, o in zip(st.accepted_at, st.offered_at)))]
+            if st.judged_tokens:
+                rows.append(("deferral rate", f"{st.deferral_rate:.1%} of {st.judged_tokens} judged positions"))
+        if self.deferral is not None:
+            rows.append(("deferral", self.deferral.reason))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
     def to_json(self) -> dict:
         out = {k: getattr(self, k) for k in ("mode", "prompt", "prompt_token_ids", "text", "token_ids", "stop_reason",
                                              "prefill_s", "decode_s", "tokens_per_s", "answered_by")}
@@ -149,20 +169,25 @@ def run(pair: ModelPair, prompt: str, **kwargs) -> RunResult:
 
 
 def generate_batch(pair: ModelPair, prompts: list[str], *, mode: str = "speculative", max_new_tokens: int = 128,
-                   draft_len: int = 4, sampling: SamplingConfig = SamplingConfig(), small_kv: str | None = None,
+                   draft_len: int | str = 4, sampling: SamplingConfig = SamplingConfig(), small_kv: str | None = None,
                    large_kv: str | None = None, rule: str = "chow", alpha: float = 0.1,
-                   defer_score: str = "mean-logprob", threshold: float = -1.0) -> list["RunResult | RowError"]:
+                   defer_score: str = "mean-logprob", threshold: float = -1.0,
+                   draft_confidence: float | None = None) -> list["RunResult | RowError"]:
     """Generate with the pair for every prompt, the rows together in every mode (each its own cache
     length, acceptance, rewinds and stop).  A prompt that cannot run (it encodes to nothing, or does
     not fit the context with ``max_new_tokens``) is a :class:`RowError` in its place; the others run.
 
     ``small_kv``/``large_kv``: each model's KV cache precision (:mod:`cascade.quant.kv`, default
-    fp32); ``rule``/``alpha``: the deferral rule of ``mode="spec-cascade"``
+    fp32); ``draft_len``/``draft_confidence``: how far the draft proposes in the speculative modes
+    (a number of tokens, or ``"auto"``: adaptive, :func:`cascade.speculative.draft_setting`);
+    ``rule``/``alpha``: the deferral rule of ``mode="spec-cascade"``
     (:func:`cascade.speculative.deferral`); ``defer_score``/``threshold``: ``mode="defer"``
     (:mod:`cascade.deferral`)."""
     context = check_mode(pair, mode)
     if mode == "defer":
         check_deferral(defer_score, threshold)  # before any generation
+    if mode in ("speculative", "spec-cascade"):
+        draft_setting(draft_len, draft_confidence)
     if not prompts:
         raise ValueError("no prompts to generate for")
     if max_new_tokens < 1:
@@ -195,7 +220,8 @@ def generate_batch(pair: ModelPair, prompts: list[str], *, mode: str = "speculat
         cascade_rule = {"rule": rule, "alpha": alpha} if mode == "spec-cascade" else {}
         rs = speculative_generate_batch(pair.small.params, pair.small.config, pair.large.params, pair.large.config, ids,
                                         max_new_tokens=max_new_tokens, draft_len=draft_len, sampling=sampling,
-                                        eos_ids=eos, draft_kv=small_kv, target_kv=large_kv, **cascade_rule)
+                                        eos_ids=eos, draft_kv=small_kv, target_kv=large_kv,
+                                        draft_confidence=draft_confidence, **cascade_rule)
         for i, r in zip(good, rs):
             out[i] = result(i, r.tokens, r.stop_reason, r.prefill_s, r.decode_s, r.tokens_per_s, stats=r.stats)
     elif mode == "defer":

@@ -27,13 +27,14 @@ class Cascade:
     """A loaded pair and its serving settings (see the module docs); build it with :meth:`load`."""
 
     def __init__(self, pair: ModelPair, *, mode: str = "speculative", small_kv: str | None = None,
-                 large_kv: str | None = None, draft_len: int = 4, rule: str = "chow", alpha: float = 0.1,
-                 defer_score: str = "mean-logprob", threshold: float = -1.0):
+                 large_kv: str | None = None, draft_len: int | str = 4, rule: str = "chow", alpha: float = 0.1,
+                 defer_score: str = "mean-logprob", threshold: float = -1.0, draft_confidence: float | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         self.pair = pair
         self.settings = {"mode": mode, "small_kv": small_kv, "large_kv": large_kv, "draft_len": draft_len,
-                         "rule": rule, "alpha": alpha, "defer_score": defer_score, "threshold": threshold}
+                         "draft_confidence": draft_confidence, "rule": rule, "alpha": alpha,
+                         "defer_score": defer_score, "threshold": threshold}
         self._lock = threading.Lock()
         self._m = {"requests": 0, "rows": 0, "failed_rows": 0, "generated_tokens": 0, "seconds": 0.0,
                    "draft_tokens": 0, "accepted_tokens": 0, "rounds": 0, "judged_tokens": 0, "deferred_tokens": 0,
@@ -48,8 +49,8 @@ class Cascade:
         only its model) and quantize each under its rules.  With ``budget``, the memory plan for
         ``batch`` sequences of ``ctx`` positions is checked first, from the configs alone
         (:func:`cascade.memory.plan_from_configs`): over budget is a ValueError saying by how much and
-        which single change would fit, and nothing is loaded.  ``settings``: ``draft_len``, ``rule``,
-        ``alpha``, ``defer_score``, ``threshold``."""
+        which single change would fit, and nothing is loaded.  ``settings``: ``draft_len`` (tokens, or
+        ``"auto"``), ``draft_confidence``, ``rule``, ``alpha``, ``defer_score``, ``threshold``."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         small, large = (small if mode != "large" else None), (large if mode != "small" else None)
@@ -119,7 +120,8 @@ class Cascade:
                 stream = speculative_stream(self.pair.small.params, self.pair.small.config, self.pair.large.params,
                                             self.pair.large.config, [ids], max_new_tokens=max_new_tokens,
                                             draft_len=s["draft_len"], sampling=sampling, eos_ids=eos,
-                                            draft_kv=s["small_kv"], target_kv=s["large_kv"], **rule)
+                                            draft_kv=s["small_kv"], target_kv=s["large_kv"],
+                                            draft_confidence=s["draft_confidence"], **rule)
             else:
                 m, kv = (self.pair.large, s["large_kv"]) if mode == "large" else (self.pair.small, s["small_kv"])
                 stream = generate_stream(m.params, m.config, [ids], max_new_tokens=max_new_tokens, sampling=sampling,

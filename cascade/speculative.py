@@ -116,28 +116,41 @@ class SpeculativeResult:
         return self.steady_tokens / self.steady_s if self.steady_tokens > 0 and self.steady_s > 0 else None
 
 
-def verify_greedy(proposals, target_logits):
+def _offered(k: int, n_offered):
+    """(B, k) mask of the proposals each row offered (all when ``n_offered`` is None)."""
+    return None if n_offered is None else jnp.arange(k)[None, :] < n_offered[:, None]
+
+
+def verify_greedy(proposals, target_logits, n_offered=None):
     """``(n_accepted (B,), next_token (B,))`` for greedy decoding: proposals (B, k) are accepted while
     they equal the target's argmax over ``target_logits`` (B, k + 1, V); the target's own argmax
-    follows the accepted prefix."""
+    follows the accepted prefix.  ``n_offered`` (B,): only each row's first proposals count (all by
+    default)."""
     best = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # (B, k + 1)
     k = proposals.shape[1]
-    n = jnp.sum(jnp.cumprod(proposals == best[:, :k], axis=1), axis=1).astype(jnp.int32)
+    ok = proposals == best[:, :k]
+    if n_offered is not None:
+        ok &= _offered(k, n_offered)
+    n = jnp.sum(jnp.cumprod(ok, axis=1), axis=1).astype(jnp.int32)
     return n, jnp.take_along_axis(best, n[:, None], axis=1)[:, 0]
 
 
-def verify_sampled(proposals, draft_probs, target_probs, key):
+def verify_sampled(proposals, draft_probs, target_probs, key, n_offered=None):
     """``(n_accepted (B,), next_token (B,))`` by the speculative-sampling rule: proposal ``d_i ~ q_i``
     is accepted with probability ``min(1, p_i(d_i) / q_i(d_i))``; at the first rejection the next
-    token is drawn from ``norm(max(0, p_i - q_i))``, after ``k`` acceptances from ``p_k``.
-    ``draft_probs`` (B, k, V) and ``target_probs`` (B, k + 1, V) are the distributions each proposal
-    was drawn from / is judged by (the draft's padded with zeros to the target's vocabulary)."""
+    token is drawn from ``norm(max(0, p_i - q_i))``, after all offered proposals are accepted from
+    ``p`` at the next position.  ``draft_probs`` (B, k, V) and ``target_probs`` (B, k + 1, V) are the
+    distributions each proposal was drawn from / is judged by (the draft's padded with zeros to the
+    target's vocabulary); ``n_offered`` (B,): each row offered only its first proposals (all by
+    default; the draft's stopping rule may depend on its own distributions, never on the draws)."""
     b, k = proposals.shape
     k_accept, k_next = jax.random.split(key)
+    if n_offered is not None:  # a proposal not offered has "q = 0": never accepted, and no residual subtracted
+        draft_probs = jnp.where(_offered(k, n_offered)[:, :, None], draft_probs, 0.0)
     d = proposals[:, :, None]
     p_d = jnp.take_along_axis(target_probs[:, :k], d, axis=2)[:, :, 0]
     q_d = jnp.take_along_axis(draft_probs, d, axis=2)[:, :, 0]
-    accept = jax.random.uniform(k_accept, (b, k)) * q_d < p_d
+    accept = (jax.random.uniform(k_accept, (b, k)) * q_d < p_d) & (q_d > 0)
     n = jnp.sum(jnp.cumprod(accept, axis=1), axis=1).astype(jnp.int32)
     # a zero row at k: after k acceptances the "residual" is p_k itself
     q_full = jnp.concatenate([draft_probs, jnp.zeros_like(draft_probs[:, :1])], axis=1)
@@ -184,40 +197,72 @@ def _draw(logits, key, greedy: bool, sampling, want_q: bool):
 
 
 def propose(params, cfg: ModelConfig, cache: KVCache, chunk, n_feed, start, key, sampling, *, k: int, greedy: bool,
-            want_q: bool = False):
+            want_q: bool = False, limit=None, confidence=None):
     """The proposer: feed ``chunk`` (B, 2; the first ``n_feed`` (B,) real) at ``start`` (B,), then
-    draw ``k`` tokens, feeding each back in turn but the last.  Returns ``(proposals (B, k),
-    q (B, k, V_draft) or None (greedy, unless ``want_q``), cache)``."""
+    draw up to ``k`` tokens, feeding each back in turn but the last.
+
+    Adaptive drafting (``confidence`` given): a row stops drafting at its ``limit`` (B,) proposals
+    (default ``k``), or before a proposal the draft is not confident in (the maximum of its
+    distribution below ``confidence``); the first proposal is always made.  The loop ends when no row drafts on, so
+    a round whose rows all stop early runs fewer draft steps.  Returns ``(proposals (B, k),
+    q (B, k, V_draft) or None (greedy, unless ``want_q``), n_proposed (B,), n_fed, cache)``:
+    proposals past a row's ``n_proposed`` are not offered; ``n_fed`` (scalar) proposals of every
+    row went into the cache."""
     logits, cache = decoder.chunk(params, cfg, chunk, decoder.rewind(cache, start), n_feed, last_only=True)
     b = chunk.shape[0]
     keys = jax.random.split(key, k)
     with_q = want_q or not greedy
+    limit = jnp.full((b,), k, jnp.int32) if limit is None else jnp.minimum(limit, k)
     tok, q = _draw(logits, keys[0], greedy, sampling, with_q)
     proposals = jnp.zeros((b, k), jnp.int32).at[:, 0].set(tok)
     qs = jnp.zeros((b, k, logits.shape[-1]), jnp.float32).at[:, 0].set(q) if with_q else None
+    if confidence is None:  # a fixed length: k - 1 steps, no stopping test
+        def step(i, carry):
+            proposals, qs, cache = carry
+            logits, cache = decoder.step(params, cfg, proposals[:, i - 1], cache)
+            tok, q = _draw(logits, keys[i], greedy, sampling, with_q)
+            return proposals.at[:, i].set(tok), qs.at[:, i].set(q) if with_q else None, cache
 
-    def step(i, carry):
-        proposals, qs, cache = carry
+        proposals, qs, cache = jax.lax.fori_loop(1, k, step, (proposals, qs, cache))
+        return proposals, qs, jnp.minimum(limit, k), jnp.int32(k - 1), cache
+
+    def cond(carry):
+        i, _, _, _, n_prop, _ = carry
+        return (i < k) & jnp.any((n_prop == i) & (i < limit))  # a row offered every draw so far and may go on
+
+    def body(carry):
+        i, proposals, qs, cache, n_prop, _ = carry
         logits, cache = decoder.step(params, cfg, proposals[:, i - 1], cache)
         tok, q = _draw(logits, keys[i], greedy, sampling, with_q)
-        return proposals.at[:, i].set(tok), qs.at[:, i].set(q) if with_q else None, cache
+        top = jnp.max(q, axis=-1) if with_q else 1.0 / jnp.sum(jnp.exp(logits - jnp.max(logits, -1, keepdims=True)), -1)
+        go_on = (n_prop == i) & (i < limit) & (top >= confidence)
+        proposals = proposals.at[:, i].set(tok)
+        qs = qs.at[:, i].set(q) if with_q else None
+        return i + 1, proposals, qs, cache, n_prop + go_on.astype(jnp.int32), i
 
-    proposals, qs, cache = jax.lax.fori_loop(1, k, step, (proposals, qs, cache))
-    return proposals, qs, cache
+    n_prop = jnp.ones((b,), jnp.int32)
+    _, proposals, qs, cache, n_prop, n_fed = jax.lax.while_loop(
+        cond, body, (jnp.int32(1), proposals, qs, cache, n_prop, jnp.int32(0)))
+    return proposals, qs, n_prop, n_fed, cache
 
 
-@partial(jax.jit, static_argnames=("draft_cfg", "target_cfg", "k", "greedy", "rule"),
+@partial(jax.jit, static_argnames=("draft_cfg", "target_cfg", "k", "greedy", "rule", "adaptive"),
          donate_argnames=("d_cache", "t_cache"))
 def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig, d_cache: KVCache,
-                      t_cache: KVCache, pending, behind, active, key, sampling, alpha=0.0, *, k: int, greedy: bool,
-                      rule: str | None = None):
+                      t_cache: KVCache, pending, behind, active, key, sampling, alpha=0.0, confidence=0.0, *, k: int,
+                      greedy: bool, rule: str | None = None, adaptive: bool = False):
     """One draft-score-verify round for a batch of rows, in one device call.
 
     ``rule`` None: exact speculative decoding.  A :func:`deferral` rule (with ``alpha``) makes it a
     *speculative cascade*: each drafted position is judged against ``pi = q`` where the rule keeps
     the small model and ``pi = p`` where it defers (greedy: a kept position accepts the draft's
     token, a deferred one needs the large model's argmax), so the output follows that mixture
-    rather than ``p``; the token after ``k`` acceptances comes from ``p``.
+    rather than ``p``; the token after the accepted proposals comes from ``p``.
+
+    Adaptive drafting (``adaptive``, :func:`propose`): a row drafts up to ``k`` tokens but stops
+    before one the draft's confidence (its maximum probability) is below ``confidence``, so easy
+    text gets long drafts and hard text short ones (the threshold is a device scalar: changing it
+    compiles nothing).  Otherwise every row drafts ``k``.
 
     State per row: ``t_cache.lengths`` = ``committed``, the positions both models agree on;
     ``pending`` (B,) the last emitted token, in neither cache yet; ``behind`` (B,) a token at
@@ -225,10 +270,10 @@ def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, targe
     rows still generating (a finished row keeps its state).  ``sampling``: ``(temperature,
     top_k, top_p)`` device scalars.
 
-    Returns ``(proposals (B, k), n_accepted (B,), next (B,), deferred (B, k), behind', d_cache,
-    t_cache, key')`` (``deferred``: the rule's verdict per drafted position, all True when exact):
-    the caches rewound to the accepted prefix (``committed + 1 + n_accepted``; the draft one short
-    when all ``k`` were accepted, ``behind'`` then holds its last proposal).
+    Returns ``(proposals (B, k), n_proposed (B,), n_accepted (B,), next (B,), deferred (B, k), behind',
+    d_cache, t_cache, key')`` (``deferred``: the rule's verdict per drafted position, all True when
+    exact): the caches rewound to the accepted prefix (``committed + 1 + n_accepted``; the draft one
+    short when it accepted a proposal it never fed, ``behind'`` then holds it).
     """
     committed = t_cache.lengths
     draft_vocab = draft_cfg.vocab_size
@@ -238,8 +283,10 @@ def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, targe
                       jnp.stack([pending, jnp.zeros_like(pending)], axis=1))
     chunk = jnp.where(chunk < draft_vocab, chunk, 0)  # a target-only id reaches the draft as 0: only acceptance suffers
     key, k_draft, k_verify = jax.random.split(key, 3)
-    proposals, q, d_cache = propose(draft_params, draft_cfg, d_cache, chunk, 1 + has_behind.astype(jnp.int32), start,
-                                    k_draft, sampling, k=k, greedy=greedy, want_q=rule is not None)
+    proposals, q, n_prop, n_fed, d_cache = propose(
+        draft_params, draft_cfg, d_cache, chunk, 1 + has_behind.astype(jnp.int32), start, k_draft, sampling, k=k,
+        greedy=greedy, want_q=rule is not None, limit=jnp.where(active, k, 1), confidence=confidence if adaptive else None)
+    offered = _offered(k, n_prop)
     # scorer: the target over [pending, d_1 .. d_k]
     t_logits, t_cache = decoder.chunk(target_params, target_cfg, jnp.concatenate([pending[:, None], proposals], axis=1),
                                       t_cache)
@@ -249,26 +296,54 @@ def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, targe
     if rule is None:
         deferred = jnp.ones(proposals.shape, bool)
         if greedy:
-            n_acc, nxt = verify_greedy(proposals, t_logits)
+            n_acc, nxt = verify_greedy(proposals, t_logits, n_prop)
         else:
-            n_acc, nxt = verify_sampled(proposals, q, token_probs(t_logits, *sampling), k_verify)
+            n_acc, nxt = verify_sampled(proposals, q, token_probs(t_logits, *sampling), k_verify, n_prop)
     else:
         p = jax.nn.softmax(t_logits, axis=-1) if greedy else token_probs(t_logits, *sampling)
         deferred = deferral(q, p[:, :k], rule, alpha)
         if greedy:
             best = jnp.argmax(t_logits, axis=-1).astype(jnp.int32)
-            ok = ~deferred | (proposals == best[:, :k])
+            ok = (~deferred | (proposals == best[:, :k])) & offered
             n_acc = jnp.sum(jnp.cumprod(ok, axis=1), axis=1).astype(jnp.int32)
             nxt = jnp.take_along_axis(best, n_acc[:, None], axis=1)[:, 0]  # a rejection only happens where it deferred
         else:
             pi = jnp.where(deferred[:, :, None], p[:, :k], q)
-            n_acc, nxt = verify_sampled(proposals, q, jnp.concatenate([pi, p[:, k:]], axis=1), k_verify)
+            n_acc, nxt = verify_sampled(proposals, q, jnp.concatenate([pi, p[:, k:]], axis=1), k_verify, n_prop)
     new_committed = jnp.where(active, committed + 1 + n_acc, committed)
-    full = n_acc == k
-    d_len = jnp.where(active, jnp.where(full, new_committed - 1, new_committed), start)
-    behind = jnp.where(active, jnp.where(full, proposals[:, -1], -1), behind)
-    return (proposals, n_acc, nxt, deferred, behind, decoder.rewind(d_cache, d_len), decoder.rewind(t_cache, new_committed),
-            key)
+    unfed = n_acc > n_fed  # accepted a proposal the draft never fed (its last, when it drafted to the end)
+    d_len = jnp.where(active, jnp.where(unfed, new_committed - 1, new_committed), start)
+    behind = jnp.where(active, jnp.where(unfed, jnp.take_along_axis(proposals, jnp.maximum(n_acc - 1, 0)[:, None],
+                                                                    axis=1)[:, 0], -1), behind)
+    return (proposals, n_prop, n_acc, nxt, deferred, behind, decoder.rewind(d_cache, d_len),
+            decoder.rewind(t_cache, new_committed), key)
+
+
+AUTO_DRAFT_LEN = 8  # draft_len="auto": draft up to this many tokens per round ...
+AUTO_CONFIDENCE = 0.5  # ... stopping before a token whose draft probability is below this
+
+
+def draft_setting(draft_len: int | str = 4, draft_confidence: float | None = None) -> tuple[int, float]:
+    """``(k, confidence)`` of a round from the user's settings: ``draft_len`` a number of tokens, or
+    ``"auto"`` (up to :data:`AUTO_DRAFT_LEN`, stopping at draft confidence :data:`AUTO_CONFIDENCE`);
+    ``draft_confidence`` overrides the stopping confidence (0: draft all ``k``, the default for a
+    fixed length)."""
+    if isinstance(draft_len, str) and draft_len.strip().lower() == "auto":
+        k, conf = AUTO_DRAFT_LEN, AUTO_CONFIDENCE
+    else:
+        try:
+            k, conf = int(draft_len), 0.0
+        except (TypeError, ValueError):
+            raise ValueError(f"draft_len must be a number of tokens or 'auto', got {draft_len!r}") from None
+        if k != draft_len and str(k) != str(draft_len).strip():
+            raise ValueError(f"draft_len must be a whole number of tokens or 'auto', got {draft_len!r}")
+        if not 1 <= k <= 32:
+            raise ValueError(f"draft_len must be between 1 and 32 tokens (or 'auto'), got {draft_len!r}")
+    if draft_confidence is not None:
+        conf = float(draft_confidence)
+    if not 0.0 <= conf <= 1.0:
+        raise ValueError(f"draft_confidence must be in [0, 1], got {conf}")
+    return k, conf
 
 
 def _check_request(prompts, max_new_tokens, draft_len, draft_cfg: ModelConfig, target_cfg: ModelConfig) -> int:
@@ -297,16 +372,17 @@ def _check_request(prompts, max_new_tokens, draft_len, draft_cfg: ModelConfig, t
 
 
 def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig,
-                         prompt: list[int], *, max_new_tokens: int, draft_len: int = 4,
+                         prompt: list[int], *, max_new_tokens: int, draft_len: int | str = 4,
                          sampling: SamplingConfig = SamplingConfig(), eos_ids=None,
                          draft_kv: KVSpec | str | None = None, target_kv: KVSpec | str | None = None,
-                         rule: str | None = None, alpha: float = 0.0) -> SpeculativeResult:
+                         rule: str | None = None, alpha: float = 0.0,
+                         draft_confidence: float | None = None) -> SpeculativeResult:
     """Generate up to ``max_new_tokens`` after ``prompt`` (ids) with the draft/target pair: one row
     of :func:`speculative_generate_batch`."""
     return speculative_generate_batch(draft_params, draft_cfg, target_params, target_cfg, [prompt],
                                       max_new_tokens=max_new_tokens, draft_len=draft_len, sampling=sampling,
                                       eos_ids=eos_ids, draft_kv=draft_kv, target_kv=target_kv, rule=rule,
-                                      alpha=alpha)[0]
+                                      alpha=alpha, draft_confidence=draft_confidence)[0]
 
 
 def speculative_generate_batch(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig,
@@ -318,10 +394,10 @@ def speculative_generate_batch(draft_params, draft_cfg: ModelConfig, target_para
 
 
 def speculative_stream(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig,
-                       prompts: list[list[int]], *, max_new_tokens: int, draft_len: int = 4,
+                       prompts: list[list[int]], *, max_new_tokens: int, draft_len: int | str = 4,
                        sampling: SamplingConfig = SamplingConfig(), eos_ids=None,
                        draft_kv: KVSpec | str | None = None, target_kv: KVSpec | str | None = None,
-                       rule: str | None = None, alpha: float = 0.0):
+                       rule: str | None = None, alpha: float = 0.0, draft_confidence: float | None = None):
     """A generator: after the prefill and after every round it yields the tokens each row emitted
     (``list[list[int]]``, empty for a finished row); it returns the list of
     :class:`SpeculativeResult` (``StopIteration.value``; :func:`drain` runs it to the end).
@@ -330,15 +406,16 @@ def speculative_stream(draft_params, draft_cfg: ModelConfig, target_params, targ
     be larger than the target's.  ``draft_kv``/``target_kv``: each model's KV cache precision
     (:mod:`cascade.quant.kv`); greedy output equals the target's own greedy output with ``target_kv``.
     ``rule``/``alpha``: a speculative cascade (:func:`speculative_round`, :func:`deferral`) instead of
-    exact speculation; ``alpha`` in [0, 1].
+    exact speculation; ``alpha`` in [0, 1].  ``draft_len``/``draft_confidence``: how many tokens the
+    draft proposes per round (:func:`draft_setting`; ``"auto"``: adaptive).
     """
     if rule is not None and rule not in RULES:
         raise ValueError(f"unknown deferral rule {rule!r}; choose from {', '.join(RULES)}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    context = _check_request(prompts, max_new_tokens, draft_len, draft_cfg, target_cfg)
+    k, confidence = draft_setting(draft_len, draft_confidence)
+    context = _check_request(prompts, max_new_tokens, k, draft_cfg, target_cfg)
     eos = set(target_cfg.eos_token_ids if eos_ids is None else eos_ids)
-    k = draft_len
     batch = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
     longest = int(lengths.max())
@@ -368,16 +445,16 @@ def speculative_stream(draft_params, draft_cfg: ModelConfig, target_params, targ
     rounds, t_round1, n_round1 = 0, None, None
     while not all(done):
         active = jnp.asarray([not d for d in done])
-        proposals, n_acc, nxt, deferred, behind, d_cache, t_cache, key = speculative_round(
+        proposals, n_prop, n_acc, nxt, deferred, behind, d_cache, t_cache, key = speculative_round(
             draft_params, draft_cfg, target_params, target_cfg, d_cache, t_cache, pending, behind, active, key, params,
-            jnp.float32(alpha), k=k, greedy=sampling.greedy, rule=rule)
-        proposals_h, n_acc_h, nxt_h, deferred_h = (np.asarray(proposals), np.asarray(n_acc), np.asarray(nxt),
-                                                   np.asarray(deferred))
+            jnp.float32(alpha), jnp.float32(confidence), k=k, greedy=sampling.greedy, rule=rule, adaptive=confidence > 0)
+        proposals_h, n_prop_h, n_acc_h, nxt_h, deferred_h = (np.asarray(proposals), np.asarray(n_prop),
+                                                             np.asarray(n_acc), np.asarray(nxt), np.asarray(deferred))
         before = [len(row) for row in out]
         for i in range(batch):
             if done[i]:
                 continue
-            row, n = out[i], int(n_acc_h[i])
+            row, n, offered = out[i], int(n_acc_h[i]), int(n_prop_h[i])
             room_i = max_new_tokens - len(row)  # tokens this round may still emit (>= 1)
             for tok in [*proposals_h[i, :n].tolist(), int(nxt_h[i])]:
                 row.append(tok)
@@ -385,10 +462,11 @@ def speculative_stream(draft_params, draft_cfg: ModelConfig, target_params, targ
                     done[i] = True
                     break
             kept = len(row) - (max_new_tokens - room_i)  # tokens this round emitted
-            stats[i].record_round(offered=min(k, room_i), accepted=min(n, kept))
+            stats[i].record_round(offered=min(offered, room_i), accepted=min(n, kept))
             if rule is not None:  # positions the verifier judged: the accepted ones and the one that stopped it
-                stats[i].judged_tokens += min(n + 1, k, room_i)
-                stats[i].deferred_tokens += int(deferred_h[i, : min(n + 1, k, room_i)].sum())
+                judged = min(n + 1, offered, room_i)
+                stats[i].judged_tokens += judged
+                stats[i].deferred_tokens += int(deferred_h[i, :judged].sum())
             stats[i].emitted_tokens = len(row)
         pending = nxt
         rounds += 1

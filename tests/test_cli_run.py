@@ -34,6 +34,10 @@ def test_run_json_is_deterministic_for_a_seed_and_exact_when_greedy(capsys):
     assert s["rounds"] >= 1 and 4 * s["rounds"] - 6 <= s["draft_tokens"] <= 4 * s["rounds"]  # the last rounds: fewer
     assert 0 <= s["acceptance_rate"] <= 1
     assert large["speculative"] is None and large["small"] is None and large["draft_len"] is None  # loads only the large
+    auto = json.loads(run(capsys, "run", "The dog", "--max-tokens", "20", "--draft-len", "auto", "--json")[1])
+    assert auto["token_ids"] == large["token_ids"] and (auto["draft_len"], auto["draft_confidence"]) == ("auto", 0.5)
+    a = auto["speculative"]
+    assert a["rounds"] <= a["draft_tokens"] <= 8 * a["rounds"]  # adaptive: one to eight proposals a round
 
 
 @pytest.mark.parametrize("args, code, message", [
@@ -50,7 +54,10 @@ def test_run_json_is_deterministic_for_a_seed_and_exact_when_greedy(capsys):
     (("--mode", "defer", "--threshold", "nan"), 2, "--threshold"),
     (("--mode", "defer", "--defer-score", "vibes"), 2, "--defer-score"),
     (("--mode", "large", "--draft-len", "3"), 2, "--draft-len apply only to --mode speculative or spec-cascade"),
-    (("--budget", "5MB"), 1, "the plan needs 9,839,424 bytes for 1 sequence(s) of 512 positions"),
+    (("--mode", "small", "--draft-confidence", "0.5"), 2, "--draft-confidence apply only to --mode speculative"),
+    (("--draft-len", "fast"), 2, "draft_len must be a number of tokens or 'auto'"),
+    (("--draft-confidence", "1.5"), 2, "--draft-confidence"),
+    (("--budget", "5MB"), 1, "the plan needs 61,539,136 bytes for 1 sequence(s) of 512 positions"),
     (("--budget", "lots"), 2, "--budget"),
 ])
 def test_bad_flags_are_one_line_errors(capsys, args, code, message):

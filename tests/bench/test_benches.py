@@ -60,3 +60,15 @@ def test_cascade_bench_rows(tmp_path):
     assert "spec-cascade" in bench_cascade.table(r)
     bench_cascade.plot(r, str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_drafting_bench_rows():
+    """bench/drafting.py: every drafting setting over the same prompts, each exact against the large model."""
+    from cascade.bench import drafting
+
+    r = drafting.run("default-small", "default-large", tokens=6, prompts=2, repeats=1)
+    spec = [row for row in r["rows"] if row["mode"] == "speculative"]
+    assert [row["mode"] for row in r["rows"][:2]] == ["large", "small"] and len(spec) == 7
+    assert all(row["exact"] and 0 <= row["acceptance"] <= 1 for row in spec)
+    assert all(1 <= row["drafted_per_round"] <= row["draft_len"] for row in spec)
+    assert r["rows"][0]["vs_large"] == 1.0 and "adaptive, up to 8, confidence 0.5" in drafting.table(r)

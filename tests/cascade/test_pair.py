@@ -21,6 +21,12 @@ def test_speculative_greedy_equals_the_quantized_large_model_alone(pair):
     st = spec.stats
     assert st.rounds > 0 and 0 < st.acceptance_rate <= 1  # a trained draft agrees with its verifier sometimes
     assert large.stats is None
+    auto = run(pair, "Once upon a time, there was a", mode="speculative", max_new_tokens=48, draft_len="auto")
+    assert auto.token_ids == large.token_ids  # adaptive drafting keeps the output exact
+    table = spec.table().splitlines()  # the one result type, for people: a row per field, its values in it
+    assert table[0].split() == ["mode", "speculative"] and f"{st.acceptance_rate:.1%}" in spec.table()
+    assert any(r.split()[:2] == ["tokens", str(len(spec.token_ids))] for r in table)
+    assert "answered by  large" in large.table() and "acceptance" not in large.table()
 
 
 def test_sampling_is_deterministic_for_a_seed(pair):

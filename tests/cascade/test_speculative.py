@@ -60,6 +60,40 @@ def test_greedy_output_equals_the_target_alone(draft, target, draft_len):
         assert all(a >= b for a, b in zip(st.accepted_at, st.accepted_at[1:]))  # a prefix is accepted
 
 
+def test_adaptive_drafting_keeps_the_greedy_output(draft, target):
+    """Drafting stopped by the draft's confidence (any threshold) leaves the target's greedy output;
+    a higher threshold offers fewer proposals per round.  ``draft_len="auto"`` too."""
+    draft, draft_cfg = draft
+    prompt = PROMPTS[2]
+    ref = generate(target, TARGET_CFG, [prompt], max_new_tokens=40, eos_ids=()).tokens[0]
+    offered = []
+    for confidence in (0.0, 0.5, 0.8, 1.0):
+        out = speculative_generate(draft, draft_cfg, target, TARGET_CFG, prompt, max_new_tokens=40, draft_len=4,
+                                   draft_confidence=confidence, eos_ids=())
+        assert out.tokens == ref, confidence
+        st = out.stats
+        assert st.offered_at[0] == st.rounds and all(a >= b for a, b in zip(st.offered_at, st.offered_at[1:]))
+        offered.append(st.draft_tokens / st.rounds)
+    assert offered[0] > offered[2] and offered[3] == 1.0  # confidence 1: only the first proposal, always offered
+    assert all(a >= b for a, b in zip(offered, offered[1:]))
+    auto = speculative_generate(draft, draft_cfg, target, TARGET_CFG, prompt, max_new_tokens=40, draft_len="auto",
+                                eos_ids=())
+    assert auto.tokens == ref
+
+
+def test_draft_settings():
+    from cascade.speculative import AUTO_CONFIDENCE, AUTO_DRAFT_LEN, draft_setting
+
+    assert draft_setting(4) == (4, 0.0) and draft_setting("6") == (6, 0.0)
+    assert draft_setting("auto") == (AUTO_DRAFT_LEN, AUTO_CONFIDENCE) and draft_setting("auto", 0.2) == (AUTO_DRAFT_LEN, 0.2)
+    assert draft_setting(3, 0.7) == (3, 0.7)
+    for bad, msg in ((0, "between 1 and 32"), (33, "between 1 and 32"), ("fast", "or 'auto'"), (2.5, "whole number")):
+        with pytest.raises(ValueError, match=msg):
+            draft_setting(bad)
+    with pytest.raises(ValueError, match=r"draft_confidence must be in \[0, 1\]"):
+        draft_setting(4, 1.5)
+
+
 def test_a_draft_identical_to_the_target_is_always_accepted(target):
     out = speculative_generate(target, TARGET_CFG, target, TARGET_CFG, PROMPTS[0], max_new_tokens=31,
                                draft_len=5, eos_ids=())
@@ -215,6 +249,40 @@ def test_sampled_speculative_tokens_follow_the_target_distribution(target):
     assert 0 < accepted < n  # the draft is right sometimes, not always: both branches of the rule ran
 
 
+def test_sampled_adaptive_drafting_follows_the_target_distribution(target):
+    """With drafting stopped by the draft's confidence, the third generated token (its proposal is
+    offered or not depending on the draft's state) over 4,000 rows is distributed as under the target
+    alone: the exact marginal over the target's own two-step paths, by a chi-square test."""
+    from cascade.models.decoder import logits_of
+    from cascade.speculative import speculative_generate_batch
+
+    noise = lambda a: a + 0.5 * a.std() * jax.random.normal(jax.random.key(7), a.shape)  # noqa: E731
+    draft = jax.tree.map(noise, target)
+    prompt = [0, 5, 17, 33]
+    s = SamplingConfig(temperature=0.4, top_k=8, seed=5)
+    sp = (jnp.float32(0.4), jnp.int32(8), jnp.float32(1.0))
+    n = 4000
+    out = speculative_generate_batch(draft, TARGET_CFG, target, TARGET_CFG, [prompt] * n, max_new_tokens=3, draft_len=3,
+                                     draft_confidence=0.3, sampling=s, eos_ids=())
+    third = np.array([r.tokens[2] for r in out])
+    p0 = np.asarray(token_probs(logits_of(target, TARGET_CFG, [prompt])[0, -1], *sp), np.float64)
+    t1 = np.flatnonzero(p0 > 0)
+    p1 = np.asarray(token_probs(logits_of(target, TARGET_CFG, np.array([prompt + [int(a)] for a in t1]))[:, -1], *sp),
+                    np.float64)
+    paths = [(a, b) for i, a in enumerate(t1) for b in np.flatnonzero(p1[i] > 0)]
+    weights = np.array([p0[a] * p1[i, b] for i, a in enumerate(t1) for b in np.flatnonzero(p1[i] > 0)])
+    p2 = np.asarray(token_probs(logits_of(target, TARGET_CFG, np.array([prompt + [int(a), int(b)] for a, b in paths]))[:, -1],
+                                *sp), np.float64)
+    expected = n * (weights @ p2)
+    counts = np.bincount(third, minlength=TARGET_CFG.vocab_size)
+    assert counts[expected == 0].sum() == 0
+    stat, critical = _chi_square(counts, expected)
+    assert stat < critical, (stat, critical)
+    offered_second = sum(r.stats.offered_at[1] for r in out)
+    rounds = sum(r.stats.offered_at[0] for r in out)
+    assert 0 < offered_second < rounds  # the confidence stop both cut and allowed a second proposal
+
+
 def _chi_square(counts, expected):
     """(statistic, 0.999 critical value) of observed ``counts`` against ``expected`` (same total);
     cells expected below 5 are pooled."""
@@ -309,16 +377,18 @@ def test_rewind_leaves_the_caches_of_a_fresh_run_on_the_accepted_text(kv):
     pending = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     behind, key, rejected = jnp.full((1,), -1, jnp.int32), jax.random.key(0), 0
     sp = (jnp.float32(0), jnp.int32(0), jnp.float32(1))
-    for _ in range(5):
+    stopped = 0
+    for r in range(8):  # every other round drafts adaptively: it may stop early and accept all it offered
         text.append(int(pending[0]))  # the pending token is about to be fed
-        proposals, n_acc, nxt, _, behind, d_cache, t_cache, key = speculative_round(
+        proposals, n_prop, n_acc, nxt, _, behind, d_cache, t_cache, key = speculative_round(
             draft, DRAFT_CFG, target, TARGET_CFG, d_cache, t_cache, pending, behind, jnp.array([True]), key, sp,
-            k=k, greedy=True)
+            jnp.float32(0), jnp.float32(0.9 if r % 2 else 0.0), k=k, greedy=True, adaptive=bool(r % 2))
         n = int(n_acc[0])
-        rejected += n < k
+        rejected += n < int(n_prop[0])
+        stopped += int(n_prop[0]) < k
         text += [int(t) for t in np.asarray(proposals[0, :n])]
         pending = nxt
-    assert rejected >= 2
+    assert rejected >= 2 and stopped >= 1
     committed = int(t_cache.lengths[0])
     assert committed == len(text)
     for cfg, params, cache in ((TARGET_CFG, target, t_cache), (DRAFT_CFG, draft, d_cache)):

@@ -1,0 +1,110 @@
+"""How far the draft should propose: fixed draft lengths against adaptive drafting, on one pair.
+
+    python -m cascade.bench.drafting [--small default-small --large default-large]
+        [--small-quant int4 --large-quant int8] [--tokens 64] [--prompts 8] [--repeats 3]
+        [--out bench/results/drafting-default-pair.json] [--json]
+
+Rows, greedy, exact speculative decoding (every row's output equals the large model's, checked):
+the large and small models alone, fixed ``--draft-len`` 2, 3, 4 and 6, and adaptive drafting (up to
+8 tokens, stopping before a token the draft's probability is below a confidence: 0.3, 0.5 (= ``auto``)
+and 0.7).  Per row: tokens/s (all generated tokens over all wall time, prompts one at a time,
+median of ``--repeats`` runs after a warm-up run), acceptance, proposals per round and large-model
+calls per generated token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+CONFIGS = ([{"mode": "large"}, {"mode": "small"}] + [{"mode": "speculative", "draft_len": k} for k in (2, 3, 4, 6)]
+           + [{"mode": "speculative", "draft_len": 8, "draft_confidence": c} for c in (0.3, 0.5, 0.7)])
+
+
+def run(small: str, large: str, *, small_quant: str = "int4", large_quant: str = "int8", tokens: int = 64,
+        prompts: int = 8, repeats: int = 3) -> dict:
+    from cascade.bench.cascade import PROMPTS
+    from cascade.bench.context import run_context
+    from cascade.pair import load_pair, run as run_pair
+
+    pair = load_pair(small, large, small_quant=small_quant, large_quant=large_quant)
+    texts = list(PROMPTS[:prompts])
+    want = {p: run_pair(pair, p, mode="large", max_new_tokens=tokens).token_ids for p in texts}
+    rows = []
+    for config in CONFIGS:
+        for p in texts:  # warm-up: every shape compiled before timing
+            run_pair(pair, p, max_new_tokens=tokens, **config)
+        speeds, results = [], []
+        for _ in range(repeats):
+            t0, n, results = time.perf_counter(), 0, []
+            for p in texts:
+                r = run_pair(pair, p, max_new_tokens=tokens, **config)
+                n += len(r.token_ids)
+                results.append(r)
+            speeds.append(n / (time.perf_counter() - t0))
+        row = {**config, "tokens_per_s": round(statistics.median(speeds), 1), "tokens": n}
+        if config["mode"] == "speculative":
+            st = [r.stats for r in results]
+            drafted, rounds = sum(s.draft_tokens for s in st), sum(s.rounds for s in st)
+            row.update(acceptance=round(sum(s.accepted_tokens for s in st) / drafted, 4),
+                       drafted_per_round=round(drafted / rounds, 3), large_calls_per_token=round(rounds / n, 4),
+                       exact=all(r.token_ids == want[p] for r, p in zip(results, texts)))
+        rows.append(row)
+        print(f"  {_label(row)}: {row['tokens_per_s']} tok/s", file=sys.stderr, flush=True)
+    base = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["vs_large"] = round(row["tokens_per_s"] / base, 3)
+    return {"benchmark": "drafting", **run_context(repeats=repeats, warmup=1), "small": small, "large": large,
+            "small_quant": small_quant, "large_quant": large_quant, "tokens": tokens, "prompts": texts, "rows": rows}
+
+
+def _label(row: dict) -> str:
+    if row["mode"] != "speculative":
+        return f"{row['mode']} alone"
+    if "draft_confidence" in row:
+        return f"adaptive, up to {row['draft_len']}, confidence {row['draft_confidence']}"
+    return f"fixed draft of {row['draft_len']}"
+
+
+def table(result: dict) -> str:
+    from cascade.bench.context import describe
+
+    lines = [f"drafting: small {result['small_quant']} drafts for large {result['large_quant']}, {result['tokens']} tokens "
+             f"x {len(result['prompts'])} prompts, greedy, {describe(result)}",
+             "| drafting | tok/s | vs large | acceptance | proposals / round | large calls / token | exact |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in result["rows"]:
+        spec = r["mode"] == "speculative"
+        lines.append(f"| {_label(r)} | {r['tokens_per_s']} | {r['vs_large']:.2f}x | "
+                     f"{format(r['acceptance'], '.0%') if spec else ''} | {r['drafted_per_round'] if spec else ''} | "
+                     f"{r['large_calls_per_token'] if spec else ''} | {('yes' if r['exact'] else 'NO') if spec else ''} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", default="default-small")
+    ap.add_argument("--large", default="default-large")
+    ap.add_argument("--small-quant", default="int4")
+    ap.add_argument("--large-quant", default="int8")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    result = run(args.small, args.large, small_quant=args.small_quant, large_quant=args.large_quant,
+                 tokens=args.tokens, prompts=args.prompts, repeats=args.repeats)
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
