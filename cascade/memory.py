@@ -11,18 +11,25 @@ quantized tensors) and its KV cache at its precision (:func:`cascade.models.kv_c
 length the runtime gives it: :func:`cascade.models.decoder.cache_length` alone, or
 :func:`cascade.models.decoder.cache_room` in a cascade (room for one more draft round, and a
 full-precision ring sized for ``draft_len + 1`` rewound positions), for the longest prompt that
-fits in ``ctx``.  Not counted: activations and XLA scratch space, which include a float32 copy
-of one layer's dequantized keys and values and the attention scores of the current call.
+fits in ``ctx``.  Plus the **workspace** of the largest single call (:func:`workspace_bytes`):
+activations, attention scores, logits, and the float32 weights the reference matmul dequantizes
+on calls of many rows (a prefill); the models run one call at a time, so the plan adds the larger
+of the two models' workspaces, not their sum.  It is an upper estimate: XLA's own buffer
+assignment (``compiled.memory_analysis().temp_size_in_bytes``) for the runtime's calls stays below
+it (tested), at half to three quarters of it for a full-context prefill.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 
+import jax
+
 from cascade.models import kv_cache_memory, weight_bytes
-from cascade.models.decoder import cache_length, cache_room
+from cascade.models.decoder import cache_length, cache_room, prompt_bucket
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4, "t": 1000**4, "tb": 1000**4}
@@ -49,9 +56,11 @@ class ModelMemory:
     kv_positions: int  # the cache length the runtime allocates
     kv_bytes: int
     kv_bytes_per_token: float
+    workspace_bytes: int = 0  # scratch of this model's largest call (the plan adds the larger model's)
 
     @property
     def total(self) -> int:
+        """Weights and KV cache: what stays allocated."""
         return self.weight_bytes + self.kv_bytes
 
 
@@ -63,8 +72,14 @@ class MemoryPlan:
     budget: int | None
 
     @property
+    def workspace(self) -> int:
+        """Scratch of the largest single call of either model (they run one call at a time)."""
+        return max((m.workspace_bytes for m in self.models), default=0)
+
+    @property
     def total(self) -> int:
-        return sum(m.total for m in self.models)
+        """Weights and KV caches of both models plus the workspace of the largest call."""
+        return sum(m.total for m in self.models) + self.workspace
 
     @property
     def fits(self) -> bool | None:
@@ -72,7 +87,8 @@ class MemoryPlan:
 
     def to_json(self) -> dict:
         return {"ctx": self.ctx, "batch": self.batch, "budget": self.budget, "total_bytes": self.total,
-                "fits": self.fits, "models": [{**dataclasses.asdict(m), "total_bytes": m.total} for m in self.models]}
+                "workspace_bytes": self.workspace, "fits": self.fits,
+                "models": [{**dataclasses.asdict(m), "total_bytes": m.total} for m in self.models]}
 
     def table(self) -> str:
         lines = [f"{'model':<6} {'weights':<14} {'kv':<8} {'weight bytes':>14} {'KV positions':>12} {'KV bytes':>14} "
@@ -80,6 +96,7 @@ class MemoryPlan:
         for m in self.models:
             lines.append(f"{m.role:<6} {str(m.quant or 'as loaded'):<14} {m.kv:<8} {m.weight_bytes:>14,} {m.kv_positions:>12,} "
                          f"{m.kv_bytes:>14,} {m.total:>14,}")
+        lines.append(f"workspace of the largest call (activations, attention scores, logits): {self.workspace:,} bytes")
         lines.append(f"total for {self.batch} sequence(s) of up to {self.ctx} positions: {self.total:,} bytes "
                      f"({self.total / 2**20:.1f} MiB)")
         if self.budget is not None:
@@ -93,8 +110,6 @@ def planned_weight_bytes(cfg, rules, *, scale_dtype="float16") -> int:
     stores), from the config alone: each parameter's shape and the spec its rule gives it (codes,
     scales and zero points of an integer spec; the cast of a float spec; float32 for a parameter no
     rule touches, as quantization leaves a dequantized import)."""
-    import math
-
     from cascade.models.llama import param_shapes
     from cascade.models.quantize import reduction_axis
     from cascade.quant.rules import PrecisionRules
@@ -127,9 +142,38 @@ def _quantized_nbytes(shape: tuple, spec, axis: int, scale_dtype: str) -> int:
                           jax.ShapeDtypeStruct(shape, jnp.float32)).nbytes
 
 
+def workspace_bytes(cfg, *, batch: int, positions: int, prompt_tokens: int, verify_tokens: int,
+                    quantized_kv: bool, quantized_weights: bool) -> int:
+    """Scratch bytes of a model's largest call: a prefill of ``prompt_tokens`` per row (logits of the
+    last position only) or a call of ``verify_tokens`` per row with all their logits (decode steps,
+    a speculative verification), ``batch`` rows against a cache of ``positions``.
+
+    Per call, one and a half times (a layer's buffers overlap the next one's) the float32 hidden
+    states, q/k/v and MLP activations, the attention scores, probabilities and mask, and for a
+    quantized cache the float32 copy of one layer's keys and values; plus four layers' float32 keys
+    and values (cache writes), the float32 logits, and, when the call has more rows than the native kernel takes
+    (:data:`cascade.quant.kernels.cpu.MAX_ROWS`), every quantized linear weight dequantized to
+    float32 by the reference matmul."""
+    from cascade.models.llama import param_shapes
+    from cascade.quant.kernels.cpu import MAX_ROWS
+
+    layer_kv = batch * positions * cfg.n_kv_heads * cfg.head_dim * 4 * 2
+    linear = sum(math.prod(shape) for path, shape in param_shapes(cfg).items()
+                 if len(shape) == 2 and not path.startswith("embed"))
+    worst = 0
+    for tokens, logit_rows in ((prompt_tokens, 1), (verify_tokens, verify_tokens)):
+        rows = batch * tokens
+        act = rows * (4 * cfg.dim + 2 * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + 3 * cfg.hidden_dim) * 4
+        att = 3 * batch * cfg.n_heads * tokens * positions * 4
+        dequantized = 4 * linear if quantized_weights and rows > MAX_ROWS else 0
+        logits = batch * logit_rows * cfg.vocab_size * 4
+        worst = max(worst, 3 * (act + att + (layer_kv if quantized_kv else 0)) // 2 + 4 * layer_kv + dequantized + logits)
+    return worst
+
+
 def plan_from_configs(small: str | None, large: str | None, *, small_quant: str | None = "int4",
                       large_quant: str | None = "int8", ctx: int | None = None, batch: int = 1, small_kv: str = "fp32",
-                      large_kv: str = "fp32", draft_len: int = 4, budget: int | str | None = None,
+                      large_kv: str = "fp32", draft_len: int | str = 4, budget: int | str | None = None,
                       scale_dtype="float16") -> MemoryPlan:
     """:func:`plan_memory` for the pair ``small``/``large`` (names or paths; None: absent) quantized
     under ``*_quant``, computed from the configs without loading weights.  A model kept as stored
@@ -148,8 +192,16 @@ def plan_from_configs(small: str | None, large: str | None, *, small_quant: str 
             raise ValueError(f"the {role} model keeps its stored weights: its bytes are counted from the loaded "
                              "model (plan_memory), not from its config")
         weights[role] = planned_weight_bytes(configs[role], quant, scale_dtype=scale_dtype)
-    return _plan([(role, src, quant, kv, configs[role], weights[role]) for role, src, quant, kv in roles],
-                 ctx=ctx, batch=batch, draft_len=draft_len, budget=budget)
+    return _plan([(role, src, quant, kv, configs[role], weights[role], _has_integer_spec(quant))
+                  for role, src, quant, kv in roles], ctx=ctx, batch=batch, draft_len=draft_len, budget=budget)
+
+
+def _has_integer_spec(rules) -> bool:
+    from cascade.quant.rules import PrecisionRules
+    from cascade.quant.spec import IntSpec
+
+    parsed = PrecisionRules.parse(rules)
+    return any(isinstance(spec, IntSpec) for spec in (*(s for _, s in parsed.rules), parsed.default))
 
 
 def over_budget_message(plan: MemoryPlan, **request) -> str:
@@ -189,9 +241,15 @@ def over_budget_message(plan: MemoryPlan, **request) -> str:
 
 
 def plan_memory(pair, *, ctx: int | None = None, batch: int = 1, small_kv: str = "fp32", large_kv: str = "fp32",
-                draft_len: int = 4, budget: int | str | None = None) -> MemoryPlan:
+                draft_len: int | str = 4, budget: int | str | None = None) -> MemoryPlan:
     """The memory plan of a loaded :class:`cascade.pair.ModelPair` (either model may be absent)."""
-    models = [(role, m.source, m.quant, kv, m.config, weight_bytes(m.params))
+    from cascade.quant.qtensor import QuantizedTensor
+
+    def quantized(params) -> bool:
+        return any(isinstance(leaf, QuantizedTensor) for leaf in
+                   jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedTensor)))
+
+    models = [(role, m.source, m.quant, kv, m.config, weight_bytes(m.params), quantized(m.params))
               for role, m, kv in (("small", pair.small, small_kv), ("large", pair.large, large_kv)) if m is not None]
     if not models:
         raise ValueError("the pair has no model to plan for")
@@ -199,20 +257,28 @@ def plan_memory(pair, *, ctx: int | None = None, batch: int = 1, small_kv: str =
 
 
 def _plan(models, *, ctx, batch, draft_len, budget) -> MemoryPlan:
-    """``models``: (role, source, quant, kv, config, weight bytes) per model."""
-    context = min(cfg.max_seq_len for *_, cfg, _ in models)
+    """``models``: (role, source, quant, kv, config, weight bytes, quantized weights?) per model."""
+    context = min(m[4].max_seq_len for m in models)
     ctx = ctx or context
     if ctx > context:
         raise ValueError(f"ctx {ctx} exceeds the context of the pair ({context})")
+    from cascade.speculative import draft_setting
+
+    draft_len = draft_setting(draft_len)[0]  # "auto": its longest draft
     speculative = len(models) == 2
     rewind = draft_len + 1 if speculative else 0
     # the runtime's cache length for sequences of at most ctx positions (any prompt/new split)
     positions = (max(cache_room(n, ctx - n, draft_len, context) for n in range(1, ctx + 1)) if speculative
                  else cache_length(models[0][4], ctx))
+    longest_prompt = prompt_bucket(ctx - 1)  # the prefill of the longest prompt that leaves room for a token
     rows = []
-    for role, source, quant, kv, cfg, wbytes in models:
+    for role, source, quant, kv, cfg, wbytes, quantized in models:
         mem = kv_cache_memory(cfg, kv, positions, batch=batch, rewind=rewind)
+        work = workspace_bytes(cfg, batch=batch, positions=positions, prompt_tokens=min(longest_prompt, positions),
+                               verify_tokens=draft_len + 1 if speculative else 1, quantized_kv=mem["kv"] not in
+                               ("fp32", "bf16", "fp16"), quantized_weights=quantized)
         rows.append(ModelMemory(role=role, source=source, quant=quant, kv=mem["kv"], weight_bytes=wbytes,
-                                kv_positions=positions, kv_bytes=mem["bytes"], kv_bytes_per_token=mem["bytes_per_token"]))
+                                kv_positions=positions, kv_bytes=mem["bytes"], kv_bytes_per_token=mem["bytes_per_token"],
+                                workspace_bytes=work))
     return MemoryPlan(ctx=ctx, batch=batch, models=tuple(rows),
                       budget=None if budget is None else parse_bytes(budget) if isinstance(budget, str) else int(budget))

@@ -61,13 +61,14 @@ def test_plan_json_and_budget(capsys):
     code, out, _ = run(capsys, "plan", "--kv", "int4", "--ctx", "512", "--json")
     plan = json.loads(out)
     assert code == 0 and plan["fits"] is None and [m["kv"] for m in plan["models"]] == ["int4", "int4"]
-    assert plan["total_bytes"] == sum(m["weight_bytes"] + m["kv_bytes"] for m in plan["models"])
+    assert plan["total_bytes"] == sum(m["weight_bytes"] + m["kv_bytes"] for m in plan["models"]) + plan["workspace_bytes"]
+    assert plan["workspace_bytes"] == max(m["workspace_bytes"] for m in plan["models"])
     code, _, err = run(capsys, "plan", "--kv", "int4", "--budget", str(plan["total_bytes"] - 1))
     assert code == 1 and err.strip().splitlines()[-1].startswith("error: the plan needs")
     code, _, _ = run(capsys, "plan", "--kv", "int4", "--budget", str(plan["total_bytes"]))
     assert code == 0
-    code, _, err = run(capsys, "plan", "--batch", "4", "--budget", "10MB")  # as run --budget words it
-    assert code == 1 and "(11,177,408 over); would fit: --kv int4 (8,897,856 bytes)" in err
+    code, _, err = run(capsys, "plan", "--batch", "4", "--budget", "170MB")  # as run --budget words it
+    assert code == 1 and "(4,892,096 over); would fit: --kv int4 (165,795,136 bytes)" in err
 
 
 @pytest.mark.parametrize("args", [

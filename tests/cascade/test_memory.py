@@ -53,7 +53,8 @@ def test_plan_counts_the_weights_and_the_caches_the_runtime_allocates(monkeypatc
         if ctx == 512:  # a prompt this long sets the bound
             assert allocated == [small.kv_bytes, large.kv_bytes]
     assert small.weight_bytes == weight_bytes(pair.small.params) and large.weight_bytes == weight_bytes(pair.large.params)
-    assert plan.total == small.total + large.total and plan.fits is None
+    assert plan.workspace == max(small.workspace_bytes, large.workspace_bytes) > 0  # one call at a time
+    assert plan.total == small.total + large.total + plan.workspace and plan.fits is None
     assert plan_memory(pair, ctx=300, budget=plan.total * 10).fits
     two = plan_memory(pair, ctx=512, batch=2, small_kv="int4", large_kv="int8")
     assert two.models[1].kv_bytes == 2 * large.kv_bytes
@@ -112,13 +113,14 @@ def test_a_budget_too_small_is_refused_before_loading(monkeypatch):
 
     monkeypatch.setattr(router, "load_pair", no_loading)
     with pytest.raises(ValueError) as e:
-        Cascade.load(budget="20MB", ctx=512, batch=8)
+        Cascade.load(budget="310MB", ctx=512, batch=8)
     msg = str(e.value)
     need = plan_from_configs("default-small", "default-large", ctx=512, batch=8).total
-    assert f"needs {need:,} bytes" in msg and f"({need - 20_000_000:,} over)" in msg and "would fit: --kv int4" in msg
+    assert f"needs {need:,} bytes" in msg and f"({need - 310_000_000:,} over)" in msg and "would fit: --kv int4" in msg
     assert plan_from_configs("default-small", "default-large", ctx=512, batch=8, small_kv="int4",
-                             large_kv="int4").total <= 20_000_000
-    assert "--batch 2" in msg and plan_from_configs("default-small", "default-large", batch=2).total <= 20_000_000
+                             large_kv="int4").total <= 310_000_000
+    assert "--batch 4" in msg and plan_from_configs("default-small", "default-large", batch=4).total <= 310_000_000
+    assert "--ctx 256" in msg and plan_from_configs("default-small", "default-large", ctx=256, batch=8).total <= 310_000_000
 
 
 def test_live_buffers_after_loading_agree_with_the_plan():
@@ -140,3 +142,31 @@ def test_live_buffers_after_loading_agree_with_the_plan():
     for m, model in zip(plan.models, (router.pair.small, router.pair.large)):
         cache = KVCache.create(model.config, plan.batch, m.kv_positions, m.kv, rewind=5)
         assert cache.nbytes == m.kv_bytes
+
+
+def test_the_workspace_bounds_what_xla_assigns_for_the_runtimes_calls(default_pair):
+    """The plan's workspace of each model is at least the scratch XLA's buffer assignment gives its
+    largest calls (a full-context prefill, a batched prefill, a verification chunk), and not more
+    than 2.5 times it for the prefill that sets the peak."""
+    import jax
+    import jax.numpy as jnp
+
+    from cascade.memory import workspace_bytes
+    from cascade.models import decoder
+
+    def xla_scratch(model, kv, batch, tokens, positions, last_only):
+        cache = KVCache.create(model.config, batch, positions, kv, rewind=5)
+        call = jax.jit(lambda p, t, c: decoder.chunk(p, model.config, t, c, last_only=last_only), donate_argnums=2)
+        return call.lower(model.params, jnp.ones((batch, tokens), jnp.int32), cache).compile().memory_analysis() \
+            .temp_size_in_bytes
+
+    plan = plan_memory(default_pair, ctx=512, small_kv="fp32", large_kv="int8", draft_len=4)
+    for m, model, kv in zip(plan.models, (default_pair.small, default_pair.large), (None, "int8")):
+        prefill = xla_scratch(model, kv, 1, 512, m.kv_positions, True)
+        assert prefill <= m.workspace_bytes <= 2.5 * prefill, (m.role, prefill, m.workspace_bytes)
+    large = default_pair.large
+    for batch, tokens, positions, last_only in ((4, 512, 518, True), (16, 9, 256, False), (1, 5, 518, False)):
+        estimate = workspace_bytes(large.config, batch=batch, positions=positions,
+                                   prompt_tokens=tokens if last_only else 1, verify_tokens=1 if last_only else tokens,
+                                   quantized_kv=True, quantized_weights=True)
+        assert xla_scratch(large, "int8", batch, tokens, positions, last_only) <= estimate

@@ -79,7 +79,7 @@ def test_shared_between_threads(router):
 def test_budget_is_checked_at_load():
     with pytest.raises(ValueError, match=r"over\); nothing smaller in one change fits"):
         Cascade.load(budget="1MB")
-    fits = Cascade.load(budget="64MB", ctx=256, batch=2)
+    fits = Cascade.load(budget="96MB", ctx=256, batch=2)
     plan = fits.plan(ctx=256, batch=2)
-    assert plan.total < 64_000_000 and {m.role for m in plan.models} == {"small", "large"}
+    assert plan.total < 96_000_000 and {m.role for m in plan.models} == {"small", "large"}
     assert isinstance(fits.pair, type(load_pair(None, "default-large")))
