@@ -287,9 +287,23 @@ def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, targe
         draft_params, draft_cfg, d_cache, chunk, 1 + has_behind.astype(jnp.int32), start, k_draft, sampling, k=k,
         greedy=greedy, want_q=rule is not None, limit=jnp.where(active, k, 1), confidence=confidence if adaptive else None)
     offered = _offered(k, n_prop)
-    # scorer: the target over [pending, d_1 .. d_k]
-    t_logits, t_cache = decoder.chunk(target_params, target_cfg, jnp.concatenate([pending[:, None], proposals], axis=1),
-                                      t_cache)
+    # scorer: the target over [pending, d_1 .. d_k]; adaptive rounds score only as far as the longest
+    # draft (the next of a few static lengths): a verification's cost grows with its positions
+    sizes = verify_sizes(k) if adaptive else (k,)
+
+    def score(size):
+        def call(cache):
+            logits, cache = decoder.chunk(target_params, target_cfg,
+                                          jnp.concatenate([pending[:, None], proposals[:, :size]], axis=1), cache)
+            return jnp.pad(logits, ((0, 0), (0, k - size), (0, 0))), cache  # rows past a draft are never read
+        return call
+
+    if len(sizes) == 1:
+        t_logits, t_cache = score(k)(t_cache)
+    else:
+        longest = jnp.max(jnp.where(active, n_prop, 1))
+        t_logits, t_cache = jax.lax.switch(jnp.searchsorted(jnp.asarray(sizes), longest), [score(n) for n in sizes],
+                                           t_cache)
     vocab = t_logits.shape[-1]
     if q is not None:
         q = jnp.pad(q, ((0, 0), (0, 0), (0, vocab - q.shape[-1])))
@@ -344,6 +358,12 @@ def draft_setting(draft_len: int | str = 4, draft_confidence: float | None = Non
     if not 0.0 <= conf <= 1.0:
         raise ValueError(f"draft_confidence must be in [0, 1], got {conf}")
     return k, conf
+
+
+def verify_sizes(k: int) -> tuple[int, ...]:
+    """The draft lengths an adaptive round of up to ``k`` proposals verifies at (powers of two, and
+    ``k``): a round whose longest draft is ``n`` scores the first size >= ``n``."""
+    return tuple(sorted({n for n in (1, 2, 4, 8, 16) if n < k} | {k}))
 
 
 def _check_request(prompts, max_new_tokens, draft_len, draft_cfg: ModelConfig, target_cfg: ModelConfig) -> int:

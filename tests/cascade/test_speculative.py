@@ -82,7 +82,9 @@ def test_adaptive_drafting_keeps_the_greedy_output(draft, target):
 
 
 def test_draft_settings():
-    from cascade.speculative import AUTO_CONFIDENCE, AUTO_DRAFT_LEN, draft_setting
+    from cascade.speculative import AUTO_CONFIDENCE, AUTO_DRAFT_LEN, draft_setting, verify_sizes
+
+    assert verify_sizes(8) == (1, 2, 4, 8) and verify_sizes(6) == (1, 2, 4, 6) and verify_sizes(1) == (1,)
 
     assert draft_setting(4) == (4, 0.0) and draft_setting("6") == (6, 0.0)
     assert draft_setting("auto") == (AUTO_DRAFT_LEN, AUTO_CONFIDENCE) and draft_setting("auto", 0.2) == (AUTO_DRAFT_LEN, 0.2)
