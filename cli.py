@@ -206,10 +206,10 @@ def app(debug: bool) -> None:
                    "the small model's tokens stand where --rule trusts it (faster, not exact); defer: the small model "
                    "answers, the large one instead when --defer-score < --threshold; large/small: one model alone.")
 @click.option("--draft-len", default=4, show_default=True, type=DraftLen(),
-              help="Tokens the draft proposes per round, or auto: up to 8, stopping before a token the draft is "
+              help="Tokens the draft proposes per round, or auto: up to 8, stopping after a token the draft was "
                    "less sure of than --draft-confidence.")
 @click.option("--draft-confidence", type=FiniteFloat(min=0, max=1),
-              help="Stop a round's draft before a token whose draft probability is below this [default: 0.5 with "
+              help="Stop a round's draft after a token whose draft probability was below this [default: 0.5 with "
                    "--draft-len auto, else 0: never].")
 @click.option("--rule", type=click.Choice(["chow", "diff", "opt"]), default="chow", show_default=True,
               help="spec-cascade deferral rule: chow (defer when the small model's top probability < 1 - alpha), diff "

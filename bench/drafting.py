@@ -6,7 +6,7 @@
 
 Rows, greedy, exact speculative decoding (every row's output equals the large model's, checked):
 the large and small models alone, fixed ``--draft-len`` 2, 3, 4 and 6, and adaptive drafting (up to
-8 tokens, stopping before a token the draft's probability is below a confidence: 0.3, 0.5 (= ``auto``)
+8 tokens, stopping after a token whose draft probability was below a confidence: 0.3, 0.5 (= ``auto``)
 and 0.7).  Per row: tokens/s (all generated tokens over all wall time, prompts one at a time,
 median of ``--repeats`` runs after a warm-up run), acceptance, proposals per round and large-model
 calls per generated token.

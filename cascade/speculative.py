@@ -202,9 +202,10 @@ def propose(params, cfg: ModelConfig, cache: KVCache, chunk, n_feed, start, key,
     draw up to ``k`` tokens, feeding each back in turn but the last.
 
     Adaptive drafting (``confidence`` given): a row stops drafting at its ``limit`` (B,) proposals
-    (default ``k``), or before a proposal the draft is not confident in (the maximum of its
-    distribution below ``confidence``); the first proposal is always made.  The loop ends when no row drafts on, so
-    a round whose rows all stop early runs fewer draft steps.  Returns ``(proposals (B, k),
+    (default ``k``), or after a proposal the draft was not confident in (the maximum of the
+    distribution it drew from below ``confidence``: that token is still offered, since it cost
+    nothing more, but no step is spent on the next).  The loop ends when no row drafts on, so a
+    round whose rows all stop early runs fewer draft steps.  Returns ``(proposals (B, k),
     q (B, k, V_draft) or None (greedy, unless ``want_q``), n_proposed (B,), n_fed, cache)``:
     proposals past a row's ``n_proposed`` are not offered; ``n_fed`` (scalar) proposals of every
     row went into the cache."""
@@ -223,26 +224,30 @@ def propose(params, cfg: ModelConfig, cache: KVCache, chunk, n_feed, start, key,
             tok, q = _draw(logits, keys[i], greedy, sampling, with_q)
             return proposals.at[:, i].set(tok), qs.at[:, i].set(q) if with_q else None, cache
 
-        proposals, qs, cache = jax.lax.fori_loop(1, k, step, (proposals, qs, cache))
+        carry = (proposals, qs, cache)
+        for i in range(1, k):  # unrolled: XLA on CPU runs a loop body's ops slower than the same ops inline
+            carry = step(i, carry)
+        proposals, qs, cache = carry
         return proposals, qs, jnp.minimum(limit, k), jnp.int32(k - 1), cache
 
-    def cond(carry):
-        i, _, _, _, n_prop, _ = carry
-        return (i < k) & jnp.any((n_prop == i) & (i < limit))  # a row offered every draw so far and may go on
+    def top(logits, q):  # the draft's confidence: the largest probability of the distribution it drew from
+        return jnp.max(q, axis=-1) if with_q else 1.0 / jnp.sum(jnp.exp(logits - jnp.max(logits, -1, keepdims=True)), -1)
 
-    def body(carry):
-        i, proposals, qs, cache, n_prop, _ = carry
+    def body(i, carry):
+        proposals, qs, cache, n_prop, live, _ = carry
         logits, cache = decoder.step(params, cfg, proposals[:, i - 1], cache)
         tok, q = _draw(logits, keys[i], greedy, sampling, with_q)
-        top = jnp.max(q, axis=-1) if with_q else 1.0 / jnp.sum(jnp.exp(logits - jnp.max(logits, -1, keepdims=True)), -1)
-        go_on = (n_prop == i) & (i < limit) & (top >= confidence)
         proposals = proposals.at[:, i].set(tok)
         qs = qs.at[:, i].set(q) if with_q else None
-        return i + 1, proposals, qs, cache, n_prop + go_on.astype(jnp.int32), i
+        n_prop = n_prop + live.astype(jnp.int32)  # a live row offers the token it drew ...
+        live = live & (top(logits, q) >= confidence) & (i + 1 < limit)  # ... and goes on only if it was sure of it
+        return proposals, qs, cache, n_prop, live, jnp.int32(i)
 
-    n_prop = jnp.ones((b,), jnp.int32)
-    _, proposals, qs, cache, n_prop, n_fed = jax.lax.while_loop(
-        cond, body, (jnp.int32(1), proposals, qs, cache, n_prop, jnp.int32(0)))
+    live = (top(logits, q) >= confidence) & (1 < limit)
+    carry = (proposals, qs, cache, jnp.ones((b,), jnp.int32), live, jnp.int32(0))
+    for i in range(1, k):  # unrolled (see above); a step runs only while some row drafts on
+        carry = jax.lax.cond(jnp.any(carry[4]), partial(body, i), lambda c: c, carry)
+    proposals, qs, cache, n_prop, _, n_fed = carry
     return proposals, qs, n_prop, n_fed, cache
 
 
@@ -260,7 +265,7 @@ def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, targe
     rather than ``p``; the token after the accepted proposals comes from ``p``.
 
     Adaptive drafting (``adaptive``, :func:`propose`): a row drafts up to ``k`` tokens but stops
-    before one the draft's confidence (its maximum probability) is below ``confidence``, so easy
+    after one the draft's confidence (its maximum probability) was below ``confidence``, so easy
     text gets long drafts and hard text short ones (the threshold is a device scalar: changing it
     compiles nothing).  Otherwise every row drafts ``k``.
 
@@ -334,7 +339,7 @@ def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, targe
 
 
 AUTO_DRAFT_LEN = 8  # draft_len="auto": draft up to this many tokens per round ...
-AUTO_CONFIDENCE = 0.5  # ... stopping before a token whose draft probability is below this
+AUTO_CONFIDENCE = 0.5  # ... stopping after a token whose draft probability was below this
 
 
 def draft_setting(draft_len: int | str = 4, draft_confidence: float | None = None) -> tuple[int, float]:
