@@ -778,7 +778,8 @@ def plan(small_quant, large_quant, small_model, large_model, mode, kv, small_kv,
     """Memory of a cascade: each model's weights and KV cache at a context, against --budget.
 
     Counts what the runtime allocates for the weights (as stored, quantized or not) and the KV
-    caches (codes, scales, full-precision windows); activations are not counted.
+    caches (codes, scales, full-precision windows), and the workspace of the largest call (activations,
+    attention scores, logits), an upper estimate.
     """
     from cascade.memory import over_budget_message, parse_bytes, plan_from_configs, plan_memory
     from cascade.pair import load_pair

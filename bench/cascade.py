@@ -3,7 +3,8 @@
     python -m cascade.bench.cascade [--small default-small --large default-large] [--tokens 64]
         [--repeats 3] [--out bench/results/cascade-default-pair.json] [--png bench/results/cascade-default-pair.png]
 
-Rows (greedy unless ``--temperature``): ``large`` alone, ``speculative`` (exact, ``--draft-len``),
+Rows (greedy unless ``--temperature``): ``large`` alone, ``speculative`` (exact, ``--draft-len`` and
+``auto``: adaptive drafting),
 ``spec-cascade`` (Chow's rule at several ``alpha``) and ``defer`` (mean log-probability at several
 thresholds), each over the same prompts, one prompt at a time.  Per row: decode tokens/s (all
 generated tokens over all wall time, prefill included, median of ``--repeats`` runs after a
@@ -11,7 +12,7 @@ warm-up run), large-model calls per generated token (rounds in the speculative m
 for the large model, the deferred answers' tokens in ``defer``), and quality: the perplexity of the
 generated text under the large model in float32 (lower is better), and agreement with the large
 model's own greedy output (the fraction of tokens before the first divergence, averaged over
-prompts).  Then batch throughput: ``large`` and ``speculative`` on 1, 4 and 16 rows at once.  A PNG
+prompts).  Then batch throughput: ``large`` and ``speculative`` on 1, 4, 8 and 16 rows at once.  A PNG
 plots the cost-quality curve (x: large-model calls per token, y: perplexity under the large model).
 """
 
@@ -34,6 +35,7 @@ PROMPTS = ("Once upon a time", "Tom and Lily went to the park. They", "The littl
 def _configs(alphas, thresholds, draft_len):
     yield {"mode": "large"}
     yield {"mode": "speculative", "draft_len": draft_len}
+    yield {"mode": "speculative", "draft_len": "auto"}
     for a in alphas:
         yield {"mode": "spec-cascade", "draft_len": draft_len, "rule": "chow", "alpha": a}
     for t in thresholds:
@@ -51,7 +53,7 @@ def _text_ppl(params, cfg, prompt_ids, tokens) -> float:
 
 
 def run(small: str, large: str, *, tokens: int = 64, repeats: int = 3, draft_len: int = 4,
-        alphas=(0.1, 0.2, 0.3, 0.5), thresholds=(-0.6, -0.8, -1.0), batches=(1, 4, 16), temperature: float = 0.0) -> dict:
+        alphas=(0.1, 0.2, 0.3, 0.5), thresholds=(-0.6, -0.8, -1.0), batches=(1, 4, 8, 16), temperature: float = 0.0) -> dict:
     from cascade.bench.context import run_context
     from cascade.models import SamplingConfig, load_model
     from cascade.models.generation import first_divergence
