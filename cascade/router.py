@@ -37,6 +37,7 @@ class Cascade:
                          "defer_score": defer_score, "threshold": threshold}
         self._lock = threading.Lock()
         self._m = {"requests": 0, "rows": 0, "failed_rows": 0, "generated_tokens": 0, "seconds": 0.0,
+                   "seconds_by_model": {"small": 0.0, "large": 0.0, "both": 0.0},
                    "draft_tokens": 0, "accepted_tokens": 0, "rounds": 0, "judged_tokens": 0, "deferred_tokens": 0,
                    "deferred_rows": 0, "deferral_rows": 0, "accepted_at": [], "offered_at": []}
 
@@ -80,7 +81,7 @@ class Cascade:
             t0 = time.perf_counter()
             results = generate_batch(self.pair, [prompts] if single else list(prompts), max_new_tokens=max_new_tokens,
                                      sampling=sampling, **{**self.settings, **overrides})
-            self._record(results, time.perf_counter() - t0)
+            self._record(results, time.perf_counter() - t0, overrides.get("mode", self.settings["mode"]))
         if single:
             if isinstance(results[0], RowError):
                 raise ValueError(results[0].error)
@@ -104,7 +105,7 @@ class Cascade:
                 (r,) = generate_batch(self.pair, [prompt], max_new_tokens=max_new_tokens, sampling=sampling, **s)
                 if isinstance(r, RowError):
                     raise ValueError(r.error)
-                self._record([r], time.perf_counter() - t0)
+                self._record([r], time.perf_counter() - t0, mode)
                 yield r.text
                 return
             # the same checks and errors as generate()
@@ -146,12 +147,21 @@ class Cascade:
             stats = final[0].stats if mode in ("speculative", "spec-cascade") else None
             self._record([RunResult(mode=mode, prompt=prompt, prompt_token_ids=ids, text=text, token_ids=tokens,
                                     stop_reason="", prefill_s=0.0, decode_s=0.0, tokens_per_s=None, stats=stats)],
-                         time.perf_counter() - t0)
+                         time.perf_counter() - t0, mode)
 
-    def _record(self, results, seconds: float) -> None:
+    def _record(self, results, seconds: float, mode: str) -> None:
         m = self._m
         m["requests"] += 1
         m["seconds"] += seconds
+        by = m["seconds_by_model"]
+        if mode in ("large", "small"):
+            by[mode] += seconds
+        elif mode == "defer":  # each model's wall time, measured around its generation (and the scoring)
+            timed = next((r.seconds for r in results if isinstance(r, RunResult) and r.seconds), None)
+            for role, t in (timed or {}).items():
+                by[role] += t
+        else:  # a speculative round runs both models in one device call: not split
+            by["both"] += seconds
         for r in results:
             m["rows"] += 1
             if isinstance(r, RowError):
@@ -174,13 +184,15 @@ class Cascade:
     @property
     def metrics(self) -> dict:
         """Counters over every call so far: requests, rows (failed rows), generated tokens, seconds and
-        tokens/s; speculative modes: vLLM's draft tokens, accepted tokens, acceptance rate, mean
+        tokens/s; the time in each model (``seconds_by_model``: ``small``, ``large``, and ``both`` for
+        the speculative modes, whose rounds run the two models in one device call); speculative modes: vLLM's draft tokens, accepted tokens, acceptance rate, mean
         acceptance length and acceptance per position; spec-cascade: the fraction of judged positions
         deferred; defer: the fraction of answers the large model gave."""
         m = self._m
         return {"requests": m["requests"], "rows": m["rows"], "failed_rows": m["failed_rows"],
                 "generated_tokens": m["generated_tokens"], "seconds": round(m["seconds"], 4),
                 "tokens_per_s": round(m["generated_tokens"] / m["seconds"], 2) if m["seconds"] else None,
+                "seconds_by_model": {k: round(v, 4) for k, v in m["seconds_by_model"].items()},
                 "draft_tokens": m["draft_tokens"], "accepted_tokens": m["accepted_tokens"],
                 "acceptance_rate": round(m["accepted_tokens"] / m["draft_tokens"], 4) if m["draft_tokens"] else None,
                 "mean_acceptance_length": round(m["accepted_tokens"] / m["rounds"], 4) if m["rounds"] else None,

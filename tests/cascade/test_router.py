@@ -42,6 +42,15 @@ def test_modes_per_call_and_their_metrics(router):
     c = Cascade(router.pair, mode="spec-cascade", alpha=0.0)
     r = c.generate("The dog", max_new_tokens=12)
     assert r.stats.deferred_tokens == r.stats.judged_tokens and c.metrics["deferral_rate"] == 1.0
+    fresh = Cascade(router.pair)  # the time in each model: one model alone, both in a round, each when deferring
+    fresh.generate("The dog", max_new_tokens=8, mode="large")
+    alone = fresh.metrics["seconds"]
+    assert fresh.metrics["seconds_by_model"] == {"small": 0.0, "large": alone, "both": 0.0} and alone > 0
+    fresh.generate("The dog", max_new_tokens=8)
+    d = fresh.generate("The dog", max_new_tokens=8, mode="defer", threshold=0.5)
+    by = fresh.metrics["seconds_by_model"]
+    assert by["both"] > 0 and by["small"] == round(d.seconds["small"], 4) and d.seconds["large"] > 0
+    assert abs(by["large"] - (alone + d.seconds["large"])) < 1e-3  # the large model alone, then deferred to
 
 
 def test_later_calls_compile_nothing_new(router):
