@@ -29,8 +29,14 @@ Defaults are the reference's: ``iters=20``, ``p=0.7``, ``beta=10``, ``kappa=1.01
   ``round(W / s) + z`` (the same thing only for an integer ``z``);
 * **symmetric specs** have no zero point, so the same loop optimises the scale instead, by least
   squares of the shrunk target on the codes: ``s = <Q, W - W_e> / <Q, Q>`` per group, then
-  ``Q = clip(round(W / s), qmin, qmax)``.  A group whose codes are all zero (or whose update is
-  not a positive finite number) keeps its scale.  The scale is stored rounded to nearest in
+  ``Q = clip(round(W / s), qmin, qmax)``, with ``s`` kept at least at the group's largest
+  weight over ``qmax + 1/2`` (and its most negative over ``-qmin + 1/2``), so the largest weights
+  stay within half a step of the grid.  Unconstrained, the sparse objective clips them: on
+  SmolLM2-135M at int4-g128 the largest error in a ``down_proj`` group went from RTN's 0.21 to
+  1.39 and perplexity from 12.45 to 18.58, while the Frobenius error went down; outliers carry
+  more of a model's function than their share of the error.  The floor still lets the scale
+  shrink below RTN's ``absmax / qmax`` (by 1/15 at int4, 1/7 at int3).  A group whose codes are
+  all zero (or whose update is not a finite number) keeps its scale.  The scale is stored rounded to nearest in
   ``scale_dtype`` (no round-up is needed: values beyond the grid are clipped like any others);
 * **best iterate, per group**: every iterate (the start included) is scored by its group's
   ``sum |W - W_hat|^p`` and each group keeps its best one, so the result never scores worse than
@@ -44,7 +50,7 @@ Defaults are the reference's: ``iters=20``, ``p=0.7``, ``beta=10``, ``kappa=1.01
   (NaN-padded there) is masked out of every sum and mean.
 
 The objective is the ``l_p`` weight error, not the Frobenius (MSE) error, but the fitted grid
-lowers the Frobenius error too: by 3-9% for grouped specs and ~20% for per-channel symmetric int4
+lowers the Frobenius error too: by 3-8% for grouped specs and ~6% for per-channel symmetric int4
 on Student-t weights (``tests/quant/test_hqq.py``, which also checks the result against a float64
 numpy transcription of the loop).  Moving only the zero point cannot shrink a range stretched by
 outliers, so per-tensor and per-channel asymmetric specs gain little.  ``iters``, ``lp_norm``,
@@ -111,6 +117,8 @@ def _hqq_core(x, iters, lp_norm, beta, kappa, spec: IntSpec, axis: int, sdt):
     z0 = None if spec.symmetric else zero0.astype(jnp.float32)
     p = jnp.asarray(lp_norm, jnp.float32)
     param0 = s0 if spec.symmetric else z0  # the optimised parameter: the scale (sym) or the zero (asym)
+    # symmetric: the smallest scale that keeps each sign's largest weight within half a step of the grid
+    floor = jnp.maximum(jnp.max(w, axis=1) / (spec.qmax + 0.5), -jnp.min(w, axis=1) / (-spec.qmin + 0.5))
 
     def split(param):
         return (param, None) if spec.symmetric else (s0, param)
@@ -124,7 +132,7 @@ def _hqq_core(x, iters, lp_norm, beta, kappa, spec: IntSpec, axis: int, sdt):
             num = jnp.sum(q * target, axis=1)
             den = jnp.sum(jnp.where(mask, q * q, 0.0), axis=1)
             new = num / jnp.where(den > 0, den, 1.0)
-            return jnp.where((den > 0) & (new > 0) & jnp.isfinite(new), new, s)
+            return jnp.where((den > 0) & jnp.isfinite(new), jnp.maximum(new, floor), s)
         return jnp.sum(jnp.where(mask, q - target / s[:, None, :], 0.0), axis=1) / n
 
     def step(_, carry):
