@@ -49,9 +49,11 @@ def test_cascade_bench_rows(tmp_path):
 
     r = bench_cascade.run("default-small", "default-large", tokens=6, repeats=1, alphas=(0.3,), thresholds=(-1.0,),
                           batches=(1, 2))
-    rows = {(x["mode"], x.get("alpha"), x.get("threshold")): x for x in r["rows"]}
+    rows = {(x["mode"], x.get("alpha"), x.get("threshold")): x for x in r["rows"] if x.get("draft_len") != "auto"}
     assert set(rows) == {("large", None, None), ("speculative", None, None), ("spec-cascade", 0.3, None),
                          ("defer", None, -1.0)}
+    (auto,) = [x for x in r["rows"] if x.get("draft_len") == "auto"]
+    assert auto["mode"] == "speculative" and auto["agreement"] == 1.0  # adaptive drafting is exact too
     assert rows[("large", None, None)]["large_calls_per_token"] == 1.0 and rows[("large", None, None)]["vs_large"] == 1.0
     assert rows[("speculative", None, None)]["agreement"] == 1.0  # exact
     assert rows[("speculative", None, None)]["ppl_under_large"] == rows[("large", None, None)]["ppl_under_large"]
