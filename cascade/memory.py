@@ -110,14 +110,13 @@ def planned_weight_bytes(cfg, rules, *, scale_dtype="float16") -> int:
     stores), from the config alone: each parameter's shape and the spec its rule gives it (codes,
     scales and zero points of an integer spec; the cast of a float spec; float32 for a parameter no
     rule touches, as quantization leaves a dequantized import)."""
-    from cascade.models.llama import param_shapes
     from cascade.models.quantize import reduction_axis
     from cascade.quant.rules import PrecisionRules
     from cascade.quant.spec import FloatSpec
 
     parsed = PrecisionRules.parse(rules)
     total = 0
-    for path, shape in param_shapes(cfg).items():
+    for path, shape in _param_shapes(cfg):
         spec = parsed.spec_for(path, len(shape))
         n = math.prod(shape)
         if spec is None:
@@ -127,6 +126,15 @@ def planned_weight_bytes(cfg, rules, *, scale_dtype="float16") -> int:
         else:
             total += _quantized_nbytes(tuple(shape), spec, reduction_axis(path, shape), str(scale_dtype))
     return total
+
+
+@functools.lru_cache(maxsize=64)
+def _param_shapes(cfg) -> tuple:
+    """``(path, shape)`` of every parameter of ``cfg`` (traced once per config: a budget check plans
+    several times)."""
+    from cascade.models.llama import param_shapes
+
+    return tuple(param_shapes(cfg).items())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -154,12 +162,10 @@ def workspace_bytes(cfg, *, batch: int, positions: int, prompt_tokens: int, veri
     and values (cache writes), the float32 logits, and, when the call has more rows than the native kernel takes
     (:data:`cascade.quant.kernels.cpu.MAX_ROWS`), every quantized linear weight dequantized to
     float32 by the reference matmul."""
-    from cascade.models.llama import param_shapes
     from cascade.quant.kernels.cpu import MAX_ROWS
 
     layer_kv = batch * positions * cfg.n_kv_heads * cfg.head_dim * 4 * 2
-    linear = sum(math.prod(shape) for path, shape in param_shapes(cfg).items()
-                 if len(shape) == 2 and not path.startswith("embed"))
+    linear = sum(math.prod(shape) for path, shape in _param_shapes(cfg) if len(shape) == 2 and not path.startswith("embed"))
     worst = 0
     for tokens, logit_rows in ((prompt_tokens, 1), (verify_tokens, verify_tokens)):
         rows = batch * tokens
