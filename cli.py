@@ -372,16 +372,16 @@ def _load_model(path: str, tokenizer: str | None, quant_rules: str | None, need_
     return model, report
 
 
-PTQ_METHODS = ("rtn", "gptq", "awq", "hqq", "awq-gptq")  # = models.quantize.METHODS (not imported here: parsing must not import jax)
-CALIBRATED_METHODS = ("gptq", "awq", "awq-gptq")
+PTQ_METHODS = ("rtn", "gptq", "awq", "hqq", "awq-gptq", "autoround")  # = models.quantize.METHODS (not imported here: parsing must not import jax)
+CALIBRATED_METHODS = ("gptq", "awq", "awq-gptq", "autoround")
 
 
 @app.command()
 @click.argument("model", callback=_model)
 @click.option("--quant", "quant_rules", required=True, callback=_rules, help=_RULES_HELP)
 @click.option("--method", type=click.Choice(PTQ_METHODS), default="rtn", show_default=True,
-              help="PTQ method: rtn (round to nearest), gptq, awq or awq-gptq (AWQ's scales, then GPTQ; "
-                   "need --calib), hqq (calibration-free).")
+              help="PTQ method: rtn (round to nearest), gptq, awq, awq-gptq (AWQ's scales, then GPTQ) or "
+                   "autoround (learned rounding and clipping per block) (need --calib), hqq (calibration-free).")
 @click.option("--calib", callback=_data_file,
               help="Calibration text (documents separated by <|endoftext|> lines), for gptq and awq.")
 @click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(32, 1024),
@@ -392,6 +392,10 @@ CALIBRATED_METHODS = ("gptq", "awq", "awq-gptq")
 @click.option("--damp", default=0.01, show_default=True, type=FiniteFloat(min=0, max=1),
               help="GPTQ dampening, a fraction of the Hessian's mean diagonal.")
 @click.option("--act-order", is_flag=True, help="GPTQ: quantize inputs by decreasing activation energy (static groups).")
+@click.option("--iters", default=200, show_default=True, type=click.IntRange(0, 100000),
+              help="AutoRound: signed-gradient steps per block.")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(1, 1024),
+              help="AutoRound: calibration sequences per step.")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Write the quantized model (an orbax checkpoint directory).")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
@@ -399,8 +403,8 @@ CALIBRATED_METHODS = ("gptq", "awq", "awq-gptq")
               help="Only for a bare .safetensors/.npz weights file: reduction axis [default: 1 for .safetensors, 0 for .npz].")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def quantize(model, quant_rules, method, calib, calib_samples, calib_len, seed, damp, act_order, out_dir, tokenizer,
-             overwrite, axis, scale_dtype, as_json):
+def quantize(model, quant_rules, method, calib, calib_samples, calib_len, seed, damp, act_order, iters, batch, out_dir,
+             tokenizer, overwrite, axis, scale_dtype, as_json):
     """Quantize MODEL under precision rules with a PTQ method; report bytes and error per tensor;
     save with -o.
 
@@ -418,6 +422,8 @@ def quantize(model, quant_rules, method, calib, calib_samples, calib_len, seed, 
     if method not in ("gptq", "awq-gptq") and given("damp", "act_order"):
         raise click.UsageError(f"{', '.join(given('damp', 'act_order'))} apply only to --method gptq or awq-gptq, "
                                f"not to {method}")
+    if method != "autoround" and given("iters", "batch"):
+        raise click.UsageError(f"{', '.join(given('iters', 'batch'))} apply only to --method autoround, not to {method}")
     if method in CALIBRATED_METHODS and calib is None:
         raise click.UsageError(f"--method {method} needs calibration text: pass --calib FILE")
     if method not in CALIBRATED_METHODS and (calib is not None or calib_flags):
@@ -469,8 +475,9 @@ def quantize(model, quant_rules, method, calib, calib_samples, calib_len, seed, 
             raise click.ClickException(f"{model}: no tokenizer found to read --calib; pass --tokenizer PATH")
         calib_set = calibration_tokens(loaded.tokenizer, calib, samples=calib_samples, length=calib_len, seed=seed,
                                        max_len=loaded.config.max_seq_len)
+    ar = {"iters": iters, "batch": batch} if method == "autoround" else {}
     quantized, report = quantize_model(loaded, quant_rules, method=method, calib=calib_set, damp=damp,
-                                       act_order=act_order, scale_dtype=scale_dtype)
+                                       act_order=act_order, scale_dtype=scale_dtype, **ar)
     if out_dir:
         save_checkpoint(out_dir, quantized, overwrite=overwrite)
     payload = {"model": model, "quant": quantized.quant, "ptq": quantized.ptq, "out": out_dir, **report.to_json()}
@@ -994,7 +1001,7 @@ def bench_ppl(model, data, specs, limit, ctx, stride, no_truncate, tokenizer, ou
 @click.option("--spec", "specs", default="int4,int4-g128,int4-g32,int3-g32,int3-g64-asym,int2-g16-asym", show_default=True,
               help="Comma-separated precision specs.")
 @click.option("--method", "methods", default="rtn,gptq,awq,hqq", show_default=True,
-              help="Comma-separated methods: rtn, gptq, awq, hqq, awq-gptq, and the peers qwix-rtn, qwix-gptq, qwix-awq "
+              help="Comma-separated methods: rtn, gptq, awq, hqq, awq-gptq, autoround, and the peers qwix-rtn, qwix-gptq, qwix-awq "
                    "(benchmark only: needs qwix, see bench/qwix_setup.sh).")
 @click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(32, 1024), help="Calibration sequences.")
 @click.option("--calib-len", default=512, show_default=True, type=click.IntRange(min=2),

@@ -11,14 +11,19 @@ Methods (``method=``):
   (:mod:`cascade.quant.awq`), from the same calibration statistics;
 * ``awq-gptq`` AWQ's scales, folded as ``awq`` does, then GPTQ (instead of the clipping search) on
   the scaled kernels with the Hessian of the scaled inputs, ``diag(1/s) XᵀX diag(1/s)`` (the two
-  are complementary: the AWQ paper reports AWQ + GPTQ below either alone at 2-3 bits).
+  are complementary: the AWQ paper reports AWQ + GPTQ below either alone at 2-3 bits);
+* ``autoround`` learned rounding and clipping (:mod:`cascade.quant.autoround`), trained by signed
+  gradient descent on each block's output error against the float block.
 
 The calibrated methods run **block by block, sequentially**: block ``i``'s statistics are taken on
 the outputs of blocks ``0 .. i-1`` *already quantized*, so each block corrects for the error of
 those before it.  ``gptq`` goes further inside a block (``within_block``): it quantizes q/k/v,
 then takes o_proj's Hessian behind them, and so on to down_proj
 (:func:`cascade.models.calibration.staged_block`).  ``awq`` and ``awq-gptq`` take a whole block's
-statistics first, since the v->o fold rescales v after o's input is measured.  Tensors outside
+statistics first, since the v->o fold rescales v after o's input is measured.  ``autoround``
+(``targets``) also carries the float model's hidden states: block ``i`` is trained so that, on the
+quantized model's inputs, it reproduces the float block's outputs on the float model's inputs (the
+reference's ``enable_quanted_input``).  Tensors outside
 the blocks that a rule quantizes (the embedding, an untied LM
 head) get RTN, as the GPTQ and AWQ reference implementations do.
 
@@ -33,8 +38,10 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
+from functools import partial
 
 import jax
+import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from cascade.models.calibration import INPUT_OF, INPUTS
@@ -44,8 +51,8 @@ from cascade.quant.rtn import QuantReport, key_path_str, quantize_params
 from cascade.quant.rules import PrecisionRules, is_rules_path
 from cascade.quant.spec import IntSpec
 
-METHODS = ("rtn", "gptq", "awq", "hqq", "awq-gptq")
-CALIBRATED = ("gptq", "awq", "awq-gptq")
+METHODS = ("rtn", "gptq", "awq", "hqq", "awq-gptq", "autoround")
+CALIBRATED = ("gptq", "awq", "awq-gptq", "autoround")
 DAMP_RETRIES = (1.0, 10.0, 100.0)  # dampening multipliers tried when a Hessian is not positive definite
 
 
@@ -54,19 +61,24 @@ def reduction_axis(path: str, shape) -> int:
 
 
 def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp: float = 0.01,
-                   act_order: bool = False, block_size: int = 128, awq_grid: int = 20, scale_dtype="float16",
+                   act_order: bool = False, block_size: int = 128, awq_grid: int = 20, iters: int | None = None,
+                   lr: float | None = None, batch: int | None = None, scale_dtype="float16",
                    progress: bool | None = None) -> tuple[Model, QuantReport]:
     """Quantize ``model`` under ``rules`` (a spec, inline rules, a rules file or
     :class:`cascade.quant.PrecisionRules`) with ``method``; scales and zero points stored in
     ``scale_dtype``.  ``calib``: a :class:`cascade.models.calibration.CalibrationSet` (GPTQ);
-    ``damp``, ``act_order``, ``block_size``: GPTQ settings.  The returned model's ``ptq`` records
-    the method, its settings and the calibration recipe."""
+    ``damp``, ``act_order``, ``block_size``: GPTQ settings; ``iters``, ``lr``, ``batch``: AutoRound's
+    steps per block (default 200), initial rate (default ``1 / iters``) and calibration sequences
+    per step (default 8).  The returned model's ``ptq`` records the method, its settings and the
+    calibration recipe."""
     if method not in METHODS:
         raise ValueError(f"unknown PTQ method {method!r}; choose one of {', '.join(METHODS)}")
     if method in CALIBRATED and calib is None:
         raise ValueError(f"{method} needs calibration data (--calib FILE)")
     if method not in CALIBRATED and calib is not None:
         raise ValueError(f"{method} does not use calibration data; drop --calib")
+    if method != "autoround" and (iters, lr, batch) != (None, None, None):
+        raise ValueError(f"iters, lr and batch are settings of autoround, not of {method}")
     parsed = PrecisionRules.parse(rules)
     if method in CALIBRATED:
         for i in range(model.config.n_layers):
@@ -96,12 +108,19 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
         if method == "gptq":
             settings = gptq_settings
             block_fn = gptq_block_quantizer(**gptq_settings, scale_dtype=scale_dtype)
+        elif method == "autoround":
+            from cascade.quant import autoround
+
+            settings = {"iters": autoround.DEFAULT_ITERS if iters is None else iters, "lr": lr,
+                        "batch": autoround.DEFAULT_BATCH if batch is None else batch, "seed": calib.recipe["seed"]}
+            block_fn = autoround_block_quantizer(model.config, **settings, scale_dtype=scale_dtype)
         else:
             settings = {"grid": awq_grid, **(gptq_settings if method == "awq-gptq" else {})}
             block_fn = awq_block_quantizer(model.config, grid=awq_grid, scale_dtype=scale_dtype,
                                            gptq=gptq_settings if method == "awq-gptq" else None)
         params, done = calibrated_blocks(params, model.config, parsed, calib, block_fn, desc=method,
-                                         within_block=method == "gptq", progress=progress)
+                                         within_block=method == "gptq", targets=method == "autoround",
+                                         progress=progress)
 
         def quantizer(path, leaf, spec, axis, sdt):
             return done[path] if path in done else quantize(leaf, spec, axis=axis, scale_dtype=sdt)
@@ -133,7 +152,7 @@ def _set(tree: dict, path: str, value) -> dict:
 
 
 def calibrated_blocks(params, cfg, rules: PrecisionRules, calib, quantize_block, *, desc: str,
-                      within_block: bool = False, progress: bool | None = None):
+                      within_block: bool = False, targets: bool = False, progress: bool | None = None):
     """The sequential calibration loop shared by GPTQ and AWQ (module docs).
 
     For each block with an integer-spec kernel, ``quantize_block(name, block, specs, stats)``
@@ -147,11 +166,16 @@ def calibrated_blocks(params, cfg, rules: PrecisionRules, calib, quantize_block,
     linear input, in forward order, with only the layers reading it and ``{input: stats}``, and the
     stats of each input are taken with the layers before it already quantized
     (:func:`cascade.models.calibration.staged_block`: one forward pass per block, not two).
+
+    ``targets``: ``stats`` is ``(x, y)`` instead: ``x`` (N, T, dim) the hidden states entering the
+    block in the model quantized so far, ``y`` the float block's outputs on the float model's
+    hidden states (AutoRound's reconstruction target).
     Returns ``(params', {parameter path: QuantizedTensor})``.
     """
     from cascade.models import calibration
 
     hidden = calibration.embed_tokens(params, calib.tokens)
+    hidden_float = hidden if targets else None
     done: dict[str, QuantizedTensor] = {}
     params = dict(params)
     bar = tqdm(range(cfg.n_layers), desc=desc, unit="block", disable=None if progress is None else not progress,
@@ -178,7 +202,12 @@ def calibrated_blocks(params, cfg, rules: PrecisionRules, calib, quantize_block,
 
             _, hidden = calibration.staged_block(block, cfg, hidden, on_input)
             continue
-        if specs:
+        if targets:
+            target = calibration.block_outputs(block, cfg, hidden_float)
+            if specs:
+                block = quantize_into(name, specs, (hidden, target))
+            hidden_float = target
+        elif specs:
             block = quantize_into(name, specs, calibration.block_statistics(block, cfg, hidden))
         if i + 1 < cfg.n_layers:  # the next block sees this block's quantized outputs
             hidden = calibration.block_outputs(block, cfg, hidden)
@@ -262,6 +291,62 @@ def awq_block_quantizer(cfg, *, grid: int, scale_dtype, gptq: dict | None = None
         return block, out
 
     return quantize_block
+
+
+def autoround_block_quantizer(cfg, *, iters: int, lr: float | None, batch: int, seed: int, scale_dtype):
+    """``quantize_block`` for :func:`calibrated_blocks` with ``targets``: AutoRound's rounding and
+    clipping of all the block's integer-spec kernels together, ``iters`` signed-gradient steps on
+    the mean squared error between the block's output (kernels fake-quantized, on the quantized
+    model's inputs) and the float block's, ``batch`` calibration sequences drawn at random per step
+    (:mod:`cascade.quant.autoround`)."""
+    import numpy as np
+
+    from cascade.quant import autoround
+
+    rng = np.random.default_rng(seed)
+
+    def quantize_block(name, block, specs, data):
+        x, y = data
+        kernels = {layer: _get(block, f"{layer}/kernel") for layer in specs}
+        layers = tuple((layer, specs[layer], tuple(kernels[layer].shape)) for layer in specs)
+        state = {layer: autoround.init(kernels[layer], specs[layer]) for layer in specs}
+        consts = {layer: c for layer, (c, _) in state.items()}
+        params = {layer: p for layer, (_, p) in state.items()}
+        n = x.shape[0]
+        rows = min(batch, n)
+
+        def batches(i):
+            pick = np.sort(rng.choice(n, rows, replace=False))
+            return jnp.asarray(x[pick]), jnp.asarray(y[pick])
+
+        def step(p, xy, lr_t):
+            return _autoround_step(p, consts, block, *xy, lr_t, cfg, layers)
+
+        best, _ = autoround.minimize(step, params, batches, iters=iters, lr=lr)
+        out = {layer: autoround.finalize(consts[layer], best[layer], spec, shape, scale_dtype=scale_dtype,
+                                         dtype=kernels[layer].dtype) for layer, spec, shape in layers}
+        return block, out
+
+    return quantize_block
+
+
+@partial(jax.jit, static_argnames=("cfg", "layers"))
+def _autoround_step(params, consts, block, x, y, lr, cfg, layers):
+    """One AutoRound step on a block: (loss at ``params``, ``params`` after a signed step)."""
+    from cascade.models.calibration import _positions
+    from cascade.models.llama import Block
+    from cascade.quant import autoround
+
+    def loss(p):
+        b = block
+        for layer, spec, shape in layers:
+            b = _set(b, f"{layer}/kernel", autoround.kernel(consts[layer], p[layer], spec, shape))
+        out, _ = Block(cfg).apply({"params": b}, x, _positions(x), None)
+        err = out.astype(jnp.float32) - y
+        return jnp.mean(err * err)
+
+    value, grads = jax.value_and_grad(loss)(params)
+    return value, {layer: autoround.signsgd_update(params[layer], grads[layer], lr) for layer in params}
 
 
 def _gptq_retrying(gptq_quantize, w, h, spec, path: str, *, damp: float, **kw) -> QuantizedTensor:

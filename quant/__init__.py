@@ -13,6 +13,7 @@ The public API lives here; each idea has one module behind it:
 * :mod:`cascade.quant.gptq`        GPTQ on one weight matrix given its Hessian (the core)
 * :mod:`cascade.quant.awq`         AWQ scale and clip searches on matrices, and the exact folds into a block
 * :mod:`cascade.quant.hqq`         HQQ: half-quadratic zero-point / scale optimisation (calibration-free)
+* :mod:`cascade.quant.autoround`   AutoRound: rounding and clipping learned by signed gradient descent
 * :mod:`cascade.quant.dequant_matmul` dequant-matmul and its backend registry
 """
 

@@ -60,15 +60,16 @@ outliers, so per-tensor and per-channel asymmetric specs gain little.  ``iters``
 
 from __future__ import annotations
 
-import warnings
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cascade.quant import packing, ranges
-from cascade.quant.qtensor import QuantizedTensor, _int_spec, _is_concrete, _scale_dtype, validate_input
+from cascade.quant import ranges
+from cascade.quant.qtensor import (
+    QuantizedTensor, _int_spec, _scale_dtype, check_scales, from_grouped_codes, validate_input,
+)
 from cascade.quant.spec import IntSpec
 
 DEFAULT_ITERS = 20
@@ -158,37 +159,6 @@ def _hqq_core(x, iters, lp_norm, beta, kappa, spec: IntSpec, axis: int, sdt):
     return scale_g, zero_g, q
 
 
-@partial(jax.jit, static_argnames=("shape", "spec", "axis"))
-def _pack(q, scale_g, zero_g, shape, spec: IntSpec, axis: int):
-    """Packed codes and stored-layout params from the grouped codes and (G, R) params.
-
-    (Not :func:`cascade.quant.qtensor._assemble`: its encoder computes ``round(x / s) + z``, which
-    is the same as ``round(x / s + z)`` only for an integer ``z``.)"""
-    codes = ranges.from_groups(q, shape, spec, axis).astype(jnp.int32) + spec.code_offset
-    to_layout = partial(ranges.groups_to_scale_layout, shape=shape, spec=spec, axis=axis)
-    zero = None if zero_g is None else to_layout(zero_g)
-    return packing.pack_codes(codes, spec.bits, axis), to_layout(scale_g), zero
-
-
-def _check_scales(scale_g, x, spec) -> None:
-    """The same scale checks (and messages) as :func:`cascade.quant.quantize` (on the host: the
-    scales are concrete here, and numpy spares a compile of each check per shape)."""
-    if not _is_concrete(scale_g):  # traced (hqq_quantize under jit): nothing to check yet
-        return
-    s = np.asarray(scale_g).astype(np.float32)
-    if not np.isfinite(s).all():
-        raise ValueError(
-            f"scales overflow {scale_g.dtype} (max |x| = {float(jnp.abs(x).max()):.4g}); "
-            "store scales in float32 (scale_dtype='float32', or --scale-dtype float32 on the command line)"
-        )
-    if scale_g.dtype != jnp.float32:
-        tiny = float(jnp.finfo(scale_g.dtype).smallest_normal)
-        if (s < tiny).any():
-            warnings.warn(f"some {spec} scales are below the smallest normal {scale_g.dtype} ({tiny:.3g}) and lose "
-                          "precision; store scales in float32 for such small weights (scale_dtype='float32', or "
-                          "--scale-dtype float32 on the command line)", stacklevel=3)
-
-
 def hqq_quantize(w, spec, *, axis: int = 0, iters: int = DEFAULT_ITERS, lp_norm: float = DEFAULT_LP_NORM,
                  beta: float = DEFAULT_BETA, kappa: float = DEFAULT_KAPPA, scale_dtype="float16") -> QuantizedTensor:
     """HQQ-quantize ``w`` along ``axis`` (no calibration data); see the module docs.
@@ -210,6 +180,5 @@ def hqq_quantize(w, spec, *, axis: int = 0, iters: int = DEFAULT_ITERS, lp_norm:
         raise ValueError(f"kappa must be a finite number >= 1, got {kappa}")
     scale_g, zero_g, q = _hqq_core(x, np.int32(iters), np.float32(lp_norm), np.float32(beta), np.float32(kappa),
                                    spec, axis, sdt)
-    _check_scales(scale_g, x, spec)
-    packed, scale, zero = _pack(q, scale_g, zero_g, tuple(x.shape), spec, axis)
-    return QuantizedTensor(packed, scale, zero, spec=spec, shape=x.shape, axis=axis, dtype=x.dtype)
+    check_scales(scale_g, x, spec)
+    return from_grouped_codes(q, scale_g, zero_g, spec=spec, shape=tuple(x.shape), axis=axis, dtype=x.dtype)

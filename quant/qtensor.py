@@ -213,6 +213,44 @@ def _assemble(x, spec, axis, scale_g, zero_g) -> QuantizedTensor:
     return QuantizedTensor(packed, scale, zero, spec=spec, shape=x.shape, axis=axis, dtype=x.dtype)
 
 
+@partial(jax.jit, static_argnames=("shape", "spec", "axis"))
+def _pack_groups(q, scale_g, zero_g, shape, spec: IntSpec, axis: int):
+    codes = ranges.from_groups(q, shape, spec, axis).astype(jnp.int32) + spec.code_offset
+    to_layout = partial(ranges.groups_to_scale_layout, shape=shape, spec=spec, axis=axis)
+    zero = None if zero_g is None else to_layout(zero_g)
+    return packing.pack_codes(codes, spec.bits, axis), to_layout(scale_g), zero
+
+
+def from_grouped_codes(q, scale_g, zero_g, *, spec: IntSpec, shape, axis: int, dtype="float32") -> QuantizedTensor:
+    """A tensor from codes a method chose itself: ``q`` the integers on the grouped view (G, g, R)
+    (:func:`cascade.quant.ranges.to_groups`), ``scale_g`` / ``zero_g`` the (G, R) params as stored.
+
+    (HQQ and AutoRound pick codes that :func:`quantize`'s encoder, ``round(x / s) + z``, would not:
+    a real zero point, a learned rounding.)"""
+    packed, scale, zero = _pack_groups(q, scale_g, zero_g, tuple(int(d) for d in shape), spec, axis)
+    return QuantizedTensor(packed, scale, zero, spec=spec, shape=shape, axis=axis, dtype=dtype)
+
+
+def check_scales(scale_g, x, spec) -> None:
+    """The scale checks (and messages) of :func:`quantize` for params a method computed itself:
+    non-finite scales are an error, scales below the smallest normal of their dtype a warning
+    (on the host: the scales are concrete here, and numpy spares a compile of each check)."""
+    if not _is_concrete(scale_g):  # traced (under jit): nothing to check yet
+        return
+    s = np.asarray(scale_g).astype(np.float32)
+    if not np.isfinite(s).all():
+        raise ValueError(
+            f"scales overflow {scale_g.dtype} (max |x| = {float(jnp.abs(x).max()):.4g}); "
+            "store scales in float32 (scale_dtype='float32', or --scale-dtype float32 on the command line)"
+        )
+    if scale_g.dtype != jnp.float32:
+        tiny = float(jnp.finfo(scale_g.dtype).smallest_normal)
+        if (s < tiny).any():
+            warnings.warn(f"some {spec} scales are below the smallest normal {scale_g.dtype} ({tiny:.3g}) and lose "
+                          "precision; store scales in float32 for such small weights (scale_dtype='float32', or "
+                          "--scale-dtype float32 on the command line)", stacklevel=3)
+
+
 def check_unstacked(qt: QuantizedTensor) -> None:
     if qt.stack_shape:
         raise ValueError(f"QuantizedTensor is a stack of {qt.stack_shape} tensors of shape {qt.shape}; "
