@@ -156,10 +156,7 @@ def _params_from_data(x, spec: IntSpec, axis: int, scale_dtype):
 def _encode(x, scale_g, zero_g, spec: IntSpec, axis: int):
     """Packed codes from a tensor and per-group (G, R) params; params in the stored layout."""
     q = ranges.quantize_groups(ranges.to_groups(x.astype(jnp.float32), spec, axis), scale_g, zero_g, spec)
-    codes = ranges.from_groups(q, x.shape, spec, axis).astype(jnp.int32) + spec.code_offset
-    to_layout = partial(ranges.groups_to_scale_layout, shape=x.shape, spec=spec, axis=axis)
-    zero = None if zero_g is None else to_layout(zero_g)
-    return packing.pack_codes(codes, spec.bits, axis), to_layout(scale_g), zero
+    return _pack_groups(q, scale_g, zero_g, x.shape, spec, axis)
 
 
 def quantize(x, spec: Spec | str, *, axis: int = 0, scale_dtype="float16") -> QuantizedTensor:
@@ -198,17 +195,7 @@ def quantize_with_range(x, spec: Spec | str, lo, hi, *, axis: int = 0, scale_dty
 
 
 def _assemble(x, spec, axis, scale_g, zero_g) -> QuantizedTensor:
-    if _is_concrete(scale_g) and not bool(jnp.isfinite(scale_g).all()):
-        raise ValueError(
-            f"scales overflow {scale_g.dtype} (max |x| = {float(jnp.abs(x).max()):.4g}); "
-            "store scales in float32 (scale_dtype='float32', or --scale-dtype float32 on the command line)"
-        )
-    if _is_concrete(scale_g) and scale_g.dtype != jnp.float32:
-        tiny = float(jnp.finfo(scale_g.dtype).smallest_normal)
-        if bool((scale_g.astype(jnp.float32) < tiny).any()):
-            warnings.warn(f"some {spec} scales are below the smallest normal {scale_g.dtype} ({tiny:.3g}) and lose "
-                          "precision; store scales in float32 for such small weights (scale_dtype='float32', or "
-                          "--scale-dtype float32 on the command line)", stacklevel=3)
+    check_scales(scale_g, x, spec, stacklevel=4)
     packed, scale, zero = _encode(x, scale_g, zero_g, spec, axis)
     return QuantizedTensor(packed, scale, zero, spec=spec, shape=x.shape, axis=axis, dtype=x.dtype)
 
@@ -231,7 +218,7 @@ def from_grouped_codes(q, scale_g, zero_g, *, spec: IntSpec, shape, axis: int, d
     return QuantizedTensor(packed, scale, zero, spec=spec, shape=shape, axis=axis, dtype=dtype)
 
 
-def check_scales(scale_g, x, spec) -> None:
+def check_scales(scale_g, x, spec, *, stacklevel: int = 3) -> None:
     """The scale checks (and messages) of :func:`quantize` for params a method computed itself:
     non-finite scales are an error, scales below the smallest normal of their dtype a warning
     (on the host: the scales are concrete here, and numpy spares a compile of each check)."""
@@ -248,7 +235,7 @@ def check_scales(scale_g, x, spec) -> None:
         if (s < tiny).any():
             warnings.warn(f"some {spec} scales are below the smallest normal {scale_g.dtype} ({tiny:.3g}) and lose "
                           "precision; store scales in float32 for such small weights (scale_dtype='float32', or "
-                          "--scale-dtype float32 on the command line)", stacklevel=3)
+                          "--scale-dtype float32 on the command line)", stacklevel=stacklevel)
 
 
 def check_unstacked(qt: QuantizedTensor) -> None:
