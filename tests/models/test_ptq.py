@@ -14,7 +14,9 @@ from cascade.models.config import ModelConfig
 from cascade.models.evaluation import perplexity, split_documents, tokenize_documents
 from cascade.models.llama import init_params
 from cascade.models.model import Model
-from cascade.models.quantize import BLOCK_LINEARS, _gptq_retrying, calibrated_blocks, quantize_model
+from cascade.models.quantize import (
+    BLOCK_LINEARS, _autoround_step, _get, _gptq_retrying, calibrated_blocks, micro_batch, quantize_model,
+)
 from cascade.quant.gptq import gptq_quantize
 from cascade.quant.qtensor import QuantizedTensor
 
@@ -123,6 +125,33 @@ def test_autoround_trains_each_block_on_quantized_inputs_toward_the_float_output
     np.testing.assert_allclose(seen["layers_1"][0], calibration.block_outputs(deq0, CFG, h0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(seen["layers_1"][1], calibration.block_outputs(params["layers_1"], CFG, y0), rtol=1e-5)
     assert not np.allclose(seen["layers_1"][0], y0, rtol=1e-3)
+
+
+def test_an_autoround_step_in_micro_batches_is_the_step_on_the_whole_batch():
+    """Gradient accumulation over micro-batches changes the speed, not the step: the same loss and
+    the same signed update as one forward/backward over all the sequences."""
+    from cascade.quant import autoround
+
+    block = init_params(CFG, jax.random.key(0))["layers_0"]
+    spec = quant.parse_spec("int3-g16")
+    kernels = {layer: _get(block, f"{layer}/kernel") for layer in BLOCK_LINEARS}
+    layers = tuple((layer, spec, tuple(k.shape)) for layer, k in kernels.items())
+    consts, params = {}, {}
+    for layer, k in kernels.items():
+        consts[layer], p = autoround.init(k, spec)
+        params[layer] = {**p, "v": jax.random.uniform(jax.random.key(len(params)), p["v"].shape, minval=-0.4, maxval=0.4)}
+    x = jax.random.normal(jax.random.key(2), (6, 16, CFG.dim))
+    y = jax.random.normal(jax.random.key(3), (6, 16, CFG.dim))
+    lr = np.float32(0.01)
+    whole_loss, whole = _autoround_step(params, consts, block, x, y, lr, CFG, layers, 6)
+    for chunk in (1, 2, 3):
+        loss, new = _autoround_step(params, consts, block, x, y, lr, CFG, layers, chunk)
+        np.testing.assert_allclose(float(loss), float(whole_loss), rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(whole)):
+            assert np.mean(np.asarray(a) == np.asarray(b)) > 0.999  # a sign may flip on a ~0 gradient
+    assert [micro_batch(n) for n in (1, 2, 3, 8, 9)] == [1, 2, 1, 2, 1]
+    with pytest.raises(ValueError, match="micro-batches"):
+        _autoround_step(params, consts, block, x, y, lr, CFG, layers, 4)
 
 
 def test_autoround_beats_rtn_on_stories260K_at_3_bits(stories):
