@@ -1,0 +1,278 @@
+"""Layer sensitivity: how much the model's next-token distributions move when one layer (or one
+block) alone is quantized, for each candidate precision; and the rules that spend a byte budget
+where it matters (:func:`auto_rules`, with :mod:`cascade.quant.allocate`).
+
+**Measured** (:func:`layer_sensitivity`).  For every unit (a kernel such as
+``layers_3/mlp/down_proj/kernel``, the embedding table, the LM head; or a whole block with
+``granularity="block"``) and every candidate spec, the unit's weights are replaced by their RTN
+round trip (quantized, then dequantized into the same dtype, so the network keeps one compiled
+shape) and the model runs on the calibration tokens.  Reported per (unit, spec): the mean KL
+divergence ``KL(float || quantized)`` of the next-token distributions, the change of the mean
+next-token loss, and the bytes the unit takes stored at that spec.
+
+**Proxy**.  Beside it, a cheap prediction that needs no forward pass per candidate: the
+Hessian-weighted weight error ``tr(dW^T H dW) / tokens`` (``H = XᵀX`` of the layer's input over
+the calibration tokens, the quantity GPTQ minimises), summed over a block's kernels at block
+granularity.  The report gives its Spearman rank correlation with the measured KL (the embedding
+and head have no proxy: their inputs are token ids and the final hidden state).
+
+**Allocation** (:func:`auto_rules`).  Each unit's candidates become :class:`Choice` objects
+(bytes, measured KL), the knapsack picks one per unit under the budget, and the result is a
+readable :class:`cascade.quant.PrecisionRules`: one anchored rule per unit (``^layers_3/mlp/
+down_proj/kernel$ -> int4-g128``), norms kept in bf16.  The prediction (sum of the units' KL)
+assumes the effects add up; :func:`measured_kl` checks it on the allocated model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from cascade.models.config import ModelConfig
+from cascade.models.llama import Transformer
+from cascade.quant.rules import PrecisionRules
+from cascade.quant.spec import FloatSpec, parse_spec
+
+GRANULARITIES = ("layer", "block")
+_BLOCK = re.compile(r"^(layers_\d+)/")
+
+
+def units_of(params, granularity: str = "layer") -> dict[str, tuple[str, ...]]:
+    """``{unit: (parameter paths)}`` of the matrices the allocation chooses for: every kernel, the
+    embedding table and the LM head (``layer``), or the kernels of a block together (``block``)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    flat = traverse_util.flatten_dict(params, sep="/")
+    paths = [p for p, a in flat.items() if np.ndim(a) >= 2]
+    if granularity == "layer":
+        return {p: (p,) for p in paths}
+    units: dict[str, list[str]] = {}
+    for p in paths:
+        m = _BLOCK.match(p)
+        units.setdefault(m.group(1) if m else p, []).append(p)
+    return {u: tuple(ps) for u, ps in units.items()}
+
+
+def _round_trip(w, spec, path: str):
+    """``w`` at ``spec`` and back, in ``w``'s dtype (RTN; a float spec is a cast)."""
+    from cascade.models.quantize import reduction_axis
+    from cascade.quant import dequantize, quantize
+
+    if isinstance(spec, FloatSpec):
+        return jnp.asarray(w).astype(spec.dtype).astype(w.dtype)
+    return dequantize(quantize(w, spec, axis=reduction_axis(path, w.shape)), w.dtype)
+
+
+def unit_bytes(params, paths, spec, *, scale_dtype="float16") -> int:
+    """Bytes the parameters ``paths`` take stored at ``spec`` (planned from shapes, nothing allocated)."""
+    from cascade.memory import _quantized_nbytes
+    from cascade.models.quantize import reduction_axis
+
+    flat = traverse_util.flatten_dict(params, sep="/")
+    total = 0
+    for p in paths:
+        shape = tuple(np.shape(flat[p]))
+        if isinstance(spec, FloatSpec):
+            total += math.prod(shape) * spec.bits // 8
+        else:
+            total += _quantized_nbytes(shape, spec, reduction_axis(p, shape), str(scale_dtype))
+    return total
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _log_probs(params, cfg: ModelConfig, tokens):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    logits, _ = Transformer(cfg).apply({"params": params}, tokens, positions)
+    return jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _kl_and_nll(params, cfg: ModelConfig, tokens, ref_logp):
+    logp = _log_probs(params, cfg, tokens)
+    kl = jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return jnp.maximum(kl, 0.0).sum(), nll.sum()
+
+
+class _Scorer:
+    """KL to the float model and mean NLL over fixed tokens, in batches of ~16 MB buffers."""
+
+    def __init__(self, params, cfg: ModelConfig, tokens: np.ndarray):
+        self.cfg = cfg
+        tokens = np.asarray(tokens, np.int32)
+        from cascade.models.calibration import batch_size
+
+        per_seq = 4 * tokens.shape[1] * cfg.vocab_size  # its log-probs; the attention and MLP buffers
+        bsz = max(1, min((16 << 20) // per_seq, batch_size(cfg, tokens.shape[1])))  # near 16 MB (calibration)
+        self.batches = [jnp.asarray(tokens[i:i + bsz]) for i in range(0, len(tokens), bsz)]
+        self.ref = [_log_probs(params, cfg, t) for t in self.batches]
+        self.count = tokens.shape[0] * (tokens.shape[1] - 1)
+        _, self.base_nll = self(params)
+
+    def __call__(self, params) -> tuple[float, float]:
+        kl = nll = 0.0
+        for t, ref in zip(self.batches, self.ref):
+            k, n = _kl_and_nll(params, self.cfg, t, ref)
+            kl += float(k)
+            nll += float(n)
+        return kl / self.count, nll / self.count
+
+
+def measured_kl(params, cfg: ModelConfig, ref_params, tokens) -> float:
+    """Mean KL(ref || params) of the next-token distributions over ``tokens`` (N, T)."""
+    return _Scorer(ref_params, cfg, tokens)(params)[0]
+
+
+def _hessians(params, cfg: ModelConfig, tokens) -> dict[str, tuple[np.ndarray, int]]:
+    """``{kernel path: (XᵀX of its input, tokens)}`` for every block kernel, float model."""
+    from cascade.models import calibration
+
+    out = {}
+    hidden = calibration.embed_tokens(params, tokens)
+    for i in range(cfg.n_layers):
+        name = f"layers_{i}"
+        stats = calibration.block_statistics(params[name], cfg, hidden, keep_tokens=0)
+        for group, layers in calibration.INPUTS.items():
+            for layer in layers:
+                out[f"{name}/{layer}/kernel"] = (stats[group].hessian, stats[group].tokens)
+        hidden = calibration.block_outputs(params[name], cfg, hidden)
+    return out
+
+
+def _proxy(w, w_hat, hessian, n) -> float:
+    d = np.asarray(w_hat, np.float64) - np.asarray(w, np.float64)
+    return float(np.einsum("ij,ik,kj->", d, hessian, d) / max(n, 1))
+
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation of two equal-length sequences (average ranks on ties)."""
+    def ranks(x):
+        x = np.asarray(x, np.float64)
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x), dtype=np.float64)
+        for v in np.unique(x):  # ties share their mean rank
+            tie = x == v
+            r[tie] = r[tie].mean()
+        return r
+
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError("spearman needs two sequences of the same length >= 2")
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sensitivity:
+    """One unit at one candidate precision."""
+
+    unit: str  # a parameter path, or a block name at block granularity
+    spec: str  # the candidate precision
+    kl: float  # mean KL(float || this unit quantized) over the calibration tokens
+    delta_loss: float  # change of the mean next-token loss (nats)
+    proxy: float | None  # Hessian-weighted weight error (None for the embedding and head)
+    nbytes: int  # bytes of the unit stored at the spec
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SensitivityReport:
+    rows: tuple[Sensitivity, ...]
+    units: dict  # unit -> parameter paths
+    granularity: str
+    tokens: int  # scored tokens
+    base_loss: float  # the float model's mean next-token loss on them
+    params: dict  # unit -> number of weights
+
+    @property
+    def rank_correlation(self) -> float | None:
+        """Spearman correlation of the proxy with the measured KL over the rows that have one."""
+        rows = [r for r in self.rows if r.proxy is not None]
+        return spearman([r.proxy for r in rows], [r.kl for r in rows]) if len(rows) >= 2 else None
+
+    def sorted(self) -> list[Sensitivity]:
+        return sorted(self.rows, key=lambda r: -r.kl)
+
+    def to_json(self) -> dict:
+        return {"granularity": self.granularity, "tokens": self.tokens, "base_loss": self.base_loss,
+                "rank_correlation": self.rank_correlation, "units": {u: list(p) for u, p in self.units.items()},
+                "rows": [r.to_json() for r in self.sorted()]}
+
+
+def layer_sensitivity(params, cfg: ModelConfig, tokens, candidates, *, granularity: str = "layer",
+                      proxy: bool = True, scale_dtype="float16", progress: bool | None = None) -> SensitivityReport:
+    """:class:`SensitivityReport` of ``params`` (a float model) on calibration ``tokens`` (N, T)
+    for each spec in ``candidates`` (integer or float specs; module docs).  ``proxy``: also the
+    Hessian-weighted weight error (one calibration pass over the blocks)."""
+    from tqdm.auto import tqdm
+
+    specs = [parse_spec(c) for c in candidates]
+    if not specs:
+        raise ValueError("no candidate precisions given")
+    for flat_value in traverse_util.flatten_dict(params, sep="/").values():
+        if not isinstance(flat_value, (np.ndarray, jax.Array)):
+            raise ValueError("sensitivity needs a float model: dequantize a quantized checkpoint first")
+    units = units_of(params, granularity)
+    flat = traverse_util.flatten_dict(params, sep="/")
+    scorer = _Scorer(params, cfg, tokens)
+    hess = _hessians(params, cfg, np.asarray(tokens)) if proxy else {}
+    rows = []
+    work = [(u, s) for u in units for s in specs]
+    for unit, spec in tqdm(work, desc="sensitivity", unit="run", disable=None if progress is None else not progress,
+                           leave=False):
+        paths = units[unit]
+        changed = dict(flat)
+        err = 0.0 if all(p in hess for p in paths) else None
+        for p in paths:
+            changed[p] = _round_trip(flat[p], spec, p)
+            if err is not None:
+                err += _proxy(flat[p], changed[p], *hess[p])
+        kl, nll = scorer(traverse_util.unflatten_dict(changed, sep="/"))
+        rows.append(Sensitivity(unit=unit, spec=str(spec), kl=kl, delta_loss=nll - scorer.base_nll, proxy=err,
+                                nbytes=unit_bytes(params, paths, spec, scale_dtype=scale_dtype)))
+    sizes = {u: int(sum(np.size(flat[p]) for p in ps)) for u, ps in units.items()}
+    return SensitivityReport(rows=tuple(rows), units=units, granularity=granularity, tokens=scorer.count,
+                             base_loss=scorer.base_nll, params=sizes)
+
+
+def budget_from_avg_bits(report: SensitivityReport, avg_bits: float) -> int:
+    """The bytes ``avg_bits`` per weight give the report's units (scales and zero points count)."""
+    if not (isinstance(avg_bits, (int, float)) and 0 < avg_bits <= 32):
+        raise ValueError(f"average bits must be in (0, 32], got {avg_bits!r}")
+    return int(avg_bits * sum(report.params.values()) / 8)
+
+
+def auto_rules(report: SensitivityReport, budget: int) -> tuple[PrecisionRules, dict]:
+    """Rules giving each unit the candidate the knapsack picks under ``budget`` bytes (for the
+    units' weights; norms stay bf16), and a summary: per unit its spec, bytes and predicted KL,
+    and the totals (``predicted_kl``, ``bytes``, ``avg_bits``)."""
+    from cascade.quant.allocate import Choice, allocate
+
+    layers: dict[str, list] = {}
+    for r in report.rows:
+        layers.setdefault(r.unit, []).append(Choice(spec=r.spec, nbytes=r.nbytes, loss=r.kl))
+    picked = allocate(layers, budget)
+    rules = []
+    for unit, choice in picked.items():
+        for p in report.units[unit]:
+            rules.append((f"^{re.escape(p)}$", choice.spec))
+    nbytes = sum(c.nbytes for c in picked.values())
+    summary = {"budget": int(budget), "bytes": nbytes, "avg_bits": 8 * nbytes / sum(report.params.values()),
+               "predicted_kl": float(sum(c.loss for c in picked.values())),
+               "units": {u: {"spec": c.spec, "bytes": c.nbytes, "kl": c.loss} for u, c in picked.items()}}
+    return PrecisionRules(rules=tuple(rules), default=None), summary
+
+
+__all__ = ["GRANULARITIES", "Sensitivity", "SensitivityReport", "auto_rules", "budget_from_avg_bits",
+           "layer_sensitivity", "measured_kl", "spearman", "unit_bytes", "units_of"]
