@@ -376,9 +376,73 @@ PTQ_METHODS = ("rtn", "gptq", "awq", "hqq", "awq-gptq", "autoround")  # = models
 CALIBRATED_METHODS = ("gptq", "awq", "awq-gptq", "autoround")
 
 
+def _rules_or_auto(ctx, param, value):
+    """``--quant`` of ``cascade quantize``: rules, or ``auto`` (chosen under --avg-bits / --budget)."""
+    if value is not None and value.strip().lower() == "auto":
+        return "auto"
+    return _rules(ctx, param, value)
+
+
+def _candidates(ctx, param, value):
+    """Comma-separated candidate precision specs (each a spec, not rules)."""
+    if value is None:
+        return None
+    from cascade.quant.spec import parse_spec
+
+    specs = [v.strip() for v in value.split(",") if v.strip()]
+    if not specs:
+        raise click.BadParameter("no candidate precisions given (e.g. int8,int4-g128,int3-g32)")
+    for v in specs:
+        try:
+            parse_spec(v)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    if len(set(specs)) != len(specs):
+        raise click.BadParameter(f"{value!r} names a candidate twice")
+    return tuple(specs)
+
+
+def _size(ctx, param, value):
+    if value is None:
+        return None
+    from cascade.memory import parse_bytes
+
+    try:
+        return parse_bytes(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _calibration(loaded, model: str, calib: str, samples: int, length: int, seed: int):
+    """The calibration set for a loaded model, with one-line errors for a bad length or no tokenizer."""
+    from cascade.models.calibration import calibration_tokens
+
+    if length > loaded.config.max_seq_len:
+        raise click.BadParameter(f"{length} exceeds the model context ({loaded.config.max_seq_len})",
+                                 param_hint="'--calib-len'")
+    if loaded.tokenizer is None:
+        raise click.ClickException(f"{model}: no tokenizer found to read --calib; pass --tokenizer PATH")
+    return calibration_tokens(loaded.tokenizer, calib, samples=samples, length=length, seed=seed,
+                              max_len=loaded.config.max_seq_len)
+
+
+_CANDIDATES_HELP = "Comma-separated candidate precisions for each layer"
+
+
 @app.command()
 @click.argument("model", callback=_model)
-@click.option("--quant", "quant_rules", required=True, callback=_rules, help=_RULES_HELP)
+@click.option("--quant", "quant_rules", required=True, callback=_rules_or_auto,
+              help=_RULES_HELP + " Or 'auto': each layer's precision chosen from --candidates under --avg-bits or "
+                   "--budget, by measured sensitivity (needs --calib).")
+@click.option("--avg-bits", type=FiniteFloat(min=0.5, max=32), help="--quant auto: average bits per weight of the matrices "
+              "(scales and zero points count).")
+@click.option("--budget", callback=_size, help="--quant auto: bytes of the whole model's weights (e.g. 60MB).")
+@click.option("--candidates", callback=_candidates, help=_CANDIDATES_HELP + " (--quant auto) [default: "
+              "bf16,int8,int4-g128,int4-g32,int3-g32].")
+@click.option("--granularity", type=click.Choice(["layer", "block"]), default="layer", show_default=True,
+              help="--quant auto: choose a precision per matrix or per block.")
+@click.option("--rules-out", type=click.Path(dir_okay=False), help="--quant auto: also write the chosen rules as a JSON "
+              "rules file (editable; pass it back with --quant FILE).")
 @click.option("--method", type=click.Choice(PTQ_METHODS), default="rtn", show_default=True,
               help="PTQ method: rtn (round to nearest), gptq, awq, awq-gptq (AWQ's scales, then GPTQ) or "
                    "autoround (learned rounding and clipping per block) (need --calib), hqq (calibration-free).")
@@ -403,8 +467,8 @@ CALIBRATED_METHODS = ("gptq", "awq", "awq-gptq", "autoround")
               help="Only for a bare .safetensors/.npz weights file: reduction axis [default: 1 for .safetensors, 0 for .npz].")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def quantize(model, quant_rules, method, calib, calib_samples, calib_len, seed, damp, act_order, iters, batch, out_dir,
-             tokenizer, overwrite, axis, scale_dtype, as_json):
+def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rules_out, method, calib, calib_samples,
+             calib_len, seed, damp, act_order, iters, batch, out_dir, tokenizer, overwrite, axis, scale_dtype, as_json):
     """Quantize MODEL under precision rules with a PTQ method; report bytes and error per tensor;
     save with -o.
 
@@ -424,9 +488,20 @@ def quantize(model, quant_rules, method, calib, calib_samples, calib_len, seed, 
                                f"not to {method}")
     if method != "autoround" and given("iters", "batch"):
         raise click.UsageError(f"{', '.join(given('iters', 'batch'))} apply only to --method autoround, not to {method}")
+    auto = quant_rules == "auto"
+    auto_flags = given("avg_bits", "budget", "candidates", "granularity", "rules_out")
+    if not auto and auto_flags:
+        raise click.UsageError(f"{', '.join(auto_flags)} apply only to --quant auto")
+    if auto:
+        if (avg_bits is None) == (budget is None):
+            raise click.UsageError("--quant auto needs exactly one of --avg-bits or --budget")
+        if calib is None:
+            raise click.UsageError("--quant auto measures each layer's sensitivity on calibration text: pass --calib FILE")
+        if _is_weights_file(model):
+            raise click.UsageError("--quant auto needs a model (HF directory, .gguf, .bin or checkpoint), not a bare weights file")
     if method in CALIBRATED_METHODS and calib is None:
         raise click.UsageError(f"--method {method} needs calibration text: pass --calib FILE")
-    if method not in CALIBRATED_METHODS and (calib is not None or calib_flags):
+    if method not in CALIBRATED_METHODS and not auto and (calib is not None or calib_flags):
         used = ["--calib"] * (calib is not None) + calib_flags
         raise click.UsageError(f"{', '.join(used)} apply only to --method {', '.join(CALIBRATED_METHODS)}, "
                                f"not to {method}")
@@ -464,24 +539,89 @@ def quantize(model, quant_rules, method, calib, calib_samples, calib_len, seed, 
             raise click.UsageError(str(e).replace("pass overwrite=True (--overwrite)", "pass --overwrite")) from None
     _check_tokenizer_flag(model, tokenizer)
     loaded = load_model(model, tokenizer=tokenizer)
-    calib_set = None
-    if calib is not None:
-        from cascade.models.calibration import calibration_tokens
+    calib_set = None if calib is None else _calibration(loaded, model, calib, calib_samples, calib_len, seed)
+    auto_summary, auto_text = None, ""
+    if auto:
+        from cascade.models import sensitivity
 
-        if calib_len > loaded.config.max_seq_len:
-            raise click.BadParameter(f"{calib_len} exceeds the model context ({loaded.config.max_seq_len})",
-                                     param_hint="'--calib-len'")
-        if loaded.tokenizer is None:
-            raise click.ClickException(f"{model}: no tokenizer found to read --calib; pass --tokenizer PATH")
-        calib_set = calibration_tokens(loaded.tokenizer, calib, samples=calib_samples, length=calib_len, seed=seed,
-                                       max_len=loaded.config.max_seq_len)
+        if loaded.quant:
+            click.echo(f"note: {model} is quantized; measuring sensitivity on its dequantized weights", err=True)
+        tokens = sensitivity.scoring_tokens(calib_set)
+        float_params = sensitivity.float_params(loaded.params)
+        report_s = sensitivity.layer_sensitivity(float_params, loaded.config, tokens,
+                                                 candidates or sensitivity.DEFAULT_CANDIDATES, granularity=granularity,
+                                                 proxy=False, scale_dtype=scale_dtype)
+        rules, auto_summary = sensitivity.plan_rules(report_s, loaded.config, avg_bits=avg_bits, budget=budget,
+                                                     scale_dtype=scale_dtype)
+        quant_rules = rules
     ar = {"iters": iters, "batch": batch} if method == "autoround" else {}
-    quantized, report = quantize_model(loaded, quant_rules, method=method, calib=calib_set, damp=damp,
-                                       act_order=act_order, scale_dtype=scale_dtype, **ar)
+    quantized, report = quantize_model(loaded, quant_rules, method=method, calib=calib_set if method in CALIBRATED_METHODS else None,
+                                       damp=damp, act_order=act_order, scale_dtype=scale_dtype, **ar)
+    if auto:
+        auto_summary["measured_kl"] = sensitivity.measured_kl(sensitivity.float_params(quantized.params), loaded.config,
+                                                              float_params, tokens)
+        auto_summary["rules"] = rules.to_json()
+        auto_text = "\n" + sensitivity.summary_text(auto_summary)
+        if rules_out:
+            _write_atomic(rules_out, json.dumps(rules.to_json(), indent=2) + "\n")
+            auto_text += f"\nrules written to {rules_out}"
     if out_dir:
         save_checkpoint(out_dir, quantized, overwrite=overwrite)
     payload = {"model": model, "quant": quantized.quant, "ptq": quantized.ptq, "out": out_dir, **report.to_json()}
-    _emit(as_json, payload, report.table() + f"\n{_ptq_text(quantized.ptq)}" + (f"\nsaved to {out_dir}" if out_dir else ""))
+    if auto:
+        payload["auto"] = auto_summary
+    _emit(as_json, payload, report.table() + f"\n{_ptq_text(quantized.ptq)}" + auto_text
+          + (f"\nsaved to {out_dir}" if out_dir else ""))
+
+
+@app.command()
+@click.argument("model", callback=_model)
+@click.option("--calib", required=True, callback=_data_file,
+              help="Calibration text (documents separated by <|endoftext|> lines) to measure on.")
+@click.option("--quant", "candidates", default="int8,int4-g128,int4-g32,int3-g32", show_default=True,
+              callback=_candidates, help=_CANDIDATES_HELP + ".")
+@click.option("--granularity", type=click.Choice(["layer", "block"]), default="layer", show_default=True,
+              help="Quantize one matrix at a time, or one block's matrices together.")
+@click.option("--calib-samples", default=32, show_default=True, type=click.IntRange(32, 1024),
+              help="Calibration sequences scored per run.")
+@click.option("--calib-len", default=256, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per calibration sequence (at most the model context).")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for sampling the calibration sequences.")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@_scale_dtype_option
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Also write the JSON report here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG bar chart of KL per layer.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def sensitivity(model, calib, candidates, granularity, calib_samples, calib_len, seed, tokenizer, scale_dtype,
+                out_path, plot_path, as_json):
+    """Measure how much each layer (or block) quantized alone moves the model, per candidate precision.
+
+    \b
+    For every matrix (q/k/v/o, gate/up/down of each block, the embedding, the LM head) and every
+    candidate, that matrix alone is RTN-quantized and the mean KL divergence of the next-token
+    distributions to the float model is measured on the calibration tokens; beside it the
+    Hessian-weighted weight error, a cheap proxy, with its rank correlation to the measurement.
+    `cascade quantize MODEL --quant auto --avg-bits 4.5 --calib FILE` uses the same measurement to
+    choose the precisions.
+    """
+    from cascade.models import load_model
+    from cascade.models import sensitivity as sens
+
+    _check_tokenizer_flag(model, tokenizer)
+    loaded = load_model(model, tokenizer=tokenizer)
+    calib_set = _calibration(loaded, model, calib, calib_samples, calib_len, seed)
+    if loaded.quant:
+        click.echo(f"note: {model} is quantized; measuring sensitivity on its dequantized weights", err=True)
+    report = sens.layer_sensitivity(sens.float_params(loaded.params), loaded.config, calib_set.tokens, candidates,
+                                    granularity=granularity, scale_dtype=scale_dtype)
+    result = {"model": model, "calibration": calib_set.recipe, **report.to_json()}
+    if plot_path:
+        if not sens.plot(report, plot_path):
+            raise click.ClickException("--plot needs matplotlib (pip install matplotlib)")
+        result["plot"] = plot_path
+    if out_path:
+        _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    _emit(as_json, result, sens.table(report, limit=40))
 
 
 def _ptq_text(ptq: dict | None) -> str:

@@ -34,6 +34,8 @@ _EXPORTS = {
     # quantizing
     "quantize_model": "cascade.models.quantize",
     "weight_bytes": "cascade.models.quantize",
+    "layer_sensitivity": "cascade.models.sensitivity",
+    "plan_rules": "cascade.models.sensitivity",
     "PrecisionRules": "cascade.quant.rules",
     "QuantReport": "cascade.quant.rtn",
     "parse_spec": "cascade.quant.spec",

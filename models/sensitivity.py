@@ -197,9 +197,11 @@ class SensitivityReport:
 
     @property
     def rank_correlation(self) -> float | None:
-        """Spearman correlation of the proxy with the measured KL over the rows that have one."""
+        """Spearman correlation of the proxy with the measured KL over the rows that have one (None
+        without a proxy, or when either side is constant)."""
         rows = [r for r in self.rows if r.proxy is not None]
-        return spearman([r.proxy for r in rows], [r.kl for r in rows]) if len(rows) >= 2 else None
+        rho = spearman([r.proxy for r in rows], [r.kl for r in rows]) if len(rows) >= 2 else None
+        return None if rho is None or math.isnan(rho) else rho
 
     def sorted(self) -> list[Sensitivity]:
         return sorted(self.rows, key=lambda r: -r.kl)
@@ -274,5 +276,122 @@ def auto_rules(report: SensitivityReport, budget: int) -> tuple[PrecisionRules, 
     return PrecisionRules(rules=tuple(rules), default=None), summary
 
 
-__all__ = ["GRANULARITIES", "Sensitivity", "SensitivityReport", "auto_rules", "budget_from_avg_bits",
+def scoring_tokens(calib) -> np.ndarray:
+    """The tokens ``--quant auto`` scores each candidate on: the first :data:`SENSITIVITY_SAMPLES`
+    calibration sequences, cut to :data:`SENSITIVITY_LEN` tokens (a run per unit and candidate
+    is one forward pass over them)."""
+    return np.asarray(calib.tokens[:SENSITIVITY_SAMPLES, :SENSITIVITY_LEN])
+
+
+def float_params(params):
+    """``params`` with every quantized tensor dequantized to float32 (a GGUF import or a saved
+    checkpoint measured as a float model)."""
+    from cascade.quant import QuantizedTensor, dequantize
+
+    return jax.tree.map(lambda a: dequantize(a, "float32") if isinstance(a, QuantizedTensor) else a, params,
+                        is_leaf=lambda a: isinstance(a, QuantizedTensor))
+
+
+def summary_text(summary: dict) -> str:
+    """Human lines for :func:`plan_rules`' summary: the precision mix, bytes, predicted and measured KL."""
+    from collections import Counter
+
+    mix = Counter(u["spec"] for u in summary["units"].values())
+    line = (f"auto precision: {', '.join(f'{n} x {s}' for s, n in mix.most_common())}; "
+            f"{summary['avg_bits']:.3f} bits a weight, {summary['model_bytes']:,} bytes of weights "
+            f"(budget {summary['budget']:,} for the matrices); predicted KL {summary['predicted_kl']:.4f}")
+    if "measured_kl" in summary:
+        line += f", measured {summary['measured_kl']:.4f}"
+    return line
+
+
+DEFAULT_CANDIDATES = ("bf16", "int8", "int4-g128", "int4-g32", "int3-g32")
+SENSITIVITY_SAMPLES, SENSITIVITY_LEN = 32, 256  # calibration tokens scored per candidate run
+
+
+def other_bytes(report: SensitivityReport, cfg: ModelConfig, *, scale_dtype="float16") -> int:
+    """Bytes of the parameters outside the report's units (norms, in bf16 under the rules)."""
+    from cascade.memory import planned_weight_bytes
+
+    first = {}
+    for r in report.rows:
+        first.setdefault(r.unit, r)
+    rules = PrecisionRules(rules=tuple((f"^{re.escape(p)}$", first[u].spec) for u in first for p in report.units[u]))
+    return planned_weight_bytes(cfg, rules, scale_dtype=scale_dtype) - sum(r.nbytes for r in first.values())
+
+
+def plan_rules(report: SensitivityReport, cfg: ModelConfig, *, avg_bits: float | None = None,
+               budget: int | None = None, scale_dtype="float16") -> tuple[PrecisionRules, dict]:
+    """:func:`auto_rules` for ``avg_bits`` per weight of the units, or ``budget`` bytes for the
+    whole model's weights (the norms and other small parameters take their share first).  The
+    summary also gives ``model_bytes``, the whole model's weight bytes under the rules."""
+    from cascade.quant.allocate import InfeasibleBudget
+
+    if (avg_bits is None) == (budget is None):
+        raise ValueError("give exactly one of an average bit width (--avg-bits) or a byte budget (--budget)")
+    rest = other_bytes(report, cfg, scale_dtype=scale_dtype)
+    units_budget = budget_from_avg_bits(report, avg_bits) if budget is None else budget - rest
+    try:
+        rules, summary = auto_rules(report, max(units_budget, 0))
+    except InfeasibleBudget as e:
+        if budget is None:
+            bits = 8 * e.minimum / sum(report.params.values())
+            raise InfeasibleBudget(units_budget, e.minimum, f"{avg_bits:g} bits a weight is below the smallest candidates "
+                                   f"of all layers together: at least {bits:.3f} are needed") from None
+        raise InfeasibleBudget(budget, e.minimum + rest, f"budget of {budget:,} bytes is below the smallest "
+                               f"candidates of all layers together: at least {e.minimum + rest:,} bytes are needed "
+                               f"({e.minimum:,} for the matrices, {rest:,} for the rest)") from None
+    summary["model_bytes"] = summary["bytes"] + rest
+    return rules, summary
+
+
+def plot(report: SensitivityReport, png_path: str) -> bool:
+    """A bar chart of the measured KL per unit (one bar per candidate, log scale) to ``png_path``;
+    False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    units = list(report.units)
+    specs = list(dict.fromkeys(r.spec for r in report.rows))
+    kl = {(r.unit, r.spec): r.kl for r in report.rows}
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(units) * max(1, len(specs) / 3)), 4.5))
+    width = 0.8 / len(specs)
+    x = np.arange(len(units))
+    for j, spec in enumerate(specs):
+        ax.bar(x + j * width, [max(kl[(u, spec)], 1e-9) for u in units], width, label=spec)
+    ax.set_yscale("log")
+    ax.set_ylabel("mean KL to the float model")
+    ax.set_xticks(x + 0.4 - width / 2)
+    ax.set_xticklabels([u.removesuffix("/kernel") for u in units], rotation=90, fontsize=6)
+    ax.set_title(f"Sensitivity: one {report.granularity} quantized at a time ({report.tokens:,} tokens)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def table(report: SensitivityReport, limit: int | None = None) -> str:
+    """Units sorted by their KL at the lowest-precision candidate, one column per candidate."""
+    specs = list(dict.fromkeys(r.spec for r in report.rows))
+    kl = {(r.unit, r.spec): r.kl for r in report.rows}
+    last = specs[-1]
+    units = sorted(report.units, key=lambda u: -kl[(u, last)])
+    head = f"| {report.granularity} | weights | " + " | ".join(f"KL {s}" for s in specs) + " |"
+    lines = [head, "| --- | ---: |" + " ---: |" * len(specs)]
+    for u in units[:limit]:
+        lines.append(f"| {u} | {report.params[u]:,} | " + " | ".join(f"{kl[(u, s)]:.2e}" for s in specs) + " |")
+    if limit is not None and len(units) > limit:
+        lines.append(f"... {len(units) - limit} more (--json for all)")
+    rc = report.rank_correlation
+    lines.append(f"{report.tokens:,} tokens; float loss {report.base_loss:.4f}"
+                 + (f"; proxy vs KL rank correlation {rc:.3f}" if rc is not None else ""))
+    return "\n".join(lines)
+
+
+__all__ = ["DEFAULT_CANDIDATES", "float_params", "plan_rules", "plot", "scoring_tokens", "summary_text", "table", "GRANULARITIES", "Sensitivity", "SensitivityReport", "auto_rules", "budget_from_avg_bits",
            "layer_sensitivity", "measured_kl", "spearman", "unit_bytes", "units_of"]

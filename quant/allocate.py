@@ -42,10 +42,10 @@ class Choice:
 class InfeasibleBudget(ValueError):
     """The budget is below the smallest candidate of every layer together."""
 
-    def __init__(self, budget: int, minimum: int):
+    def __init__(self, budget: int, minimum: int, message: str | None = None):
         self.budget, self.minimum = budget, minimum
-        super().__init__(f"budget of {budget:,} bytes is below the smallest candidates of all layers together: "
-                         f"at least {minimum:,} bytes are needed")
+        super().__init__(message or f"budget of {budget:,} bytes is below the smallest candidates of all layers "
+                                    f"together: at least {minimum:,} bytes are needed")
 
 
 def minimum_bytes(layers: Mapping[str, Sequence[Choice]]) -> int:

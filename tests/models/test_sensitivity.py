@@ -143,3 +143,81 @@ def test_a_quantized_model_is_refused():
     params["layers_0"]["attn"]["q_proj"]["kernel"] = quant.quantize(params["layers_0"]["attn"]["q_proj"]["kernel"], "int8")
     with pytest.raises(ValueError, match="float model"):
         layer_sensitivity(params, CFG, np.zeros((2, 8), np.int32), ["int4"], progress=False)
+
+
+# -- the command line --------------------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+
+from cascade import cli  # noqa: E402
+from cascade.models import load_checkpoint  # noqa: E402
+
+from tests.shared_data import DATA  # noqa: E402
+
+BIN = os.path.join(DATA, "stories260K", "stories260K.bin")
+TRAIN = os.path.join(DATA, "text", "tinystories_train_00.txt")
+SMALL = ("--calib", TRAIN, "--calib-len", "32", "--granularity", "block")
+
+
+def run(capsys, *args):
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_sensitivity_command_writes_a_table_json_and_a_chart(capsys, tmp_path):
+    out_json, png = tmp_path / "sens.json", tmp_path / "sens.png"
+    code, out, err = run(capsys, "sensitivity", BIN, *SMALL, "--quant", "int8,int3-g32", "--json",
+                         "--out", str(out_json), "--plot", str(png))
+    assert code == 0, err
+    got = json.loads(out)
+    assert got == json.loads(out_json.read_text()) and got["plot"] == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    units = {r["unit"] for r in got["rows"]}
+    assert units == {"embed/embedding"} | {f"layers_{i}" for i in range(5)}
+    kl = {(r["unit"], r["spec"]): r["kl"] for r in got["rows"]}
+    assert all(kl[(u, "int8")] < kl[(u, "int3-g32")] for u in units)
+    assert [r["kl"] for r in got["rows"]] == sorted((r["kl"] for r in got["rows"]), reverse=True)
+    assert -1 <= got["rank_correlation"] <= 1 and got["calibration"]["length"] == 32
+    code, _, err = run(capsys, "sensitivity", BIN, *SMALL, "--quant", "int8,int3-g32")
+    assert code == 0 and "| block | weights | KL int8 | KL int3-g32 |" in err and "rank correlation" in err
+
+
+def test_quantize_auto_chooses_precisions_under_the_average_bits(capsys, tmp_path):
+    out_dir, rules_file = str(tmp_path / "auto"), str(tmp_path / "rules.json")
+    code, out, err = run(capsys, "quantize", BIN, "--quant", "auto", "--avg-bits", "5", "--candidates", "int8,int3-g32",
+                         *SMALL, "--rules-out", rules_file, "-o", out_dir, "--json")
+    assert code == 0, err
+    auto = json.loads(out)["auto"]
+    assert auto["avg_bits"] <= 5 and set(u["spec"] for u in auto["units"].values()) == {"int8", "int3-g32"}
+    assert auto["measured_kl"] > 0 and auto["predicted_kl"] > 0
+    assert json.loads(open(rules_file).read()) == auto["rules"]
+    model = load_checkpoint(out_dir)
+    flat = traverse_util.flatten_dict(model.params, sep="/", is_leaf=lambda k, v: isinstance(v, quant.QuantizedTensor))
+    for path, leaf in flat.items():
+        if path.startswith("layers_") and path.endswith("/kernel"):
+            want = auto["units"][path.split("/")[0]]["spec"]
+            assert str(leaf.spec) == str(quant.parse_spec(want)), path
+    # the rules file is a --quant FILE like any other, and gives the same model
+    code, out, err = run(capsys, "quantize", BIN, "--quant", rules_file, "--json")
+    assert code == 0 and json.loads(out)["bytes_after"] == auto["model_bytes"]
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (("--quant", "int4", "--avg-bits", "4"), 2, "--avg-bits apply only to --quant auto"),
+    (("--quant", "auto", "--calib", TRAIN), 2, "--quant auto needs exactly one of --avg-bits or --budget"),
+    (("--quant", "auto", "--avg-bits", "4", "--budget", "1MB", "--calib", TRAIN), 2, "exactly one of"),
+    (("--quant", "auto", "--avg-bits", "4"), 2, "--quant auto measures each layer's sensitivity on calibration text"),
+    (("--quant", "auto", "--avg-bits", "4", "--candidates", "int4,int9", "--calib", TRAIN), 2, "int9"),
+    (("--quant", "auto", "--budget", "lots", "--calib", TRAIN), 2, "cannot read 'lots' as a size"),
+    (("--quant", "auto", "--budget", "20KB", "--candidates", "int8,int3-g32", *SMALL), 1,
+     "budget of 20,000 bytes is below the smallest candidates of all layers together: at least"),
+    (("--quant", "auto", "--avg-bits", "1", "--candidates", "int8,int3-g32", *SMALL), 1,
+     "1 bits a weight is below the smallest candidates of all layers together: at least 3."),
+])
+def test_bad_auto_flags_are_one_line_errors(capsys, tmp_path, args, code, message):
+    got, out, err = run(capsys, "quantize", BIN, *args, "-o", str(tmp_path / "out"))
+    assert got == code and message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "out")
