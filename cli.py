@@ -1189,6 +1189,58 @@ def bench_ptq(model, calib, data, specs, methods, calib_samples, calib_len, limi
     _emit(as_json, result, bench_ptq_mod.table(result))
 
 
+@bench.command(name="workflow")
+@click.argument("model", callback=_model)
+@click.option("--calib", required=True, callback=_data_file, help="Calibration text (sensitivity and GPTQ/AWQ).")
+@click.option("--data", required=True, callback=_data_file, help="UTF-8 text file to score.")
+@click.option("--target", "targets", default="int4-g32,int3-g32", show_default=True, callback=_candidates,
+              help="Comma-separated uniform specs; auto mixed precision gets each one's bytes.")
+@click.option("--candidates", default=",".join(("bf16", "int8", "int4-g128", "int4-g64", "int4-g32", "int3-g128",
+                                                "int3-g64", "int3-g32")), show_default=True, callback=_candidates,
+              help=_CANDIDATES_HELP + ".")
+@click.option("--method", "methods", default="rtn,gptq", show_default=True, help="Comma-separated PTQ methods.")
+@click.option("--granularity", type=click.Choice(["layer", "block"]), default="layer", show_default=True,
+              help="Choose a precision per matrix or per block.")
+@click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(32, 1024), help="Calibration sequences.")
+@click.option("--calib-len", default=512, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per calibration sequence (capped at the model context).")
+@click.option("--limit", default=200, show_default=True, type=click.IntRange(min=1), help="First N documents of --data.")
+@click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=2), help="Window length (capped at the model context).")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Score only the first windows, about N tokens.")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def bench_workflow(model, calib, data, targets, candidates, methods, granularity, calib_samples, calib_len, limit, ctx,
+                   max_tokens, tokenizer, out_path, as_json):
+    """Automatic mixed precision against uniform specs at the same bytes, per PTQ method (see bench/workflow.py)."""
+    from cascade.bench import workflow as bench_wf
+
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    for m in method_list:
+        if m not in PTQ_METHODS:
+            raise click.BadParameter(f"unknown method {m!r}; choose from {', '.join(PTQ_METHODS)}", param_hint="'--method'")
+    if not method_list:
+        raise click.UsageError("--method needs at least one value")
+    _check_tokenizer_flag(model, tokenizer)
+    from cascade.models import load_model
+
+    def save(partial: dict) -> None:
+        partial["model"] = model
+        if out_path:
+            _write_atomic(out_path, json.dumps(partial, indent=2, allow_nan=False) + "\n")
+        r = partial["rows"][-1]
+        click.echo(f"{r['target']} {r['config']} {r['method']}: ppl {r['ppl']:.3f}, KLD {r['kld_mean']:.4f}, "
+                   f"{r['avg_bits']:.3f} bits a weight", err=True)
+
+    result = bench_wf.run(load_model(model, tokenizer=tokenizer), calib, data, targets=targets, candidates=candidates,
+                          methods=method_list, samples=calib_samples, length=calib_len, limit=limit, ctx=ctx,
+                          max_tokens=max_tokens, granularity=granularity, on_row=save)
+    result["model"] = model
+    if out_path:
+        _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    _emit(as_json, result, bench_wf.table(result))
+
+
 @bench.command(name="kv")
 @click.argument("model", callback=_model)
 @click.option("--data", required=True, callback=_data_file, help="UTF-8 text file to score.")

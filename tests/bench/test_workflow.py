@@ -1,0 +1,55 @@
+"""`cascade bench workflow`: auto mixed precision against the uniform spec at the same bytes."""
+
+import json
+import os
+
+from cascade import cli
+from cascade.memory import planned_weight_bytes
+from cascade.models import load_model
+
+from tests.shared_data import DATA
+
+BIN = os.path.join(DATA, "stories260K", "stories260K.bin")
+TRAIN = os.path.join(DATA, "text", "tinystories_train_00.txt")
+VAL = os.path.join(DATA, "text", "tinystories_val.txt")
+
+
+def test_bench_workflow_rows(capsys, tmp_path):
+    out_file = tmp_path / "wf.json"
+    code = cli.main(["bench", "workflow", BIN, "--calib", TRAIN, "--data", VAL, "--target", "int3-g32",
+                     "--candidates", "int8,int4-g32,int3-g32", "--method", "rtn", "--granularity", "block",
+                     "--calib-samples", "32", "--calib-len", "32", "--limit", "10", "--ctx", "128",
+                     "--max-tokens", "2048", "--json", "--out", str(out_file)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    d = json.loads(out)
+    assert d == json.loads(out_file.read_text()) and d["benchmark"] == "workflow" and "partial" not in d
+    rows = {(r["target"], r["config"], r["method"]): r for r in d["rows"]}
+    assert set(rows) == {("int3-g32", c, "rtn") for c in ("uniform", "auto")}
+    uniform, auto = rows[("int3-g32", "uniform", "rtn")], rows[("int3-g32", "auto", "rtn")]
+    assert uniform["tokens"] == auto["tokens"]
+    # the same bytes: the auto model fits in what the uniform spec takes, and spends most of it
+    cfg = load_model(BIN).config
+    assert auto["weight_bytes"] <= uniform["weight_bytes"] == planned_weight_bytes(cfg, "int3-g32")
+    assert auto["weight_bytes"] > 0.9 * uniform["weight_bytes"]
+    alloc = d["allocations"]["int3-g32"]
+    assert set(alloc["units"]) == {"embed/embedding"} | {f"layers_{i}" for i in range(5)}
+    assert alloc["model_bytes"] == auto["weight_bytes"]
+    assert sum(sum(v.values()) for v in alloc["mix"].values()) == len(alloc["units"])
+    assert alloc["measured_kl"] > 0 and alloc["predicted_kl"] > 0
+    # bits a weight of the matrices: the whole model's bytes less the bf16 norms
+    import jax
+
+    leaves = jax.tree.leaves(load_model(BIN).params)
+    norms = sum(2 * a.size for a in leaves if a.ndim == 1)
+    n = sum(a.size for a in leaves if a.ndim == 2)
+    assert abs(uniform["avg_bits"] - 8 * (uniform["weight_bytes"] - norms) / n) < 1e-9
+    assert abs(auto["avg_bits"] - 8 * (auto["weight_bytes"] - norms) / n) < 1e-9
+    assert "auto at the bytes of int3-g32: predicted KL" in bench_table(d)
+    assert cli.main(["bench", "workflow", BIN, "--calib", TRAIN, "--data", VAL, "--method", "nope"]) == 2
+
+
+def bench_table(d):
+    from cascade.bench import workflow
+
+    return workflow.table(d)
