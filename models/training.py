@@ -11,8 +11,10 @@
   uninterrupted run would, and reproduces its losses.
 * The loss is appended to ``loss.csv`` in the run directory and plotted to ``loss.png``.
 
-The same loop is meant to carry QAT later: it trains whatever ``loss_fn`` it is given over a
-params pytree.
+The same loop carries QAT (:mod:`cascade.models.qat`): ``train(..., params=start,
+transform=fake_quantize)`` starts from given weights and runs the forward pass on
+``transform(params)`` (fake-quantized weights, straight-through gradients) while AdamW updates
+the float master weights.
 """
 
 from __future__ import annotations
@@ -144,8 +146,11 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
         optax.adamw(lr_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask))
 
 
-def lm_loss(params, cfg: ModelConfig, tokens, compute_dtype=jnp.float32):
-    """Mean next-token cross-entropy of ``tokens`` (B, T+1): predict ``tokens[:, 1:]``."""
+def lm_loss(params, cfg: ModelConfig, tokens, compute_dtype=jnp.float32, transform=None):
+    """Mean next-token cross-entropy of ``tokens`` (B, T+1): predict ``tokens[:, 1:]``; the forward
+    pass runs on ``transform(params)`` when given (QAT's fake quantization)."""
+    if transform is not None:
+        params = transform(params)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
     if compute_dtype != jnp.float32:
@@ -154,16 +159,16 @@ def lm_loss(params, cfg: ModelConfig, tokens, compute_dtype=jnp.float32):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
-@partial(jax.jit, static_argnames=("cfg", "optimizer", "compute_dtype"), donate_argnums=(0, 1))
-def train_step(params, opt_state, tokens, *, cfg: ModelConfig, optimizer, compute_dtype):
-    loss, grads = jax.value_and_grad(lm_loss)(params, cfg, tokens, compute_dtype)
+@partial(jax.jit, static_argnames=("cfg", "optimizer", "compute_dtype", "transform"), donate_argnums=(0, 1))
+def train_step(params, opt_state, tokens, *, cfg: ModelConfig, optimizer, compute_dtype, transform=None):
+    loss, grads = jax.value_and_grad(lm_loss)(params, cfg, tokens, compute_dtype, transform)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
-@partial(jax.jit, static_argnames=("cfg", "compute_dtype"))
-def _eval_loss(params, tokens, *, cfg, compute_dtype):
-    return lm_loss(params, cfg, tokens, compute_dtype)
+@partial(jax.jit, static_argnames=("cfg", "compute_dtype", "transform"))
+def _eval_loss(params, tokens, *, cfg, compute_dtype, transform=None):
+    return lm_loss(params, cfg, tokens, compute_dtype, transform)
 
 
 def sample_batch(stream: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int) -> np.ndarray:
@@ -184,9 +189,10 @@ def eval_batches(stream: np.ndarray, n_batches: int, batch_size: int, seq_len: i
     return [rows[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def validation_loss(params, cfg: ModelConfig, batches: list[np.ndarray], compute_dtype=jnp.float32) -> float:
-    total = sum(float(_eval_loss(params, jnp.asarray(b), cfg=cfg, compute_dtype=compute_dtype)) * len(b)
-                for b in batches)
+def validation_loss(params, cfg: ModelConfig, batches: list[np.ndarray], compute_dtype=jnp.float32,
+                    transform=None) -> float:
+    total = sum(float(_eval_loss(params, jnp.asarray(b), cfg=cfg, compute_dtype=compute_dtype, transform=transform))
+                * len(b) for b in batches)
     return total / sum(len(b) for b in batches)
 
 
@@ -209,19 +215,26 @@ def _checkpoint_manager(run_dir):
 
 def train(cfg: ModelConfig, tc: TrainConfig, train_tokens: np.ndarray, run_dir, *,
           val_tokens: np.ndarray | None = None, stop_after: int | None = None, progress: bool = True,
-          on_log: Callable[[dict], None] | None = None) -> TrainResult:
+          on_log: Callable[[dict], None] | None = None, params=None, transform=None,
+          extra_config: dict | None = None) -> TrainResult:
     """Train (or resume training) ``cfg`` on ``train_tokens`` for ``tc.steps`` steps in ``run_dir``.
 
     ``stop_after`` ends this call after that many total steps (a checkpoint is written there), to
-    split a run over several calls; the schedule still spans ``tc.steps``.
+    split a run over several calls; the schedule still spans ``tc.steps``.  ``params``: the
+    starting weights (float32; default: a random init from ``tc.seed``).  ``transform``: a
+    hashable function the forward pass applies to the weights (QAT).  ``extra_config`` is recorded
+    in ``run.json`` with the configs (a resume under different values is refused).
     """
     import orbax.checkpoint as ocp
 
     os.makedirs(run_dir, exist_ok=True)
-    _write_run_config(run_dir, cfg, tc)
+    _write_run_config(run_dir, cfg, tc, extra_config)
     optimizer = make_optimizer(tc)
     compute_dtype = jnp.dtype(tc.compute_dtype)
-    params = init_params(cfg, jax.random.key(tc.seed))
+    if params is None:
+        params = init_params(cfg, jax.random.key(tc.seed))
+    else:
+        params = jax.tree.map(lambda a: jnp.array(a, jnp.float32, copy=True), params)  # the step donates its input
     state = {"params": params, "opt_state": optimizer.init(params), "step": 0}
     mngr = _checkpoint_manager(run_dir)
     resumed_from = mngr.latest_step()
@@ -242,7 +255,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, train_tokens: np.ndarray, run_dir, 
         while step < end:
             batch = jnp.asarray(sample_batch(train_tokens, step, tc.batch_size, tc.seq_len, tc.seed))
             params, opt_state, m = train_step(params, opt_state, batch, cfg=cfg, optimizer=optimizer,
-                                              compute_dtype=compute_dtype)
+                                              compute_dtype=compute_dtype, transform=transform)
             step += 1
             loss = float(m["loss"])
             if not math.isfinite(loss):
@@ -253,7 +266,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, train_tokens: np.ndarray, run_dir, 
             is_last = step == end
             evaluated = val_sets is not None and (step % tc.eval_every == 0 or step == tc.steps)
             if evaluated:
-                val_loss = validation_loss(params, cfg, val_sets, compute_dtype)
+                val_loss = validation_loss(params, cfg, val_sets, compute_dtype, transform)
             if step % tc.log_every == 0 or is_last or evaluated:
                 row = {"step": step, "tokens": step * tc.batch_size * tc.seq_len, "lr": float(schedule(step - 1)),
                        "loss": loss, "grad_norm": float(m["grad_norm"]), "val_loss": val_loss if evaluated else "",
@@ -272,10 +285,10 @@ def train(cfg: ModelConfig, tc: TrainConfig, train_tokens: np.ndarray, run_dir, 
                        elapsed_s=time.perf_counter() - t0)
 
 
-def _write_run_config(run_dir, cfg: ModelConfig, tc: TrainConfig):
+def _write_run_config(run_dir, cfg: ModelConfig, tc: TrainConfig, extra: dict | None = None):
     """``run.json`` records the configs; resuming under different ones is refused."""
     path = os.path.join(run_dir, "run.json")
-    want = {"model": cfg.to_dict(), "train": tc.to_dict()}
+    want = {"model": cfg.to_dict(), "train": tc.to_dict(), **({"qat": extra} if extra else {})}
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             have = json.load(f)

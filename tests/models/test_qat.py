@@ -1,0 +1,102 @@
+"""QAT: a few steps lower the quantized model's loss; resuming equals an uninterrupted run; the
+result is a real quantized checkpoint that loads and generates; starting points and their notes."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cascade import quant
+from cascade.models import load_checkpoint, save_checkpoint
+from cascade.models.config import ModelConfig
+from cascade.models.llama import init_params
+from cascade.models.model import Model
+from cascade.models.qat import FakeQuantize, qat, starting_point
+from cascade.models.quantize import quantize_model
+from cascade.models.training import TrainConfig, lm_loss
+
+CFG = ModelConfig(vocab_size=64, dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                  max_seq_len=64, tie_embeddings=True)
+RULES = "int2-g16-asym"
+TC = TrainConfig(steps=12, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=2, eval_every=6, ckpt_every=6, log_every=1)
+
+
+def _stream(n=4000, seed=0):
+    """A learnable stream: a fixed random walk over the vocabulary (next token = token + small step)."""
+    rng = np.random.default_rng(seed)
+    return (np.cumsum(rng.integers(1, 3, n)) % 64).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def start():
+    params = init_params(CFG, jax.random.key(0))
+    return Model(config=CFG, params=params, source="tiny")
+
+
+def _quantized_loss(model, tokens):
+    from cascade.models.sensitivity import float_params
+
+    return float(lm_loss(float_params(model.params), CFG, jnp.asarray(tokens)))
+
+
+def test_the_transform_is_the_rtn_round_trip_forward_and_straight_through_backward(start):
+    parsed = quant.PrecisionRules.parse(RULES)
+    fq = FakeQuantize(parsed)(start.params)
+    rtn, _ = quantize_model(start, RULES, scale_dtype="float32", progress=False)
+    w = fq["layers_0"]["mlp"]["up_proj"]["kernel"]
+    np.testing.assert_allclose(w, quant.dequantize(rtn.params["layers_0"]["mlp"]["up_proj"]["kernel"], "float32"),
+                               rtol=1e-5, atol=1e-6)
+    norm = fq["layers_0"]["attn_norm"]["scale"]  # kept in bf16 by the default rules: a cast
+    np.testing.assert_array_equal(norm, np.asarray(start.params["layers_0"]["attn_norm"]["scale"]).astype(jnp.bfloat16).astype(np.float32))
+    g = jax.grad(lambda p: jnp.sum(FakeQuantize(parsed)(p)["layers_0"]["attn_norm"]["scale"] * 3.0))(start.params)
+    np.testing.assert_array_equal(g["layers_0"]["attn_norm"]["scale"], 3.0)
+    assert hash(FakeQuantize(parsed)) == hash(FakeQuantize(quant.PrecisionRules.parse(RULES)))
+
+
+def test_qat_lowers_the_quantized_loss_and_saves_a_checkpoint_that_generates(start, tmp_path):
+    stream = _stream()
+    val = _stream(600, seed=1)[: 4 * 17].reshape(4, 17)
+    ptq, _ = quantize_model(start, RULES, progress=False)
+    before = _quantized_loss(ptq, val)
+    model, result, notes = qat(start, TC, stream, str(tmp_path / "run"), rules=RULES, progress=False)
+    after = _quantized_loss(model, val)
+    assert after < before - 0.1, (before, after)
+    assert model.ptq["method"] == "qat" and model.ptq["settings"]["steps_done"] == 12 and notes == []
+    leaf = model.params["layers_1"]["attn"]["q_proj"]["kernel"]
+    assert isinstance(leaf, quant.QuantizedTensor) and str(leaf.spec) == str(quant.parse_spec(RULES))
+    assert os.path.exists(tmp_path / "run" / "loss.csv")
+    save_checkpoint(str(tmp_path / "ckpt"), model)
+    back = load_checkpoint(str(tmp_path / "ckpt"))
+    assert back.ptq["method"] == "qat"
+    from cascade.models.generation import generate
+
+    out = generate(back.params, CFG, [[1, 2, 3]], max_new_tokens=5)
+    assert 1 <= len(out.tokens[0]) <= 5
+    assert out.tokens == generate(model.params, CFG, [[1, 2, 3]], max_new_tokens=5).tokens
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(start, tmp_path):
+    stream = _stream()
+    whole, r1, _ = qat(start, TC, stream, str(tmp_path / "a"), rules=RULES, progress=False)
+    qat(start, TC, stream, str(tmp_path / "b"), rules=RULES, progress=False, stop_after=6)
+    resumed, r2, _ = qat(start, TC, stream, str(tmp_path / "b"), rules=RULES, progress=False)
+    assert r2.resumed_from == 6 and r2.losses == r1.losses[6:]
+    for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_starting_points_and_their_notes(start):
+    ptq, _ = quantize_model(start, "int4-g16", progress=False)
+    params, rules, notes = starting_point(ptq)
+    assert rules == quant.PrecisionRules.parse("int4-g16") and "dequantized weights of rtn" in notes[0]
+    np.testing.assert_allclose(params["layers_0"]["attn"]["q_proj"]["kernel"],
+                               quant.dequantize(ptq.params["layers_0"]["attn"]["q_proj"]["kernel"], "float32"))
+    with pytest.raises(ValueError, match="already quantized"):
+        starting_point(ptq, "int8")
+    gguf_like = Model(config=CFG, params=ptq.params, source="model.gguf", format="gguf")
+    _, _, notes = starting_point(gguf_like, "int4-g16")
+    assert "stores quantized weights (gguf); dequantized to float32" in notes[0]
+    with pytest.raises(ValueError, match="needs precision rules"):
+        starting_point(start)
