@@ -641,6 +641,82 @@ def _ptq_text(ptq: dict | None) -> str:
 
 @app.command()
 @click.argument("model", callback=_model)
+@click.option("--quant", "quant_rules", callback=_rules,
+              help=_RULES_HELP + " Needed for a float MODEL; a checkpoint of `cascade quantize` keeps its own.")
+@click.option("--data", required=True, callback=_data_file, help="Training text (documents separated by <|endoftext|> lines).")
+@click.option("--val", callback=_data_file, help="Validation text: its loss is logged every --eval-every steps.")
+@click.option("--steps", required=True, type=click.IntRange(1, 10_000_000), help="Optimizer steps.")
+@click.option("--lr", default=1e-4, show_default=True, type=FiniteFloat(min=0, min_open=True), help="Peak learning rate (AdamW).")
+@click.option("--warmup", default=None, type=click.IntRange(min=0), help="Warm-up steps [default: steps // 10].")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096), help="Sequences per step.")
+@click.option("--seq-len", default=256, show_default=True, type=click.IntRange(min=2), help="Tokens per sequence (at most the model context).")
+@click.option("--eval-every", default=50, show_default=True, type=click.IntRange(min=1), help="Validation loss every N steps.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for the batch order.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Write the quantized model here (an orbax checkpoint directory).")
+@click.option("--run-dir", type=click.Path(file_okay=False),
+              help="Training checkpoints, loss.csv and loss.png; a rerun resumes from it [default: OUT.run].")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@_scale_dtype_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, eval_every, seed, out_dir, run_dir,
+        overwrite, tokenizer, scale_dtype, as_json):
+    """Quantization-aware fine-tuning: train MODEL with its weights fake-quantized, save it quantized.
+
+    \b
+    MODEL is a float model with --quant, or a checkpoint from `cascade quantize` (any --method),
+    whose dequantized weights are the start and whose precisions are kept.  The forward pass sees
+    each weight's quantize-dequantize round trip (straight-through gradients); AdamW with warm-up
+    and cosine decay updates float32 master weights; the result is RTN of the trained weights
+    under the same rules, exactly what training saw.  Checkpoints every --eval-every steps go to
+    --run-dir, and rerunning the same command resumes from the latest.
+    """
+    from cascade.models import load_model, save_checkpoint
+    from cascade.models import qat as qat_mod
+    from cascade.models.checkpoint import check_destination
+    from cascade.models.training import TrainConfig, read_documents
+
+    try:
+        check_destination(out_dir, overwrite=overwrite)
+    except ValueError as e:
+        raise click.UsageError(str(e).replace("pass overwrite=True (--overwrite)", "pass --overwrite")) from None
+    _check_tokenizer_flag(model, tokenizer)
+    loaded = load_model(model, tokenizer=tokenizer)
+    if seq_len > loaded.config.max_seq_len:
+        raise click.BadParameter(f"{seq_len} exceeds the model context ({loaded.config.max_seq_len})", param_hint="'--seq-len'")
+    if loaded.tokenizer is None:
+        raise click.ClickException(f"{model}: no tokenizer found to read --data; pass --tokenizer PATH")
+    # the starting point first: its errors (no rules, conflicting rules) before reading any text
+    try:
+        _, _, notes = qat_mod.starting_point(loaded, quant_rules)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    train_tokens = qat_mod.token_stream(loaded.tokenizer, read_documents([data]))
+    val_tokens = None if val is None else qat_mod.token_stream(loaded.tokenizer, read_documents([val]))
+    tc = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
+                     warmup_steps=steps // 10 if warmup is None else warmup, seed=seed, eval_every=eval_every,
+                     ckpt_every=eval_every, log_every=max(1, min(10, eval_every)), weight_decay=0.0)
+    run_dir = run_dir or f"{out_dir.rstrip(os.sep)}.run"
+    quantized, result, _ = qat_mod.qat(loaded, tc, train_tokens, run_dir, rules=quant_rules, val_tokens=val_tokens,
+                                       scale_dtype=scale_dtype, progress=not as_json)
+    save_checkpoint(out_dir, quantized, overwrite=overwrite)
+    payload = {"model": model, "quant": quantized.quant, "ptq": quantized.ptq, "out": out_dir, "run_dir": run_dir,
+               "steps": result.step, "resumed_from": result.resumed_from,
+               "first_loss": result.losses[0] if result.losses else None,
+               "last_loss": result.losses[-1] if result.losses else None, "val_loss": result.val_loss,
+               "loss_png": os.path.join(run_dir, "loss.png"), "notes": notes}
+    human = (f"QAT {result.step} steps" + (f" (resumed from {result.resumed_from})" if result.resumed_from else "")
+             + (f"; loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else "")
+             + (f"; validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")
+             + f"\nloss curve: {payload['loss_png']}\nsaved to {out_dir}")
+    _emit(as_json, payload, human)
+
+
+@app.command()
+@click.argument("model", callback=_model)
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
 @click.option("--kv", "kvs", multiple=True, callback=lambda c, p, v: tuple(_kv_spec(c, p, x) for x in v),
               help="KV cache precision(s) to account for (repeatable) [default: fp32, fp16, int8, int4].")

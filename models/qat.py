@@ -100,7 +100,8 @@ def qat(model: Model, tc, train_tokens: np.ndarray, run_dir: str, *, rules=None,
     result = train(model.config, tc, train_tokens, run_dir, val_tokens=val_tokens, stop_after=stop_after,
                    progress=progress, params=params, transform=transform, extra_config=extra)
     trained = dataclasses.replace(model, params=result.params, quant=None, ptq=None)
-    quantized, _ = quantize_model(trained, parsed, scale_dtype=scale_dtype, progress=False)
+    label = rules if isinstance(rules, str) else model.quant if model.ptq is not None and model.quant else parsed
+    quantized, _ = quantize_model(trained, label, scale_dtype=scale_dtype, progress=False)
     ptq = {"method": "qat", "source": model.source, "settings": {**tc.to_dict(), "steps_done": result.step},
            "calibration": None, "start": model.ptq, "seconds": round(result.elapsed_s, 3)}
     return dataclasses.replace(quantized, ptq=ptq), result, notes

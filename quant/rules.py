@@ -20,6 +20,8 @@ reads the forms the CLI accepts:
   bare word, so a file called ``int8`` in the working directory cannot replace the spec ``int8``):
   ``{"__default__": "int4-g128", "rules": [["attn", "int8"], ...], "keep_16bit": true}``
   (``keep_16bit`` optional, default true).
+* the same object as JSON text, ``'{"__default__": "int4-g128", "rules": []}'`` (how a checkpoint
+  records rules that were given as a file or chosen by ``--quant auto``).
 """
 
 from __future__ import annotations
@@ -84,6 +86,12 @@ class PrecisionRules:
                              "(e.g. 'attn=int8,*=int4-g128') or a rules file (a path ending in .json)")
         if is_rules_path(text):
             return cls.from_json_file(text)
+        if text.startswith("{"):  # a rules object as JSON text (how a checkpoint records rules given as a file)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"precision rules {text[:40]!r}... are not valid JSON: {e}") from None
+            return cls.from_json(data, "precision rules")
         if "=" not in text:
             return cls.from_spec(text)
         rules, default = [], None
@@ -108,6 +116,11 @@ class PrecisionRules:
             raise ValueError(f"precision rules file not found: {path}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"precision rules file {path} is not valid JSON: {e}") from None
+        return cls.from_json(data, path)
+
+    @classmethod
+    def from_json(cls, data, path: str) -> "PrecisionRules":
+        """Rules from a parsed rules object (``path`` names where it came from in errors)."""
         if not isinstance(data, dict) or not set(data) <= {"__default__", "rules", "keep_16bit"}:
             raise ValueError(f"{path}: expected an object with keys '__default__', 'rules' and optionally 'keep_16bit'")
         rules = data.get("rules", [])

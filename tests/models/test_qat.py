@@ -100,3 +100,65 @@ def test_starting_points_and_their_notes(start):
     assert "stores quantized weights (gguf); dequantized to float32" in notes[0]
     with pytest.raises(ValueError, match="needs precision rules"):
         starting_point(start)
+
+
+# -- the command line --------------------------------------------------------------------------
+
+import json  # noqa: E402
+
+from cascade import cli  # noqa: E402
+
+from tests.shared_data import DATA  # noqa: E402
+
+BIN = os.path.join(DATA, "stories260K", "stories260K.bin")
+VAL = os.path.join(DATA, "text", "tinystories_val.txt")
+
+
+def run(capsys, *args):
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "small.txt"
+    with open(VAL, encoding="utf-8") as f:
+        path.write_text(f.read(60_000))
+    return str(path)
+
+
+def test_the_qat_command_trains_saves_and_resumes(capsys, tmp_path, text):
+    out_dir = str(tmp_path / "qat")
+    args = ("qat", BIN, "--quant", "int3-g32", "--data", text, "--val", text, "--steps", "4", "--batch-size", "2",
+            "--seq-len", "32", "--eval-every", "2", "-o", out_dir, "--json")
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["steps"] == 4 and d["resumed_from"] is None and d["val_loss"] > 0 and d["ptq"]["method"] == "qat"
+    assert os.path.exists(os.path.join(tmp_path, "qat.run", "loss.csv"))
+    code, out, err = run(capsys, "inspect", out_dir, "--json")
+    assert code == 0 and json.loads(out)["ptq"]["method"] == "qat"
+    # the same command again: refused onto the saved model without --overwrite, resumed with it
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "--overwrite" in err
+    code, out, err = run(capsys, *args, "--overwrite")
+    assert code == 0 and json.loads(out)["resumed_from"] == 4
+    # a checkpoint keeps its precisions: QAT from it needs no --quant
+    code, out, err = run(capsys, "qat", out_dir, "--data", text, "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+                         "-o", str(tmp_path / "again"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["notes"] == ["starting from the dequantized weights of qat (int3-g32)"]
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (("--steps", "2"), 2, "QAT needs precision rules: pass --quant"),
+    (("--steps", "2", "--quant", "int3-g32", "--seq-len", "4096"), 2, "4096 exceeds the model context (512)"),
+    (("--steps", "0", "--quant", "int3-g32"), 2, "0 is not in the range"),
+    (("--steps", "2", "--quant", "int3-g32", "--lr", "nan"), 2, "not a finite number"),
+])
+def test_bad_qat_flags_are_one_line_errors(capsys, tmp_path, text, args, code, message):
+    got, out, err = run(capsys, "qat", BIN, "--data", text, *args, "-o", str(tmp_path / "out"))
+    assert got == code and message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "out")

@@ -128,3 +128,17 @@ def test_user_rules_come_before_the_keep_rules_and_can_turn_them_off(tmp_path):
     path.write_text(json.dumps({"__default__": "int4-g128", "keep_16bit": "no"}))
     with pytest.raises(ValueError, match="keep_16bit"):
         PrecisionRules.parse(str(path))
+
+
+def test_rules_as_json_text_parse_back_to_the_same_rules():
+    import json as _json
+
+    from cascade.quant.rules import PrecisionRules as R
+
+    rules = R.parse("attn=int8,*=int4-g128")
+    text = _json.dumps(rules.to_json())
+    assert R.parse(text) == rules
+    with pytest.raises(ValueError, match="not valid JSON"):
+        R.parse('{"__default__": ')
+    with pytest.raises(ValueError, match="expected an object with keys"):
+        R.parse('{"default": "int4"}')
