@@ -548,9 +548,16 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
             click.echo(f"note: {model} is quantized; measuring sensitivity on its dequantized weights", err=True)
         tokens = sensitivity.scoring_tokens(calib_set)
         float_params = sensitivity.float_params(loaded.params)
-        report_s = sensitivity.layer_sensitivity(float_params, loaded.config, tokens,
-                                                 candidates or sensitivity.DEFAULT_CANDIDATES, granularity=granularity,
-                                                 proxy=False, scale_dtype=scale_dtype)
+        candidates = list(candidates or sensitivity.DEFAULT_CANDIDATES)
+        if method in CALIBRATED_METHODS:  # GPTQ, AWQ, AutoRound work per channel or group, not per tensor
+            tensor = [c for c in candidates if getattr(quant.parse_spec(c), "granularity", None) == "tensor"]
+            for c in tensor:
+                click.echo(f"note: skipping candidate {c}: --method {method} does not support per-tensor specs", err=True)
+            candidates = [c for c in candidates if c not in tensor]
+            if not candidates:
+                raise click.UsageError(f"no candidate precision that --method {method} supports")
+        report_s = sensitivity.layer_sensitivity(float_params, loaded.config, tokens, candidates,
+                                                 granularity=granularity, proxy=False, scale_dtype=scale_dtype)
         rules, auto_summary = sensitivity.plan_rules(report_s, loaded.config, avg_bits=avg_bits, budget=budget,
                                                      scale_dtype=scale_dtype)
         quant_rules = rules

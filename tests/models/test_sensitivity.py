@@ -204,6 +204,17 @@ def test_quantize_auto_chooses_precisions_under_the_average_bits(capsys, tmp_pat
     assert code == 0 and json.loads(out)["bytes_after"] == auto["model_bytes"]
 
 
+def test_per_tensor_candidates_are_skipped_for_a_calibrated_method(capsys, tmp_path):
+    code, out, err = run(capsys, "quantize", BIN, "--quant", "auto", "--avg-bits", "9", "--candidates",
+                         "int8-tensor,int8", "--method", "gptq", *SMALL, "--calib-samples", "32", "--json")
+    assert code == 0, err
+    assert "note: skipping candidate int8-tensor: --method gptq does not support per-tensor specs" in err
+    assert {u["spec"] for u in json.loads(out)["auto"]["units"].values()} == {"int8"}
+    code, out, err = run(capsys, "quantize", BIN, "--quant", "auto", "--avg-bits", "8", "--candidates", "int8-tensor",
+                         "--method", "awq", *SMALL)
+    assert code == 2 and "no candidate precision that --method awq supports" in err
+
+
 @pytest.mark.parametrize("args, code, message", [
     (("--quant", "int4", "--avg-bits", "4"), 2, "--avg-bits apply only to --quant auto"),
     (("--quant", "auto", "--calib", TRAIN), 2, "--quant auto needs exactly one of --avg-bits or --budget"),
