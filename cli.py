@@ -1255,21 +1255,26 @@ def bench_ptq(model, calib, data, specs, methods, calib_samples, calib_len, limi
     _check_tokenizer_flag(model, tokenizer)
     from cascade.models import load_model
 
-    def save(partial: dict) -> None:  # each finished row lands in --out; stderr shows it
-        partial["model"] = model
-        if out_path:
-            _write_atomic(out_path, json.dumps(partial, indent=2, allow_nan=False) + "\n")
-        r = partial["rows"][-1]
-        click.echo(f"{r['spec']} {r['method']} on {os.path.basename(r['data'])}: ppl {r['ppl']:.3f}, "
-                   f"KLD {r['kld_mean']:.4f}, {r['seconds']:.1f} s", err=True)
-
+    save = _row_saver(model, out_path, lambda r: f"{r['spec']} {r['method']} on {os.path.basename(r['data'])}: "
+                      f"ppl {r['ppl']:.3f}, KLD {r['kld_mean']:.4f}, {r['seconds']:.1f} s")
     result = bench_ptq_mod.run(load_model(model, tokenizer=tokenizer), calib, list(data), specs=spec_list,
                                methods=method_list, samples=calib_samples, length=calib_len, limit=limit, ctx=ctx,
                                max_tokens=max_tokens, act_order=act_order, on_row=save)
-    result["model"] = model
-    if out_path:
-        _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    save(result, final=True)
     _emit(as_json, result, bench_ptq_mod.table(result))
+
+
+def _row_saver(model: str, out_path: str | None, line):
+    """``save(result, final=False)`` for a bench's ``on_row``: names the model as typed, rewrites
+    ``--out`` (atomically) and, for a partial result, prints ``line(last row)`` on stderr."""
+    def save(result: dict, final: bool = False) -> None:
+        result["model"] = model
+        if out_path:
+            _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+        if not final:
+            click.echo(line(result["rows"][-1]), err=True)
+
+    return save
 
 
 @bench.command(name="workflow")
@@ -1307,20 +1312,12 @@ def bench_workflow(model, calib, data, targets, candidates, methods, granularity
     _check_tokenizer_flag(model, tokenizer)
     from cascade.models import load_model
 
-    def save(partial: dict) -> None:
-        partial["model"] = model
-        if out_path:
-            _write_atomic(out_path, json.dumps(partial, indent=2, allow_nan=False) + "\n")
-        r = partial["rows"][-1]
-        click.echo(f"{r['target']} {r['config']} {r['method']}: ppl {r['ppl']:.3f}, KLD {r['kld_mean']:.4f}, "
-                   f"{r['avg_bits']:.3f} bits a weight", err=True)
-
+    save = _row_saver(model, out_path, lambda r: f"{r['target']} {r['config']} {r['method']}: ppl {r['ppl']:.3f}, "
+                      f"KLD {r['kld_mean']:.4f}, {r['avg_bits']:.3f} bits a weight")
     result = bench_wf.run(load_model(model, tokenizer=tokenizer), calib, data, targets=targets, candidates=candidates,
                           methods=method_list, samples=calib_samples, length=calib_len, limit=limit, ctx=ctx,
                           max_tokens=max_tokens, granularity=granularity, on_row=save)
-    result["model"] = model
-    if out_path:
-        _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    save(result, final=True)
     _emit(as_json, result, bench_wf.table(result))
 
 
