@@ -1216,6 +1216,23 @@ def bench_ppl(model, data, specs, limit, ctx, stride, no_truncate, tokenizer, ou
     _emit(as_json, result, bench_ppl_mod.format_table(result))
 
 
+def _calibrated_bench_options(f):
+    """The calibration and scoring options `bench ptq` and `bench workflow` share."""
+    for option in reversed((
+        click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(32, 1024),
+                     help="Calibration sequences."),
+        click.option("--calib-len", default=512, show_default=True, type=click.IntRange(min=2),
+                     help="Tokens per calibration sequence (capped at the model context)."),
+        click.option("--limit", default=200, show_default=True, type=click.IntRange(min=1), help="First N documents of --data."),
+        click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=2),
+                     help="Window length (capped at the model context)."),
+        click.option("--max-tokens", type=click.IntRange(min=1), help="Score only the first windows, about N tokens."),
+        click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False),
+                     help="SentencePiece .model for a llama2.c .bin."))):
+        f = option(f)
+    return f
+
+
 @bench.command(name="ptq")
 @click.argument("model", callback=_model)
 @click.option("--calib", required=True, callback=_data_file, help="Calibration text (GPTQ, AWQ).")
@@ -1226,13 +1243,7 @@ def bench_ppl(model, data, specs, limit, ctx, stride, no_truncate, tokenizer, ou
 @click.option("--method", "methods", default="rtn,gptq,awq,hqq", show_default=True,
               help="Comma-separated methods: rtn, gptq, awq, hqq, awq-gptq, autoround, and the peers qwix-rtn, qwix-gptq, qwix-awq "
                    "(benchmark only: needs qwix, see bench/qwix_setup.sh).")
-@click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(32, 1024), help="Calibration sequences.")
-@click.option("--calib-len", default=512, show_default=True, type=click.IntRange(min=2),
-              help="Tokens per calibration sequence (capped at the model context).")
-@click.option("--limit", default=200, show_default=True, type=click.IntRange(min=1), help="First N documents of --data.")
-@click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=2), help="Window length (capped at the model context).")
-@click.option("--max-tokens", type=click.IntRange(min=1), help="Score only the first windows, about N tokens.")
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@_calibrated_bench_options
 @click.option("--act-order", is_flag=True, help="GPTQ's activation order for the gptq and awq-gptq rows.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -1289,13 +1300,7 @@ def _row_saver(model: str, out_path: str | None, line):
 @click.option("--method", "methods", default="rtn,gptq", show_default=True, help="Comma-separated PTQ methods.")
 @click.option("--granularity", type=click.Choice(["layer", "block"]), default="layer", show_default=True,
               help="Choose a precision per matrix or per block.")
-@click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(32, 1024), help="Calibration sequences.")
-@click.option("--calib-len", default=512, show_default=True, type=click.IntRange(min=2),
-              help="Tokens per calibration sequence (capped at the model context).")
-@click.option("--limit", default=200, show_default=True, type=click.IntRange(min=1), help="First N documents of --data.")
-@click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=2), help="Window length (capped at the model context).")
-@click.option("--max-tokens", type=click.IntRange(min=1), help="Score only the first windows, about N tokens.")
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@_calibrated_bench_options
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_workflow(model, calib, data, targets, candidates, methods, granularity, calib_samples, calib_len, limit, ctx,
