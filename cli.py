@@ -372,8 +372,18 @@ def _load_model(path: str, tokenizer: str | None, quant_rules: str | None, need_
     return model, report
 
 
-PTQ_METHODS = ("rtn", "gptq", "awq", "hqq", "awq-gptq", "autoround")  # = models.quantize.METHODS (not imported here: parsing must not import jax)
-CALIBRATED_METHODS = ("gptq", "awq", "awq-gptq", "autoround")
+PTQ_METHODS = ("rtn", "gptq", "awq", "hqq", "awq-gptq", "autoround", "smoothquant")  # = models.quantize.METHODS (not imported here: parsing must not import jax)
+CALIBRATED_METHODS = ("gptq", "awq", "awq-gptq", "autoround", "smoothquant")
+
+
+def _names_static_act(rules) -> bool:
+    """Whether the rules name ``w8a8-static`` (its activation scales are measured on --calib, any method)."""
+    if rules is None or rules == "auto":
+        return False
+    from cascade.quant.rules import PrecisionRules
+
+    parsed = PrecisionRules.parse(rules)
+    return any(getattr(spec, "act", None) == "static" for spec in (parsed.default, *(s for _, s in parsed.rules)))
 
 
 def _rules_or_auto(ctx, param, value):
@@ -444,8 +454,9 @@ _CANDIDATES_HELP = "Comma-separated candidate precisions for each layer"
 @click.option("--rules-out", type=click.Path(dir_okay=False), help="--quant auto: also write the chosen rules as a JSON "
               "rules file (editable; pass it back with --quant FILE).")
 @click.option("--method", type=click.Choice(PTQ_METHODS), default="rtn", show_default=True,
-              help="PTQ method: rtn (round to nearest), gptq, awq, awq-gptq (AWQ's scales, then GPTQ) or "
-                   "autoround (learned rounding and clipping per block) (need --calib), hqq (calibration-free).")
+              help="PTQ method: rtn (round to nearest), gptq, awq, awq-gptq (AWQ's scales, then GPTQ), "
+                   "autoround (learned rounding and clipping per block) or smoothquant (activation outliers "
+                   "moved into the weights, for w8a8) (need --calib), hqq (calibration-free).")
 @click.option("--calib", callback=_data_file,
               help="Calibration text (documents separated by <|endoftext|> lines), for gptq and awq.")
 @click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(32, 1024),
@@ -460,6 +471,8 @@ _CANDIDATES_HELP = "Comma-separated candidate precisions for each layer"
               help="AutoRound: signed-gradient steps per block.")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(1, 1024),
               help="AutoRound: calibration sequences per step.")
+@click.option("--alpha", default=0.5, show_default=True, type=FiniteFloat(min=0, max=1),
+              help="SmoothQuant: migration strength (0: activations kept as they are, 1: all moved into the weights).")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Write the quantized model (an orbax checkpoint directory).")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
@@ -468,7 +481,8 @@ _CANDIDATES_HELP = "Comma-separated candidate precisions for each layer"
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rules_out, method, calib, calib_samples,
-             calib_len, seed, damp, act_order, iters, batch, out_dir, tokenizer, overwrite, axis, scale_dtype, as_json):
+             calib_len, seed, damp, act_order, iters, batch, alpha, out_dir, tokenizer, overwrite, axis, scale_dtype,
+             as_json):
     """Quantize MODEL under precision rules with a PTQ method; report bytes and error per tensor;
     save with -o.
 
@@ -488,6 +502,9 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
                                f"not to {method}")
     if method != "autoround" and given("iters", "batch"):
         raise click.UsageError(f"{', '.join(given('iters', 'batch'))} apply only to --method autoround, not to {method}")
+    if method != "smoothquant" and given("alpha"):
+        raise click.UsageError(f"--alpha applies only to --method smoothquant, not to {method}")
+    static_act = _names_static_act(quant_rules)
     auto = quant_rules == "auto"
     auto_flags = given("avg_bits", "budget", "candidates", "granularity", "rules_out")
     if not auto and auto_flags:
@@ -501,10 +518,12 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
             raise click.UsageError("--quant auto needs a model (HF directory, .gguf, .bin or checkpoint), not a bare weights file")
     if method in CALIBRATED_METHODS and calib is None:
         raise click.UsageError(f"--method {method} needs calibration text: pass --calib FILE")
-    if method not in CALIBRATED_METHODS and not auto and (calib is not None or calib_flags):
+    if static_act and calib is None:
+        raise click.UsageError("w8a8-static measures its activation scales on calibration text: pass --calib FILE")
+    if method not in CALIBRATED_METHODS and not auto and not static_act and (calib is not None or calib_flags):
         used = ["--calib"] * (calib is not None) + calib_flags
-        raise click.UsageError(f"{', '.join(used)} apply only to --method {', '.join(CALIBRATED_METHODS)}, "
-                               f"not to {method}")
+        raise click.UsageError(f"{', '.join(used)} apply only to --method {', '.join(CALIBRATED_METHODS)} "
+                               f"(or to w8a8-static rules), not to {method}")
     if _is_weights_file(model):
         from cascade.models import weights_file
 
@@ -512,8 +531,9 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
             raise click.UsageError("-o needs a model (HF directory, .gguf, .bin or checkpoint), not a bare weights file")
         if tokenizer:
             raise click.UsageError("--tokenizer applies only to a llama2.c .bin model, not a bare weights file")
-        if method in CALIBRATED_METHODS:
-            raise click.UsageError(f"--method {method} calibrates a model; a bare weights file takes rtn or hqq")
+        if method in CALIBRATED_METHODS or static_act:
+            raise click.UsageError(f"--method {method} calibrates a model; a bare weights file takes rtn or hqq"
+                                   + (" (and no w8a8-static)" if static_act else ""))
         rules = quant.PrecisionRules.parse(quant_rules)
         params = weights_file.load(model)
         axis = weights_file.default_reduction_axis(model) if axis is None else axis
@@ -561,9 +581,14 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
         rules, auto_summary = sensitivity.plan_rules(report_s, loaded.config, avg_bits=avg_bits, budget=budget,
                                                      scale_dtype=scale_dtype)
         quant_rules = rules
-    ar = {"iters": iters, "batch": batch} if method == "autoround" else {}
-    quantized, report = quantize_model(loaded, quant_rules, method=method, calib=calib_set if method in CALIBRATED_METHODS else None,
-                                       damp=damp, act_order=act_order, scale_dtype=scale_dtype, **ar)
+    from cascade.models.quantize import needs_calibration
+
+    extra = {"iters": iters, "batch": batch} if method == "autoround" else {}
+    if method == "smoothquant":
+        extra["alpha"] = alpha
+    uses_calib = needs_calibration(method, quant_rules, loaded.params)
+    quantized, report = quantize_model(loaded, quant_rules, method=method, calib=calib_set if uses_calib else None,
+                                       damp=damp, act_order=act_order, scale_dtype=scale_dtype, **extra)
     if auto:
         auto_summary["measured_kl"] = sensitivity.measured_kl(sensitivity.float_params(quantized.params), loaded.config,
                                                               float_params, tokens)

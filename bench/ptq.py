@@ -8,6 +8,10 @@ of the next-token distributions (and its 99th percentile), top-1 agreement, weig
 seconds quantization took.  A model whose weights were stored quantized (SmolLM2's Q4_1 GGUF) is
 dequantized to float32 first and that float model is the reference.
 
+W8A8 is the same protocol: ``--spec w8a8,w8a8-static --method rtn,smoothquant`` puts plain W8A8
+(RTN) beside SmoothQuant (``w8a8-static`` takes the calibration file for its activation scales,
+with either method).
+
 ``gap_closed`` per row: ``(ppl_rtn - ppl) / (ppl_rtn - ppl_float)`` for the same spec and data.
 ``--data`` may be given several times (SmolLM2 is scored on TinyStories and WikiText-2): each
 quantized model is then scored on every file.  With ``--out`` the file is rewritten (atomically)
@@ -22,7 +26,7 @@ import jax
 
 from cascade.bench.context import run_context
 from cascade.models import Model, load_model, quantize_model, split_documents, tokenize_documents, weight_bytes
-from cascade.models.quantize import CALIBRATED
+from cascade.models.quantize import needs_calibration
 from cascade.models.calibration import calibration_tokens
 from cascade.models.evaluation import fidelity
 from cascade.quant.qtensor import QuantizedTensor, dequantize
@@ -84,7 +88,8 @@ def run(model: "str | Model", calib: str, data: "str | list[str]", *, specs=DEFA
                 quantized = qwix_quantize_model(base, spec, method, cal)
             else:
                 gptq_kw = {"act_order": act_order} if method in ("gptq", "awq-gptq") else {}
-                quantized, _ = quantize_model(base, spec, method=method, calib=cal if method in CALIBRATED else None,
+                uses = needs_calibration(method, spec, base.params)
+                quantized, _ = quantize_model(base, spec, method=method, calib=cal if uses else None,
                                               progress=progress, **gptq_kw)
             seconds = time.perf_counter() - t0
             for path in files:

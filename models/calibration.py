@@ -40,6 +40,7 @@ import numpy as np
 from cascade.models.config import ModelConfig
 from cascade.models.evaluation import split_documents
 from cascade.models.llama import MLP, Attention, Block, Linear, RMSNorm
+from cascade.quant.qtensor import QuantizedTensor, dequantize
 
 DEFAULT_SAMPLES = 128
 DEFAULT_LENGTH = 512
@@ -201,6 +202,35 @@ def block_statistics(block_params, cfg: ModelConfig, hidden: np.ndarray, *,
     return acc
 
 
+@partial(jax.jit, static_argnames=("cfg",))
+def _batch_absmax(block_params, cfg: ModelConfig, x):
+    _, seen = _capture_inputs(Block(cfg), {"params": block_params}, x, _positions(x))
+    return {name: jnp.max(jnp.abs(v.astype(jnp.float32))) for name, v in seen.items()}
+
+
+def block_input_absmax(block_params, cfg: ModelConfig, hidden: np.ndarray) -> dict[str, float]:
+    """``max|x|`` over all of ``hidden`` (N, T, dim) of each linear input of the block (``attn``,
+    ``o``, ``mlp``, ``down``): the static per-tensor activation ranges of ``w8a8-static``."""
+    n, t, _ = hidden.shape
+    out: dict[str, float] = {}
+    for rows in _batches(n, cfg, t):
+        for name, m in _batch_absmax(block_params, cfg, jnp.asarray(hidden[rows], jnp.float32)).items():
+            out[name] = max(out.get(name, 0.0), float(m))
+    return out
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _norm_absmax(norm_params, cfg: ModelConfig, x):
+    return jnp.max(jnp.abs(RMSNorm(cfg.norm_eps).apply({"params": norm_params}, x).astype(jnp.float32)))
+
+
+def final_norm_absmax(norm_params, cfg: ModelConfig, hidden: np.ndarray) -> float:
+    """``max|x|`` of the final norm's output (the LM head's input) over ``hidden`` (N, T, dim)."""
+    n, t, _ = hidden.shape
+    return max(float(_norm_absmax(norm_params, cfg, jnp.asarray(hidden[rows], jnp.float32)))
+               for rows in _batches(n, cfg, t))
+
+
 def block_outputs(block_params, cfg: ModelConfig, hidden: np.ndarray) -> np.ndarray:
     """The block's outputs (N, T, dim) for the hidden states ``hidden`` entering it, in batches."""
     n, t, _ = hidden.shape
@@ -310,4 +340,6 @@ def staged_block(block_params, cfg: ModelConfig, hidden: np.ndarray, on_input, *
 def embed_tokens(params, tokens: np.ndarray) -> np.ndarray:
     """The hidden states entering block 0: embedding rows (float32) of ``tokens`` (N, T)."""
     table = params["embed"]["embedding"]
+    if isinstance(table, QuantizedTensor):
+        table = dequantize(table, "float32")
     return np.asarray(table, np.float32)[tokens]

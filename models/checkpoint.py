@@ -58,7 +58,7 @@ FORMAT = "cascade_checkpoint"
 FORMAT_VERSION = 1
 ARRAYS_DIR = "arrays"
 TOKENIZER_DIR = "tokenizer"
-_QT_LEAVES = ("packed", "scale", "zero")
+_QT_LEAVES = ("packed", "scale", "zero", "act_scale")
 
 
 def is_checkpoint(path) -> bool:
@@ -208,6 +208,9 @@ def _flatten(params, where) -> tuple[dict, dict]:
         if not path:
             raise ValueError(f"{where}: model params must be a dict, got {type(node).__name__}")
         if isinstance(node, QuantizedTensor):
+            if node.spec.act == "static" and node.act_scale is None:
+                raise ValueError(f"{where}: {name!r} is {node.spec} without its activation scale; quantize the model "
+                                 "with calibration data (--calib) before saving")
             leaves = {k: getattr(node, k) for k in _QT_LEAVES if getattr(node, k) is not None}
             stored = {}
             for k, leaf in leaves.items():
@@ -383,7 +386,7 @@ def load_checkpoint(directory) -> Model:
         else:
             leaves = {k: _verified(restored, path + (k,), info, f"{name}/{k}", where)
                       for k, info in e["leaves"].items()}
-            value = QuantizedTensor(leaves["packed"], leaves["scale"], leaves.get("zero"), spec=e["_spec"],
+            value = QuantizedTensor(leaves["packed"], leaves["scale"], leaves.get("zero"), leaves.get("act_scale"), spec=e["_spec"],
                                     shape=tuple(e["shape"]), axis=e["axis"], dtype=e["dtype"])
         _nested_set(params, path, value)
 
@@ -467,7 +470,8 @@ def _check_entries(entries: dict, where: str) -> None:
         shape, axis = tuple(e["shape"]), e["axis"]
         if not shape or not 0 <= axis < len(shape):
             raise bad(name, f"axis {axis} out of range for shape {shape}")
-        want = {"packed", "scale"} | ({"zero"} if not spec.symmetric else set())
+        want = ({"packed", "scale"} | ({"zero"} if not spec.symmetric else set())
+                | ({"act_scale"} if spec.act == "static" else set()))
         if set(e["leaves"]) != want:
             raise bad(name, f"leaves {sorted(e['leaves'])} do not match spec {spec} (expected {sorted(want)})")
         for k, info in e["leaves"].items():
@@ -477,6 +481,7 @@ def _check_entries(entries: dict, where: str) -> None:
         packed[axis] = packing.packed_length(shape[axis], spec.bits)
         expect = {"packed": stack + tuple(packed), "scale": stack + ranges.scale_shape(shape, spec, axis)}
         expect["zero"] = expect["scale"]
+        expect["act_scale"] = stack
         for k, info in e["leaves"].items():
             if tuple(info["shape"]) != expect[k]:
                 raise bad(name, f"{k} shape {tuple(info['shape'])} does not match spec {spec} of shape {shape} "

@@ -13,7 +13,17 @@ Methods (``method=``):
   the scaled kernels with the Hessian of the scaled inputs, ``diag(1/s) XᵀX diag(1/s)`` (the two
   are complementary: the AWQ paper reports AWQ + GPTQ below either alone at 2-3 bits);
 * ``autoround`` learned rounding and clipping (:mod:`cascade.quant.autoround`), trained by signed
-  gradient descent on each block's output error against the float block.
+  gradient descent on each block's output error against the float block;
+* ``smoothquant`` SmoothQuant's per-channel smoothing (:mod:`cascade.quant.smoothquant`) of each
+  block's four linear inputs, folded into attn_norm, v, mlp_norm and up, then RTN: the method for
+  ``w8a8`` (int8 activations), where it moves activation outliers into the weights.
+
+**Static activation scales.**  A ``w8a8-static`` weight needs the scale of its int8 inputs.  After
+any method has quantized the weights, :func:`calibrate_act_scales` runs the quantized model over
+the calibration set block by block and sets each such weight's ``act_scale`` to ``max|x| / 127`` of
+its input (one scale per matrix), measured with the blocks before it already deployed as they will
+run (static activations included).  So every method takes calibration data when the rules name
+``w8a8-static``, RTN too.
 
 The calibrated methods run **block by block, sequentially**: block ``i``'s statistics are taken on
 the outputs of blocks ``0 .. i-1`` *already quantized*, so each block corrects for the error of
@@ -51,8 +61,8 @@ from cascade.quant.rtn import QuantReport, key_path_str, quantize_params
 from cascade.quant.rules import PrecisionRules, is_rules_path
 from cascade.quant.spec import IntSpec
 
-METHODS = ("rtn", "gptq", "awq", "hqq", "awq-gptq", "autoround")
-CALIBRATED = ("gptq", "awq", "awq-gptq", "autoround")
+METHODS = ("rtn", "gptq", "awq", "hqq", "awq-gptq", "autoround", "smoothquant")
+CALIBRATED = ("gptq", "awq", "awq-gptq", "autoround", "smoothquant")
 DAMP_RETRIES = (1.0, 10.0, 100.0)  # dampening multipliers tried when a Hessian is not positive definite
 
 
@@ -62,24 +72,32 @@ def reduction_axis(path: str, shape) -> int:
 
 def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp: float = 0.01,
                    act_order: bool = False, block_size: int = 128, awq_grid: int = 20, iters: int | None = None,
-                   lr: float | None = None, batch: int | None = None, scale_dtype="float16",
+                   lr: float | None = None, batch: int | None = None, alpha: float | None = None, scale_dtype="float16",
                    progress: bool | None = None) -> tuple[Model, QuantReport]:
     """Quantize ``model`` under ``rules`` (a spec, inline rules, a rules file or
     :class:`cascade.quant.PrecisionRules`) with ``method``; scales and zero points stored in
     ``scale_dtype``.  ``calib``: a :class:`cascade.models.calibration.CalibrationSet` (GPTQ);
     ``damp``, ``act_order``, ``block_size``: GPTQ settings; ``iters``, ``lr``, ``batch``: AutoRound's
     steps per block (default 200), initial rate (default ``1 / iters``) and calibration sequences
-    per step (default 8).  The returned model's ``ptq`` records the method, its settings and the
-    calibration recipe."""
+    per step (default 8); ``alpha``: SmoothQuant's migration strength (default 0.5).  Rules naming
+    ``w8a8-static`` need ``calib`` with any method (the activation scales are measured on it).
+    The returned model's ``ptq`` records the method, its settings and the calibration recipe."""
     if method not in METHODS:
         raise ValueError(f"unknown PTQ method {method!r}; choose one of {', '.join(METHODS)}")
-    if method in CALIBRATED and calib is None:
-        raise ValueError(f"{method} needs calibration data (--calib FILE)")
-    if method not in CALIBRATED and calib is not None:
+    parsed = PrecisionRules.parse(rules)
+    static = static_act_paths(model.params, parsed)
+    if calib is None and (method in CALIBRATED or static):
+        why = method if method in CALIBRATED else f"{static[0]} (w8a8-static: its activation scale)"
+        raise ValueError(f"{why} needs calibration data (--calib FILE)")
+    if calib is not None and not needs_calibration(method, parsed, model.params):
         raise ValueError(f"{method} does not use calibration data; drop --calib")
     if method != "autoround" and (iters, lr, batch) != (None, None, None):
         raise ValueError(f"iters, lr and batch are settings of autoround, not of {method}")
-    parsed = PrecisionRules.parse(rules)
+    if method != "smoothquant" and alpha is not None:
+        raise ValueError(f"alpha is a setting of smoothquant, not of {method}")
+    if static and model.config.tie_embeddings and "embed/embedding" in static:
+        raise ValueError("embed/embedding is a tied LM head: w8a8-static applies to linear layers; use w8a8 "
+                         "(per-token activations) or a weight-only spec for it")
     if method in CALIBRATED:
         for i in range(model.config.n_layers):
             for layer in BLOCK_LINEARS:
@@ -108,6 +126,11 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
         if method == "gptq":
             settings = gptq_settings
             block_fn = gptq_block_quantizer(**gptq_settings, scale_dtype=scale_dtype)
+        elif method == "smoothquant":
+            from cascade.quant import smoothquant
+
+            settings = {"alpha": smoothquant.DEFAULT_ALPHA if alpha is None else float(alpha)}
+            block_fn = smoothquant_block_quantizer(model.config, alpha=settings["alpha"], scale_dtype=scale_dtype)
         elif method == "autoround":
             from cascade.quant import autoround
 
@@ -126,7 +149,10 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
             return done[path] if path in done else quantize(leaf, spec, axis=axis, scale_dtype=sdt)
     qparams, report = quantize_params(params, parsed, axis=reduction_axis, scale_dtype=scale_dtype, progress=progress,
                                       quantizer=quantizer)
-    report = QuantReport(layers=tuple(dataclasses.replace(r, bytes_before=stored.get(r.path, r.bytes_before))
+    if static:
+        qparams = calibrate_act_scales(qparams, model.config, calib, progress=progress)
+    report = QuantReport(layers=tuple(dataclasses.replace(r, bytes_before=stored.get(r.path, r.bytes_before),
+                                                          bytes_after=_nbytes(_get(qparams, r.path)))
                                       for r in report.layers))
     ptq = {"method": method, "source": model.source, "settings": settings, "calibration": None if calib is None else dict(calib.recipe),
            "seconds": round(time.perf_counter() - t0, 3)}
@@ -291,6 +317,82 @@ def awq_block_quantizer(cfg, *, grid: int, scale_dtype, gptq: dict | None = None
         return block, out
 
     return quantize_block
+
+
+def smoothquant_block_quantizer(cfg, *, alpha: float, scale_dtype):
+    """``quantize_block`` for :func:`calibrated_blocks`: SmoothQuant's scales for the block's four
+    inputs from their per-channel ``max|x|``, folded (:func:`cascade.quant.smoothquant.smooth_block`),
+    then RTN of each integer-spec kernel."""
+    from cascade.quant import smoothquant
+
+    def quantize_block(name, block, specs, stats):
+        block, _ = smoothquant.smooth_block(block, {k: st.abs_max for k, st in stats.items()}, alpha=alpha,
+                                            n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
+        return block, {layer: quantize(_get(block, f"{layer}/kernel"), spec, axis=0, scale_dtype=scale_dtype)
+                       for layer, spec in specs.items()}
+
+    return quantize_block
+
+
+def static_act_paths(params, rules: PrecisionRules) -> list[str]:
+    """The parameter paths that ``rules`` quantize as ``w8a8-static`` (they need activation scales)."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda a: isinstance(a, QuantizedTensor))[0]:
+        name = key_path_str(path)
+        spec = rules.spec_for(name, len(leaf.shape))
+        if isinstance(spec, IntSpec) and spec.act == "static":
+            out.append(name)
+    return out
+
+
+def needs_calibration(method: str, rules, params) -> bool:
+    """Whether quantizing ``params`` under ``rules`` with ``method`` reads calibration data."""
+    return method in CALIBRATED or bool(static_act_paths(params, PrecisionRules.parse(rules)))
+
+
+def calibrate_act_scales(params, cfg, calib, *, progress: bool | None = None):
+    """``params`` with every ``w8a8-static`` kernel's ``act_scale`` set to ``max|x| / 127`` of its
+    input over ``calib`` (module docstring): block by block, each block's inputs measured with its
+    own static weights run per token (their scales are what is being measured) and the blocks
+    before it exactly as deployed."""
+    from cascade.models import calibration
+    from cascade.quant.activations import ACT_QMAX
+    from cascade.quant.qtensor import with_act_scale
+
+    def is_static(a):
+        return isinstance(a, QuantizedTensor) and a.spec.act == "static"
+
+    def as_dynamic(a):
+        if not is_static(a):
+            return a
+        return QuantizedTensor(a.packed, a.scale, a.zero, spec=dataclasses.replace(a.spec, act="dynamic"),
+                               shape=a.shape, axis=a.axis, dtype=a.dtype)
+
+    params = dict(params)
+    hidden = calibration.embed_tokens(params, calib.tokens)
+    bar = tqdm(range(cfg.n_layers), desc="activation scales", unit="block",
+               disable=None if progress is None else not progress, leave=False)
+    for i in bar:
+        name = f"layers_{i}"
+        block = params[name]
+        if any(is_static(a) for a in jax.tree.leaves(block, is_leaf=is_static)):
+            amax = calibration.block_input_absmax(jax.tree.map(as_dynamic, block, is_leaf=is_static), cfg, hidden)
+            for layer in BLOCK_LINEARS:
+                qt = _get(block, f"{layer}/kernel")
+                if is_static(qt):
+                    block = _set(block, f"{layer}/kernel", with_act_scale(qt, _act_scale(amax[INPUT_OF[layer]], ACT_QMAX)))
+            params[name] = block
+        hidden = calibration.block_outputs(block, cfg, hidden)
+    head = params.get("lm_head", {}).get("kernel")
+    if is_static(head):
+        amax = calibration.final_norm_absmax(params["final_norm"], cfg, hidden)
+        params["lm_head"] = {**params["lm_head"], "kernel": with_act_scale(head, _act_scale(amax, ACT_QMAX))}
+    return params
+
+
+def _act_scale(amax, qmax: int) -> float:
+    amax = float(amax)
+    return amax / qmax if amax > 0 else 1.0
 
 
 def autoround_block_quantizer(cfg, *, iters: int, lr: float | None, batch: int, seed: int, scale_dtype):

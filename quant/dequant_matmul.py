@@ -11,6 +11,9 @@ here: ``xla`` (the reference, priority 0), ``cpu`` (:mod:`cascade.quant.kernels.
 native kernel, priority 10, where it applies: int8/int4 on the CPU at decode-sized batches) and
 ``pallas`` (:mod:`cascade.quant.kernels.pallas`, priority 20, on GPU/TPU; on CPU only when
 forced, in interpret mode).
+
+A ``w8a8`` weight (int8 activations too) bypasses the registry: its matmul quantizes ``x`` and runs an
+integer dot (:func:`cascade.quant.activations.w8a8_matmul`), which no weight-only backend does.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from cascade.quant.activations import w8a8_matmul
 from cascade.quant.qtensor import QuantizedTensor, check_unstacked, dequantize
 
 
@@ -140,6 +144,8 @@ def matmul(x, w, *, backend: str | None = None):
     check_operands(x, w)
     if not isinstance(w, QuantizedTensor):
         return _float_matmul(x, w, transposed=False)
+    if w.spec.act is not None:
+        return w8a8_matmul(x, w)
     return select_backend(x, w, backend).fn(x, w)
 
 
@@ -155,4 +161,6 @@ def matmul_t(x, w, *, backend: str | None = None):
         raise ValueError(f"matmul_t takes a 2-D weight quantized along axis 1, got shape {w.shape}, axis {w.axis}")
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"matmul_t shape mismatch: x has {x.shape[-1]} features, weight rows have {w.shape[1]}")
+    if w.spec.act is not None:
+        return w8a8_matmul(x, w, transposed=True)
     return select_backend(x, w, backend, transposed=True).fn_t(x, w)

@@ -35,23 +35,25 @@ class QuantizedTensor:
 
     Leaves (arrays): ``packed`` (uint8, codes packed along ``axis``, see :mod:`cascade.quant.packing`),
     ``scale`` and ``zero`` (float, shape :func:`cascade.quant.ranges.scale_shape`; ``zero`` is None for
-    symmetric specs).  Static metadata: ``spec``, logical ``shape``, reduction ``axis`` and the
+    symmetric specs), and ``act_scale`` (a float32 scalar: the static scale of the matmul's int8
+    input activations, ``w8a8-static`` only, measured on calibration text; None otherwise).  Static metadata: ``spec``, logical ``shape``, reduction ``axis`` and the
     float ``dtype`` that :func:`dequantize` returns by default.  As a pytree it passes through
     ``jit``, ``vmap`` (leaves gain a leading axis, metadata stays per-slice), ``tree_map`` and
     orbax save/restore.
     """
 
-    def __init__(self, packed, scale, zero, *, spec: IntSpec, shape, axis: int, dtype: str = "float32"):
+    def __init__(self, packed, scale, zero, act_scale=None, *, spec: IntSpec, shape, axis: int, dtype: str = "float32"):
         self.packed = packed
         self.scale = scale
         self.zero = zero
+        self.act_scale = act_scale
         self.spec = spec
         self.shape = tuple(int(d) for d in shape)
         self.axis = int(axis)
         self.dtype = str(jnp.dtype(dtype))
 
     def tree_flatten(self):
-        return (self.packed, self.scale, self.zero), (self.spec, self.shape, self.axis, self.dtype)
+        return (self.packed, self.scale, self.zero, self.act_scale), (self.spec, self.shape, self.axis, self.dtype)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -73,8 +75,8 @@ class QuantizedTensor:
 
     @property
     def nbytes(self) -> int:
-        """True storage in bytes: packed codes + scales + zero points (of the whole stack)."""
-        return sum(_nbytes(a) for a in (self.packed, self.scale, self.zero) if a is not None)
+        """True storage in bytes: packed codes + scales + zero points (+ the activation scale) of the whole stack."""
+        return sum(_nbytes(a) for a in (self.packed, self.scale, self.zero, self.act_scale) if a is not None)
 
     @property
     def bits_per_value(self) -> float:
@@ -96,7 +98,8 @@ def storage_nbytes(shape, spec: Spec, axis: int = 0, scale_dtype="float16") -> i
 
     For an int spec: ``ceil(k / L) * B * (size / k)`` bytes of codes (L, B from
     :data:`cascade.quant.packing.RUNS`, k the reduction-axis length) plus one scale per group (and one
-    zero point per group if asymmetric).  For a float spec: ``size * bits / 8``.
+    zero point per group if asymmetric), plus 4 bytes of activation scale for ``w8a8-static``.  For a
+    float spec: ``size * bits / 8``.
     """
     spec = parse_spec(spec)
     shape = tuple(int(d) for d in shape)
@@ -111,7 +114,8 @@ def storage_nbytes(shape, spec: Spec, axis: int = 0, scale_dtype="float16") -> i
     k = shape[axis]
     codes = packing.packed_length(k, spec.bits) * (math.prod(shape) // k)
     n_params = math.prod(ranges.scale_shape(shape, spec, axis))
-    return codes + n_params * jnp.dtype(scale_dtype).itemsize * (1 if spec.symmetric else 2)
+    act = 4 if spec.act == "static" else 0
+    return codes + n_params * jnp.dtype(scale_dtype).itemsize * (1 if spec.symmetric else 2) + act
 
 
 def _is_concrete(x) -> bool:
@@ -289,5 +293,15 @@ def transpose(qt: QuantizedTensor) -> QuantizedTensor:
     if not isinstance(qt, QuantizedTensor) or qt.ndim != 2:
         raise ValueError("transpose takes a 2-D QuantizedTensor")
     check_unstacked(qt)
-    return QuantizedTensor(qt.packed.T, qt.scale.T, None if qt.zero is None else qt.zero.T,
+    return QuantizedTensor(qt.packed.T, qt.scale.T, None if qt.zero is None else qt.zero.T, qt.act_scale,
                            spec=qt.spec, shape=qt.shape[::-1], axis=1 - qt.axis, dtype=qt.dtype)
+
+
+def with_act_scale(qt: QuantizedTensor, act_scale) -> QuantizedTensor:
+    """``qt`` (a ``w8a8-static`` weight) with its static input-activation scale set (a positive scalar)."""
+    if not isinstance(qt, QuantizedTensor) or qt.spec.act != "static":
+        raise ValueError("an activation scale belongs to a w8a8-static QuantizedTensor")
+    a = jnp.asarray(act_scale, jnp.float32)
+    if a.shape != () or (_is_concrete(a) and not bool(jnp.isfinite(a) & (a > 0))):
+        raise ValueError(f"activation scale must be a finite positive scalar, got {act_scale!r}")
+    return QuantizedTensor(qt.packed, qt.scale, qt.zero, a, spec=qt.spec, shape=qt.shape, axis=qt.axis, dtype=qt.dtype)

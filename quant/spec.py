@@ -16,6 +16,11 @@ benchmark output.  Grammar (canonical form omits the defaults shown in brackets)
                       where plain symmetric uses ``2**b - 1`` (int3: -3..3, scale ``absmax / 3``).
                       Measured on stories260K (README, "Accurate PTQ"): the full grid is better at
                       3 and 4 bits for every method; it is opt-in for now (see the README).
+* ``w8a8``          int8 per-channel symmetric weights *and* int8 activations: each input row
+                      (token) quantized at run time by its own absmax, an int8 x int8 -> int32 dot
+                      (:mod:`cascade.quant.activations`; SmoothQuant's W8A8, Xiao et al. 2022)
+* ``w8a8-static``     the same with one static activation scale per matrix, measured on calibration
+                      text when the model is quantized (stored with the weight as ``act_scale``)
 * ``bf16``/``fp16``/``fp32``  no integer quantization, the tensor is cast to that float type
 
 "Channel" is every index of the non-reduction axes; the reduction axis is the one a matmul
@@ -35,8 +40,9 @@ GRANULARITIES = ("tensor", "channel", "group")
 ALLOWED_FORMS = (
     "int{8,4,3,2}[-g<N>|-tensor|-channel][-asym|-sym|-full][-minmax|-mse|-p<PCT>] "
     "(e.g. int8, int4-g128, int4-g64-asym, int8-tensor, int3-g32, int3-g32-full, int2-g16, int4-g128-mse, "
-    "int8-p99.9) or a float type: bf16, fp16, fp32"
+    "int8-p99.9), w8a8 or w8a8-static (int8 weights and activations), or a float type: bf16, fp16, fp32"
 )
+ACT_MODES = ("dynamic", "static")  # w8a8: activations per token at run time; w8a8-static: per tensor, calibrated
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,6 +56,8 @@ class IntSpec:
     # symmetric only: all 2**bits levels [-2**(b-1), 2**(b-1) - 1] (``-full``) instead of +-(2**(b-1) - 1)
     full_range: bool = False
     clip: str = "minmax"  # range estimator: "minmax", "mse" or "p<PCT>" (percentile)
+    # int8 activations too (``w8a8``): "dynamic" (per token at run time) or "static" (per tensor, calibrated)
+    act: str | None = None
 
     def __post_init__(self):
         if self.bits not in INT_BITS:
@@ -65,6 +73,11 @@ class IntSpec:
             raise ValueError(f"group_size is only valid with granularity='group', got {self.group_size}")
         if self.full_range and not self.symmetric:
             raise ValueError("full_range applies only to symmetric specs (asymmetric specs use every level already)")
+        if self.act is not None:
+            if self.act not in ACT_MODES:
+                raise ValueError(f"act must be one of {ACT_MODES} or None, got {self.act!r}")
+            if (self.bits, self.granularity, self.symmetric, self.full_range, self.clip) != (8, "channel", True, False, "minmax"):
+                raise ValueError("int8 activations (w8a8) go with int8 per-channel symmetric min-max weights only")
         pct = clip_percentile(self.clip)  # validates
         if pct is not None:  # one name per percentile: p99.90 and p099.9 are p99.9
             text = repr(pct)
@@ -99,6 +112,8 @@ class IntSpec:
         return dataclasses.replace(self, clip="minmax")
 
     def __str__(self) -> str:
+        if self.act is not None:
+            return "w8a8" if self.act == "dynamic" else "w8a8-static"
         parts = [f"int{self.bits}"]
         if self.granularity == "group":
             parts.append(f"g{self.group_size}")
@@ -162,6 +177,8 @@ def parse_spec(text: str | Spec) -> Spec:
     s = text.strip().lower()
     if s in FLOAT_NAMES:
         return FloatSpec(name=s)
+    if s in ("w8a8", "w8a8-dynamic", "w8a8-static"):
+        return IntSpec(bits=8, act="static" if s.endswith("static") else "dynamic")
     tokens = s.split("-")
     m = re.fullmatch(r"int([0-9]+)", tokens[0])
     if not m or int(m.group(1)) not in INT_BITS:

@@ -248,7 +248,11 @@ def test_a_gptq_checkpoint_runs_in_the_cascade(capsys, tmp_path):
 
 @pytest.mark.parametrize("args, code, message", [
     (("--method", "gptq"), 2, "--method gptq needs calibration text: pass --calib FILE"),
-    (("--method", "rtn", "--calib", TRAIN), 2, "--calib apply only to --method gptq, awq, awq-gptq, autoround, not to rtn"),
+    (("--method", "rtn", "--calib", TRAIN), 2,
+     "--calib apply only to --method gptq, awq, awq-gptq, autoround, smoothquant (or to w8a8-static rules), not to rtn"),
+    (("--method", "rtn", "--quant", "w8a8-static"), 2, "w8a8-static measures its activation scales on calibration text"),
+    (("--method", "gptq", "--calib", TRAIN, "--alpha", "0.3"), 2, "--alpha applies only to --method smoothquant, not to gptq"),
+    (("--method", "smoothquant", "--calib", TRAIN, "--alpha", "1.5"), 2, "1.5 is not in the range"),
     (("--method", "gptq", "--calib", TRAIN, "--iters", "5"), 2, "--iters apply only to --method autoround, not to gptq"),
     (("--method", "hqq", "--calib-samples", "64"), 2, "--calib-samples apply only to --method gptq, awq, awq-gptq"),
     (("--method", "awq", "--calib", TRAIN, "--damp", "0.1"), 2, "--damp apply only to --method gptq or awq-gptq, not to awq"),
@@ -295,3 +299,116 @@ def test_the_command_line_offers_every_method_the_api_has():
     from cascade.models import quantize as q
 
     assert cli.PTQ_METHODS == q.METHODS and cli.CALIBRATED_METHODS == q.CALIBRATED
+
+
+# -- W8A8 and SmoothQuant ---------------------------------------------------------------------------
+
+def _outlier_model():
+    """A tiny random model whose norm outputs carry a few 40x outlier channels (the activation
+    outliers of trained LLMs), made so by scaling norm entries up and the kernel rows reading them
+    down: the float function is unchanged, per-token int8 activations are not."""
+    from tests.quant.test_awq import CFG as SQ_CFG, _random_params
+
+    params = jax.tree.map(lambda a: np.array(a, np.float32), _random_params(3))
+    for norm, layers in (("attn_norm", ("q_proj", "k_proj", "v_proj")), ("mlp_norm", ("gate_proj", "up_proj"))):
+        module = "attn" if norm == "attn_norm" else "mlp"
+        for ch in (5, 40):
+            params["layers_0"][norm]["scale"][ch] *= 40.0
+            for layer in layers:
+                params["layers_0"][module][layer]["kernel"][ch] /= 40.0
+    tokens = np.random.default_rng(7).integers(0, SQ_CFG.vocab_size, (32, 16)).astype(np.int32)
+    calib = calibration.CalibrationSet(tokens=tokens, recipe={"file": "random"})
+    return Model(config=SQ_CFG, params=params, source="outliers"), calib
+
+
+def _kl(model, reference, tokens):
+    from cascade.models.decoder import logits_of
+
+    p = jax.nn.log_softmax(logits_of(reference.params, reference.config, tokens))
+    q = jax.nn.log_softmax(logits_of(model.params, model.config, tokens))
+    return float((np.exp(p) * (p - q)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("spec", ["w8a8", "w8a8-static"])
+def test_smoothquant_rescues_w8a8_from_activation_outliers(spec):
+    model, calib = _outlier_model()
+    held_out = np.random.default_rng(8).integers(0, model.config.vocab_size, (4, 16)).astype(np.int32)
+    plain, _ = quantize_model(model, spec, method="rtn", calib=calib if spec == "w8a8-static" else None, progress=False)
+    smooth, _ = quantize_model(model, spec, method="smoothquant", calib=calib, progress=False)
+    weights_only, _ = quantize_model(model, "int8", progress=False)
+    kl_plain, kl_smooth, kl_w8 = (_kl(m, model, held_out) for m in (plain, smooth, weights_only))
+    assert kl_smooth < 0.5 * kl_plain, (kl_smooth, kl_plain)
+    assert kl_w8 < kl_plain  # the loss of plain W8A8 is the activations', not the weights'
+    assert smooth.ptq["method"] == "smoothquant" and smooth.ptq["settings"] == {"alpha": 0.5}
+    q_proj = smooth.params["layers_0"]["attn"]["q_proj"]["kernel"]
+    assert str(q_proj.spec) == spec and (q_proj.act_scale is not None) == (spec == "w8a8-static")
+
+
+def test_static_activation_scales_are_the_calibration_maximum_of_each_input():
+    """layers_0's q/k/v read RMSNorm(embedding rows): their scale is max|that| / 127 over the
+    calibration tokens, computed here in numpy from the quantized model's own (bf16) parameters."""
+    model, calib = _outlier_model()
+    for method in ("rtn", "smoothquant"):
+        q, report = quantize_model(model, "w8a8-static", method=method, calib=calib, progress=False)
+        p = jax.tree.map(lambda a: a if isinstance(a, QuantizedTensor) else np.asarray(a, np.float32), q.params,
+                         is_leaf=lambda a: isinstance(a, QuantizedTensor))
+        x = p["embed"]["embedding"][calib.tokens]
+        h = x / np.sqrt((x * x).mean(-1, keepdims=True) + model.config.norm_eps) * p["layers_0"]["attn_norm"]["scale"]
+        want = np.abs(h).max() / 127
+        for layer in ("q_proj", "k_proj", "v_proj"):
+            np.testing.assert_allclose(float(p["layers_0"]["attn"][layer]["kernel"].act_scale), want, rtol=1e-5)
+        scales = {path: float(_get(q.params, path).act_scale) for path in
+                  (f"layers_{i}/{layer}/kernel" for i in range(model.config.n_layers) for layer in BLOCK_LINEARS)}
+        assert all(np.isfinite(v) and v > 0 for v in scales.values()) and len(set(scales.values())) > 2
+        row = next(r for r in report.layers if r.path == "layers_0/attn/q_proj/kernel")
+        assert row.bytes_after == quant.storage_nbytes((64, 64), "w8a8-static")  # the 4-byte scale counts
+
+
+def test_w8a8_errors_are_clear():
+    model, calib = _outlier_model()
+    with pytest.raises(ValueError, match=r"w8a8-static: its activation scale\) needs calibration data"):
+        quantize_model(model, "w8a8-static", method="rtn", progress=False)
+    with pytest.raises(ValueError, match="rtn does not use calibration data"):
+        quantize_model(model, "w8a8", method="rtn", calib=calib, progress=False)
+    with pytest.raises(ValueError, match="alpha is a setting of smoothquant, not of gptq"):
+        quantize_model(model, "w8a8", method="gptq", calib=calib, alpha=0.3, progress=False)
+    tied = Model(config=CFG, params=init_params(CFG, jax.random.key(0)))
+    with pytest.raises(ValueError, match="tied LM head: w8a8-static applies to linear layers"):
+        quantize_model(tied, "embed=w8a8-static,*=int8", method="rtn", calib=calib, progress=False)
+    from cascade.models import save_checkpoint
+
+    plain, _ = quantize_model(model, "w8a8-static", method="rtn", calib=calib, progress=False)
+    k = plain.params["layers_0"]["attn"]["q_proj"]["kernel"]
+    bare = QuantizedTensor(k.packed, k.scale, None, spec=k.spec, shape=k.shape, axis=k.axis)
+    broken = {**plain.params, "layers_0": _set_kernel(plain.params["layers_0"], bare)}
+    with pytest.raises(ValueError, match="without its activation scale"):
+        save_checkpoint("/nonexistent-dir/never-written", Model(config=model.config, params=broken))
+
+
+def _set_kernel(block, kernel):
+    return {**block, "attn": {**block["attn"], "q_proj": {"kernel": kernel, **{k: v for k, v in
+                                                                              block["attn"]["q_proj"].items() if k != "kernel"}}}}
+
+
+def test_a_smoothquant_w8a8_static_checkpoint_saves_loads_and_generates(capsys, tmp_path):
+    from cascade.models import load_checkpoint
+    from cascade.models.decoder import logits_of
+
+    out_dir = str(tmp_path / "w8a8")
+    code, out, err = run(capsys, "quantize", BIN, "--quant", "w8a8-static", "--method", "smoothquant", "--alpha", "0.6",
+                         "--calib", TRAIN, "--calib-samples", "32", "--calib-len", "64", "-o", out_dir, "--json")
+    assert code == 0, err
+    payload = json.loads(out)
+    assert payload["ptq"]["settings"] == {"alpha": 0.6} and payload["quant"] == "w8a8-static"
+    back = load_checkpoint(out_dir)
+    kernel = back.params["layers_1"]["mlp"]["down_proj"]["kernel"]
+    assert str(kernel.spec) == "w8a8-static" and float(kernel.act_scale) > 0
+    # the checkpoint is the model quantized in this process, activation scales included
+    model = load_model(BIN)
+    calib = calibration.calibration_tokens(model.tokenizer, TRAIN, samples=32, length=64, seed=0)
+    here, _ = quantize_model(model, "w8a8-static", method="smoothquant", calib=calib, alpha=0.6, progress=False)
+    tokens = calib.tokens[:2]
+    np.testing.assert_array_equal(np.asarray(logits_of(back.params, back.config, tokens)),
+                                  np.asarray(logits_of(here.params, here.config, tokens)))
+    code, out, err = run(capsys, "generate", out_dir, "Once upon a time", "--max-tokens", "12", "--json")
+    assert code == 0 and len(json.loads(out)["token_ids"]) == 12, err

@@ -89,3 +89,17 @@ def test_the_full_symmetric_grid_is_an_opt_in_spec():
         parse_spec("int4-full-asym")
     with pytest.raises(ValueError, match="full_range applies only to symmetric"):
         IntSpec(bits=4, symmetric=False, full_range=True)
+
+
+def test_w8a8_specs_are_int8_per_channel_weights_with_int8_activations():
+    dyn, static = parse_spec("w8a8"), parse_spec("W8A8-static")
+    assert (dyn.bits, dyn.granularity, dyn.symmetric, dyn.act) == (8, "channel", True, "dynamic")
+    assert static.act == "static" and str(static) == "w8a8-static" and str(dyn) == "w8a8"
+    assert parse_spec(str(dyn)) == dyn and parse_spec(str(static)) == static
+    assert parse_spec("int8").act is None and dyn != parse_spec("int8")  # weight-only int8 is another spec
+    with pytest.raises(ValueError, match="w8a8"):
+        IntSpec(bits=4, act="dynamic")
+    with pytest.raises(ValueError, match="act must be one of"):
+        IntSpec(bits=8, act="token")
+    with pytest.raises(ValueError, match="allowed:.*w8a8"):
+        parse_spec("w8a4")

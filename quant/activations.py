@@ -1,0 +1,73 @@
+"""Int8 activations: the W8A8 matmul (``w8a8``, ``w8a8-static`` specs).
+
+Both operands of ``x @ W`` are int8 and the dot accumulates in int32 (the integer GEMM of
+SmoothQuant, Xiao et al. 2022, and of LLM.int8()'s vector-wise quantization without its outlier
+split)::
+
+    s_x   = max|x_row| / 127   per row of x (token), at run time          (w8a8, "dynamic")
+          = the calibrated per-tensor scale stored as ``W.act_scale``      (w8a8-static)
+    x_q   = clip(round(x / s_x), -127, 127)                               int8
+    y     = (x_q @ W_q) * s_x * s_w                                        int32 dot, float rescale
+
+``W_q`` and ``s_w`` are the weight's per-output-channel int8 codes and scales, exactly as an
+``int8`` weight stores them.  A row of zeros gets the scale 1 (its codes are zeros).  Per-token
+scales depend only on their own row, so the result of a row does not depend on the batch it is in
+(what a speculative verifier scoring several rows at once needs).
+
+The dot is XLA's own ``int8 x int8 -> int32`` ``dot_general`` (on this CPU it runs a real integer
+GEMM: 2.8 ms for a 512 x 576 by 576 x 1536 product where the float32 dot of the same shapes took
+18 ms, measured side by side).
+``tests/quant/test_activations.py`` checks it against numpy's int64 dot.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from cascade.quant.qtensor import QuantizedTensor, codes
+
+ACT_QMAX = 127  # symmetric int8 activations: codes in [-127, 127]
+
+
+def token_scales(x) -> jnp.ndarray:
+    """Per-row (token) activation scales ``max|x_row| / 127`` (..., 1), float32; 1 for a zero row."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    return jnp.where(amax > 0, amax / ACT_QMAX, 1.0)
+
+
+def quantize_activations(x, scale) -> jnp.ndarray:
+    """``clip(round(x / scale), -127, 127)`` as int8; ``scale`` broadcasts against ``x``."""
+    q = jnp.round(x.astype(jnp.float32) / scale)
+    return jnp.clip(q, -ACT_QMAX, ACT_QMAX).astype(jnp.int8)
+
+
+def int8_dot(xq, wq) -> jnp.ndarray:
+    """The int32 ``xq @ wq`` for int8 ``xq`` (..., k) and ``wq`` (k, n)."""
+    if wq.shape[0] != xq.shape[-1]:
+        raise ValueError(f"int8_dot shape mismatch: x has {xq.shape[-1]} features, w has {wq.shape[0]} rows")
+    return jax.lax.dot_general(xq, wq, (((xq.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+
+
+def _weight_codes(w: QuantizedTensor, transposed: bool):
+    """(k, n) int8 codes and (n,) float32 per-output-channel scales of an int8 per-channel weight."""
+    q = codes(w).astype(jnp.int8)
+    s = w.scale.astype(jnp.float32).reshape(-1)
+    return (q.T if transposed else q), s
+
+
+def w8a8_matmul(x, w: QuantizedTensor, *, transposed: bool = False):
+    """``x @ W`` (``x @ W.T`` when ``transposed``: a tied head, W (n, k) quantized along axis 1) with
+    int8 activations (module docstring); returns ``x``'s dtype."""
+    if w.spec.act is None:
+        raise ValueError(f"w8a8_matmul takes a w8a8 weight, got {w.spec}")
+    if w.spec.act == "static":
+        if w.act_scale is None:
+            raise ValueError("a w8a8-static weight has no activation scale: quantize the model with calibration "
+                             "data (--calib) to measure it")
+        sx = w.act_scale.astype(jnp.float32)
+    else:
+        sx = token_scales(x)
+    wq, sw = _weight_codes(w, transposed)
+    acc = int8_dot(quantize_activations(x, sx), wq)
+    return (acc.astype(jnp.float32) * sx * sw).astype(x.dtype)
