@@ -183,6 +183,11 @@ def _kv_spec(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
+def _kv_or_none(ctx, param, value):
+    """--kv of `bench workflow`: a KV spec, or 'none' (None)."""
+    return None if value is not None and value.strip().lower() == "none" else _kv_spec(ctx, param, value)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", "-V", prog_name="cascade")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
@@ -1326,10 +1331,15 @@ def _row_saver(model: str, out_path: str | None, line):
 @click.option("--granularity", type=click.Choice(["layer", "block"]), default="layer", show_default=True,
               help="Choose a precision per matrix or per block.")
 @_calibrated_bench_options
+@click.option("--kv", default="int8", show_default=True, callback=_kv_or_none,
+              help="KV cache of the long-context check of the best auto model per target ('none' skips the check).")
+@click.option("--long-ctx", type=click.IntRange(min=8), help="Window of the long-context check [default: the model's context].")
+@click.option("--long-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
+              help="About how many tokens the long-context check scores.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_workflow(model, calib, data, targets, candidates, methods, granularity, calib_samples, calib_len, limit, ctx,
-                   max_tokens, tokenizer, out_path, as_json):
+                   max_tokens, tokenizer, kv, long_ctx, long_tokens, out_path, as_json):
     """Automatic mixed precision against uniform specs at the same bytes, per PTQ method (see bench/workflow.py)."""
     from cascade.bench import workflow as bench_wf
 
@@ -1346,7 +1356,8 @@ def bench_workflow(model, calib, data, targets, candidates, methods, granularity
                       f"KLD {r['kld_mean']:.4f}, {r['avg_bits']:.3f} bits a weight")
     result = bench_wf.run(load_model(model, tokenizer=tokenizer), calib, data, targets=targets, candidates=candidates,
                           methods=method_list, samples=calib_samples, length=calib_len, limit=limit, ctx=ctx,
-                          max_tokens=max_tokens, granularity=granularity, on_row=save)
+                          max_tokens=max_tokens, granularity=granularity, kv=kv, long_ctx=long_ctx,
+                          long_tokens=long_tokens, on_row=save)
     save(result, final=True)
     _emit(as_json, result, bench_wf.table(result))
 

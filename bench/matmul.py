@@ -6,7 +6,9 @@ quantized row is measured beside the float32 row of the same shape and batch, on
 that runs it (the reference ``xla`` and the native ``cpu`` kernel), so ``speedup_vs_f32`` is a
 ratio taken on one machine in one process.  ``gb_s`` is the weight's bytes over the time (the
 rate a batch-1 matmul streams its weight at), ``pct_copy_bw`` that rate against the machine's
-memory-copy bandwidth measured in the same run (:func:`copy_bandwidth`).
+memory-copy bandwidth measured in the same run (:func:`copy_bandwidth`).  A ``w8a8`` spec times
+the whole W8A8 matmul (per-token activation quantization, the integer dot, the rescale) on backend
+``int8-dot``.
 """
 
 from __future__ import annotations
@@ -23,8 +25,12 @@ from tqdm.auto import tqdm
 
 from cascade import quant
 from cascade.quant import dequant_matmul
+from cascade.quant.activations import w8a8_matmul
 from cascade.quant.kernels import cpu as cpu_kernel
 from cascade.bench.context import describe, run_context
+
+
+W8A8_BACKEND = "int8-dot"  # the backend column of w8a8 rows: quantized activations, XLA's int8 x int8 -> int32 dot
 
 
 def _time(fn, *args, repeats: int, warmup: int) -> float:
@@ -75,6 +81,10 @@ def run(*, batches=(1, 4, 16, 64), shapes=DEFAULT_SHAPES, k=None, n=None, specs=
             base = _time(f32_matmul, x, w, repeats=repeats, warmup=warmup)
             rows.append(_row("fp32", "xla", b, k_, n_, base, base, k_ * n_ * 4, copy_gb_s, True))
             for s, qw in qweights.items():
+                if qw.spec.act is not None:  # w8a8: int8 activations and an integer dot, outside the registry
+                    ms = _time(jax.jit(w8a8_matmul), x, qw, repeats=repeats, warmup=warmup)
+                    rows.append(_row(s, W8A8_BACKEND, b, k_, n_, ms, base, qw.nbytes, copy_gb_s, True))
+                    continue
                 auto = dequant_matmul.select_backend(x, qw).name
                 for name in _backends_for(qw, k_, backend):
                     # The quantized weight is a jit *argument*: XLA cannot constant-fold the dequantization.

@@ -13,6 +13,13 @@ deployment workflow", part 2).
 3. Quantize both ways with each method (RTN, GPTQ, ...) and score both against the float model on
    the same windows of ``--data``: perplexity, KLD, top-1, bytes.
 
+4. **Long context** (``long_context``): for each target, the best auto model (lowest perplexity
+   over the methods) is scored once more at the longest context the model supports (or
+   ``long_ctx``), on the ``--data`` documents packed into one stream, sliding windows every
+   ``ctx / 4`` with only targets that have ``3/4 ctx`` tokens before them scored: through an fp32
+   KV cache and through the quantized ``kv`` cache (default ``int8``), beside the float model on the
+   same tokens.  Short benchmarks hide failures that only show once the cache is long.
+
 Rows carry ``target`` (the uniform spec), ``config`` (``uniform`` or ``auto``), ``method``, the
 fidelity columns, ``weight_bytes`` and ``avg_bits``; ``allocations`` holds each target's chosen
 precision per matrix with its predicted KL, and the KL measured on the calibration tokens for the
@@ -31,7 +38,7 @@ from cascade.memory import planned_weight_bytes
 from cascade.models import Model, load_model, quantize_model, split_documents, tokenize_documents, weight_bytes
 from cascade.models import sensitivity as sens
 from cascade.models.calibration import calibration_tokens
-from cascade.models.evaluation import fidelity
+from cascade.models.evaluation import fidelity, perplexity
 from cascade.models.quantize import CALIBRATED
 
 DEFAULT_TARGETS = ("int4-g32", "int3-g32")
@@ -56,8 +63,11 @@ def mix_by_kind(units: dict) -> dict[str, dict[str, int]]:
 def run(model: "str | Model", calib: str, data: str, *, targets=DEFAULT_TARGETS, candidates=DEFAULT_CANDIDATES,
         methods=DEFAULT_METHODS, samples: int = 128, length: int = 512, seed: int = 0, limit: int | None = 200,
         ctx: int = 512, max_tokens: int | None = None, granularity: str = "layer", tokenizer: str | None = None,
-        progress=None, on_row=None) -> dict:
-    """The result (module docs); ``on_row(result)`` after every row with ``"partial": true``."""
+        kv: str | None = "int8", long_ctx: int | None = None, long_tokens: int = 8192, progress=None,
+        on_row=None) -> dict:
+    """The result (module docs); ``on_row(result)`` after every row with ``"partial": true``.  ``kv``: the
+    KV cache of the long-context check (None skips the check), ``long_ctx`` its window (default the
+    model's context), ``long_tokens`` about how many tokens it scores."""
     base = float_model(model if isinstance(model, Model) else load_model(model, tokenizer=tokenizer))
     cfg = base.config
     length = min(length, cfg.max_seq_len)
@@ -69,7 +79,8 @@ def run(model: "str | Model", calib: str, data: str, *, targets=DEFAULT_TARGETS,
     t0 = time.perf_counter()
     report = sens.layer_sensitivity(base.params, cfg, tokens, candidates, granularity=granularity, progress=progress)
     sens_seconds = time.perf_counter() - t0
-    rows, allocations, float_ppl = [], {}, None
+    rows, allocations, float_ppl, long_context = [], {}, None, []
+    best: dict[str, tuple[float, str, Model]] = {}  # target -> the best auto model so far
 
     def result(partial: bool) -> dict:
         return {"benchmark": "workflow", **run_context(), "model": base.source, "float_ppl": float_ppl,
@@ -77,7 +88,8 @@ def run(model: "str | Model", calib: str, data: str, *, targets=DEFAULT_TARGETS,
                 "candidates": list(candidates), "granularity": granularity,
                 "sensitivity": {"tokens": report.tokens, "seconds": sens_seconds,
                                 "rank_correlation": report.rank_correlation, "rows": [r.to_json() for r in report.sorted()]},
-                "allocations": allocations, **({"partial": True} if partial else {}), "rows": rows}
+                "allocations": allocations, "long_context": long_context, **({"partial": True} if partial else {}),
+                "rows": rows}
 
     n_weights = sum(report.params.values())
     for target in targets:
@@ -104,9 +116,38 @@ def run(model: "str | Model", calib: str, data: str, *, targets=DEFAULT_TARGETS,
                              "delta_ppl": fid.delta_ppl, "kld_mean": fid.kld_mean, "kld_p99": fid.kld_p99,
                              "top1_agreement": fid.top1_agreement, "weight_bytes": nbytes,
                              "avg_bits": 8 * matrix_bytes / n_weights, "seconds": seconds, "tokens": fid.tokens})
+                if config == "auto" and (target not in best or fid.ppl < best[target][0]):
+                    best[target] = (fid.ppl, method, quantized)
                 if on_row is not None:
                     on_row(result(partial=True))
+    if kv is not None:
+        stream = [[t for doc in docs for t in doc]]
+        for target, (_, method, quantized) in best.items():
+            long_context.append({"target": target, "config": "auto", "method": method,
+                                 **long_context_check(quantized, base, stream, kv=kv, ctx=long_ctx, tokens=long_tokens,
+                                                      progress=progress)})
+            if on_row is not None:
+                on_row(result(partial=True))
     return result(partial=False)
+
+
+def long_context_check(model: Model, reference: Model, stream: list[list[int]], *, kv: str = "int8",
+                       ctx: int | None = None, tokens: int = 8192, progress=None) -> dict:
+    """``model`` scored at the long context (module docs, step 4) through an fp32 cache and a ``kv``
+    cache, and ``reference`` (the float model) on the same tokens."""
+    cfg = model.config
+    ctx = min(ctx or cfg.max_seq_len, cfg.max_seq_len)
+    stride = max(1, ctx // 4)
+    n = sum(len(d) for d in stream)
+    if n <= ctx:
+        raise ValueError(f"the long-context check needs more than {ctx} tokens of --data; it holds {n}")
+    kw = dict(ctx=ctx, stride=stride, min_context=ctx - stride, max_tokens=tokens, progress=progress)
+    ref = perplexity(reference.params, reference.config, stream, **kw)
+    fp32 = perplexity(model.params, cfg, stream, kv="fp32", **kw)
+    quant_kv = perplexity(model.params, cfg, stream, kv=kv, **kw)
+    return {"ctx": ctx, "stride": stride, "kv": kv, "tokens": quant_kv.tokens, "float_ppl": ref.ppl,
+            "ppl_fp32_cache": fp32.ppl, "ppl_kv": quant_kv.ppl, "kv_change_pct": 100.0 * (quant_kv.ppl / fp32.ppl - 1.0),
+            "vs_float_pct": 100.0 * (quant_kv.ppl / ref.ppl - 1.0)}
 
 
 def table(result: dict) -> str:
@@ -121,4 +162,9 @@ def table(result: dict) -> str:
         mix = "; ".join(f"{k}: " + ", ".join(f"{n} x {s}" for s, n in v.items()) for k, v in a["mix"].items())
         measured = f", measured {a['measured_kl']:.4f}" if "measured_kl" in a else ""
         lines.append(f"auto at the bytes of {target}: predicted KL {a['predicted_kl']:.4f}{measured}; {mix}")
+    for r in result.get("long_context", []):
+        lines.append(f"long context ({r['target']} auto, {r['method']}): ctx {r['ctx']}, {r['tokens']:,} tokens each with "
+                     f">= {r['ctx'] - r['stride']} before it: float {r['float_ppl']:.4f}, fp32 cache {r['ppl_fp32_cache']:.4f}, "
+                     f"{r['kv']} cache {r['ppl_kv']:.4f} ({r['kv_change_pct']:+.3f}% vs fp32 cache, "
+                     f"{r['vs_float_pct']:+.2f}% vs float)")
     return "\n".join(lines)

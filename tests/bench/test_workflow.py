@@ -19,7 +19,7 @@ def test_bench_workflow_rows(capsys, tmp_path):
     code = cli.main(["bench", "workflow", BIN, "--calib", TRAIN, "--data", VAL, "--target", "int3-g32",
                      "--candidates", "int8,int4-g32,int3-g32", "--method", "rtn", "--granularity", "block",
                      "--calib-samples", "32", "--calib-len", "32", "--limit", "10", "--ctx", "128",
-                     "--max-tokens", "2048", "--json", "--out", str(out_file)])
+                     "--max-tokens", "2048", "--long-ctx", "128", "--long-tokens", "256", "--json", "--out", str(out_file)])
     out, err = capsys.readouterr()
     assert code == 0, err
     d = json.loads(out)
@@ -46,6 +46,22 @@ def test_bench_workflow_rows(capsys, tmp_path):
     assert abs(uniform["avg_bits"] - 8 * (uniform["weight_bytes"] - norms) / n) < 1e-9
     assert abs(auto["avg_bits"] - 8 * (auto["weight_bytes"] - norms) / n) < 1e-9
     assert "auto at the bytes of int3-g32: predicted KL" in bench_table(d)
+    # the long-context check: the best auto model through an int8 cache, every scored token with >= 96 before it
+    (lc,) = d["long_context"]
+    assert (lc["target"], lc["config"], lc["method"], lc["kv"], lc["ctx"], lc["stride"]) == \
+        ("int3-g32", "auto", "rtn", "int8", 128, 32)
+    from cascade.models import split_documents, tokenize_documents
+    from cascade.models.evaluation import perplexity
+
+    model = load_model(BIN)
+    with open(VAL) as f:
+        docs = tokenize_documents(model.tokenizer, split_documents(f.read())[:10])
+    ref = perplexity(model.params, cfg, [[t for doc in docs for t in doc]], ctx=128, stride=32, min_context=96,
+                     max_tokens=256)
+    assert abs(lc["float_ppl"] - ref.ppl) < 1e-4 * ref.ppl and lc["tokens"] == ref.tokens >= 256
+    assert abs(lc["kv_change_pct"]) < 2 and lc["ppl_fp32_cache"] > lc["float_ppl"]
+    assert abs(lc["vs_float_pct"] - 100 * (lc["ppl_kv"] / lc["float_ppl"] - 1)) < 1e-9
+    assert "long context (int3-g32 auto, rtn): ctx 128" in bench_table(d)
     assert cli.main(["bench", "workflow", BIN, "--calib", TRAIN, "--data", VAL, "--method", "nope"]) == 2
 
 
