@@ -1318,6 +1318,41 @@ def _row_saver(model: str, out_path: str | None, line):
     return save
 
 
+@bench.command(name="qat")
+@click.argument("model", callback=_model)
+@click.option("--calib", required=True, callback=_data_file, help="Calibration text of the PTQ step.")
+@click.option("--train", "train_file", required=True, callback=_data_file, help="Text to fine-tune on.")
+@click.option("--data", required=True, callback=_data_file, help="UTF-8 text file to score.")
+@click.option("--spec", default="int3-g32", show_default=True, help="Precision spec (or rules) of every stage.")
+@click.option("--method", default="gptq", show_default=True, type=click.Choice(PTQ_METHODS),
+              help="The PTQ method QAT starts from.")
+@click.option("--steps", default=500, show_default=True, type=click.IntRange(min=1), help="QAT optimizer steps.")
+@click.option("--lr", default=1e-4, show_default=True, type=FiniteFloat(min=0, min_open=True), help="Peak learning rate.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Sequences per step.")
+@click.option("--seq-len", default=256, show_default=True, type=click.IntRange(min=2), help="Tokens per sequence.")
+@_calibrated_bench_options
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Keep the QAT run here [default: a temporary directory].")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def bench_qat(model, calib, train_file, data, spec, method, steps, lr, batch_size, seq_len, calib_samples, calib_len,
+              limit, ctx, max_tokens, tokenizer, run_dir, out_path, as_json):
+    """PTQ then QAT: the share of PTQ's remaining gap to float a short fine-tune recovers (see bench/qat.py)."""
+    from cascade.bench import qat as bench_qat_mod
+
+    _rules(None, None, spec)
+    _check_tokenizer_flag(model, tokenizer)
+    from cascade.models import load_model
+
+    save = _row_saver(model, out_path, lambda r: f"{r['stage']} ({r['method']}): ppl {r['ppl']:.3f}, "
+                      f"KLD {r['kld_mean']:.4f}, {r['seconds']:.1f} s")
+    result = bench_qat_mod.run(load_model(model, tokenizer=tokenizer), calib, train_file, data, spec=spec, method=method,
+                               steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, samples=calib_samples,
+                               length=calib_len, limit=limit, ctx=ctx, max_tokens=max_tokens, run_dir=run_dir,
+                               on_row=save)
+    save(result, final=True)
+    _emit(as_json, result, bench_qat_mod.table(result))
+
+
 @bench.command(name="workflow")
 @click.argument("model", callback=_model)
 @click.option("--calib", required=True, callback=_data_file, help="Calibration text (sensitivity and GPTQ/AWQ).")
