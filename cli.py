@@ -1353,6 +1353,35 @@ def bench_qat(model, calib, train_file, data, spec, method, steps, lr, batch_siz
     _emit(as_json, result, bench_qat_mod.table(result))
 
 
+@bench.command(name="plot")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out-dir", required=True, type=click.Path(file_okay=False), help="Write ppl-vs-bits-MODEL.png files here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plotted points as one JSON object on stdout.")
+def bench_plot(results, out_dir, as_json):
+    """Perplexity against bits a weight per model, one curve per method, from bench ptq / workflow / qat
+    results (see bench/plots.py)."""
+    from cascade.bench import plots
+
+    loaded = []
+    for path in results:
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded.append(json.load(f))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise click.BadParameter(f"{path}: not a JSON result ({e})", param_hint="RESULTS") from None
+    try:
+        pts = plots.points(loaded)
+    except (KeyError, TypeError, ValueError) as e:
+        raise click.ClickException(f"cannot plot these results: {e}") from None
+    written = plots.plot_all(loaded, out_dir)
+    if not written:
+        raise click.ClickException("bench plot needs matplotlib (pip install matplotlib)")
+    payload = {"plots": written, "points": [{"model": k[0], "data": k[1], "float_ppl": v["float_ppl"],
+                                             "curves": {c: [list(p) for p in ps] for c, ps in v["curves"].items()}}
+                                            for k, v in sorted(pts.items())]}
+    _emit(as_json, payload, "\n".join(f"wrote {p}" for p in written))
+
+
 @bench.command(name="workflow")
 @click.argument("model", callback=_model)
 @click.option("--calib", required=True, callback=_data_file, help="Calibration text (sensitivity and GPTQ/AWQ).")

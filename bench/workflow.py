@@ -84,6 +84,7 @@ def run(model: "str | Model", calib: str, data: str, *, targets=DEFAULT_TARGETS,
 
     def result(partial: bool) -> dict:
         return {"benchmark": "workflow", **run_context(), "model": base.source, "float_ppl": float_ppl,
+                "float_weight_bytes": weight_bytes(base.params),
                 "calibration": cal.recipe, "data": data, "documents": len(docs), "ctx": ctx, "max_tokens": max_tokens,
                 "candidates": list(candidates), "granularity": granularity,
                 "sensitivity": {"tokens": report.tokens, "seconds": sens_seconds,
