@@ -46,8 +46,8 @@ WEIGHT_FILES = (["@weights_st", "@weights_npz"], ["@weights_truncated"])
 PROMPTS = (["Once upon a time", "The dog", "hi", " ", "héllo wörld ✓ 日本", "<|endoftext|>"],
            ["", "\udcff\udcfe bad", "x " * 700, "\x00\x01", "--json", "-1"])
 RULES = (["int8", "int4-g32", "int4-g32-asym", "int3-g32", "int2-g16-asym", "bf16", "fp32", "attn=int8,*=int4-g32",
-          "embed=int8,*=int4", "@rules_json"],
-         ["", " ", "int9", "int4-g0", "int4-g32-tensor", "(=int8", "*=int8,*=int4", "@rules_bad_json", "missing.json",
+          "embed=int8,*=int4", "@rules_json", "w8a8"],
+         ["", " ", "int9", "w8a8-static", "int4-g0", "int4-g32-tensor", "(=int8", "*=int8,*=int4", "@rules_bad_json", "missing.json",
           "./missing", "attn=", "=int8"])
 PAIR_RULES = (RULES[0] + ["none"], RULES[1])
 KVS = (["fp32", "fp16", "bf16", "int8", "int4", "int4-s4", "int4-r64", "int8-kg16", "INT8"],
@@ -65,7 +65,7 @@ SCALE_DTYPES = (["float16", "bfloat16", "float32"], ["int8", ""])
 MODES = (["speculative", "spec-cascade", "defer", "large", "small"], ["medium", ""])
 PLAN_MODES = (["speculative", "large", "small"], ["medium", "", "defer"])
 BUDGETS = (["1GiB", "512MB", "100", "1.5GB", "1e12"], ["0", "-5", "lots", ""])
-MM_SPECS = (["int8", "int4-g16", "int8,int4-g32-asym", "int3-g16", "bf16"], ["int9", "", ",", "int4-g0"])
+MM_SPECS = (["int8", "int4-g16", "int8,int4-g32-asym", "int3-g16", "bf16", "int8,w8a8"], ["int9", "", ",", "int4-g0"])
 PPL_SPECS = (["source", "int8", "source,int4-g32", "source,source"], ["int9", "", ",", "none"])
 DECODE_SPECS = (["source", "fp32", "int8", "source,int4-g32"], ["int9", "", ",", "none", "fp64"])
 KV_LISTS = (["fp32,int8", "int4", "fp16,int4-s4"], ["", "fp32,bogus", "int4-s99999", ","])
