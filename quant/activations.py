@@ -14,9 +14,11 @@ split)::
 scales depend only on their own row, so the result of a row does not depend on the batch it is in
 (what a speculative verifier scoring several rows at once needs).
 
-The dot is XLA's own ``int8 x int8 -> int32`` ``dot_general`` (on this CPU it runs a real integer
-GEMM: 2.8 ms for a 512 x 576 by 576 x 1536 product where the float32 dot of the same shapes took
-18 ms, measured side by side).
+The dot is XLA's own ``int8 x int8 -> int32`` ``dot_general``.  On this CPU it is a real integer
+GEMM for many rows and a slow loop for one (``cascade bench matmul --spec int8,w8a8``,
+``bench/results/matmul-w8a8.json``, against the float32 dot in the same run): 2.7-3.2x faster at 512
+rows (a prefill), 1.8x at 16 rows of a 4096 x 4096 matrix, but 0.12-0.33x at one row (decode),
+where the weight-only int8 kernel of :mod:`cascade.quant.kernels.cpu` is the fast path.
 ``tests/quant/test_activations.py`` checks it against numpy's int64 dot.
 """
 
