@@ -95,9 +95,10 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
         raise ValueError(f"iters, lr and batch are settings of autoround, not of {method}")
     if method != "smoothquant" and alpha is not None:
         raise ValueError(f"alpha is a setting of smoothquant, not of {method}")
-    if static and model.config.tie_embeddings and "embed/embedding" in static:
-        raise ValueError("embed/embedding is a tied LM head: w8a8-static applies to linear layers; use w8a8 "
-                         "(per-token activations) or a weight-only spec for it")
+    if "embed/embedding" in static:
+        tied = ", and here the tied LM head," if model.config.tie_embeddings else ""
+        raise ValueError(f"embed/embedding is a lookup{tied} not a linear layer: w8a8-static applies to linear layers; "
+                         "use w8a8 (per-token activations) or a weight-only spec for it")
     if method in CALIBRATED:
         for i in range(model.config.n_layers):
             for layer in BLOCK_LINEARS:

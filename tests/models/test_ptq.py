@@ -373,8 +373,10 @@ def test_w8a8_errors_are_clear():
     with pytest.raises(ValueError, match="alpha is a setting of smoothquant, not of gptq"):
         quantize_model(model, "w8a8", method="gptq", calib=calib, alpha=0.3, progress=False)
     tied = Model(config=CFG, params=init_params(CFG, jax.random.key(0)))
-    with pytest.raises(ValueError, match="tied LM head: w8a8-static applies to linear layers"):
+    with pytest.raises(ValueError, match="a lookup, and here the tied LM head, not a linear layer: w8a8-static"):
         quantize_model(tied, "embed=w8a8-static,*=int8", method="rtn", calib=calib, progress=False)
+    with pytest.raises(ValueError, match="embed/embedding is a lookup not a linear layer"):
+        quantize_model(model, "embed=w8a8-static,*=int8", method="rtn", calib=calib, progress=False)
     from cascade.models import save_checkpoint
 
     plain, _ = quantize_model(model, "w8a8-static", method="rtn", calib=calib, progress=False)
