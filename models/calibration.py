@@ -130,11 +130,13 @@ class InputStats:
         return cls(hessian=np.zeros((k, k)), abs_sum=np.zeros(k), abs_max=np.zeros(k, np.float32), tokens=0,
                    sample=np.zeros((0, k), np.float32))
 
-    def add(self, x, keep_tokens: int) -> None:
-        """Accumulate one batch of inputs ``x`` (..., K)."""
+    def add(self, x, keep_tokens: int, hessian: bool = True) -> None:
+        """Accumulate one batch of inputs ``x`` (..., K); ``hessian=False`` leaves ``hessian`` at zero
+        (SmoothQuant reads only the maxima, and ``XᵀX`` is most of the cost)."""
         x2 = np.ascontiguousarray(np.asarray(x, np.float32).reshape(-1, self.abs_sum.shape[0]))
         a = np.abs(x2)
-        self.hessian += x2.T @ x2  # float32 per batch (numpy spots x.T @ x and runs BLAS syrk: half the work)
+        if hessian:
+            self.hessian += x2.T @ x2  # float32 per batch (numpy spots x.T @ x and runs BLAS syrk: half the work)
         self.abs_sum += a.sum(0, dtype=np.float64)
         self.abs_max = np.maximum(self.abs_max, a.max(0))
         self.tokens += x2.shape[0]
@@ -190,15 +192,16 @@ def _batches(n: int, cfg: ModelConfig, length: int):
 
 
 def block_statistics(block_params, cfg: ModelConfig, hidden: np.ndarray, *,
-                     keep_tokens: int = DEFAULT_KEEP_TOKENS) -> dict[str, InputStats]:
+                     keep_tokens: int = DEFAULT_KEEP_TOKENS, hessian: bool = True) -> dict[str, InputStats]:
     """Statistics of every linear input of one block over ``hidden`` (N, T, dim), the hidden
-    states entering it, with the block's weights as given (see the module docstring)."""
+    states entering it, with the block's weights as given (see the module docstring);
+    ``hessian=False`` skips ``XᵀX`` (left zero)."""
     n, t, _ = hidden.shape
     acc: dict[str, InputStats] = {}
     for rows in _batches(n, cfg, t):
         seen = _batch_inputs(block_params, cfg, jnp.asarray(hidden[rows], jnp.float32))
         for name, x in seen.items():
-            acc.setdefault(name, InputStats.empty(x.shape[-1])).add(x, keep_tokens)
+            acc.setdefault(name, InputStats.empty(x.shape[-1])).add(x, keep_tokens, hessian)
     return acc
 
 

@@ -144,7 +144,7 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
                                            gptq=gptq_settings if method == "awq-gptq" else None)
         params, done = calibrated_blocks(params, model.config, parsed, calib, block_fn, desc=method,
                                          within_block=method == "gptq", targets=method == "autoround",
-                                         progress=progress)
+                                         hessian=method != "smoothquant", progress=progress)
 
         def quantizer(path, leaf, spec, axis, sdt):
             return done[path] if path in done else quantize(leaf, spec, axis=axis, scale_dtype=sdt)
@@ -179,7 +179,8 @@ def _set(tree: dict, path: str, value) -> dict:
 
 
 def calibrated_blocks(params, cfg, rules: PrecisionRules, calib, quantize_block, *, desc: str,
-                      within_block: bool = False, targets: bool = False, progress: bool | None = None):
+                      within_block: bool = False, targets: bool = False, hessian: bool = True,
+                      progress: bool | None = None):
     """The sequential calibration loop shared by GPTQ and AWQ (module docs).
 
     For each block with an integer-spec kernel, ``quantize_block(name, block, specs, stats)``
@@ -197,12 +198,14 @@ def calibrated_blocks(params, cfg, rules: PrecisionRules, calib, quantize_block,
     ``targets``: ``stats`` is ``(x, y)`` instead: ``x`` (N, T, dim) the hidden states entering the
     block in the model quantized so far, ``y`` the float block's outputs on the float model's
     hidden states (AutoRound's reconstruction target).
+    ``hessian=False``: the statistics without ``XᵀX`` (SmoothQuant needs only the maxima).
     Returns ``(params', {parameter path: QuantizedTensor})``.
     """
     from cascade.models import calibration
 
     hidden = calibration.embed_tokens(params, calib.tokens)
     hidden_float = hidden if targets else None
+    keep = calibration.DEFAULT_KEEP_TOKENS if hessian else 0  # AWQ's search rows; SmoothQuant needs none
     done: dict[str, QuantizedTensor] = {}
     params = dict(params)
     bar = tqdm(range(cfg.n_layers), desc=desc, unit="block", disable=None if progress is None else not progress,
@@ -235,7 +238,8 @@ def calibrated_blocks(params, cfg, rules: PrecisionRules, calib, quantize_block,
                 block = quantize_into(name, specs, (hidden, target))
             hidden_float = target
         elif specs:
-            block = quantize_into(name, specs, calibration.block_statistics(block, cfg, hidden))
+            block = quantize_into(name, specs, calibration.block_statistics(block, cfg, hidden, keep_tokens=keep,
+                                                                            hessian=hessian))
         if i + 1 < cfg.n_layers:  # the next block sees this block's quantized outputs
             hidden = calibration.block_outputs(block, cfg, hidden)
     return params, done

@@ -62,6 +62,10 @@ def test_block_statistics_equal_a_direct_computation_over_batches(monkeypatch):
         np.testing.assert_allclose(st.abs_max, np.abs(xs).max(0), rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(st.sample, xs[:30], rtol=1e-4, atol=1e-5)  # the first rows, across batches
     np.testing.assert_allclose(calibration.block_outputs(bp, CFG, x), out, rtol=1e-4, atol=1e-5)
+    maxima = calibration.block_statistics(bp, CFG, x, keep_tokens=0, hessian=False)  # SmoothQuant's pass
+    for name, st in maxima.items():
+        np.testing.assert_array_equal(st.abs_max, stats[name].abs_max)
+        assert not st.hessian.any() and st.sample.shape[0] == 0
 
 
 def test_block_output_is_the_model_block():
