@@ -25,12 +25,9 @@ from tqdm.auto import tqdm
 
 from cascade import quant
 from cascade.quant import dequant_matmul
-from cascade.quant.activations import w8a8_matmul
+from cascade.quant.activations import BACKEND as W8A8_BACKEND_NAME, w8a8_matmul
 from cascade.quant.kernels import cpu as cpu_kernel
 from cascade.bench.context import describe, run_context
-
-
-W8A8_BACKEND = "int8-dot"  # the backend column of w8a8 rows: quantized activations, XLA's int8 x int8 -> int32 dot
 
 
 def _time(fn, *args, repeats: int, warmup: int) -> float:
@@ -83,7 +80,7 @@ def run(*, batches=(1, 4, 16, 64), shapes=DEFAULT_SHAPES, k=None, n=None, specs=
             for s, qw in qweights.items():
                 if qw.spec.act is not None:  # w8a8: int8 activations and an integer dot, outside the registry
                     ms = _time(jax.jit(w8a8_matmul), x, qw, repeats=repeats, warmup=warmup)
-                    rows.append(_row(s, W8A8_BACKEND, b, k_, n_, ms, base, qw.nbytes, copy_gb_s, True))
+                    rows.append(_row(s, W8A8_BACKEND_NAME, b, k_, n_, ms, base, qw.nbytes, copy_gb_s, True))
                     continue
                 auto = dequant_matmul.select_backend(x, qw).name
                 for name in _backends_for(qw, k_, backend):

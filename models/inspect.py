@@ -62,6 +62,10 @@ def matmul_backend(w: QuantizedTensor, *, tied_head: bool, rows: int = 1, dtype=
     transposed = w.axis == 1  # an embedding (vocab, dim) quantized along dim: read as the tied head
     if transposed and not tied_head:
         return None
+    if w.spec.act is not None:  # w8a8: quantized activations and an integer dot, outside the registry
+        from cascade.quant.activations import BACKEND
+
+        return BACKEND
     x = jax.ShapeDtypeStruct((rows, w.shape[w.axis]), jnp.dtype(dtype))
     try:
         return dequant_matmul.select_backend(x, w, transposed=transposed).name

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from cascade.quant.qtensor import QuantizedTensor, codes
 
 ACT_QMAX = 127  # symmetric int8 activations: codes in [-127, 127]
+BACKEND = "int8-dot"  # how `inspect`, `generate --json` and `bench matmul` name the W8A8 matmul's backend
 
 
 def token_scales(x) -> jnp.ndarray:

@@ -414,3 +414,5 @@ def test_a_smoothquant_w8a8_static_checkpoint_saves_loads_and_generates(capsys, 
                                   np.asarray(logits_of(here.params, here.config, tokens)))
     code, out, err = run(capsys, "generate", out_dir, "Once upon a time", "--max-tokens", "12", "--json")
     assert code == 0 and len(json.loads(out)["token_ids"]) == 12, err
+    code, out, err = run(capsys, "inspect", out_dir, "--json")
+    assert code == 0 and json.loads(out)["matmul_backends"] == {"int8-dot": 35}, err  # not a weight-only kernel
