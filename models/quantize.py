@@ -89,7 +89,7 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
     if calib is None and (method in CALIBRATED or static):
         why = method if method in CALIBRATED else f"{static[0]} (w8a8-static: its activation scale)"
         raise ValueError(f"{why} needs calibration data (--calib FILE)")
-    if calib is not None and not needs_calibration(method, parsed, model.params):
+    if calib is not None and not (method in CALIBRATED or static):
         raise ValueError(f"{method} does not use calibration data; drop --calib")
     if method != "autoround" and (iters, lr, batch) != (None, None, None):
         raise ValueError(f"iters, lr and batch are settings of autoround, not of {method}")
