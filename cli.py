@@ -1275,10 +1275,12 @@ def _calibrated_bench_options(f):
                    "(benchmark only: needs qwix, see bench/qwix_setup.sh).")
 @_calibrated_bench_options
 @click.option("--act-order", is_flag=True, help="GPTQ's activation order for the gptq and awq-gptq rows.")
+@click.option("--alpha", "alphas", help="Comma-separated SmoothQuant migration strengths in [0, 1], one set of "
+                                          "smoothquant rows each [default: 0.5].")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_ptq(model, calib, data, specs, methods, calib_samples, calib_len, limit, ctx, max_tokens, tokenizer,
-              act_order, out_path, as_json):
+              act_order, alphas, out_path, as_json):
     """RTN, GPTQ, AWQ and HQQ side by side: perplexity, Δppl, KL divergence, top-1 agreement, bytes and
     seconds per spec and method, against the float model (see bench/ptq.py)."""
     from cascade.bench import ptq as bench_ptq_mod
@@ -1293,16 +1295,35 @@ def bench_ptq(model, calib, data, specs, methods, calib_samples, calib_len, limi
             raise click.BadParameter(f"unknown method {m!r}; choose from {', '.join(known)}", param_hint="'--method'")
     if not spec_list or not method_list:
         raise click.UsageError("--spec and --method need at least one value each")
+    alpha_list = None
+    if alphas is not None:
+        if "smoothquant" not in method_list:
+            raise click.UsageError("--alpha applies only to --method smoothquant")
+        alpha_list = tuple(_unit_float(a, "'--alpha'") for a in alphas.split(",") if a.strip())
+        if not alpha_list:
+            raise click.BadParameter("give at least one value", param_hint="'--alpha'")
     _check_tokenizer_flag(model, tokenizer)
     from cascade.models import load_model
 
-    save = _row_saver(model, out_path, lambda r: f"{r['spec']} {r['method']} on {os.path.basename(r['data'])}: "
+    save = _row_saver(model, out_path, lambda r: f"{r['spec']} {r['method']}"
+                      f"{' alpha ' + format(r['alpha'], 'g') if 'alpha' in r else ''} on {os.path.basename(r['data'])}: "
                       f"ppl {r['ppl']:.3f}, KLD {r['kld_mean']:.4f}, {r['seconds']:.1f} s")
     result = bench_ptq_mod.run(load_model(model, tokenizer=tokenizer), calib, list(data), specs=spec_list,
                                methods=method_list, samples=calib_samples, length=calib_len, limit=limit, ctx=ctx,
-                               max_tokens=max_tokens, act_order=act_order, on_row=save)
+                               max_tokens=max_tokens, act_order=act_order, alphas=alpha_list, on_row=save)
     save(result, final=True)
     _emit(as_json, result, bench_ptq_mod.table(result))
+
+
+def _unit_float(text: str, hint: str) -> float:
+    """One number in [0, 1] from a comma-separated flag, or a usage error naming the flag."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text.strip()!r} is not a number", param_hint=hint) from None
+    if not 0 <= value <= 1:
+        raise click.BadParameter(f"{value:g} is not in [0, 1]", param_hint=hint)
+    return value
 
 
 def _row_saver(model: str, out_path: str | None, line):

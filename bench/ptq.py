@@ -10,7 +10,8 @@ dequantized to float32 first and that float model is the reference.
 
 W8A8 is the same protocol: ``--spec w8a8,w8a8-static --method rtn,smoothquant`` puts plain W8A8
 (RTN) beside SmoothQuant (``w8a8-static`` takes the calibration file for its activation scales,
-with either method).
+with either method).  ``--alpha 0.5,0.75`` scores SmoothQuant at each migration strength (rows carry
+``alpha``).
 
 ``gap_closed`` per row: ``(ppl_rtn - ppl) / (ppl_rtn - ppl_float)`` for the same spec and data.
 ``--data`` may be given several times (SmolLM2 is scored on TinyStories and WikiText-2): each
@@ -47,13 +48,14 @@ def float_model(model: Model) -> Model:
 
 def run(model: "str | Model", calib: str, data: "str | list[str]", *, specs=DEFAULT_SPECS, methods=DEFAULT_METHODS,
         samples: int = 128, length: int = 512, seed: int = 0, limit: int | None = 200, ctx: int = 512,
-        max_tokens: int | None = None, tokenizer: str | None = None, act_order: bool = False, progress=None,
-        on_row=None) -> dict:
+        max_tokens: int | None = None, tokenizer: str | None = None, act_order: bool = False,
+        alphas: tuple[float, ...] | None = None, progress=None, on_row=None) -> dict:
     """The result (module docs).  ``data``: one text file or several; each quantized model is scored on
     every one (rows carry ``data``; the top-level ``data``, ``float_ppl`` and ``documents`` are the
     first file's, ``evaluations`` lists them all).  ``on_row(result)`` is called with the result so far
     (``"partial": true``) after every row, so a long run can be saved as it goes.  ``act_order``:
-    GPTQ's activation order for ``gptq`` and ``awq-gptq``."""
+    GPTQ's activation order for ``gptq`` and ``awq-gptq``; ``alphas``: SmoothQuant's migration
+    strengths, one ``smoothquant`` row set each (default: its default alone)."""
     base = float_model(model if isinstance(model, Model) else load_model(model, tokenizer=tokenizer))
     length = min(length, base.config.max_seq_len)
     ctx = min(ctx, base.config.max_seq_len)
@@ -79,28 +81,29 @@ def run(model: "str | Model", calib: str, data: "str | list[str]", *, specs=DEFA
                 "evaluations": [{"data": p, "float_ppl": float_ppl.get(p), "documents": len(docs[p])} for p in files],
                 **({"partial": True} if partial else {}), "rows": rows}
 
-    for spec in specs:
-        for method in methods:
-            t0 = time.perf_counter()
-            if method.startswith("qwix-"):
-                from cascade.bench.qwix_peer import qwix_quantize_model
+    runs = [(spec, method, alpha) for spec in specs for method in methods
+            for alpha in ((alphas or (None,)) if method == "smoothquant" else (None,))]
+    for spec, method, alpha in runs:
+        t0 = time.perf_counter()
+        if method.startswith("qwix-"):
+            from cascade.bench.qwix_peer import qwix_quantize_model
 
-                quantized = qwix_quantize_model(base, spec, method, cal)
-            else:
-                gptq_kw = {"act_order": act_order} if method in ("gptq", "awq-gptq") else {}
-                uses = needs_calibration(method, spec, base.params)
-                quantized, _ = quantize_model(base, spec, method=method, calib=cal if uses else None,
-                                              progress=progress, **gptq_kw)
-            seconds = time.perf_counter() - t0
-            for path in files:
-                fid = fidelity(quantized.params, quantized.config, base.params, base.config, docs[path], ctx=ctx,
-                               max_tokens=max_tokens, progress=progress)
-                float_ppl[path] = fid.ref_ppl
-                rows.append({"spec": spec, "method": method, "data": path, "ppl": fid.ppl, "delta_ppl": fid.delta_ppl,
-                             "kld_mean": fid.kld_mean, "kld_p99": fid.kld_p99, "top1_agreement": fid.top1_agreement,
-                             "weight_bytes": weight_bytes(quantized.params), "seconds": seconds, "tokens": fid.tokens})
-                if on_row is not None:
-                    on_row(result(partial=True))
+            quantized = qwix_quantize_model(base, spec, method, cal)
+        else:
+            kw = {"act_order": act_order} if method in ("gptq", "awq-gptq") else {"alpha": alpha} if alpha is not None else {}
+            uses = needs_calibration(method, spec, base.params)
+            quantized, _ = quantize_model(base, spec, method=method, calib=cal if uses else None, progress=progress, **kw)
+        seconds = time.perf_counter() - t0
+        for path in files:
+            fid = fidelity(quantized.params, quantized.config, base.params, base.config, docs[path], ctx=ctx,
+                           max_tokens=max_tokens, progress=progress)
+            float_ppl[path] = fid.ref_ppl
+            rows.append({"spec": spec, "method": method, **({"alpha": alpha} if alpha is not None else {}), "data": path,
+                         "ppl": fid.ppl, "delta_ppl": fid.delta_ppl, "kld_mean": fid.kld_mean, "kld_p99": fid.kld_p99,
+                         "top1_agreement": fid.top1_agreement, "weight_bytes": weight_bytes(quantized.params),
+                         "seconds": seconds, "tokens": fid.tokens})
+            if on_row is not None:
+                on_row(result(partial=True))
     return result(partial=False)
 
 
@@ -111,13 +114,14 @@ def table(result: dict) -> str:
         lines += [f"{result['model']}: float perplexity {ev['float_ppl']:.4f} on {ev['data']} "
                   f"(ctx {result['ctx']}); calibration {result['calibration']['samples']} x "
                   f"{result['calibration']['length']} tokens",
-                  f"{'spec':<15} {'method':<10} {'ppl':>8} {'Δppl':>8} {'KLD':>8} {'KLD p99':>8} {'top-1':>7} "
+                  f"{'spec':<15} {'method':<16} {'ppl':>8} {'Δppl':>8} {'KLD':>8} {'KLD p99':>8} {'top-1':>7} "
                   f"{'gap closed':>10} {'bytes':>11} {'seconds':>8}"]
         for r in result["rows"]:
             if r.get("data", ev["data"]) != ev["data"]:
                 continue
             gap = "" if r["gap_closed"] is None else f"{r['gap_closed']:.0%}"
-            lines.append(f"{r['spec']:<15} {r['method']:<10} {r['ppl']:>8.3f} {r['delta_ppl']:>+8.3f} "
+            method = r["method"] + (f" α={r['alpha']:g}" if "alpha" in r else "")
+            lines.append(f"{r['spec']:<15} {method:<16} {r['ppl']:>8.3f} {r['delta_ppl']:>+8.3f} "
                          f"{r['kld_mean']:>8.4f} {r['kld_p99']:>8.3f} {r['top1_agreement']:>7.1%} {gap:>10} "
                          f"{r['weight_bytes']:>11,} {r['seconds']:>8.1f}")
     return "\n".join(lines)

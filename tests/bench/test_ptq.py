@@ -72,3 +72,34 @@ def test_bench_ptq_act_order_reaches_gptq(monkeypatch):
     d = ptq.run(BIN, TRAIN, VAL, specs=("int4-g32",), methods=("rtn", "gptq"), samples=32, length=64, limit=3,
                 ctx=128, max_tokens=512, act_order=True)
     assert calls == [("rtn", None), ("gptq", True)] and d["act_order"] is True
+
+
+def test_bench_ptq_alphas_reach_smoothquant(monkeypatch, capsys):
+    """``--alpha`` gives one set of smoothquant rows per migration strength (each passed to the
+    quantizer and recorded); other methods run once, without it."""
+    from cascade.bench import ptq
+
+    calls = []
+    real = ptq.quantize_model
+
+    def spy(model, spec, **kw):
+        calls.append((kw["method"], kw.get("alpha")))
+        return real(model, spec, **kw)
+
+    monkeypatch.setattr(ptq, "quantize_model", spy)
+    code = cli.main(["bench", "ptq", BIN, "--calib", TRAIN, "--data", VAL, "--spec", "w8a8", "--method",
+                     "rtn,smoothquant", "--alpha", "0.25,0.75", "--calib-samples", "32", "--calib-len", "64",
+                     "--limit", "3", "--ctx", "128", "--max-tokens", "512", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    d = json.loads(out)
+    assert calls == [("rtn", None), ("smoothquant", 0.25), ("smoothquant", 0.75)]
+    assert [(r["method"], r.get("alpha")) for r in d["rows"]] == calls
+    a, b = d["rows"][1], d["rows"][2]
+    assert a["ppl"] != b["ppl"]  # the strength changes the smoothing, so the model
+    for bad, msg in (("0.5,2", "not in [0, 1]"), ("x", "not a number"), ("nan", "not in [0, 1]")):
+        assert cli.main(["bench", "ptq", BIN, "--calib", TRAIN, "--data", VAL, "--method", "smoothquant",
+                         "--alpha", bad]) == 2
+        assert msg in capsys.readouterr().err
+    assert cli.main(["bench", "ptq", BIN, "--calib", TRAIN, "--data", VAL, "--method", "rtn", "--alpha", "0.5"]) == 2
+    assert "only to --method smoothquant" in capsys.readouterr().err
