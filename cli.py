@@ -689,6 +689,8 @@ def _ptq_text(ptq: dict | None) -> str:
 @click.option("--seq-len", default=256, show_default=True, type=click.IntRange(min=2), help="Tokens per sequence (at most the model context).")
 @click.option("--eval-every", default=50, show_default=True, type=click.IntRange(min=1), help="Validation loss every N steps.")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for the batch order.")
+@click.option("--learn-clip", is_flag=True,
+              help="Also learn each group's clipping range (factors in [0.5, 1] of the spec's range, trained with the weights).")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Write the quantized model here (an orbax checkpoint directory).")
 @click.option("--run-dir", type=click.Path(file_okay=False),
@@ -697,8 +699,8 @@ def _ptq_text(ptq: dict | None) -> str:
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, eval_every, seed, out_dir, run_dir,
-        overwrite, tokenizer, scale_dtype, as_json):
+def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, eval_every, seed, learn_clip, out_dir,
+        run_dir, overwrite, tokenizer, scale_dtype, as_json):
     """Quantization-aware fine-tuning: train MODEL with its weights fake-quantized, save it quantized.
 
     \b
@@ -706,7 +708,8 @@ def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, e
     whose dequantized weights are the start and whose precisions are kept.  The forward pass sees
     each weight's quantize-dequantize round trip (straight-through gradients); AdamW with warm-up
     and cosine decay updates float32 master weights; the result is RTN of the trained weights
-    under the same rules, exactly what training saw.  Checkpoints every --eval-every steps go to
+    under the same rules, exactly what training saw (with --learn-clip each group's learned range
+    too).  Checkpoints every --eval-every steps go to
     --run-dir, and rerunning the same command resumes from the latest.
     """
     from cascade.models import load_model, save_checkpoint
@@ -738,7 +741,7 @@ def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, e
                      ckpt_every=eval_every, log_every=max(1, min(10, eval_every)), weight_decay=0.0)
     run_dir = run_dir or f"{out_dir.rstrip(os.sep)}.run"
     quantized, result, _ = qat_mod.qat(loaded, tc, train_tokens, run_dir, rules=quant_rules, val_tokens=val_tokens,
-                                       scale_dtype=scale_dtype, progress=not as_json)
+                                       scale_dtype=scale_dtype, progress=not as_json, learn_clip=learn_clip)
     save_checkpoint(out_dir, quantized, overwrite=overwrite)
     payload = {"model": model, "quant": quantized.quant, "ptq": quantized.ptq, "out": out_dir, "run_dir": run_dir,
                "steps": result.step, "resumed_from": result.resumed_from,
@@ -1353,10 +1356,11 @@ def _row_saver(model: str, out_path: str | None, line):
 @click.option("--seq-len", default=256, show_default=True, type=click.IntRange(min=2), help="Tokens per sequence.")
 @_calibrated_bench_options
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Keep the QAT run here [default: a temporary directory].")
+@click.option("--learn-clip", is_flag=True, help="QAT also learns each group's clipping range (see `cascade qat --help`).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_qat(model, calib, train_file, data, spec, method, steps, lr, batch_size, seq_len, calib_samples, calib_len,
-              limit, ctx, max_tokens, tokenizer, run_dir, out_path, as_json):
+              limit, ctx, max_tokens, tokenizer, run_dir, learn_clip, out_path, as_json):
     """PTQ then QAT: the share of PTQ's remaining gap to float a short fine-tune recovers (see bench/qat.py)."""
     from cascade.bench import qat as bench_qat_mod
 
@@ -1369,7 +1373,7 @@ def bench_qat(model, calib, train_file, data, spec, method, steps, lr, batch_siz
     result = bench_qat_mod.run(load_model(model, tokenizer=tokenizer), calib, train_file, data, spec=spec, method=method,
                                steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, samples=calib_samples,
                                length=calib_len, limit=limit, ctx=ctx, max_tokens=max_tokens, run_dir=run_dir,
-                               on_row=save)
+                               learn_clip=learn_clip, on_row=save)
     save(result, final=True)
     _emit(as_json, result, bench_qat_mod.table(result))
 

@@ -72,8 +72,8 @@ def reduction_axis(path: str, shape) -> int:
 
 def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp: float = 0.01,
                    act_order: bool = False, block_size: int = 128, awq_grid: int = 20, iters: int | None = None,
-                   lr: float | None = None, batch: int | None = None, alpha: float | None = None, scale_dtype="float16",
-                   progress: bool | None = None) -> tuple[Model, QuantReport]:
+                   lr: float | None = None, batch: int | None = None, alpha: float | None = None, ranges: dict | None = None,
+                   scale_dtype="float16", progress: bool | None = None) -> tuple[Model, QuantReport]:
     """Quantize ``model`` under ``rules`` (a spec, inline rules, a rules file or
     :class:`cascade.quant.PrecisionRules`) with ``method``; scales and zero points stored in
     ``scale_dtype``.  ``calib``: a :class:`cascade.models.calibration.CalibrationSet` (GPTQ);
@@ -81,7 +81,8 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
     steps per block (default 200), initial rate (default ``1 / iters``) and calibration sequences
     per step (default 8); ``alpha``: SmoothQuant's migration strength (default 0.5).  Rules naming
     ``w8a8-static`` need ``calib`` with any method (the activation scales are measured on it).
-    The returned model's ``ptq`` records the method, its settings and the calibration recipe."""
+    ``ranges``: ``{path: (lo, hi)}`` in the stored scale's layout, a given range per matrix instead
+    of the spec's estimate (RTN only: QAT's learned clipping).  The returned model's ``ptq`` records the method, its settings and the calibration recipe."""
     if method not in METHODS:
         raise ValueError(f"unknown PTQ method {method!r}; choose one of {', '.join(METHODS)}")
     parsed = PrecisionRules.parse(rules)
@@ -95,6 +96,8 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
         raise ValueError(f"iters, lr and batch are settings of autoround, not of {method}")
     if method != "smoothquant" and alpha is not None:
         raise ValueError(f"alpha is a setting of smoothquant, not of {method}")
+    if ranges and method != "rtn":
+        raise ValueError(f"given ranges are quantized with rtn, not {method}")
     if "embed/embedding" in static:
         tied = ", and here the tied LM head," if model.config.tie_embeddings else ""
         raise ValueError(f"embed/embedding is a lookup{tied} not a linear layer: w8a8-static applies to linear layers; "
@@ -117,7 +120,15 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
     params = jax.tree.map(lambda a: dequantize(a, "float32") if is_q(a) else a, model.params, is_leaf=is_q)
     t0 = time.perf_counter()
     quantizer, settings = None, {}
-    if method == "hqq":
+    if ranges:
+        from cascade.quant.qtensor import quantize_with_range
+
+        def with_range(path, leaf, spec, axis, sdt):
+            if path not in ranges:
+                return quantize(leaf, spec, axis=axis, scale_dtype=sdt)
+            return quantize_with_range(leaf, spec, *ranges[path], axis=axis, scale_dtype=sdt)
+        quantizer = with_range
+    elif method == "hqq":
         from cascade.quant.hqq import hqq_quantize
 
         def quantizer(path, leaf, spec, axis, sdt):

@@ -139,8 +139,12 @@ def lr_schedule(tc: TrainConfig) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup_steps, decay, tc.lr * tc.min_lr_ratio)
 
 
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731 - no decay on norms/biases
+def matrices(params):
+    """The default weight-decay mask: matrices (ndim >= 2) only, no decay on norms and biases."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(tc: TrainConfig, decay_mask=matrices) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(tc.grad_clip),
         optax.adamw(lr_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask))
@@ -216,20 +220,21 @@ def _checkpoint_manager(run_dir):
 def train(cfg: ModelConfig, tc: TrainConfig, train_tokens: np.ndarray, run_dir, *,
           val_tokens: np.ndarray | None = None, stop_after: int | None = None, progress: bool = True,
           on_log: Callable[[dict], None] | None = None, params=None, transform=None,
-          extra_config: dict | None = None) -> TrainResult:
+          extra_config: dict | None = None, decay_mask=matrices) -> TrainResult:
     """Train (or resume training) ``cfg`` on ``train_tokens`` for ``tc.steps`` steps in ``run_dir``.
 
     ``stop_after`` ends this call after that many total steps (a checkpoint is written there), to
     split a run over several calls; the schedule still spans ``tc.steps``.  ``params``: the
     starting weights (float32; default: a random init from ``tc.seed``).  ``transform``: a
     hashable function the forward pass applies to the weights (QAT).  ``extra_config`` is recorded
-    in ``run.json`` with the configs (a resume under different values is refused).
+    in ``run.json`` with the configs (a resume under different values is refused).  ``decay_mask``:
+    ``params -> bool pytree``, the leaves AdamW's weight decay applies to (default: matrices).
     """
     import orbax.checkpoint as ocp
 
     os.makedirs(run_dir, exist_ok=True)
     _write_run_config(run_dir, cfg, tc, extra_config)
-    optimizer = make_optimizer(tc)
+    optimizer = make_optimizer(tc, decay_mask)
     compute_dtype = jnp.dtype(tc.compute_dtype)
     if params is None:
         params = init_params(cfg, jax.random.key(tc.seed))

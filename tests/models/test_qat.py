@@ -77,14 +77,56 @@ def test_qat_lowers_the_quantized_loss_and_saves_a_checkpoint_that_generates(sta
     assert out.tokens == generate(model.params, CFG, [[1, 2, 3]], max_new_tokens=5).tokens
 
 
-def test_a_resumed_run_equals_an_uninterrupted_one(start, tmp_path):
+@pytest.mark.parametrize("learn_clip", [False, True])
+def test_a_resumed_run_equals_an_uninterrupted_one(start, tmp_path, learn_clip):
     stream = _stream()
-    whole, r1, _ = qat(start, TC, stream, str(tmp_path / "a"), rules=RULES, progress=False)
-    qat(start, TC, stream, str(tmp_path / "b"), rules=RULES, progress=False, stop_after=6)
-    resumed, r2, _ = qat(start, TC, stream, str(tmp_path / "b"), rules=RULES, progress=False)
+    kw = {"rules": RULES, "progress": False, "learn_clip": learn_clip}
+    whole, r1, _ = qat(start, TC, stream, str(tmp_path / "a"), **kw)
+    qat(start, TC, stream, str(tmp_path / "b"), stop_after=6, **kw)
+    resumed, r2, _ = qat(start, TC, stream, str(tmp_path / "b"), **kw)
     assert r2.resumed_from == 6 and r2.losses == r1.losses[6:]
     for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_learned_clipping_starts_at_the_plain_transform_and_gets_gradients(start):
+    parsed = quant.PrecisionRules.parse(RULES)
+    fq = FakeQuantize(parsed, learn_clip=True)
+    clip = fq.init_clip(start.params)
+    assert set(clip) == {"layers_0", "layers_1"}  # the integer matrices only (embeddings and head stay bf16)
+    a = clip["layers_0"]["mlp"]["down_proj"]["kernel"]["a"]
+    assert a.shape == (48 // 16, 32) and bool((a == 1).all())  # (groups, output columns)
+    learned, plain = fq({"weights": start.params, "clip": clip}), FakeQuantize(parsed)(start.params)
+    for x, y in zip(jax.tree.leaves(learned), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    tokens = jnp.asarray(_stream()[: 4 * 17].reshape(4, 17))
+    g = jax.grad(lambda p: lm_loss(p, CFG, tokens, transform=fq))({"weights": start.params, "clip": clip})
+    for leaf in ("a", "b"):
+        assert float(jnp.abs(g["clip"]["layers_1"]["attn"]["o_proj"]["kernel"][leaf]).max()) > 0
+    assert float(jnp.abs(g["weights"]["layers_1"]["attn"]["o_proj"]["kernel"]).max()) > 0
+
+
+def test_qat_with_learned_clipping_saves_what_it_trained(start, tmp_path):
+    """The factors move, the loss falls, and the checkpoint's kernels are the transform's forward
+    on the trained weights and factors (float32 scales: code for code), not RTN of the weights."""
+    stream = _stream()
+    val = _stream(600, seed=1)[: 4 * 17].reshape(4, 17)
+    before = _quantized_loss(quantize_model(start, RULES, progress=False)[0], val)
+    model, result, _ = qat(start, TC, stream, str(tmp_path / "run"), rules=RULES, progress=False,
+                           learn_clip=True, scale_dtype="float32")
+    assert _quantized_loss(model, val) < before - 0.1 and model.ptq["settings"]["learn_clip"] is True
+    clip = result.params["clip"]
+    assert any(bool((f != 1).any()) for f in jax.tree.leaves(clip))
+    fq = FakeQuantize(quant.PrecisionRules.parse(RULES), learn_clip=True)(result.params)
+    plain, _ = quantize_model(Model(config=CFG, params=result.params["weights"], source="w"), RULES,
+                              scale_dtype="float32", progress=False)
+    differs = 0
+    for layer in ("layers_0", "layers_1"):
+        for block, name in (("attn", "q_proj"), ("attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "down_proj")):
+            saved = quant.dequantize(model.params[layer][block][name]["kernel"], "float32")
+            np.testing.assert_allclose(saved, fq[layer][block][name]["kernel"], rtol=1e-5, atol=1e-6)
+            differs += not np.allclose(saved, quant.dequantize(plain.params[layer][block][name]["kernel"], "float32"))
+    assert differs > 0
 
 
 def test_starting_points_and_their_notes(start):
@@ -144,11 +186,13 @@ def test_the_qat_command_trains_saves_and_resumes(capsys, tmp_path, text):
     assert code == 2 and "--overwrite" in err
     code, out, err = run(capsys, *args, "--overwrite")
     assert code == 0 and json.loads(out)["resumed_from"] == 4
-    # a checkpoint keeps its precisions: QAT from it needs no --quant
+    # a checkpoint keeps its precisions: QAT from it needs no --quant (here with learned clipping)
     code, out, err = run(capsys, "qat", out_dir, "--data", text, "--steps", "2", "--batch-size", "2", "--seq-len", "32",
-                         "-o", str(tmp_path / "again"), "--json")
+                         "--learn-clip", "-o", str(tmp_path / "again"), "--json")
     assert code == 0, err
-    assert json.loads(out)["notes"] == ["starting from the dequantized weights of qat (int3-g32)"]
+    d = json.loads(out)
+    assert d["notes"] == ["starting from the dequantized weights of qat (int3-g32)"]
+    assert d["ptq"]["settings"]["learn_clip"] is True
 
 
 @pytest.mark.parametrize("args, code, message", [
