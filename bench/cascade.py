@@ -4,7 +4,7 @@
         [--repeats 3] [--out bench/results/cascade-default-pair.json] [--png bench/results/cascade-default-pair.png]
 
 Rows (greedy unless ``--temperature``): ``large`` alone, ``speculative`` (exact, ``--draft-len`` and
-``auto``: adaptive drafting),
+``auto``: adaptive drafting; ``acceptance_at``: the acceptance rate at each draft position),
 ``spec-cascade`` (Chow's rule at several ``alpha``) and ``defer`` (mean log-probability at several
 thresholds), each over the same prompts, one prompt at a time.  Per row: decode tokens/s (all
 generated tokens over all wall time, prefill included, median of ``--repeats`` runs after a
@@ -52,8 +52,23 @@ def _text_ppl(params, cfg, prompt_ids, tokens) -> float:
     return float(-logp[np.arange(len(tokens)), tokens].mean())
 
 
+def acceptance_at(stats) -> list[float | None]:
+    """Per draft position ``i``: the share of rounds that offered proposal ``i`` in which it was
+    accepted, pooled over several generations' :class:`cascade.speculative.SpeculativeStats`
+    (None where no round offered it: adaptive drafting may never reach its longest drafts)."""
+    n = max((len(s.offered_at) for s in stats), default=0)
+    accepted, offered = [0] * n, [0] * n
+    for s in stats:
+        for i, (a, o) in enumerate(zip(s.accepted_at, s.offered_at)):
+            accepted[i] += a
+            offered[i] += o
+    return [round(a / o, 4) if o else None for a, o in zip(accepted, offered)]
+
+
 def run(small: str, large: str, *, tokens: int = 64, repeats: int = 3, draft_len: int = 4,
-        alphas=(0.1, 0.2, 0.3, 0.5), thresholds=(-0.6, -0.8, -1.0), batches=(1, 4, 8, 16), temperature: float = 0.0) -> dict:
+        alphas=(0.1, 0.2, 0.3, 0.5), thresholds=(-0.6, -0.8, -1.0), batches=(1, 4, 8, 16), temperature: float = 0.0,
+        n_prompts: int | None = None) -> dict:
+    """The result (module docs); ``n_prompts``: the first that many of :data:`PROMPTS` (default all)."""
     from cascade.bench.context import run_context
     from cascade.models import SamplingConfig, load_model
     from cascade.models.generation import first_divergence
@@ -62,7 +77,7 @@ def run(small: str, large: str, *, tokens: int = 64, repeats: int = 3, draft_len
     pair = load_pair(small, large, small_quant="int4", large_quant="int8")
     ref = load_model(large)  # the float model that judges quality
     sampling = SamplingConfig(temperature=temperature, seed=0)
-    prompts = list(PROMPTS)
+    prompts = list(PROMPTS[:n_prompts])
     want = {p: run_pair(pair, p, mode="large", max_new_tokens=tokens).token_ids for p in prompts}
     rows = []
     for config in _configs(alphas, thresholds, draft_len):
@@ -95,6 +110,7 @@ def run(small: str, large: str, *, tokens: int = 64, repeats: int = 3, draft_len
         if config["mode"] in ("speculative", "spec-cascade"):
             row["acceptance_rate"] = round(sum(r.stats.accepted_tokens for r in last)
                                            / max(sum(r.stats.draft_tokens for r in last), 1), 4)
+            row["acceptance_at"] = acceptance_at([r.stats for r in last])
         if config["mode"] == "spec-cascade":
             row["deferral_rate"] = round(sum(r.stats.deferred_tokens for r in last)
                                          / max(sum(r.stats.judged_tokens for r in last), 1), 4)
