@@ -1,0 +1,189 @@
+"""Tensor parallelism over a device mesh: the Megatron layout for Llama-family parameters, float or
+quantized, and KV caches sharded by KV heads.
+
+A mesh has one axis, ``"tp"``, over ``tp`` devices (:func:`make_mesh`).  The layout (Shoeybi et
+al. 2019), as :func:`param_partition` assigns it by parameter path:
+
+* column-parallel (the output features split): ``q_proj``, ``k_proj``, ``v_proj``, ``gate_proj``,
+  ``up_proj`` and their biases: each device holds whole heads (``tp`` must divide ``n_heads`` and
+  ``n_kv_heads``) and a slice of the MLP's hidden features;
+* row-parallel (the input features split): ``o_proj``, ``down_proj``: each device multiplies its
+  heads' / hidden slice and the partial sums are added across devices;
+* vocabulary-parallel: the embedding table (rows) and an untied ``lm_head`` (columns);
+* everything else (norms, the row-parallel layers' biases) replicated.
+
+A :class:`cascade.quant.QuantizedTensor` is split the same way leaf by leaf: packed codes, scales
+and zero points along the same axis.  A column split leaves every group whole.  A row split cuts
+the reduction axis, so each device's slice must hold whole groups (and whole packed bytes: 2 int4
+codes a byte, 8 int3 codes in 3 bytes); :func:`check_mesh` says which tensor and spec do not,
+before anything is placed.  Per-channel scales (one group the whole reduction axis) are replicated
+along a row split: each device reads its rows with the full scale vector.
+
+The computation is left to XLA's SPMD partitioner: :func:`shard_params` places the parameters
+with :class:`jax.sharding.NamedSharding`, and the jitted model functions (:mod:`cascade.models.decoder`)
+run on them unchanged, with the collectives (the row-parallel all-reduce, the vocabulary gathers)
+inserted by XLA.  The native CPU kernels are custom calls without a partitioning rule, so under
+a mesh XLA gathers their operands first: exact, but not a speed-up; the XLA reference backends
+(and Pallas on GPU) partition.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cascade.models.config import ModelConfig
+from cascade.quant import packing
+from cascade.quant.qtensor import QuantizedTensor
+
+AXIS = "tp"
+COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW = ("o_proj", "down_proj")
+
+
+def make_mesh(tp: int, devices=None) -> Mesh:
+    """A 1-D mesh ``("tp",)`` over the first ``tp`` of ``devices`` (default: ``jax.devices()``)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tp must be a positive integer, got {tp!r}")
+    if tp > len(devices):
+        raise ValueError(f"tp={tp} needs {tp} devices; JAX sees {len(devices)} ({devices[0].platform})")
+    return Mesh(np.asarray(devices[:tp]), (AXIS,))
+
+
+def parse_mesh(text: str) -> int:
+    """``"tp=N"`` -> ``N`` (the ``--mesh`` flag)."""
+    m = re.fullmatch(r"\s*tp\s*=\s*(\d+)\s*", text or "")
+    if not m or int(m.group(1)) < 1:
+        raise ValueError(f"bad mesh {text!r}: expected tp=N with N >= 1 (e.g. tp=2)")
+    return int(m.group(1))
+
+
+def param_partition(path: str, ndim: int) -> P:
+    """The :class:`PartitionSpec` of the float parameter at ``path`` (module docs)."""
+    parts = path.split("/")
+    layer = parts[-2] if len(parts) >= 2 else ""
+    leaf = parts[-1]
+    if path.startswith("embed/"):
+        return P(AXIS, None)
+    if path.startswith("lm_head/"):
+        return P(None, AXIS) if ndim == 2 else P(AXIS)
+    if layer in COLUMN:
+        return P(None, AXIS) if leaf == "kernel" else P(AXIS)
+    if layer in ROW and leaf == "kernel":
+        return P(AXIS, None)
+    return P()
+
+
+def _split_dim(path: str, ndim: int) -> int | None:
+    spec = param_partition(path, ndim)
+    return next((i for i, s in enumerate(spec) if s == AXIS), None)
+
+
+def check_mesh(params, cfg: ModelConfig, tp: int) -> None:
+    """Raise one clear ``ValueError`` when ``tp`` cannot split this model (module docs)."""
+    if tp == 1:
+        return
+    dims = (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads), ("hidden_dim", cfg.hidden_dim),
+            ("vocab_size", cfg.vocab_size))
+    for name, n in dims:
+        if n % tp:
+            fits = [d for d in range(1, 65) if all(v % d == 0 for _, v in dims)]
+            raise ValueError(f"tp={tp} does not divide {name}={n}: this model splits over tp in "
+                             f"{{{', '.join(map(str, fits))}}}")
+    is_q = lambda a: isinstance(a, QuantizedTensor)  # noqa: E731
+    for keypath, a in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_q)[0]:
+        path = "/".join(str(getattr(k, "key", k)) for k in keypath)
+        dim = _split_dim(path, len(a.shape))
+        if dim is None:
+            continue
+        if a.shape[dim] % tp:
+            raise ValueError(f"tp={tp} does not divide {path}'s dimension {dim} ({a.shape[dim]})")
+        if is_q(a) and dim == a.axis:  # a row split cuts the reduction axis: whole groups, whole bytes
+            local = a.shape[dim] // tp
+            group = a.spec.group_size if a.spec.granularity == "group" else None
+            if group is not None and local % group:
+                raise ValueError(f"tp={tp} splits {path} ({a.spec}) into {local} rows per device, not a whole "
+                                 f"number of its {group}-row groups: use a tp whose split falls on group "
+                                 "boundaries, or a smaller group")
+            codes, _ = packing.run_shape(a.spec.bits)
+            if local % codes:
+                raise ValueError(f"tp={tp} splits {path} ({a.spec}) into {local} rows per device, not a whole "
+                                 f"number of packed runs ({codes} codes)")
+
+
+def partition_specs(params):
+    """A pytree like ``params`` of :class:`PartitionSpec` (a :class:`QuantizedTensor` gets one per leaf)."""
+    is_q = lambda a: isinstance(a, QuantizedTensor)  # noqa: E731
+
+    def spec_of(keypath, a):
+        path = "/".join(str(getattr(k, "key", k)) for k in keypath)
+        if not is_q(a):
+            return param_partition(path, a.ndim)
+        dim = _split_dim(path, len(a.shape))
+        rank = len(a.shape)
+        split = P() if dim is None else P(*[AXIS if i == dim else None for i in range(rank)])
+        scale_split = split
+        if dim is not None and dim == a.axis and a.spec.granularity != "group":
+            scale_split = P()  # per-channel / per-tensor scales span the whole reduction axis
+        children = (split, scale_split, None if a.zero is None else scale_split,
+                    None if a.act_scale is None else P())
+        return QuantizedTensor(*children, spec=a.spec, shape=a.shape, axis=a.axis, dtype=a.dtype)
+
+    return jax.tree_util.tree_map_with_path(spec_of, params, is_leaf=is_q)
+
+
+def shard_params(params, cfg: ModelConfig, mesh: Mesh):
+    """``params`` placed on ``mesh`` in the Megatron layout (checked first: :func:`check_mesh`)."""
+    check_mesh(params, cfg, mesh.shape[AXIS])
+    specs = partition_specs(params)
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+    return jax.device_put(params, shardings)
+
+
+def shard_cache(cache, mesh: Mesh):
+    """A :class:`cascade.models.kv_cache.KVCache` placed on ``mesh`` split by KV heads: float buffers
+    (batch, len, kv_heads, head_dim) on their head axis, quantized ones (batch, len, kv_heads *
+    head_dim) on their feature axis (whole heads per device, since ``tp`` divides ``kv_heads``),
+    ``lengths`` replicated."""
+    def place(a):
+        if a is None:
+            return None
+        if isinstance(a, QuantizedTensor):
+            return jax.tree.map(place, a)
+        if a.ndim == 4:
+            spec = P(None, None, AXIS, None)
+        elif a.ndim == 3 and a.shape[-1] % mesh.shape[AXIS] == 0:
+            spec = P(None, None, AXIS)
+        else:
+            spec = P()
+        return jax.device_put(a, NamedSharding(mesh, spec))
+
+    return jax.tree.map(place, cache, is_leaf=lambda a: isinstance(a, QuantizedTensor))
+
+
+def planned_bytes_per_device(params, tp: int) -> int:
+    """The bytes one device holds for ``params`` under the layout, from shapes alone (no device
+    needed): a split leaf's ``nbytes / tp``, a replicated leaf's whole ``nbytes``."""
+    specs = jax.tree.leaves(partition_specs(params), is_leaf=lambda x: isinstance(x, P))
+    leaves = jax.tree.leaves(params)
+    if len(specs) != len(leaves):
+        raise AssertionError("partition specs and parameters do not line up")
+    total = 0
+    for spec, a in zip(specs, leaves):
+        n = int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+        total += n // tp if AXIS in tuple(spec) else n
+    return total
+
+
+def bytes_per_device(tree) -> dict[str, int]:
+    """Live bytes each device holds for ``tree``'s arrays (its addressable shards), by device."""
+    out: dict[str, int] = {}
+    for a in jax.tree.leaves(tree):
+        for shard in a.addressable_shards:
+            key = str(shard.device)
+            out[key] = out.get(key, 0) + int(shard.data.nbytes)
+    return out

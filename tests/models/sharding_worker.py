@@ -1,0 +1,66 @@
+"""Run by tests/models/test_sharding.py in a subprocess with 8 CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8`` must be set before JAX starts, so not in
+the test process).  Prints one JSON object: per (spec, tp) the largest logit difference from the
+single-device model, whether greedy generation (through an int8 KV cache) and speculative
+decoding give the single-device tokens, the bytes each device holds against the plan; and the
+error of every tp that cannot split the model."""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cascade.models import sharding  # noqa: E402
+from cascade.models.config import ModelConfig  # noqa: E402
+from cascade.models.decoder import logits_of  # noqa: E402
+from cascade.models.generation import generate  # noqa: E402
+from cascade.models.llama import init_params  # noqa: E402
+from cascade.models.model import Model  # noqa: E402
+from cascade.models.quantize import quantize_model  # noqa: E402
+from cascade.speculative import speculative_generate  # noqa: E402
+
+# 8 query heads over 4 KV heads (grouped-query attention), an untied head: every split kind occurs
+CFG = ModelConfig(vocab_size=128, dim=64, hidden_dim=128, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=8,
+                  max_seq_len=64, tie_embeddings=False)
+PROMPT = [1, 2, 3]
+
+
+def main() -> int:
+    out = {"devices": jax.device_count(), "runs": [], "errors": {}}
+    float_model = Model(config=CFG, params=init_params(CFG, jax.random.key(0)), source="tiny")
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 16))
+    for spec in ("float", "int4-g16"):
+        model = float_model if spec == "float" else quantize_model(float_model, spec, progress=False)[0]
+        ref_logits = np.asarray(logits_of(model.params, CFG, tokens))
+        ref_tokens = generate(model.params, CFG, [PROMPT], max_new_tokens=8, kv="int8").tokens[0]
+        for tp in (1, 2, 4):
+            sharded = sharding.shard_params(model.params, CFG, sharding.make_mesh(tp))
+            run = {"spec": spec, "tp": tp,
+                   "max_logit_diff": float(np.abs(np.asarray(logits_of(sharded, CFG, tokens)) - ref_logits).max()),
+                   "generate_equal": generate(sharded, CFG, [PROMPT], max_new_tokens=8, kv="int8").tokens[0] == ref_tokens,
+                   "bytes": sharding.bytes_per_device(sharded),
+                   "planned": sharding.planned_bytes_per_device(model.params, tp),
+                   "split_q_proj": len(sharded["layers_0"]["attn"]["q_proj"]["kernel"].sharding.device_set) if spec == "float" else None}
+            if tp == 4:  # the float draft on one device, the target over four
+                spec_out = speculative_generate(float_model.params, CFG, sharded, CFG, PROMPT, max_new_tokens=8,
+                                                draft_len=3)
+                run["speculative_equal"] = spec_out.tokens == ref_tokens
+            out["runs"].append(run)
+    quantized32 = quantize_model(float_model, "int4-g32", progress=False)[0]
+    for name, params, tp in (("tp8", float_model.params, 8), ("tp3", float_model.params, 3),
+                             ("int4-g32 tp4", quantized32.params, 4), ("tp16", float_model.params, 16)):
+        try:
+            sharding.shard_params(params, CFG, sharding.make_mesh(tp))
+            out["errors"][name] = None
+        except ValueError as e:
+            out["errors"][name] = str(e)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Tensor parallelism on 8 CPU devices (a subprocess: the device count is fixed when JAX starts):
+sharded logits equal single-device logits, greedy and speculative decoding give the same tokens,
+every device holds the planned bytes, and a tp that cannot split the model is one clear error."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cascade.models import sharding
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def result():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_worker.py")], capture_output=True, text=True,
+                          env=env, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_sharded_logits_and_tokens_equal_one_device(result):
+    assert result["devices"] == 8
+    runs = result["runs"]
+    assert {(r["spec"], r["tp"]) for r in runs} == {(s, tp) for s in ("float", "int4-g16") for tp in (1, 2, 4)}
+    for r in runs:
+        assert r["max_logit_diff"] <= 1e-5, r
+        assert r["generate_equal"] is True, r
+        if r["tp"] == 4:
+            assert r["speculative_equal"] is True, r
+    # the parameters really are split: q_proj lives on tp devices
+    assert [r["split_q_proj"] for r in runs if r["spec"] == "float"] == [1, 2, 4]
+
+
+def test_each_device_holds_the_planned_bytes(result):
+    for r in result["runs"]:
+        assert len(r["bytes"]) == r["tp"]
+        for held in r["bytes"].values():
+            assert abs(held - r["planned"]) <= 0.05 * r["planned"], r
+    by = {(r["spec"], r["tp"]): r["planned"] for r in result["runs"]}
+    assert by[("float", 4)] < 0.3 * by[("float", 1)]  # only norms replicate
+
+
+def test_a_tp_that_cannot_split_the_model_is_one_clear_error(result):
+    e = result["errors"]
+    assert e["tp8"] == "tp=8 does not divide n_kv_heads=4: this model splits over tp in {1, 2, 4}"
+    assert e["tp3"].startswith("tp=3 does not divide n_heads=8")
+    assert "not a whole number of its 32-row groups" in e["int4-g32 tp4"] and "o_proj" in e["int4-g32 tp4"]
+    assert e["tp16"] == "tp=16 needs 16 devices; JAX sees 8 (cpu)"
+
+
+def test_parse_mesh():
+    assert sharding.parse_mesh("tp=4") == 4 and sharding.parse_mesh(" tp = 2 ") == 2
+    for bad in ("tp=0", "dp=2", "4", ""):
+        with pytest.raises(ValueError, match="expected tp=N"):
+            sharding.parse_mesh(bad)
+
+
+def test_the_layout_by_path():
+    P = sharding.P
+    assert sharding.param_partition("layers_3/attn/q_proj/kernel", 2) == P(None, "tp")
+    assert sharding.param_partition("layers_3/attn/q_proj/bias", 1) == P("tp")
+    assert sharding.param_partition("layers_3/attn/o_proj/kernel", 2) == P("tp", None)
+    assert sharding.param_partition("layers_3/attn/o_proj/bias", 1) == P()
+    assert sharding.param_partition("layers_3/mlp/down_proj/kernel", 2) == P("tp", None)
+    assert sharding.param_partition("embed/embedding", 2) == P("tp", None)
+    assert sharding.param_partition("lm_head/kernel", 2) == P(None, "tp")
+    assert sharding.param_partition("final_norm/scale", 1) == P()
