@@ -691,6 +691,8 @@ def _ptq_text(ptq: dict | None) -> str:
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for the batch order.")
 @click.option("--learn-clip", is_flag=True,
               help="Also learn each group's clipping range (factors in [0.5, 1] of the spec's range, trained with the weights).")
+@click.option("--clip-rate", default=1.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
+              help="With --learn-clip: the clipping factors' learning rate as a multiple of --lr.")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Write the quantized model here (an orbax checkpoint directory).")
 @click.option("--run-dir", type=click.Path(file_okay=False),
@@ -699,7 +701,7 @@ def _ptq_text(ptq: dict | None) -> str:
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, eval_every, seed, learn_clip, out_dir,
+def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, eval_every, seed, learn_clip, clip_rate, out_dir,
         run_dir, overwrite, tokenizer, scale_dtype, as_json):
     """Quantization-aware fine-tuning: train MODEL with its weights fake-quantized, save it quantized.
 
@@ -717,6 +719,8 @@ def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, e
     from cascade.models.checkpoint import check_destination
     from cascade.models.training import TrainConfig, read_documents
 
+    if clip_rate != 1.0 and not learn_clip:
+        raise click.UsageError("--clip-rate applies only with --learn-clip")
     try:
         check_destination(out_dir, overwrite=overwrite)
     except ValueError as e:
@@ -741,7 +745,8 @@ def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, e
                      ckpt_every=eval_every, log_every=max(1, min(10, eval_every)), weight_decay=0.0)
     run_dir = run_dir or f"{out_dir.rstrip(os.sep)}.run"
     quantized, result, _ = qat_mod.qat(loaded, tc, train_tokens, run_dir, rules=quant_rules, val_tokens=val_tokens,
-                                       scale_dtype=scale_dtype, progress=not as_json, learn_clip=learn_clip)
+                                       scale_dtype=scale_dtype, progress=not as_json, learn_clip=learn_clip,
+                                       clip_rate=clip_rate)
     save_checkpoint(out_dir, quantized, overwrite=overwrite)
     payload = {"model": model, "quant": quantized.quant, "ptq": quantized.ptq, "out": out_dir, "run_dir": run_dir,
                "steps": result.step, "resumed_from": result.resumed_from,
@@ -1357,13 +1362,17 @@ def _row_saver(model: str, out_path: str | None, line):
 @_calibrated_bench_options
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Keep the QAT run here [default: a temporary directory].")
 @click.option("--learn-clip", is_flag=True, help="QAT also learns each group's clipping range (see `cascade qat --help`).")
+@click.option("--clip-rate", default=1.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
+              help="With --learn-clip: the clipping factors' learning rate as a multiple of --lr.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_qat(model, calib, train_file, data, spec, method, steps, lr, batch_size, seq_len, calib_samples, calib_len,
-              limit, ctx, max_tokens, tokenizer, run_dir, learn_clip, out_path, as_json):
+              limit, ctx, max_tokens, tokenizer, run_dir, learn_clip, clip_rate, out_path, as_json):
     """PTQ then QAT: the share of PTQ's remaining gap to float a short fine-tune recovers (see bench/qat.py)."""
     from cascade.bench import qat as bench_qat_mod
 
+    if clip_rate != 1.0 and not learn_clip:
+        raise click.UsageError("--clip-rate applies only with --learn-clip")
     _rules(None, None, spec)
     _check_tokenizer_flag(model, tokenizer)
     from cascade.models import load_model
@@ -1373,7 +1382,7 @@ def bench_qat(model, calib, train_file, data, spec, method, steps, lr, batch_siz
     result = bench_qat_mod.run(load_model(model, tokenizer=tokenizer), calib, train_file, data, spec=spec, method=method,
                                steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, samples=calib_samples,
                                length=calib_len, limit=limit, ctx=ctx, max_tokens=max_tokens, run_dir=run_dir,
-                               learn_clip=learn_clip, on_row=save)
+                               learn_clip=learn_clip, clip_rate=clip_rate, on_row=save)
     save(result, final=True)
     _emit(as_json, result, bench_qat_mod.table(result))
 

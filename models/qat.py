@@ -49,6 +49,7 @@ class FakeQuantize:
 
     rules: PrecisionRules
     learn_clip: bool = False
+    clip_rate: float = 1.0  # the factors' effective learning rate, as a multiple of the weights'
 
     def _int_leaves(self, weights):
         from cascade.models.quantize import reduction_axis
@@ -77,7 +78,7 @@ class FakeQuantize:
         out = {}
         for path, a, spec, axis in self._int_leaves(trained["weights"]):
             lo, hi = _learned_range(ranges.to_groups(jnp.asarray(a, jnp.float32), spec, axis), spec,
-                                    clip[path + "/a"], clip[path + "/b"])
+                                    clip[path + "/a"], clip[path + "/b"], self.clip_rate)
             out[path] = tuple(ranges.groups_to_scale_layout(v, a.shape, spec, axis) for v in (lo, hi))
         return out
 
@@ -93,7 +94,8 @@ class FakeQuantize:
         for path, a in flat.items():
             spec = self.rules.spec_for(path, a.ndim)
             if isinstance(spec, IntSpec) and path + "/a" in clip:
-                a = _clipped_fake_quant(a, spec, reduction_axis(path, a.shape), clip[path + "/a"], clip[path + "/b"])
+                a = _clipped_fake_quant(a, spec, reduction_axis(path, a.shape), clip[path + "/a"], clip[path + "/b"],
+                                        self.clip_rate)
             elif isinstance(spec, IntSpec):
                 a = fake_quant(a, spec, axis=reduction_axis(path, a.shape))
             elif isinstance(spec, FloatSpec):  # a cast, with the identity as its gradient
@@ -102,23 +104,25 @@ class FakeQuantize:
         return traverse_util.unflatten_dict(out, sep="/")
 
 
-def _learned_range(xg, spec: IntSpec, a, b):
-    """The spec's range of the grouped weights (a constant: no gradient) shrunk by the factors."""
+def _learned_range(xg, spec: IntSpec, a, b, rate: float = 1.0):
+    """The spec's range of the grouped weights (a constant: no gradient) shrunk by the factors.
+    The trained parameters are ``1 + (factor - 1) / rate``: Adam moves a parameter by about the
+    learning rate a step whatever its gradient's scale, so the factor moves ``rate`` times faster."""
     from cascade.quant import ranges
 
     lo, hi = jax.lax.stop_gradient(ranges.estimate_range(jax.lax.stop_gradient(xg), spec))
-    a, b = (jnp.clip(f, *CLIP_BOUNDS) for f in (a, b))
+    a, b = (jnp.clip(1.0 + rate * (f - 1.0), *CLIP_BOUNDS) for f in (a, b))
     return lo * a, hi * b
 
 
-def _clipped_fake_quant(w, spec: IntSpec, axis: int, a, b):
+def _clipped_fake_quant(w, spec: IntSpec, axis: int, a, b, rate: float = 1.0):
     """``w``'s round trip through the learned range: straight-through rounding, so ``w`` gets the
     clipped STE's gradient and ``a``, ``b`` the gradient of the scale (AutoRound's forward, with
     no rounding offsets)."""
     from cascade.quant import autoround, ranges
 
     xg = ranges.to_groups(w.astype(jnp.float32), spec, axis)
-    lo, hi = _learned_range(xg, spec, a, b)
+    lo, hi = _learned_range(xg, spec, a, b, rate)
     consts = {"w": jnp.where(jnp.isnan(xg), 0.0, xg), "lo": lo, "hi": hi}
     params = {"v": jnp.zeros_like(consts["w"]), "a": jnp.ones_like(lo), "b": jnp.ones_like(hi)}
     return ranges.from_groups(autoround.fake_quant(consts, params, spec), w.shape, spec, axis).astype(w.dtype)
@@ -166,18 +170,25 @@ def token_stream(tokenizer, documents: list[str]) -> np.ndarray:
 
 
 def qat(model: Model, tc, train_tokens: np.ndarray, run_dir: str, *, rules=None, val_tokens=None,
-        stop_after: int | None = None, progress: bool = True, scale_dtype="float16", learn_clip: bool = False):
+        stop_after: int | None = None, progress: bool = True, scale_dtype="float16", learn_clip: bool = False,
+        clip_rate: float = 1.0):
     """Fine-tune ``model`` with fake-quantized weights for ``tc.steps`` steps in ``run_dir``
     (resumed if it holds a checkpoint of the same run); returns ``(quantized Model, TrainResult,
-    notes)``.  ``learn_clip``: also learn each group's clipping range (module docs).  The model's
+    notes)``.  ``learn_clip``: also learn each group's clipping range (module docs), its factors
+    ``clip_rate`` times faster than the weights.  The model's
     ``ptq`` records ``method: "qat"``, the training settings and the PTQ it started from."""
     from cascade.models.quantize import quantize_model
     from cascade.models.training import matrices, train
 
     params, parsed, notes = starting_point(model, rules)
-    transform = FakeQuantize(parsed, learn_clip=learn_clip)
+    if clip_rate != 1.0 and not learn_clip:
+        raise ValueError("clip_rate applies only with learn_clip")
+    if not clip_rate > 0:
+        raise ValueError(f"clip_rate must be positive, got {clip_rate}")
+    transform = FakeQuantize(parsed, learn_clip=learn_clip, clip_rate=float(clip_rate))
     start = {"weights": params, "clip": transform.init_clip(params)} if learn_clip else params
-    extra = {"rules": parsed.to_json(), "start": model.source, "start_ptq": model.ptq, "learn_clip": learn_clip}
+    extra = {"rules": parsed.to_json(), "start": model.source, "start_ptq": model.ptq, "learn_clip": learn_clip,
+             **({"clip_rate": clip_rate} if learn_clip else {})}
     result = train(model.config, tc, train_tokens, run_dir, val_tokens=val_tokens, stop_after=stop_after,
                    progress=progress, params=start, transform=transform, extra_config=extra,
                    decay_mask=_no_decay_on_clip if learn_clip else matrices)
@@ -187,6 +198,7 @@ def qat(model: Model, tc, train_tokens: np.ndarray, run_dir: str, *, rules=None,
     label = rules if isinstance(rules, str) else model.quant if model.ptq is not None and model.quant else parsed
     quantized, _ = quantize_model(trained, label, scale_dtype=scale_dtype, progress=False, ranges=learned)
     ptq = {"method": "qat", "source": model.source,
-           "settings": {**tc.to_dict(), "steps_done": result.step, "learn_clip": learn_clip},
+           "settings": {**tc.to_dict(), "steps_done": result.step, "learn_clip": learn_clip,
+                        **({"clip_rate": clip_rate} if learn_clip else {})},
            "calibration": None, "start": model.ptq, "seconds": round(result.elapsed_s, 3)}
     return dataclasses.replace(quantized, ptq=ptq), result, notes

@@ -113,11 +113,12 @@ def test_qat_with_learned_clipping_saves_what_it_trained(start, tmp_path):
     val = _stream(600, seed=1)[: 4 * 17].reshape(4, 17)
     before = _quantized_loss(quantize_model(start, RULES, progress=False)[0], val)
     model, result, _ = qat(start, TC, stream, str(tmp_path / "run"), rules=RULES, progress=False,
-                           learn_clip=True, scale_dtype="float32")
+                           learn_clip=True, clip_rate=10.0, scale_dtype="float32")
     assert _quantized_loss(model, val) < before - 0.1 and model.ptq["settings"]["learn_clip"] is True
     clip = result.params["clip"]
     assert any(bool((f != 1).any()) for f in jax.tree.leaves(clip))
-    fq = FakeQuantize(quant.PrecisionRules.parse(RULES), learn_clip=True)(result.params)
+    assert model.ptq["settings"]["clip_rate"] == 10.0
+    fq = FakeQuantize(quant.PrecisionRules.parse(RULES), learn_clip=True, clip_rate=10.0)(result.params)
     plain, _ = quantize_model(Model(config=CFG, params=result.params["weights"], source="w"), RULES,
                               scale_dtype="float32", progress=False)
     differs = 0
@@ -200,6 +201,7 @@ def test_the_qat_command_trains_saves_and_resumes(capsys, tmp_path, text):
     (("--steps", "2", "--quant", "int3-g32", "--seq-len", "4096"), 2, "4096 exceeds the model context (512)"),
     (("--steps", "0", "--quant", "int3-g32"), 2, "0 is not in the range"),
     (("--steps", "2", "--quant", "int3-g32", "--lr", "nan"), 2, "not a finite number"),
+    (("--steps", "2", "--quant", "int3-g32", "--clip-rate", "5"), 2, "--clip-rate applies only with --learn-clip"),
 ])
 def test_bad_qat_flags_are_one_line_errors(capsys, tmp_path, text, args, code, message):
     got, out, err = run(capsys, "qat", BIN, "--data", text, *args, "-o", str(tmp_path / "out"))
