@@ -924,10 +924,12 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message with the model's chat template.")
 @click.option("--bos/--no-bos", default=None, help="Prepend BOS [default: the tokenizer's setting].")
 @click.option("--kv", default="fp32", show_default=True, callback=_kv_spec, help=_KV_HELP)
+@click.option("--mesh", callback=lambda c, p, v: None if v is None else _mesh(v),
+              help="Tensor parallelism over the first N devices JAX sees: tp=N [default: one device].")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, seed, chat, bos, kv, tokenizer,
+def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, seed, chat, bos, kv, mesh, tokenizer,
              scale_dtype, as_json):
     """Generate a continuation of PROMPT with MODEL."""
     from cascade.models import SamplingConfig, generate as generate_tokens, matmul_backends
@@ -942,20 +944,46 @@ def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, 
     ids = tok.encode(text, add_bos=bos if bos is not None else (False if chat else None))
     if not ids:
         raise click.UsageError("the prompt encodes to no tokens; pass a non-empty PROMPT or --bos")
-    out = generate_tokens(loaded.params, loaded.config, [ids], max_new_tokens=max_tokens, sampling=sampling,
+    params, placement = _place(loaded, mesh)
+    out = generate_tokens(params, loaded.config, [ids], max_new_tokens=max_tokens, sampling=sampling,
                           eos_ids=tok.eos_ids or loaded.config.eos_token_ids, kv=kv)
     gen = out.tokens[0]
     completion = tok.decode_completion(ids, gen)
     payload = {"model": model, "quant": loaded.quant, "kv": kv, "prompt": prompt, "prompt_token_ids": ids, "text": completion,
                "token_ids": gen, "stop_reason": out.stop_reasons[0], "prefill_s": out.prefill_s,
                "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s, "matmul_backends": matmul_backends(loaded),
-               "attention_backend": attention_backend()}
+               "attention_backend": attention_backend(), **({"mesh": placement} if placement else {})}
     if as_json:
         _emit(True, payload, "")
     else:
         click.echo(prompt + completion if not chat else completion)
         speed = "n/a" if out.tokens_per_s is None else f"{out.tokens_per_s:.1f}"
         click.echo(f"[{len(gen)} tokens, {speed} tok/s decode, stop: {out.stop_reasons[0]}]", err=True)
+
+
+def _mesh(text: str) -> int:
+    from cascade.models.sharding import parse_mesh
+
+    try:
+        return parse_mesh(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--mesh'") from None
+
+
+def _place(model, tp: int | None):
+    """``(params, placement)``: the model's parameters on a ``tp`` mesh (Megatron layout) and
+    ``{"tp", "devices", "bytes_per_device"}``, or as loaded and None without ``--mesh``."""
+    if tp is None:
+        return model.params, None
+    from cascade.models import sharding
+
+    try:
+        mesh = sharding.make_mesh(tp)
+        params = sharding.shard_params(model.params, model.config, mesh)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--mesh'") from None
+    return params, {"tp": tp, "devices": [str(d) for d in mesh.devices.flat],
+                    "bytes_per_device": sharding.bytes_per_device(params)}
 
 
 @app.command()

@@ -70,3 +70,26 @@ def test_the_layout_by_path():
     assert sharding.param_partition("embed/embedding", 2) == P("tp", None)
     assert sharding.param_partition("lm_head/kernel", 2) == P(None, "tp")
     assert sharding.param_partition("final_norm/scale", 1) == P()
+
+
+def _cli(*args, devices=4):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return subprocess.run([sys.executable, "-m", "cascade.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_generate_with_a_mesh_gives_the_one_device_tokens(capsys):
+    from cascade import cli
+
+    args = ["generate", "default-small", "Once upon a time", "--max-tokens", "12", "--quant", "int8", "--json"]
+    assert cli.main(args) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert "mesh" not in one
+    proc = _cli(*args, "--mesh", "tp=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = json.loads(proc.stdout)
+    assert two["token_ids"] == one["token_ids"]
+    assert two["mesh"]["tp"] == 2 and len(two["mesh"]["bytes_per_device"]) == 2
+    proc = _cli(*args, "--mesh", "tp=4")  # default-small has 2 KV heads
+    assert proc.returncode == 2 and "tp=4 does not divide n_kv_heads=2" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
