@@ -827,10 +827,12 @@ def inspect(model, tokenizer, kvs, ctx, as_json):
 @click.option("--reference", is_flag=False, flag_value="source", default=None, metavar="[SOURCE]",
               help="Also report KL divergence, top-1 agreement and Δppl against a reference model: SOURCE, or with "
                    "no value the unquantized source (MODEL itself with --quant; a checkpoint's recorded source).")
+@click.option("--mesh", callback=lambda c, p, v: None if v is None else _mesh(v),
+              help="Tensor parallelism over the first N devices JAX sees: tp=N [default: one device].")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv, reference, tokenizer, scale_dtype,
+def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv, reference, mesh, tokenizer, scale_dtype,
           as_json):
     """Perplexity of MODEL on a text file.
 
@@ -878,6 +880,7 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv
     docs = split_documents(text)[:limit]
     if not docs:
         raise click.ClickException(f"{data}: no text to score")
+    params, placement = _place(loaded, mesh)
     t0 = time.perf_counter()
     token_docs = tokenize_documents(loaded.tokenizer, docs)
     fid = None
@@ -887,11 +890,11 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv
         if ref.config.vocab_size != loaded.config.vocab_size or tokenize_documents(ref.tokenizer, docs[:3]) != token_docs[:3]:
             raise click.ClickException("the reference model does not share MODEL's tokenizer; KL divergence needs "
                                        "the same tokens")
-        fid = fidelity(loaded.params, loaded.config, ref.params, ref.config, token_docs, ctx=ctx, stride=stride,
+        fid = fidelity(params, loaded.config, _place(ref, mesh)[0], ref.config, token_docs, ctx=ctx, stride=stride,
                        truncate=truncate, max_tokens=max_tokens)
         result = fid.perplexity(len(token_docs))
     else:
-        result = perplexity(loaded.params, loaded.config, token_docs, ctx=ctx,
+        result = perplexity(params, loaded.config, token_docs, ctx=ctx,
                             stride=stride, truncate=truncate, kv=kv, max_tokens=max_tokens)
     seconds = time.perf_counter() - t0
     memory = kv_cache_memory(loaded.config, kv, result.ctx) if kv else None  # None: scored without a cache
@@ -899,7 +902,8 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv
                "weight_bytes": weight_bytes(loaded.params), "kv_cache": memory,
                "kv_bytes": memory and memory["bytes_per_sequence"], "seconds": seconds,
                "tokens_per_s": result.tokens / seconds,
-               "reference": None if ref is None else ref.source, "fidelity": None if fid is None else fid.to_json()}
+               "reference": None if ref is None else ref.source, "fidelity": None if fid is None else fid.to_json(),
+               **({"mesh": placement} if placement else {})}
     cache = ("" if memory is None else f"KV cache ({memory['kv']}) {memory['bytes_per_sequence']:,} bytes per sequence "
              f"of {result.ctx} ({memory['vs_fp16_per_sequence']:.1%} of fp16); ")
     human = (f"perplexity {result.ppl:.4f} over {result.tokens:,} tokens ({result.documents} documents, "

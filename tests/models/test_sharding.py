@@ -93,3 +93,19 @@ def test_generate_with_a_mesh_gives_the_one_device_tokens(capsys):
     proc = _cli(*args, "--mesh", "tp=4")  # default-small has 2 KV heads
     assert proc.returncode == 2 and "tp=4 does not divide n_kv_heads=2" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_eval_with_a_mesh_scores_as_one_device(capsys):
+    from cascade import cli
+
+    from tests.shared_data import DATA
+
+    val = os.path.join(DATA, "text", "tinystories_val.txt")
+    args = ["eval", "default-small", "--data", val, "--limit", "3", "--ctx", "128", "--quant", "int4-g16", "--json"]
+    assert cli.main(args) == 0
+    one = json.loads(capsys.readouterr().out)
+    proc = _cli(*args, "--mesh", "tp=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = json.loads(proc.stdout)
+    assert two["tokens"] == one["tokens"] and abs(two["ppl"] - one["ppl"]) <= 1e-5 * one["ppl"]
+    assert two["mesh"]["tp"] == 2
