@@ -240,10 +240,14 @@ def app(debug: bool) -> None:
 @click.option("--prompts", "prompts_file", callback=_data_file,
               help="A UTF-8 file of prompts, one per line, generated together as one batch (instead of PROMPT); "
                    "with --json, one JSON object per line.")
+@click.option("--mesh", callback=lambda c, p, v: None if v is None else _mesh(v),
+              help="tp=N: the large model over the first N devices JAX sees (tensor parallel), the small one "
+                   "replicated on each [default: one device].")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_len, draft_confidence, rule, alpha,
-        defer_score, threshold, max_tokens, temperature, top_k, top_p, seed, kv, small_kv, large_kv, budget, prompts_file, scale_dtype, as_json):
+        defer_score, threshold, max_tokens, temperature, top_k, top_p, seed, kv, small_kv, large_kv, budget, prompts_file,
+        mesh, scale_dtype, as_json):
     """Generate a continuation of PROMPT with the cascade: the small model drafts, the large one verifies.
 
     With no model paths it uses the embedded pair (default-small, default-large), so it works
@@ -281,6 +285,14 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
     # a single-model mode loads only that model
     pair = load_pair(small_model if mode != "large" else None, large_model if mode != "small" else None,
                      small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
+    placement = None
+    if mesh is not None:
+        from cascade.pair import place_pair
+
+        try:
+            pair, placement = place_pair(pair, mesh)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="'--mesh'") from None
     results = generate_batch(pair, prompts, mode=mode, max_new_tokens=max_tokens, draft_len=draft_len,
                              sampling=sampling, small_kv=small_kv, large_kv=large_kv, rule=rule, alpha=alpha,
                              defer_score=defer_score, threshold=threshold, draft_confidence=draft_confidence)
@@ -293,7 +305,8 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
     speculative = mode in ("speculative", "spec-cascade")
     settings = {"draft_len": draft_len if speculative else None,
                 "draft_confidence": draft_setting(draft_len, draft_confidence)[1] if speculative else None,
-                **({"rule": rule, "alpha": alpha} if mode == "spec-cascade" else {})}
+                **({"rule": rule, "alpha": alpha} if mode == "spec-cascade" else {}),
+                **({"mesh": placement} if placement else {})}
     failed = 0
     for index, r in enumerate(results):
         if isinstance(r, RowError):

@@ -76,6 +76,21 @@ def load_pair(small: str | None = DEFAULT_SMALL, large: str | None = DEFAULT_LAR
                      large=None if l is None else _quantized(l, large_quant, scale_dtype))
 
 
+def place_pair(pair: ModelPair, tp: int) -> tuple[ModelPair, dict]:
+    """The pair on a ``tp`` mesh: the large model sharded in the Megatron layout
+    (:mod:`cascade.models.sharding`), the small one replicated on every device.  Returns the placed
+    pair and ``{"tp", "devices", "bytes_per_device"}`` (both models' bytes on each device)."""
+    from cascade.models import sharding
+
+    mesh = sharding.make_mesh(tp)
+    large = None if pair.large is None else dataclasses.replace(
+        pair.large, params=sharding.shard_params(pair.large.params, pair.large.config, mesh))
+    small = None if pair.small is None else dataclasses.replace(pair.small, params=sharding.replicate(pair.small.params, mesh))
+    held = sharding.bytes_per_device([m.params for m in (small, large) if m is not None])
+    return ModelPair(small=small, large=large), {"tp": tp, "devices": [str(d) for d in mesh.devices.flat],
+                                                  "bytes_per_device": held}
+
+
 @dataclasses.dataclass
 class RunResult:
     mode: str

@@ -144,6 +144,12 @@ def shard_params(params, cfg: ModelConfig, mesh: Mesh):
     return jax.device_put(params, shardings)
 
 
+def replicate(params, mesh: Mesh):
+    """``params`` copied whole onto every device of ``mesh`` (the cascade's small model beside a
+    sharded large one: each device drafts with its own copy, no communication)."""
+    return jax.device_put(params, NamedSharding(mesh, P()))
+
+
 def shard_cache(cache, mesh: Mesh):
     """A :class:`cascade.models.kv_cache.KVCache` placed on ``mesh`` split by KV heads: float buffers
     (batch, len, kv_heads, head_dim) on their head axis, quantized ones (batch, len, kv_heads *

@@ -109,3 +109,18 @@ def test_eval_with_a_mesh_scores_as_one_device(capsys):
     two = json.loads(proc.stdout)
     assert two["tokens"] == one["tokens"] and abs(two["ppl"] - one["ppl"]) <= 1e-5 * one["ppl"]
     assert two["mesh"]["tp"] == 2
+
+
+def test_run_with_a_mesh_gives_the_large_models_tokens(capsys):
+    """The cascade with the large model over 2 devices and the small one replicated: speculative
+    decoding still gives exactly the one-device output."""
+    from cascade import cli
+
+    args = ["run", "Once upon a time", "--max-tokens", "16", "--json"]
+    assert cli.main(args) == 0
+    one = json.loads(capsys.readouterr().out)
+    proc = _cli(*args, "--mesh", "tp=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = json.loads(proc.stdout)
+    assert two["token_ids"] == one["token_ids"] and two["mesh"]["tp"] == 2
+    assert len(two["mesh"]["bytes_per_device"]) == 2
