@@ -44,6 +44,39 @@ COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW = ("o_proj", "down_proj")
 
 
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> dict:
+    """Join a multi-process (multi-host) JAX run, before any other JAX call.
+
+    The arguments default to the environment: ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process
+    0, which JAX itself also reads), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``.  With none of
+    them set, JAX's own cluster detection runs (Cloud TPU, SLURM, Open MPI, Kubernetes).  On CPU the
+    processes' collectives go through Gloo.  After it, ``jax.devices()`` lists every process's
+    devices, :func:`make_mesh` spans them, and each process places only its own shards.  Returns
+    ``{"process_index", "process_count", "devices", "local_devices"}``."""
+    import os
+
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    num = num_processes if num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
+    pid = process_id if process_id is not None else os.environ.get("JAX_PROCESS_ID")
+    given = [v is not None for v in (coordinator, num, pid)]
+    if any(given) and not all(given):
+        raise ValueError("a multi-process run needs all of JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES "
+                         "and JAX_PROCESS_ID (or the matching arguments)")
+    try:
+        num = None if num is None else int(num)
+        pid = None if pid is None else int(pid)
+    except ValueError:
+        raise ValueError(f"JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers, got {num!r} and {pid!r}") from None
+    if num is not None and not 0 <= pid < num:
+        raise ValueError(f"process id {pid} is outside 0..{num - 1}")
+    if os.environ.get("JAX_PLATFORMS", "cpu").split(",")[0] in ("", "cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
+    return {"process_index": jax.process_index(), "process_count": jax.process_count(),
+            "devices": jax.device_count(), "local_devices": jax.local_device_count()}
+
+
 def make_mesh(tp: int, devices=None) -> Mesh:
     """A 1-D mesh ``("tp",)`` over the first ``tp`` of ``devices`` (default: ``jax.devices()``)."""
     devices = list(jax.devices() if devices is None else devices)
