@@ -13,7 +13,8 @@ def test_matmul_rows_pair_every_spec_with_f32_of_the_same_batch():
         (k, n, s, b) for k, n in ((40, 8), (16, 24)) for b in (1, 3) for s in ("fp32", "int8", "int4-g16-asym")]
     for r in rows:
         f32 = next(x for x in rows if x["spec"] == "fp32" and (x["batch"], x["k"]) == (r["batch"], r["k"]))
-        assert r["speedup_vs_f32"] == pytest.approx(f32["ms"] / r["ms"], rel=0.01)
+        # the ratio is rounded to 3 decimals: a small one (a slow spec) is off by up to 0.0005 absolute
+        assert r["speedup_vs_f32"] == pytest.approx(f32["ms"] / r["ms"], rel=0.01, abs=6e-4)
         assert r["backend"] == "xla"
         assert r["pct_copy_bw"] == pytest.approx(100 * r["gb_s"] / result["copy_gb_s"], rel=0.02, abs=0.02)
     assert rows[2]["weight_bytes"] == 40 * 8 // 2 + 3 * 8 * 2 * 2  # int4 codes + fp16 scale and zero per group
