@@ -187,8 +187,9 @@ def qat(model: Model, tc, train_tokens: np.ndarray, run_dir: str, *, rules=None,
         raise ValueError(f"clip_rate must be positive, got {clip_rate}")
     transform = FakeQuantize(parsed, learn_clip=learn_clip, clip_rate=float(clip_rate))
     start = {"weights": params, "clip": transform.init_clip(params)} if learn_clip else params
-    extra = {"rules": parsed.to_json(), "start": model.source, "start_ptq": model.ptq, "learn_clip": learn_clip,
-             **({"clip_rate": clip_rate} if learn_clip else {})}
+    # a plain run records what runs before learned clipping recorded, so they still resume
+    extra = {"rules": parsed.to_json(), "start": model.source, "start_ptq": model.ptq,
+             **({"learn_clip": True, "clip_rate": clip_rate} if learn_clip else {})}
     result = train(model.config, tc, train_tokens, run_dir, val_tokens=val_tokens, stop_after=stop_after,
                    progress=progress, params=start, transform=transform, extra_config=extra,
                    decay_mask=_no_decay_on_clip if learn_clip else matrices)
