@@ -57,18 +57,26 @@ def test_bench_ptq_rows(capsys, tmp_path):
     assert "unknown method 'nope'" in capsys.readouterr().err
 
 
-def test_bench_ptq_act_order_reaches_gptq(monkeypatch):
-    """``act_order`` goes to the GPTQ-based methods only, and the result records it."""
+def _spy_on_quantize(monkeypatch, setting: str) -> list:
+    """Record ``(method, kwargs[setting])`` of every quantize_model call bench ptq makes."""
     from cascade.bench import ptq
 
     calls = []
     real = ptq.quantize_model
 
     def spy(model, spec, **kw):
-        calls.append((kw["method"], kw.get("act_order")))
+        calls.append((kw["method"], kw.get(setting)))
         return real(model, spec, **kw)
 
     monkeypatch.setattr(ptq, "quantize_model", spy)
+    return calls
+
+
+def test_bench_ptq_act_order_reaches_gptq(monkeypatch):
+    """``act_order`` goes to the GPTQ-based methods only, and the result records it."""
+    from cascade.bench import ptq
+
+    calls = _spy_on_quantize(monkeypatch, "act_order")
     d = ptq.run(BIN, TRAIN, VAL, specs=("int4-g32",), methods=("rtn", "gptq"), samples=32, length=64, limit=3,
                 ctx=128, max_tokens=512, act_order=True)
     assert calls == [("rtn", None), ("gptq", True)] and d["act_order"] is True
@@ -77,16 +85,7 @@ def test_bench_ptq_act_order_reaches_gptq(monkeypatch):
 def test_bench_ptq_alphas_reach_smoothquant(monkeypatch, capsys):
     """``--alpha`` gives one set of smoothquant rows per migration strength (each passed to the
     quantizer and recorded); other methods run once, without it."""
-    from cascade.bench import ptq
-
-    calls = []
-    real = ptq.quantize_model
-
-    def spy(model, spec, **kw):
-        calls.append((kw["method"], kw.get("alpha")))
-        return real(model, spec, **kw)
-
-    monkeypatch.setattr(ptq, "quantize_model", spy)
+    calls = _spy_on_quantize(monkeypatch, "alpha")
     code = cli.main(["bench", "ptq", BIN, "--calib", TRAIN, "--data", VAL, "--spec", "w8a8", "--method",
                      "rtn,smoothquant", "--alpha", "0.25,0.75", "--calib-samples", "32", "--calib-len", "64",
                      "--limit", "3", "--ctx", "128", "--max-tokens", "512", "--json"])
