@@ -16,7 +16,8 @@ import numpy as np  # noqa: E402
 
 from cascade.models import sharding  # noqa: E402
 from cascade.models.config import ModelConfig  # noqa: E402
-from cascade.models.decoder import logits_of  # noqa: E402
+from cascade.models.decoder import logits_of, prefill, step  # noqa: E402
+from cascade.models.kv_cache import KVCache  # noqa: E402
 from cascade.models.generation import generate  # noqa: E402
 from cascade.models.llama import init_params  # noqa: E402
 from cascade.models.model import Model  # noqa: E402
@@ -27,6 +28,13 @@ from cascade.speculative import speculative_generate  # noqa: E402
 CFG = ModelConfig(vocab_size=128, dim=64, hidden_dim=128, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=8,
                   max_seq_len=64, tie_embeddings=False)
 PROMPT = [1, 2, 3]
+
+
+def _prefill_and_step(params, cache):
+    logits, cache = prefill(params, CFG, np.asarray([PROMPT + [5, 6]], np.int32), np.asarray([5], np.int32), cache)
+    nxt = np.asarray(logits).reshape(1, -1).argmax(-1).astype(np.int32)
+    logits2, _ = step(params, CFG, nxt, cache)
+    return np.concatenate([np.asarray(logits).reshape(-1), np.asarray(logits2).reshape(-1)])
 
 
 def main() -> int:
@@ -49,6 +57,15 @@ def main() -> int:
                 spec_out = speculative_generate(float_model.params, CFG, sharded, CFG, PROMPT, max_new_tokens=8,
                                                 draft_len=3)
                 run["speculative_equal"] = spec_out.tokens == ref_tokens
+            if tp == 4:  # a KV cache split by KV heads: prefill and one decode step as on one device
+                mesh = sharding.make_mesh(tp)
+                for kv in ("fp32", "int8"):
+                    ref = _prefill_and_step(model.params, KVCache.create(CFG, 1, 32, kv))
+                    cache = sharding.shard_cache(KVCache.create(CFG, 1, 32, kv), mesh)
+                    placed = cache.k[0] if kv == "fp32" else cache.k[0].packed
+                    got = _prefill_and_step(sharded, cache)
+                    run[f"cache_{kv}_devices"] = len(placed.sharding.device_set)
+                    run[f"cache_{kv}_max_diff"] = float(np.abs(got - ref).max())
             out["runs"].append(run)
     quantized32 = quantize_model(float_model, "int4-g32", progress=False)[0]
     for name, params, tp in (("tp8", float_model.params, 8), ("tp3", float_model.params, 3),

@@ -32,6 +32,8 @@ def test_sharded_logits_and_tokens_equal_one_device(result):
         assert r["generate_equal"] is True, r
         if r["tp"] == 4:
             assert r["speculative_equal"] is True, r
+            for kv in ("fp32", "int8"):  # the cache split over the 4 devices, the same logits
+                assert r[f"cache_{kv}_devices"] == 4 and r[f"cache_{kv}_max_diff"] <= 1e-5, r
     # the parameters really are split: q_proj lives on tp devices
     assert [r["split_q_proj"] for r in runs if r["spec"] == "float"] == [1, 2, 4]
 
