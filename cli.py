@@ -999,8 +999,7 @@ def _place(model, tp: int | None):
         params = sharding.shard_params(model.params, model.config, mesh)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--mesh'") from None
-    return params, {"tp": tp, "devices": [str(d) for d in mesh.devices.flat],
-                    "bytes_per_device": sharding.bytes_per_device(params)}
+    return params, sharding.placement(mesh, params)
 
 
 @app.command()

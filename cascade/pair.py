@@ -86,9 +86,8 @@ def place_pair(pair: ModelPair, tp: int) -> tuple[ModelPair, dict]:
     large = None if pair.large is None else dataclasses.replace(
         pair.large, params=sharding.shard_params(pair.large.params, pair.large.config, mesh))
     small = None if pair.small is None else dataclasses.replace(pair.small, params=sharding.replicate(pair.small.params, mesh))
-    held = sharding.bytes_per_device([m.params for m in (small, large) if m is not None])
-    return ModelPair(small=small, large=large), {"tp": tp, "devices": [str(d) for d in mesh.devices.flat],
-                                                  "bytes_per_device": held}
+    placed = [m.params for m in (small, large) if m is not None]
+    return ModelPair(small=small, large=large), sharding.placement(mesh, placed)
 
 
 @dataclasses.dataclass

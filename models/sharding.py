@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from cascade.models.config import ModelConfig
 from cascade.quant import packing
 from cascade.quant.qtensor import QuantizedTensor
+from cascade.quant.rtn import key_path_str
 
 AXIS = "tp"
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -129,7 +130,7 @@ def check_mesh(params, cfg: ModelConfig, tp: int) -> None:
                              f"{{{', '.join(map(str, fits))}}}")
     is_q = lambda a: isinstance(a, QuantizedTensor)  # noqa: E731
     for keypath, a in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_q)[0]:
-        path = "/".join(str(getattr(k, "key", k)) for k in keypath)
+        path = key_path_str(keypath)
         dim = _split_dim(path, len(a.shape))
         if dim is None:
             continue
@@ -153,7 +154,7 @@ def partition_specs(params):
     is_q = lambda a: isinstance(a, QuantizedTensor)  # noqa: E731
 
     def spec_of(keypath, a):
-        path = "/".join(str(getattr(k, "key", k)) for k in keypath)
+        path = key_path_str(keypath)
         if not is_q(a):
             return param_partition(path, a.ndim)
         dim = _split_dim(path, len(a.shape))
@@ -216,6 +217,12 @@ def planned_bytes_per_device(params, tp: int) -> int:
         n = int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
         total += n // tp if AXIS in tuple(spec) else n
     return total
+
+
+def placement(mesh: Mesh, placed) -> dict:
+    """``{"tp", "devices", "bytes_per_device"}`` of trees placed on ``mesh``: what ``--json`` reports."""
+    return {"tp": mesh.shape[AXIS], "devices": [str(d) for d in mesh.devices.flat],
+            "bytes_per_device": bytes_per_device(placed)}
 
 
 def bytes_per_device(tree) -> dict[str, int]:
