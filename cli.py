@@ -1408,10 +1408,11 @@ def _row_saver(model: str, out_path: str | None, line):
 @click.option("--learn-clip", is_flag=True, help="QAT also learns each group's clipping range (see `cascade qat --help`).")
 @click.option("--clip-rate", default=1.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
               help="With --learn-clip: the clipping factors' learning rate as a multiple of --lr.")
+@click.option("--distill", is_flag=True, help="QAT's loss is the KL divergence from the float model (see `cascade qat --help`).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_qat(model, calib, train_file, data, spec, method, steps, lr, batch_size, seq_len, calib_samples, calib_len,
-              limit, ctx, max_tokens, tokenizer, run_dir, learn_clip, clip_rate, out_path, as_json):
+              limit, ctx, max_tokens, tokenizer, run_dir, learn_clip, clip_rate, distill, out_path, as_json):
     """PTQ then QAT: the share of PTQ's remaining gap to float a short fine-tune recovers (see bench/qat.py)."""
     from cascade.bench import qat as bench_qat_mod
 
@@ -1426,7 +1427,7 @@ def bench_qat(model, calib, train_file, data, spec, method, steps, lr, batch_siz
     result = bench_qat_mod.run(load_model(model, tokenizer=tokenizer), calib, train_file, data, spec=spec, method=method,
                                steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, samples=calib_samples,
                                length=calib_len, limit=limit, ctx=ctx, max_tokens=max_tokens, run_dir=run_dir,
-                               learn_clip=learn_clip, clip_rate=clip_rate, on_row=save)
+                               learn_clip=learn_clip, clip_rate=clip_rate, distill=distill, on_row=save)
     save(result, final=True)
     _emit(as_json, result, bench_qat_mod.table(result))
 

@@ -10,7 +10,8 @@ deployment workflow", part 4).
 3. :func:`cascade.models.qat.qat` from that checkpoint for ``steps`` AdamW steps on ``--train``
    (``batch_size`` x ``seq_len`` tokens a step, ``lr`` with a tenth of the steps of warm-up and
    cosine decay, no weight decay), then its RTN under the same rules, scored again (``--learn-clip``:
-   QAT also learns each group's clipping range, and the checkpoint uses it).
+   QAT also learns each group's clipping range, and the checkpoint uses it; ``--distill``: the loss
+   is the KL divergence from the float model's predictions instead of the cross-entropy).
 
 Rows: ``stage`` (``rtn``, ``ptq``, ``qat``), the fidelity columns, ``seconds`` (to quantize, or to
 train) and for ``qat`` the steps and training tokens.  ``gap_closed`` of the QAT row is
@@ -35,10 +36,11 @@ from cascade.models.quantize import needs_calibration
 def run(model: "str | Model", calib: str, train: str, data: str, *, spec: str = "int3-g32", method: str = "gptq",
         steps: int = 500, lr: float = 1e-4, batch_size: int = 8, seq_len: int = 256, samples: int = 128,
         length: int = 512, seed: int = 0, limit: int | None = 200, ctx: int = 512, max_tokens: int | None = None,
-        tokenizer: str | None = None, run_dir: str | None = None, learn_clip: bool = False, clip_rate: float = 1.0, progress=None,
-        on_row=None) -> dict:
+        tokenizer: str | None = None, run_dir: str | None = None, learn_clip: bool = False, clip_rate: float = 1.0,
+        distill: bool = False, progress=None, on_row=None) -> dict:
     """The result (module docs); ``run_dir`` keeps the QAT run (default: a temporary directory);
-    ``learn_clip``: QAT also learns each group's clipping range (:mod:`cascade.models.qat`)."""
+    ``learn_clip``: QAT also learns each group's clipping range (:mod:`cascade.models.qat`);
+    ``distill``: QAT's loss is the KL divergence from the float model (the teacher)."""
     from cascade.models import qat as qat_mod
     from cascade.models.training import TrainConfig, read_documents
 
@@ -63,7 +65,7 @@ def run(model: "str | Model", calib: str, train: str, data: str, *, spec: str = 
         return {"benchmark": "qat", **run_context(), "model": base.source, "float_ppl": float_ppl,
                 "float_weight_bytes": weight_bytes(base.params), "spec": spec, "method": method,
                 "calibration": cal.recipe, "train": {"file": train, "tokens": int(train_tokens.size), **tc.to_dict(), "learn_clip": learn_clip,
-                          **({"clip_rate": clip_rate} if learn_clip else {})},
+                          **({"clip_rate": clip_rate} if learn_clip else {}), "distill": distill},
                 "data": data, "documents": len(docs), "ctx": ctx, "max_tokens": max_tokens,
                 **({"partial": True} if partial else {}), "rows": rows}
 
@@ -85,7 +87,7 @@ def run(model: "str | Model", calib: str, train: str, data: str, *, spec: str = 
         score(stage, quantized, time.perf_counter() - t0)
     with tempfile.TemporaryDirectory(prefix="cascade-bench-qat-") as tmp:
         trained, res, _ = qat_mod.qat(quantized, tc, train_tokens, run_dir or tmp, progress=bool(progress),
-                                     learn_clip=learn_clip, clip_rate=clip_rate)
+                                     learn_clip=learn_clip, clip_rate=clip_rate, teacher=base if distill else None)
         score("qat", trained, res.elapsed_s, steps=res.step, train_tokens=res.step * tc.batch_size * tc.seq_len,
               last_loss=res.losses[-1] if res.losses else None)
     return result(partial=False)
@@ -95,7 +97,8 @@ def table(result: dict) -> str:
     lines = [f"{result['model']}: float perplexity {result['float_ppl']:.4f} on {result['data']} (ctx {result['ctx']}); "
              f"{result['spec']}, PTQ {result['method']}, QAT {result['train']['steps']} steps x "
              f"{result['train']['batch_size']} x {result['train']['seq_len']} tokens at lr {result['train']['lr']:g}"
-             + (f", learned clipping (rate {result['train'].get('clip_rate', 1):g})" if result["train"].get("learn_clip") else ""),
+             + (f", learned clipping (rate {result['train'].get('clip_rate', 1):g})" if result["train"].get("learn_clip") else "")
+             + (", distilled from the float model" if result["train"].get("distill") else ""),
              f"{'stage':<6} {'method':<10} {'ppl':>8} {'Δppl':>8} {'KLD':>8} {'top-1':>7} {'gap closed':>11} {'seconds':>9}"]
     for r in result["rows"]:
         gap = "" if r["gap_closed"] is None else f"{r['gap_closed']:.0%}"

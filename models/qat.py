@@ -18,6 +18,12 @@ trained pytree is then ``{"weights": params, "clip": factors}``, and the checkpo
 matrix with its learned range (:func:`cascade.quant.quantize_with_range`), again what the forward
 pass computed.
 
+Distillation (``teacher``, the recipe of LLM-QAT, Liu et al. 2023, and BitDistiller): the loss is
+the KL divergence from a float teacher's next-token distribution (usually the model before
+quantization) to the fake-quantized student's, on the same training windows, instead of the
+cross-entropy against the text's next token.  Every position then carries the whole distribution
+the quantized model should reproduce, not one sampled token.
+
 Starting points: a float model with rules, or a quantized checkpoint from any PTQ method, whose
 dequantized weights are the start and whose rules are kept.  A model whose weights were stored
 quantized by its file format (a GGUF import) has no float copy to train: it is dequantized first,
@@ -169,13 +175,26 @@ def token_stream(tokenizer, documents: list[str]) -> np.ndarray:
     return np.concatenate([np.asarray(d, np.int32) for d in ids])
 
 
+def teacher_params(student: Model, teacher: Model) -> dict:
+    """``teacher``'s weights as float32 params for distilling into ``student``: same architecture
+    and shapes, or a one-line ValueError."""
+    from cascade.models.sensitivity import float_params
+
+    if teacher.config != student.config:
+        diff = sorted(k for k, v in teacher.config.to_dict().items() if student.config.to_dict().get(k) != v)
+        raise ValueError(f"the teacher {teacher.source} is not the student's architecture (differs in: {', '.join(diff)})")
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), float_params(teacher.params))
+
+
 def qat(model: Model, tc, train_tokens: np.ndarray, run_dir: str, *, rules=None, val_tokens=None,
         stop_after: int | None = None, progress: bool = True, scale_dtype="float16", learn_clip: bool = False,
-        clip_rate: float = 1.0):
+        clip_rate: float = 1.0, teacher: Model | None = None):
     """Fine-tune ``model`` with fake-quantized weights for ``tc.steps`` steps in ``run_dir``
     (resumed if it holds a checkpoint of the same run); returns ``(quantized Model, TrainResult,
     notes)``.  ``learn_clip``: also learn each group's clipping range (module docs), its factors
-    ``clip_rate`` times faster than the weights.  The model's
+    ``clip_rate`` times faster than the weights.  ``teacher``: a float model of the same
+    architecture to distil from (the loss is KL(teacher || student) on the training text instead of
+    the cross-entropy; module docs).  The model's
     ``ptq`` records ``method: "qat"``, the training settings and the PTQ it started from."""
     from cascade.models.quantize import quantize_model
     from cascade.models.training import matrices, train
@@ -185,14 +204,16 @@ def qat(model: Model, tc, train_tokens: np.ndarray, run_dir: str, *, rules=None,
         raise ValueError("clip_rate applies only with learn_clip")
     if not clip_rate > 0:
         raise ValueError(f"clip_rate must be positive, got {clip_rate}")
+    teacher_w = None if teacher is None else teacher_params(model, teacher)
     transform = FakeQuantize(parsed, learn_clip=learn_clip, clip_rate=float(clip_rate))
     start = {"weights": params, "clip": transform.init_clip(params)} if learn_clip else params
     # a plain run records what runs before learned clipping recorded, so they still resume
     extra = {"rules": parsed.to_json(), "start": model.source, "start_ptq": model.ptq,
-             **({"learn_clip": True, "clip_rate": clip_rate} if learn_clip else {})}
+             **({"learn_clip": True, "clip_rate": clip_rate} if learn_clip else {}),
+             **({"teacher": teacher.source} if teacher is not None else {})}
     result = train(model.config, tc, train_tokens, run_dir, val_tokens=val_tokens, stop_after=stop_after,
                    progress=progress, params=start, transform=transform, extra_config=extra,
-                   decay_mask=_no_decay_on_clip if learn_clip else matrices)
+                   decay_mask=_no_decay_on_clip if learn_clip else matrices, teacher=teacher_w)
     weights = result.params["weights"] if learn_clip else result.params
     learned = transform.learned_ranges(result.params) if learn_clip else None
     trained = dataclasses.replace(model, params=weights, quant=None, ptq=None)
@@ -200,6 +221,7 @@ def qat(model: Model, tc, train_tokens: np.ndarray, run_dir: str, *, rules=None,
     quantized, _ = quantize_model(trained, label, scale_dtype=scale_dtype, progress=False, ranges=learned)
     ptq = {"method": "qat", "source": model.source,
            "settings": {**tc.to_dict(), "steps_done": result.step, "learn_clip": learn_clip,
-                        **({"clip_rate": clip_rate} if learn_clip else {})},
+                        **({"clip_rate": clip_rate} if learn_clip else {}),
+                        **({"teacher": teacher.source} if teacher is not None else {})},
            "calibration": None, "start": model.ptq, "seconds": round(result.elapsed_s, 3)}
     return dataclasses.replace(quantized, ptq=ptq), result, notes

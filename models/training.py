@@ -150,22 +150,39 @@ def make_optimizer(tc: TrainConfig, decay_mask=matrices) -> optax.GradientTransf
         optax.adamw(lr_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask))
 
 
-def lm_loss(params, cfg: ModelConfig, tokens, compute_dtype=jnp.float32, transform=None):
-    """Mean next-token cross-entropy of ``tokens`` (B, T+1): predict ``tokens[:, 1:]``; the forward
-    pass runs on ``transform(params)`` when given (QAT's fake quantization)."""
-    if transform is not None:
-        params = transform(params)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+def _logits(params, cfg: ModelConfig, inputs, compute_dtype):
     positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
     if compute_dtype != jnp.float32:
         params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
     logits, _ = Transformer(cfg, dtype=compute_dtype).apply({"params": params}, inputs, positions)
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+    return logits.astype(jnp.float32)
+
+
+def distillation_loss(student_logits, teacher_logits):
+    """Mean over positions of KL(teacher || student), the softmax distributions of the logits
+    (forward KL, as LLM-QAT and BitDistiller train quantized students)."""
+    log_p = jax.nn.log_softmax(teacher_logits, axis=-1)
+    log_q = jax.nn.log_softmax(student_logits, axis=-1)
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1).mean()
+
+
+def lm_loss(params, cfg: ModelConfig, tokens, compute_dtype=jnp.float32, transform=None, teacher=None):
+    """Mean next-token cross-entropy of ``tokens`` (B, T+1): predict ``tokens[:, 1:]``; the forward
+    pass runs on ``transform(params)`` when given (QAT's fake quantization).  With ``teacher``
+    (float params of the same architecture) the loss is instead :func:`distillation_loss` against
+    the teacher's predictions on the same inputs (no gradient flows into the teacher)."""
+    if transform is not None:
+        params = transform(params)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    logits = _logits(params, cfg, inputs, compute_dtype)
+    if teacher is not None:
+        return distillation_loss(logits, jax.lax.stop_gradient(_logits(teacher, cfg, inputs, compute_dtype)))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
 @partial(jax.jit, static_argnames=("cfg", "optimizer", "compute_dtype", "transform"), donate_argnums=(0, 1))
-def train_step(params, opt_state, tokens, *, cfg: ModelConfig, optimizer, compute_dtype, transform=None):
-    loss, grads = jax.value_and_grad(lm_loss)(params, cfg, tokens, compute_dtype, transform)
+def train_step(params, opt_state, tokens, *, cfg: ModelConfig, optimizer, compute_dtype, transform=None, teacher=None):
+    loss, grads = jax.value_and_grad(lm_loss)(params, cfg, tokens, compute_dtype, transform, teacher)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
@@ -220,7 +237,7 @@ def _checkpoint_manager(run_dir):
 def train(cfg: ModelConfig, tc: TrainConfig, train_tokens: np.ndarray, run_dir, *,
           val_tokens: np.ndarray | None = None, stop_after: int | None = None, progress: bool = True,
           on_log: Callable[[dict], None] | None = None, params=None, transform=None,
-          extra_config: dict | None = None, decay_mask=matrices) -> TrainResult:
+          extra_config: dict | None = None, decay_mask=matrices, teacher=None) -> TrainResult:
     """Train (or resume training) ``cfg`` on ``train_tokens`` for ``tc.steps`` steps in ``run_dir``.
 
     ``stop_after`` ends this call after that many total steps (a checkpoint is written there), to
@@ -229,6 +246,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, train_tokens: np.ndarray, run_dir, 
     hashable function the forward pass applies to the weights (QAT).  ``extra_config`` is recorded
     in ``run.json`` with the configs (a resume under different values is refused).  ``decay_mask``:
     ``params -> bool pytree``, the leaves AdamW's weight decay applies to (default: matrices).
+    ``teacher``: float params to distil from (the training loss becomes :func:`distillation_loss`;
+    the validation loss stays the cross-entropy on the text).
     """
     import orbax.checkpoint as ocp
 
@@ -240,6 +259,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, train_tokens: np.ndarray, run_dir, 
         params = init_params(cfg, jax.random.key(tc.seed))
     else:
         params = jax.tree.map(lambda a: jnp.array(a, jnp.float32, copy=True), params)  # the step donates its input
+    if teacher is not None:
+        teacher = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), teacher)
     state = {"params": params, "opt_state": optimizer.init(params), "step": 0}
     mngr = _checkpoint_manager(run_dir)
     resumed_from = mngr.latest_step()
@@ -260,7 +281,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, train_tokens: np.ndarray, run_dir, 
         while step < end:
             batch = jnp.asarray(sample_batch(train_tokens, step, tc.batch_size, tc.seq_len, tc.seed))
             params, opt_state, m = train_step(params, opt_state, batch, cfg=cfg, optimizer=optimizer,
-                                              compute_dtype=compute_dtype, transform=transform)
+                                              compute_dtype=compute_dtype, transform=transform, teacher=teacher)
             step += 1
             loss = float(m["loss"])
             if not math.isfinite(loss):
