@@ -706,6 +706,11 @@ def _ptq_text(ptq: dict | None) -> str:
               help="Also learn each group's clipping range (factors in [0.5, 1] of the spec's range, trained with the weights).")
 @click.option("--clip-rate", default=1.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
               help="With --learn-clip: the clipping factors' learning rate as a multiple of --lr.")
+@click.option("--distill", is_flag=True,
+              help="Train on the KL divergence from a float teacher's predictions instead of the text's next token: "
+                   "the float MODEL itself, or --teacher.")
+@click.option("--teacher", callback=_model,
+              help="The float model to distil from (implies --distill); needed when MODEL is a quantized checkpoint.")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Write the quantized model here (an orbax checkpoint directory).")
 @click.option("--run-dir", type=click.Path(file_okay=False),
@@ -714,8 +719,8 @@ def _ptq_text(ptq: dict | None) -> str:
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, eval_every, seed, learn_clip, clip_rate, out_dir,
-        run_dir, overwrite, tokenizer, scale_dtype, as_json):
+def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, eval_every, seed, learn_clip, clip_rate, distill,
+        teacher, out_dir, run_dir, overwrite, tokenizer, scale_dtype, as_json):
     """Quantization-aware fine-tuning: train MODEL with its weights fake-quantized, save it quantized.
 
     \b
@@ -724,7 +729,8 @@ def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, e
     each weight's quantize-dequantize round trip (straight-through gradients); AdamW with warm-up
     and cosine decay updates float32 master weights; the result is RTN of the trained weights
     under the same rules, exactly what training saw (with --learn-clip each group's learned range
-    too).  Checkpoints every --eval-every steps go to
+    too).  With --distill the loss is KL(teacher || student) on the training windows (LLM-QAT's
+    recipe; the validation loss stays the text's cross-entropy).  Checkpoints every --eval-every steps go to
     --run-dir, and rerunning the same command resumes from the latest.
     """
     from cascade.models import load_model, save_checkpoint
@@ -751,6 +757,15 @@ def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, e
         raise click.UsageError(str(e)) from None
     for note in notes:
         click.echo(f"note: {note}", err=True)
+    teacher_model = None
+    if teacher is not None or distill:
+        if teacher is None and loaded.ptq is not None:
+            raise click.UsageError(f"{model} is a quantized checkpoint: pass --teacher FLOAT_MODEL to distil from")
+        teacher_model = loaded if teacher is None else load_model(teacher, tokenizer=tokenizer)
+        try:
+            qat_mod.teacher_params(loaded, teacher_model)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
     train_tokens = qat_mod.token_stream(loaded.tokenizer, read_documents([data]))
     val_tokens = None if val is None else qat_mod.token_stream(loaded.tokenizer, read_documents([val]))
     tc = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
@@ -759,7 +774,7 @@ def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, e
     run_dir = run_dir or f"{out_dir.rstrip(os.sep)}.run"
     quantized, result, _ = qat_mod.qat(loaded, tc, train_tokens, run_dir, rules=quant_rules, val_tokens=val_tokens,
                                        scale_dtype=scale_dtype, progress=not as_json, learn_clip=learn_clip,
-                                       clip_rate=clip_rate)
+                                       clip_rate=clip_rate, teacher=teacher_model)
     save_checkpoint(out_dir, quantized, overwrite=overwrite)
     payload = {"model": model, "quant": quantized.quant, "ptq": quantized.ptq, "out": out_dir, "run_dir": run_dir,
                "steps": result.step, "resumed_from": result.resumed_from,

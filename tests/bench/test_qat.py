@@ -4,6 +4,7 @@ import json
 import os
 
 from cascade import cli
+from cascade.bench.qat import table
 
 from tests.shared_data import DATA
 
@@ -18,7 +19,7 @@ def test_bench_qat_rows(capsys, tmp_path):
     code = cli.main(["bench", "qat", BIN, "--calib", TRAIN, "--train", TRAIN_QAT, "--data", VAL, "--spec", "int2-g16",
                      "--method", "gptq", "--steps", "30", "--lr", "1e-3", "--batch-size", "4", "--seq-len", "64",
                      "--calib-samples", "32", "--calib-len", "64", "--limit", "10", "--ctx", "128", "--max-tokens", "1024",
-                     "--run-dir", str(run_dir), "--learn-clip", "--json", "--out", str(out_file)])
+                     "--run-dir", str(run_dir), "--learn-clip", "--distill", "--json", "--out", str(out_file)])
     out, err = capsys.readouterr()
     assert code == 0, err
     d = json.loads(out)
@@ -33,8 +34,8 @@ def test_bench_qat_rows(capsys, tmp_path):
     assert qat["steps"] == 30 and qat["train_tokens"] == 30 * 4 * 64
     assert qat["ppl"] < ptq["ppl"]  # 30 steps at int2 already recover some of the loss
     assert (run_dir / "loss.csv").exists() and d["train"]["learn_clip"] is True
-    assert json.loads((run_dir / "run.json").read_text())["qat"]["learn_clip"] is True
-    from cascade.bench.qat import table
-
+    assert d["train"]["distill"] is True and "distilled from the float model" in table(d).splitlines()[0]
+    run_json = json.loads((run_dir / "run.json").read_text())["qat"]
+    assert run_json["learn_clip"] is True and run_json["teacher"] == BIN
     assert f"{qat['gap_closed']:.0%}" in table(d).splitlines()[-1]
     assert cli.main(["bench", "qat", BIN, "--calib", TRAIN, "--train", TRAIN, "--data", VAL, "--spec", "int9"]) == 2

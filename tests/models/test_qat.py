@@ -13,7 +13,7 @@ from cascade.models import load_checkpoint, save_checkpoint
 from cascade.models.config import ModelConfig
 from cascade.models.llama import init_params
 from cascade.models.model import Model
-from cascade.models.qat import FakeQuantize, qat, starting_point
+from cascade.models.qat import FakeQuantize, qat, starting_point, teacher_params
 from cascade.models.quantize import quantize_model
 from cascade.models.training import TrainConfig, lm_loss
 
@@ -130,6 +130,36 @@ def test_qat_with_learned_clipping_saves_what_it_trained(start, tmp_path):
     assert differs > 0
 
 
+def _kl_to(model, reference, tokens):
+    from cascade.models.sensitivity import float_params
+
+    return float(lm_loss(float_params(model.params), CFG, jnp.asarray(tokens), teacher=reference.params))
+
+
+def test_distillation_pulls_the_quantized_model_toward_its_teacher(start, tmp_path):
+    """QAT with the float model as teacher lowers the KL from it (what it trains on), records the
+    teacher, and a teacher of another architecture is one clear error."""
+    import dataclasses
+    import json
+
+    val = _stream(600, seed=1)[: 4 * 17].reshape(4, 17)
+    # a random init predicts nearly uniformly; a larger final norm makes its predictions peaked
+    params = {**start.params, "final_norm": {"scale": start.params["final_norm"]["scale"] * 30}}
+    float_model = dataclasses.replace(start, params=params)
+    ptq, _ = quantize_model(float_model, RULES, progress=False)
+    before = _kl_to(ptq, float_model, val)
+    tc = dataclasses.replace(TC, lr=3e-4)  # the KL's gradients are small: Adam at 3e-3 random-walks
+    model, result, _ = qat(ptq, tc, _stream(), str(tmp_path / "run"), progress=False, teacher=float_model)
+    assert result.losses[-1] < 0.5 * result.losses[0]
+    assert before > 0.005 and _kl_to(model, float_model, val) < 0.85 * before, (before, _kl_to(model, float_model, val))
+    assert model.ptq["settings"]["teacher"] == "tiny" and model.ptq["start"]["method"] == "rtn"
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["qat"]["teacher"] == "tiny"
+    other = dataclasses.replace(start, config=dataclasses.replace(CFG, hidden_dim=64),
+                                params=init_params(dataclasses.replace(CFG, hidden_dim=64), jax.random.key(1)))
+    with pytest.raises(ValueError, match="not the student's architecture .differs in: hidden_dim"):
+        teacher_params(start, other)
+
+
 def test_starting_points_and_their_notes(start):
     ptq, _ = quantize_model(start, "int4-g16", progress=False)
     params, rules, notes = starting_point(ptq)
@@ -194,6 +224,11 @@ def test_the_qat_command_trains_saves_and_resumes(capsys, tmp_path, text):
     d = json.loads(out)
     assert d["notes"] == ["starting from the dequantized weights of qat (int3-g32)"]
     assert d["ptq"]["settings"]["learn_clip"] is True
+    # distillation: from the float model itself, or a --teacher for a checkpoint
+    code, out, err = run(capsys, "qat", out_dir, "--data", text, "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+                         "--teacher", BIN, "-o", str(tmp_path / "distilled"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["ptq"]["settings"]["teacher"] == BIN
 
 
 @pytest.mark.parametrize("args, code, message", [
@@ -202,6 +237,7 @@ def test_the_qat_command_trains_saves_and_resumes(capsys, tmp_path, text):
     (("--steps", "0", "--quant", "int3-g32"), 2, "0 is not in the range"),
     (("--steps", "2", "--quant", "int3-g32", "--lr", "nan"), 2, "not a finite number"),
     (("--steps", "2", "--quant", "int3-g32", "--clip-rate", "5"), 2, "--clip-rate applies only with --learn-clip"),
+    (("--steps", "2", "--quant", "int3-g32", "--teacher", "nope.bin"), 2, "nope.bin: no such file or directory"),
 ])
 def test_bad_qat_flags_are_one_line_errors(capsys, tmp_path, text, args, code, message):
     got, out, err = run(capsys, "qat", BIN, "--data", text, *args, "-o", str(tmp_path / "out"))

@@ -12,7 +12,7 @@ from cascade.models.config import ModelConfig
 from cascade.models.decoder import logits_of
 from cascade.models.llama import init_params
 from cascade.models.tokenizer import Tokenizer
-from cascade.models.training import (EOT, TrainConfig, eval_batches, lm_loss, load_trained, make_optimizer, sample_batch,
+from cascade.models.training import (EOT, TrainConfig, distillation_loss, eval_batches, lm_loss, load_trained, make_optimizer, sample_batch,
                              save_hf_tokenizer, token_stream, train, train_tokenizer)
 
 CFG = ModelConfig(vocab_size=64, dim=32, hidden_dim=64, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
@@ -93,6 +93,29 @@ def test_lm_loss_is_the_mean_next_token_cross_entropy():
     assert float(lm_loss(params, CFG, jnp.asarray(tokens))) == pytest.approx(ref, rel=1e-5)
     bf16 = float(lm_loss(params, CFG, jnp.asarray(tokens), jnp.bfloat16))
     assert bf16 == pytest.approx(ref, rel=2e-2)
+
+
+def _log_softmax64(x):
+    x = np.asarray(x, np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def test_the_distillation_loss_is_kl_from_the_teacher_and_trains_only_the_student():
+    student, teacher = init_params(CFG, jax.random.key(3)), init_params(CFG, jax.random.key(4))
+    tokens = STREAM[:66].reshape(2, 33)
+    log_q = _log_softmax64(logits_of(student, CFG, tokens[:, :-1]))
+    log_p = _log_softmax64(logits_of(teacher, CFG, tokens[:, :-1]))
+    ref = (np.exp(log_p) * (log_p - log_q)).sum(-1).mean()  # KL(teacher || student), averaged over positions
+    assert ref > 0.01
+    got = float(lm_loss(student, CFG, jnp.asarray(tokens), teacher=teacher))
+    assert got == pytest.approx(ref, rel=1e-4)
+    assert float(lm_loss(teacher, CFG, jnp.asarray(tokens), teacher=teacher)) == pytest.approx(0, abs=1e-6)
+    # a hand case: uniform teacher over 2 classes, student (log 3, 0) -> KL = log 2 - 1/2 log 3 + log 4 - log 3 ...
+    s, t = jnp.array([[np.log(3.0), 0.0]]), jnp.zeros((1, 2))
+    assert float(distillation_loss(s, t)) == pytest.approx(0.5 * np.log(0.5 / 0.75) + 0.5 * np.log(0.5 / 0.25), rel=1e-6)
+    g = jax.grad(lambda t: lm_loss(student, CFG, jnp.asarray(tokens), teacher=t))(teacher)
+    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(g))  # no gradient into the teacher
 
 
 def test_weight_decay_spares_norms():
