@@ -236,18 +236,22 @@ def app(debug: bool) -> None:
 @click.option("--small-kv", callback=_kv_spec, help="KV cache precision of the draft model [default: --kv].")
 @click.option("--large-kv", callback=_kv_spec, help="KV cache precision of the verifier model [default: --kv].")
 @click.option("--budget", help="Device memory budget (e.g. 64MB, 2GiB): checked before loading, for the whole "
-                                  "context and the batch; over budget is an error saying what would fit.")
+                                  "context and the batch; over budget is an error saying what would fit.  With "
+                                  "--mesh or --small-devices it is each device's budget.")
 @click.option("--prompts", "prompts_file", callback=_data_file,
               help="A UTF-8 file of prompts, one per line, generated together as one batch (instead of PROMPT); "
                    "with --json, one JSON object per line.")
 @click.option("--mesh", callback=lambda c, p, v: None if v is None else _mesh(v),
               help="tp=N: the large model over the first N devices JAX sees (tensor parallel), the small one "
                    "replicated on each [default: one device].")
+@click.option("--small-devices", type=click.IntRange(min=1),
+              help="Put the small model on N devices of its own (after the large model's), split over them, "
+                   "instead of a copy on each of the large model's devices.")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_len, draft_confidence, rule, alpha,
         defer_score, threshold, max_tokens, temperature, top_k, top_p, seed, kv, small_kv, large_kv, budget, prompts_file,
-        mesh, scale_dtype, as_json):
+        mesh, small_devices, scale_dtype, as_json):
     """Generate a continuation of PROMPT with the cascade: the small model drafts, the large one verifies.
 
     With no model paths it uses the embedded pair (default-small, default-large), so it works
@@ -279,20 +283,23 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     small_kv, large_kv = small_kv or kv, large_kv or kv
     _check_pair_kv(_pair_configs(mode, small_model, large_model), small_kv, large_kv, kv)
+    if small_devices is not None and mode in ("small", "large"):
+        raise click.UsageError(f"--small-devices needs both models; --mode {mode} runs one")
     if budget is not None:
         _check_budget(budget, mode, small_model, large_model, small_quant, large_quant, small_kv, large_kv, draft_len,
-                      len(prompts), scale_dtype)
+                      len(prompts), scale_dtype, tp=mesh or 1, small_devices=small_devices)
     # a single-model mode loads only that model
     pair = load_pair(small_model if mode != "large" else None, large_model if mode != "small" else None,
                      small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
     placement = None
-    if mesh is not None:
+    if mesh is not None or small_devices is not None:
         from cascade.pair import place_pair
 
         try:
-            pair, placement = place_pair(pair, mesh)
+            pair, placement = place_pair(pair, mesh or 1, small_devices)
         except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="'--mesh'") from None
+            hint = "'--small-devices'" if small_devices is not None and "small" in str(e) else "'--mesh'"
+            raise click.BadParameter(str(e), param_hint=hint) from None
     results = generate_batch(pair, prompts, mode=mode, max_new_tokens=max_tokens, draft_len=draft_len,
                              sampling=sampling, small_kv=small_kv, large_kv=large_kv, rule=rule, alpha=alpha,
                              defer_score=defer_score, threshold=threshold, draft_confidence=draft_confidence)
@@ -328,9 +335,9 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
 
 
 def _check_budget(budget, mode, small_model, large_model, small_quant, large_quant, small_kv, large_kv, draft_len, batch,
-                  scale_dtype) -> None:
+                  scale_dtype, tp=1, small_devices=None) -> None:
     """Refuse a run whose memory plan (from the configs, before loading; the whole context, ``batch``
-    rows) exceeds ``budget``, in one line with what would fit."""
+    rows; on the fullest device of the placement) exceeds ``budget``, in one line with what would fit."""
     from cascade.memory import over_budget_message, parse_bytes, plan_from_configs
 
     try:
@@ -339,8 +346,12 @@ def _check_budget(budget, mode, small_model, large_model, small_quant, large_qua
         raise click.BadParameter(str(e), param_hint="--budget") from None
     request = dict(small=small_model if mode != "large" else None, large=large_model if mode != "small" else None,
                    small_quant=small_quant, large_quant=large_quant, small_kv=small_kv, large_kv=large_kv,
-                   draft_len=draft_len, batch=batch, budget=budget, scale_dtype=scale_dtype)
-    plan = plan_from_configs(**request)
+                   draft_len=draft_len, batch=batch, budget=budget, scale_dtype=scale_dtype, tp=tp,
+                   small_devices=small_devices)
+    try:
+        plan = plan_from_configs(**request)
+    except ValueError as e:  # a tp the model cannot split
+        raise click.BadParameter(str(e), param_hint="'--mesh'") from None
     if not plan.fits:
         raise click.ClickException(over_budget_message(plan, **request))
 
@@ -1097,16 +1108,22 @@ def _is_llama2c(path: str) -> bool:
 @click.option("--ctx", type=click.IntRange(min=1), help="Positions per sequence [default: the pair's context].")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Sequences held at once.")
 @click.option("--draft-len", default=4, show_default=True, type=DraftLen(), help="As in `cascade run` (sizes the KV rings).")
-@click.option("--budget", help="Device memory budget, e.g. 2GiB or 512MB: exit 1 if the plan does not fit.")
+@click.option("--budget", help="Device memory budget, e.g. 2GiB or 512MB: exit 1 if the plan does not fit "
+                                  "(each device's, with --mesh or --small-devices).")
+@click.option("--mesh", callback=lambda c, p, v: None if v is None else _mesh(v),
+              help="tp=N: the large model split over N devices, as `cascade run --mesh` [default: one device].")
+@click.option("--small-devices", type=click.IntRange(min=1),
+              help="The small model on N devices of its own, as `cascade run --small-devices`.")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def plan(small_quant, large_quant, small_model, large_model, mode, kv, small_kv, large_kv, ctx, batch, draft_len, budget,
-         scale_dtype, as_json):
+         mesh, small_devices, scale_dtype, as_json):
     """Memory of a cascade: each model's weights and KV cache at a context, against --budget.
 
     Counts what the runtime allocates for the weights (as stored, quantized or not) and the KV
     caches (codes, scales, full-precision windows), and the workspace of the largest call (activations,
-    attention scores, logits), an upper estimate.
+    attention scores, logits), an upper estimate.  With --mesh/--small-devices it also gives
+    the bytes on each device (one shard of each model it holds), and --budget applies per device.
     """
     from cascade.memory import over_budget_message, parse_bytes, plan_from_configs, plan_memory
     from cascade.pair import load_pair
@@ -1121,20 +1138,28 @@ def plan(small_quant, large_quant, small_model, large_model, mode, kv, small_kv,
     small, large = small_model if mode != "large" else None, large_model if mode != "small" else None
     stored = [q for m, q in ((small, small_quant), (large, large_quant))
               if m is not None and (q is None or q.strip().lower() in ("none", "source"))]
-    if stored:  # a model kept as stored is counted from its loaded weights
-        pair = load_pair(small, large, small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
-        result = plan_memory(pair, ctx=ctx, batch=batch, small_kv=small_kv or kv, large_kv=large_kv or kv,
-                             draft_len=draft_len, budget=budget_bytes)
-        request = None
-    else:  # from the configs alone: nothing is loaded
-        request = dict(small=small, large=large, small_quant=small_quant, large_quant=large_quant, ctx=ctx, batch=batch,
-                       small_kv=small_kv or kv, large_kv=large_kv or kv, draft_len=draft_len, budget=budget_bytes,
-                       scale_dtype=scale_dtype)
-        result = plan_from_configs(**request)
+    if small_devices is not None and mode != "speculative":
+        raise click.UsageError(f"--small-devices needs both models; --mode {mode} plans one")
+    placement = dict(tp=mesh or 1, small_devices=small_devices)
+    try:
+        if stored:  # a model kept as stored is counted from its loaded weights
+            pair = load_pair(small, large, small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
+            result = plan_memory(pair, ctx=ctx, batch=batch, small_kv=small_kv or kv, large_kv=large_kv or kv,
+                                 draft_len=draft_len, budget=budget_bytes, **placement)
+            request = None
+        else:  # from the configs alone: nothing is loaded
+            request = dict(small=small, large=large, small_quant=small_quant, large_quant=large_quant, ctx=ctx,
+                           batch=batch, small_kv=small_kv or kv, large_kv=large_kv or kv, draft_len=draft_len,
+                           budget=budget_bytes, scale_dtype=scale_dtype, **placement)
+            result = plan_from_configs(**request)
+    except ValueError as e:
+        if "tp=" not in str(e):
+            raise
+        raise click.BadParameter(str(e), param_hint="'--mesh'" if mesh else "'--small-devices'") from None
     _emit(as_json, result.to_json(), result.table())
     if result.fits is False:
         raise click.ClickException(over_budget_message(result, **request) if request else
-                                   f"the plan needs {result.total:,} bytes; the budget is {result.budget:,} bytes "
+                                   f"the plan needs {result.bytes_per_device:,} bytes; the budget is {result.budget:,} bytes "
                                    f"(lower --ctx/--batch, or use --kv int4 / smaller weight specs)")
 
 

@@ -17,6 +17,15 @@ on calls of many rows (a prefill); the models run one call at a time, so the pla
 of the two models' workspaces, not their sum.  It is an upper estimate: XLA's own buffer
 assignment (``compiled.memory_analysis().temp_size_in_bytes``) for the runtime's calls stays below
 it (tested), at half to three quarters of it for a full-context prefill.
+
+**More than one device** (``tp``, ``small_devices``; :mod:`cascade.models.sharding`): the large
+model split over ``tp`` devices in the Megatron layout, and the small one either replicated on
+those same devices (default) or split over ``small_devices`` devices of its own.  Each model's
+per-device bytes are the one-device formulas applied to the config of one shard
+(:func:`cascade.models.sharding.shard_config`: heads, KV heads, MLP features and vocabulary
+divided by the model's ``tp``), which are exactly the shapes each device holds.  The plan then
+reports the bytes of the fullest device (``bytes_per_device``), and a budget applies to that: one
+device's memory, as on a GPU or TPU.
 """
 
 from __future__ import annotations
@@ -57,11 +66,25 @@ class ModelMemory:
     kv_bytes: int
     kv_bytes_per_token: float
     workspace_bytes: int = 0  # scratch of this model's largest call (the plan adds the larger model's)
+    tp: int = 1  # devices the model is split over
+    weight_bytes_per_device: int | None = None  # one shard's (None: tp 1, the whole)
+    kv_bytes_per_device: int | None = None
+    workspace_bytes_per_device: int | None = None
+
+    def __post_init__(self):
+        for name in ("weight_bytes", "kv_bytes", "workspace_bytes"):
+            if getattr(self, f"{name}_per_device") is None:
+                object.__setattr__(self, f"{name}_per_device", getattr(self, name))
 
     @property
     def total(self) -> int:
         """Weights and KV cache: what stays allocated."""
         return self.weight_bytes + self.kv_bytes
+
+    @property
+    def total_per_device(self) -> int:
+        """One device's share of :attr:`total`."""
+        return self.weight_bytes_per_device + self.kv_bytes_per_device
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -70,6 +93,7 @@ class MemoryPlan:
     batch: int
     models: tuple[ModelMemory, ...]
     budget: int | None
+    small_devices: int | None = None  # the small model on devices of its own (None: beside the large one)
 
     @property
     def workspace(self) -> int:
@@ -82,13 +106,38 @@ class MemoryPlan:
         return sum(m.total for m in self.models) + self.workspace
 
     @property
+    def device_groups(self) -> dict[str, dict]:
+        """``{group: {"devices": n, "bytes": per device}}``: the devices that hold the same things.
+        One group ``"all"`` unless the small model has devices of its own (``"large"``, ``"small"``);
+        models sharing devices share the workspace of the larger call."""
+        if self.small_devices is None:
+            groups = {"all": list(self.models)}
+        else:
+            groups = {m.role: [m] for m in self.models}
+        return {name: {"devices": max(m.tp for m in ms),
+                       "bytes": sum(m.total_per_device for m in ms) + max(m.workspace_bytes_per_device for m in ms)}
+                for name, ms in groups.items()}
+
+    @property
+    def devices(self) -> int:
+        return sum(g["devices"] for g in self.device_groups.values())
+
+    @property
+    def bytes_per_device(self) -> int:
+        """The fullest device's bytes: what a per-device budget is checked against (one device: :attr:`total`)."""
+        return max(g["bytes"] for g in self.device_groups.values())
+
+    @property
     def fits(self) -> bool | None:
-        return None if self.budget is None else self.total <= self.budget
+        return None if self.budget is None else self.bytes_per_device <= self.budget
 
     def to_json(self) -> dict:
         return {"ctx": self.ctx, "batch": self.batch, "budget": self.budget, "total_bytes": self.total,
-                "workspace_bytes": self.workspace, "fits": self.fits,
-                "models": [{**dataclasses.asdict(m), "total_bytes": m.total} for m in self.models]}
+                "workspace_bytes": self.workspace, "fits": self.fits, "devices": self.devices,
+                "small_devices": self.small_devices, "bytes_per_device": self.bytes_per_device,
+                "device_groups": self.device_groups,
+                "models": [{**dataclasses.asdict(m), "total_bytes": m.total, "total_bytes_per_device": m.total_per_device}
+                           for m in self.models]}
 
     def table(self) -> str:
         lines = [f"{'model':<6} {'weights':<14} {'kv':<8} {'weight bytes':>14} {'KV positions':>12} {'KV bytes':>14} "
@@ -99,9 +148,18 @@ class MemoryPlan:
         lines.append(f"workspace of the largest call (activations, attention scores, logits): {self.workspace:,} bytes")
         lines.append(f"total for {self.batch} sequence(s) of up to {self.ctx} positions: {self.total:,} bytes "
                      f"({self.total / 2**20:.1f} MiB)")
+        if self.devices > 1:
+            for name, g in self.device_groups.items():
+                held = [m.role for m in self.models if name in ("all", m.role)]
+                who = " and ".join(held) + (" models" if len(held) > 1 else " model")
+                split = ", ".join(f"{m.role} tp={m.tp}" + (" (replicated)" if m.tp == 1 and g["devices"] > 1 else "")
+                                  for m in self.models if name in ("all", m.role))
+                lines.append(f"on each of {g['devices']} device(s) holding the {who} ({split}): "
+                             f"{g['bytes']:,} bytes ({g['bytes'] / 2**20:.1f} MiB)")
         if self.budget is not None:
             verdict = "fits" if self.fits else "does NOT fit"
-            lines.append(f"budget {self.budget:,} bytes ({self.budget / 2**20:.1f} MiB): {verdict}")
+            what = "per device" if self.devices > 1 else ""
+            lines.append(f"budget {self.budget:,} bytes ({self.budget / 2**20:.1f} MiB){' ' + what if what else ''}: {verdict}")
         return "\n".join(lines)
 
 
@@ -180,10 +238,13 @@ def workspace_bytes(cfg, *, batch: int, positions: int, prompt_tokens: int, veri
 def plan_from_configs(small: str | None, large: str | None, *, small_quant: str | None = "int4",
                       large_quant: str | None = "int8", ctx: int | None = None, batch: int = 1, small_kv: str = "fp32",
                       large_kv: str = "fp32", draft_len: int | str = 4, budget: int | str | None = None,
-                      scale_dtype="float16") -> MemoryPlan:
+                      scale_dtype="float16", tp: int = 1, small_devices: int | None = None) -> MemoryPlan:
     """:func:`plan_memory` for the pair ``small``/``large`` (names or paths; None: absent) quantized
     under ``*_quant``, computed from the configs without loading weights.  A model kept as stored
-    (``*_quant`` None or "none") cannot be counted this way: ValueError (use :func:`plan_memory`)."""
+    (``*_quant`` None or "none") cannot be counted this way: ValueError (use :func:`plan_memory`).
+    ``tp``/``small_devices``: the placement (module docs)."""
+    from cascade.models.sharding import shard_config
+
     from cascade.models.loaders import read_config
 
     roles = [(role, src, quant, kv) for role, src, quant, kv in (("small", small, small_quant, small_kv),
@@ -192,14 +253,30 @@ def plan_from_configs(small: str | None, large: str | None, *, small_quant: str 
     if not roles:
         raise ValueError("the pair has no model to plan for")
     configs = {role: read_config(src) for role, src, _, _ in roles}
+    splits = _splits([r[0] for r in roles], tp, small_devices)
     weights = {}
     for role, src, quant, _ in roles:
         if quant is None or str(quant).strip().lower() in ("none", "source"):
             raise ValueError(f"the {role} model keeps its stored weights: its bytes are counted from the loaded "
                              "model (plan_memory), not from its config")
-        weights[role] = planned_weight_bytes(configs[role], quant, scale_dtype=scale_dtype)
+        weights[role] = (planned_weight_bytes(configs[role], quant, scale_dtype=scale_dtype),
+                         planned_weight_bytes(shard_config(configs[role], splits[role]), quant, scale_dtype=scale_dtype))
     return _plan([(role, src, quant, kv, configs[role], weights[role], _has_integer_spec(quant))
-                  for role, src, quant, kv in roles], ctx=ctx, batch=batch, draft_len=draft_len, budget=budget)
+                  for role, src, quant, kv in roles], ctx=ctx, batch=batch, draft_len=draft_len, budget=budget,
+                 splits=splits, small_devices=small_devices)
+
+
+def _splits(roles: list[str], tp: int, small_devices: int | None) -> dict[str, int]:
+    """Each model's tp: the large model (or a lone one) over ``tp``; the small one replicated beside
+    it (1) or over its own ``small_devices``."""
+    for name, n in (("tp", tp), ("small_devices", small_devices)):
+        if n is not None and (not isinstance(n, int) or n < 1):
+            raise ValueError(f"{name} must be a positive integer, got {n!r}")
+    if small_devices is not None and "small" not in roles:
+        raise ValueError("small_devices needs a small model")
+    if roles == ["small"]:
+        return {"small": tp if small_devices is None else small_devices}
+    return {"large": tp, **({"small": 1 if small_devices is None else small_devices} if "small" in roles else {})}
 
 
 def _has_integer_spec(rules) -> bool:
@@ -213,7 +290,8 @@ def _has_integer_spec(rules) -> bool:
 def over_budget_message(plan: MemoryPlan, **request) -> str:
     """One line for a plan over its budget: by how much, and which single changes would fit
     (``request``: the :func:`plan_from_configs` arguments that made ``plan``)."""
-    over = plan.total - plan.budget
+    need = plan.bytes_per_device
+    over = need - plan.budget
     tries = []
     kinds = {m.role: m for m in plan.models}
     if any(not m.kv.startswith("int4") for m in plan.models):
@@ -229,6 +307,9 @@ def over_budget_message(plan: MemoryPlan, **request) -> str:
     while batch >= 1:
         tries.append((f"--batch {batch}", {"batch": batch}))
         batch //= 2
+    tp = request.get("tp", 1)
+    for more in (2 * tp, 4 * tp, 8 * tp):  # more devices for the large model (a tp it cannot use is skipped)
+        tries.append((f"--mesh tp={more}", {"tp": more}))
     fits, seen = [], set()
     for label, change in tries:
         flag = label.split()[0]
@@ -238,32 +319,46 @@ def over_budget_message(plan: MemoryPlan, **request) -> str:
             alt = plan_from_configs(**{**request, **change})
         except ValueError:
             continue
-        if alt.total <= plan.budget:
-            fits.append(f"{label} ({alt.total:,} bytes)")
+        if alt.fits:
+            fits.append(f"{label} ({alt.bytes_per_device:,} bytes{' per device' if alt.devices > 1 else ''})")
             seen.add(flag)
     hint = f"; would fit: {', '.join(fits)}" if fits else "; nothing smaller in one change fits"
-    return (f"the plan needs {plan.total:,} bytes for {plan.batch} sequence(s) of {plan.ctx} positions; the budget "
+    where = f" on the fullest of {plan.devices} devices" if plan.devices > 1 else ""
+    return (f"the plan needs {need:,} bytes{where} for {plan.batch} sequence(s) of {plan.ctx} positions; the budget "
             f"is {plan.budget:,} bytes ({over:,} over){hint}")
 
 
 def plan_memory(pair, *, ctx: int | None = None, batch: int = 1, small_kv: str = "fp32", large_kv: str = "fp32",
-                draft_len: int | str = 4, budget: int | str | None = None) -> MemoryPlan:
-    """The memory plan of a loaded :class:`cascade.pair.ModelPair` (either model may be absent)."""
+                draft_len: int | str = 4, budget: int | str | None = None, tp: int = 1,
+                small_devices: int | None = None) -> MemoryPlan:
+    """The memory plan of a loaded :class:`cascade.pair.ModelPair` (either model may be absent);
+    ``tp``/``small_devices``: the placement (module docs)."""
+    from cascade.models.sharding import check_mesh, planned_bytes_per_device
     from cascade.quant.qtensor import QuantizedTensor
 
     def quantized(params) -> bool:
         return any(isinstance(leaf, QuantizedTensor) for leaf in
                    jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedTensor)))
 
-    models = [(role, m.source, m.quant, kv, m.config, weight_bytes(m.params), quantized(m.params))
-              for role, m, kv in (("small", pair.small, small_kv), ("large", pair.large, large_kv)) if m is not None]
-    if not models:
+    present = [(role, m, kv) for role, m, kv in (("small", pair.small, small_kv), ("large", pair.large, large_kv))
+               if m is not None]
+    if not present:
         raise ValueError("the pair has no model to plan for")
-    return _plan(models, ctx=ctx, batch=batch, draft_len=draft_len, budget=budget)
+    splits = _splits([role for role, _, _ in present], tp, small_devices)
+    for role, m, _ in present:
+        check_mesh(m.params, m.config, splits[role])
+    models = [(role, m.source, m.quant, kv, m.config,
+               (weight_bytes(m.params), planned_bytes_per_device(m.params, splits[role])), quantized(m.params))
+              for role, m, kv in present]
+    return _plan(models, ctx=ctx, batch=batch, draft_len=draft_len, budget=budget, splits=splits,
+                 small_devices=small_devices)
 
 
-def _plan(models, *, ctx, batch, draft_len, budget) -> MemoryPlan:
-    """``models``: (role, source, quant, kv, config, weight bytes, quantized weights?) per model."""
+def _plan(models, *, ctx, batch, draft_len, budget, splits=None, small_devices=None) -> MemoryPlan:
+    """``models``: (role, source, quant, kv, config, (weight bytes, per device), quantized weights?)
+    per model; ``splits``: each role's tp (default 1)."""
+    from cascade.models.sharding import shard_config
+
     context = min(m[4].max_seq_len for m in models)
     ctx = ctx or context
     if ctx > context:
@@ -278,13 +373,17 @@ def _plan(models, *, ctx, batch, draft_len, budget) -> MemoryPlan:
                  else cache_length(models[0][4], ctx))
     longest_prompt = prompt_bucket(ctx - 1)  # the prefill of the longest prompt that leaves room for a token
     rows = []
-    for role, source, quant, kv, cfg, wbytes, quantized in models:
-        mem = kv_cache_memory(cfg, kv, positions, batch=batch, rewind=rewind)
-        work = workspace_bytes(cfg, batch=batch, positions=positions, prompt_tokens=min(longest_prompt, positions),
-                               verify_tokens=draft_len + 1 if speculative else 1, quantized_kv=mem["kv"] not in
-                               ("fp32", "bf16", "fp16"), quantized_weights=quantized)
+    for role, source, quant, kv, cfg, (wbytes, wbytes_device), quantized in models:
+        tp = (splits or {}).get(role, 1)
+        shard = shard_config(cfg, tp)
+        mem, mem_device = (kv_cache_memory(c, kv, positions, batch=batch, rewind=rewind) for c in (cfg, shard))
+        work, work_device = (
+            workspace_bytes(c, batch=batch, positions=positions, prompt_tokens=min(longest_prompt, positions),
+                            verify_tokens=draft_len + 1 if speculative else 1, quantized_kv=mem["kv"] not in
+                            ("fp32", "bf16", "fp16"), quantized_weights=quantized) for c in (cfg, shard))
         rows.append(ModelMemory(role=role, source=source, quant=quant, kv=mem["kv"], weight_bytes=wbytes,
                                 kv_positions=positions, kv_bytes=mem["bytes"], kv_bytes_per_token=mem["bytes_per_token"],
-                                workspace_bytes=work))
-    return MemoryPlan(ctx=ctx, batch=batch, models=tuple(rows),
+                                workspace_bytes=work, tp=tp, weight_bytes_per_device=wbytes_device,
+                                kv_bytes_per_device=mem_device["bytes"], workspace_bytes_per_device=work_device))
+    return MemoryPlan(ctx=ctx, batch=batch, models=tuple(rows), small_devices=small_devices,
                       budget=None if budget is None else parse_bytes(budget) if isinstance(budget, str) else int(budget))

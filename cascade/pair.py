@@ -76,18 +76,39 @@ def load_pair(small: str | None = DEFAULT_SMALL, large: str | None = DEFAULT_LAR
                      large=None if l is None else _quantized(l, large_quant, scale_dtype))
 
 
-def place_pair(pair: ModelPair, tp: int) -> tuple[ModelPair, dict]:
-    """The pair on a ``tp`` mesh: the large model sharded in the Megatron layout
-    (:mod:`cascade.models.sharding`), the small one replicated on every device.  Returns the placed
-    pair and ``{"tp", "devices", "bytes_per_device"}`` (both models' bytes on each device)."""
+def place_pair(pair: ModelPair, tp: int, small_devices: int | None = None) -> tuple[ModelPair, dict]:
+    """The pair on devices: the large model sharded over the first ``tp`` devices in the Megatron
+    layout (:mod:`cascade.models.sharding`), the small one replicated on those same devices, or,
+    with ``small_devices``, sharded over the next ``small_devices`` devices of its own (the
+    speculative rounds then run each model's side on its devices:
+    :func:`cascade.speculative.split_round`).  Returns the placed pair and ``{"tp", "devices",
+    "bytes_per_device"}`` (both models' bytes on each device), plus ``"small_devices"`` and
+    ``"small_device_list"`` with devices of its own."""
+    import jax
+
     from cascade.models import sharding
 
+    if small_devices is not None:
+        if pair.small is None or pair.large is None:
+            raise ValueError("--small-devices places the small model beside the large one: it needs both models "
+                             "(--mode speculative, spec-cascade or defer)")
+        if small_devices < 1:
+            raise ValueError(f"small_devices must be a positive integer, got {small_devices}")
+        if tp + small_devices > jax.device_count():
+            raise ValueError(f"tp={tp} for the large model and {small_devices} device(s) for the small one need "
+                             f"{tp + small_devices} devices; JAX sees {jax.device_count()} ({jax.devices()[0].platform})")
     mesh = sharding.make_mesh(tp)
     large = None if pair.large is None else dataclasses.replace(
         pair.large, params=sharding.shard_params(pair.large.params, pair.large.config, mesh))
-    small = None if pair.small is None else dataclasses.replace(pair.small, params=sharding.replicate(pair.small.params, mesh))
+    small_mesh = mesh if small_devices is None else sharding.make_mesh(small_devices, jax.devices()[tp:])
+    small = None if pair.small is None else dataclasses.replace(
+        pair.small, params=(sharding.replicate(pair.small.params, small_mesh) if small_devices is None
+                            else sharding.shard_params(pair.small.params, pair.small.config, small_mesh)))
     placed = [m.params for m in (small, large) if m is not None]
-    return ModelPair(small=small, large=large), sharding.placement(mesh, placed)
+    info = sharding.placement(mesh, placed)
+    if small_devices is not None:
+        info.update(small_devices=small_devices, small_device_list=[str(d) for d in small_mesh.devices.flat])
+    return ModelPair(small=small, large=large), info
 
 
 @dataclasses.dataclass

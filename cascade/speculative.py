@@ -280,7 +280,22 @@ def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, targe
     exact): the caches rewound to the accepted prefix (``committed + 1 + n_accepted``; the draft one
     short when it accepted a proposal it never fed, ``behind'`` then holds it).
     """
-    committed = t_cache.lengths
+    d_cache, proposals, q, n_prop, n_fed, start, key, k_verify = _draft_part(
+        draft_params, draft_cfg, d_cache, t_cache.lengths, pending, behind, active, key, sampling, confidence, k=k,
+        greedy=greedy, want_q=rule is not None, adaptive=adaptive)
+    n_acc, nxt, deferred, t_cache = _verify_part(
+        target_params, target_cfg, t_cache, pending, proposals, q, n_prop, active, k_verify, sampling, alpha, k=k,
+        greedy=greedy, rule=rule, adaptive=adaptive)
+    behind, d_cache = _draft_rewind(d_cache, t_cache.lengths, proposals, n_acc, n_fed, start, active, behind)
+    return proposals, n_prop, n_acc, nxt, deferred, behind, d_cache, t_cache, key
+
+
+# The round's three parts: one jit above (one device call when both models share the devices), or
+# three calls (:func:`split_round`) when the draft has devices of its own.
+
+def _draft_part(draft_params, draft_cfg, d_cache, committed, pending, behind, active, key, sampling, confidence, *,
+                k, greedy, want_q, adaptive):
+    """The draft side of a round: feed what the draft has not seen, propose up to ``k`` tokens."""
     draft_vocab = draft_cfg.vocab_size
     has_behind = behind >= 0
     start = committed - has_behind.astype(jnp.int32)
@@ -290,7 +305,14 @@ def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, targe
     key, k_draft, k_verify = jax.random.split(key, 3)
     proposals, q, n_prop, n_fed, d_cache = propose(
         draft_params, draft_cfg, d_cache, chunk, 1 + has_behind.astype(jnp.int32), start, k_draft, sampling, k=k,
-        greedy=greedy, want_q=rule is not None, limit=jnp.where(active, k, 1), confidence=confidence if adaptive else None)
+        greedy=greedy, want_q=want_q, limit=jnp.where(active, k, 1), confidence=confidence if adaptive else None)
+    return d_cache, proposals, q, n_prop, n_fed, start, key, k_verify
+
+
+def _verify_part(target_params, target_cfg, t_cache, pending, proposals, q, n_prop, active, k_verify, sampling, alpha, *,
+                 k, greedy, rule, adaptive):
+    """The target side of a round: score the proposals, accept a prefix, rewind the target's cache."""
+    committed = t_cache.lengths
     offered = _offered(k, n_prop)
     # scorer: the target over [pending, d_1 .. d_k]; adaptive rounds score only as far as the longest
     # draft (the next of a few static lengths): a verification's cost grows with its positions
@@ -330,12 +352,54 @@ def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, targe
             pi = jnp.where(deferred[:, :, None], p[:, :k], q)
             n_acc, nxt = verify_sampled(proposals, q, jnp.concatenate([pi, p[:, k:]], axis=1), k_verify, n_prop)
     new_committed = jnp.where(active, committed + 1 + n_acc, committed)
+    return n_acc, nxt, deferred, decoder.rewind(t_cache, new_committed)
+
+
+def _draft_rewind(d_cache, new_committed, proposals, n_acc, n_fed, start, active, behind):
+    """The draft's cache rewound to the accepted prefix (one short when it accepted a proposal it
+    never fed: ``behind`` then holds it)."""
     unfed = n_acc > n_fed  # accepted a proposal the draft never fed (its last, when it drafted to the end)
     d_len = jnp.where(active, jnp.where(unfed, new_committed - 1, new_committed), start)
     behind = jnp.where(active, jnp.where(unfed, jnp.take_along_axis(proposals, jnp.maximum(n_acc - 1, 0)[:, None],
                                                                     axis=1)[:, 0], -1), behind)
-    return (proposals, n_prop, n_acc, nxt, deferred, behind, decoder.rewind(d_cache, d_len),
-            decoder.rewind(t_cache, new_committed), key)
+    return behind, decoder.rewind(d_cache, d_len)
+
+
+_draft_jit = jax.jit(_draft_part, static_argnames=("draft_cfg", "k", "greedy", "want_q", "adaptive"),
+                     donate_argnames=("d_cache",))
+_verify_jit = jax.jit(_verify_part, static_argnames=("target_cfg", "k", "greedy", "rule", "adaptive"),
+                      donate_argnames=("t_cache",))
+_rewind_jit = jax.jit(_draft_rewind, donate_argnames=("d_cache",))
+
+
+def devices_of(tree) -> frozenset:
+    """The devices ``tree``'s arrays live on."""
+    return frozenset(d for a in jax.tree.leaves(tree) for d in a.sharding.device_set)
+
+
+def split_round(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig, d_cache: KVCache,
+                t_cache: KVCache, pending, behind, active, key, sampling, alpha=0.0, confidence=0.0, *, k: int,
+                greedy: bool, rule: str | None = None, adaptive: bool = False):
+    """:func:`speculative_round` as three device calls, for a draft on devices of its own
+    (``--small-devices``): the draft proposes on its devices, the proposals (and the draft's
+    probabilities when the verification needs them) move to the target's devices, which verify,
+    and the accepted count moves back for the draft's rewind.  The same functions as the one-call
+    round, so the same tokens; what moves between the device sets is a few (B, k) arrays."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def onto(params, tree):
+        mesh = jax.tree.leaves(params)[0].sharding.mesh
+        return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+    d_in = onto(draft_params, (t_cache.lengths, pending, behind, active, key, sampling, confidence))
+    d_cache, proposals, q, n_prop, n_fed, start, key, k_verify = _draft_jit(
+        draft_params, draft_cfg, d_cache, *d_in, k=k, greedy=greedy, want_q=rule is not None, adaptive=adaptive)
+    t_in = onto(target_params, (pending, proposals, q, n_prop, active, k_verify, sampling, alpha))
+    n_acc, nxt, deferred, t_cache = _verify_jit(target_params, target_cfg, t_cache, *t_in, k=k, greedy=greedy,
+                                                 rule=rule, adaptive=adaptive)
+    back = onto(draft_params, (t_cache.lengths, n_acc))
+    behind, d_cache = _rewind_jit(d_cache, back[0], proposals, back[1], n_fed, start, d_in[3], d_in[2])
+    return proposals, n_prop, n_acc, nxt, deferred, behind, d_cache, t_cache, key
 
 
 AUTO_DRAFT_LEN = 8  # draft_len="auto": draft up to this many tokens per round ...
@@ -468,9 +532,11 @@ def speculative_stream(draft_params, draft_cfg: ModelConfig, target_params, targ
     pending = jnp.asarray(first, jnp.int32)
     behind = jnp.full((batch,), -1, jnp.int32)
     rounds, t_round1, n_round1 = 0, None, None
+    # a draft on devices of its own (--small-devices) runs its side of each round there
+    round_fn = split_round if devices_of(draft_params).isdisjoint(devices_of(target_params)) else speculative_round
     while not all(done):
         active = jnp.asarray([not d for d in done])
-        proposals, n_prop, n_acc, nxt, deferred, behind, d_cache, t_cache, key = speculative_round(
+        proposals, n_prop, n_acc, nxt, deferred, behind, d_cache, t_cache, key = round_fn(
             draft_params, draft_cfg, target_params, target_cfg, d_cache, t_cache, pending, behind, active, key, params,
             jnp.float32(alpha), jnp.float32(confidence), k=k, greedy=sampling.greedy, rule=rule, adaptive=confidence > 0)
         proposals_h, n_prop_h, n_acc_h, nxt_h, deferred_h = (np.asarray(proposals), np.asarray(n_prop),

@@ -117,10 +117,10 @@ def _split_dim(path: str, ndim: int) -> int | None:
     return next((i for i, s in enumerate(spec) if s == AXIS), None)
 
 
-def check_mesh(params, cfg: ModelConfig, tp: int) -> None:
-    """Raise one clear ``ValueError`` when ``tp`` cannot split this model (module docs)."""
-    if tp == 1:
-        return
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+    """One clear ``ValueError`` when ``tp`` does not divide the dimensions the layout splits."""
+    if not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tp must be a positive integer, got {tp!r}")
     dims = (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads), ("hidden_dim", cfg.hidden_dim),
             ("vocab_size", cfg.vocab_size))
     for name, n in dims:
@@ -128,6 +128,28 @@ def check_mesh(params, cfg: ModelConfig, tp: int) -> None:
             fits = [d for d in range(1, 65) if all(v % d == 0 for _, v in dims)]
             raise ValueError(f"tp={tp} does not divide {name}={n}: this model splits over tp in "
                              f"{{{', '.join(map(str, fits))}}}")
+
+
+def shard_config(cfg: ModelConfig, tp: int) -> ModelConfig:
+    """The config one device's shard looks like under the layout: ``n_heads``, ``n_kv_heads``,
+    ``hidden_dim`` and ``vocab_size`` divided by ``tp``, ``dim`` whole.  Its parameter shapes are
+    exactly the per-device shapes of :func:`partition_specs` (a column split divides the output
+    features, a row split the input features, the embedding its rows), so the memory plan counts
+    one device's weights, KV cache and activations with the one-device formulas."""
+    import dataclasses
+
+    check_tp(cfg, tp)
+    if tp == 1:
+        return cfg
+    return dataclasses.replace(cfg, n_heads=cfg.n_heads // tp, n_kv_heads=cfg.n_kv_heads // tp,
+                               hidden_dim=cfg.hidden_dim // tp, vocab_size=cfg.vocab_size // tp)
+
+
+def check_mesh(params, cfg: ModelConfig, tp: int) -> None:
+    """Raise one clear ``ValueError`` when ``tp`` cannot split this model (module docs)."""
+    if tp == 1:
+        return
+    check_tp(cfg, tp)
     is_q = lambda a: isinstance(a, QuantizedTensor)  # noqa: E731
     for keypath, a in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_q)[0]:
         path = key_path_str(keypath)

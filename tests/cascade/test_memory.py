@@ -170,3 +170,39 @@ def test_the_workspace_bounds_what_xla_assigns_for_the_runtimes_calls(default_pa
                                    prompt_tokens=tokens if last_only else 1, verify_tokens=1 if last_only else tokens,
                                    quantized_kv=True, quantized_weights=True)
         assert xla_scratch(large, "int8", batch, tokens, positions, last_only) <= estimate
+
+
+def test_the_per_device_plan_counts_one_shard_of_each_model(default_pair):
+    """tp=2: each device holds half of the large model's split tensors (exactly what the layout
+    places, from the loaded params' shapes) and half its KV heads, plus the whole small model
+    beside it; or, with small devices of its own, only the large shard.  The budget applies per
+    device."""
+    from cascade.memory import over_budget_message, plan_from_configs
+    from cascade.models import kv_cache_memory
+    from cascade.models.sharding import planned_bytes_per_device
+
+    one = plan_from_configs("default-small", "default-large", ctx=256)
+    two = plan_from_configs("default-small", "default-large", ctx=256, tp=2)
+    own = plan_from_configs("default-small", "default-large", ctx=256, tp=2, small_devices=1)
+    small, large = two.models
+    assert large.weight_bytes_per_device == planned_bytes_per_device(default_pair.large.params, 2)
+    assert small.weight_bytes_per_device == small.weight_bytes == planned_bytes_per_device(default_pair.small.params, 1)
+    whole = kv_cache_memory(default_pair.large.config, "fp32", large.kv_positions, rewind=5)["bytes"]
+    assert large.kv_bytes == whole and large.kv_bytes_per_device == whole // 2  # fp32: the KV heads halve it exactly
+    assert two.total == one.total  # the same bytes in all, spread differently
+    assert two.bytes_per_device == (small.total + large.weight_bytes_per_device + large.kv_bytes_per_device
+                                    + max(small.workspace_bytes, large.workspace_bytes_per_device))
+    assert own.device_groups["small"] == {"devices": 1, "bytes": small.total + small.workspace_bytes}
+    assert own.device_groups["large"]["bytes"] == (large.weight_bytes_per_device + large.kv_bytes_per_device
+                                                   + large.workspace_bytes_per_device)
+    assert own.devices == 3 and own.bytes_per_device < two.bytes_per_device < one.bytes_per_device
+    # a budget between one device's share and the whole: fits split, not on one device, and says so
+    budget = (two.bytes_per_device + one.bytes_per_device) // 2
+    request = dict(small="default-small", large="default-large", ctx=256, budget=budget)
+    assert plan_from_configs(**request, tp=2).fits is True
+    refused = plan_from_configs(**request)
+    assert refused.fits is False and "--mesh tp=2" in over_budget_message(refused, **request)
+    with pytest.raises(ValueError, match="tp=4 does not divide n_kv_heads=2"):
+        plan_from_configs("default-small", "default-large", tp=4)
+    with pytest.raises(ValueError, match="small_devices needs a small model"):
+        plan_from_configs(None, "default-large", small_devices=1)

@@ -37,6 +37,46 @@ def _prefill_and_step(params, cache):
     return np.concatenate([np.asarray(logits).reshape(-1), np.asarray(logits2).reshape(-1)])
 
 
+def _pair_on_own_devices(float_model) -> dict:
+    """The large model (int4-g16) over devices 0-1, the small one (float) over 2-3 (split rounds)
+    or copied onto 0-1 (one-call rounds): the tokens of each against one device, and the bytes
+    each device holds against the per-device memory plan."""
+    from cascade.memory import plan_memory
+    from cascade.models import SamplingConfig
+    from cascade.pair import ModelPair, place_pair
+    from cascade.speculative import RULES
+
+    large = quantize_model(float_model, "int4-g16", progress=False)[0]
+    small = Model(config=CFG, params=init_params(CFG, jax.random.key(1)), source="small")  # a different draft
+    pair = ModelPair(small=small, large=large)
+    own, own_info = place_pair(pair, 2, small_devices=2)
+    shared, _ = place_pair(pair, 2)
+    out = {"own_devices": own_info["small_device_list"], "bytes": own_info["bytes_per_device"]}
+    ref = generate(large.params, CFG, [PROMPT], max_new_tokens=10).tokens[0]
+    hot = SamplingConfig(temperature=0.9, seed=3)
+    runs = {}
+    for name, placed in (("own", own), ("shared", shared), ("one", pair)):
+        args = (placed.small.params, CFG, placed.large.params, CFG, PROMPT)
+        runs[name] = {"greedy": speculative_generate(*args, max_new_tokens=10, draft_len=3).tokens,
+                      "sampled": speculative_generate(*args, max_new_tokens=10, draft_len=3, sampling=hot).tokens,
+                      "cascade": speculative_generate(*args, max_new_tokens=10, draft_len="auto", rule=RULES[0],
+                                                      alpha=0.5).tokens}
+    out["greedy_equal_large"] = runs["own"]["greedy"] == ref
+    out["equal_shared"] = {k: runs["own"][k] == runs["shared"][k] for k in runs["own"]}
+    out["equal_one_device"] = {k: runs["own"][k] == runs["one"][k] for k in runs["own"]}
+    plan = plan_memory(pair, tp=2, small_devices=2, large_kv="int8", small_kv="fp32", ctx=48)
+    by_role = {m.role: m for m in plan.models}
+    out["planned_weights"] = {role: m.weight_bytes_per_device for role, m in by_role.items()}
+    mesh_large, mesh_small = (sharding.make_mesh(2, jax.devices()[i:]) for i in (0, 2))
+    out["kv"] = {}
+    for role, mesh in (("large", mesh_large), ("small", mesh_small)):
+        m = by_role[role]
+        cache = sharding.shard_cache(KVCache.create(CFG, 1, m.kv_positions, m.kv, rewind=4 + 1), mesh)
+        out["kv"][role] = {"planned": m.kv_bytes_per_device, "live": sharding.bytes_per_device(cache)}
+    out["plan_groups"] = plan.device_groups
+    return out
+
+
 def main() -> int:
     out = {"devices": jax.device_count(), "runs": [], "errors": {}}
     float_model = Model(config=CFG, params=init_params(CFG, jax.random.key(0)), source="tiny")
@@ -67,6 +107,7 @@ def main() -> int:
                     run[f"cache_{kv}_devices"] = len(placed.sharding.device_set)
                     run[f"cache_{kv}_max_diff"] = float(np.abs(got - ref).max())
             out["runs"].append(run)
+    out["pair"] = _pair_on_own_devices(float_model)
     quantized32 = quantize_model(float_model, "int4-g32", progress=False)[0]
     for name, params, tp in (("tp8", float_model.params, 8), ("tp3", float_model.params, 3),
                              ("int4-g32 tp4", quantized32.params, 4), ("tp16", float_model.params, 16)):

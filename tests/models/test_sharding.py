@@ -47,6 +47,33 @@ def test_each_device_holds_the_planned_bytes(result):
     assert by[("float", 4)] < 0.3 * by[("float", 1)]  # only norms replicate
 
 
+def test_a_small_model_on_devices_of_its_own_gives_the_same_tokens(result):
+    """--small-devices: the rounds run in three calls over two device sets (split_round), and give
+    the one-call rounds' tokens: greedy (= the large model's), sampled, and a speculative cascade."""
+    pair = result["pair"]
+    assert pair["own_devices"] == ["TFRT_CPU_2", "TFRT_CPU_3"] or pair["own_devices"][0].endswith("2")
+    assert len(pair["bytes"]) == 4  # the large model on 2 devices, the small one on 2 others
+    assert pair["greedy_equal_large"] is True
+    assert pair["equal_shared"] == {"greedy": True, "sampled": True, "cascade": True}
+    assert pair["equal_one_device"] == {"greedy": True, "sampled": True, "cascade": True}
+
+
+def test_the_per_device_plan_matches_what_each_device_holds(result):
+    pair = result["pair"]
+    devices = sorted(pair["bytes"])
+    large_dev, small_dev = devices[:2], devices[2:]
+    for role, devs in (("large", large_dev), ("small", small_dev)):
+        planned = pair["planned_weights"][role]
+        for d in devs:
+            assert abs(pair["bytes"][d] - planned) <= 0.05 * planned, (role, d, pair["bytes"][d], planned)
+        kv = pair["kv"][role]
+        assert len(kv["live"]) == 2
+        for held in kv["live"].values():
+            assert abs(held - kv["planned"]) <= 0.05 * kv["planned"], (role, kv)
+    groups = pair["plan_groups"]
+    assert set(groups) == {"large", "small"} and groups["large"]["devices"] == groups["small"]["devices"] == 2
+
+
 def test_a_tp_that_cannot_split_the_model_is_one_clear_error(result):
     e = result["errors"]
     assert e["tp8"] == "tp=8 does not divide n_kv_heads=4: this model splits over tp in {1, 2, 4}"
@@ -126,3 +153,12 @@ def test_run_with_a_mesh_gives_the_large_models_tokens(capsys):
     two = json.loads(proc.stdout)
     assert two["token_ids"] == one["token_ids"] and two["mesh"]["tp"] == 2
     assert len(two["mesh"]["bytes_per_device"]) == 2
+    # the small model on 2 devices of its own, under a per-device budget
+    proc = _cli(*args, "--mesh", "tp=2", "--small-devices", "2", "--budget", "64MB")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    own = json.loads(proc.stdout)
+    assert own["token_ids"] == one["token_ids"] and own["mesh"]["small_devices"] == 2
+    assert len(own["mesh"]["bytes_per_device"]) == 4
+    proc = _cli(*args, "--mesh", "tp=2", "--small-devices", "3")
+    assert proc.returncode == 2 and "need 5 devices; JAX sees 4" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
