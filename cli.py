@@ -387,12 +387,23 @@ _MODEL_HELP = ("MODEL is a built-in name (default-small, default-large), a Huggi
 
 
 def _load_model(path: str, tokenizer: str | None, quant_rules: str | None, need_tokenizer: bool = True,
-                scale_dtype: str = "float16"):
-    """Load MODEL, check it has a tokenizer if needed, and RTN-quantize it if ``quant_rules``."""
+                scale_dtype: str = "float16", mesh: int | None = None):
+    """Load MODEL, check it has a tokenizer if needed, and RTN-quantize it if ``quant_rules``.
+    ``mesh`` (a tp, with no ``quant_rules``): read it straight into the tensor-parallel layout."""
     from cascade.models import load_model, quantize_model
 
     _check_tokenizer_flag(path, tokenizer)
-    model = load_model(path, tokenizer=tokenizer)
+    if mesh is not None and quant_rules is None:
+        from cascade.models import sharding
+
+        try:
+            model = load_model(path, tokenizer=tokenizer, mesh=sharding.make_mesh(mesh))
+        except ValueError as e:
+            if "tp=" not in str(e):
+                raise
+            raise click.BadParameter(str(e)[str(e).index("tp="):], param_hint="'--mesh'") from None
+    else:
+        model = load_model(path, tokenizer=tokenizer)
     if need_tokenizer and model.tokenizer is None:
         raise click.ClickException(f"{path}: no tokenizer found; pass --tokenizer PATH (a SentencePiece .model)")
     report = None
@@ -889,7 +900,7 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv
         raise click.UsageError("--reference compares plain forwards; drop --kv")
     if reference is not None and reference != "source":
         _model(None, None, reference)
-    loaded, _ = _load_model(model, tokenizer, None, scale_dtype=scale_dtype)
+    loaded, _ = _load_model(model, tokenizer, None, scale_dtype=scale_dtype, mesh=mesh if quant_rules is None else None)
     source = loaded
     if quant_rules is not None:
         from cascade.models import quantize_model
@@ -979,7 +990,7 @@ def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, 
     from cascade.quant.kernels.cpu import attention_backend
 
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    loaded, _ = _load_model(model, tokenizer, quant_rules, scale_dtype=scale_dtype)
+    loaded, _ = _load_model(model, tokenizer, quant_rules, scale_dtype=scale_dtype, mesh=mesh)
     _check_kv_fits(kv, loaded.config)
     tok = loaded.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt

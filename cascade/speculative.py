@@ -374,7 +374,7 @@ _rewind_jit = jax.jit(_draft_rewind, donate_argnames=("d_cache",))
 
 def devices_of(tree) -> frozenset:
     """The devices ``tree``'s arrays live on."""
-    return frozenset(d for a in jax.tree.leaves(tree) for d in a.sharding.device_set)
+    return frozenset(d for a in jax.tree.leaves(tree) if isinstance(a, jax.Array) for d in a.sharding.device_set)
 
 
 def split_round(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig, d_cache: KVCache,
@@ -533,7 +533,9 @@ def speculative_stream(draft_params, draft_cfg: ModelConfig, target_params, targ
     behind = jnp.full((batch,), -1, jnp.int32)
     rounds, t_round1, n_round1 = 0, None, None
     # a draft on devices of its own (--small-devices) runs its side of each round there
-    round_fn = split_round if devices_of(draft_params).isdisjoint(devices_of(target_params)) else speculative_round
+    draft_devices, target_devices = devices_of(draft_params), devices_of(target_params)
+    own = draft_devices and target_devices and draft_devices.isdisjoint(target_devices)
+    round_fn = split_round if own else speculative_round
     while not all(done):
         active = jnp.asarray([not d for d in done])
         proposals, n_prop, n_acc, nxt, deferred, behind, d_cache, t_cache, key = round_fn(

@@ -354,8 +354,15 @@ def _fsync_dir(path: str) -> None:
 # ---------------------------------------------------------------------------------------- load
 
 
-def load_checkpoint(directory) -> Model:
-    """Read a checkpoint written by :func:`save_checkpoint`, verifying every array's hash."""
+def load_checkpoint(directory, *, mesh=None) -> Model:
+    """Read a checkpoint written by :func:`save_checkpoint`, verifying every array's hash.
+
+    ``mesh`` (a :func:`cascade.models.sharding.make_mesh` mesh): restore straight into the tensor
+    parallel layout, each process reading only the slices its devices hold (orbax restores every
+    array with its target :class:`~jax.sharding.NamedSharding`), so a process's host memory is
+    bounded by its shards, not the model.  The layout is checked first (``tp`` must split the
+    model: :func:`cascade.models.sharding.check_mesh`).  The array files' hashes are verified as
+    always; the per-tensor hashes, which would need each whole tensor on one host, are not."""
     where = os.path.abspath(os.fspath(directory))
     recover_interrupted_save(where)
     if not os.path.exists(where):
@@ -376,15 +383,17 @@ def load_checkpoint(directory) -> Model:
     _verify_files(arrays_dir, manifest["array_files"], where, ARRAYS_DIR)  # before orbax sees a damaged file
     if manifest["tokenizer"] is not None:
         _verify_files(tokenizer_dir, manifest["tokenizer"], where, TOKENIZER_DIR)
-    restored = _read_arrays(arrays_dir, entries, where)
+    shardings = None if mesh is None else _target_shardings(config, entries, mesh, where)
+    restored = _read_arrays(arrays_dir, entries, where, shardings)
 
     params: dict = {}
     for name, e in entries.items():
         path = tuple(name.split("/"))
+        check = _verified if mesh is None else _verified_shape
         if e["kind"] == "float":
-            value = _verified(restored, path, e, name, where)
+            value = check(restored, path, e, name, where)
         else:
-            leaves = {k: _verified(restored, path + (k,), info, f"{name}/{k}", where)
+            leaves = {k: check(restored, path + (k,), info, f"{name}/{k}", where)
                       for k, info in e["leaves"].items()}
             value = QuantizedTensor(leaves["packed"], leaves["scale"], leaves.get("zero"), leaves.get("act_scale"), spec=e["_spec"],
                                     shape=tuple(e["shape"]), axis=e["axis"], dtype=e["dtype"])
@@ -525,13 +534,56 @@ def _leaf_specs(entries: dict) -> dict[tuple[str, ...], dict]:
     return out
 
 
-def _read_arrays(path: str, entries: dict, where: str) -> dict:
+def _skeleton(entries: dict) -> dict:
+    """The params tree of ``entries`` with :class:`jax.ShapeDtypeStruct` leaves (quantized tensors
+    as :class:`QuantizedTensor` of them): what the sharding layout reads, without any array."""
+    tree: dict = {}
+    for name, e in entries.items():
+        leaf = lambda info: jax.ShapeDtypeStruct(tuple(info["shape"]), np.dtype(info["dtype"]))  # noqa: E731
+        if e["kind"] == "float":
+            value = leaf(e)
+        else:
+            ls = {k: leaf(info) for k, info in e["leaves"].items()}
+            value = QuantizedTensor(ls["packed"], ls["scale"], ls.get("zero"), ls.get("act_scale"), spec=e["_spec"],
+                                    shape=tuple(e["shape"]), axis=e["axis"], dtype=e["dtype"])
+        _nested_set(tree, tuple(name.split("/")), value)
+    return tree
+
+
+def _target_shardings(config: ModelConfig, entries: dict, mesh, where: str) -> dict:
+    """``{leaf path: NamedSharding}`` of the tensor-parallel layout on ``mesh`` for every stored array."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from cascade.models import sharding
+
+    skeleton = _skeleton(entries)
+    try:
+        sharding.check_mesh(skeleton, config, mesh.shape[sharding.AXIS])
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    specs = sharding.partition_specs(skeleton)
+    out = {}
+    for name, e in entries.items():
+        path = tuple(name.split("/"))
+        node = specs
+        for k in path:
+            node = node[k]
+        if e["kind"] == "float":
+            out[path] = NamedSharding(mesh, node)
+        else:
+            for k in e["leaves"]:
+                out[path + (k,)] = NamedSharding(mesh, getattr(node, k) or PartitionSpec())
+    return out
+
+
+def _read_arrays(path: str, entries: dict, where: str, shardings: dict | None = None) -> dict:
     import orbax.checkpoint as ocp
 
     specs = _leaf_specs(entries)
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target: dict = {}
     for p, info in specs.items():
+        sharding = one if shardings is None else shardings[p]
         _nested_set(target, p, jax.ShapeDtypeStruct(tuple(info["shape"]), np.dtype(info["dtype"]), sharding=sharding))
     try:
         with ocp.StandardCheckpointer() as ckpt:
@@ -582,6 +634,21 @@ def _verified(restored: dict, path: tuple[str, ...], info: dict, name: str, wher
     if _sha256(host) != info["sha256"]:
         raise ValueError(f"{where}: tensor {name!r} is corrupted (sha256 mismatch)")
     return node if isinstance(node, jax.Array) else jnp.asarray(host)
+
+
+def _verified_shape(restored: dict, path: tuple[str, ...], info: dict, name: str, where: str):
+    """A sharded restore's check: the array is there with the manifest's shape and dtype (its bytes
+    were verified with the files; no host holds the whole tensor to hash it)."""
+    node = restored
+    try:
+        for k in path:
+            node = node[k]
+    except (KeyError, TypeError):
+        raise ValueError(f"{where}: tensor {name!r} was not restored") from None
+    if tuple(node.shape) != tuple(info["shape"]) or str(node.dtype) != info["dtype"]:
+        raise ValueError(f"{where}: tensor {name!r} restored as {node.dtype}{list(node.shape)}, "
+                         f"expected {info['dtype']}{info['shape']}")
+    return node
 
 
 def _load_tokenizer(path: str, where: str):

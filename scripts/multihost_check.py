@@ -60,6 +60,23 @@ def worker() -> dict:
         out = generate(placed, cfg, [[1, 2, 3]], max_new_tokens=8).tokens[0]
         runs.append({"weights": name, "tp": tp, "max_logit_diff": float(np.abs(logits - ref_logits).max()),
                      "tokens_equal": out == ref_tokens, "local_bytes": sum(sharding.bytes_per_device(placed).values())})
+    # loading at scale: each process reads only its devices' slices of a Hugging Face checkpoint
+    import tempfile
+
+    from cascade.models import load_model
+    from cascade.models.export import save_hf
+    from cascade.models.loaders import hf
+
+    with tempfile.TemporaryDirectory(prefix=f"multihost-{info['process_index']}-") as tmp:
+        params, ref_logits, ref_tokens = refs["float"]
+        save_hf(params, cfg, os.path.join(tmp, "hf"))
+        before = hf.READ_BYTES["sharded"]
+        loaded = load_model(os.path.join(tmp, "hf"), mesh=sharding.make_mesh(tp))
+        logits = np.asarray(multihost_utils.process_allgather(logits_of(loaded.params, cfg, tokens), tiled=True))
+        runs.append({"weights": "float, loaded sharded", "tp": tp, "max_logit_diff": float(np.abs(logits - ref_logits).max()),
+                     "tokens_equal": generate(loaded.params, cfg, [[1, 2, 3]], max_new_tokens=8).tokens[0] == ref_tokens,
+                     "read_bytes": hf.READ_BYTES["sharded"] - before,
+                     "model_bytes": int(sum(np.asarray(a).nbytes for a in jax.tree.leaves(params)))})
     return {**info, "runs": runs}
 
 

@@ -71,6 +71,29 @@ def test_plan_json_and_budget(capsys):
     assert code == 1 and "(4,892,096 over); would fit: --kv int4 (165,795,136 bytes)" in err
 
 
+def test_plan_per_device_with_a_mesh(capsys):
+    """--mesh/--small-devices: the plan per device group, and --budget is each device's."""
+    code, out, _ = run(capsys, "plan", "--json")
+    one = json.loads(out)
+    code, out, _ = run(capsys, "plan", "--mesh", "tp=2", "--json")
+    two = json.loads(out)
+    assert code == 0 and two["total_bytes"] == one["total_bytes"] and two["devices"] == 2
+    assert two["bytes_per_device"] < one["bytes_per_device"] == one["total_bytes"]
+    assert list(two["device_groups"]) == ["all"] and [m["tp"] for m in two["models"]] == [1, 2]
+    code, out, _ = run(capsys, "plan", "--mesh", "tp=2", "--small-devices", "1", "--json")
+    own = json.loads(out)
+    assert code == 0 and own["devices"] == 3 and own["bytes_per_device"] == own["device_groups"]["large"]["bytes"]
+    # a budget one device's share fits, the whole pair does not
+    code, _, err = run(capsys, "plan", "--budget", str(two["bytes_per_device"]))
+    assert code == 1 and "would fit:" in err and "--mesh tp=2" in err
+    code, _, err = run(capsys, "plan", "--mesh", "tp=2", "--budget", str(two["bytes_per_device"]))
+    assert code == 0 and "per device: fits" in err  # the table goes to stderr
+    code, _, err = run(capsys, "plan", "--mesh", "tp=4")
+    assert code == 2 and "tp=4 does not divide n_kv_heads=2" in err and err.count("\n") == 1
+    code, _, err = run(capsys, "plan", "--mode", "large", "--small-devices", "1")
+    assert code == 2 and "--small-devices needs both models" in err
+
+
 @pytest.mark.parametrize("args", [
     ("eval", BIN, "--data", VAL, "--kv", "int3"),
     ("generate", BIN, "hi", "--kv", "int4-r40"),

@@ -16,7 +16,23 @@ import os
 from cascade.models.model import Model
 
 
-def load_model(path, *, tokenizer=None) -> Model:
+def load_model(path, *, tokenizer=None, mesh=None) -> Model:
+    """The model at ``path`` (a built-in name, a Hugging Face directory, a saved checkpoint, a .gguf
+    or a llama2.c .bin).  ``mesh`` (:func:`cascade.models.sharding.make_mesh`): its parameters in
+    the tensor-parallel layout.  A checkpoint and a Hugging Face directory are read shard by shard
+    (each process reads only the slices its devices hold); a .gguf or .bin file is read whole and
+    then placed."""
+    model = _load(path, tokenizer=tokenizer, mesh=mesh)
+    if mesh is not None and model.format not in ("checkpoint", "hf"):
+        import dataclasses
+
+        from cascade.models import sharding
+
+        model = dataclasses.replace(model, params=sharding.shard_params(model.params, model.config, mesh))
+    return model
+
+
+def _load(path, *, tokenizer=None, mesh=None) -> Model:
     from cascade.models.defaults import resolve_model_path
 
     path = resolve_model_path(path)
@@ -35,11 +51,11 @@ def load_model(path, *, tokenizer=None) -> Model:
         if is_checkpoint(path):
             from cascade.models.checkpoint import load_checkpoint
 
-            return load_checkpoint(path)
+            return load_checkpoint(path, mesh=mesh)
         from cascade.models.loaders.hf import is_hf_dir, load_hf
 
         if is_hf_dir(path):
-            return load_hf(path)
+            return load_hf(path, mesh=mesh)
         raise ValueError(f"{path}: not a model directory (no config.json or cascade_checkpoint.json)")
     lower = path.lower()
     if lower.endswith(".gguf"):

@@ -17,7 +17,9 @@ from cascade.models.llama import param_shapes
 from cascade.quant.qtensor import QuantizedTensor
 
 
-def build_params(flat: dict, cfg: ModelConfig, source: str) -> dict:
+def build_params(flat: dict, cfg: ModelConfig, source: str, *, finite_checked: bool = False) -> dict:
+    """Check ``flat`` (path -> array) against the config's shapes (and, unless ``finite_checked``
+    says the loader did it slice by slice, for NaN/Inf) and nest it, on the device."""
     expected = param_shapes(cfg)
     missing = sorted(set(expected) - set(flat))
     if missing:
@@ -30,10 +32,10 @@ def build_params(flat: dict, cfg: ModelConfig, source: str) -> dict:
         a = flat[path]
         if tuple(a.shape) != want:
             raise ValueError(f"{source}: tensor {path} has shape {tuple(a.shape)}, expected {want} from the config")
-        if not isinstance(a, QuantizedTensor) and not np.isfinite(np.asarray(a, np.float32)).all():
+        if not finite_checked and not isinstance(a, QuantizedTensor) and not np.isfinite(np.asarray(a, np.float32)).all():
             raise ValueError(f"{source}: tensor {path} contains NaN/Inf values")
     # onto the device once, so jitted calls do not copy host arrays in on every step
-    flat = {k: (v if isinstance(v, QuantizedTensor) else jax.device_put(v)) for k, v in flat.items()}
+    flat = {k: (v if isinstance(v, (QuantizedTensor, jax.Array)) else jax.device_put(v)) for k, v in flat.items()}
     return flax.traverse_util.unflatten_dict(flat, sep="/")
 
 

@@ -75,22 +75,85 @@ def hf_name_to_path(name: str) -> str | None:
     return None
 
 
-def load_hf(directory, *, tokenizer: bool = True) -> Model:
+def _our_path(name: str, shard: str, cfg) -> str | None:
+    """Our path for tensor ``name`` of ``shard``, None to skip it, or a ValueError for a stranger."""
+    path = hf_name_to_path(name)
+    if path is None:
+        if _IGNORED.search(name):
+            return None
+        raise ValueError(f"{shard}: unexpected tensor {name!r} for {cfg.architecture}")
+    if path == "lm_head/kernel" and cfg.tie_embeddings:
+        return None  # some exporters write the tied head too; the embedding is the head
+    return path
+
+
+READ_BYTES = {"sharded": 0}  # bytes this process has read in sharded loads (a diagnostic: the multi-host check)
+
+
+def _read_sharded(shard: str, cfg, mesh, flat: dict) -> None:
+    """Each tensor of ``shard`` as a jax.Array in the tensor-parallel layout on ``mesh``, reading
+    from the file only the slices this process's devices hold (``safe_open(...).get_slice``), each
+    slice transposed for a kernel and checked for NaN/Inf as it is read."""
+    import jax
+    from jax.sharding import NamedSharding
+    from safetensors import safe_open
+
+    from cascade.models import sharding
+
+    try:
+        handle = safe_open(shard, framework="np")
+    except Exception as e:
+        raise ValueError(f"{shard}: cannot read safetensors ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    with handle as f:
+        for name in f.keys():
+            path = _our_path(name, shard, cfg)
+            if path is None:
+                continue
+            view = f.get_slice(name)
+            stored = tuple(view.get_shape())
+            kernel = path.endswith("/kernel") and len(stored) == 2
+            shape = stored[::-1] if kernel else stored
+
+            def read(index, view=view, kernel=kernel, path=path):
+                try:
+                    part = np.ascontiguousarray(view[index[1], index[0]].T) if kernel else np.asarray(view[index])
+                except Exception as e:
+                    raise ValueError(f"{shard}: cannot read {name!r} ({type(e).__name__}: {e})") from None
+                if not np.isfinite(np.asarray(part, np.float32)).all():
+                    raise ValueError(f"{shard}: tensor {path} contains NaN/Inf values")
+                READ_BYTES["sharded"] += part.nbytes
+                return part
+
+            layout = NamedSharding(mesh, sharding.param_partition(path, len(shape)))
+            flat[path] = jax.make_array_from_callback(shape, layout, read)
+
+
+def load_hf(directory, *, tokenizer: bool = True, mesh=None) -> Model:
+    """``mesh``: read straight into the tensor-parallel layout, each process only its slices
+    (:func:`_read_sharded`; ``tp`` must split the model)."""
     cfg = load_hf_config(os.path.join(directory, "config.json"))
+    if mesh is not None:
+        from cascade.models import sharding
+
+        try:
+            sharding.check_tp(cfg, mesh.shape[sharding.AXIS])
+        except ValueError as e:
+            raise ValueError(f"{directory}: {e}") from None
     flat = {}
     for shard in safetensors_files(directory):
+        if mesh is not None:
+            if not os.path.exists(shard):
+                raise ValueError(f"{shard}: weight shard is missing")
+            _read_sharded(shard, cfg, mesh, flat)
+            continue
         for name, w in read_safetensors(shard).items():
-            path = hf_name_to_path(name)
+            path = _our_path(name, shard, cfg)
             if path is None:
-                if _IGNORED.search(name):
-                    continue
-                raise ValueError(f"{shard}: unexpected tensor {name!r} for {cfg.architecture}")
-            if path == "lm_head/kernel" and cfg.tie_embeddings:
-                continue  # some exporters write the tied head too; the embedding is the head
+                continue
             if path.endswith("/kernel"):
                 w = linear_from_torch(w)
             flat[path] = w
-    params = build_params(flat, cfg, str(directory))
+    params = build_params(flat, cfg, str(directory), finite_checked=mesh is not None)
     tok = None
     if tokenizer and any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer.model")):
         from cascade.models.tokenizer import Tokenizer

@@ -77,6 +77,46 @@ def _pair_on_own_devices(float_model) -> dict:
     return out
 
 
+def _loading(float_model) -> dict:
+    """A Hugging Face directory (float32 and bfloat16) and a quantized checkpoint read straight into
+    the tp=4 layout: the same arrays, with the same shardings, as loading whole and placing; a tp
+    the model cannot split is one error before any array is read."""
+    import tempfile
+
+    import jax.numpy as jnp
+
+    from cascade.models import load_model, save_checkpoint
+    from safetensors.numpy import save_file
+
+    from cascade.models.export import hf_state_dict, save_hf
+
+    mesh = sharding.make_mesh(4)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        quantized = quantize_model(float_model, "int4-g16", progress=False)[0]
+        save_checkpoint(os.path.join(tmp, "ckpt"), quantized)
+        save_hf(float_model.params, CFG, os.path.join(tmp, "hf32"))
+        save_hf(float_model.params, CFG, os.path.join(tmp, "hf16"))  # then its weights in bfloat16, as HF stores most
+        save_file(hf_state_dict(float_model.params, dtype=jnp.bfloat16), os.path.join(tmp, "hf16", "model.safetensors"))
+        for name in ("hf32", "hf16", "ckpt"):
+            path = os.path.join(tmp, name)
+            whole = load_model(path)
+            placed = sharding.shard_params(whole.params, CFG, mesh)
+            direct = load_model(path, mesh=mesh)
+            pairs = list(zip(jax.tree.leaves(direct.params), jax.tree.leaves(placed)))
+            out[name] = {"leaves": len(pairs),
+                         "equal": all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs),
+                         "same_sharding": all(a.sharding == b.sharding for a, b in pairs),
+                         "dtypes": sorted({str(a.dtype) for a, _ in pairs})}
+        for name in ("hf32", "ckpt"):
+            try:
+                load_model(os.path.join(tmp, name), mesh=sharding.make_mesh(8))
+                out[f"{name} tp8"] = None
+            except ValueError as e:
+                out[f"{name} tp8"] = str(e)
+    return out
+
+
 def main() -> int:
     out = {"devices": jax.device_count(), "runs": [], "errors": {}}
     float_model = Model(config=CFG, params=init_params(CFG, jax.random.key(0)), source="tiny")
@@ -108,6 +148,7 @@ def main() -> int:
                     run[f"cache_{kv}_max_diff"] = float(np.abs(got - ref).max())
             out["runs"].append(run)
     out["pair"] = _pair_on_own_devices(float_model)
+    out["loading"] = _loading(float_model)
     quantized32 = quantize_model(float_model, "int4-g32", progress=False)[0]
     for name, params, tp in (("tp8", float_model.params, 8), ("tp3", float_model.params, 3),
                              ("int4-g32 tp4", quantized32.params, 4), ("tp16", float_model.params, 16)):

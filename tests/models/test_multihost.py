@@ -31,9 +31,12 @@ def test_two_processes_match_one_device():
     assert sorted(r["process_index"] for r in d["results"]) == [0, 1]
     for r in d["results"]:
         assert r["process_count"] == 2 and r["devices"] == 4 and r["local_devices"] == 2
-        assert [x["weights"] for x in r["runs"]] == ["float", "int4-g16"]
+        assert [x["weights"] for x in r["runs"]] == ["float", "int4-g16", "float, loaded sharded"]
         for x in r["runs"]:
             assert x["tp"] == 4 and x["max_logit_diff"] <= 1e-5 and x["tokens_equal"] is True
+        # loading at scale: each process read its half of the split tensors (and the small norms whole)
+        loaded = r["runs"][-1]
+        assert 0.45 * loaded["model_bytes"] <= loaded["read_bytes"] <= 0.55 * loaded["model_bytes"], loaded
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -74,6 +74,16 @@ def test_the_per_device_plan_matches_what_each_device_holds(result):
     assert set(groups) == {"large", "small"} and groups["large"]["devices"] == groups["small"]["devices"] == 2
 
 
+def test_loading_straight_into_the_layout_equals_loading_whole_and_placing(result):
+    loading = result["loading"]
+    for name in ("hf32", "hf16", "ckpt"):
+        got = loading[name]
+        assert got["leaves"] > 10 and got["equal"] is True and got["same_sharding"] is True, (name, got)
+    assert "bfloat16" in loading["hf16"]["dtypes"] and "uint8" in loading["ckpt"]["dtypes"]
+    for name in ("hf32", "ckpt"):
+        assert loading[f"{name} tp8"].endswith("tp=8 does not divide n_kv_heads=4: this model splits over tp in {1, 2, 4}")
+
+
 def test_a_tp_that_cannot_split_the_model_is_one_clear_error(result):
     e = result["errors"]
     assert e["tp8"] == "tp=8 does not divide n_kv_heads=4: this model splits over tp in {1, 2, 4}"
