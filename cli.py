@@ -783,7 +783,7 @@ def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, e
     if teacher is not None or distill:
         if teacher is None and loaded.ptq is not None:
             raise click.UsageError(f"{model} is a quantized checkpoint: pass --teacher FLOAT_MODEL to distil from")
-        teacher_model = loaded if teacher is None else load_model(teacher, tokenizer=tokenizer)
+        teacher_model = loaded if teacher is None else load_model(teacher, tokenizer=tokenizer if _is_llama2c(teacher) else None)
         try:
             qat_mod.teacher_params(loaded, teacher_model)
         except ValueError as e:

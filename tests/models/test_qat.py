@@ -238,6 +238,7 @@ def test_the_qat_command_trains_saves_and_resumes(capsys, tmp_path, text):
     (("--steps", "2", "--quant", "int3-g32", "--lr", "nan"), 2, "not a finite number"),
     (("--steps", "2", "--quant", "int3-g32", "--clip-rate", "5"), 2, "--clip-rate applies only with --learn-clip"),
     (("--steps", "2", "--quant", "int3-g32", "--teacher", "nope.bin"), 2, "nope.bin: no such file or directory"),
+    (("--steps", "2", "--quant", "int3-g32", "--teacher", "default-small"), 2, "is not the student's architecture"),
 ])
 def test_bad_qat_flags_are_one_line_errors(capsys, tmp_path, text, args, code, message):
     got, out, err = run(capsys, "qat", BIN, "--data", text, *args, "-o", str(tmp_path / "out"))
