@@ -620,13 +620,18 @@ def _check_metadata(tree, specs: dict, where: str) -> None:
         raise ValueError(f"{where}: {ARRAYS_DIR}/ holds a tensor the manifest does not list: {extra[0]!r}")
 
 
-def _verified(restored: dict, path: tuple[str, ...], info: dict, name: str, where: str):
+def _restored_node(restored: dict, path: tuple[str, ...], name: str, where: str):
     node = restored
     try:
         for k in path:
             node = node[k]
     except (KeyError, TypeError):
         raise ValueError(f"{where}: tensor {name!r} was not restored") from None
+    return node
+
+
+def _verified(restored: dict, path: tuple[str, ...], info: dict, name: str, where: str):
+    node = _restored_node(restored, path, name, where)
     host = np.asarray(node)
     if tuple(host.shape) != tuple(info["shape"]) or str(host.dtype) != info["dtype"]:
         raise ValueError(f"{where}: tensor {name!r} restored as {host.dtype}{list(host.shape)}, "
@@ -639,12 +644,7 @@ def _verified(restored: dict, path: tuple[str, ...], info: dict, name: str, wher
 def _verified_shape(restored: dict, path: tuple[str, ...], info: dict, name: str, where: str):
     """A sharded restore's check: the array is there with the manifest's shape and dtype (its bytes
     were verified with the files; no host holds the whole tensor to hash it)."""
-    node = restored
-    try:
-        for k in path:
-            node = node[k]
-    except (KeyError, TypeError):
-        raise ValueError(f"{where}: tensor {name!r} was not restored") from None
+    node = _restored_node(restored, path, name, where)
     if tuple(node.shape) != tuple(info["shape"]) or str(node.dtype) != info["dtype"]:
         raise ValueError(f"{where}: tensor {name!r} restored as {node.dtype}{list(node.shape)}, "
                          f"expected {info['dtype']}{info['shape']}")
