@@ -43,6 +43,8 @@ from cascade.models.decoder import cache_room, prefill, prompt_bucket
 from cascade.models.generation import drain
 from cascade.models.kv_cache import KVCache
 from cascade.models.sampling import SamplingConfig, filtered_logits, sample_logits, token_probs
+from cascade.models.sharding import traced_on_mesh_of
+from cascade.quant.dequant_matmul import whole_weights
 from cascade.quant.kv import KVSpec
 
 
@@ -251,6 +253,7 @@ def propose(params, cfg: ModelConfig, cache: KVCache, chunk, n_feed, start, key,
     return proposals, qs, n_prop, n_fed, cache
 
 
+@traced_on_mesh_of(2)  # the target's mesh; the draft in it is a replicated copy (whole_weights below)
 @partial(jax.jit, static_argnames=("draft_cfg", "target_cfg", "k", "greedy", "rule", "adaptive"),
          donate_argnames=("d_cache", "t_cache"))
 def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig, d_cache: KVCache,
@@ -280,9 +283,10 @@ def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, targe
     exact): the caches rewound to the accepted prefix (``committed + 1 + n_accepted``; the draft one
     short when it accepted a proposal it never fed, ``behind'`` then holds it).
     """
-    d_cache, proposals, q, n_prop, n_fed, start, key, k_verify = _draft_part(
-        draft_params, draft_cfg, d_cache, t_cache.lengths, pending, behind, active, key, sampling, confidence, k=k,
-        greedy=greedy, want_q=rule is not None, adaptive=adaptive)
+    with whole_weights():
+        d_cache, proposals, q, n_prop, n_fed, start, key, k_verify = _draft_part(
+            draft_params, draft_cfg, d_cache, t_cache.lengths, pending, behind, active, key, sampling, confidence,
+            k=k, greedy=greedy, want_q=rule is not None, adaptive=adaptive)
     n_acc, nxt, deferred, t_cache = _verify_part(
         target_params, target_cfg, t_cache, pending, proposals, q, n_prop, active, k_verify, sampling, alpha, k=k,
         greedy=greedy, rule=rule, adaptive=adaptive)
@@ -365,10 +369,10 @@ def _draft_rewind(d_cache, new_committed, proposals, n_acc, n_fed, start, active
     return behind, decoder.rewind(d_cache, d_len)
 
 
-_draft_jit = jax.jit(_draft_part, static_argnames=("draft_cfg", "k", "greedy", "want_q", "adaptive"),
-                     donate_argnames=("d_cache",))
-_verify_jit = jax.jit(_verify_part, static_argnames=("target_cfg", "k", "greedy", "rule", "adaptive"),
-                      donate_argnames=("t_cache",))
+_draft_jit = traced_on_mesh_of(0)(jax.jit(_draft_part, static_argnames=("draft_cfg", "k", "greedy", "want_q", "adaptive"),
+                                          donate_argnames=("d_cache",)))
+_verify_jit = traced_on_mesh_of(0)(jax.jit(_verify_part, static_argnames=("target_cfg", "k", "greedy", "rule", "adaptive"),
+                                           donate_argnames=("t_cache",)))
 _rewind_jit = jax.jit(_draft_rewind, donate_argnames=("d_cache",))
 
 

@@ -15,7 +15,9 @@ rewind after verification), evaluation with a cache.
   masks keys by position, and the next writes overwrite them).
 
 ``step`` and ``chunk`` are traceable (they run inside a caller's jitted loop); :func:`forward` and
-:func:`forward_cached` are the jitted single calls.
+:func:`forward_cached` are the jitted single calls.  Every jitted entry point that takes a model's
+parameters traces under their mesh (:func:`cascade.models.sharding.traced_on_mesh_of`), so a
+sharded model's quantized matmuls run their kernels per shard.
 
 **Shape buckets** (one place): a prompt is right-padded to :func:`prompt_bucket` (a power of two,
 at least 16), a cache holds :func:`cache_length` positions (a power of two, at least 64, at most
@@ -33,14 +35,17 @@ import jax.numpy as jnp
 from cascade.models.config import ModelConfig
 from cascade.models.kv_cache import KVCache
 from cascade.models.llama import Transformer
+from cascade.models.sharding import traced_on_mesh_of
 
 
+@traced_on_mesh_of(0)
 @partial(jax.jit, static_argnames=("cfg", "last_only"))
 def forward(params, cfg: ModelConfig, tokens, positions, cache=None, n_new=None, last_only: bool = False):
     """One model call (see :class:`cascade.models.llama.Transformer`); returns ``(logits, cache)``."""
     return Transformer(cfg).apply({"params": params}, tokens, positions, cache, n_new, last_only)
 
 
+@traced_on_mesh_of(0)
 @partial(jax.jit, static_argnames=("cfg", "last_only"), donate_argnames=("cache",))
 def forward_cached(params, cfg: ModelConfig, tokens, positions, cache: KVCache, n_new=None, last_only: bool = False):
     """:func:`forward` that updates ``cache`` in place (the argument is donated: do not reuse it)."""

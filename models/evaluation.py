@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from cascade.models.config import ModelConfig
 from cascade.models.kv_cache import KVCache
 from cascade.models.llama import Transformer
+from cascade.models.sharding import traced_on_mesh_of
 from cascade.quant.kv import KVSpec, parse_kv_spec
 
 DOC_SEPARATOR = "<|endoftext|>"
@@ -100,6 +101,7 @@ class PerplexityResult:
         return dataclasses.asdict(self)
 
 
+@traced_on_mesh_of(0)
 @partial(jax.jit, static_argnames=("cfg",))
 def _window_nll(params, cfg: ModelConfig, tokens, weights):
     """Sum of NLL over weighted targets: tokens (B, T) predict tokens[:, 1:] where weights[:, 1:] > 0."""
@@ -110,6 +112,7 @@ def _window_nll(params, cfg: ModelConfig, tokens, weights):
     return -(target_logp * weights[:, 1:]).sum(), weights[:, 1:].sum()
 
 
+@traced_on_mesh_of(0)
 @partial(jax.jit, static_argnames=("cfg", "kv"))
 def _window_nll_cached(params, cfg: ModelConfig, tokens, weights, kv: KVSpec):
     """:func:`_window_nll` through a fresh KV cache in precision ``kv``: the window is written to
@@ -223,6 +226,7 @@ class FidelityResult:
                                 windows=self.windows, ctx=self.ctx, stride=self.stride)
 
 
+@traced_on_mesh_of(0)
 @partial(jax.jit, static_argnames=("cfg", "ref_cfg"))
 def _window_fidelity(params, cfg: ModelConfig, ref_params, ref_cfg: ModelConfig, tokens, weights):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)

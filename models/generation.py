@@ -18,9 +18,11 @@ from cascade.models.config import ModelConfig
 from cascade.models.decoder import cache_length, prefill, prompt_bucket
 from cascade.models.kv_cache import KVCache
 from cascade.models.sampling import SamplingConfig, sample_logits
+from cascade.models.sharding import traced_on_mesh_of
 from cascade.quant.kv import KVSpec
 
 
+@traced_on_mesh_of(0)
 @partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
 def _decode_and_sample(params, cfg: ModelConfig, tokens, cache: KVCache, key, temperature, top_k, top_p):
     """One decode step as one jitted call: the forward pass, the PRNG split and the sampling

@@ -25,6 +25,7 @@ from cascade.quant import packing
 from cascade.quant.kv import (RESIDUAL_DTYPE, KVSpec, bytes_per_token_per_layer, fixed_bytes_per_layer, parse_kv_spec,
                               quantize_key_groups)
 from cascade.quant.kernels import cpu as cpu_kernels
+from cascade.quant.dequant_matmul import TP_AXIS, tp_size
 from cascade.quant.qtensor import QuantizedTensor
 
 
@@ -180,12 +181,60 @@ def cache_partial(q, k, v, lo, hi):
     the native CPU kernel, which reads the cache in place (no float or transposed copy); the
     reference dequantizes the buffers and masks (``CASCADE_ATTENTION_BACKEND=xla`` forces it)."""
     if cpu_kernels.attention_supported(q, k, v):
+        tp = tp_size()
+        if tp > 1 and _heads_split_evenly(q, k, v, tp):
+            return _per_shard_attention(q, lo, hi, k, v)
         return cpu_kernels.cache_attention(q, lo, hi, k, v)
     kvh = k.shape[2] // q.shape[3] if isinstance(k, QuantizedTensor) else k.shape[2]
     keys, values = read_kv(k, kvh), read_kv(v, kvh)
     pos = jnp.arange(keys.shape[1], dtype=jnp.int32)[None, None, :]
     visible = (pos >= lo[:, :, None]) & (pos < hi[:, :, None])
     return attend_partial(q, keys, values, visible)
+
+
+def _heads_split_evenly(q, k, v, tp: int) -> bool:
+    """Can each of ``tp`` devices hold whole query and KV heads of ``q`` and the buffers, with a
+    quantized buffer's packed bytes and value groups whole too?"""
+    hd = q.shape[3]
+    if q.shape[2] % tp:
+        return False
+    if not isinstance(k, QuantizedTensor):
+        return k.shape[2] % tp == 0
+    width = k.shape[2]
+    if (width // hd) % tp:
+        return False
+    local = width // tp
+    return all(a.packed.shape[-1] % tp == 0 and a.scale.shape[-1] % tp == 0 for a in (k, v)) \
+        and local % v.spec.group_size == 0
+
+
+def _per_shard_attention(q, lo, hi, k, v):
+    """:func:`cpu_kernels.cache_attention` on each device's heads under a tensor-parallel mesh
+    (``jax.shard_map``): the cache is split by KV heads (:func:`cascade.models.sharding.shard_cache`),
+    the queries by heads, so each device reads its own slice of the cache in place; a query head's
+    KV head stays on its device, since both splits keep whole groups of ``n_heads / n_kv_heads``."""
+    from jax.sharding import PartitionSpec as P
+
+    heads, rows = P(None, None, TP_AXIS, None), P(None, None, TP_AXIS)
+
+    def spec_of(a):
+        if not isinstance(a, QuantizedTensor):
+            return heads
+        return QuantizedTensor(rows, rows, None if a.zero is None else rows, None, spec=a.spec, shape=a.shape,
+                               axis=a.axis, dtype=a.dtype)
+
+    def local(a, whole):
+        if not isinstance(whole, QuantizedTensor):
+            return a
+        shape = whole.shape[:2] + (a.packed.shape[-1] * whole.shape[2] // whole.packed.shape[-1],)
+        return QuantizedTensor(a.packed, a.scale, a.zero, None, spec=whole.spec, shape=shape, axis=whole.axis,
+                               dtype=whole.dtype)
+
+    def body(q, lo, hi, k_local, v_local):
+        return cpu_kernels.cache_attention(q, lo, hi, local(k_local, k), local(v_local, v))
+
+    return jax.shard_map(body, in_specs=(heads, P(), P(), spec_of(k), spec_of(v)),
+                         out_specs=(heads, rows, rows))(q, lo, hi, k, v)
 
 
 def _write_rows(buf, new, starts):

@@ -53,11 +53,13 @@ class Linear(nn.Module):
 
     features: int
     use_bias: bool = False
+    parallel: str | None = None  # "column" / "row": its Megatron role under a tensor-parallel mesh
 
     @nn.compact
     def __call__(self, x):
         kernel = _param(self, "kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features))
-        y = quant.matmul(x, kernel if isinstance(kernel, QuantizedTensor) else kernel.astype(x.dtype))
+        y = quant.matmul(x, kernel if isinstance(kernel, QuantizedTensor) else kernel.astype(x.dtype),
+                         parallel=self.parallel)
         if self.use_bias:
             y = y + _param(self, "bias", nn.initializers.zeros, (self.features,)).astype(y.dtype)
         return y
@@ -97,9 +99,9 @@ class Attention(nn.Module):
         """``layer_cache``: None (plain causal attention) or ``(LayerKV, lengths, n_new, spec)``."""
         cfg = self.cfg
         b, t, _ = x.shape
-        q = Linear(cfg.n_heads * cfg.head_dim, cfg.qkv_bias, name="q_proj")(x).reshape(b, t, cfg.n_heads, cfg.head_dim)
-        k = Linear(cfg.n_kv_heads * cfg.head_dim, cfg.qkv_bias, name="k_proj")(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-        v = Linear(cfg.n_kv_heads * cfg.head_dim, cfg.qkv_bias, name="v_proj")(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        q = Linear(cfg.n_heads * cfg.head_dim, cfg.qkv_bias, "column", name="q_proj")(x).reshape(b, t, cfg.n_heads, cfg.head_dim)
+        k = Linear(cfg.n_kv_heads * cfg.head_dim, cfg.qkv_bias, "column", name="k_proj")(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        v = Linear(cfg.n_kv_heads * cfg.head_dim, cfg.qkv_bias, "column", name="v_proj")(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
         inv_freq = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
@@ -108,7 +110,7 @@ class Attention(nn.Module):
         else:
             layer, lengths, n_new, spec = layer_cache
             out, new_cache = cached_attention(q, k, v, positions, layer, lengths, n_new, spec, cfg.sliding_window)
-        return Linear(cfg.dim, cfg.o_bias, name="o_proj")(out), new_cache
+        return Linear(cfg.dim, cfg.o_bias, "row", name="o_proj")(out), new_cache
 
 
 class MLP(nn.Module):
@@ -119,9 +121,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        gate = Linear(cfg.hidden_dim, cfg.mlp_bias, name="gate_proj")(x)
-        up = Linear(cfg.hidden_dim, cfg.mlp_bias, name="up_proj")(x)
-        return Linear(cfg.dim, cfg.mlp_bias, name="down_proj")(jax.nn.silu(gate) * up)
+        gate = Linear(cfg.hidden_dim, cfg.mlp_bias, "column", name="gate_proj")(x)
+        up = Linear(cfg.hidden_dim, cfg.mlp_bias, "column", name="up_proj")(x)
+        return Linear(cfg.dim, cfg.mlp_bias, "row", name="down_proj")(jax.nn.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -181,7 +183,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             logits = tied_head(x, table)
         else:
-            logits = Linear(cfg.vocab_size, name="lm_head")(x)
+            logits = Linear(cfg.vocab_size, parallel="column", name="lm_head")(x)
         logits = logits.astype(jnp.float32)
         if cache is None:
             return logits, None
@@ -199,7 +201,7 @@ class _EmbedTable(nn.Module):
 
 def tied_head(x, table):
     """Logits ``x @ E^T`` for a tied head (E float, or quantized along the model dim)."""
-    return quant.matmul_t(x, table)  # reads a quantized table in place (no transposed copy of its codes)
+    return quant.matmul_t(x, table, parallel="column")  # the vocabulary split; reads a quantized table in place (no transposed copy of its codes)
 
 
 def init_params(cfg: ModelConfig, key, dtype=jnp.float32):

@@ -19,16 +19,19 @@ codes a byte, 8 int3 codes in 3 bytes); :func:`check_mesh` says which tensor and
 before anything is placed.  Per-channel scales (one group the whole reduction axis) are replicated
 along a row split: each device reads its rows with the full scale vector.
 
-The computation is left to XLA's SPMD partitioner: :func:`shard_params` places the parameters
-with :class:`jax.sharding.NamedSharding`, and the jitted model functions (:mod:`cascade.models.decoder`)
-run on them unchanged, with the collectives (the row-parallel all-reduce, the vocabulary gathers)
-inserted by XLA.  The native CPU kernels are custom calls without a partitioning rule, so under
-a mesh XLA gathers their operands first: exact, but not a speed-up; the XLA reference backends
-(and Pallas on GPU) partition.
+:func:`shard_params` places the parameters with :class:`jax.sharding.NamedSharding`, and the
+jitted model functions (:mod:`cascade.models.decoder`) run on them unchanged: XLA's SPMD
+partitioner splits the plain XLA ops and inserts the collectives (the row-parallel all-reduce, the
+vocabulary gathers).  The fast matmul kernels are custom calls XLA cannot split, so the model
+functions trace under the parameters' mesh (:func:`on_mesh_of`, ``jax.set_mesh``) and each
+linear layer names its role (``parallel="column"``/``"row"``): the kernel then runs per shard
+inside ``jax.shard_map`` (:mod:`cascade.quant.dequant_matmul`), each device on its own slice.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
 
 import jax
@@ -37,10 +40,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cascade.models.config import ModelConfig
 from cascade.quant import packing
+from cascade.quant.dequant_matmul import TP_AXIS, leaf_specs
 from cascade.quant.qtensor import QuantizedTensor
 from cascade.quant.rtn import key_path_str
 
-AXIS = "tp"
+AXIS = TP_AXIS
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW = ("o_proj", "down_proj")
 
@@ -179,15 +183,7 @@ def partition_specs(params):
         path = key_path_str(keypath)
         if not is_q(a):
             return param_partition(path, a.ndim)
-        dim = _split_dim(path, len(a.shape))
-        rank = len(a.shape)
-        split = P() if dim is None else P(*[AXIS if i == dim else None for i in range(rank)])
-        scale_split = split
-        if dim is not None and dim == a.axis and a.spec.granularity != "group":
-            scale_split = P()  # per-channel / per-tensor scales span the whole reduction axis
-        children = (split, scale_split, None if a.zero is None else scale_split,
-                    None if a.act_scale is None else P())
-        return QuantizedTensor(*children, spec=a.spec, shape=a.shape, axis=a.axis, dtype=a.dtype)
+        return leaf_specs(a, _split_dim(path, len(a.shape)))
 
     return jax.tree_util.tree_map_with_path(spec_of, params, is_leaf=is_q)
 
@@ -198,6 +194,46 @@ def shard_params(params, cfg: ModelConfig, mesh: Mesh):
     specs = partition_specs(params)
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
     return jax.device_put(params, shardings)
+
+
+def _is_split(sharding) -> bool:
+    if not isinstance(sharding, NamedSharding) or AXIS not in sharding.mesh.axis_names:
+        return False
+    if sharding.mesh.shape[AXIS] < 2:
+        return False
+    return any(e == AXIS or (isinstance(e, tuple) and AXIS in e) for e in sharding.spec)
+
+
+def mesh_of(tree) -> Mesh | None:
+    """The ``"tp"`` mesh ``tree``'s arrays are split over, or None (one device, replicated, or
+    traced values)."""
+    for a in jax.tree.leaves(tree):
+        if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and _is_split(a.sharding):
+            return a.sharding.mesh
+    return None
+
+
+def on_mesh_of(tree):
+    """A context tracing under ``tree``'s mesh (``jax.set_mesh``), so quantized matmuls run their
+    kernels per shard; a no-op for an unsplit tree (and inside a trace, which keeps the caller's)."""
+    mesh = mesh_of(tree)
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def traced_on_mesh_of(argnum: int = 0):
+    """Decorate a jitted model function: call it under the mesh of its ``argnum``-th argument (the
+    parameters; :func:`on_mesh_of`).  The mesh is part of jit's cache key, so one function serves
+    sharded and unsharded models."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            with on_mesh_of(args[argnum]):
+                return fn(*args, **kwargs)
+        for name in ("lower", "trace", "eval_shape", "_cache_size", "clear_cache"):  # jit's own methods
+            if hasattr(fn, name):
+                setattr(call, name, getattr(fn, name))
+        return call
+    return wrap
 
 
 def replicate(params, mesh: Mesh):

@@ -14,10 +14,22 @@ forced, in interpret mode).
 
 A ``w8a8`` weight (int8 activations too) bypasses the registry: its matmul quantizes ``x`` and runs an
 integer dot (:func:`cascade.quant.activations.w8a8_matmul`), which no weight-only backend does.
+
+**Under a tensor-parallel mesh** (a ``"tp"`` axis of the mesh set with ``jax.set_mesh``, as
+:func:`cascade.models.sharding.on_mesh_of` does for a sharded model), a backend that XLA cannot
+partition (a custom call: ``cpu``, ``pallas``; ``partitions=False``) runs **per shard** inside
+``jax.shard_map`` when the caller names the layer's Megatron role (``parallel=``): a
+``"column"`` layer multiplies the whole ``x`` by its slice of the output features, a ``"row"``
+layer its slice of ``x``'s features by its rows and adds the partial sums (``psum``).  Each device
+then runs the kernel on its own shard instead of XLA gathering the weight onto every device.
+The ``xla`` reference partitions as it is.  :func:`whole_weights` turns the per-shard path off
+while tracing a replicated model (a draft copied onto every device).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import os
@@ -25,6 +37,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from cascade.quant.activations import w8a8_matmul
 from cascade.quant.qtensor import QuantizedTensor, check_unstacked, dequantize
@@ -39,16 +52,18 @@ class MatmulBackend:
     # x @ W.T for W (n, k) quantized along axis 1 (a tied LM head), or None if not offered
     fn_t: Callable[[jnp.ndarray, QuantizedTensor], jnp.ndarray] | None = None
     supports_t: Callable[[jnp.ndarray, QuantizedTensor], bool] = lambda x, w: True
+    partitions: bool = False  # can XLA's SPMD partitioner split it (plain XLA ops), or must it run per shard?
 
 
 _BACKENDS: dict[str, MatmulBackend] = {}
 
 
 def register_backend(name: str, fn, *, supports=lambda x, w: True, priority: int = 0, fn_t=None,
-                     supports_t=lambda x, w: True) -> None:
-    """Register (or replace) a dequant-matmul backend; ``fn_t``/``supports_t``: its ``x @ W.T``."""
+                     supports_t=lambda x, w: True, partitions: bool = False) -> None:
+    """Register (or replace) a dequant-matmul backend; ``fn_t``/``supports_t``: its ``x @ W.T``;
+    ``partitions``: made of plain XLA ops (a custom call is not: it runs per shard under a mesh)."""
     _BACKENDS[name] = MatmulBackend(name=name, fn=fn, supports=supports, priority=priority, fn_t=fn_t,
-                                    supports_t=supports_t)
+                                    supports_t=supports_t, partitions=partitions)
 
 
 def backends() -> dict[str, MatmulBackend]:
@@ -69,7 +84,7 @@ def xla_dequant_matmul_t(x, w: QuantizedTensor):
                       preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-register_backend("xla", xla_dequant_matmul, priority=0, fn_t=xla_dequant_matmul_t)
+register_backend("xla", xla_dequant_matmul, priority=0, fn_t=xla_dequant_matmul_t, partitions=True)
 
 
 def _register_kernels() -> None:
@@ -138,21 +153,111 @@ def _float_matmul(x, w, *, transposed: bool):
     return jnp.concatenate(out).reshape(*x.shape[:-1], -1)
 
 
-def matmul(x, w, *, backend: str | None = None):
-    """``x @ w`` for float or quantized ``w`` of shape (k, n); ``x`` has shape (..., k)."""
+# -- per shard under a tensor-parallel mesh ------------------------------------------------------
+
+TP_AXIS = "tp"  # the mesh axis of tensor parallelism (cascade.models.sharding's layout)
+_WHOLE = contextvars.ContextVar("cascade_whole_weights", default=False)
+
+
+@contextlib.contextmanager
+def whole_weights():
+    """Trace the matmuls inside without the per-shard path (a replicated model under a mesh: each
+    device holds the whole weight, so no split and no all-reduce)."""
+    token = _WHOLE.set(True)
+    try:
+        yield
+    finally:
+        _WHOLE.reset(token)
+
+
+def tp_size() -> int:
+    """The size of the ``"tp"`` axis of the mesh being traced under (1: none, or :func:`whole_weights`)."""
+    if _WHOLE.get():
+        return 1
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or TP_AXIS not in mesh.axis_names:
+        return 1
+    return int(mesh.shape[TP_AXIS])
+
+
+def leaf_specs(w: QuantizedTensor, dim: int | None) -> QuantizedTensor:
+    """The :class:`PartitionSpec` of each leaf of ``w`` split along its logical ``dim`` over ``"tp"``
+    (None: replicated): codes, group scales and zero points along the same axis; per-channel or
+    per-tensor scales (one group the whole reduction axis) whole along a split of that axis."""
+    rank = len(w.shape)
+    split = P() if dim is None else P(*[TP_AXIS if i == dim else None for i in range(rank)])
+    scale_split = split
+    if dim is not None and dim == w.axis and w.spec.granularity != "group":
+        scale_split = P()
+    return QuantizedTensor(split, scale_split, None if w.zero is None else scale_split,
+                           None if w.act_scale is None else P(), spec=w.spec, shape=w.shape, axis=w.axis,
+                           dtype=w.dtype)
+
+
+def splits_evenly(w: QuantizedTensor, dim: int, tp: int) -> bool:
+    """Does a ``tp``-way split of ``w`` along ``dim`` give each device whole groups and whole packed runs?"""
+    from cascade.quant import packing
+
+    if w.shape[dim] % tp:
+        return False
+    if dim != w.axis:
+        return True
+    local = w.shape[dim] // tp
+    if w.spec.granularity == "group" and local % w.spec.group_size:
+        return False
+    return local % packing.run_shape(w.spec.bits)[0] == 0
+
+
+def _per_shard(x, w: QuantizedTensor, chosen: MatmulBackend, parallel: str, tp: int, *, transposed: bool):
+    """``chosen``'s kernel on each device's shard of ``w`` (module docs); None when ``w`` does not split."""
+    if parallel not in ("column", "row"):
+        raise ValueError(f"parallel must be 'column' or 'row', got {parallel!r}")
+    out_dim = 0 if transposed else 1  # the weight's output-feature axis
+    dim = out_dim if parallel == "column" else 1 - out_dim
+    if not splits_evenly(w, dim, tp):
+        return None
+    local = list(w.shape)
+    local[dim] //= tp
+    features = P(*([None] * (x.ndim - 1)), TP_AXIS)
+    x_spec = P() if parallel == "column" else features
+    out_spec = features if parallel == "column" else P()
+
+    def body(x_local, w_local):
+        w_local = QuantizedTensor(w_local.packed, w_local.scale, w_local.zero, w_local.act_scale, spec=w.spec,
+                                  shape=local, axis=w.axis, dtype=w.dtype)
+        pick = select_backend(x_local, w_local, chosen.name, transposed=transposed)
+        y = (pick.fn_t if transposed else pick.fn)(x_local, w_local)
+        return y if parallel == "column" else jax.lax.psum(y, TP_AXIS)
+
+    return jax.shard_map(body, in_specs=(x_spec, leaf_specs(w, dim)), out_specs=out_spec)(x, w)
+
+
+def _quantized_matmul(x, w: QuantizedTensor, backend, parallel, *, transposed: bool):
+    chosen = select_backend(x, w, backend, transposed=transposed)
+    tp = tp_size() if parallel is not None and not chosen.partitions else 1
+    if tp > 1:
+        y = _per_shard(x, w, chosen, parallel, tp, transposed=transposed)
+        if y is not None:
+            return y
+    return (chosen.fn_t if transposed else chosen.fn)(x, w)
+
+
+def matmul(x, w, *, backend: str | None = None, parallel: str | None = None):
+    """``x @ w`` for float or quantized ``w`` of shape (k, n); ``x`` has shape (..., k).
+    ``parallel``: the layer's tensor-parallel role, ``"column"`` or ``"row"`` (module docs)."""
     x = jnp.asarray(x)
     check_operands(x, w)
     if not isinstance(w, QuantizedTensor):
         return _float_matmul(x, w, transposed=False)
     if w.spec.act is not None:
         return w8a8_matmul(x, w)
-    return select_backend(x, w, backend).fn(x, w)
+    return _quantized_matmul(x, w, backend, parallel, transposed=False)
 
 
-def matmul_t(x, w, *, backend: str | None = None):
+def matmul_t(x, w, *, backend: str | None = None, parallel: str | None = None):
     """``x @ w.T`` for float or quantized ``w`` of shape (n, k), quantized along axis 1 (its rows:
     a tied LM head over an embedding ``(vocab, dim)``); backends read it in place, with no
-    transposed copy of the codes."""
+    transposed copy of the codes.  ``parallel="column"``: the vocabulary split over ``"tp"``."""
     x = jnp.asarray(x)
     if not isinstance(w, QuantizedTensor):
         return _float_matmul(x, w, transposed=True)
@@ -163,4 +268,4 @@ def matmul_t(x, w, *, backend: str | None = None):
         raise ValueError(f"matmul_t shape mismatch: x has {x.shape[-1]} features, weight rows have {w.shape[1]}")
     if w.spec.act is not None:
         return w8a8_matmul(x, w, transposed=True)
-    return select_backend(x, w, backend, transposed=True).fn_t(x, w)
+    return _quantized_matmul(x, w, backend, parallel, transposed=True)

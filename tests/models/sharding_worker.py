@@ -7,6 +7,7 @@ error of every tp that cannot split the model."""
 
 import json
 import os
+import re
 import sys
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -117,6 +118,68 @@ def _loading(float_model) -> dict:
     return out
 
 
+def _kernel_calls(hlo: str) -> dict:
+    """The native matmul's result widths in a compiled program, and whether it gathers anything."""
+    widths = sorted({int(m) for m in re.findall(r"f32\[\d+,(\d+)\]\{1,0\} custom-call\([^\n]*cascade_qmatmul", hlo)})
+    return {"kernel_widths": widths, "all_gather": "all-gather" in hlo, "all_reduce": "all-reduce" in hlo}
+
+
+def _per_shard_kernels(float_model) -> dict:
+    """The native kernels under a tp=4 mesh, per shard (``jax.shard_map``): a column split of a
+    (64, 128) weight, a row split, and a tied head's vocabulary split, each against the XLA
+    reference on the whole weight, with the widths its kernel calls compute and whether XLA gathered
+    the weight; the widths of a whole int4-g16 model's forward; and the cache attention kernel's
+    heads per call in a decode step, with its logits against one device."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+
+    from cascade import quant
+    from cascade.models.decoder import forward
+    from cascade.quant.dequant_matmul import leaf_specs, xla_dequant_matmul, xla_dequant_matmul_t
+
+    mesh = sharding.make_mesh(4)
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(3, 64)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(64, 128)), jnp.float32)
+    out = {}
+    for spec in ("int8", "int4-g16"):
+        qw = quant.quantize(w, spec, axis=0)
+        ref = np.asarray(xla_dequant_matmul(x, qw))
+        for parallel, dim in (("column", 1), ("row", 0)):
+            placed = jax.device_put(qw, jax.tree.map(lambda p: NamedSharding(mesh, p), leaf_specs(qw, dim)))
+            fn = jax.jit(lambda x, w, parallel=parallel: quant.matmul(x, w, parallel=parallel))
+            with sharding.on_mesh_of(placed):
+                got = np.asarray(fn(x, placed))
+                hlo = fn.lower(x, placed).compile().as_text()
+            out[f"{spec} {parallel}"] = {"max_diff": float(np.abs(got - ref).max()), **_kernel_calls(hlo)}
+    table = quant.quantize(jnp.asarray(rng.normal(size=(128, 64)), jnp.float32), "int4-g16", axis=1)
+    placed = jax.device_put(table, jax.tree.map(lambda p: NamedSharding(mesh, p), leaf_specs(table, 0)))
+    fn = jax.jit(lambda x, w: quant.matmul_t(x, w, parallel="column"))
+    with sharding.on_mesh_of(placed):
+        got = np.asarray(fn(x, placed))
+        hlo = fn.lower(x, placed).compile().as_text()
+    out["int4-g16 tied head"] = {"max_diff": float(np.abs(got - np.asarray(xla_dequant_matmul_t(x, table))).max()),
+                                 **_kernel_calls(hlo)}
+    model = quantize_model(float_model, "int4-g16", progress=False)[0]
+    sharded = sharding.shard_params(model.params, CFG, mesh)
+    tokens = np.asarray([PROMPT], np.int32)
+    with sharding.on_mesh_of(sharded):
+        hlo = forward.lower(sharded, CFG, tokens, tokens * 0 + np.arange(3, dtype=np.int32)).compile().as_text()
+    out["model"] = _kernel_calls(hlo)
+    out["attention"] = {}
+    for kv in ("fp32", "int8-g8", "int4-g8", "int8"):  # int8's value group (32 values) spans 4 heads: not split
+        ref = _prefill_and_step(model.params, KVCache.create(CFG, 1, 32, kv))
+        got = _prefill_and_step(sharded, sharding.shard_cache(KVCache.create(CFG, 1, 32, kv), mesh))
+        cache = sharding.shard_cache(KVCache.create(CFG, 1, 32, kv), mesh)
+        one = np.asarray([[5]], np.int32)
+        with sharding.on_mesh_of(sharded):
+            hlo = forward.lower(sharded, CFG, one, one * 0, cache, None, last_only=True).compile().as_text()
+        heads = sorted({int(h) for h in re.findall(r"\(f32\[1,1,(\d+),8\][^\n]*custom-call\([^\n]*cascade_cache_attention", hlo)})
+        out["attention"][kv] = {"max_diff": float(np.abs(got - ref).max()), "heads_per_call": heads,
+                                "all_gather": "all-gather" in hlo}
+    return out
+
+
 def main() -> int:
     out = {"devices": jax.device_count(), "runs": [], "errors": {}}
     float_model = Model(config=CFG, params=init_params(CFG, jax.random.key(0)), source="tiny")
@@ -149,6 +212,7 @@ def main() -> int:
             out["runs"].append(run)
     out["pair"] = _pair_on_own_devices(float_model)
     out["loading"] = _loading(float_model)
+    out["per_shard"] = _per_shard_kernels(float_model)
     quantized32 = quantize_model(float_model, "int4-g32", progress=False)[0]
     for name, params, tp in (("tp8", float_model.params, 8), ("tp3", float_model.params, 3),
                              ("int4-g32 tp4", quantized32.params, 4), ("tp16", float_model.params, 16)):

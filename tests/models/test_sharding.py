@@ -47,6 +47,35 @@ def test_each_device_holds_the_planned_bytes(result):
     assert by[("float", 4)] < 0.3 * by[("float", 1)]  # only norms replicate
 
 
+def test_the_native_kernel_runs_per_shard(result):
+    """Under a tp=4 mesh the CPU kernel multiplies each device's slice (jax.shard_map), equal to the
+    XLA reference on the whole weight: a column split computes 128/4 = 32 outputs a device with no
+    communication, a row split all 128 from its quarter of the inputs and adds them (all-reduce),
+    a tied head 128/4 vocabulary rows; nothing is gathered.  A whole int4-g16 model's forward
+    calls the kernel only at per-device widths (q 64/4, k/v 32/4, MLP 128/4, o/down 64 whole)."""
+    per_shard = result["per_shard"]
+    for name in ("int8 column", "int8 row", "int4-g16 column", "int4-g16 row", "int4-g16 tied head"):
+        r = per_shard[name]
+        assert r["max_diff"] <= 2e-5, (name, r)
+        assert r["all_gather"] is False, (name, r)
+        assert r["kernel_widths"] == ([128] if name.endswith("row") else [32]), (name, r)
+        assert r["all_reduce"] is name.endswith("row"), (name, r)
+    assert per_shard["model"]["kernel_widths"] == [8, 16, 32, 64]
+    assert per_shard["model"]["all_gather"] is False
+
+
+def test_the_cache_attention_kernel_runs_per_shard(result):
+    """A decode step's cache attention on 4 devices reads each device's 2 of the 8 query heads
+    (and its 1 KV head) from its slice of the cache: float, int8 and int4 caches with one value
+    group per head.  The default int8 value group here spans all 4 KV heads (32 values), so that
+    cache cannot split by heads: the kernel then runs on all 8 heads, gathered.  Logits equal
+    one device's either way."""
+    att = result["per_shard"]["attention"]
+    for kv in ("fp32", "int8-g8", "int4-g8"):
+        assert att[kv]["max_diff"] <= 1e-5 and att[kv]["heads_per_call"] == [2] and att[kv]["all_gather"] is False, kv
+    assert att["int8"]["max_diff"] <= 1e-5 and att["int8"]["heads_per_call"] == [8]
+
+
 def test_a_small_model_on_devices_of_its_own_gives_the_same_tokens(result):
     """--small-devices: the rounds run in three calls over two device sets (split_round), and give
     the one-call rounds' tokens: greedy (= the large model's), sampled, and a speculative cascade."""
