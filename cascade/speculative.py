@@ -43,7 +43,7 @@ from cascade.models.decoder import cache_room, prefill, prompt_bucket
 from cascade.models.generation import drain
 from cascade.models.kv_cache import KVCache
 from cascade.models.sampling import SamplingConfig, filtered_logits, sample_logits, token_probs
-from cascade.models.sharding import traced_on_mesh_of
+from cascade.models.sharding import cache_like, traced_on_mesh_of
 from cascade.quant.dequant_matmul import whole_weights
 from cascade.quant.kv import KVSpec
 
@@ -514,8 +514,8 @@ def speculative_stream(draft_params, draft_cfg: ModelConfig, target_params, targ
     longest = int(lengths.max())
     room = cache_room(longest, max_new_tokens, k, context)
     # a round moves a cache length back by at most draft_len (rejected proposals): size the rings for it
-    d_cache = KVCache.create(draft_cfg, batch, room, draft_kv, rewind=k + 1)
-    t_cache = KVCache.create(target_cfg, batch, room, target_kv, rewind=k + 1)
+    d_cache = cache_like(draft_params, KVCache.create(draft_cfg, batch, room, draft_kv, rewind=k + 1))
+    t_cache = cache_like(target_params, KVCache.create(target_cfg, batch, room, target_kv, rewind=k + 1))
     tokens = np.zeros((batch, prompt_bucket(longest)), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p

@@ -18,7 +18,7 @@ from cascade.models.config import ModelConfig
 from cascade.models.decoder import cache_length, prefill, prompt_bucket
 from cascade.models.kv_cache import KVCache
 from cascade.models.sampling import SamplingConfig, sample_logits
-from cascade.models.sharding import traced_on_mesh_of
+from cascade.models.sharding import cache_like, traced_on_mesh_of
 from cascade.quant.kv import KVSpec
 
 
@@ -102,7 +102,7 @@ def generate_stream(params, cfg: ModelConfig, prompts: list[list[int]], *, max_n
     tokens = np.zeros((batch, t_pad), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
-    cache = KVCache.create(cfg, batch, cache_length(cfg, longest + max_new_tokens), kv)
+    cache = cache_like(params, KVCache.create(cfg, batch, cache_length(cfg, longest + max_new_tokens), kv))
     key = jax.random.key(sampling.seed) if key is None else key
     temp, top_k, top_p = sampling.arrays()
 

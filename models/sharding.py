@@ -263,6 +263,13 @@ def shard_cache(cache, mesh: Mesh):
     return jax.tree.map(place, cache, is_leaf=lambda a: isinstance(a, QuantizedTensor))
 
 
+def cache_like(params, cache):
+    """``cache`` split by KV heads over the mesh ``params`` are split over (:func:`shard_cache`), as
+    is for unsplit parameters: each decoding loop places its new cache beside its model."""
+    mesh = mesh_of(params)
+    return cache if mesh is None else shard_cache(cache, mesh)
+
+
 def planned_bytes_per_device(params, tp: int) -> int:
     """The bytes one device holds for ``params`` under the layout, from shapes alone (no device
     needed): a split leaf's ``nbytes / tp``, a replicated leaf's whole ``nbytes``."""
