@@ -152,6 +152,25 @@ def _per_shard_kernels(float_model) -> dict:
                 got = np.asarray(fn(x, placed))
                 hlo = fn.lower(x, placed).compile().as_text()
             out[f"{spec} {parallel}"] = {"max_diff": float(np.abs(got - ref).max()), **_kernel_calls(hlo)}
+    # the Pallas kernel (interpret mode on CPU, forced by the variable it needs there), per shard too
+    xp = jnp.asarray(rng.normal(size=(3, 256)), jnp.float32)
+    wp = jnp.asarray(rng.normal(size=(256, 512)), jnp.float32)
+    os.environ["CASCADE_MATMUL_BACKEND"] = "pallas"
+    try:
+        for spec in ("int8", "int4-g32"):
+            qw = quant.quantize(wp, spec, axis=0)
+            ref = np.asarray(xla_dequant_matmul(xp, qw))
+            for parallel, dim in (("column", 1), ("row", 0)):
+                placed = jax.device_put(qw, jax.tree.map(lambda p: NamedSharding(mesh, p), leaf_specs(qw, dim)))
+                fn = jax.jit(lambda x, w, parallel=parallel: quant.matmul(x, w, parallel=parallel))
+                with sharding.on_mesh_of(placed):
+                    got = np.asarray(fn(xp, placed))
+                    hlo = fn.lower(xp, placed).compile().as_text()
+                out[f"pallas {spec} {parallel}"] = {"rel_diff": float(np.abs(got - ref).max() / np.abs(ref).max()),
+                                                    "all_gather": "all-gather" in hlo,
+                                                    "all_reduce": "all-reduce" in hlo}
+    finally:
+        del os.environ["CASCADE_MATMUL_BACKEND"]
     table = quant.quantize(jnp.asarray(rng.normal(size=(128, 64)), jnp.float32), "int4-g16", axis=1)
     placed = jax.device_put(table, jax.tree.map(lambda p: NamedSharding(mesh, p), leaf_specs(table, 0)))
     fn = jax.jit(lambda x, w: quant.matmul_t(x, w, parallel="column"))

@@ -62,6 +62,10 @@ def test_the_native_kernel_runs_per_shard(result):
         assert r["all_reduce"] is name.endswith("row"), (name, r)
     assert per_shard["model"]["kernel_widths"] == [8, 16, 32, 64]
     assert per_shard["model"]["all_gather"] is False
+    for spec in ("int8", "int4-g32"):  # the Pallas kernel (interpret mode here) per shard as well
+        for parallel in ("column", "row"):
+            r = per_shard[f"pallas {spec} {parallel}"]
+            assert r["rel_diff"] <= 1e-5 and r["all_gather"] is False and r["all_reduce"] is (parallel == "row"), r
 
 
 def test_the_cache_attention_kernel_runs_per_shard(result):
