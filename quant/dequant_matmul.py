@@ -208,8 +208,10 @@ def splits_evenly(w: QuantizedTensor, dim: int, tp: int) -> bool:
     return local % packing.run_shape(w.spec.bits)[0] == 0
 
 
-def _per_shard(x, w: QuantizedTensor, chosen: MatmulBackend, parallel: str, tp: int, *, transposed: bool):
-    """``chosen``'s kernel on each device's shard of ``w`` (module docs); None when ``w`` does not split."""
+def _per_shard(x, w: QuantizedTensor, backend: str | None, parallel: str, tp: int, *, transposed: bool):
+    """The kernel on each device's shard of ``w`` (module docs), chosen for the shard's shapes as
+    :func:`select_backend` chooses (``backend`` forced, or the best that supports the shard); None
+    when ``w`` does not split into whole groups and packed runs."""
     if parallel not in ("column", "row"):
         raise ValueError(f"parallel must be 'column' or 'row', got {parallel!r}")
     out_dim = 0 if transposed else 1  # the weight's output-feature axis
@@ -225,7 +227,7 @@ def _per_shard(x, w: QuantizedTensor, chosen: MatmulBackend, parallel: str, tp: 
     def body(x_local, w_local):
         w_local = QuantizedTensor(w_local.packed, w_local.scale, w_local.zero, w_local.act_scale, spec=w.spec,
                                   shape=local, axis=w.axis, dtype=w.dtype)
-        pick = select_backend(x_local, w_local, chosen.name, transposed=transposed)
+        pick = select_backend(x_local, w_local, backend, transposed=transposed)
         y = (pick.fn_t if transposed else pick.fn)(x_local, w_local)
         return y if parallel == "column" else jax.lax.psum(y, TP_AXIS)
 
@@ -237,7 +239,7 @@ def _quantized_matmul(x, w: QuantizedTensor, backend, parallel, *, transposed: b
     chosen = select_backend(x, w, backend, transposed=transposed)
     tp = tp_size() if parallel is not None and not chosen.partitions else 1
     if tp > 1:
-        y = _per_shard(x, w, chosen, parallel, tp, transposed=transposed)
+        y = _per_shard(x, w, backend, parallel, tp, transposed=transposed)
         if y is not None:
             return y
     return (chosen.fn_t if transposed else chosen.fn)(x, w)
