@@ -511,8 +511,9 @@ _CANDIDATES_HELP = "Comma-separated candidate precisions for each layer"
               help="AutoRound: signed-gradient steps per block.")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(1, 1024),
               help="AutoRound: calibration sequences per step.")
-@click.option("--alpha", default=0.5, show_default=True, type=FiniteFloat(min=0, max=1),
-              help="SmoothQuant: migration strength (0: activations kept as they are, 1: all moved into the weights).")
+@click.option("--alpha", default="0.5", show_default=True, callback=lambda c, p, v: _alpha(v, "'--alpha'"),
+              help="SmoothQuant: migration strength (0: activations kept as they are, 1: all moved into the weights), "
+                   "or 'auto': searched per input of each block on the calibration data.")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Write the quantized model (an orbax checkpoint directory).")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
@@ -1378,8 +1379,8 @@ def _calibrated_bench_options(f):
                    "(benchmark only: needs qwix, see bench/qwix_setup.sh).")
 @_calibrated_bench_options
 @click.option("--act-order", is_flag=True, help="GPTQ's activation order for the gptq and awq-gptq rows.")
-@click.option("--alpha", "alphas", help="Comma-separated SmoothQuant migration strengths in [0, 1], one set of "
-                                          "smoothquant rows each [default: 0.5].")
+@click.option("--alpha", "alphas", help="Comma-separated SmoothQuant migration strengths in [0, 1] or 'auto' (searched "
+                                          "per input of each block), one set of smoothquant rows each [default: 0.5].")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_ptq(model, calib, data, specs, methods, calib_samples, calib_len, limit, ctx, max_tokens, tokenizer,
@@ -1402,14 +1403,14 @@ def bench_ptq(model, calib, data, specs, methods, calib_samples, calib_len, limi
     if alphas is not None:
         if "smoothquant" not in method_list:
             raise click.UsageError("--alpha applies only to --method smoothquant")
-        alpha_list = tuple(_unit_float(a, "'--alpha'") for a in alphas.split(",") if a.strip())
+        alpha_list = tuple(_alpha(a, "'--alpha'") for a in alphas.split(",") if a.strip())
         if not alpha_list:
             raise click.BadParameter("give at least one value", param_hint="'--alpha'")
     _check_tokenizer_flag(model, tokenizer)
     from cascade.models import load_model
 
     save = _row_saver(model, out_path, lambda r: f"{r['spec']} {r['method']}"
-                      f"{' alpha ' + format(r['alpha'], 'g') if 'alpha' in r else ''} on {os.path.basename(r['data'])}: "
+                      f"{' alpha ' + str(r['alpha']) if 'alpha' in r else ''} on {os.path.basename(r['data'])}: "
                       f"ppl {r['ppl']:.3f}, KLD {r['kld_mean']:.4f}, {r['seconds']:.1f} s")
     result = bench_ptq_mod.run(load_model(model, tokenizer=tokenizer), calib, list(data), specs=spec_list,
                                methods=method_list, samples=calib_samples, length=calib_len, limit=limit, ctx=ctx,
@@ -1426,6 +1427,19 @@ def _unit_float(text: str, hint: str) -> float:
         raise click.BadParameter(f"{text.strip()!r} is not a number", param_hint=hint) from None
     if not 0 <= value <= 1:
         raise click.BadParameter(f"{value:g} is not in [0, 1]", param_hint=hint)
+    return value
+
+
+def _alpha(text: str, hint: str) -> "float | str":
+    """SmoothQuant's ``--alpha``: a number in [0, 1] or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text.strip()!r} is neither a number in [0, 1] nor 'auto'", param_hint=hint) from None
+    if not 0 <= value <= 1:  # also refuses nan
+        raise click.BadParameter(f"{value:g} is not in [0, 1] (or give 'auto')", param_hint=hint)
     return value
 
 
@@ -1530,10 +1544,12 @@ def bench_plot(results, out_dir, as_json):
 @click.option("--long-ctx", type=click.IntRange(min=8), help="Window of the long-context check [default: the model's context].")
 @click.option("--long-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
               help="About how many tokens the long-context check scores.")
+@click.option("--sens-samples", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Calibration sequences (of 256 tokens) each sensitivity run scores; fewer: faster, noisier.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_workflow(model, calib, data, targets, candidates, methods, granularity, calib_samples, calib_len, limit, ctx,
-                   max_tokens, tokenizer, kv, long_ctx, long_tokens, out_path, as_json):
+                   max_tokens, tokenizer, kv, long_ctx, long_tokens, sens_samples, out_path, as_json):
     """Automatic mixed precision against uniform specs at the same bytes, per PTQ method (see bench/workflow.py)."""
     from cascade.bench import workflow as bench_wf
 
@@ -1551,7 +1567,7 @@ def bench_workflow(model, calib, data, targets, candidates, methods, granularity
     result = bench_wf.run(load_model(model, tokenizer=tokenizer), calib, data, targets=targets, candidates=candidates,
                           methods=method_list, samples=calib_samples, length=calib_len, limit=limit, ctx=ctx,
                           max_tokens=max_tokens, granularity=granularity, kv=kv, long_ctx=long_ctx,
-                          long_tokens=long_tokens, on_row=save)
+                          long_tokens=long_tokens, sens_samples=sens_samples, on_row=save)
     save(result, final=True)
     _emit(as_json, result, bench_wf.table(result))
 

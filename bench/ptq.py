@@ -120,7 +120,7 @@ def table(result: dict) -> str:
             if r.get("data", ev["data"]) != ev["data"]:
                 continue
             gap = "" if r["gap_closed"] is None else f"{r['gap_closed']:.0%}"
-            method = r["method"] + (f" α={r['alpha']:g}" if "alpha" in r else "")
+            method = r["method"] + (f" α={r['alpha']}" if "alpha" in r else "")
             lines.append(f"{r['spec']:<15} {method:<16} {r['ppl']:>8.3f} {r['delta_ppl']:>+8.3f} "
                          f"{r['kld_mean']:>8.4f} {r['kld_p99']:>8.3f} {r['top1_agreement']:>7.1%} {gap:>10} "
                          f"{r['weight_bytes']:>11,} {r['seconds']:>8.1f}")

@@ -72,14 +72,17 @@ def reduction_axis(path: str, shape) -> int:
 
 def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp: float = 0.01,
                    act_order: bool = False, block_size: int = 128, awq_grid: int = 20, iters: int | None = None,
-                   lr: float | None = None, batch: int | None = None, alpha: float | None = None, ranges: dict | None = None,
+                   lr: float | None = None, batch: int | None = None, alpha: "float | str | None" = None,
+                   ranges: dict | None = None,
                    scale_dtype="float16", progress: bool | None = None) -> tuple[Model, QuantReport]:
     """Quantize ``model`` under ``rules`` (a spec, inline rules, a rules file or
     :class:`cascade.quant.PrecisionRules`) with ``method``; scales and zero points stored in
     ``scale_dtype``.  ``calib``: a :class:`cascade.models.calibration.CalibrationSet` (GPTQ);
     ``damp``, ``act_order``, ``block_size``: GPTQ settings; ``iters``, ``lr``, ``batch``: AutoRound's
     steps per block (default 200), initial rate (default ``1 / iters``) and calibration sequences
-    per step (default 8); ``alpha``: SmoothQuant's migration strength (default 0.5).  Rules naming
+    per step (default 8); ``alpha``: SmoothQuant's migration strength (default 0.5), or ``"auto"``:
+    chosen per input of each block from :data:`cascade.quant.smoothquant.ALPHA_GRID` by the W8A8
+    output error on calibration rows (:func:`cascade.quant.smoothquant.search_alphas`).  Rules naming
     ``w8a8-static`` need ``calib`` with any method (the activation scales are measured on it).
     ``ranges``: ``{path: (lo, hi)}`` in the stored scale's layout, a given range per matrix instead
     of the spec's estimate (RTN only: QAT's learned clipping).  The returned model's ``ptq`` records the method, its settings and the calibration recipe."""
@@ -96,6 +99,8 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
         raise ValueError(f"iters, lr and batch are settings of autoround, not of {method}")
     if method != "smoothquant" and alpha is not None:
         raise ValueError(f"alpha is a setting of smoothquant, not of {method}")
+    if isinstance(alpha, str) and alpha != "auto":
+        raise ValueError(f"SmoothQuant's alpha is a number in [0, 1] or 'auto', got {alpha!r}")
     if ranges and method != "rtn":
         raise ValueError(f"given ranges are quantized with rtn, not {method}")
     if "embed/embedding" in static:
@@ -141,8 +146,12 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
         elif method == "smoothquant":
             from cascade.quant import smoothquant
 
-            settings = {"alpha": smoothquant.DEFAULT_ALPHA if alpha is None else float(alpha)}
-            block_fn = smoothquant_block_quantizer(model.config, alpha=settings["alpha"], scale_dtype=scale_dtype)
+            chosen: dict = {}
+            settings = {"alpha": smoothquant.DEFAULT_ALPHA if alpha is None else alpha if alpha == "auto" else float(alpha)}
+            if alpha == "auto":
+                settings.update(grid=list(smoothquant.ALPHA_GRID), alphas=chosen)  # filled in block by block
+            block_fn = smoothquant_block_quantizer(model.config, alpha=settings["alpha"], scale_dtype=scale_dtype,
+                                                   chosen=chosen)
         elif method == "autoround":
             from cascade.quant import autoround
 
@@ -155,7 +164,8 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
                                            gptq=gptq_settings if method == "awq-gptq" else None)
         params, done = calibrated_blocks(params, model.config, parsed, calib, block_fn, desc=method,
                                          within_block=method == "gptq", targets=method == "autoround",
-                                         hessian=method != "smoothquant", progress=progress)
+                                         hessian=method != "smoothquant", progress=progress,
+                                         keep_tokens=smoothquant.SEARCH_TOKENS if settings.get("alpha") == "auto" else None)
 
         def quantizer(path, leaf, spec, axis, sdt):
             return done[path] if path in done else quantize(leaf, spec, axis=axis, scale_dtype=sdt)
@@ -191,7 +201,7 @@ def _set(tree: dict, path: str, value) -> dict:
 
 def calibrated_blocks(params, cfg, rules: PrecisionRules, calib, quantize_block, *, desc: str,
                       within_block: bool = False, targets: bool = False, hessian: bool = True,
-                      progress: bool | None = None):
+                      progress: bool | None = None, keep_tokens: int | None = None):
     """The sequential calibration loop shared by GPTQ and AWQ (module docs).
 
     For each block with an integer-spec kernel, ``quantize_block(name, block, specs, stats)``
@@ -210,13 +220,16 @@ def calibrated_blocks(params, cfg, rules: PrecisionRules, calib, quantize_block,
     block in the model quantized so far, ``y`` the float block's outputs on the float model's
     hidden states (AutoRound's reconstruction target).
     ``hessian=False``: the statistics without ``XᵀX`` (SmoothQuant needs only the maxima).
-    Returns ``(params', {parameter path: QuantizedTensor})``.
+    ``keep_tokens``: input rows kept per input in ``stats`` (default AWQ's search rows with
+    ``hessian``, none without).  Returns ``(params', {parameter path: QuantizedTensor})``.
     """
     from cascade.models import calibration
 
     hidden = calibration.embed_tokens(params, calib.tokens)
     hidden_float = hidden if targets else None
-    keep = calibration.DEFAULT_KEEP_TOKENS if hessian else 0  # AWQ's search rows; SmoothQuant needs none
+    if keep_tokens is None:  # AWQ's search rows; SmoothQuant at a fixed alpha needs none
+        keep_tokens = calibration.DEFAULT_KEEP_TOKENS if hessian else 0
+    keep = keep_tokens
     done: dict[str, QuantizedTensor] = {}
     params = dict(params)
     bar = tqdm(range(cfg.n_layers), desc=desc, unit="block", disable=None if progress is None else not progress,
@@ -335,15 +348,26 @@ def awq_block_quantizer(cfg, *, grid: int, scale_dtype, gptq: dict | None = None
     return quantize_block
 
 
-def smoothquant_block_quantizer(cfg, *, alpha: float, scale_dtype):
+def smoothquant_block_quantizer(cfg, *, alpha: "float | str", scale_dtype, chosen: dict | None = None):
     """``quantize_block`` for :func:`calibrated_blocks`: SmoothQuant's scales for the block's four
     inputs from their per-channel ``max|x|``, folded (:func:`cascade.quant.smoothquant.smooth_block`),
-    then RTN of each integer-spec kernel."""
+    then RTN of each integer-spec kernel.  ``alpha="auto"``: each input's strength searched on the
+    kept input rows (:func:`cascade.quant.smoothquant.search_alphas`; inputs with no W8A8 reader
+    keep the default), recorded in ``chosen[block name]``."""
     from cascade.quant import smoothquant
 
+    heads = dict(n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
+
     def quantize_block(name, block, specs, stats):
-        block, _ = smoothquant.smooth_block(block, {k: st.abs_max for k, st in stats.items()}, alpha=alpha,
-                                            n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
+        act_max = {k: st.abs_max for k, st in stats.items()}
+        a = alpha
+        if alpha == "auto":
+            best, _ = smoothquant.search_alphas(block, act_max, {k: st.sample for k, st in stats.items()}, specs,
+                                                **heads, scale_dtype=scale_dtype)
+            a = {k: best.get(k, smoothquant.DEFAULT_ALPHA) for k in smoothquant.INPUTS}
+            if chosen is not None:
+                chosen[name] = {k: float(v) for k, v in best.items()}
+        block, _ = smoothquant.smooth_block(block, act_max, alpha=a, **heads)
         return block, {layer: quantize(_get(block, f"{layer}/kernel"), spec, axis=0, scale_dtype=scale_dtype)
                        for layer, spec in specs.items()}
 

@@ -87,16 +87,19 @@ def test_bench_ptq_alphas_reach_smoothquant(monkeypatch, capsys):
     quantizer and recorded); other methods run once, without it."""
     calls = _spy_on_quantize(monkeypatch, "alpha")
     code = cli.main(["bench", "ptq", BIN, "--calib", TRAIN, "--data", VAL, "--spec", "w8a8", "--method",
-                     "rtn,smoothquant", "--alpha", "0.25,0.75", "--calib-samples", "32", "--calib-len", "64",
+                     "rtn,smoothquant", "--alpha", "0.25,auto,0.75", "--calib-samples", "32", "--calib-len", "64",
                      "--limit", "3", "--ctx", "128", "--max-tokens", "512", "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err
     d = json.loads(out)
-    assert calls == [("rtn", None), ("smoothquant", 0.25), ("smoothquant", 0.75)]
+    assert calls == [("rtn", None), ("smoothquant", 0.25), ("smoothquant", "auto"), ("smoothquant", 0.75)]
     assert [(r["method"], r.get("alpha")) for r in d["rows"]] == calls
-    a, b = d["rows"][1], d["rows"][2]
+    a, b = d["rows"][1], d["rows"][3]
     assert a["ppl"] != b["ppl"]  # the strength changes the smoothing, so the model
-    for bad, msg in (("0.5,2", "not in [0, 1]"), ("x", "not a number"), ("nan", "not in [0, 1]")):
+    from cascade.bench import ptq
+
+    assert "smoothquant α=auto" in ptq.table(d)
+    for bad, msg in (("0.5,2", "not in [0, 1]"), ("x", "neither a number in [0, 1] nor 'auto'"), ("nan", "not in [0, 1]")):
         assert cli.main(["bench", "ptq", BIN, "--calib", TRAIN, "--data", VAL, "--method", "smoothquant",
                          "--alpha", bad]) == 2
         assert msg in capsys.readouterr().err

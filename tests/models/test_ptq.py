@@ -252,7 +252,9 @@ def test_a_gptq_checkpoint_runs_in_the_cascade(capsys, tmp_path):
      "--calib apply only to --method gptq, awq, awq-gptq, autoround, smoothquant (or to w8a8-static rules), not to rtn"),
     (("--method", "rtn", "--quant", "w8a8-static"), 2, "w8a8-static measures its activation scales on calibration text"),
     (("--method", "gptq", "--calib", TRAIN, "--alpha", "0.3"), 2, "--alpha applies only to --method smoothquant, not to gptq"),
-    (("--method", "smoothquant", "--calib", TRAIN, "--alpha", "1.5"), 2, "1.5 is not in the range"),
+    (("--method", "smoothquant", "--calib", TRAIN, "--alpha", "1.5"), 2, "1.5 is not in [0, 1] (or give 'auto')"),
+    (("--method", "smoothquant", "--calib", TRAIN, "--alpha", "nan"), 2, "nan is not in [0, 1]"),
+    (("--method", "smoothquant", "--calib", TRAIN, "--alpha", "best"), 2, "'best' is neither a number in [0, 1] nor 'auto'"),
     (("--method", "gptq", "--calib", TRAIN, "--iters", "5"), 2, "--iters apply only to --method autoround, not to gptq"),
     (("--method", "hqq", "--calib-samples", "64"), 2, "--calib-samples apply only to --method gptq, awq, awq-gptq"),
     (("--method", "awq", "--calib", TRAIN, "--damp", "0.1"), 2, "--damp apply only to --method gptq or awq-gptq, not to awq"),
@@ -342,6 +344,30 @@ def test_smoothquant_rescues_w8a8_from_activation_outliers(spec):
     assert smooth.ptq["method"] == "smoothquant" and smooth.ptq["settings"] == {"alpha": 0.5}
     q_proj = smooth.params["layers_0"]["attn"]["q_proj"]["kernel"]
     assert str(q_proj.spec) == spec and (q_proj.act_scale is not None) == (spec == "w8a8-static")
+
+
+def test_alpha_auto_picks_each_inputs_strength_on_the_calibration_rows():
+    """``alpha="auto"`` records one searched strength per input of every block, each the argmin of
+    the W8A8 error over the grid on that block's rows; on the outlier model it does no worse than
+    the default alpha (it may pick 0.5 itself), and inputs read only by weight-only layers (here
+    the down projections, kept int8) are not searched."""
+    from cascade.quant.smoothquant import ALPHA_GRID
+
+    model, calib = _outlier_model()
+    held_out = np.random.default_rng(8).integers(0, model.config.vocab_size, (4, 16)).astype(np.int32)
+    fixed, _ = quantize_model(model, "w8a8", method="smoothquant", calib=calib, progress=False)
+    auto, _ = quantize_model(model, "w8a8", method="smoothquant", calib=calib, alpha="auto", progress=False)
+    settings = auto.ptq["settings"]
+    assert settings["alpha"] == "auto" and settings["grid"] == list(ALPHA_GRID)
+    assert set(settings["alphas"]) == {f"layers_{i}" for i in range(model.config.n_layers)}
+    assert all(set(a) == {"attn", "o", "mlp", "down"} and set(a.values()) <= set(ALPHA_GRID)
+               for a in settings["alphas"].values())
+    assert _kl(auto, model, held_out) <= 1.05 * _kl(fixed, model, held_out)
+    mixed, _ = quantize_model(model, "down_proj=int8,*=w8a8", method="smoothquant", calib=calib, alpha="auto",
+                              progress=False)
+    assert all(set(a) == {"attn", "o", "mlp"} for a in mixed.ptq["settings"]["alphas"].values())
+    with pytest.raises(ValueError, match="a number in \\[0, 1\\] or 'auto', got 'best'"):
+        quantize_model(model, "w8a8", method="smoothquant", calib=calib, alpha="best", progress=False)
 
 
 def test_static_activation_scales_are_the_calibration_maximum_of_each_input():
