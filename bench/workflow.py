@@ -5,7 +5,7 @@ deployment workflow", part 2).
 
 1. Measure every matrix's sensitivity (:func:`cascade.models.sensitivity.layer_sensitivity`): the
    mean KL to the float model with that matrix alone RTN-quantized at each candidate, on 32 x 256
-   calibration tokens.
+   calibration tokens (``sens_samples`` x 256).
 2. For each uniform spec (default ``int4-g32`` and ``int3-g32``: about 4.5 and 3.5 bits a weight
    with their scales), take the bytes that spec gives the whole model (embeddings and norms in
    bf16, as the default rules keep them) as the budget and let the knapsack choose each matrix's
@@ -63,11 +63,14 @@ def mix_by_kind(units: dict) -> dict[str, dict[str, int]]:
 def run(model: "str | Model", calib: str, data: str, *, targets=DEFAULT_TARGETS, candidates=DEFAULT_CANDIDATES,
         methods=DEFAULT_METHODS, samples: int = 128, length: int = 512, seed: int = 0, limit: int | None = 200,
         ctx: int = 512, max_tokens: int | None = None, granularity: str = "layer", tokenizer: str | None = None,
-        kv: str | None = "int8", long_ctx: int | None = None, long_tokens: int = 8192, progress=None,
-        on_row=None) -> dict:
+        kv: str | None = "int8", long_ctx: int | None = None, long_tokens: int = 8192,
+        sens_samples: int | None = None, progress=None, on_row=None) -> dict:
     """The result (module docs); ``on_row(result)`` after every row with ``"partial": true``.  ``kv``: the
     KV cache of the long-context check (None skips the check), ``long_ctx`` its window (default the
-    model's context), ``long_tokens`` about how many tokens it scores."""
+    model's context), ``long_tokens`` about how many tokens it scores.  ``sens_samples``: calibration
+    sequences each sensitivity run scores (default :data:`cascade.models.sensitivity.SENSITIVITY_SAMPLES`;
+    fewer make the sweep proportionally cheaper on a large model, noisier, and also set the tokens
+    of the additivity check)."""
     base = float_model(model if isinstance(model, Model) else load_model(model, tokenizer=tokenizer))
     cfg = base.config
     length = min(length, cfg.max_seq_len)
@@ -75,7 +78,7 @@ def run(model: "str | Model", calib: str, data: str, *, targets=DEFAULT_TARGETS,
     cal = calibration_tokens(base.tokenizer, calib, samples=samples, length=length, seed=seed, max_len=cfg.max_seq_len)
     with open(data, encoding="utf-8") as f:
         docs = tokenize_documents(base.tokenizer, split_documents(f.read())[:limit])
-    tokens = sens.scoring_tokens(cal)
+    tokens = sens.scoring_tokens(cal, sens_samples)
     t0 = time.perf_counter()
     report = sens.layer_sensitivity(base.params, cfg, tokens, candidates, granularity=granularity, progress=progress)
     sens_seconds = time.perf_counter() - t0

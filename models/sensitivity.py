@@ -276,11 +276,14 @@ def auto_rules(report: SensitivityReport, budget: int) -> tuple[PrecisionRules, 
     return PrecisionRules(rules=tuple(rules), default=None), summary
 
 
-def scoring_tokens(calib) -> np.ndarray:
-    """The tokens ``--quant auto`` scores each candidate on: the first :data:`SENSITIVITY_SAMPLES`
-    calibration sequences, cut to :data:`SENSITIVITY_LEN` tokens (a run per unit and candidate
-    is one forward pass over them)."""
-    return np.asarray(calib.tokens[:SENSITIVITY_SAMPLES, :SENSITIVITY_LEN])
+def scoring_tokens(calib, samples: int | None = None) -> np.ndarray:
+    """The tokens ``--quant auto`` scores each candidate on: the first ``samples`` (default
+    :data:`SENSITIVITY_SAMPLES`) calibration sequences, cut to :data:`SENSITIVITY_LEN` tokens (a
+    run per unit and candidate is one forward pass over them)."""
+    samples = SENSITIVITY_SAMPLES if samples is None else samples
+    if samples < 1:
+        raise ValueError(f"sensitivity needs at least one calibration sequence, got {samples}")
+    return np.asarray(calib.tokens[:samples, :SENSITIVITY_LEN])
 
 
 def float_params(params):

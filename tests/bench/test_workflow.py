@@ -19,11 +19,13 @@ def test_bench_workflow_rows(capsys, tmp_path):
     code = cli.main(["bench", "workflow", BIN, "--calib", TRAIN, "--data", VAL, "--target", "int3-g32",
                      "--candidates", "int8,int4-g32,int3-g32", "--method", "rtn", "--granularity", "block",
                      "--calib-samples", "32", "--calib-len", "32", "--limit", "10", "--ctx", "128",
-                     "--max-tokens", "2048", "--long-ctx", "128", "--long-tokens", "256", "--json", "--out", str(out_file)])
+                     "--max-tokens", "2048", "--long-ctx", "128", "--long-tokens", "256", "--sens-samples", "8",
+                     "--json", "--out", str(out_file)])
     out, err = capsys.readouterr()
     assert code == 0, err
     d = json.loads(out)
     assert d == json.loads(out_file.read_text()) and d["benchmark"] == "workflow" and "partial" not in d
+    assert d["sensitivity"]["tokens"] == 8 * 31  # --sens-samples sequences of 32 tokens: 31 predictions each
     rows = {(r["target"], r["config"], r["method"]): r for r in d["rows"]}
     assert set(rows) == {("int3-g32", c, "rtn") for c in ("uniform", "auto")}
     uniform, auto = rows[("int3-g32", "uniform", "rtn")], rows[("int3-g32", "auto", "rtn")]
