@@ -107,10 +107,20 @@ def _data_files(ctx, param, values):
     return tuple(_data_file(ctx, param, v) for v in values)
 
 
+def _read_json(path: str, hint: str):
+    """The JSON object in ``path`` (an option's file), or a one-line usage error saying why not."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise click.BadParameter(f"{path}: not a JSON file ({_one_line(e)})", param_hint=f"'{hint}'") from None
+
+
 def _given(*names) -> list[str]:
     """The flags among ``names`` (parameter names) that the user typed on the command line."""
     ctx = click.get_current_context()
-    return [f"--{p.replace('_', '-')}" for p in names
+    flags = {p.name: max(p.opts, key=len) for p in ctx.command.params if isinstance(p, click.Option)}
+    return [flags.get(p, f"--{p.replace('_', '-')}") for p in names
             if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
 
 
@@ -493,6 +503,9 @@ _CANDIDATES_HELP = "Comma-separated candidate precisions for each layer"
               help="--quant auto: choose a precision per matrix or per block.")
 @click.option("--rules-out", type=click.Path(dir_okay=False), help="--quant auto: also write the chosen rules as a JSON "
               "rules file (editable; pass it back with --quant FILE).")
+@click.option("--sensitivity", "sensitivity_file", callback=_data_file,
+              help="--quant auto: reuse a saved measurement (`cascade sensitivity --out FILE`, or a `bench workflow` "
+                   "result) instead of measuring again; it must be of this model.")
 @click.option("--method", type=click.Choice(PTQ_METHODS), default="rtn", show_default=True,
               help="PTQ method: rtn (round to nearest), gptq, awq, awq-gptq (AWQ's scales, then GPTQ), "
                    "autoround (learned rounding and clipping per block) or smoothquant (activation outliers "
@@ -521,7 +534,8 @@ _CANDIDATES_HELP = "Comma-separated candidate precisions for each layer"
               help="Only for a bare .safetensors/.npz weights file: reduction axis [default: 1 for .safetensors, 0 for .npz].")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rules_out, method, calib, calib_samples,
+def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rules_out, sensitivity_file, method, calib,
+             calib_samples,
              calib_len, seed, damp, act_order, iters, batch, alpha, out_dir, tokenizer, overwrite, axis, scale_dtype,
              as_json):
     """Quantize MODEL under precision rules with a PTQ method; report bytes and error per tensor;
@@ -547,14 +561,18 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
         raise click.UsageError(f"--alpha applies only to --method smoothquant, not to {method}")
     static_act = _names_static_act(quant_rules)
     auto = quant_rules == "auto"
-    auto_flags = given("avg_bits", "budget", "candidates", "granularity", "rules_out")
+    auto_flags = given("avg_bits", "budget", "candidates", "granularity", "rules_out", "sensitivity_file")
     if not auto and auto_flags:
         raise click.UsageError(f"{', '.join(auto_flags)} apply only to --quant auto")
     if auto:
         if (avg_bits is None) == (budget is None):
             raise click.UsageError("--quant auto needs exactly one of --avg-bits or --budget")
-        if calib is None:
-            raise click.UsageError("--quant auto measures each layer's sensitivity on calibration text: pass --calib FILE")
+        if calib is None and sensitivity_file is None:
+            raise click.UsageError("--quant auto measures each layer's sensitivity on calibration text: pass --calib FILE "
+                                   "(or reuse a measurement with --sensitivity FILE)")
+        if sensitivity_file is not None and given("candidates", "granularity"):
+            raise click.UsageError(f"{', '.join(given('candidates', 'granularity'))} come from the --sensitivity file "
+                                   f"when one is reused")
         if _is_weights_file(model):
             raise click.UsageError("--quant auto needs a model (HF directory, .gguf, .bin or checkpoint), not a bare weights file")
     if method in CALIBRATED_METHODS and calib is None:
@@ -607,8 +625,12 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
 
         if loaded.quant:
             click.echo(f"note: {model} is quantized; measuring sensitivity on its dequantized weights", err=True)
-        tokens = sensitivity.scoring_tokens(calib_set)
+        tokens = None if calib_set is None else sensitivity.scoring_tokens(calib_set)
         float_params = sensitivity.float_params(loaded.params)
+        if sensitivity_file is not None:
+            report_s = sensitivity.report_from_json(_read_json(sensitivity_file, "--sensitivity"), float_params,
+                                                    scale_dtype=scale_dtype)
+            candidates = list(dict.fromkeys(r.spec for r in report_s.rows))
         candidates = list(candidates or sensitivity.DEFAULT_CANDIDATES)
         if method in CALIBRATED_METHODS:  # GPTQ, AWQ, AutoRound work per channel or group, not per tensor
             tensor = [c for c in candidates if getattr(quant.parse_spec(c), "granularity", None) == "tensor"]
@@ -617,8 +639,13 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
             candidates = [c for c in candidates if c not in tensor]
             if not candidates:
                 raise click.UsageError(f"no candidate precision that --method {method} supports")
-        report_s = sensitivity.layer_sensitivity(float_params, loaded.config, tokens, candidates,
-                                                 granularity=granularity, proxy=False, scale_dtype=scale_dtype)
+        if sensitivity_file is None:
+            report_s = sensitivity.layer_sensitivity(float_params, loaded.config, tokens, candidates,
+                                                     granularity=granularity, proxy=False, scale_dtype=scale_dtype)
+        else:
+            report_s = sensitivity.restrict(report_s, candidates)
+            click.echo(f"note: reusing the sensitivity measured in {sensitivity_file} ({report_s.granularity} "
+                       f"granularity, candidates {','.join(candidates)})", err=True)
         rules, auto_summary = sensitivity.plan_rules(report_s, loaded.config, avg_bits=avg_bits, budget=budget,
                                                      scale_dtype=scale_dtype)
         quant_rules = rules
@@ -630,9 +657,10 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
     uses_calib = needs_calibration(method, quant_rules, loaded.params)
     quantized, report = quantize_model(loaded, quant_rules, method=method, calib=calib_set if uses_calib else None,
                                        damp=damp, act_order=act_order, scale_dtype=scale_dtype, **extra)
-    if auto:
+    if auto and tokens is not None:
         auto_summary["measured_kl"] = sensitivity.measured_kl(sensitivity.float_params(quantized.params), loaded.config,
                                                               float_params, tokens)
+    if auto:
         auto_summary["rules"] = rules.to_json()
         auto_text = "\n" + sensitivity.summary_text(auto_summary)
         if rules_out:
@@ -1546,10 +1574,13 @@ def bench_plot(results, out_dir, as_json):
               help="About how many tokens the long-context check scores.")
 @click.option("--sens-samples", default=32, show_default=True, type=click.IntRange(min=1),
               help="Calibration sequences (of 256 tokens) each sensitivity run scores; fewer: faster, noisier.")
+@click.option("--sensitivity", "sensitivity_file", callback=_data_file,
+              help="Reuse the sensitivity of an earlier workflow result or `cascade sensitivity --out` report of this "
+                   "model (its granularity and candidates; the same --calib and --sens-samples) instead of measuring again.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_workflow(model, calib, data, targets, candidates, methods, granularity, calib_samples, calib_len, limit, ctx,
-                   max_tokens, tokenizer, kv, long_ctx, long_tokens, sens_samples, out_path, as_json):
+                   max_tokens, tokenizer, kv, long_ctx, long_tokens, sens_samples, sensitivity_file, out_path, as_json):
     """Automatic mixed precision against uniform specs at the same bytes, per PTQ method (see bench/workflow.py)."""
     from cascade.bench import workflow as bench_wf
 
@@ -1560,6 +1591,12 @@ def bench_workflow(model, calib, data, targets, candidates, methods, granularity
     if not method_list:
         raise click.UsageError("--method needs at least one value")
     _check_tokenizer_flag(model, tokenizer)
+    reused = None
+    if sensitivity_file is not None:
+        if _given("candidates", "granularity"):
+            raise click.UsageError(f"{', '.join(_given('candidates', 'granularity'))} come from the --sensitivity file "
+                                   f"when one is reused")
+        reused = _read_json(sensitivity_file, "--sensitivity")
     from cascade.models import load_model
 
     save = _row_saver(model, out_path, lambda r: f"{r['target']} {r['config']} {r['method']}: ppl {r['ppl']:.3f}, "
@@ -1567,7 +1604,8 @@ def bench_workflow(model, calib, data, targets, candidates, methods, granularity
     result = bench_wf.run(load_model(model, tokenizer=tokenizer), calib, data, targets=targets, candidates=candidates,
                           methods=method_list, samples=calib_samples, length=calib_len, limit=limit, ctx=ctx,
                           max_tokens=max_tokens, granularity=granularity, kv=kv, long_ctx=long_ctx,
-                          long_tokens=long_tokens, sens_samples=sens_samples, on_row=save)
+                          long_tokens=long_tokens, sens_samples=sens_samples, sensitivity=reused,
+                          sensitivity_source=sensitivity_file, on_row=save)
     save(result, final=True)
     _emit(as_json, result, bench_wf.table(result))
 

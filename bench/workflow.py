@@ -64,13 +64,17 @@ def run(model: "str | Model", calib: str, data: str, *, targets=DEFAULT_TARGETS,
         methods=DEFAULT_METHODS, samples: int = 128, length: int = 512, seed: int = 0, limit: int | None = 200,
         ctx: int = 512, max_tokens: int | None = None, granularity: str = "layer", tokenizer: str | None = None,
         kv: str | None = "int8", long_ctx: int | None = None, long_tokens: int = 8192,
-        sens_samples: int | None = None, progress=None, on_row=None) -> dict:
+        sens_samples: int | None = None, sensitivity: dict | None = None, sensitivity_source: str | None = None,
+        progress=None, on_row=None) -> dict:
     """The result (module docs); ``on_row(result)`` after every row with ``"partial": true``.  ``kv``: the
     KV cache of the long-context check (None skips the check), ``long_ctx`` its window (default the
     model's context), ``long_tokens`` about how many tokens it scores.  ``sens_samples``: calibration
     sequences each sensitivity run scores (default :data:`cascade.models.sensitivity.SENSITIVITY_SAMPLES`;
     fewer make the sweep proportionally cheaper on a large model, noisier, and also set the tokens
-    of the additivity check)."""
+    of the additivity check).  ``sensitivity``: a saved measurement of this model to reuse instead of
+    step 1 (a ``cascade sensitivity --out`` report or an earlier workflow result, named by
+    ``sensitivity_source`` in the result); its granularity and candidates replace the arguments', and
+    it must have scored as many tokens as ``sens_samples`` gives (the additivity check's tokens)."""
     base = float_model(model if isinstance(model, Model) else load_model(model, tokenizer=tokenizer))
     cfg = base.config
     length = min(length, cfg.max_seq_len)
@@ -79,9 +83,19 @@ def run(model: "str | Model", calib: str, data: str, *, targets=DEFAULT_TARGETS,
     with open(data, encoding="utf-8") as f:
         docs = tokenize_documents(base.tokenizer, split_documents(f.read())[:limit])
     tokens = sens.scoring_tokens(cal, sens_samples)
-    t0 = time.perf_counter()
-    report = sens.layer_sensitivity(base.params, cfg, tokens, candidates, granularity=granularity, progress=progress)
-    sens_seconds = time.perf_counter() - t0
+    if sensitivity is None:
+        t0 = time.perf_counter()
+        report = sens.layer_sensitivity(base.params, cfg, tokens, candidates, granularity=granularity, progress=progress)
+        sens_seconds = time.perf_counter() - t0
+    else:
+        report = sens.report_from_json(sensitivity, base.params)
+        scored = tokens.shape[0] * (tokens.shape[1] - 1)
+        if report.tokens != scored:
+            raise ValueError(f"the reused sensitivity scored {report.tokens:,} tokens and these settings score {scored:,}: "
+                             f"pass the --sens-samples it was measured with")
+        granularity, candidates = report.granularity, list(dict.fromkeys(r.spec for r in report.rows))
+        body = sensitivity.get("sensitivity", sensitivity)
+        sens_seconds = body.get("seconds")
     rows, allocations, float_ppl, long_context = [], {}, None, []
     best: dict[str, tuple[float, str, Model]] = {}  # target -> the best auto model so far
 
@@ -91,6 +105,7 @@ def run(model: "str | Model", calib: str, data: str, *, targets=DEFAULT_TARGETS,
                 "calibration": cal.recipe, "data": data, "documents": len(docs), "ctx": ctx, "max_tokens": max_tokens,
                 "candidates": list(candidates), "granularity": granularity,
                 "sensitivity": {"tokens": report.tokens, "seconds": sens_seconds,
+                                **({"reused_from": sensitivity_source or "(given)"} if sensitivity is not None else {}),
                                 "rank_correlation": report.rank_correlation, "rows": [r.to_json() for r in report.sorted()]},
                 "allocations": allocations, "long_context": long_context, **({"partial": True} if partial else {}),
                 "rows": rows}
@@ -155,8 +170,11 @@ def long_context_check(model: Model, reference: Model, stream: list[list[int]], 
 
 
 def table(result: dict) -> str:
+    sens_run = result["sensitivity"]
+    seconds = "" if sens_run.get("seconds") is None else f" in {sens_run['seconds']:.0f} s"
+    reused = f" (reused from {sens_run['reused_from']})" if "reused_from" in sens_run else ""
     lines = [f"{result['model']}: float perplexity {result['float_ppl']:.4f} on {result['data']} (ctx {result['ctx']}); "
-             f"sensitivity on {result['sensitivity']['tokens']:,} tokens in {result['sensitivity']['seconds']:.0f} s",
+             f"sensitivity on {sens_run['tokens']:,} tokens{seconds}{reused}",
              f"{'target':<10} {'config':<8} {'method':<8} {'ppl':>8} {'Δppl':>8} {'KLD':>8} {'top-1':>7} "
              f"{'bits/w':>7} {'bytes':>11}"]
     for r in result["rows"]:

@@ -36,6 +36,7 @@ _EXPORTS = {
     "weight_bytes": "cascade.models.quantize",
     "layer_sensitivity": "cascade.models.sensitivity",
     "plan_rules": "cascade.models.sensitivity",
+    "report_from_json": "cascade.models.sensitivity",
     "PrecisionRules": "cascade.quant.rules",
     "QuantReport": "cascade.quant.rtn",
     "parse_spec": "cascade.quant.spec",

@@ -212,6 +212,61 @@ class SensitivityReport:
                 "rows": [r.to_json() for r in self.sorted()]}
 
 
+def report_from_json(data: dict, params, *, scale_dtype="float16") -> SensitivityReport:
+    """The :class:`SensitivityReport` saved in ``data`` (a ``cascade sensitivity --out`` file, or a
+    ``cascade bench workflow`` result, whose ``sensitivity`` holds the rows), checked against
+    ``params`` (the model it is reused for): the same units at the report's granularity, and every
+    row's bytes equal to what its spec gives that unit here (so a report of another model, or of
+    another ``scale_dtype``, is refused instead of silently planning the wrong bytes).  Raises
+    ``ValueError`` with one line saying what does not match."""
+    if not isinstance(data, dict):
+        raise ValueError("not a sensitivity report: expected a JSON object")
+    body = data["sensitivity"] if isinstance(data.get("sensitivity"), dict) else data
+    granularity = body.get("granularity", data.get("granularity"))
+    rows = body.get("rows")
+    if granularity not in GRANULARITIES or not isinstance(rows, list) or not rows:
+        raise ValueError("not a sensitivity report: it needs 'granularity' and a non-empty list of 'rows' "
+                         "(cascade sensitivity --out, or a bench workflow result)")
+    units = units_of(params, granularity)
+    fields = [f.name for f in dataclasses.fields(Sensitivity)]
+    parsed = []
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or any(k not in r for k in fields):
+            raise ValueError(f"sensitivity report row {i} lacks one of {', '.join(fields)}")
+        if r["unit"] not in units:
+            raise ValueError(f"the sensitivity report does not match this model: it has unit {r['unit']!r}, "
+                             f"which the model has no {granularity} of")
+        spec = parse_spec(r["spec"])
+        expected = unit_bytes(params, units[r["unit"]], spec, scale_dtype=scale_dtype)
+        if int(r["nbytes"]) != expected:
+            raise ValueError(f"the sensitivity report does not match this model: {r['unit']} at {r['spec']} is "
+                             f"{int(r['nbytes']):,} bytes there and {expected:,} here (another model, or another "
+                             f"--scale-dtype)")
+        kl = float(r["kl"])
+        if not math.isfinite(kl):
+            raise ValueError(f"sensitivity report row {i} ({r['unit']} at {r['spec']}) has a non-finite KL")
+        parsed.append(Sensitivity(unit=r["unit"], spec=str(spec), kl=kl, delta_loss=float(r["delta_loss"]),
+                                  proxy=None if r["proxy"] is None else float(r["proxy"]), nbytes=expected))
+    missing = [u for u in units if u not in {r.unit for r in parsed}]
+    if missing:
+        raise ValueError(f"the sensitivity report does not match this model: no row for {missing[0]}"
+                         + (f" (and {len(missing) - 1} more units)" if len(missing) > 1 else ""))
+    flat = traverse_util.flatten_dict(params, sep="/")
+    sizes = {u: int(sum(np.size(flat[p]) for p in ps)) for u, ps in units.items()}
+    return SensitivityReport(rows=tuple(parsed), units=units, granularity=granularity, tokens=int(body.get("tokens", 0)),
+                             base_loss=float(body.get("base_loss", float("nan"))), params=sizes)
+
+
+def restrict(report: SensitivityReport, candidates) -> SensitivityReport:
+    """``report`` with only the rows of ``candidates`` (specs as text); every unit must keep one."""
+    keep = {str(parse_spec(c)) for c in candidates}
+    rows = tuple(r for r in report.rows if r.spec in keep)
+    bare = [u for u in report.units if not any(r.unit == u for r in rows)]
+    if bare:
+        raise ValueError(f"no candidate left for {bare[0]} among {', '.join(sorted(keep))}")
+    return dataclasses.replace(report, rows=rows)
+
+
 def layer_sensitivity(params, cfg: ModelConfig, tokens, candidates, *, granularity: str = "layer",
                       proxy: bool = True, scale_dtype="float16", progress: bool | None = None) -> SensitivityReport:
     """:class:`SensitivityReport` of ``params`` (a float model) on calibration ``tokens`` (N, T)
@@ -397,4 +452,4 @@ def table(report: SensitivityReport, limit: int | None = None) -> str:
 
 
 __all__ = ["DEFAULT_CANDIDATES", "float_params", "plan_rules", "plot", "scoring_tokens", "summary_text", "table", "GRANULARITIES", "Sensitivity", "SensitivityReport", "auto_rules", "budget_from_avg_bits",
-           "layer_sensitivity", "measured_kl", "spearman", "unit_bytes", "units_of"]
+           "layer_sensitivity", "measured_kl", "report_from_json", "restrict", "spearman", "unit_bytes", "units_of"]

@@ -66,6 +66,27 @@ def test_bench_workflow_rows(capsys, tmp_path):
     assert "long context (int3-g32 auto, rtn): ctx 128" in bench_table(d)
     assert cli.main(["bench", "workflow", BIN, "--calib", TRAIN, "--data", VAL, "--method", "nope"]) == 2
 
+    # the result's sensitivity reused: no sweep, the same allocation and rows (RTN is deterministic)
+    same = ["bench", "workflow", BIN, "--calib", TRAIN, "--data", VAL, "--target", "int3-g32", "--method", "rtn",
+            "--calib-samples", "32", "--calib-len", "32", "--limit", "10", "--ctx", "128", "--max-tokens", "2048",
+            "--kv", "none", "--sensitivity", str(out_file)]
+    capsys.readouterr()
+    code = cli.main([*same, "--sens-samples", "8", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    again = json.loads(out)
+    assert again["sensitivity"]["reused_from"] == str(out_file) and again["granularity"] == "block"
+    assert again["sensitivity"]["rows"] == d["sensitivity"]["rows"] and again["long_context"] == []
+    assert again["allocations"] == d["allocations"]
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in d["rows"]]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in again["rows"]] == strip
+    assert f"(reused from {out_file})" in bench_table(again)
+    # reused with other scoring tokens, or with its own candidates overridden: one-line errors
+    assert cli.main([*same, "--sens-samples", "4"]) == 1
+    assert "scored 248 tokens and these settings score 124" in capsys.readouterr().err
+    assert cli.main([*same, "--candidates", "int8"]) == 2
+    assert "--candidates come from the --sensitivity file" in capsys.readouterr().err
+
 
 def bench_table(d):
     from cascade.bench import workflow

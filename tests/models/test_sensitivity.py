@@ -1,6 +1,9 @@
 """Layer sensitivity against a direct float64 computation, the proxy against its definition, and
 the automatic rules under a budget."""
 
+import dataclasses
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ from cascade.models.llama import init_params
 from cascade.models.model import Model
 from cascade.models.quantize import quantize_model
 from cascade.models.sensitivity import (
-    auto_rules, budget_from_avg_bits, layer_sensitivity, measured_kl, spearman, units_of,
+    auto_rules, budget_from_avg_bits, layer_sensitivity, measured_kl, report_from_json, restrict, spearman, units_of,
 )
 from cascade.quant.allocate import InfeasibleBudget
 
@@ -130,6 +133,49 @@ def test_auto_rules_spend_the_budget_where_the_kl_is(tiny):
     assert same_bytes["predicted_kl"] <= uniform + 1e-12
 
 
+def test_a_saved_report_reloads_to_the_same_allocation(tiny):
+    params, _, report = tiny
+    data = json.loads(json.dumps(report.to_json()))  # as `cascade sensitivity --out` writes it
+    again = report_from_json(data, params)
+    assert sorted(again.rows, key=lambda r: (r.unit, r.spec)) == sorted(report.rows, key=lambda r: (r.unit, r.spec))
+    assert (again.units, again.params, again.granularity, again.tokens) == (report.units, report.params, "layer", report.tokens)
+    budget = budget_from_avg_bits(report, 4.5)
+
+    def plan(r):  # the choice per unit and its totals (the rules' order follows the rows')
+        rules, summary = auto_rules(r, budget)
+        return dict(rules.rules), summary["units"], summary["bytes"], pytest.approx(summary["predicted_kl"], rel=1e-12)
+
+    assert plan(again) == plan(report)
+    # a bench workflow result keeps the rows under "sensitivity" and the granularity beside it
+    wrapped = {"granularity": "layer", "sensitivity": {"tokens": report.tokens, "rows": data["rows"]}}
+    assert plan(report_from_json(wrapped, params)) == plan(report)
+    fewer = restrict(again, ["int8", "int4-g16"])
+    assert {r.spec for r in fewer.rows} == {"int8", "int4-g16"} and len(fewer.rows) == 2 * len(report.units)
+    with pytest.raises(ValueError, match="no candidate left"):
+        restrict(again, ["int3-g32"])
+
+
+def test_a_report_of_another_model_is_refused(tiny):
+    params, _, report = tiny
+    data = json.loads(json.dumps(report.to_json()))
+    wider = init_params(dataclasses.replace(CFG, hidden_dim=64), jax.random.key(0))
+    with pytest.raises(ValueError, match="does not match this model: layers_./mlp/.* bytes there and .* here"):
+        report_from_json(data, wider)
+    deeper = init_params(dataclasses.replace(CFG, n_layers=3), jax.random.key(0))
+    with pytest.raises(ValueError, match="no row for layers_2"):
+        report_from_json(data, deeper)
+    with pytest.raises(ValueError, match="has unit 'layers_1/.*', which the model has no layer of"):
+        report_from_json(data, init_params(dataclasses.replace(CFG, n_layers=1), jax.random.key(0)))
+    with pytest.raises(ValueError, match="another --scale-dtype"):
+        report_from_json(data, params, scale_dtype="float32")
+    with pytest.raises(ValueError, match="not a sensitivity report"):
+        report_from_json({"rows": []}, params)
+    bad = json.loads(json.dumps(data))
+    bad["rows"][0]["kl"] = float("nan")
+    with pytest.raises(ValueError, match="non-finite KL"):
+        report_from_json(bad, params)
+
+
 def test_spearman_on_hand_cases():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -147,7 +193,6 @@ def test_a_quantized_model_is_refused():
 
 # -- the command line --------------------------------------------------------------------------
 
-import json  # noqa: E402
 import os  # noqa: E402
 
 from cascade import cli  # noqa: E402
@@ -202,6 +247,40 @@ def test_quantize_auto_chooses_precisions_under_the_average_bits(capsys, tmp_pat
     # the rules file is a --quant FILE like any other, and gives the same model
     code, out, err = run(capsys, "quantize", BIN, "--quant", rules_file, "--json")
     assert code == 0 and json.loads(out)["bytes_after"] == auto["model_bytes"]
+
+
+def test_quantize_auto_reuses_a_saved_sensitivity(capsys, tmp_path):
+    report = str(tmp_path / "sens.json")
+    code, _, err = run(capsys, "sensitivity", BIN, *SMALL, "--quant", "int8,int3-g32", "--out", report)
+    assert code == 0, err
+    from cascade.models import load_model
+    from cascade.models.sensitivity import plan_rules
+
+    loaded = load_model(BIN)
+    rules, expected = plan_rules(report_from_json(json.load(open(report)), loaded.params), loaded.config, avg_bits=5)
+    # the measurement read back: its choice, and no sensitivity runs (and no --calib needed for RTN)
+    code, out, err = run(capsys, "quantize", BIN, "--quant", "auto", "--avg-bits", "5", "--sensitivity", report, "--json")
+    assert code == 0, err
+    reused = json.loads(out)["auto"]
+    assert f"reusing the sensitivity measured in {report}" in err and "measured_kl" not in reused
+    assert {u: v["spec"] for u, v in reused["units"].items()} == {u: v["spec"] for u, v in expected["units"].items()}
+    assert sorted(map(tuple, reused["rules"]["rules"])) == sorted(map(tuple, rules.to_json()["rules"]))
+    assert len({v["spec"] for v in reused["units"].values()}) == 2
+    # with --calib the additivity check runs as without reuse
+    code, out, err = run(capsys, "quantize", BIN, "--quant", "auto", "--avg-bits", "5", "--sensitivity", report,
+                         "--calib", TRAIN, "--calib-len", "32", "--json")
+    assert code == 0 and json.loads(out)["auto"]["measured_kl"] > 0, err
+    code, _, err = run(capsys, "quantize", BIN, "--quant", "auto", "--avg-bits", "5", "--sensitivity", report,
+                       "--granularity", "layer")
+    assert code == 2 and "--granularity come from the --sensitivity file" in err
+    code, _, err = run(capsys, "quantize", BIN, "--quant", "int4", "--sensitivity", report)
+    assert code == 2 and "--sensitivity apply only to --quant auto" in err
+    (tmp_path / "junk.json").write_text("{not json")
+    code, _, err = run(capsys, "quantize", BIN, "--quant", "auto", "--avg-bits", "5", "--sensitivity",
+                       str(tmp_path / "junk.json"))
+    assert code == 2 and "not a JSON file" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "quantize", "default-small", "--quant", "auto", "--avg-bits", "5", "--sensitivity", report)
+    assert code == 1 and "does not match this model" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_per_tensor_candidates_are_skipped_for_a_calibrated_method(capsys, tmp_path):
