@@ -630,7 +630,7 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
         if sensitivity_file is not None:
             report_s = sensitivity.report_from_json(_read_json(sensitivity_file, "--sensitivity"), float_params,
                                                     scale_dtype=scale_dtype)
-            candidates = list(dict.fromkeys(r.spec for r in report_s.rows))
+            candidates = report_s.candidates
         candidates = list(candidates or sensitivity.DEFAULT_CANDIDATES)
         if method in CALIBRATED_METHODS:  # GPTQ, AWQ, AutoRound work per channel or group, not per tensor
             tensor = [c for c in candidates if getattr(quant.parse_spec(c), "granularity", None) == "tensor"]

@@ -93,7 +93,7 @@ def run(model: "str | Model", calib: str, data: str, *, targets=DEFAULT_TARGETS,
         if report.tokens != scored:
             raise ValueError(f"the reused sensitivity scored {report.tokens:,} tokens and these settings score {scored:,}: "
                              f"pass the --sens-samples it was measured with")
-        granularity, candidates = report.granularity, list(dict.fromkeys(r.spec for r in report.rows))
+        granularity, candidates = report.granularity, report.candidates
         body = sensitivity.get("sensitivity", sensitivity)
         sens_seconds = body.get("seconds")
     rows, allocations, float_ppl, long_context = [], {}, None, []

@@ -203,6 +203,11 @@ class SensitivityReport:
         rho = spearman([r.proxy for r in rows], [r.kl for r in rows]) if len(rows) >= 2 else None
         return None if rho is None or math.isnan(rho) else rho
 
+    @property
+    def candidates(self) -> list[str]:
+        """The specs measured, in the order of the rows."""
+        return list(dict.fromkeys(r.spec for r in self.rows))
+
     def sorted(self) -> list[Sensitivity]:
         return sorted(self.rows, key=lambda r: -r.kl)
 
