@@ -70,6 +70,12 @@ def _round_trip(w, spec, path: str):
     return dequantize(quantize(w, spec, axis=reduction_axis(path, w.shape)), w.dtype)
 
 
+def _unit_sizes(params, units: dict) -> dict[str, int]:
+    """``{unit: number of weights}`` of ``units`` (:func:`units_of`)."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return {u: int(sum(np.size(flat[p]) for p in ps)) for u, ps in units.items()}
+
+
 def unit_bytes(params, paths, spec, *, scale_dtype="float16") -> int:
     """Bytes the parameters ``paths`` take stored at ``spec`` (planned from shapes, nothing allocated)."""
     from cascade.memory import _quantized_nbytes
@@ -252,14 +258,13 @@ def report_from_json(data: dict, params, *, scale_dtype="float16") -> Sensitivit
             raise ValueError(f"sensitivity report row {i} ({r['unit']} at {r['spec']}) has a non-finite KL")
         parsed.append(Sensitivity(unit=r["unit"], spec=str(spec), kl=kl, delta_loss=float(r["delta_loss"]),
                                   proxy=None if r["proxy"] is None else float(r["proxy"]), nbytes=expected))
-    missing = [u for u in units if u not in {r.unit for r in parsed}]
+    measured = {r.unit for r in parsed}
+    missing = [u for u in units if u not in measured]
     if missing:
         raise ValueError(f"the sensitivity report does not match this model: no row for {missing[0]}"
                          + (f" (and {len(missing) - 1} more units)" if len(missing) > 1 else ""))
-    flat = traverse_util.flatten_dict(params, sep="/")
-    sizes = {u: int(sum(np.size(flat[p]) for p in ps)) for u, ps in units.items()}
     return SensitivityReport(rows=tuple(parsed), units=units, granularity=granularity, tokens=int(body.get("tokens", 0)),
-                             base_loss=float(body.get("base_loss", float("nan"))), params=sizes)
+                             base_loss=float(body.get("base_loss", float("nan"))), params=_unit_sizes(params, units))
 
 
 def restrict(report: SensitivityReport, candidates) -> SensitivityReport:
@@ -303,9 +308,8 @@ def layer_sensitivity(params, cfg: ModelConfig, tokens, candidates, *, granulari
         kl, nll = scorer(traverse_util.unflatten_dict(changed, sep="/"))
         rows.append(Sensitivity(unit=unit, spec=str(spec), kl=kl, delta_loss=nll - scorer.base_nll, proxy=err,
                                 nbytes=unit_bytes(params, paths, spec, scale_dtype=scale_dtype)))
-    sizes = {u: int(sum(np.size(flat[p]) for p in ps)) for u, ps in units.items()}
     return SensitivityReport(rows=tuple(rows), units=units, granularity=granularity, tokens=scorer.count,
-                             base_loss=scorer.base_nll, params=sizes)
+                             base_loss=scorer.base_nll, params=_unit_sizes(params, units))
 
 
 def budget_from_avg_bits(report: SensitivityReport, avg_bits: float) -> int:
