@@ -40,6 +40,7 @@ import numpy as np
 from cascade.models.config import ModelConfig
 from cascade.models.evaluation import split_documents
 from cascade.models.llama import MLP, Attention, Block, Linear, RMSNorm
+from cascade.quant import hadamard
 from cascade.quant.qtensor import QuantizedTensor, dequantize
 
 DEFAULT_SAMPLES = 128
@@ -205,32 +206,39 @@ def block_statistics(block_params, cfg: ModelConfig, hidden: np.ndarray, *,
     return acc
 
 
-@partial(jax.jit, static_argnames=("cfg",))
-def _batch_absmax(block_params, cfg: ModelConfig, x):
+def _absmax(v, rotated: bool):
+    v = v.astype(jnp.float32)
+    return jnp.max(jnp.abs(hadamard.rotate(v, -1) if rotated else v))
+
+
+@partial(jax.jit, static_argnames=("cfg", "rotated"))
+def _batch_absmax(block_params, cfg: ModelConfig, x, rotated: bool):
     _, seen = _capture_inputs(Block(cfg), {"params": block_params}, x, _positions(x))
-    return {name: jnp.max(jnp.abs(v.astype(jnp.float32))) for name, v in seen.items()}
+    return {name: _absmax(v, rotated) for name, v in seen.items()}
 
 
-def block_input_absmax(block_params, cfg: ModelConfig, hidden: np.ndarray) -> dict[str, float]:
+def block_input_absmax(block_params, cfg: ModelConfig, hidden: np.ndarray, *, rotated: bool = False) -> dict[str, float]:
     """``max|x|`` over all of ``hidden`` (N, T, dim) of each linear input of the block (``attn``,
-    ``o``, ``mlp``, ``down``): the static per-tensor activation ranges of ``w8a8-static``."""
+    ``o``, ``mlp``, ``down``): the static per-tensor activation ranges of ``w8a8-static``;
+    ``rotated``: of ``x R`` instead (``w8a8-static-had``, :func:`cascade.quant.hadamard.rotate`)."""
     n, t, _ = hidden.shape
     out: dict[str, float] = {}
     for rows in _batches(n, cfg, t):
-        for name, m in _batch_absmax(block_params, cfg, jnp.asarray(hidden[rows], jnp.float32)).items():
+        for name, m in _batch_absmax(block_params, cfg, jnp.asarray(hidden[rows], jnp.float32), rotated).items():
             out[name] = max(out.get(name, 0.0), float(m))
     return out
 
 
-@partial(jax.jit, static_argnames=("cfg",))
-def _norm_absmax(norm_params, cfg: ModelConfig, x):
-    return jnp.max(jnp.abs(RMSNorm(cfg.norm_eps).apply({"params": norm_params}, x).astype(jnp.float32)))
+@partial(jax.jit, static_argnames=("cfg", "rotated"))
+def _norm_absmax(norm_params, cfg: ModelConfig, x, rotated: bool):
+    return _absmax(RMSNorm(cfg.norm_eps).apply({"params": norm_params}, x), rotated)
 
 
-def final_norm_absmax(norm_params, cfg: ModelConfig, hidden: np.ndarray) -> float:
-    """``max|x|`` of the final norm's output (the LM head's input) over ``hidden`` (N, T, dim)."""
+def final_norm_absmax(norm_params, cfg: ModelConfig, hidden: np.ndarray, *, rotated: bool = False) -> float:
+    """``max|x|`` of the final norm's output (the LM head's input) over ``hidden`` (N, T, dim)
+    (``rotated``: of ``x R``)."""
     n, t, _ = hidden.shape
-    return max(float(_norm_absmax(norm_params, cfg, jnp.asarray(hidden[rows], jnp.float32)))
+    return max(float(_norm_absmax(norm_params, cfg, jnp.asarray(hidden[rows], jnp.float32), rotated))
                for rows in _batches(n, cfg, t))
 
 

@@ -71,6 +71,9 @@ class FakeQuantize:
 
         flat = {}
         for path, a, spec, axis in self._int_leaves(weights):
+            if spec.rotate:
+                raise ValueError(f"learned clipping does not apply to {spec} ({path}: its range is that of the "
+                                 "rotated weight); train it without learnable clipping")
             n_groups, _, r = ranges.group_geometry(a.shape, spec, axis)
             flat[path] = {"a": jnp.ones((n_groups, r), jnp.float32), "b": jnp.ones((n_groups, r), jnp.float32)}
         return traverse_util.unflatten_dict(flat, sep="/")

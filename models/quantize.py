@@ -103,6 +103,12 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
         raise ValueError(f"SmoothQuant's alpha is a number in [0, 1] or 'auto', got {alpha!r}")
     if ranges and method != "rtn":
         raise ValueError(f"given ranges are quantized with rtn, not {method}")
+    if method in ("gptq", "awq-gptq", "hqq", "autoround"):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]:
+            spec = parsed.spec_for(key_path_str(path), leaf.ndim)
+            if isinstance(spec, IntSpec) and spec.rotate:
+                raise ValueError(f"{method} cannot produce {spec} weights (stored Hadamard-rotated; "
+                                 f"{key_path_str(path)}): use --method rtn or smoothquant for them")
     if "embed/embedding" in static:
         tied = ", and here the tied LM head," if model.config.tie_embeddings else ""
         raise ValueError(f"embed/embedding is a lookup{tied} not a linear layer: w8a8-static applies to linear layers; "
@@ -392,7 +398,7 @@ def needs_calibration(method: str, rules, params) -> bool:
 
 def calibrate_act_scales(params, cfg, calib, *, progress: bool | None = None):
     """``params`` with every ``w8a8-static`` kernel's ``act_scale`` set to ``max|x| / 127`` of its
-    input over ``calib`` (module docstring): block by block, each block's inputs measured with its
+    input over ``calib`` (module docstring; ``max|x R| / 127`` for ``w8a8-static-had``): block by block, each block's inputs measured with its
     own static weights run per token (their scales are what is being measured) and the blocks
     before it exactly as deployed."""
     from cascade.models import calibration
@@ -408,6 +414,12 @@ def calibrate_act_scales(params, cfg, calib, *, progress: bool | None = None):
         return QuantizedTensor(a.packed, a.scale, a.zero, spec=dataclasses.replace(a.spec, act="dynamic"),
                                shape=a.shape, axis=a.axis, dtype=a.dtype)
 
+    def input_absmax(found: dict, qt, measure):  # max|x|, or max|x R| for a -had weight (each measured once)
+        key = bool(qt.spec.rotate)
+        if key not in found:
+            found[key] = measure(key)
+        return found[key]
+
     params = dict(params)
     hidden = calibration.embed_tokens(params, calib.tokens)
     bar = tqdm(range(cfg.n_layers), desc="activation scales", unit="block",
@@ -416,16 +428,18 @@ def calibrate_act_scales(params, cfg, calib, *, progress: bool | None = None):
         name = f"layers_{i}"
         block = params[name]
         if any(is_static(a) for a in jax.tree.leaves(block, is_leaf=is_static)):
-            amax = calibration.block_input_absmax(jax.tree.map(as_dynamic, block, is_leaf=is_static), cfg, hidden)
+            found: dict = {}
+            dynamic = jax.tree.map(as_dynamic, block, is_leaf=is_static)
             for layer in BLOCK_LINEARS:
                 qt = _get(block, f"{layer}/kernel")
                 if is_static(qt):
+                    amax = input_absmax(found, qt, lambda r: calibration.block_input_absmax(dynamic, cfg, hidden, rotated=r))
                     block = _set(block, f"{layer}/kernel", with_act_scale(qt, _act_scale(amax[INPUT_OF[layer]], ACT_QMAX)))
             params[name] = block
         hidden = calibration.block_outputs(block, cfg, hidden)
     head = params.get("lm_head", {}).get("kernel")
     if is_static(head):
-        amax = calibration.final_norm_absmax(params["final_norm"], cfg, hidden)
+        amax = input_absmax({}, head, lambda r: calibration.final_norm_absmax(params["final_norm"], cfg, hidden, rotated=r))
         params["lm_head"] = {**params["lm_head"], "kernel": with_act_scale(head, _act_scale(amax, ACT_QMAX))}
     return params
 

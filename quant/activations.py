@@ -10,7 +10,10 @@ split)::
     y     = (x_q @ W_q) * s_x * s_w                                        int32 dot, float rescale
 
 ``W_q`` and ``s_w`` are the weight's per-output-channel int8 codes and scales, exactly as an
-``int8`` weight stores them.  A row of zeros gets the scale 1 (its codes are zeros).  Per-token
+``int8`` weight stores them.  With a ``-had`` spec (``w8a8-had``, ``w8a8-static-had``) the codes are
+of the rotated weight ``Rᵀ W`` and ``x`` is rotated first, ``x <- x R``
+(:func:`cascade.quant.hadamard.rotate`, a fast Walsh-Hadamard transform per row), so outlier
+channels are spread before the row is quantized; ``(x R)(Rᵀ W) = x W``.  A row of zeros gets the scale 1 (its codes are zeros).  Per-token
 scales depend only on their own row, so the result of a row does not depend on the batch it is in
 (what a speculative verifier scoring several rows at once needs).
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cascade.quant import hadamard
 from cascade.quant.qtensor import QuantizedTensor, codes
 
 ACT_QMAX = 127  # symmetric int8 activations: codes in [-127, 127]
@@ -64,6 +68,9 @@ def w8a8_matmul(x, w: QuantizedTensor, *, transposed: bool = False):
     int8 activations (module docstring); returns ``x``'s dtype."""
     if w.spec.act is None:
         raise ValueError(f"w8a8_matmul takes a w8a8 weight, got {w.spec}")
+    dtype = x.dtype
+    if w.spec.rotate:
+        x = hadamard.rotate(x, -1)
     if w.spec.act == "static":
         if w.act_scale is None:
             raise ValueError("a w8a8-static weight has no activation scale: quantize the model with calibration "
@@ -73,4 +80,4 @@ def w8a8_matmul(x, w: QuantizedTensor, *, transposed: bool = False):
         sx = token_scales(x)
     wq, sw = _weight_codes(w, transposed)
     acc = int8_dot(quantize_activations(x, sx), wq)
-    return (acc.astype(jnp.float32) * sx * sw).astype(x.dtype)
+    return (acc.astype(jnp.float32) * sx * sw).astype(dtype)

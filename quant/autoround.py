@@ -43,7 +43,7 @@ import numpy as np
 
 from cascade.quant import ranges
 from cascade.quant.qtensor import (
-    QuantizedTensor, _int_spec, _scale_dtype, check_scales, from_grouped_codes, validate_input,
+    QuantizedTensor, _int_spec, _scale_dtype, check_scales, from_grouped_codes, refuse_rotated, validate_input,
 )
 from cascade.quant.spec import IntSpec
 
@@ -166,6 +166,7 @@ def autoround_quantize(w, x, spec, *, iters: int = DEFAULT_ITERS, lr: float | No
     ``mean ||x w - x W_hat||^2`` over calibration rows ``x`` (T, K); each step uses ``batch_rows``
     rows drawn at random (default: all).  ``iters=0`` is RTN with the spec's range."""
     spec = _int_spec(spec)
+    refuse_rotated(spec, "AutoRound")
     w, axis = validate_input(w, 0, "weight")
     if w.ndim != 2:
         raise ValueError(f"autoround_quantize takes a 2-D kernel (K, N), got shape {tuple(w.shape)}")

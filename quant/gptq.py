@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cascade.quant import ranges
-from cascade.quant.qtensor import QuantizedTensor, _assemble, _int_spec, _scale_dtype, validate_input
+from cascade.quant.qtensor import QuantizedTensor, _assemble, _int_spec, _scale_dtype, refuse_rotated, validate_input
 from cascade.quant.spec import IntSpec
 
 DEFAULT_DAMP = 0.01
@@ -136,6 +136,7 @@ def gptq_quantize(w, h, spec, *, damp: float = DEFAULT_DAMP, block_size: int = D
                   act_order: bool = False, scale_dtype="float16") -> QuantizedTensor:
     """GPTQ-quantize ``w`` (K, N) along axis 0 given ``h`` = X^T X (K, K); see the module docs."""
     spec = _int_spec(spec)
+    refuse_rotated(spec, "GPTQ")
     w, _ = validate_input(w, 0, "weight")
     if w.ndim != 2:
         raise ValueError(f"GPTQ quantizes a 2-D (in, out) kernel, got shape {tuple(w.shape)}")

@@ -68,7 +68,7 @@ import numpy as np
 
 from cascade.quant import ranges
 from cascade.quant.qtensor import (
-    QuantizedTensor, _int_spec, _scale_dtype, check_scales, from_grouped_codes, validate_input,
+    QuantizedTensor, _int_spec, _scale_dtype, check_scales, from_grouped_codes, refuse_rotated, validate_input,
 )
 from cascade.quant.spec import IntSpec
 
@@ -168,6 +168,7 @@ def hqq_quantize(w, spec, *, axis: int = 0, iters: int = DEFAULT_ITERS, lp_norm:
     iteration.  Same storage format as :func:`cascade.quant.quantize` with the same ``spec``.
     """
     spec = _int_spec(spec)
+    refuse_rotated(spec, "HQQ")
     x, axis = validate_input(w, axis, "weight")
     sdt = _scale_dtype(scale_dtype)
     if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 0:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cascade.quant import packing, ranges
+from cascade.quant import hadamard, packing, ranges
 from cascade.quant.spec import IntSpec, Spec, parse_spec
 
 SCALE_DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -164,12 +164,19 @@ def _encode(x, scale_g, zero_g, spec: IntSpec, axis: int):
 
 
 def quantize(x, spec: Spec | str, *, axis: int = 0, scale_dtype="float16") -> QuantizedTensor:
-    """Round-to-nearest quantization of ``x`` along ``axis`` with the range from ``spec.clip``."""
+    """Round-to-nearest quantization of ``x`` along ``axis`` with the range from ``spec.clip``
+    (a ``-had`` spec quantizes ``x`` rotated along ``axis``: :mod:`cascade.quant.hadamard`)."""
     spec = _int_spec(spec)
     x, axis = validate_input(x, axis)
+    dtype, x = x.dtype, _rotated(x, spec, axis)
     sdt = _scale_dtype(scale_dtype)
     scale_g, zero_g = _params_from_data(x, spec, axis, sdt)
-    return _assemble(x, spec, axis, scale_g, zero_g)
+    return _assemble(x, spec, axis, scale_g, zero_g, dtype)
+
+
+def _rotated(x, spec: IntSpec, axis: int):
+    """``x`` as a ``-had`` spec stores it (rotated along the reduction axis, float32), else unchanged."""
+    return hadamard.rotate(x, axis) if spec.rotate else x
 
 
 def quantize_with_range(x, spec: Spec | str, lo, hi, *, axis: int = 0, scale_dtype="float16") -> QuantizedTensor:
@@ -177,10 +184,12 @@ def quantize_with_range(x, spec: Spec | str, lo, hi, *, axis: int = 0, scale_dty
 
     ``lo`` and ``hi`` are scalars or arrays of the stored scale's shape
     (:func:`cascade.quant.ranges.scale_shape`); values outside the range are clipped.  A zero-width
-    range (a dead channel seen as all zeros in calibration) gets scale 1.
+    range (a dead channel seen as all zeros in calibration) gets scale 1.  With a ``-had`` spec the
+    range is that of the rotated tensor (what is stored).
     """
     spec = _int_spec(spec)
     x, axis = validate_input(x, axis)
+    dtype, x = x.dtype, _rotated(x, spec, axis)
     sdt = _scale_dtype(scale_dtype)
     shape = ranges.scale_shape(x.shape, spec, axis)
     try:
@@ -195,13 +204,15 @@ def quantize_with_range(x, spec: Spec | str, lo, hi, *, axis: int = 0, scale_dty
     lo = ranges.scale_layout_to_groups(lo, spec, axis)
     hi = ranges.scale_layout_to_groups(hi, spec, axis)
     scale_g, zero_g = ranges.scale_zero_from_range(lo, hi, spec, sdt)
-    return _assemble(x, spec, axis, scale_g, zero_g)
+    return _assemble(x, spec, axis, scale_g, zero_g, dtype)
 
 
-def _assemble(x, spec, axis, scale_g, zero_g) -> QuantizedTensor:
+def _assemble(x, spec, axis, scale_g, zero_g, dtype=None) -> QuantizedTensor:
+    """The tensor with codes ``round(x / s) + z``; ``x`` is what is stored (already rotated for a
+    ``-had`` spec), ``dtype`` the float type :func:`dequantize` returns (default ``x``'s)."""
     check_scales(scale_g, x, spec, stacklevel=4)
     packed, scale, zero = _encode(x, scale_g, zero_g, spec, axis)
-    return QuantizedTensor(packed, scale, zero, spec=spec, shape=x.shape, axis=axis, dtype=x.dtype)
+    return QuantizedTensor(packed, scale, zero, spec=spec, shape=x.shape, axis=axis, dtype=dtype or x.dtype)
 
 
 @partial(jax.jit, static_argnames=("shape", "spec", "axis"))
@@ -217,7 +228,9 @@ def from_grouped_codes(q, scale_g, zero_g, *, spec: IntSpec, shape, axis: int, d
     (:func:`cascade.quant.ranges.to_groups`), ``scale_g`` / ``zero_g`` the (G, R) params as stored.
 
     (HQQ and AutoRound pick codes that :func:`quantize`'s encoder, ``round(x / s) + z``, would not:
-    a real zero point, a learned rounding.)"""
+    a real zero point, a learned rounding.)  Not for ``-had`` specs: their codes are of the rotated
+    tensor, which these methods do not see."""
+    refuse_rotated(spec, "codes chosen by a method (HQQ, AutoRound)")
     packed, scale, zero = _pack_groups(q, scale_g, zero_g, tuple(int(d) for d in shape), spec, axis)
     return QuantizedTensor(packed, scale, zero, spec=spec, shape=shape, axis=axis, dtype=dtype)
 
@@ -240,6 +253,13 @@ def check_scales(scale_g, x, spec, *, stacklevel: int = 3) -> None:
             warnings.warn(f"some {spec} scales are below the smallest normal {scale_g.dtype} ({tiny:.3g}) and lose "
                           "precision; store scales in float32 for such small weights (scale_dtype='float32', or "
                           "--scale-dtype float32 on the command line)", stacklevel=stacklevel)
+
+
+def refuse_rotated(spec, who: str) -> None:
+    """A clear error for a method that cannot quantize a ``-had`` (rotated) spec."""
+    if isinstance(spec, IntSpec) and spec.rotate:
+        raise ValueError(f"{who} cannot produce {spec} weights (stored Hadamard-rotated): quantize them with "
+                         "--method rtn or smoothquant")
 
 
 def check_unstacked(qt: QuantizedTensor) -> None:
@@ -269,11 +289,13 @@ def _dequantize(qt: QuantizedTensor, dtype):
     qg = ranges.to_groups(codes(qt).astype(jnp.float32), spec, axis)
     s = ranges.scale_layout_to_groups(qt.scale, spec, axis)
     z = None if qt.zero is None else ranges.scale_layout_to_groups(qt.zero, spec, axis)
-    return ranges.from_groups(ranges.dequantize_groups(qg, s, z), qt.shape, spec, axis).astype(dtype)
+    x = ranges.from_groups(ranges.dequantize_groups(qg, s, z), qt.shape, spec, axis)
+    return (hadamard.unrotate(x, axis) if spec.rotate else x).astype(dtype)
 
 
 def dequantize(qt: QuantizedTensor, dtype=None) -> jnp.ndarray:
-    """``x_hat = (q - z) * s`` in ``dtype`` (default: the dtype the tensor was quantized from)."""
+    """``x_hat = (q - z) * s`` in ``dtype`` (default: the dtype the tensor was quantized from); for a
+    ``-had`` spec rotated back (:func:`cascade.quant.hadamard.unrotate`), the weight it stands for."""
     if not isinstance(qt, QuantizedTensor):
         raise ValueError(f"dequantize takes a QuantizedTensor, got {type(qt).__name__}")
     check_unstacked(qt)

@@ -130,23 +130,27 @@ def w8a8_error(x, ws: Sequence, specs: Sequence, scale_dtype="float16") -> float
     """``sum_l ||x @ W_l - W8A8(x, W_l)||^2`` over the linears ``ws`` reading ``x`` (rows, K), each
     quantized as its ``spec`` (a ``w8a8`` or ``w8a8-static`` :class:`IntSpec`) deploys it: the
     weight by the library's quantizer, ``x`` per row or with one scale ``max|x| / 127`` for the
-    tensor (a static scale measured on these rows)."""
-    from cascade.quant import dequantize, quantize
+    tensor (a static scale measured on these rows).  A ``-had`` spec quantizes ``x R`` and the rotated
+    weight: the quantized ``x R`` is rotated back (``Rᵀ``) to multiply the dequantized weight."""
+    from cascade.quant import dequantize, hadamard, quantize
     from cascade.quant.activations import ACT_QMAX, quantize_activations, token_scales
 
     x = jnp.asarray(x, jnp.float32)
     err = 0.0
     for w, spec in zip(ws, specs):
         w = jnp.asarray(w, jnp.float32)
-        if spec.act == "static":
-            amax = jnp.max(jnp.abs(x))
-            sx = jnp.where(amax > 0, amax / ACT_QMAX, 1.0)
-        elif spec.act is not None:
-            sx = token_scales(x)
-        else:
+        if spec.act is None:
             raise ValueError(f"w8a8_error measures a W8A8 spec, got {spec}")
+        xr = hadamard.rotate(x, -1) if spec.rotate else x
+        if spec.act == "static":
+            amax = jnp.max(jnp.abs(xr))
+            sx = jnp.where(amax > 0, amax / ACT_QMAX, 1.0)
+        else:
+            sx = token_scales(xr)
         wq = dequantize(quantize(w, spec, axis=0, scale_dtype=scale_dtype), "float32")
-        xq = quantize_activations(x, sx).astype(jnp.float32) * sx
+        xq = quantize_activations(xr, sx).astype(jnp.float32) * sx
+        if spec.rotate:
+            xq = hadamard.unrotate(xq, -1)
         err += float(jnp.sum(jnp.square(xq @ wq - x @ w)))
     return err
 

@@ -21,6 +21,10 @@ benchmark output.  Grammar (canonical form omits the defaults shown in brackets)
                       (:mod:`cascade.quant.activations`; SmoothQuant's W8A8, Xiao et al. 2022)
 * ``w8a8-static``     the same with one static activation scale per matrix, measured on calibration
                       text when the model is quantized (stored with the weight as ``act_scale``)
+* ``w8a8-had``, ``w8a8-static-had``  the same with the reduction axis rotated by a fixed randomized
+                      Hadamard transform (:mod:`cascade.quant.hadamard`): the weight stored rotated,
+                      the input rotated at run time before it is quantized (QuaRot's online rotation),
+                      which spreads activation outlier channels; the same bytes as ``w8a8``
 * ``bf16``/``fp16``/``fp32``  no integer quantization, the tensor is cast to that float type
 
 "Channel" is every index of the non-reduction axes; the reduction axis is the one a matmul
@@ -40,7 +44,8 @@ GRANULARITIES = ("tensor", "channel", "group")
 ALLOWED_FORMS = (
     "int{8,4,3,2}[-g<N>|-tensor|-channel][-asym|-sym|-full][-minmax|-mse|-p<PCT>] "
     "(e.g. int8, int4-g128, int4-g64-asym, int8-tensor, int3-g32, int3-g32-full, int2-g16, int4-g128-mse, "
-    "int8-p99.9), w8a8 or w8a8-static (int8 weights and activations), or a float type: bf16, fp16, fp32"
+    "int8-p99.9), w8a8, w8a8-static, w8a8-had or w8a8-static-had (int8 weights and activations; -had: Hadamard-rotated "
+    "inputs), or a float type: bf16, fp16, fp32"
 )
 ACT_MODES = ("dynamic", "static")  # w8a8: activations per token at run time; w8a8-static: per tensor, calibrated
 
@@ -58,6 +63,8 @@ class IntSpec:
     clip: str = "minmax"  # range estimator: "minmax", "mse" or "p<PCT>" (percentile)
     # int8 activations too (``w8a8``): "dynamic" (per token at run time) or "static" (per tensor, calibrated)
     act: str | None = None
+    # w8a8 only (``-had``): the reduction axis rotated by a randomized Hadamard transform (cascade.quant.hadamard)
+    rotate: bool = False
 
     def __post_init__(self):
         if self.bits not in INT_BITS:
@@ -78,6 +85,8 @@ class IntSpec:
                 raise ValueError(f"act must be one of {ACT_MODES} or None, got {self.act!r}")
             if (self.bits, self.granularity, self.symmetric, self.full_range, self.clip) != (8, "channel", True, False, "minmax"):
                 raise ValueError("int8 activations (w8a8) go with int8 per-channel symmetric min-max weights only")
+        if self.rotate and self.act is None:
+            raise ValueError("the Hadamard rotation (-had) goes with int8 activations (w8a8) only")
         pct = clip_percentile(self.clip)  # validates
         if pct is not None:  # one name per percentile: p99.90 and p099.9 are p99.9
             text = repr(pct)
@@ -113,7 +122,7 @@ class IntSpec:
 
     def __str__(self) -> str:
         if self.act is not None:
-            return "w8a8" if self.act == "dynamic" else "w8a8-static"
+            return ("w8a8" if self.act == "dynamic" else "w8a8-static") + ("-had" if self.rotate else "")
         parts = [f"int{self.bits}"]
         if self.granularity == "group":
             parts.append(f"g{self.group_size}")
@@ -177,8 +186,8 @@ def parse_spec(text: str | Spec) -> Spec:
     s = text.strip().lower()
     if s in FLOAT_NAMES:
         return FloatSpec(name=s)
-    if s in ("w8a8", "w8a8-dynamic", "w8a8-static"):
-        return IntSpec(bits=8, act="static" if s.endswith("static") else "dynamic")
+    if m := re.fullmatch(r"w8a8(-dynamic|-static)?(-had)?", s):
+        return IntSpec(bits=8, act="static" if m.group(1) == "-static" else "dynamic", rotate=bool(m.group(2)))
     tokens = s.split("-")
     m = re.fullmatch(r"int([0-9]+)", tokens[0])
     if not m or int(m.group(1)) not in INT_BITS:

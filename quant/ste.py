@@ -1,6 +1,7 @@
 """Fake quantization with a straight-through estimator (STE), the building block of QAT.
 
-Forward: ``dequantize(quantize(x))``.  Backward (Bengio et al. 2013; the clipped STE of
+Forward: ``dequantize(quantize(x))`` (for a ``-had`` spec, of the rotated tensor, rotated back:
+the rotation is linear, so the gradient passes through it exactly).  Backward (Bengio et al. 2013; the clipped STE of
 Jacob et al. 2018): the gradient passes through unchanged where ``x`` lies inside its
 group's clipping range ``[lo, hi]`` and is zero outside it.
 """
@@ -12,7 +13,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from cascade.quant import ranges
+from cascade.quant import hadamard, ranges
 from cascade.quant.qtensor import _int_spec, validate_input
 from cascade.quant.spec import IntSpec, Spec
 
@@ -47,9 +48,11 @@ _ste.defvjp(_ste_fwd, _ste_bwd)
 
 @partial(jax.jit, static_argnums=(1, 2))
 def _fake_quant(x, spec: IntSpec, axis: int):
-    xg = ranges.to_groups(x.astype(jnp.float32), spec, axis)
+    v = hadamard.rotate(x, axis) if spec.rotate else x.astype(jnp.float32)  # -had: what is stored
+    xg = ranges.to_groups(v, spec, axis)
     lo, hi = jax.lax.stop_gradient(clip_range(jax.lax.stop_gradient(xg), spec))
-    return ranges.from_groups(_ste(xg, lo, hi, spec), x.shape, spec, axis).astype(x.dtype)
+    y = ranges.from_groups(_ste(xg, lo, hi, spec), x.shape, spec, axis)
+    return (hadamard.unrotate(y, axis) if spec.rotate else y).astype(x.dtype)
 
 
 def fake_quant(x, spec: Spec | str, *, axis: int = 0):

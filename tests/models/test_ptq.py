@@ -265,6 +265,9 @@ def test_a_gptq_checkpoint_runs_in_the_cascade(capsys, tmp_path):
     (("--method", "gptq", "--calib", VAL, "--calib-samples", "1024"), 1, "1024 samples of 512 tokens need"),
     (("--method", "awq", "--calib", TRAIN, "--quant", "mlp=int8-tensor,*=int4"), 1,
      "awq does not support per-tensor specs (int8-tensor, for layers_0/mlp/gate_proj/kernel)"),
+    (("--method", "gptq", "--calib", TRAIN, "--calib-samples", "32", "--quant", "down_proj=w8a8-had,*=int8"), 1,
+     "gptq cannot produce w8a8-had weights (stored Hadamard-rotated; layers_0/mlp/down_proj/kernel): use --method rtn"),
+    (("--quant", "int8-had"), 2, "unknown token 'had' in precision spec 'int8-had'"),
 ])
 def test_bad_ptq_flags_are_one_line_errors(capsys, tmp_path, args, code, message):
     got, out, err = run(capsys, "quantize", BIN, "--quant", "int4-g32", *args, "-o", str(tmp_path / "out"))
@@ -346,6 +349,31 @@ def test_smoothquant_rescues_w8a8_from_activation_outliers(spec):
     assert str(q_proj.spec) == spec and (q_proj.act_scale is not None) == (spec == "w8a8-static")
 
 
+@pytest.mark.parametrize("spec", ["w8a8-had", "w8a8-static-had"])
+def test_a_hadamard_rotation_rescues_w8a8_from_activation_outliers(spec, tmp_path):
+    """The rotation spreads the 40x channels: RTN with the rotated spec halves plain W8A8's KL at
+    least; SmoothQuant runs with it too; the checkpoint saves and loads to the same logits."""
+    from cascade.models import load_checkpoint, save_checkpoint
+    from cascade.models.decoder import logits_of
+
+    model, calib = _outlier_model()
+    static = "static" in spec
+    held_out = np.random.default_rng(8).integers(0, model.config.vocab_size, (4, 16)).astype(np.int32)
+    plain, _ = quantize_model(model, spec.removesuffix("-had"), method="rtn", calib=calib if static else None,
+                              progress=False)
+    rotated, report = quantize_model(model, spec, method="rtn", calib=calib if static else None, progress=False)
+    smooth, _ = quantize_model(model, spec, method="smoothquant", calib=calib, alpha="auto", progress=False)
+    kl_plain, kl_rot, kl_smooth = (_kl(m, model, held_out) for m in (plain, rotated, smooth))
+    assert kl_rot < 0.5 * kl_plain and kl_smooth < 0.5 * kl_plain, (kl_rot, kl_smooth, kl_plain)
+    q_proj = rotated.params["layers_0"]["attn"]["q_proj"]["kernel"]
+    assert str(q_proj.spec) == spec and q_proj.nbytes == quant.storage_nbytes(q_proj.shape, spec)
+    save_checkpoint(str(tmp_path / "ckpt"), rotated)
+    back = load_checkpoint(str(tmp_path / "ckpt"))
+    assert str(back.params["layers_0"]["mlp"]["down_proj"]["kernel"].spec) == spec
+    np.testing.assert_array_equal(np.asarray(logits_of(back.params, back.config, held_out)),
+                                  np.asarray(logits_of(rotated.params, rotated.config, held_out)))
+
+
 def test_alpha_auto_picks_each_inputs_strength_on_the_calibration_rows():
     """``alpha="auto"`` records one searched strength per input of every block, each the argmin of
     the W8A8 error over the grid on that block's rows; on the outlier model it does no worse than
@@ -390,6 +418,23 @@ def test_static_activation_scales_are_the_calibration_maximum_of_each_input():
         assert row.bytes_after == quant.storage_nbytes((64, 64), "w8a8-static")  # the 4-byte scale counts
 
 
+def test_a_rotated_static_scale_is_the_calibration_maximum_of_the_rotated_input():
+    """``w8a8-static-had``: layers_0's q/k/v scale is max|h R| / 127, ``R`` the dense numpy rotation;
+    a rule mixing the two (q_proj rotated, k/v not) gives each its own maximum."""
+    from tests.quant.test_hadamard import _matrix
+
+    model, calib = _outlier_model()
+    q, _ = quantize_model(model, "q_proj=w8a8-static-had,*=w8a8-static", method="rtn", calib=calib, progress=False)
+    p = jax.tree.map(lambda a: a if isinstance(a, QuantizedTensor) else np.asarray(a, np.float64), q.params,
+                     is_leaf=lambda a: isinstance(a, QuantizedTensor))
+    x = p["embed"]["embedding"][calib.tokens]
+    h = x / np.sqrt((x * x).mean(-1, keepdims=True) + model.config.norm_eps) * p["layers_0"]["attn_norm"]["scale"]
+    attn = p["layers_0"]["attn"]
+    np.testing.assert_allclose(float(attn["q_proj"]["kernel"].act_scale), np.abs(h @ _matrix(64)).max() / 127, rtol=1e-5)
+    np.testing.assert_allclose(float(attn["k_proj"]["kernel"].act_scale), np.abs(h).max() / 127, rtol=1e-5)
+    assert np.abs(h @ _matrix(64)).max() < 0.5 * np.abs(h).max()  # the outliers were spread
+
+
 def test_w8a8_errors_are_clear():
     model, calib = _outlier_model()
     with pytest.raises(ValueError, match=r"w8a8-static: its activation scale\) needs calibration data"):
@@ -398,6 +443,10 @@ def test_w8a8_errors_are_clear():
         quantize_model(model, "w8a8", method="rtn", calib=calib, progress=False)
     with pytest.raises(ValueError, match="alpha is a setting of smoothquant, not of gptq"):
         quantize_model(model, "w8a8", method="gptq", calib=calib, alpha=0.3, progress=False)
+    for method in ("gptq", "awq-gptq", "hqq", "autoround"):
+        with pytest.raises(ValueError, match=f"{method} cannot produce w8a8-had weights .*rtn or smoothquant"):
+            quantize_model(model, "down_proj=w8a8-had,*=int8", method=method,
+                           calib=None if method == "hqq" else calib, progress=False)
     tied = Model(config=CFG, params=init_params(CFG, jax.random.key(0)))
     with pytest.raises(ValueError, match="a lookup, and here the tied LM head, not a linear layer: w8a8-static"):
         quantize_model(tied, "embed=w8a8-static,*=int8", method="rtn", calib=calib, progress=False)

@@ -89,6 +89,12 @@ def test_a_resumed_run_equals_an_uninterrupted_one(start, tmp_path, learn_clip):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_learned_clipping_is_refused_for_a_rotated_spec(start):
+    fq = FakeQuantize(quant.PrecisionRules.parse("w8a8-had"), learn_clip=True)
+    with pytest.raises(ValueError, match="learned clipping does not apply to w8a8-had"):
+        fq.init_clip(start.params)
+
+
 def test_learned_clipping_starts_at_the_plain_transform_and_gets_gradients(start):
     parsed = quant.PrecisionRules.parse(RULES)
     fq = FakeQuantize(parsed, learn_clip=True)

@@ -89,3 +89,48 @@ def test_a_static_weight_without_its_scale_is_a_clear_error():
         with_act_scale(quant.quantize(np.ones((8, 4), np.float32), "w8a8"), 0.1)
     with pytest.raises(ValueError, match="w8a8_matmul takes a w8a8 weight"):
         w8a8_matmul(jnp.ones((2, 8)), quant.quantize(np.ones((8, 4), np.float32), "int8"))
+
+
+# -- -had specs: the reduction axis rotated (cascade.quant.hadamard) --------------------------------
+
+def _rotated_reference(x, qt, act_scale=None):
+    """The W8A8 product of a ``-had`` weight: ``x`` rotated by the dense numpy ``R`` (float64), then
+    the reference above on the stored codes, which must be those of ``Rᵀ W``."""
+    from tests.quant.test_hadamard import _matrix
+
+    x_rot = np.asarray(x, np.float64) @ _matrix(qt.shape[qt.axis])  # the reduction axis's length
+    return _reference(x_rot.astype(np.float32), qt, act_scale)
+
+
+@pytest.mark.parametrize("spec", ["w8a8-had", "w8a8-static-had"])
+def test_a_had_weight_stores_the_rotated_codes_and_rotates_its_input(spec):
+    from tests.quant.test_hadamard import _matrix
+
+    x, w = _operands(5)
+    qt = quant.quantize(w, spec)
+    if spec.startswith("w8a8-static"):
+        qt = with_act_scale(qt, float(np.abs(x @ _matrix(96)).max() / 127))
+    # the codes are int8 per-channel codes of R^T W
+    w_rot = _matrix(96).T @ w.astype(np.float64)
+    sw = np.asarray(qt.scale, np.float32).reshape(-1)
+    np.testing.assert_array_equal(np.asarray(quant.codes(qt)), np.clip(np.round(w_rot / sw), -127, 127))
+    got = np.asarray(quant.matmul(jnp.asarray(x), qt))
+    np.testing.assert_allclose(got, _rotated_reference(x, qt, None if qt.act_scale is None else float(qt.act_scale)),
+                               rtol=1e-4, atol=1e-3)
+    # dequantize gives back the weight it stands for, and the same bytes as w8a8
+    np.testing.assert_allclose(np.asarray(quant.dequantize(qt)), w, atol=float(sw.max()))
+    assert qt.nbytes == quant.storage_nbytes(w.shape, spec.replace("-had", ""))
+    # the outlier channel (40x) is spread: the error is several times smaller than plain W8A8's
+    plain = quant.quantize(w, spec.replace("-had", ""))
+    if plain.spec.act == "static":
+        plain = with_act_scale(plain, float(np.abs(x).max() / 127))
+    err = lambda y: np.linalg.norm(y - x @ w)  # noqa: E731
+    assert err(got) < 0.5 * err(np.asarray(quant.matmul(jnp.asarray(x), plain)))
+
+
+def test_a_tied_had_head_rotates_along_the_model_dim():
+    x, w = _operands(6, k=64, n=48)
+    table = quant.quantize(w.T.copy(), "w8a8-had", axis=1)
+    got = np.asarray(quant.matmul_t(jnp.asarray(x), table))
+    np.testing.assert_allclose(got, _rotated_reference(x, table), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(quant.dequantize(table)), w.T, atol=float(np.asarray(table.scale).max()))

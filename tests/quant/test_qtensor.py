@@ -279,3 +279,21 @@ def test_full_grid_hand_computed_case():
     w = np.random.default_rng(0).normal(size=(256, 64)).astype(np.float32)
     err = {t: float(np.abs(np.asarray(quant.dequantize(quant.quantize(w, t))) - w).mean()) for t in ("int3-g32", "int3-g32-full")}
     assert err["int3-g32-full"] < 0.95 * err["int3-g32"]  # measured 0.92
+
+
+def test_methods_that_choose_their_own_codes_refuse_a_rotated_spec():
+    """GPTQ, HQQ and AutoRound compute codes of the weight as given; a ``-had`` weight stores the
+    codes of the rotated weight, so they refuse it by name rather than store wrong codes."""
+    from cascade.quant.autoround import autoround_quantize
+    from cascade.quant.hqq import hqq_quantize
+    from cascade.quant.qtensor import from_grouped_codes
+
+    w = np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32)
+    for name, call in (("GPTQ", lambda: quant.gptq_quantize(w, np.eye(32, dtype=np.float32), "w8a8-had")),
+                       ("HQQ", lambda: hqq_quantize(w, "w8a8-had")),
+                       ("AutoRound", lambda: autoround_quantize(w, w.T.copy(), "w8a8-had", iters=1))):
+        with pytest.raises(ValueError, match=f"{name} cannot produce w8a8-had weights"):
+            call()
+    with pytest.raises(ValueError, match="cannot produce w8a8-static-had weights"):
+        from_grouped_codes(np.zeros((1, 32, 8)), np.ones((1, 8)), None, spec=parse_spec("w8a8-static-had"),
+                           shape=(32, 8), axis=0)

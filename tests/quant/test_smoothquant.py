@@ -50,10 +50,13 @@ def test_smoothing_a_block_leaves_the_float_model_unchanged():
         smooth_block(params["layers_0"], act_max, n_heads=4, n_kv_heads=2, head_dim=16, inputs=("x",))
 
 
-def _w8a8_reference(x, w, static: bool) -> float:
+def _w8a8_reference(x, w, static: bool, r=None) -> float:
     """Simulated W8A8 in float64 numpy: int8 per-output-channel weights (max|w| / 127), int8
-    activations per row or with one scale for the whole tensor; the squared error to ``x @ w``."""
+    activations per row or with one scale for the whole tensor; the squared error to ``x @ w``.
+    ``r``: both operands rotated first (``x r``, ``rᵀ w``; a ``-had`` spec)."""
     x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    if r is not None:
+        return _w8a8_reference(x @ r, r.T @ w, static)
     sw = np.abs(w).max(0) / 127
     wq = np.clip(np.round(w / sw), -127, 127) * sw
     sx = np.abs(x).max() / 127 if static else np.abs(x).max(1, keepdims=True) / 127
@@ -72,6 +75,21 @@ def test_the_w8a8_error_is_the_simulated_int8_matmuls(name, static):
     np.testing.assert_allclose(got, want, rtol=1e-3)
     with pytest.raises(ValueError, match="measures a W8A8 spec"):
         w8a8_error(x, ws[:1], [quant.parse_spec("int8")])
+
+
+@pytest.mark.parametrize("name, static", [("w8a8-had", False), ("w8a8-static-had", True)])
+def test_the_w8a8_error_of_a_rotated_spec_quantizes_the_rotated_operands(name, static):
+    from tests.quant.test_hadamard import _matrix
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(48, 32)) * np.where(np.arange(32) == 3, 30.0, 1.0)
+    ws = [rng.normal(size=(32, 16)), rng.normal(size=(32, 8))]
+    spec = quant.parse_spec(name)
+    got = w8a8_error(x, ws, [spec, spec], scale_dtype="float32")
+    want = sum(_w8a8_reference(x, w, static, _matrix(32)) for w in ws)
+    np.testing.assert_allclose(got, want, rtol=1e-3)
+    plain = quant.parse_spec(name.removesuffix("-had"))
+    assert got < 0.5 * w8a8_error(x, ws, [plain, plain], scale_dtype="float32")  # the outlier is spread
 
 
 def test_the_alpha_search_takes_the_grids_argmin_of_the_smoothed_error():

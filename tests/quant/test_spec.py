@@ -103,3 +103,20 @@ def test_w8a8_specs_are_int8_per_channel_weights_with_int8_activations():
         IntSpec(bits=8, act="token")
     with pytest.raises(ValueError, match="allowed:.*w8a8"):
         parse_spec("w8a4")
+
+
+@pytest.mark.parametrize("text, act", [("w8a8-had", "dynamic"), ("w8a8-dynamic-had", "dynamic"),
+                                       ("W8A8-static-had", "static")])
+def test_had_specs_rotate_the_reduction_axis_of_a_w8a8_spec(text, act):
+    spec = parse_spec(text)
+    assert (spec.bits, spec.granularity, spec.act, spec.rotate) == (8, "channel", act, True)
+    assert parse_spec(str(spec)) == spec and str(spec) == ("w8a8-had" if act == "dynamic" else "w8a8-static-had")
+    assert spec != parse_spec("w8a8-static" if act == "static" else "w8a8")
+
+
+def test_the_rotation_goes_with_w8a8_only():
+    with pytest.raises(ValueError, match="goes with int8 activations"):
+        IntSpec(bits=8, rotate=True)
+    for text in ("int8-had", "w8a8-had-static", "w8a8-had-had"):
+        with pytest.raises(ValueError, match="allowed:.*w8a8-had"):
+            parse_spec(text)

@@ -64,3 +64,15 @@ def test_integer_input_rejected_and_second_order_grad(x):
 def test_bad_input_is_a_value_error(bad, match):
     with pytest.raises(ValueError, match=match):
         quant.fake_quant(bad, "int8")
+
+
+def test_a_had_spec_fake_quantizes_the_rotated_tensor_and_passes_its_gradient_through(x):
+    """Forward: the ``w8a8-had`` round trip (rotate, int8, rotate back); backward: min-max keeps
+    every value inside its range and the rotation is linear, so the gradient is the identity."""
+    expected = quant.dequantize(quant.quantize(x, "w8a8-had", scale_dtype="float32"))
+    got = quant.fake_quant(x, "w8a8-had")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(got), np.asarray(quant.fake_quant(x, "w8a8")))  # not the unrotated grid
+    w = jnp.asarray(np.random.default_rng(2).standard_normal(x.shape).astype(np.float32))
+    grad = jax.grad(lambda v: jnp.sum(w * quant.fake_quant(v, "w8a8-had")))(x)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(w), rtol=1e-5, atol=1e-5)
