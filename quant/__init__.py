@@ -15,6 +15,9 @@ The public API lives here; each idea has one module behind it:
 * :mod:`cascade.quant.hqq`         HQQ: half-quadratic zero-point / scale optimisation (calibration-free)
 * :mod:`cascade.quant.autoround`   AutoRound: rounding and clipping learned by signed gradient descent
 * :mod:`cascade.quant.dequant_matmul` dequant-matmul and its backend registry
+* :mod:`cascade.quant.activations` int8 activations: the W8A8 matmul (``w8a8`` specs)
+* :mod:`cascade.quant.smoothquant` SmoothQuant's smoothing scales, folds and alpha search
+* :mod:`cascade.quant.hadamard`    the randomized Hadamard rotation of the ``-had`` W8A8 specs
 """
 
 from cascade.quant.ste import fake_quant
