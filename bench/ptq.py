@@ -11,7 +11,8 @@ dequantized to float32 first and that float model is the reference.
 W8A8 is the same protocol: ``--spec w8a8,w8a8-static --method rtn,smoothquant`` puts plain W8A8
 (RTN) beside SmoothQuant (``w8a8-static`` takes the calibration file for its activation scales,
 with either method).  ``--alpha 0.5,0.75`` scores SmoothQuant at each migration strength (rows carry
-``alpha``).
+``alpha``).  The Hadamard-rotated specs (``--spec w8a8-had,w8a8-static-had``) take the same two
+methods (the others refuse them).
 
 ``gap_closed`` per row: ``(ppl_rtn - ppl) / (ppl_rtn - ppl_float)`` for the same spec and data.
 ``--data`` may be given several times (SmolLM2 is scored on TinyStories and WikiText-2): each

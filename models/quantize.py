@@ -103,7 +103,7 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
         raise ValueError(f"SmoothQuant's alpha is a number in [0, 1] or 'auto', got {alpha!r}")
     if ranges and method != "rtn":
         raise ValueError(f"given ranges are quantized with rtn, not {method}")
-    if method in ("gptq", "awq-gptq", "hqq", "autoround"):
+    if method not in ("rtn", "smoothquant"):
         for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]:
             spec = parsed.spec_for(key_path_str(path), leaf.ndim)
             if isinstance(spec, IntSpec) and spec.rotate:

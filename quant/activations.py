@@ -13,8 +13,8 @@ split)::
 ``int8`` weight stores them.  With a ``-had`` spec (``w8a8-had``, ``w8a8-static-had``) the codes are
 of the rotated weight ``Rᵀ W`` and ``x`` is rotated first, ``x <- x R``
 (:func:`cascade.quant.hadamard.rotate`, a fast Walsh-Hadamard transform per row), so outlier
-channels are spread before the row is quantized; ``(x R)(Rᵀ W) = x W``.  A row of zeros gets the scale 1 (its codes are zeros).  Per-token
-scales depend only on their own row, so the result of a row does not depend on the batch it is in
+channels are spread before the row is quantized; ``(x R)(Rᵀ W) = x W``.  A row of zeros gets the
+scale 1 (its codes are zeros).  Per-token scales depend only on their own row, so the result of a row does not depend on the batch it is in
 (what a speculative verifier scoring several rows at once needs).
 
 The dot is XLA's own ``int8 x int8 -> int32`` ``dot_general``.  On this CPU it is a real integer

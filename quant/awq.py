@@ -55,7 +55,7 @@ import numpy as np
 
 from cascade.quant import ranges
 from cascade.quant.qtensor import (
-    QuantizedTensor, _int_spec, _is_concrete, _scale_dtype, quantize, quantize_with_range, validate_input,
+    QuantizedTensor, _int_spec, _is_concrete, _scale_dtype, quantize, quantize_with_range, refuse_rotated, validate_input,
 )
 from cascade.quant.spec import IntSpec
 
@@ -264,6 +264,7 @@ def awq_quantize(w, spec, s, lo=None, hi=None, scale_dtype="float16") -> Quantiz
     :func:`awq_search_clip` (run on the scaled weight) if given, else RTN with the spec's range.
     The caller folds ``1/s`` into the op before (so ``dequantize(result) / s[:, None] ~ w``).
     The result dequantizes to ``w``'s dtype by default."""
+    refuse_rotated(_int_spec(spec), "AWQ")  # its clip range is searched on the unrotated weight
     w, _ = validate_input(w, 0, "weight")
     s = jnp.asarray(s, jnp.float32)
     if w.ndim != 2 or s.shape != (w.shape[0],):

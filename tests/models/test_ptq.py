@@ -443,7 +443,7 @@ def test_w8a8_errors_are_clear():
         quantize_model(model, "w8a8", method="rtn", calib=calib, progress=False)
     with pytest.raises(ValueError, match="alpha is a setting of smoothquant, not of gptq"):
         quantize_model(model, "w8a8", method="gptq", calib=calib, alpha=0.3, progress=False)
-    for method in ("gptq", "awq-gptq", "hqq", "autoround"):
+    for method in ("gptq", "awq", "awq-gptq", "hqq", "autoround"):
         with pytest.raises(ValueError, match=f"{method} cannot produce w8a8-had weights .*rtn or smoothquant"):
             quantize_model(model, "down_proj=w8a8-had,*=int8", method=method,
                            calib=None if method == "hqq" else calib, progress=False)

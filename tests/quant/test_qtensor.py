@@ -282,16 +282,18 @@ def test_full_grid_hand_computed_case():
 
 
 def test_methods_that_choose_their_own_codes_refuse_a_rotated_spec():
-    """GPTQ, HQQ and AutoRound compute codes of the weight as given; a ``-had`` weight stores the
+    """GPTQ, HQQ, AutoRound and AWQ (its clip range) compute codes of the weight as given; a ``-had`` weight stores the
     codes of the rotated weight, so they refuse it by name rather than store wrong codes."""
     from cascade.quant.autoround import autoround_quantize
+    from cascade.quant.awq import awq_quantize
     from cascade.quant.hqq import hqq_quantize
     from cascade.quant.qtensor import from_grouped_codes
 
     w = np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32)
     for name, call in (("GPTQ", lambda: quant.gptq_quantize(w, np.eye(32, dtype=np.float32), "w8a8-had")),
                        ("HQQ", lambda: hqq_quantize(w, "w8a8-had")),
-                       ("AutoRound", lambda: autoround_quantize(w, w.T.copy(), "w8a8-had", iters=1))):
+                       ("AutoRound", lambda: autoround_quantize(w, w.T.copy(), "w8a8-had", iters=1)),
+                       ("AWQ", lambda: awq_quantize(w, "w8a8-had", np.ones(32, np.float32)))):
         with pytest.raises(ValueError, match=f"{name} cannot produce w8a8-had weights"):
             call()
     with pytest.raises(ValueError, match="cannot produce w8a8-static-had weights"):
