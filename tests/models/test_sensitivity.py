@@ -36,6 +36,12 @@ def tiny():
     return params, tokens, report
 
 
+def _logp64(params, tokens, cfg=CFG):
+    z = np.asarray(logits_of(params, cfg, tokens), np.float64)[:, :-1]
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
 def _kl64(params, ref_params, tokens):
     def logp(p):
         z = np.asarray(logits_of(p, CFG, tokens), np.float64)[:, :-1]
@@ -70,6 +76,33 @@ def test_each_row_is_the_kl_of_the_model_with_that_unit_alone_quantized(tiny):
         want = _kl64(traverse_util.unflatten_dict(flat, sep="/"), params, tokens)
         assert r.kl == pytest.approx(want, rel=2e-3, abs=1e-7), r
         assert r.nbytes == quant.quantize(params_at(params, r.unit), r.spec, axis=axis).nbytes
+
+
+def test_an_untied_head_and_every_starting_block_score_like_the_whole_model():
+    """Each run starts at the first block whose input changes (the float hidden states before it are
+    kept): the rows of the embedding, of each block and of a separate LM head equal the KL and loss
+    change of the whole quantized model, computed in float64."""
+    cfg = dataclasses.replace(CFG, tie_embeddings=False, n_layers=3)
+    params = jax.tree.map(lambda a: a * 6.0 if a.ndim == 2 else a, init_params(cfg, jax.random.key(2)))  # attention that matters
+    tokens = np.asarray(jax.random.randint(jax.random.key(3), (5, 12), 0, 64), np.int32)
+    report = layer_sensitivity(params, cfg, tokens, ["int2-g16-asym"], proxy=False, progress=False)
+    ref = _logp64(params, tokens, cfg)
+    nll = lambda lp: -np.take_along_axis(lp, tokens[:, 1:, None], -1).mean()  # noqa: E731
+    checked = set()
+    for r in report.rows:
+        if r.unit not in ("embed/embedding", "lm_head/kernel", "layers_0/attn/q_proj/kernel",
+                          "layers_1/mlp/up_proj/kernel", "layers_2/attn/o_proj/kernel"):
+            continue
+        flat = traverse_util.flatten_dict(params, sep="/")
+        axis = 1 if r.unit.startswith("embed/") else 0
+        flat[r.unit] = quant.dequantize(quant.quantize(flat[r.unit], r.spec, axis=axis), "float32")
+        got = _logp64(traverse_util.unflatten_dict(flat, sep="/"), tokens, cfg)
+        assert r.kl == pytest.approx(float((np.exp(ref) * (ref - got)).sum(-1).mean()), rel=2e-3, abs=1e-7), r
+        assert r.delta_loss == pytest.approx(nll(got) - nll(ref), rel=2e-3, abs=1e-6), r
+        assert r.kl > 1e-5
+        checked.add(r.unit)
+    assert len(checked) == 5
+    assert report.base_loss == pytest.approx(nll(ref), rel=1e-5)
 
 
 def params_at(params, path):
