@@ -36,7 +36,6 @@ import numpy as np
 from flax import traverse_util
 
 from cascade.models.config import ModelConfig
-from cascade.models.llama import Transformer
 from cascade.quant.rules import PrecisionRules
 from cascade.quant.spec import FloatSpec, parse_spec
 
@@ -92,48 +91,9 @@ def unit_bytes(params, paths, spec, *, scale_dtype="float16") -> int:
     return total
 
 
-@partial(jax.jit, static_argnames=("cfg",))
-def _log_probs(params, cfg: ModelConfig, tokens):
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    logits, _ = Transformer(cfg).apply({"params": params}, tokens, positions)
-    return jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-
-
-@partial(jax.jit, static_argnames=("cfg",))
-def _kl_and_nll(params, cfg: ModelConfig, tokens, ref_logp):
-    logp = _log_probs(params, cfg, tokens)
-    kl = jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    return jnp.maximum(kl, 0.0).sum(), nll.sum()
-
-
-class _Scorer:
-    """KL to the float model and mean NLL over fixed tokens, in batches of ~16 MB buffers."""
-
-    def __init__(self, params, cfg: ModelConfig, tokens: np.ndarray):
-        self.cfg = cfg
-        tokens = np.asarray(tokens, np.int32)
-        from cascade.models.calibration import batch_size
-
-        per_seq = 4 * tokens.shape[1] * cfg.vocab_size  # its log-probs; the attention and MLP buffers
-        bsz = max(1, min((16 << 20) // per_seq, batch_size(cfg, tokens.shape[1])))  # near 16 MB (calibration)
-        self.batches = [jnp.asarray(tokens[i:i + bsz]) for i in range(0, len(tokens), bsz)]
-        self.ref = [_log_probs(params, cfg, t) for t in self.batches]
-        self.count = tokens.shape[0] * (tokens.shape[1] - 1)
-        _, self.base_nll = self(params)
-
-    def __call__(self, params) -> tuple[float, float]:
-        kl = nll = 0.0
-        for t, ref in zip(self.batches, self.ref):
-            k, n = _kl_and_nll(params, self.cfg, t, ref)
-            kl += float(k)
-            nll += float(n)
-        return kl / self.count, nll / self.count
-
-
 class _SuffixScorer:
-    """The same KL and NLL as :class:`_Scorer` for a model that differs from the float one in one
-    unit, running only the blocks from the first one whose input changes: the float hidden states
+    """KL to the float model and mean NLL over fixed tokens, for a model that differs from the float
+    one in one unit (``start``: the first block it reaches; -1 for the whole model), running only the blocks from the first one whose input changes: the float hidden states
     entering every block are computed once and kept (``(n_layers + 1) * N * T * dim`` floats; 146 MB
     for SmolLM2-135M on 8 x 256 tokens), so a matrix in block ``i`` costs the blocks ``i..`` and the
     head instead of the whole model (about 0.6x of a forward pass on SmolLM2, averaged over its
@@ -196,7 +156,7 @@ def _head_params(params, cfg: ModelConfig) -> dict:
 @partial(jax.jit, static_argnames=("cfg",))
 def _head_log_probs(head, cfg: ModelConfig, h):
     """Next-token log-probs from the last block's output ``h`` (B, T, dim): the tail of
-    :class:`Transformer` (final norm, then the tied or separate head)."""
+    :class:`cascade.models.llama.Transformer` (final norm, then the tied or separate head)."""
     from cascade.models.llama import Linear, RMSNorm, tied_head
 
     x = RMSNorm(cfg.norm_eps).apply({"params": head["final_norm"]}, h)
@@ -217,7 +177,7 @@ def _head_kl_and_nll(head, cfg: ModelConfig, h, tokens, ref_logp):
 
 def measured_kl(params, cfg: ModelConfig, ref_params, tokens) -> float:
     """Mean KL(ref || params) of the next-token distributions over ``tokens`` (N, T)."""
-    return _Scorer(ref_params, cfg, tokens)(params)[0]
+    return _SuffixScorer(ref_params, cfg, tokens)(params, -1)[0]
 
 
 def _hessians(params, cfg: ModelConfig, tokens) -> dict[str, tuple[np.ndarray, int]]:
