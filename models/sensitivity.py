@@ -92,10 +92,11 @@ def unit_bytes(params, paths, spec, *, scale_dtype="float16") -> int:
 
 
 class _SuffixScorer:
-    """KL to the float model and mean NLL over fixed tokens, for a model that differs from the float
-    one in one unit (``start``: the first block it reaches; -1 for the whole model), running only the blocks from the first one whose input changes: the float hidden states
-    entering every block are computed once and kept (``(n_layers + 1) * N * T * dim`` floats; 146 MB
-    for SmolLM2-135M on 8 x 256 tokens), so a matrix in block ``i`` costs the blocks ``i..`` and the
+    """KL to the float model and mean NLL over fixed tokens of a model that differs from it, running
+    only the blocks from ``start``, the first one whose input changes (:meth:`start_of`; -1: the
+    whole model, embedding lookup included).  The float hidden states entering every block are
+    computed once and kept (``(n_layers + 1) * N * T * dim`` floats; 146 MB for SmolLM2-135M on
+    8 x 256 tokens; the proxy's Hessians are taken from them too), so a matrix in block ``i`` costs the blocks ``i..`` and the
     head instead of the whole model (about 0.6x of a forward pass on SmolLM2, averaged over its
     blocks; a change to the LM head alone costs only the head).  Every score, the float model's
     included, goes through the same block-by-block path, so an unchanged model scores KL 0 exactly."""
@@ -180,19 +181,18 @@ def measured_kl(params, cfg: ModelConfig, ref_params, tokens) -> float:
     return _SuffixScorer(ref_params, cfg, tokens)(params, -1)[0]
 
 
-def _hessians(params, cfg: ModelConfig, tokens) -> dict[str, tuple[np.ndarray, int]]:
-    """``{kernel path: (XᵀX of its input, tokens)}`` for every block kernel, float model."""
+def _hessians(params, cfg: ModelConfig, hidden) -> dict[str, tuple[np.ndarray, int]]:
+    """``{kernel path: (XᵀX of its input, tokens)}`` for every block kernel of the float model, from
+    ``hidden``: the hidden states entering each block (the scorer's, so no second forward pass)."""
     from cascade.models import calibration
 
     out = {}
-    hidden = calibration.embed_tokens(params, tokens)
     for i in range(cfg.n_layers):
         name = f"layers_{i}"
-        stats = calibration.block_statistics(params[name], cfg, hidden, keep_tokens=0)
+        stats = calibration.block_statistics(params[name], cfg, hidden[i], keep_tokens=0)
         for group, layers in calibration.INPUTS.items():
             for layer in layers:
                 out[f"{name}/{layer}/kernel"] = (stats[group].hessian, stats[group].tokens)
-        hidden = calibration.block_outputs(params[name], cfg, hidden)
     return out
 
 
@@ -337,7 +337,7 @@ def layer_sensitivity(params, cfg: ModelConfig, tokens, candidates, *, granulari
     units = units_of(params, granularity)
     flat = traverse_util.flatten_dict(params, sep="/")
     scorer = _SuffixScorer(params, cfg, tokens)
-    hess = _hessians(params, cfg, np.asarray(tokens)) if proxy else {}
+    hess = _hessians(params, cfg, scorer.hidden) if proxy else {}
     rows = []
     work = [(u, s) for u in units for s in specs]
     for unit, spec in tqdm(work, desc="sensitivity", unit="run", disable=None if progress is None else not progress,
