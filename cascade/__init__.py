@@ -70,6 +70,8 @@ _EXPORTS = {
     "plan_from_configs": "cascade.memory",
     "MemoryPlan": "cascade.memory",
     "parse_bytes": "cascade.memory",
+    # JAX's persistent compilation cache (the CLI turns it on; an app calls it once)
+    "enable_compile_cache": "cascade.compile_cache",
 }
 _ALIASES = {"run_pair": "run", "run_pair_batch": "generate_batch"}  # cascade.run_pair is cascade.pair.run
 

@@ -1,10 +1,18 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 from hypothesis import settings
 
 # Tests run on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# cascade's cache directory (JAX's compilation cache: cascade.compile_cache) is a temporary one,
+# shared by the session and the CLI subprocesses it starts: no test writes to ~/.cache/cascade.
+os.environ["CASCADE_HOME"] = tempfile.mkdtemp(prefix="cascade-test-home-")
+atexit.register(shutil.rmtree, os.environ["CASCADE_HOME"], True)
 
 # CI replays the same examples every run (no flaky red builds); locally hypothesis explores.
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
