@@ -5,6 +5,7 @@ single-device model, whether greedy generation (through an int8 KV cache) and sp
 decoding give the single-device tokens, the bytes each device holds against the plan; and the
 error of every tp that cannot split the model."""
 
+import functools
 import json
 import os
 import re
@@ -199,6 +200,65 @@ def _per_shard_kernels(float_model) -> dict:
     return out
 
 
+def _quantized_cache() -> dict:
+    """Perplexity through a KV cache (``eval --kv``) under tp against one device, and why a
+    quantized cache's differs in the last digits.
+
+    ``cache``: one layer's write-then-attend (``cached_attention``, the prefill path eval takes)
+    with the same keys and values on one device and split over 4: whether the stored codes, scales
+    and float16 window are equal, and the attention outputs' largest difference.  ``nll``: per KV
+    precision and tp, the relative difference of stories260K's summed NLL over 4 windows of 128
+    tokens (``_window_nll_cached``) from one device's."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from cascade.models import load_model, split_documents, tokenize_documents
+    from cascade.models.evaluation import _window_nll_cached
+    from cascade.models.kv_cache import LayerKV, cached_attention
+    from cascade.quant.kv import parse_kv_spec
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    from tests.shared_data import DATA
+
+    out = {"cache": {}, "nll": {}}
+    rng = np.random.default_rng(7)
+    b, t = 2, 48
+    q = rng.normal(size=(b, t, CFG.n_heads, CFG.head_dim)).astype(np.float32)
+    k = (rng.normal(size=(b, t, CFG.n_kv_heads, CFG.head_dim)) * 2
+         + rng.normal(size=(1, 1, CFG.n_kv_heads, CFG.head_dim)) * 3).astype(np.float32)  # outlier channels
+    v = rng.normal(size=(b, t, CFG.n_kv_heads, CFG.head_dim)).astype(np.float32)
+    positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+    mesh = sharding.make_mesh(4)
+    heads = NamedSharding(mesh, P(None, None, sharding.AXIS, None))
+
+    @functools.partial(jax.jit, static_argnames=("spec",))
+    def write_and_attend(q, k, v, cache, spec):
+        layer = LayerKV(cache.k[0], cache.v[0], *(x[0] for x in (cache.k_recent, cache.v_recent) if x))
+        return cached_attention(q, k, v, positions, layer, cache.lengths, np.full((b,), t, np.int32), spec, None)
+
+    for kv in ("int4-g8", "int8", "int4"):
+        spec = parse_kv_spec(kv)
+        cache = KVCache.create(CFG, b, t, spec)
+        ref, ref_layer = write_and_attend(q, k, v, cache, spec)
+        with jax.set_mesh(mesh):
+            got, got_layer = write_and_attend(*(jax.device_put(a, heads) for a in (q, k, v)),
+                                              sharding.shard_cache(cache, mesh), spec)
+        out["cache"][kv] = {"stored_equal": all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in
+                                                zip(jax.tree.leaves(ref_layer), jax.tree.leaves(got_layer))),
+                            "max_diff": float(np.abs(np.asarray(got) - np.asarray(ref)).max())}
+    model = load_model(os.path.join(DATA, "stories260K", "stories260K.bin"))
+    with open(os.path.join(DATA, "text", "tinystories_val.txt"), encoding="utf-8") as f:
+        docs = tokenize_documents(model.tokenizer, split_documents(f.read())[:40])
+    tokens = np.asarray([d[:128] for d in docs if len(d) >= 128][:4], np.int32)
+    weights = np.ones(tokens.shape, np.float32)
+    placed = {tp: sharding.shard_params(model.params, model.config, sharding.make_mesh(tp)) for tp in (2, 4)}
+    for kv, tps in (("fp32", (4,)), ("int4-g8", (2, 4)), ("int4", (4,))):
+        spec = parse_kv_spec(kv)
+        one = float(_window_nll_cached(model.params, model.config, tokens, weights, spec)[0])
+        out["nll"][kv] = {f"tp{tp}": abs(float(_window_nll_cached(placed[tp], model.config, tokens, weights, spec)[0])
+                                         - one) / one for tp in tps}
+    return out
+
+
 def main() -> int:
     out = {"devices": jax.device_count(), "runs": [], "errors": {}}
     float_model = Model(config=CFG, params=init_params(CFG, jax.random.key(0)), source="tiny")
@@ -232,6 +292,7 @@ def main() -> int:
     out["pair"] = _pair_on_own_devices(float_model)
     out["loading"] = _loading(float_model)
     out["per_shard"] = _per_shard_kernels(float_model)
+    out["quantized_cache"] = _quantized_cache()
     quantized32 = quantize_model(float_model, "int4-g32", progress=False)[0]
     for name, params, tp in (("tp8", float_model.params, 8), ("tp3", float_model.params, 3),
                              ("int4-g32 tp4", quantized32.params, 4), ("tp16", float_model.params, 16)):
