@@ -164,6 +164,10 @@ def starting_point(model: Model, rules=None) -> tuple[dict, PrecisionRules, list
     if rules is None:
         raise ValueError("QAT needs precision rules: pass --quant SPEC_OR_RULES (or start from a quantized checkpoint)")
     parsed = PrecisionRules.parse(rules)
+    from cascade.quant.rtn import key_path_str
+
+    named = jax.tree_util.tree_flatten_with_path(model.params, is_leaf=is_q)[0]
+    parsed.check_used(((key_path_str(p), len(a.shape)) for p, a in named), model.source or "the model")  # before training
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), float_params(model.params))
     return params, parsed, notes
 

@@ -46,14 +46,15 @@ The wiring into the model layout: linear kernels are ``(in, out)`` and quantized
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 import warnings
 from functools import partial
 
 import jax
 import jax.numpy as jnp
-from tqdm.auto import tqdm
 
+from cascade.console import progress_bar
 from cascade.models.calibration import INPUT_OF, INPUTS
 from cascade.models.model import Model
 from cascade.quant.qtensor import QuantizedTensor, dequantize, quantize
@@ -86,9 +87,10 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
     ``w8a8-static`` need ``calib`` with any method (the activation scales are measured on it).
     ``ranges``: ``{path: (lo, hi)}`` in the stored scale's layout, a given range per matrix instead
     of the spec's estimate (RTN only: QAT's learned clipping).  The returned model's ``ptq`` records the method, its settings and the calibration recipe."""
-    if method not in METHODS:
-        raise ValueError(f"unknown PTQ method {method!r}; choose one of {', '.join(METHODS)}")
-    parsed = PrecisionRules.parse(rules)
+    is_q = lambda a: isinstance(a, QuantizedTensor)  # noqa: E731
+    shapes = {key_path_str(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(model.params, is_leaf=is_q)[0]}
+    parsed = check_quantize(rules, shapes, method=method, tied=model.config.tie_embeddings,
+                            where=model.source or "the model")
     static = static_act_paths(model.params, parsed)
     if calib is None and (method in CALIBRATED or static):
         why = method if method in CALIBRATED else f"{static[0]} (w8a8-static: its activation scale)"
@@ -103,26 +105,8 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
         raise ValueError(f"SmoothQuant's alpha is a number in [0, 1] or 'auto', got {alpha!r}")
     if ranges and method != "rtn":
         raise ValueError(f"given ranges are quantized with rtn, not {method}")
-    if method not in ("rtn", "smoothquant"):
-        for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]:
-            spec = parsed.spec_for(key_path_str(path), leaf.ndim)
-            if isinstance(spec, IntSpec) and spec.rotate:
-                raise ValueError(f"{method} cannot produce {spec} weights (stored Hadamard-rotated; "
-                                 f"{key_path_str(path)}): use --method rtn or smoothquant for them")
-    if "embed/embedding" in static:
-        tied = ", and here the tied LM head," if model.config.tie_embeddings else ""
-        raise ValueError(f"embed/embedding is a lookup{tied} not a linear layer: w8a8-static applies to linear layers; "
-                         "use w8a8 (per-token activations) or a weight-only spec for it")
-    if method in CALIBRATED:
-        for i in range(model.config.n_layers):
-            for layer in BLOCK_LINEARS:
-                spec = parsed.spec_for(f"layers_{i}/{layer}/kernel", 2)
-                if isinstance(spec, IntSpec) and spec.granularity == "tensor":
-                    raise ValueError(f"{method} does not support per-tensor specs ({spec}, for layers_{i}/{layer}/kernel): "
-                                     "use a per-channel or grouped spec, or --method rtn/hqq")
     # keep what the user typed ("int8", "attn=int8,*=int4-g64") unless it names a file: then the rules
     label = rules.strip() if isinstance(rules, str) and not is_rules_path(rules) else rules_text(parsed)
-    is_q = lambda a: isinstance(a, QuantizedTensor)  # noqa: E731
     stored = {key_path_str(p): _nbytes(a) for p, a in jax.tree_util.tree_flatten_with_path(model.params, is_leaf=is_q)[0]}
     n_quantized = sum(is_q(a) for a in jax.tree.leaves(model.params, is_leaf=is_q))
     if n_quantized:
@@ -189,6 +173,43 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
 
 # the linear layers of a block, in the order the forward pass reads them
 BLOCK_LINEARS = tuple(INPUT_OF)
+_BLOCK_KERNEL = re.compile(r"layers_([0-9]+)/(" + "|".join(map(re.escape, BLOCK_LINEARS)) + ")/kernel")
+
+
+def check_quantize(rules, shapes: dict, *, method: str = "rtn", tied: bool = False,
+                   where: str = "the model") -> PrecisionRules:
+    """Every check of quantizing a model with ``shapes`` (``{parameter path: shape}``, e.g.
+    :func:`cascade.models.llama.param_shapes` of its config) under ``rules`` with ``method`` that
+    needs neither its weights nor calibration data: the method exists, every rule decides some
+    parameter (:meth:`cascade.quant.PrecisionRules.check_used`: a typo is refused, not ignored),
+    and the method can produce every spec the rules give.  :func:`quantize_model` runs it before
+    any work; ``cascade quantize`` runs it from the model's config before loading the model.
+    Returns the parsed rules; a ValueError says what is wrong."""
+    if method not in METHODS:
+        raise ValueError(f"unknown PTQ method {method!r}; choose one of {', '.join(METHODS)}")
+    parsed = PrecisionRules.parse(rules)
+    parsed.check_used(((path, len(shape)) for path, shape in shapes.items()), where)
+    specs = {path: parsed.spec_for(path, len(shape)) for path, shape in shapes.items()}
+    ints = {path: spec for path, spec in specs.items() if isinstance(spec, IntSpec)}
+    if method not in ("rtn", "smoothquant"):
+        for path, spec in ints.items():
+            if spec.rotate:
+                raise ValueError(f"{method} cannot produce {spec} weights (stored Hadamard-rotated; "
+                                 f"{path}): use --method rtn or smoothquant for them")
+    embed = ints.get("embed/embedding")
+    if embed is not None and embed.act == "static":
+        head = ", and here the tied LM head," if tied else ""
+        raise ValueError(f"embed/embedding is a lookup{head} not a linear layer: w8a8-static applies to linear layers; "
+                         "use w8a8 (per-token activations) or a weight-only spec for it")
+    if method in CALIBRATED:  # the block kernels, in forward order
+        blocks = sorted((int(m.group(1)), BLOCK_LINEARS.index(m.group(2)), path) for path in ints
+                        if (m := _BLOCK_KERNEL.fullmatch(path)))
+        for _, _, path in blocks:
+            spec = ints[path]
+            if spec.granularity == "tensor":
+                raise ValueError(f"{method} does not support per-tensor specs ({spec}, for {path}): "
+                                 "use a per-channel or grouped spec, or --method rtn/hqq")
+    return parsed
 
 
 def _get(tree, path: str):
@@ -238,8 +259,7 @@ def calibrated_blocks(params, cfg, rules: PrecisionRules, calib, quantize_block,
     keep = keep_tokens
     done: dict[str, QuantizedTensor] = {}
     params = dict(params)
-    bar = tqdm(range(cfg.n_layers), desc=desc, unit="block", disable=None if progress is None else not progress,
-               leave=False)
+    bar = progress_bar(range(cfg.n_layers), desc=desc, unit="block", enabled=progress, leave=False)
 
     def quantize_into(name, specs, stats):
         """Quantize ``specs``' layers of block ``name``; returns the block the forward pass runs on:
@@ -422,8 +442,7 @@ def calibrate_act_scales(params, cfg, calib, *, progress: bool | None = None):
 
     params = dict(params)
     hidden = calibration.embed_tokens(params, calib.tokens)
-    bar = tqdm(range(cfg.n_layers), desc="activation scales", unit="block",
-               disable=None if progress is None else not progress, leave=False)
+    bar = progress_bar(range(cfg.n_layers), desc="activation scales", unit="block", enabled=progress, leave=False)
     for i in bar:
         name = f"layers_{i}"
         block = params[name]

@@ -11,6 +11,8 @@ Sources:
   ``tokenizer_config.json``; ``generation_config.json`` / ``config.json`` add EOS ids; a
   directory with only ``tokenizer.model`` is read with SentencePiece).
 * :meth:`Tokenizer.from_sentencepiece` -- a SentencePiece ``.model`` (llama2.c ``tok512.model``).
+* :meth:`Tokenizer.from_file` -- a tokenizer given by path (``--tokenizer``): a ``tokenizer.json``
+  or a SentencePiece ``.model``, for a model that has no tokenizer of its own.
 * :meth:`Tokenizer.from_gguf_metadata` -- the vocabulary embedded in a GGUF file, as llama.cpp
   reads it: ``tokenizer.ggml.model = llama`` is rebuilt as a SentencePiece BPE model proto, so it
   encodes exactly as the original ``.model``; ``gpt2`` is rebuilt as a byte-level BPE
@@ -272,6 +274,32 @@ class Tokenizer:
         bos, eos = sp.bos_id(), sp.eos_id()
         return cls(sp, kind="sentencepiece", bos_id=bos if bos >= 0 else None,
                    eos_ids=(eos,) if eos >= 0 else (), add_bos=True, source=path)
+
+    @classmethod
+    def from_file(cls, path, *, bos_id: int | None = None, eos_ids=()) -> "Tokenizer":
+        """A tokenizer named by a file: a Hugging Face ``tokenizer.json`` (with the rest of its
+        directory's files, :meth:`from_hf_dir`, when a ``tokenizer_config.json`` is beside it;
+        otherwise alone, BOS/EOS from ``bos_id`` / ``eos_ids``: the model's config), or anything
+        else read as a SentencePiece ``.model`` (:meth:`from_sentencepiece`)."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: no such tokenizer file")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not path.lower().endswith(".json"):
+            try:
+                return cls.from_sentencepiece(path)
+            except ValueError as e:
+                raise ValueError(f"{e} (a tokenizer is a Hugging Face tokenizer.json or a SentencePiece .model)") from None
+        if os.path.basename(path) == HF_FILE and os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+            return cls.from_hf_dir(folder)
+        backend = _load_tokenizer_json(path)
+        n = int(backend.get_vocab_size(with_added_tokens=True))
+        bos = bos_id if bos_id is not None and 0 <= bos_id < n else None
+        with_special = backend.encode("a", add_special_tokens=True).ids
+        add_bos = bos is not None and len(with_special) > len(backend.encode("a", add_special_tokens=False).ids) \
+            and with_special[0] == bos
+        return cls(backend, kind="hf", bos_id=bos, eos_ids=[e for e in eos_ids if 0 <= e < n], add_bos=add_bos,
+                   source=path)
 
     @classmethod
     def from_hf_dir(cls, directory) -> "Tokenizer":

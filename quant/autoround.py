@@ -135,7 +135,7 @@ def finalize(consts, params, spec: IntSpec, shape, axis: int = 0, *, scale_dtype
     ``clip(round(W / s + V) + z)`` with the stored scale."""
     sdt = _scale_dtype(scale_dtype)
     scale_g, zero_g, q = _finalize(consts, params, spec, sdt)
-    check_scales(scale_g, consts["w"], spec)
+    check_scales(scale_g, consts["w"], spec, zero_g=zero_g)
     return from_grouped_codes(q, scale_g, zero_g, spec=spec, shape=tuple(shape), axis=axis, dtype=dtype)
 
 

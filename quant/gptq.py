@@ -188,7 +188,10 @@ def gptq_quantize(w, h, spec, *, damp: float = DEFAULT_DAMP, block_size: int = D
 
 
 def dataclass_replace_group(spec: IntSpec, group: int) -> IntSpec:
-    """``spec`` as a grouped spec of ``group`` rows (per-channel: one group of all K rows)."""
+    """``spec``'s weight format as a grouped spec of ``group`` rows (per-channel: one group of all K
+    rows), for estimating the ranges.  The activation setting (``w8a8``) is dropped: it says how the
+    inputs are quantized at run time, nothing about the weights' ranges (and an ``act`` spec must be
+    per channel, so keeping it would refuse the grouped view)."""
     import dataclasses
 
-    return dataclasses.replace(spec, granularity="group", group_size=group)
+    return dataclasses.replace(spec, granularity="group", group_size=group, act=None, rotate=False)

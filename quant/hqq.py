@@ -181,5 +181,5 @@ def hqq_quantize(w, spec, *, axis: int = 0, iters: int = DEFAULT_ITERS, lp_norm:
         raise ValueError(f"kappa must be a finite number >= 1, got {kappa}")
     scale_g, zero_g, q = _hqq_core(x, np.int32(iters), np.float32(lp_norm), np.float32(beta), np.float32(kappa),
                                    spec, axis, sdt)
-    check_scales(scale_g, x, spec)
+    check_scales(scale_g, x, spec, zero_g=zero_g)
     return from_grouped_codes(q, scale_g, zero_g, spec=spec, shape=tuple(x.shape), axis=axis, dtype=x.dtype)

@@ -210,7 +210,7 @@ def quantize_with_range(x, spec: Spec | str, lo, hi, *, axis: int = 0, scale_dty
 def _assemble(x, spec, axis, scale_g, zero_g, dtype=None) -> QuantizedTensor:
     """The tensor with codes ``round(x / s) + z``; ``x`` is what is stored (already rotated for a
     ``-had`` spec), ``dtype`` the float type :func:`dequantize` returns (default ``x``'s)."""
-    check_scales(scale_g, x, spec, stacklevel=4)
+    check_scales(scale_g, x, spec, zero_g=zero_g, stacklevel=4)
     packed, scale, zero = _encode(x, scale_g, zero_g, spec, axis)
     return QuantizedTensor(packed, scale, zero, spec=spec, shape=x.shape, axis=axis, dtype=dtype or x.dtype)
 
@@ -235,17 +235,35 @@ def from_grouped_codes(q, scale_g, zero_g, *, spec: IntSpec, shape, axis: int, d
     return QuantizedTensor(packed, scale, zero, spec=spec, shape=shape, axis=axis, dtype=dtype)
 
 
-def check_scales(scale_g, x, spec, *, stacklevel: int = 3) -> None:
+# Largest usable scale: codes are computed as x * (1 / s), and a larger s has a reciprocal below
+# float32's smallest normal, which XLA flushes to zero on CPU (every code would be the zero point).
+MAX_SCALE = float(2.0 ** 126)
+
+
+def check_scales(scale_g, x, spec, *, zero_g=None, stacklevel: int = 3) -> None:
     """The scale checks (and messages) of :func:`quantize` for params a method computed itself:
     non-finite scales are an error, scales below the smallest normal of their dtype a warning
-    (on the host: the scales are concrete here, and numpy spares a compile of each check)."""
+    (on the host: the scales are concrete here, and numpy spares a compile of each check).
+    Values too large for float32 arithmetic (a scale above :data:`MAX_SCALE`, or a grid end
+    ``(qmin - z) * s`` / ``(qmax - z) * s`` beyond float32's range: their codes would dequantize
+    to 0 or inf) are an error that says so; it is not the scale dtype's fault then."""
     if not _is_concrete(scale_g):  # traced (under jit): nothing to check yet
         return
     s = np.asarray(scale_g).astype(np.float32)
-    if not np.isfinite(s).all():
+    max_x = float(jnp.abs(x).max())
+    if not np.isfinite(s).all() and jnp.finfo(scale_g.dtype).max < jnp.finfo(jnp.float32).max:
         raise ValueError(
-            f"scales overflow {scale_g.dtype} (max |x| = {float(jnp.abs(x).max()):.4g}); "
+            f"scales overflow {scale_g.dtype} (max |x| = {max_x:.4g}); "
             "store scales in float32 (scale_dtype='float32', or --scale-dtype float32 on the command line)"
+        )
+    s64 = s.astype(np.float64)
+    z = 0.0 if zero_g is None else np.asarray(zero_g).astype(np.float64)
+    ends = np.maximum(np.abs((spec.qmin - z) * s64), np.abs((spec.qmax - z) * s64))
+    if not np.isfinite(s).all() or (s64 > MAX_SCALE).any() or (ends > float(jnp.finfo(jnp.float32).max)).any():
+        raise ValueError(
+            f"values too large to quantize as {spec} (max |x| = {max_x:.4g}): its scales exceed what float32 "
+            "arithmetic can encode and decode, whatever the scale dtype; scale the tensor down (its values are "
+            "far outside any weight's range) or keep it in a float type"
         )
     if scale_g.dtype != jnp.float32:
         tiny = float(jnp.finfo(scale_g.dtype).smallest_normal)

@@ -102,7 +102,12 @@ def scale_zero_from_range(lo, hi, spec: IntSpec, scale_dtype=jnp.float16):
     An all-zero group gets ``s = 1``.  Returns ``(scale, zero)`` with ``zero`` None if symmetric.
     """
     lo, hi = fitted_range(lo, hi, spec)
-    s = hi / spec.scale_divisor if spec.symmetric else (hi - lo) / (spec.qmax - spec.qmin)
+    if spec.symmetric:
+        s = hi / spec.scale_divisor
+    else:  # hi - lo overflows float32 for ranges wider than ~3.4e38; the scale itself is far below that
+        levels = spec.qmax - spec.qmin
+        width = hi - lo
+        s = jnp.where(jnp.isfinite(width), width / levels, hi / levels - lo / levels)
     s = jnp.where(s > 0, s, 1.0)
     stored = s.astype(scale_dtype)
     stored = jnp.where(stored.astype(jnp.float32) < s, jnp.nextafter(stored, jnp.asarray(jnp.inf, scale_dtype)), stored)

@@ -22,6 +22,11 @@ reads the forms the CLI accepts:
   (``keep_16bit`` optional, default true).
 * the same object as JSON text, ``'{"__default__": "int4-g128", "rules": []}'`` (how a checkpoint
   records rules that were given as a file or chosen by ``--quant auto``).
+
+A rule that decides no parameter of a model (:meth:`PrecisionRules.unused`: a typo such as
+``atn=int8``, a rule an earlier one shadows, an integer spec on vectors only) is refused by
+:meth:`PrecisionRules.check_used`, which :func:`cascade.models.quantize.check_quantize` runs
+wherever rules are applied to a model; :func:`cascade.quant.quantize_params` applies rules as given.
 """
 
 from __future__ import annotations
@@ -147,6 +152,52 @@ class PrecisionRules:
             if re.search(pattern, path):
                 return spec
         return None
+
+
+    def unused(self, params) -> list[tuple[str, Spec, str]]:
+        """The user's rules that decide the precision of none of ``params`` (``(path, ndim)`` pairs,
+        e.g. a model's parameter paths and ranks), each as ``(pattern, spec, why)``: its regex
+        matches no path (a typo: ``atn=int8``), it matches only vectors that an integer spec skips,
+        or every parameter it matches is taken by an earlier rule.  The default (``*``) is not a rule."""
+        params = list(params)
+        decided: set[int] = set()
+        for path, ndim in params:
+            for i, (pattern, spec) in enumerate(self.rules):
+                if not (isinstance(spec, IntSpec) and ndim < 2) and re.search(pattern, path):
+                    decided.add(i)
+                    break
+        out = []
+        for i, (pattern, spec) in enumerate(self.rules):
+            if i in decided:
+                continue
+            hits = [ndim for path, ndim in params if re.search(pattern, path)]
+            why = ("matches no parameter path" if not hits else
+                   "matches only vectors (norm scales, biases), which an integer spec leaves as they are"
+                   if isinstance(spec, IntSpec) and all(n < 2 for n in hits) else
+                   "matches only parameters that an earlier rule decides")
+            out.append((pattern, spec, why))
+        return out
+
+    def check_used(self, params, where: str = "the model") -> None:
+        """A ValueError naming the first rule of :meth:`unused` (a rule that does nothing is a
+        mistake: a typo would otherwise leave those tensors at the default precision unnoticed)."""
+        params = list(params)
+        unused = self.unused(params)
+        if not unused:
+            return
+        pattern, spec, why = unused[0]
+        kinds: dict[str, str] = {}  # one example path per kind of matrix (embed, attn, mlp, lm_head)
+        for p, n in params:
+            parts = p.split("/")
+            if n >= 2 and (parts[0] == "layers_0" or not parts[0].startswith("layers_")):
+                kinds.setdefault(parts[1] if parts[0] == "layers_0" and len(parts) > 2 else parts[0], p)
+        shown = list(kinds.values())[:4]
+        more_paths = sum(n >= 2 for _, n in params) > len(shown)
+        examples = ", ".join(shown + ["..."] * more_paths) if shown else "it has no matrices"
+        more = f" ({len(unused) - 1} more rule(s) do nothing too)" if len(unused) > 1 else ""
+        raise ValueError(f"precision rule '{pattern}={spec}' does nothing for {where}: it {why}{more}; a rule is "
+                         f"REGEX=SPEC, its regex searched in each parameter path ({examples}), the first rule that "
+                         "matches wins")
 
 
 def is_rules_path(text: str) -> bool:

@@ -1,8 +1,10 @@
 """What every loader shares: building the parameter tree from named (out, in) tensors, checked.
 
 A loader produces ``{our_path: array}`` with arrays already in our layout; :func:`build_params`
-checks the set of names and every shape against :func:`cascade.models.llama.param_shapes` and every
-float value for NaN/Inf, then nests them.  Nothing is returned unless all of it is right, so a
+checks the set of names and every shape against :func:`cascade.models.llama.param_shapes`, that every
+tensor is floating point (no format we read stores a model weight as integers: an integer or bool
+tensor is a damaged or foreign file), and every value for NaN/Inf, then nests them.  (The config
+itself is checked when the loader builds its :class:`ModelConfig`.)  Nothing is returned unless all of it is right, so a
 half-loaded model is never used.
 """
 
@@ -32,6 +34,9 @@ def build_params(flat: dict, cfg: ModelConfig, source: str, *, finite_checked: b
         a = flat[path]
         if tuple(a.shape) != want:
             raise ValueError(f"{source}: tensor {path} has shape {tuple(a.shape)}, expected {want} from the config")
+        if not isinstance(a, QuantizedTensor) and not jax.numpy.issubdtype(a.dtype, jax.numpy.floating):
+            raise ValueError(f"{source}: tensor {path} has dtype {a.dtype}; model weights must be floating point "
+                             "(float32, float16 or bfloat16)")
         if not finite_checked and not isinstance(a, QuantizedTensor) and not np.isfinite(np.asarray(a, np.float32)).all():
             raise ValueError(f"{source}: tensor {path} contains NaN/Inf values")
     # onto the device once, so jitted calls do not copy host arrays in on every step

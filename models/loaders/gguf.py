@@ -46,7 +46,7 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
-from cascade.models.config import ModelConfig, RopeScaling, UnsupportedModelError, rope_inv_freq
+from cascade.models.config import ConfigValueError, ModelConfig, RopeScaling, UnsupportedModelError, rope_inv_freq
 from cascade.models.llama import param_shapes, unpermute_rope_rows
 from cascade.models.model import Model
 from cascade.quant.packing import pack_codes
@@ -266,7 +266,10 @@ def config_from_gguf(meta, source: str = "<gguf>", tensor_names=None) -> ModelCo
     if rope_dims != head_dim:
         raise UnsupportedModelError(f"{source}: partial RoPE ({arch}.rope.dimension_count = {rope_dims}, "
                                     f"head_dim = {head_dim}) is not supported")
-    rope_scaling = _rope_scaling(arch, get, source)
+    try:
+        rope_scaling = _rope_scaling(arch, get, source)
+    except ConfigValueError as e:
+        raise ValueError(f"{source}: {e} ({arch}.rope.scaling.factor)") from None
     vocab = get("vocab_size")
     if vocab is None:
         tokens = meta.get("tokenizer.ggml.tokens")
@@ -307,8 +310,19 @@ def config_from_gguf(meta, source: str = "<gguf>", tensor_names=None) -> ModelCo
     )
     try:
         return ModelConfig(**fields)
+    except ConfigValueError as e:  # a value out of range: name the metadata key it came from
+        key = _GGUF_KEYS.get(e.field)
+        raise ValueError(f"{source}: {e}" + (f" ({arch}.{key})" if key else "")) from None
     except ValueError as e:  # ModelConfig's own checks (e.g. n_heads not a multiple of n_kv_heads)
         raise ValueError(f"{source}: {e}") from None
+
+
+# our ModelConfig field -> its GGUF metadata key (after "<arch>."), for messages
+_GGUF_KEYS = {"vocab_size": "vocab_size", "dim": "embedding_length", "hidden_dim": "feed_forward_length",
+              "n_layers": "block_count", "n_heads": "attention.head_count", "n_kv_heads": "attention.head_count_kv",
+              "head_dim": "attention.key_length", "norm_eps": "attention.layer_norm_rms_epsilon",
+              "rope_theta": "rope.freq_base", "max_seq_len": "context_length",
+              "sliding_window": "attention.sliding_window", "rope_scaling.factor": "rope.scaling.factor"}
 
 
 def _rope_scaling(arch, get, source) -> RopeScaling | None:
@@ -337,6 +351,9 @@ def _llama3_from_rope_freqs(cfg: ModelConfig, freqs: np.ndarray, meta, source) -
         raise ValueError(f"{source}: tensor 'rope_freqs.weight' has {freqs.size} values, expected {cfg.head_dim // 2}")
     if np.all(freqs == 1.0):
         return None
+    if not (freqs > 0).all():
+        raise ValueError(f"{source}: tensor 'rope_freqs.weight' holds RoPE frequency factors <= 0 "
+                         f"(min {freqs.min():g}); they must be positive")
     if cfg.rope_scaling is not None:
         raise UnsupportedModelError(f"{source}: rope_freqs.weight together with {cfg.rope_scaling.rope_type} "
                                     "RoPE scaling is not supported")
@@ -481,12 +498,13 @@ def _convert(f: GGUFFile, name: str, kind: str, heads, dequantize: bool, lossy: 
     return jnp.asarray(np.ascontiguousarray(x), jnp.float32)
 
 
-def load_gguf(path, *, dequantize: bool = False):
+def load_gguf(path, *, dequantize: bool = False, tokenizer: bool = True):
     """Load a llama-architecture GGUF file as a :class:`cascade.models.model.Model` (format ``"gguf"``).
 
     Q8_0 / Q4_0 / Q4_1 weights become :class:`cascade.quant.QuantizedTensor` without requantizing
     (``dequantize=False``); everything else is float32.  All-or-nothing: every tensor is checked
-    and converted before the model is returned.
+    and converted before the model is returned.  ``tokenizer``: read the embedded tokenizer (a
+    file without ``tokenizer.ggml.model`` has none: the model's tokenizer is None).
     """
     path = os.fspath(path)
     f = read_gguf(path)
@@ -529,7 +547,9 @@ def load_gguf(path, *, dequantize: bool = False):
                       "were dequantized to float32", stacklevel=2)
     params = flax.traverse_util.unflatten_dict(flat, sep="/")
 
-    from cascade.models.tokenizer import Tokenizer
+    tok = None
+    if tokenizer and "tokenizer.ggml.model" in f.metadata:
+        from cascade.models.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_gguf_metadata(f.metadata, source=path)
-    return Model(config=cfg, params=params, tokenizer=tokenizer, source=path, format="gguf", quant=None)
+        tok = Tokenizer.from_gguf_metadata(f.metadata, source=path)
+    return Model(config=cfg, params=params, tokenizer=tok, source=path, format="gguf", quant=None)

@@ -95,7 +95,7 @@ def load_llama2c(path, *, tokenizer_path=None) -> Model:
     if tokenizer_path is not None:
         from cascade.models.tokenizer import Tokenizer
 
-        tok = Tokenizer.from_sentencepiece(tokenizer_path)
+        tok = Tokenizer.from_file(tokenizer_path, bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids)
         if tok.vocab_size != cfg.vocab_size:
             raise ValueError(f"{tokenizer_path}: tokenizer has {tok.vocab_size} tokens but {path} has vocab_size {cfg.vocab_size}")
     return Model(config=cfg, params=params, tokenizer=tok, source=path, format="llama2c")

@@ -94,3 +94,51 @@ def test_stories260k_int8_costs_under_one_percent_and_int4_stays_finite():
         ppl[name] = perplexity(m.params, m.config, ids, ctx=512, truncate=True).ppl
     assert ppl["int8"] / ppl["fp32"] - 1 < 0.01
     assert np.isfinite(ppl["int4-g32"]) and ppl["int4-g32"] > ppl["int8"]
+
+
+def _calib(n=8, t=16, seed=1):
+    from cascade.models.calibration import CalibrationSet
+
+    tokens = np.asarray(jax.random.randint(jax.random.key(seed), (n, t), 0, CFG.vocab_size), np.int32)
+    return CalibrationSet(tokens=tokens, recipe={"seed": 0})
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq-gptq"])
+def test_gptq_produces_w8a8_weights_as_it_produces_int8(tiny, method):
+    """Issue 38: GPTQ refused w8a8 after calibrating ("int8 activations (w8a8) go with int8 per-channel
+    symmetric min-max weights only"); w8a8's weights are int8 per channel, so GPTQ's codes and scales
+    for w8a8 are its codes and scales for int8, with int8 activations."""
+    calib = _calib()
+    w8a8, _ = quantize_model(tiny, "w8a8", method=method, calib=calib, progress=False)
+    int8, _ = quantize_model(tiny, "int8", method=method, calib=calib, progress=False)
+    a, b = w8a8.params["layers_1"]["mlp"]["down_proj"]["kernel"], int8.params["layers_1"]["mlp"]["down_proj"]["kernel"]
+    assert str(a.spec) == "w8a8" and a.spec.act == "dynamic" and str(b.spec) == "int8"
+    np.testing.assert_array_equal(np.asarray(a.packed), np.asarray(b.packed))
+    np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale))
+
+
+@pytest.mark.parametrize("rules,method,message", [
+    ("atn=int8,*=int4", "rtn", "precision rule 'atn=int8' does nothing"),
+    ("attn=int8,attn/q_proj=int4-g16,*=int4", "gptq", "precision rule 'attn/q_proj=int4-g16' does nothing"),
+    ("int8-tensor", "awq", "awq does not support per-tensor specs (int8-tensor, for layers_0/attn/q_proj/kernel)"),
+    ("q_proj=w8a8-had,*=int8", "autoround", "autoround cannot produce w8a8-had weights"),
+    ("embed=w8a8-static,*=int8", "rtn", "embed/embedding is a lookup, and here the tied LM head,"),
+])
+def test_quantize_checks_come_before_any_work(tiny, monkeypatch, rules, method, message):
+    """Issue 38: every method/spec check runs before calibration (:func:`check_quantize`, which
+    `cascade quantize` also runs from the config before loading)."""
+    import cascade.models.quantize as mq
+    from cascade.models.llama import param_shapes
+
+    def forbidden(*a, **k):
+        pytest.fail("calibration started before the request was refused")
+
+    monkeypatch.setattr(mq, "calibrated_blocks", forbidden)
+    monkeypatch.setattr(mq, "calibrate_act_scales", forbidden)
+    monkeypatch.setattr(mq, "quantize_params", forbidden)
+    with pytest.raises(ValueError) as e:
+        quantize_model(tiny, rules, method=method, calib=_calib(), progress=False)
+    assert message in str(e.value)
+    with pytest.raises(ValueError) as e2:  # the same from the config alone
+        mq.check_quantize(rules, param_shapes(CFG), method=method, tied=CFG.tie_embeddings, where="random")
+    assert str(e2.value) == str(e.value)

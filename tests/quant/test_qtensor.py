@@ -198,6 +198,25 @@ def test_scale_overflow_is_a_clear_error():
     assert quant.quantize(x, "int8", scale_dtype="float32").scale.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("scale_dtype", ["float32", "bfloat16"])
+def test_values_near_float32_max_quantize_or_say_they_are_too_large(scale_dtype):
+    """Issue 38: int8-asym on values near +-3e38 with float32 scales said "scales overflow float32 ...
+    store scales in float32": the width hi - lo overflowed, not the scale.  Such ranges now quantize
+    within half a step; only values whose grid would leave float32 are refused, and the message no
+    longer blames (or suggests) the scale dtype."""
+    x = np.array([[3e38], [-3e38], [1.0], [2.0]], np.float32)
+    qt = quant.quantize(x, "int8-asym", scale_dtype=scale_dtype)
+    step = float(np.asarray(qt.scale, np.float64).ravel()[0])
+    assert 6e38 / 255 <= step <= 6e38 / 255 * (1 + 2**-7)  # the exact scale, rounded up to the scale dtype
+    assert np.abs(np.asarray(quant.dequantize(qt, "float32"), np.float64) - x).max() <= step / 2 * (1 + 1e-6)
+    for spec, top in [("int8-asym", [[3.4028235e38], [-3.4028235e38]]), ("int2-g2-asym", [[3e38], [-3e38]])]:
+        with pytest.raises(ValueError, match="values too large to quantize") as e:
+            quant.quantize(np.array(top, np.float32), spec, scale_dtype=scale_dtype)
+        assert "store scales in float32" not in str(e.value)
+    with pytest.raises(ValueError, match="scales overflow float16.*store scales in float32"):  # true for float16
+        quant.quantize(x, "int8-asym", scale_dtype="float16")
+
+
 @pytest.mark.parametrize("spec", ["int4-g32-mse", "int8-p99", "int4-asym-p99.9", "int3-g16-asym-mse", "int2-g16-p95"])
 def test_clipped_specs_error_bound_inside_range(spec):
     """With clipping, values inside the grid's range [(qmin - z) s, (qmax - z) s] keep |err| <= s/2."""

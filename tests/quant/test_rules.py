@@ -142,3 +142,35 @@ def test_rules_as_json_text_parse_back_to_the_same_rules():
         R.parse('{"__default__": ')
     with pytest.raises(ValueError, match="expected an object with keys"):
         R.parse('{"default": "int4"}')
+
+
+PARAMS = [("embed/embedding", 2), ("final_norm/scale", 1), ("layers_0/attn/q_proj/kernel", 2),
+          ("layers_0/attn/q_proj/bias", 1), ("layers_0/attn_norm/scale", 1), ("layers_0/mlp/up_proj/kernel", 2)]
+
+
+@pytest.mark.parametrize("text,unused,why", [
+    ("atn=int8,*=int4", ["atn"], "matches no parameter path"),  # the issue's typo
+    ("attn=int8,attn/q_proj=int4,*=int4", ["attn/q_proj"], "an earlier rule decides"),  # shadowed
+    ("norm=int8,*=int4", ["norm"], "only vectors"),  # an integer spec skips every norm scale it matches
+    ("lm_head=int8,nothing=bf16,*=int4", ["lm_head", "nothing"], "matches no parameter path"),  # a tied model: no head
+])
+def test_rules_that_decide_no_parameter_are_found(text, unused, why):
+    """Issue 38: a rule that matches nothing was ignored silently; each is found, with its reason."""
+    rules = PrecisionRules.parse(text)
+    found = rules.unused(PARAMS)
+    assert [p for p, _, _ in found] == unused and why in found[0][2]
+    # by hand: which rule wins each parameter, the first whose regex matches and whose spec applies
+    winners = set()
+    for path, ndim in PARAMS:
+        winners |= {next((p for p, s in rules.rules if (ndim >= 2 or str(s) == "bf16") and p in path), None)}
+    assert {p for p, _ in rules.rules} - winners == set(unused)
+    with pytest.raises(ValueError, match=rf"precision rule '{unused[0]}=[a-z0-9]+' does nothing for m: it .*REGEX=SPEC"):
+        rules.check_used(PARAMS, "m")
+
+
+@pytest.mark.parametrize("text", ["int4-g128", "attn=int8,*=int4", "norm=bf16,mlp=int8", "embed=int8,*=int4-g128",
+                                  '{"__default__": "int8", "rules": [["q_proj", "int4"]]}'])
+def test_rules_that_all_decide_something_pass(text):
+    rules = PrecisionRules.parse(text)
+    assert rules.unused(PARAMS) == []
+    rules.check_used(PARAMS)  # no error
