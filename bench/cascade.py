@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from cascade.console import plural, progress_bar
+
 PROMPTS = ("Once upon a time", "Tom and Lily went to the park. They", "The little red bird was sad because",
            "One day, a boy named Max found a box.", "The cat and the dog were friends.", "Sara wanted to bake a cake,",
            "In the forest there lived a small bear.", "Mom said it was time for bed, but")
@@ -67,8 +69,9 @@ def acceptance_at(stats) -> list[float | None]:
 
 def run(small: str, large: str, *, tokens: int = 64, repeats: int = 3, draft_len: int = 4,
         alphas=(0.1, 0.2, 0.3, 0.5), thresholds=(-0.6, -0.8, -1.0), batches=(1, 4, 8, 16), temperature: float = 0.0,
-        n_prompts: int | None = None) -> dict:
-    """The result (module docs); ``n_prompts``: the first that many of :data:`PROMPTS` (default all)."""
+        n_prompts: int | None = None, progress=None) -> dict:
+    """The result (module docs); ``n_prompts``: the first that many of :data:`PROMPTS` (default all).
+    ``progress``: False hides the progress display (:func:`cascade.console.progress_bar`)."""
     from cascade.bench.context import run_context
     from cascade.models import SamplingConfig, load_model
     from cascade.models.generation import first_divergence
@@ -80,7 +83,9 @@ def run(small: str, large: str, *, tokens: int = 64, repeats: int = 3, draft_len
     prompts = list(PROMPTS[:n_prompts])
     want = {p: run_pair(pair, p, mode="large", max_new_tokens=tokens).token_ids for p in prompts}
     rows = []
-    for config in _configs(alphas, thresholds, draft_len):
+    configs = list(_configs(alphas, thresholds, draft_len))
+    bar = progress_bar(total=len(configs) + 2 * len(batches), desc="bench cascade", unit="config", enabled=progress)
+    for config in configs:
         for p in prompts:  # warm-up: every shape compiled before timing
             run_pair(pair, p, max_new_tokens=tokens, sampling=sampling, **config)
         speeds, last = [], None
@@ -117,6 +122,7 @@ def run(small: str, large: str, *, tokens: int = 64, repeats: int = 3, draft_len
         if config["mode"] == "defer":
             row["deferred_prompts"] = sum(r.answered_by == "large" for r in last)
         rows.append(row)
+        bar.update()
     base = rows[0]["tokens_per_s"]
     for row in rows:
         row["vs_large"] = round(row["tokens_per_s"] / base, 3)
@@ -131,6 +137,8 @@ def run(small: str, large: str, *, tokens: int = 64, repeats: int = 3, draft_len
                 out = generate_batch(pair, batch_prompts, mode=mode, max_new_tokens=tokens, draft_len=draft_len)
                 speeds.append(sum(len(r.token_ids) for r in out) / (time.perf_counter() - t0))
             batch_rows.append({"mode": mode, "batch": b, "tokens_per_s": round(statistics.median(speeds), 1)})
+            bar.update()
+    bar.close()
     for row in batch_rows:
         one = next(r for r in batch_rows if r["mode"] == row["mode"] and r["batch"] == 1)["tokens_per_s"]
         row["vs_batch_1"] = round(row["tokens_per_s"] / one, 3)
@@ -140,8 +148,8 @@ def run(small: str, large: str, *, tokens: int = 64, repeats: int = 3, draft_len
 
 
 def table(result: dict) -> str:
-    lines = [f"{result['small']} int4 -> {result['large']} int8, {result['prompts']} prompts x {result['tokens']} tokens, "
-             f"temperature {result['temperature']}",
+    lines = [f"{result['small']} int4 -> {result['large']} int8, {plural(result['prompts'], 'prompt')} x "
+             f"{plural(result['tokens'], 'token')}, temperature {result['temperature']}",
              f"{'mode':<13} {'setting':<16} {'tok/s':>8} {'vs large':>8} {'calls/tok':>9} {'ppl (large)':>11} "
              f"{'agree':>6} {'accept':>7} {'deferred':>8}"]
     for r in result["rows"]:

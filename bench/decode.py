@@ -39,8 +39,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
+from cascade.console import plural, progress_bar
 from cascade.bench.context import describe, run_context
 from cascade.models import KVCache, generate, matmul_backends, quantize_model, weight_bytes
 from cascade.models.decoder import cache_length
@@ -78,7 +78,7 @@ def run(model: Model, *, label: str | None = None, specs=DEFAULT_SPECS, prompt: 
     for k in kv:
         parse_kv_spec(k).check_context(model.config.max_seq_len)
     if len(ids) + tokens > model.config.max_seq_len:
-        raise ValueError(f"prompt ({len(ids)} tokens) + {tokens} tokens exceeds the model context "
+        raise ValueError(f"prompt ({plural(len(ids), 'token')}) + {plural(tokens, 'token')} exceeds the model context "
                          f"({model.config.max_seq_len})")
     if llamacpp is not None and model.format != "gguf":
         raise ValueError("--llamacpp needs a GGUF model (llama.cpp reads only GGUF files)")
@@ -86,8 +86,7 @@ def run(model: Model, *, label: str | None = None, specs=DEFAULT_SPECS, prompt: 
     rows = []
     combos = [(spec, k, a) for spec in specs for k in kv for a in attention]
     variants = {}
-    for spec, kv_spec, attn in tqdm(combos, desc="bench decode", disable=None if progress is None else not progress,
-                                    leave=False):
+    for spec, kv_spec, attn in progress_bar(combos, desc="bench decode", unit="run", enabled=progress, leave=False):
         if spec not in variants:
             variants = {spec: _variant(model, spec)}  # one variant in memory at a time
         variant = variants[spec]
@@ -218,8 +217,8 @@ def _llamacpp_row(python: str, gguf: str, prompt: str, tokens: int, repeats: int
 
 
 def format_table(result: dict) -> str:
-    lines = [f"decode at batch 1, {result['model']}, {result['tokens']} tokens after a {result['prompt_tokens']}-token "
-             f"prompt {describe(result)}, median of {result['repeats']} after {result['warmup']} warm-up",
+    lines = [f"decode at batch 1, {result['model']}, {plural(result['tokens'], 'token')} after a "
+             f"{result['prompt_tokens']}-token prompt {describe(result)}, median of {result['repeats']} after {result['warmup']} warm-up",
              f"{'engine':<9} {'spec':<9} {'kv':<6} {'attn':<4} {'tok/s':>8} {'vs llama.cpp':>12} {'MiB':>7} {'step ms':>8} "
              f"{'matmul':>7} {'call':>6} {'other':>6}  backends"]
     for r in result["rows"]:

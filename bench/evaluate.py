@@ -18,8 +18,12 @@ Runs the benchmarks of this package on whatever backend JAX sees (CPU, GPU or TP
 methods) so the whole run is a smoke test of the pipeline on any machine: a few minutes on two
 CPU cores, which is how CI runs it.  Without it the sections run at the settings of the README's
 benchmark tables (much longer).  The models are the embedded default pair, so nothing is
-downloaded; ``--data`` is the text to score and calibrate on (default: the TinyStories validation
-file of ``../shared/data`` when it exists).
+downloaded; ``--data`` is the text to score and calibrate on.  Its default with ``--quick`` is the
+validation sample the package ships beside the default pair
+(:func:`cascade.models.defaults.validation_sample`), so the smoke test runs on any installation,
+from any directory; the full suite needs more text: the TinyStories validation file of
+``../shared/data`` in a source checkout, else ``--data FILE``.  On an installed package (where
+``scripts/`` is not installed) run it as ``python -m cascade.bench.evaluate``.
 """
 
 from __future__ import annotations
@@ -31,8 +35,11 @@ import sys
 import time
 
 from cascade.bench.context import describe, run_context
+from cascade.console import plural
 
-DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "text", "tinystories_val.txt")
+# the full suite's default text: the shared data beside a source checkout (absent from an installed package)
+DEFAULT_DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "text",
+                                             "tinystories_val.txt"))
 SECTIONS = ("matmul", "decode", "ptq", "kv", "cascade")
 
 SETTINGS = {
@@ -81,7 +88,7 @@ def run(out_dir: str, *, data: str, quick: bool = False, small: str = "default-s
         "decode": lambda s: decode.run(load_model(small), label=small, progress=progress, **s),
         "ptq": lambda s: ptq.run(small, data, data, progress=progress, **s),
         "kv": lambda s: kv_cache.run(small, data, progress=progress, **s),
-        "cascade": lambda s: bench_cascade.run(small, large, **s),
+        "cascade": lambda s: bench_cascade.run(small, large, progress=progress, **s),
     }
     for name in sections:
         log(f"{name} ...")
@@ -191,12 +198,25 @@ def write_plots(report: dict, out_dir: str) -> list[str]:
     return written
 
 
+def default_data(quick: bool) -> str:
+    """The text ``--data`` defaults to (module docs); ValueError when the full suite has none."""
+    if quick:
+        from cascade.models.defaults import validation_sample
+
+        return validation_sample()
+    if not os.path.isfile(DEFAULT_DATA):
+        raise ValueError("the full suite needs a text to calibrate on and score: pass --data FILE (the package "
+                         "ships only the small sample --quick uses)")
+    return DEFAULT_DATA
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/evaluate.py", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="write report.json, report.md and the PNGs here")
     ap.add_argument("--quick", action="store_true", help="every section shrunk to a smoke test (minutes on a CPU)")
-    ap.add_argument("--data", default=os.path.normpath(DEFAULT_DATA),
-                    help="UTF-8 text to calibrate on and score [default: ../shared/data/text/tinystories_val.txt]")
+    ap.add_argument("--data", help="UTF-8 text to calibrate on and score [default: with --quick the validation sample "
+                                   "shipped with the default pair, else shared/data/text/tinystories_val.txt beside a "
+                                   "source checkout]")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--small", default="default-small", help="the draft model (and the one the other sections use)")
     ap.add_argument("--large", default="default-large", help="the verifier model of the cascade section")
@@ -204,12 +224,13 @@ def main(argv=None) -> int:
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
     t0 = time.perf_counter()
     try:
-        report = run(args.out, data=args.data, quick=args.quick, small=args.small, large=args.large, sections=sections,
-                     progress=False, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        data = args.data if args.data is not None else default_data(args.quick)
+        report = run(args.out, data=data, quick=args.quick, small=args.small, large=args.large, sections=sections,
+                     progress=None, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"report: {os.path.join(args.out, 'report.md')} ({len(report['plots'])} plots, "
+    print(f"report: {os.path.join(args.out, 'report.md')} ({plural(len(report['plots']), 'plot')}, "
           f"{time.perf_counter() - t0:.0f} s on {report['device']})")
     return 0
 

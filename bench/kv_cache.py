@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cascade.bench.context import run_context
+from cascade.console import plural, progress_bar
 from cascade.models import Model, generate, kv_cache_memory, load_model, perplexity, split_documents, tokenize_documents
 from cascade.models.decoder import forward
 from cascade.models.kv_cache import KVCache
@@ -59,7 +60,7 @@ def run(model: "str | Model", data: str, *, kvs=DEFAULT_KV, ctx: int | None = No
     if concat:
         ids = [[t for doc in ids for t in doc]]
     rows = []
-    for kv in kvs:
+    for kv in progress_bar(kvs, desc="bench kv", unit="cache", enabled=progress):
         t0 = time.perf_counter()
         r = perplexity(model.params, cfg, ids, ctx=ctx, stride=stride, max_tokens=max_tokens, kv=kv,
                        min_context=min_context, progress=progress)
@@ -105,8 +106,8 @@ def format_table(result: dict) -> str:
     first = result["rows"][0]["kv"]
     gen = result["generation"]
     head = (f"{result['model']} on {result['data']}: ctx {result['ctx']}, stride {result['stride']}, "
-            f"scoring targets with >= {result['min_context']} tokens of context"
-            + (f"; greedy {gen['generated']} tokens after {gen['prompt_tokens']}" if gen else ""))
+            f"scoring targets with >= {plural(result['min_context'], 'token')} of context"
+            + (f"; greedy {plural(gen['generated'], 'token')} after {gen['prompt_tokens']}" if gen else ""))
     lines = [head, f"{'kv':<18} {'ppl':>9} {'vs ' + first:>8} {'B/token':>9} {'vs fp16':>8} {'seq vs fp16':>11} "
                    f"{'tokens':>8}" + (f" {'diverges at':>11} {'agreement':>9}" if gen else "")]
     for r in result["rows"]:

@@ -21,12 +21,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from cascade import quant
+from cascade.console import progress_bar
 from cascade.quant import dequant_matmul
 from cascade.quant.activations import BACKEND as W8A8_BACKEND_NAME, w8a8_matmul
 from cascade.quant.kernels import cpu as cpu_kernel
+from cascade.quant.spec import FloatSpec
 from cascade.bench.context import describe, run_context
 
 
@@ -42,6 +43,25 @@ def _time(fn, *args, repeats: int, warmup: int) -> float:
 
 
 DEFAULT_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))  # (k, n): a 7B model's attention and MLP
+
+
+def parse_specs(specs) -> list:
+    """The precision specs this benchmark can time (a comma-separated string or a list), parsed; a
+    one-line ValueError for none, an unknown spec, a float type (the fp32 row is always timed) or a
+    static-activation spec (its activation scale is measured on a model's calibration data)."""
+    names = [s.strip() for s in (specs.split(",") if isinstance(specs, str) else specs) if s.strip()]
+    if not names:
+        raise ValueError("expected at least one precision spec, e.g. int8,int4-g128")
+    parsed = []
+    for name in names:
+        spec = quant.parse_spec(name)
+        if isinstance(spec, FloatSpec):
+            raise ValueError(f"{name} is a float type, not a quantized spec (every table has the fp32 row)")
+        if getattr(spec, "act", None) == "static":
+            raise ValueError(f"{name}: a static activation scale is measured on a model's calibration data "
+                             "(`cascade quantize --calib`); time w8a8 instead")
+        parsed.append(spec)
+    return parsed
 
 
 def run(*, batches=(1, 4, 16, 64), shapes=DEFAULT_SHAPES, k=None, n=None, specs=("int8", "int4-g128"),
@@ -61,7 +81,7 @@ def run(*, batches=(1, 4, 16, 64), shapes=DEFAULT_SHAPES, k=None, n=None, specs=
         raise ValueError("repeats must be >= 1 and warmup >= 0")
     for a, b in shapes:
         check_memory(batches=batches, k=a, n=b)
-    specs = [quant.parse_spec(s) for s in specs]
+    specs = parse_specs(specs)
     if backend is not None and backend not in dequant_matmul.backends():
         raise ValueError(f"unknown matmul backend {backend!r}; registered: {sorted(dequant_matmul.backends())}")
     rng = np.random.default_rng(seed)
@@ -69,7 +89,7 @@ def run(*, batches=(1, 4, 16, 64), shapes=DEFAULT_SHAPES, k=None, n=None, specs=
     f32_matmul = jax.jit(lambda x, w: x @ w)
     rows = []
     jobs = [(shape, b) for shape in shapes for b in batches]
-    bar = tqdm(total=len(jobs), desc="bench matmul", disable=None if progress is None else not progress, leave=False)
+    bar = progress_bar(total=len(jobs), desc="bench matmul", unit="job", enabled=progress, leave=False)
     for k_, n_ in shapes:
         w = jnp.asarray(rng.standard_normal((k_, n_), dtype=np.float32) / np.sqrt(k_))
         qweights = {str(s): quant.quantize(w, s) for s in specs}

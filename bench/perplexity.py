@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from cascade.bench.context import run_context
+from cascade.console import progress_bar
 from cascade.models import Model, load_model, perplexity, quantize_model, split_documents, tokenize_documents, weight_bytes
 
 DEFAULT_SPECS = ("source", "int8", "int8-g32", "int4-g32", "int4-g64", "int4-g32-asym", "int4-g64-asym", "int4-g32-mse")
@@ -28,7 +29,7 @@ def run(model: "str | Model", data: str, *, specs=DEFAULT_SPECS, limit: int | No
         docs = split_documents(f.read())[:limit]
     ids = tokenize_documents(base.tokenizer, docs)
     rows, result = [], None
-    for spec in specs:
+    for spec in progress_bar(specs, desc="bench ppl", unit="spec", enabled=progress):
         quantized = base if spec == "source" else quantize_model(base, spec, progress=False)[0]
         t0 = time.perf_counter()
         result = perplexity(quantized.params, quantized.config, ids, ctx=ctx, stride=stride, truncate=truncate,

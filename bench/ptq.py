@@ -27,6 +27,7 @@ import time
 import jax
 
 from cascade.bench.context import run_context
+from cascade.console import progress_bar
 from cascade.models import Model, load_model, quantize_model, split_documents, tokenize_documents, weight_bytes
 from cascade.models.quantize import needs_calibration
 from cascade.models.calibration import calibration_tokens
@@ -84,7 +85,7 @@ def run(model: "str | Model", calib: str, data: "str | list[str]", *, specs=DEFA
 
     runs = [(spec, method, alpha) for spec in specs for method in methods
             for alpha in ((alphas or (None,)) if method == "smoothquant" else (None,))]
-    for spec, method, alpha in runs:
+    for spec, method, alpha in progress_bar(runs, desc="bench ptq", unit="model", enabled=progress):
         t0 = time.perf_counter()
         if method.startswith("qwix-"):
             from cascade.bench.qwix_peer import qwix_quantize_model

@@ -27,6 +27,7 @@ import time
 
 from cascade.bench.context import run_context
 from cascade.bench.ptq import float_model
+from cascade.console import plural
 from cascade.models import Model, load_model, quantize_model, split_documents, tokenize_documents, weight_bytes
 from cascade.models.calibration import calibration_tokens
 from cascade.models.evaluation import fidelity
@@ -86,7 +87,7 @@ def run(model: "str | Model", calib: str, train: str, data: str, *, spec: str = 
                                       progress=progress)
         score(stage, quantized, time.perf_counter() - t0)
     with tempfile.TemporaryDirectory(prefix="cascade-bench-qat-") as tmp:
-        trained, res, _ = qat_mod.qat(quantized, tc, train_tokens, run_dir or tmp, progress=bool(progress),
+        trained, res, _ = qat_mod.qat(quantized, tc, train_tokens, run_dir or tmp, progress=progress is not False,
                                      learn_clip=learn_clip, clip_rate=clip_rate, teacher=base if distill else None)
         score("qat", trained, res.elapsed_s, steps=res.step, train_tokens=res.step * tc.batch_size * tc.seq_len,
               last_loss=res.losses[-1] if res.losses else None)
@@ -95,7 +96,7 @@ def run(model: "str | Model", calib: str, train: str, data: str, *, spec: str = 
 
 def table(result: dict) -> str:
     lines = [f"{result['model']}: float perplexity {result['float_ppl']:.4f} on {result['data']} (ctx {result['ctx']}); "
-             f"{result['spec']}, PTQ {result['method']}, QAT {result['train']['steps']} steps x "
+             f"{result['spec']}, PTQ {result['method']}, QAT {plural(result['train']['steps'], 'step')} x "
              f"{result['train']['batch_size']} x {result['train']['seq_len']} tokens at lr {result['train']['lr']:g}"
              + (f", learned clipping (rate {result['train'].get('clip_rate', 1):g})" if result["train"].get("learn_clip") else "")
              + (", distilled from the float model" if result["train"].get("distill") else ""),

@@ -34,6 +34,7 @@ from collections import Counter
 from cascade import quant
 from cascade.bench.context import run_context
 from cascade.bench.ptq import float_model
+from cascade.console import progress_bar
 from cascade.memory import planned_weight_bytes
 from cascade.models import Model, load_model, quantize_model, split_documents, tokenize_documents, weight_bytes
 from cascade.models import sensitivity as sens
@@ -82,6 +83,14 @@ def run(model: "str | Model", calib: str, data: str, *, targets=DEFAULT_TARGETS,
     cal = calibration_tokens(base.tokenizer, calib, samples=samples, length=length, seed=seed, max_len=cfg.max_seq_len)
     with open(data, encoding="utf-8") as f:
         docs = tokenize_documents(base.tokenizer, split_documents(f.read())[:limit])
+    if kv is not None:  # the long-context check comes last: its inputs are checked before the hours before it
+        from cascade.quant.kv import parse_kv_spec
+
+        parse_kv_spec(kv).check_model(context=cfg.max_seq_len, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
+        window, n = min(long_ctx or cfg.max_seq_len, cfg.max_seq_len), sum(len(d) for d in docs)
+        if n <= window:
+            raise ValueError(f"the long-context check needs more than {window} tokens of --data; it holds {n} "
+                             f"(pass --kv none to skip it)")
     tokens = sens.scoring_tokens(cal, sens_samples)
     if sensitivity is None:
         t0 = time.perf_counter()
@@ -111,6 +120,9 @@ def run(model: "str | Model", calib: str, data: str, *, targets=DEFAULT_TARGETS,
                 "rows": rows}
 
     n_weights = sum(report.params.values())
+    # one step per quantized model, and per long-context check
+    bar = progress_bar(total=len(targets) * len(methods) * 2 + (len(set(targets)) if kv is not None and methods else 0),
+                       desc="bench workflow", unit="model", enabled=progress)
     for target in targets:
         budget = planned_weight_bytes(cfg, target)
         rules, summary = sens.plan_rules(report, cfg, budget=budget)
@@ -137,6 +149,7 @@ def run(model: "str | Model", calib: str, data: str, *, targets=DEFAULT_TARGETS,
                              "avg_bits": 8 * matrix_bytes / n_weights, "seconds": seconds, "tokens": fid.tokens})
                 if config == "auto" and (target not in best or fid.ppl < best[target][0]):
                     best[target] = (fid.ppl, method, quantized)
+                bar.update()
                 if on_row is not None:
                     on_row(result(partial=True))
     if kv is not None:
@@ -145,8 +158,10 @@ def run(model: "str | Model", calib: str, data: str, *, targets=DEFAULT_TARGETS,
             long_context.append({"target": target, "config": "auto", "method": method,
                                  **long_context_check(quantized, base, stream, kv=kv, ctx=long_ctx, tokens=long_tokens,
                                                       progress=progress)})
+            bar.update()
             if on_row is not None:
                 on_row(result(partial=True))
+    bar.close()
     return result(partial=False)
 
 

@@ -24,8 +24,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
+from cascade.console import progress_bar
 from cascade.models.config import ModelConfig
 from cascade.models.kv_cache import KVCache
 from cascade.models.llama import Transformer
@@ -154,7 +154,7 @@ def _batches(cfg: ModelConfig, wins: list[Window], ctx: int, batch_tokens: int |
     by_len: dict[int, list[Window]] = {}
     for w in wins:
         by_len.setdefault(_length_bucket(len(w.tokens), ctx), []).append(w)
-    bar = tqdm(total=len(wins), desc=desc, unit="window", disable=None if progress is None else not progress, leave=False)
+    bar = progress_bar(total=len(wins), desc=desc, unit="window", enabled=progress, leave=False)
     for length, group in sorted(by_len.items()):
         attn_rows = (64 << 20) // (4 * cfg.n_heads * length * length)  # keep the (B, H, T, T) scores ~64 MB
         bsz = max(1, min(batch_tokens // length, attn_rows, len(group)))

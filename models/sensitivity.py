@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from cascade.console import progress_bar
 from cascade.models.config import ModelConfig
 from cascade.quant.rules import PrecisionRules
 from cascade.quant.spec import FloatSpec, parse_spec
@@ -326,8 +327,6 @@ def layer_sensitivity(params, cfg: ModelConfig, tokens, candidates, *, granulari
     """:class:`SensitivityReport` of ``params`` (a float model) on calibration ``tokens`` (N, T)
     for each spec in ``candidates`` (integer or float specs; module docs).  ``proxy``: also the
     Hessian-weighted weight error (one calibration pass over the blocks)."""
-    from tqdm.auto import tqdm
-
     specs = [parse_spec(c) for c in candidates]
     if not specs:
         raise ValueError("no candidate precisions given")
@@ -340,8 +339,7 @@ def layer_sensitivity(params, cfg: ModelConfig, tokens, candidates, *, granulari
     hess = _hessians(params, cfg, scorer.hidden) if proxy else {}
     rows = []
     work = [(u, s) for u in units for s in specs]
-    for unit, spec in tqdm(work, desc="sensitivity", unit="run", disable=None if progress is None else not progress,
-                           leave=False):
+    for unit, spec in progress_bar(work, desc="sensitivity", unit="run", enabled=progress, leave=False):
         paths = units[unit]
         changed = dict(flat)
         err = 0.0 if all(p in hess for p in paths) else None

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cascade.console import plural, progress_bar
 from cascade.models.config import ModelConfig
 from cascade.models.llama import Transformer, init_params
 
@@ -195,7 +196,8 @@ def _eval_loss(params, tokens, *, cfg, compute_dtype, transform=None):
 def sample_batch(stream: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int) -> np.ndarray:
     """``batch_size`` random windows of ``seq_len + 1`` tokens, a pure function of ``(seed, step)``."""
     if len(stream) < seq_len + 2:
-        raise ValueError(f"the token stream ({len(stream)} tokens) is too short for one sequence (needs {seq_len + 2})")
+        raise ValueError(f"the token stream ({plural(len(stream), 'token')}) is too short for one sequence "
+                         f"(needs {seq_len + 2})")
     rng = np.random.default_rng([seed, step])
     starts = rng.integers(0, len(stream) - seq_len - 1, size=batch_size)
     return np.stack([stream[s:s + seq_len + 1] for s in starts])
@@ -205,7 +207,8 @@ def eval_batches(stream: np.ndarray, n_batches: int, batch_size: int, seq_len: i
     """Fixed validation batches: consecutive windows from the start of ``stream``."""
     n = min(n_batches * batch_size, (len(stream) - 1) // seq_len)
     if n < 1:
-        raise ValueError(f"the validation stream ({len(stream)} tokens) is shorter than one sequence ({seq_len + 1})")
+        raise ValueError(f"the validation stream ({plural(len(stream), 'token')}) is shorter than one sequence "
+                         f"({seq_len + 1})")
     rows = np.stack([stream[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)])
     return [rows[i:i + batch_size] for i in range(0, n, batch_size)]
 
@@ -225,6 +228,7 @@ class TrainResult:
     val_loss: float | None  # last validation loss
     resumed_from: int | None  # the checkpoint step this call resumed from
     elapsed_s: float  # wall time of this call's steps
+    loss_png: str | None = None  # the loss curve this call drew (None: not drawn, e.g. without matplotlib)
 
 
 def _checkpoint_manager(run_dir):
@@ -247,7 +251,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, train_tokens: np.ndarray, run_dir, 
     in ``run.json`` with the configs (a resume under different values is refused).  ``decay_mask``:
     ``params -> bool pytree``, the leaves AdamW's weight decay applies to (default: matrices).
     ``teacher``: float params to distil from (the training loss becomes :func:`distillation_loss`;
-    the validation loss stays the cross-entropy on the text).
+    the validation loss stays the cross-entropy on the text).  ``progress``: False hides the
+    progress display (:func:`cascade.console.progress_bar`: a bar on a terminal, plain lines in a log).
     """
     import orbax.checkpoint as ocp
 
@@ -275,7 +280,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, train_tokens: np.ndarray, run_dir, 
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)
     schedule = lr_schedule(tc)
     losses, val_loss = [], None
-    bar = _progress(total=tc.steps, initial=step, enabled=progress)
+    bar = progress_bar(total=tc.steps, initial=step, desc="train" if transform is None else "qat", unit="step",
+                       enabled=progress)
     t0 = time.perf_counter()
     try:
         while step < end:
@@ -287,8 +293,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, train_tokens: np.ndarray, run_dir, 
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss} at step {step}; lower the learning rate")
             losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
             is_last = step == end
             evaluated = val_sets is not None and (step % tc.eval_every == 0 or step == tc.steps)
             if evaluated:
@@ -306,8 +312,10 @@ def train(cfg: ModelConfig, tc: TrainConfig, train_tokens: np.ndarray, run_dir, 
         bar.close()
         mngr.wait_until_finished()
         mngr.close()
-    plot_loss(log_path, os.path.join(run_dir, "loss.png"))
+    png = os.path.join(run_dir, "loss.png")
+    plotted = plot_loss(log_path, png)
     return TrainResult(params=params, step=step, losses=losses, val_loss=val_loss, resumed_from=resumed_from,
+                       loss_png=png if plotted else None,
                        elapsed_s=time.perf_counter() - t0)
 
 
@@ -392,12 +400,6 @@ def plot_loss(csv_path, png_path) -> bool:
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return True
-
-
-def _progress(total, initial, enabled):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
 
 
 def load_trained(run_dir, step: int | None = None):

@@ -13,8 +13,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
+from cascade.console import progress_bar
 from cascade.quant.qtensor import QuantizedTensor, dequantize, quantize, validate_input
 from cascade.quant.rules import PrecisionRules
 from cascade.quant.spec import FloatSpec
@@ -107,7 +107,7 @@ def quantize_params(
     rules = PrecisionRules.parse(rules)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     out, rows = [], []
-    for path, leaf in tqdm(leaves, desc="quantize", unit="tensor", disable=None if progress is None else not progress, leave=False):
+    for path, leaf in progress_bar(leaves, desc="quantize", unit="tensor", enabled=progress, leave=False):
         if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.floating):
             out.append(leaf)
             continue

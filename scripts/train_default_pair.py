@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -85,7 +84,7 @@ def main(argv=None):
         run = os.path.join(args.run_dir, name)
         print(f"{name}: training {tc.steps} steps of {tc.batch_size}x{tc.seq_len} tokens", flush=True)
         t0 = time.perf_counter()
-        result = train(cfg, tc, streams["train"], run, val_tokens=streams["val"], progress=sys.stderr.isatty(),
+        result = train(cfg, tc, streams["train"], run, val_tokens=streams["val"], progress=True,
                        on_log=lambda row, n=name: print(f"{n} {json.dumps(row)}", flush=True))
         print(f"{name}: step {result.step}, val loss {result.val_loss}, {time.perf_counter() - t0:.0f} s", flush=True)
         if args.export:

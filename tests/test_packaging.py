@@ -98,7 +98,8 @@ def test_a_regular_install_puts_only_cascade_in_site_packages(tmp_path):
     scripts = [f for f in files if f.startswith("../")]
     assert all(f.endswith("/bin/cascade") for f in scripts), scripts
     for expected in ("cascade/cli.py", "cascade/quant/qtensor.py", "cascade/models/llama.py", "cascade/bench/matmul.py",
-                     "cascade/models/defaults/default-small/model.safetensors"):
+                     "cascade/models/defaults/default-small/model.safetensors", "cascade/console.py",
+                     "cascade/models/defaults/tinystories-val-sample.txt"):
         assert expected in files, expected
     site = Path(show.split("Location:", 1)[1].split()[0])
     installed_cli = site / "cascade" / "cli.py"
@@ -108,3 +109,9 @@ def test_a_regular_install_puts_only_cascade_in_site_packages(tmp_path):
     version = subprocess.run([str(venv / "bin" / "cascade"), "--version"], capture_output=True, text=True,
                              env=_clean_env(), cwd=tmp_path)
     assert version.returncode == 0 and "0.1.0" in version.stdout
+    # the evaluation's smoke test runs on the installed copy alone, from any directory, on the text it ships
+    evaluate = subprocess.run([python, str(ROOT / "scripts" / "evaluate.py"), "--out", "eval", "--quick", "--sections",
+                               "kv"], capture_output=True, text=True, env=_clean_env(), cwd=tmp_path)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    report = (tmp_path / "eval" / "report.json").read_text()
+    assert str(site / "cascade" / "models" / "defaults" / "tinystories-val-sample.txt") in report

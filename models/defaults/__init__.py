@@ -3,7 +3,9 @@
 ``default-small`` (the draft) and ``default-large`` (the verifier) are Llama-architecture models
 trained from scratch on TinyStories by ``scripts/train_default_pair.py``; they share one byte-level
 BPE tokenizer.  See ``MODEL_CARD.md`` beside the weights.  The names work wherever a MODEL path
-is accepted (:func:`cascade.models.load_model`, every CLI command).
+is accepted (:func:`cascade.models.load_model`, every CLI command).  ``tinystories-val-sample.txt``
+beside them holds the first 40 stories of their validation text (never trained on): text every
+installation has, for smoke tests such as ``scripts/evaluate.py --quick``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ import os
 DEFAULT_SMALL = "default-small"
 DEFAULT_LARGE = "default-large"
 DEFAULT_MODELS = (DEFAULT_SMALL, DEFAULT_LARGE)
+VALIDATION_SAMPLE = "tinystories-val-sample.txt"  # 40 validation stories separated by <|endoftext|> lines
+
+
+def validation_sample() -> str:
+    """The path of the validation sample shipped with the default pair (module docs)."""
+    return os.fspath(importlib.resources.files(__name__) / VALIDATION_SAMPLE)
 
 
 def default_model_dir(name: str) -> str:

@@ -75,3 +75,32 @@ def test_evaluate_bad_input_is_one_line(tmp_path, args, message):
                            "--data", VAL, *args], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not (out / "report.json").exists()
+
+
+def test_evaluate_quick_runs_on_the_packaged_sample_from_any_directory(tmp_path, monkeypatch, capsys):
+    """An installed (non-editable) package has no ../shared/data beside it: --quick used to fail with
+    "no such text file"; it scores the validation sample shipped with the default pair instead."""
+    from cascade.models import defaults
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(evaluate, "DEFAULT_DATA", str(tmp_path / "no-checkout" / "tinystories_val.txt"))
+    assert evaluate.main(["--out", "eval", "--quick", "--sections", "kv"]) == 0
+    out, err = capsys.readouterr()
+    assert "report: eval/report.md" in out, err
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    sample = os.path.join(os.path.dirname(defaults.__file__), "tinystories-val-sample.txt")
+    assert report["data"] == sample and os.path.isfile(sample)
+    assert [r["kv"] for r in report["sections"]["kv"]["rows"]] == list(evaluate.SETTINGS[True]["kv"]["kvs"])
+    assert all(r["tokens"] > 0 and r["ppl"] > 1 for r in report["sections"]["kv"]["rows"])
+    # the full suite needs more text than the sample: without the shared data, one line and exit 2, before any work
+    assert evaluate.main(["--out", "full"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [err.strip()] and "pass --data FILE" in err
+    assert not (tmp_path / "full").exists()
+
+
+def test_evaluate_help_works_from_any_directory(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), "--help"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0 and "--quick" in proc.stdout and proc.stderr == ""
+    assert "validation sample shipped with the default pair" in " ".join(proc.stdout.split())

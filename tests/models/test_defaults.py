@@ -75,3 +75,21 @@ def test_the_card_records_a_large_model_at_least_15_percent_better():
     with open(os.path.join(HERE, "MODEL_CARD.md"), encoding="utf-8") as f:
         card = f.read()
     assert f"{small:.3f}" in card and f"{large:.3f}" in card and "CDLA-Sharing-1.0" in card
+
+
+def test_the_shipped_validation_sample_is_the_first_40_validation_stories_and_installs():
+    """`tinystories-val-sample.txt` (what `scripts/evaluate.py --quick` scores on an installed package)
+    holds exactly the first 40 stories of the validation text, and the package data installs it."""
+    import fnmatch
+    import tomllib
+
+    from cascade.models.defaults import VALIDATION_SAMPLE, validation_sample
+
+    with open(VAL, encoding="utf-8") as f:
+        first = split_documents(f.read())[:40]
+    with open(validation_sample(), encoding="utf-8") as f:
+        assert split_documents(f.read()) == first
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"]["cascade.models.defaults"]
+    assert any(fnmatch.fnmatch(VALIDATION_SAMPLE, p) for p in patterns)
