@@ -44,15 +44,31 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g"
           "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4, "t": 1000**4, "tb": 1000**4}
 
 
-def parse_bytes(text: str) -> int:
-    """``"2GiB"``, ``"512 MB"``, ``"1.5g"``, ``"1000000"`` -> bytes (SI and binary units)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read {text!r} as a size; write e.g. 2GiB, 512MB or 1000000")
-    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+def parse_bytes(text) -> int:
+    """``"2GiB"``, ``"512 MB"``, ``"1.5g"``, ``"1000000"`` (or a number) -> bytes (SI and binary units,
+    a fraction of a byte rounded down).  The one parser of every memory budget: a size that is not a
+    number with a unit, negative, zero or under one byte is a ValueError saying so."""
+    import decimal
+
+    if isinstance(text, bool) or not isinstance(text, (str, int, float, decimal.Decimal)):
+        raise ValueError(f"a memory budget is a size such as 2GiB, 512MB or 1000000, got {text!r}")
+    if isinstance(text, str):
+        m = re.fullmatch(r"\s*([+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+))\s*([a-zA-Z]*)\s*", text)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"cannot read {text!r} as a size; write e.g. 2GiB, 512MB or 1000000")
+        value = decimal.Decimal(m.group(1)) * _UNITS[m.group(2).lower()]  # exact: "0.57k" is 570 bytes
+    else:
+        try:
+            value = decimal.Decimal(text)
+        except (ValueError, decimal.InvalidOperation):
+            raise ValueError(f"cannot read {text!r} as a size") from None
+        if not value.is_finite():
+            raise ValueError(f"a memory budget must be a finite number of bytes, got {text!r}")
     if value <= 0:
         raise ValueError(f"a memory budget must be positive, got {text!r}")
-    return int(value)
+    if value < 1:
+        raise ValueError(f"a memory budget must be at least 1 byte, got {text!r} ({value.normalize():f} bytes)")
+    return int(value)  # whole bytes: rounded down
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -94,6 +110,8 @@ class MemoryPlan:
     models: tuple[ModelMemory, ...]
     budget: int | None
     small_devices: int | None = None  # the small model on devices of its own (None: beside the large one)
+    prompt_tokens: int | None = None  # a plan for one run: its longest prompt's tokens (None: any split of ctx)
+    max_new_tokens: int | None = None  # ... and the tokens it generates (ctx = prompt_tokens + max_new_tokens)
 
     @property
     def workspace(self) -> int:
@@ -132,7 +150,8 @@ class MemoryPlan:
         return None if self.budget is None else self.bytes_per_device <= self.budget
 
     def to_json(self) -> dict:
-        return {"ctx": self.ctx, "batch": self.batch, "budget": self.budget, "total_bytes": self.total,
+        return {"ctx": self.ctx, "batch": self.batch, "prompt_tokens": self.prompt_tokens,
+                "max_new_tokens": self.max_new_tokens, "budget": self.budget, "total_bytes": self.total,
                 "workspace_bytes": self.workspace, "fits": self.fits, "devices": self.devices,
                 "small_devices": self.small_devices, "bytes_per_device": self.bytes_per_device,
                 "device_groups": self.device_groups,
@@ -146,7 +165,9 @@ class MemoryPlan:
             lines.append(f"{m.role:<6} {str(m.quant or 'as loaded'):<14} {m.kv:<8} {m.weight_bytes:>14,} {m.kv_positions:>12,} "
                          f"{m.kv_bytes:>14,} {m.total:>14,}")
         lines.append(f"workspace of the largest call (activations, attention scores, logits): {self.workspace:,} bytes")
-        lines.append(f"total for {self.batch} sequence(s) of up to {self.ctx} positions: {self.total:,} bytes "
+        run = (f" ({self.prompt_tokens} prompt tokens + {self.max_new_tokens} new)"
+               if self.max_new_tokens is not None else "")
+        lines.append(f"total for {self.batch} sequence(s) of up to {self.ctx} positions{run}: {self.total:,} bytes "
                      f"({self.total / 2**20:.1f} MiB)")
         if self.devices > 1:
             for name, g in self.device_groups.items():
@@ -235,20 +256,24 @@ def workspace_bytes(cfg, *, batch: int, positions: int, prompt_tokens: int, veri
     return worst
 
 
-def plan_from_configs(small: str | None, large: str | None, *, small_quant: str | None = "int4",
-                      large_quant: str | None = "int8", ctx: int | None = None, batch: int = 1, small_kv: str = "fp32",
+def plan_from_configs(small: str | None, large: str | None, *, small_quant: str | None = None,
+                      large_quant: str | None = None, ctx: int | None = None, batch: int = 1, small_kv: str = "fp32",
                       large_kv: str = "fp32", draft_len: int | str = 4, budget: int | str | None = None,
-                      scale_dtype="float16", tp: int = 1, small_devices: int | None = None) -> MemoryPlan:
+                      scale_dtype="float16", tp: int = 1, small_devices: int | None = None,
+                      prompt_tokens: int | None = None, max_new_tokens: int | None = None) -> MemoryPlan:
     """:func:`plan_memory` for the pair ``small``/``large`` (names or paths; None: absent) quantized
-    under ``*_quant``, computed from the configs without loading weights.  A model kept as stored
-    (``*_quant`` None or "none") cannot be counted this way: ValueError (use :func:`plan_memory`).
-    ``tp``/``small_devices``: the placement (module docs)."""
+    under ``*_quant`` (None: the default of :func:`cascade.pair.load_pair`), computed from the configs
+    without loading weights.  A model kept as stored (``*_quant`` "none", or the default for a model
+    already quantized) cannot be counted this way: ValueError (use :func:`plan_memory`).
+    ``tp``/``small_devices``: the placement (module docs); ``prompt_tokens``/``max_new_tokens``: the
+    plan of one run (its longest prompt and the tokens it generates) instead of ``ctx``."""
     from cascade.models.sharding import shard_config
 
     from cascade.models.loaders import read_config
+    from cascade.pair import resolve_quant
 
-    roles = [(role, src, quant, kv) for role, src, quant, kv in (("small", small, small_quant, small_kv),
-                                                                  ("large", large, large_quant, large_kv))
+    roles = [(role, src, resolve_quant(src, quant, role), kv)
+             for role, src, quant, kv in (("small", small, small_quant, small_kv), ("large", large, large_quant, large_kv))
              if src is not None]
     if not roles:
         raise ValueError("the pair has no model to plan for")
@@ -259,11 +284,12 @@ def plan_from_configs(small: str | None, large: str | None, *, small_quant: str 
         if quant is None or str(quant).strip().lower() in ("none", "source"):
             raise ValueError(f"the {role} model keeps its stored weights: its bytes are counted from the loaded "
                              "model (plan_memory), not from its config")
+        shard = _shard(shard_config, configs[role], splits[role], role, small_devices)
         weights[role] = (planned_weight_bytes(configs[role], quant, scale_dtype=scale_dtype),
-                         planned_weight_bytes(shard_config(configs[role], splits[role]), quant, scale_dtype=scale_dtype))
+                         planned_weight_bytes(shard, quant, scale_dtype=scale_dtype))
     return _plan([(role, src, quant, kv, configs[role], weights[role], _has_integer_spec(quant))
                   for role, src, quant, kv in roles], ctx=ctx, batch=batch, draft_len=draft_len, budget=budget,
-                 splits=splits, small_devices=small_devices)
+                 splits=splits, small_devices=small_devices, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens)
 
 
 def _splits(roles: list[str], tp: int, small_devices: int | None) -> dict[str, int]:
@@ -287,52 +313,110 @@ def _has_integer_spec(rules) -> bool:
     return any(isinstance(spec, IntSpec) for spec in (*(s for _, s in parsed.rules), parsed.default))
 
 
-def over_budget_message(plan: MemoryPlan, **request) -> str:
-    """One line for a plan over its budget: by how much, and which single changes would fit
-    (``request``: the :func:`plan_from_configs` arguments that made ``plan``)."""
+# How Cascade.load spells each change an over-budget message can suggest (the CLI passes its flags).
+KEYWORDS = {"kv": "kv={!r}", "small_kv": "small_kv={!r}", "large_kv": "large_kv={!r}",
+            "small_quant": "small_quant={!r}", "large_quant": "large_quant={!r}", "ctx": "ctx={}", "batch": "batch={}"}
+
+
+def over_budget_message(plan: MemoryPlan, *, flags: dict | None = None, max_devices: int | None = None,
+                        replan=None, **request) -> str:
+    """One line for a plan over its budget: by how much, and which single changes would fit.
+
+    ``request``: the :func:`plan_from_configs` arguments that made ``plan``; ``replan(**change)``:
+    how to plan with a change (default: :func:`plan_from_configs` of ``request`` with the change).
+    ``flags``: ``{setting: format}``, how the caller spells each setting it accepts (default
+    :data:`KEYWORDS`, those of :meth:`cascade.Cascade.load`): ``kv`` (both models' KV),
+    ``small_kv``, ``large_kv``, ``small_quant``, ``large_quant``, ``ctx``, ``batch``,
+    ``max_new_tokens``, ``tp``.  A change the caller has no spelling for is not suggested, so every
+    suggestion can be passed back as it reads.  ``max_devices``: the most devices a suggested
+    ``tp`` (plus ``small_devices``) may use (None: any)."""
+    flags = KEYWORDS if flags is None else flags
+    replan = replan or (lambda **change: plan_from_configs(**{**request, **change}))
     need = plan.bytes_per_device
     over = need - plan.budget
-    tries = []
+    tries = []  # (label, change)
     kinds = {m.role: m for m in plan.models}
     if any(not m.kv.startswith("int4") for m in plan.models):
-        tries.append(("--kv int4", {"small_kv": "int4", "large_kv": "int4"}))
+        change = {f"{role}_kv": "int4" for role in kinds}
+        if "kv" in flags:
+            tries.append((flags["kv"].format("int4"), change))
+        elif all(f"{role}_kv" in flags for role in kinds):
+            tries.append((" ".join(flags[f"{role}_kv"].format("int4") for role in kinds), change))
     for role in ("large", "small"):
-        if role in kinds and str(kinds[role].quant) not in ("int4", "int4-g128"):
-            tries.append((f"--{role} int4", {f"{role}_quant": "int4"}))
-    ctx = plan.ctx // 2
-    while ctx >= 16:
-        tries.append((f"--ctx {ctx}", {"ctx": ctx}))
-        ctx //= 2
-    batch = plan.batch // 2
-    while batch >= 1:
-        tries.append((f"--batch {batch}", {"batch": batch}))
-        batch //= 2
-    tp = request.get("tp", 1)
-    for more in (2 * tp, 4 * tp, 8 * tp):  # more devices for the large model (a tp it cannot use is skipped)
-        tries.append((f"--mesh tp={more}", {"tp": more}))
+        if role in kinds and f"{role}_quant" in flags and str(kinds[role].quant) not in ("int4", "int4-g128"):
+            tries.append((flags[f"{role}_quant"].format("int4"), {f"{role}_quant": "int4"}))
+    for name, now in (("ctx", plan.ctx), ("max_new_tokens", plan.max_new_tokens), ("batch", plan.batch)):
+        if name not in flags or now is None or (name == "ctx" and plan.max_new_tokens is not None):
+            continue
+        n = now // 2
+        while n >= (16 if name == "ctx" else 1):
+            tries.append((flags[name].format(n), {name: n}))
+            n //= 2
+    if "tp" in flags:
+        tp = request.get("tp", 1)
+        for more in (2 * tp, 4 * tp, 8 * tp):  # more devices for the large model (a tp it cannot use is skipped)
+            if max_devices is None or more + (request.get("small_devices") or 0) <= max_devices:
+                tries.append((flags["tp"].format(more), {"tp": more}))
     fits, seen = [], set()
     for label, change in tries:
-        flag = label.split()[0]
-        if flag in seen:
+        setting = tuple(sorted(change))
+        if setting in seen:
             continue
         try:
-            alt = plan_from_configs(**{**request, **change})
+            alt = replan(**change)
         except ValueError:
             continue
         if alt.fits:
             fits.append(f"{label} ({alt.bytes_per_device:,} bytes{' per device' if alt.devices > 1 else ''})")
-            seen.add(flag)
+            seen.add(setting)
     hint = f"; would fit: {', '.join(fits)}" if fits else "; nothing smaller in one change fits"
     where = f" on the fullest of {plan.devices} devices" if plan.devices > 1 else ""
     return (f"the plan needs {need:,} bytes{where} for {plan.batch} sequence(s) of {plan.ctx} positions; the budget "
             f"is {plan.budget:,} bytes ({over:,} over){hint}")
 
 
+def run_shape(tokenizer, context: int, prompts: list[str], max_new_tokens: int) -> dict:
+    """What generating ``max_new_tokens`` after each of ``prompts`` allocates, as plan arguments:
+    ``batch`` (the rows that can run: a prompt that encodes to nothing or does not fit the
+    ``context`` is an error row, not run), ``prompt_tokens`` (the longest of their prompts) and
+    ``max_new_tokens``; ``{}`` when no row can run."""
+    from cascade.pair import row_problem
+
+    lengths = []
+    for p in prompts:
+        ids = tokenizer.encode(p)
+        if row_problem(p, ids, context, max_new_tokens) is None:
+            lengths.append(len(ids))
+    return dict(batch=len(lengths), prompt_tokens=max(lengths), max_new_tokens=max_new_tokens) if lengths else {}
+
+
+def plan_for_prompts(small: str | None, large: str | None, prompts: list[str], *, max_new_tokens: int,
+                     **request) -> tuple[MemoryPlan, dict]:
+    """The plan of generating ``max_new_tokens`` after each of ``prompts`` (what ``cascade run``
+    allocates): :func:`plan_from_configs` of :func:`run_shape`, the prompts counted with the pair's
+    tokenizer read without the weights (:func:`cascade.pair.read_tokenizer`).  Without a tokenizer
+    to read, or no prompt that can run, the plan is that of the whole context (an upper bound).
+    Returns the plan and the :func:`plan_from_configs` arguments that made it (for
+    :func:`over_budget_message`)."""
+    from cascade.models.loaders import read_config
+    from cascade.pair import read_tokenizer
+
+    request = dict(small=small, large=large, **request)
+    sources = [src for src in (large, small) if src is not None]
+    tok = read_tokenizer(sources[0]) if sources else None
+    if tok is not None:
+        context = min(read_config(src).max_seq_len for src in sources)
+        request.update(run_shape(tok, context, prompts, max_new_tokens))
+    return plan_from_configs(**request), request
+
+
 def plan_memory(pair, *, ctx: int | None = None, batch: int = 1, small_kv: str = "fp32", large_kv: str = "fp32",
                 draft_len: int | str = 4, budget: int | str | None = None, tp: int = 1,
-                small_devices: int | None = None) -> MemoryPlan:
+                small_devices: int | None = None, prompt_tokens: int | None = None,
+                max_new_tokens: int | None = None) -> MemoryPlan:
     """The memory plan of a loaded :class:`cascade.pair.ModelPair` (either model may be absent);
-    ``tp``/``small_devices``: the placement (module docs)."""
+    ``tp``/``small_devices``: the placement (module docs); ``prompt_tokens``/``max_new_tokens``: the
+    plan of one run instead of ``ctx`` (:func:`plan_from_configs`)."""
     from cascade.models.sharding import check_mesh, planned_bytes_per_device
     from cascade.quant.qtensor import QuantizedTensor
 
@@ -346,20 +430,35 @@ def plan_memory(pair, *, ctx: int | None = None, batch: int = 1, small_kv: str =
         raise ValueError("the pair has no model to plan for")
     splits = _splits([role for role, _, _ in present], tp, small_devices)
     for role, m, _ in present:
-        check_mesh(m.params, m.config, splits[role])
+        _shard(lambda cfg, tp, m=m: check_mesh(m.params, cfg, tp), m.config, splits[role], role, small_devices)
     models = [(role, m.source, m.quant, kv, m.config,
                (weight_bytes(m.params), planned_bytes_per_device(m.params, splits[role])), quantized(m.params))
               for role, m, kv in present]
     return _plan(models, ctx=ctx, batch=batch, draft_len=draft_len, budget=budget, splits=splits,
-                 small_devices=small_devices)
+                 small_devices=small_devices, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens)
 
 
-def _plan(models, *, ctx, batch, draft_len, budget, splits=None, small_devices=None) -> MemoryPlan:
+def _plan(models, *, ctx, batch, draft_len, budget, splits=None, small_devices=None, prompt_tokens=None,
+          max_new_tokens=None) -> MemoryPlan:
     """``models``: (role, source, quant, kv, config, (weight bytes, per device), quantized weights?)
-    per model; ``splits``: each role's tp (default 1)."""
+    per model; ``splits``: each role's tp (default 1).  ``prompt_tokens``/``max_new_tokens``: plan
+    exactly the caches and prefill of one run (its longest prompt), instead of the worst split of ``ctx``."""
     from cascade.models.sharding import shard_config
 
     context = min(m[4].max_seq_len for m in models)
+    run = prompt_tokens is not None or max_new_tokens is not None
+    if run:
+        if ctx is not None:
+            raise ValueError("give ctx, or prompt_tokens and max_new_tokens (one run), not both")
+        for name, n in (("prompt_tokens", prompt_tokens), ("max_new_tokens", max_new_tokens)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"{name} must be a positive integer, got {n!r}")
+        if prompt_tokens + max_new_tokens > context:
+            raise ValueError(f"prompt ({prompt_tokens} tokens) + max new tokens ({max_new_tokens}) exceeds the "
+                             f"context of the pair ({context})")
+        ctx = prompt_tokens + max_new_tokens
+    if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1):
+        raise ValueError(f"ctx must be a positive integer, got {ctx!r}")
     ctx = ctx or context
     if ctx > context:
         raise ValueError(f"ctx {ctx} exceeds the context of the pair ({context})")
@@ -368,14 +467,18 @@ def _plan(models, *, ctx, batch, draft_len, budget, splits=None, small_devices=N
     draft_len = draft_setting(draft_len)[0]  # "auto": its longest draft
     speculative = len(models) == 2
     rewind = draft_len + 1 if speculative else 0
-    # the runtime's cache length for sequences of at most ctx positions (any prompt/new split)
-    positions = (max(cache_room(n, ctx - n, draft_len, context) for n in range(1, ctx + 1)) if speculative
-                 else cache_length(models[0][4], ctx))
-    longest_prompt = prompt_bucket(ctx - 1)  # the prefill of the longest prompt that leaves room for a token
+    if run:  # the cache and prefill the runtime gives this run (cascade.speculative, cascade.models.generation)
+        positions = (cache_room(prompt_tokens, max_new_tokens, draft_len, context) if speculative
+                     else cache_length(models[0][4], ctx))
+        longest_prompt = prompt_bucket(prompt_tokens)
+    else:  # the runtime's cache length for sequences of at most ctx positions (any prompt/new split)
+        positions = (max(cache_room(n, ctx - n, draft_len, context) for n in range(1, ctx + 1)) if speculative
+                     else cache_length(models[0][4], ctx))
+        longest_prompt = prompt_bucket(ctx - 1)  # the prefill of the longest prompt that leaves room for a token
     rows = []
     for role, source, quant, kv, cfg, (wbytes, wbytes_device), quantized in models:
         tp = (splits or {}).get(role, 1)
-        shard = shard_config(cfg, tp)
+        shard = _shard(shard_config, cfg, tp, role, small_devices)
         mem, mem_device = (kv_cache_memory(c, kv, positions, batch=batch, rewind=rewind) for c in (cfg, shard))
         work, work_device = (
             workspace_bytes(c, batch=batch, positions=positions, prompt_tokens=min(longest_prompt, positions),
@@ -386,4 +489,29 @@ def _plan(models, *, ctx, batch, draft_len, budget, splits=None, small_devices=N
                                 workspace_bytes=work, tp=tp, weight_bytes_per_device=wbytes_device,
                                 kv_bytes_per_device=mem_device["bytes"], workspace_bytes_per_device=work_device))
     return MemoryPlan(ctx=ctx, batch=batch, models=tuple(rows), small_devices=small_devices,
-                      budget=None if budget is None else parse_bytes(budget) if isinstance(budget, str) else int(budget))
+                      budget=None if budget is None else parse_bytes(budget),
+                      prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens)
+
+
+class PlacementError(ValueError):
+    """A model that cannot be split over the devices asked for; ``param`` names the setting that
+    asked (``"tp"``: the large model's, or a lone model's; ``"small_devices"``: the small model's own)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _placement_param(role: str, small_devices: int | None) -> str:
+    return "small_devices" if role == "small" and small_devices is not None else "tp"
+
+
+def _shard(fn, cfg, tp: int, role: str, small_devices: int | None):
+    """``fn(cfg, tp)`` (a shard's config or bytes), its ValueError a :class:`PlacementError` naming
+    the setting that split this model."""
+    try:
+        return fn(cfg, tp)
+    except PlacementError:
+        raise
+    except ValueError as e:
+        raise PlacementError(f"the {role} model over {tp} devices: {e}", _placement_param(role, small_devices)) from None

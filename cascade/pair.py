@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from cascade.console import plural
 from cascade.models import Model, SamplingConfig, generate, load_model, matmul_backends, quantize_model, weight_bytes
 from cascade.models.defaults import DEFAULT_LARGE, DEFAULT_SMALL
 from cascade.quant.kernels.cpu import attention_backend
@@ -24,6 +25,7 @@ from cascade.speculative import SpeculativeStats, draft_setting, speculative_gen
 
 MODES = ("speculative", "spec-cascade", "defer", "large", "small")
 NO_QUANT = ("none", "source")  # keep the checkpoint's own weights
+DEFAULT_QUANT = {"small": "int4", "large": "int8"}  # the precision a float model gets when none is given
 
 
 @dataclasses.dataclass
@@ -42,10 +44,90 @@ class ModelPair:
                 for role, m in (("small", self.small), ("large", self.large))}
 
 
-def _quantized(model: Model, spec: str | None, scale_dtype) -> Model:
-    if spec is None or spec.strip().lower() in NO_QUANT:
+def _quantized(model: Model, spec: str | None, role: str, scale_dtype) -> Model:
+    if spec is None:  # the default: a float model gets DEFAULT_QUANT, one already quantized stays as stored
+        spec = "none" if _has_quantized(model.params) else DEFAULT_QUANT[role]
+    if spec.strip().lower() in NO_QUANT:
         return model
     return quantize_model(model, spec, scale_dtype=scale_dtype, progress=False)[0]
+
+
+def _has_quantized(params) -> bool:
+    import jax
+
+    from cascade.quant.qtensor import QuantizedTensor
+
+    is_q = lambda x: isinstance(x, QuantizedTensor)  # noqa: E731
+    return any(is_q(leaf) for leaf in jax.tree.leaves(params, is_leaf=is_q))
+
+
+def holds_quantized_weights(source: str) -> bool:
+    """Whether the model at ``source`` stores quantized weights (a checkpoint saved by ``cascade
+    quantize``, a .gguf with Q8_0/Q4_0/Q4_1 tensors), read from its manifest or header, not its weights."""
+    import json
+    import os
+
+    from cascade.models.defaults import resolve_model_path
+
+    try:
+        path = resolve_model_path(source)
+        if os.path.isdir(path):
+            from cascade.models.checkpoint import CHECKPOINT_MARKER, is_checkpoint
+
+            if not is_checkpoint(path):
+                return False
+            with open(os.path.join(path, CHECKPOINT_MARKER), encoding="utf-8") as f:
+                tree = json.load(f).get("tree") or {}
+            return any(isinstance(e, dict) and e.get("kind") == "quantized" for e in tree.values())
+        if path.lower().endswith(".gguf"):
+            from cascade.models.loaders.gguf import IMPORTED_TYPES, read_gguf
+
+            return any(t.type in IMPORTED_TYPES for t in read_gguf(path).tensors.values())
+    except (OSError, ValueError, AttributeError):  # unreadable: loading it will say why
+        return False
+    return False
+
+
+def resolve_quant(source: str, quant: str | None, role: str) -> str:
+    """The precision ``role``'s model at ``source`` gets: ``quant`` when given; by default (None)
+    :data:`DEFAULT_QUANT` for a float model and ``"none"`` (as stored) for one already quantized."""
+    if quant is not None:
+        return quant
+    return "none" if holds_quantized_weights(source) else DEFAULT_QUANT[role]
+
+
+def read_tokenizer(source: str):
+    """The tokenizer of the model at ``source``, read without its weights (for counting prompt
+    tokens before loading), or None when it has none this can read (:func:`cascade.models.load_model`
+    is the authority)."""
+    import os
+
+    from cascade.models.defaults import resolve_model_path
+    from cascade.models.tokenizer import Tokenizer
+
+    try:
+        path = resolve_model_path(source)
+        if os.path.isdir(path):
+            from cascade.models.checkpoint import TOKENIZER_DIR, is_checkpoint
+
+            if is_checkpoint(path):
+                tok_dir = os.path.join(path, TOKENIZER_DIR)
+                return Tokenizer.load(tok_dir) if os.path.isdir(tok_dir) else None
+            if any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
+                return Tokenizer.from_hf_dir(path)
+            return None
+        if path.lower().endswith(".gguf"):
+            from cascade.models.loaders.gguf import read_gguf
+
+            return Tokenizer.from_gguf_metadata(read_gguf(path).metadata, source=path)
+        if path.lower().endswith(".bin"):
+            from cascade.models.loaders.llama2c import _default_tokenizer
+
+            found = _default_tokenizer(path)
+            return None if found is None else Tokenizer.from_sentencepiece(found)
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def check_same_tokenizer(small: Model, large: Model) -> None:
@@ -58,10 +140,12 @@ def check_same_tokenizer(small: Model, large: Model) -> None:
 
 
 def load_pair(small: str | None = DEFAULT_SMALL, large: str | None = DEFAULT_LARGE, *,
-              small_quant: str | None = "int4", large_quant: str | None = "int8",
+              small_quant: str | None = None, large_quant: str | None = None,
               scale_dtype="float16") -> ModelPair:
-    """Load and quantize the pair (``*_quant``: a precision spec or rules; ``None``/``"none"`` keeps the
-    weights; ``scale_dtype``: how quantization scales are stored).  ``small=None`` or ``large=None``
+    """Load and quantize the pair (``*_quant``: a precision spec or rules; ``"none"`` keeps the weights;
+    None, the default: ``int4`` for the small model and ``int8`` for the large one when it is a float
+    model, its stored precision when it is already quantized, e.g. a checkpoint saved by ``cascade
+    quantize``; ``scale_dtype``: how quantization scales are stored).  ``small=None`` or ``large=None``
     loads one model, for single-model runs."""
     if small is None and large is None:
         raise ValueError("load_pair needs at least one model")
@@ -72,8 +156,8 @@ def load_pair(small: str | None = DEFAULT_SMALL, large: str | None = DEFAULT_LAR
             raise ValueError(f"{m.source}: no tokenizer; a pair generates text")
     if s is not None and l is not None:
         check_same_tokenizer(s, l)
-    return ModelPair(small=None if s is None else _quantized(s, small_quant, scale_dtype),
-                     large=None if l is None else _quantized(l, large_quant, scale_dtype))
+    return ModelPair(small=None if s is None else _quantized(s, small_quant, "small", scale_dtype),
+                     large=None if l is None else _quantized(l, large_quant, "large", scale_dtype))
 
 
 def place_pair(pair: ModelPair, tp: int, small_devices: int | None = None) -> tuple[ModelPair, dict]:
@@ -86,24 +170,33 @@ def place_pair(pair: ModelPair, tp: int, small_devices: int | None = None) -> tu
     ``"small_device_list"`` with devices of its own."""
     import jax
 
+    from cascade.memory import PlacementError
     from cascade.models import sharding
+
+    def split(role, fn, *args):  # a model that cannot be split: blame the setting that split it
+        try:
+            return fn(*args)
+        except ValueError as e:
+            param = "small_devices" if role == "small" and small_devices is not None else "tp"
+            raise PlacementError(f"the {role} model over {args[-1].devices.size} devices: {e}", param) from None
 
     if small_devices is not None:
         if pair.small is None or pair.large is None:
-            raise ValueError("--small-devices places the small model beside the large one: it needs both models "
-                             "(--mode speculative, spec-cascade or defer)")
+            raise PlacementError("--small-devices places the small model beside the large one: it needs both models "
+                                 "(--mode speculative, spec-cascade or defer)", "small_devices")
         if small_devices < 1:
-            raise ValueError(f"small_devices must be a positive integer, got {small_devices}")
+            raise PlacementError(f"small_devices must be a positive integer, got {small_devices}", "small_devices")
         if tp + small_devices > jax.device_count():
-            raise ValueError(f"tp={tp} for the large model and {small_devices} device(s) for the small one need "
-                             f"{tp + small_devices} devices; JAX sees {jax.device_count()} ({jax.devices()[0].platform})")
+            raise PlacementError(f"tp={tp} for the large model and {small_devices} device(s) for the small one need "
+                                 f"{tp + small_devices} devices; JAX sees {jax.device_count()} "
+                                 f"({jax.devices()[0].platform})", "small_devices")
     mesh = sharding.make_mesh(tp)
     large = None if pair.large is None else dataclasses.replace(
-        pair.large, params=sharding.shard_params(pair.large.params, pair.large.config, mesh))
+        pair.large, params=split("large", sharding.shard_params, pair.large.params, pair.large.config, mesh))
     small_mesh = mesh if small_devices is None else sharding.make_mesh(small_devices, jax.devices()[tp:])
     small = None if pair.small is None else dataclasses.replace(
         pair.small, params=(sharding.replicate(pair.small.params, small_mesh) if small_devices is None
-                            else sharding.shard_params(pair.small.params, pair.small.config, small_mesh)))
+                            else split("small", sharding.shard_params, pair.small.params, pair.small.config, small_mesh)))
     placed = [m.params for m in (small, large) if m is not None]
     info = sharding.placement(mesh, placed)
     if small_devices is not None:
@@ -121,7 +214,7 @@ class RunResult:
     stop_reason: str
     prefill_s: float
     decode_s: float
-    tokens_per_s: float | None  # decode tokens per second after the first token
+    tokens_per_s: float | None  # decode tokens per second, steps that compiled left out (None: no such step)
     stats: SpeculativeStats | None  # speculative and spec-cascade modes
     answered_by: str | None = None  # "small" or "large": the model whose tokens these are (None: both, speculative)
     deferral: Deferral | None = None  # defer mode: the score, threshold and verdict
@@ -190,8 +283,8 @@ def row_problem(prompt: str, ids: list[int], context: int, max_new_tokens: int) 
         return (f"the prompt is {len(ids)} tokens; the context is {context}, so the prompt alone leaves no room "
                 "to generate: shorten the prompt")
     if len(ids) + max_new_tokens > context:
-        return (f"prompt ({len(ids)} tokens) + max new tokens ({max_new_tokens}) exceeds the context ({context}); "
-                f"generate at most {context - len(ids)} tokens")
+        return (f"prompt ({plural(len(ids), 'token')}) + max new tokens ({max_new_tokens}) exceeds the context "
+                f"({context}); generate at most {plural(context - len(ids), 'token')}")
     return None
 
 

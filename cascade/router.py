@@ -7,8 +7,11 @@ metrics across calls under vLLM's names where they exist.  Jitted programs are c
 bucket (:mod:`cascade.models.decoder`), so calls after the first compile nothing new for prompts
 and lengths in the same buckets.
 
-Thread safety: calls are serialised by a lock held for the whole call, so an instance may be
-shared between threads (each call runs alone; JAX itself would allow more, the metrics would not).
+Thread safety: the device work of calls is serialised by a lock, so an instance may be shared
+between threads (JAX itself would allow more, the metrics would not).  ``generate`` holds it for
+the whole call; ``stream`` takes it for each piece of decoding and releases it before yielding, so
+other calls (from any thread, the one reading the stream included) run between its pieces and a
+stream left unfinished blocks nothing.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import threading
 import time
 from typing import Iterator
 
-from cascade.memory import MemoryPlan, over_budget_message, plan_from_configs, plan_memory
+from cascade.memory import KEYWORDS, MemoryPlan, over_budget_message, parse_bytes, plan_from_configs, plan_memory
 from cascade.models.defaults import DEFAULT_LARGE, DEFAULT_SMALL
 from cascade.models.sampling import SamplingConfig
-from cascade.pair import MODES, ModelPair, RowError, RunResult, check_mode, generate_batch, load_pair, row_problem
+from cascade.pair import (MODES, NO_QUANT, ModelPair, RowError, RunResult, check_mode, generate_batch, load_pair,
+                          resolve_quant, row_problem)
 
 
 class Cascade:
@@ -42,27 +46,44 @@ class Cascade:
                    "deferred_rows": 0, "deferral_rows": 0, "accepted_at": [], "offered_at": []}
 
     @classmethod
-    def load(cls, small: str | None = DEFAULT_SMALL, large: str | None = DEFAULT_LARGE, *, small_quant: str | None = "int4",
-             large_quant: str | None = "int8", mode: str = "speculative", kv: str | None = None,
+    def load(cls, small: str | None = DEFAULT_SMALL, large: str | None = DEFAULT_LARGE, *, small_quant: str | None = None,
+             large_quant: str | None = None, mode: str = "speculative", kv: str | None = None,
              small_kv: str | None = None, large_kv: str | None = None, budget: int | str | None = None,
              ctx: int | None = None, batch: int = 1, scale_dtype="float16", **settings) -> "Cascade":
         """Load the pair (``small``/``large``: built-in names or paths; a single-model ``mode`` loads
-        only its model) and quantize each under its rules.  With ``budget``, the memory plan for
-        ``batch`` sequences of ``ctx`` positions is checked first, from the configs alone
+        only its model) and quantize each under its rules (``*_quant`` None: as
+        :func:`cascade.pair.load_pair`, int4/int8 for a float model, an already quantized one as
+        stored).  With ``budget`` (:func:`cascade.memory.parse_bytes`), the memory plan for ``batch``
+        sequences of ``ctx`` positions is checked first, from the configs alone
         (:func:`cascade.memory.plan_from_configs`): over budget is a ValueError saying by how much and
-        which single change would fit, and nothing is loaded.  ``settings``: ``draft_len`` (tokens, or
-        ``"auto"``), ``draft_confidence``, ``rule``, ``alpha``, ``defer_score``, ``threshold``."""
+        which single change of these keywords would fit, and nothing is loaded (a model kept as
+        stored is counted once loaded).  ``settings``: ``draft_len`` (tokens, or ``"auto"``),
+        ``draft_confidence``, ``rule``, ``alpha``, ``defer_score``, ``threshold``."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         small, large = (small if mode != "large" else None), (large if mode != "small" else None)
+        flags = {k: v for k, v in KEYWORDS.items() if not (k == "kv" and (small_kv or large_kv))}
+        stored = False
         if budget is not None:  # checked from the configs, before any weight is loaded
+            parse_bytes(budget)
             request = dict(small=small, large=large, small_quant=small_quant, large_quant=large_quant, ctx=ctx,
                            batch=batch, small_kv=small_kv or kv or "fp32", large_kv=large_kv or kv or "fp32",
                            draft_len=settings.get("draft_len", 4), budget=budget, scale_dtype=scale_dtype)
-            plan = plan_from_configs(**request)
-            if not plan.fits:
-                raise ValueError(over_budget_message(plan, **request))
+            stored = any(resolve_quant(src, q, role).strip().lower() in NO_QUANT
+                         for role, src, q in (("small", small, small_quant), ("large", large, large_quant))
+                         if src is not None)
+            if not stored:
+                plan = plan_from_configs(**request)
+                if not plan.fits:
+                    raise ValueError(over_budget_message(plan, flags=flags, **request))
         pair = load_pair(small, large, small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
+        if stored:  # a model kept as stored: its bytes are those loaded
+            base = {k: request[k] for k in ("ctx", "batch", "small_kv", "large_kv", "draft_len", "budget")}
+            plan = plan_memory(pair, **base)
+            if not plan.fits:
+                raise ValueError(over_budget_message(
+                    plan, flags={k: v for k, v in flags.items() if not k.endswith("_quant")},
+                    replan=lambda **change: plan_memory(pair, **{**base, **change})))
         return cls(pair, mode=mode, small_kv=small_kv or kv, large_kv=large_kv or kv, **settings)
 
     def plan(self, *, ctx: int | None = None, batch: int = 1, budget: int | str | None = None) -> MemoryPlan:
@@ -99,55 +120,59 @@ class Cascade:
 
         s = {**self.settings, **overrides}
         mode = s["mode"]
-        with self._lock:
-            t0 = time.perf_counter()
-            if mode == "defer":
+        if mode == "defer":
+            with self._lock:
+                t0 = time.perf_counter()
                 (r,) = generate_batch(self.pair, [prompt], max_new_tokens=max_new_tokens, sampling=sampling, **s)
                 if isinstance(r, RowError):
                     raise ValueError(r.error)
                 self._record([r], time.perf_counter() - t0, mode)
-                yield r.text
-                return
-            # the same checks and errors as generate()
-            context = check_mode(self.pair, mode)
-            tok = self.pair.tokenizer
-            ids = tok.encode(prompt)
-            problem = row_problem(prompt, ids, context, max_new_tokens)
-            if problem:
-                raise ValueError(problem)
-            eos = tok.eos_ids or (self.pair.large or self.pair.small).config.eos_token_ids
-            if mode in ("speculative", "spec-cascade"):
-                rule = {"rule": s["rule"], "alpha": s["alpha"]} if mode == "spec-cascade" else {}
-                stream = speculative_stream(self.pair.small.params, self.pair.small.config, self.pair.large.params,
-                                            self.pair.large.config, [ids], max_new_tokens=max_new_tokens,
-                                            draft_len=s["draft_len"], sampling=sampling, eos_ids=eos,
-                                            draft_kv=s["small_kv"], target_kv=s["large_kv"],
-                                            draft_confidence=s["draft_confidence"], **rule)
-            else:
-                m, kv = (self.pair.large, s["large_kv"]) if mode == "large" else (self.pair.small, s["small_kv"])
-                stream = generate_stream(m.params, m.config, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
-                                         eos_ids=eos, kv=kv)
-            tokens, shown = [], ""
-            while True:
+            yield r.text
+            return
+        context = check_mode(self.pair, mode)  # the same checks and errors as generate()
+        tok = self.pair.tokenizer
+        ids = tok.encode(prompt)
+        problem = row_problem(prompt, ids, context, max_new_tokens)
+        if problem:
+            raise ValueError(problem)
+        eos = tok.eos_ids or (self.pair.large or self.pair.small).config.eos_token_ids
+        if mode in ("speculative", "spec-cascade"):
+            rule = {"rule": s["rule"], "alpha": s["alpha"]} if mode == "spec-cascade" else {}
+            stream = speculative_stream(self.pair.small.params, self.pair.small.config, self.pair.large.params,
+                                        self.pair.large.config, [ids], max_new_tokens=max_new_tokens,
+                                        draft_len=s["draft_len"], sampling=sampling, eos_ids=eos,
+                                        draft_kv=s["small_kv"], target_kv=s["large_kv"],
+                                        draft_confidence=s["draft_confidence"], **rule)
+        else:
+            m, kv = (self.pair.large, s["large_kv"]) if mode == "large" else (self.pair.small, s["small_kv"])
+            stream = generate_stream(m.params, m.config, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
+                                     eos_ids=eos, kv=kv)
+        tokens, shown, busy = [], "", 0.0
+        while True:
+            with self._lock:  # one piece of device work; released before the piece is yielded
+                t0 = time.perf_counter()
                 try:
                     new = next(stream)
                 except StopIteration as end:
                     final = end.value
                     break
-                tokens += new[0]
-                text = tok.decode_completion(ids, tokens)
-                if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
-                    continue
-                if len(text) > len(shown) and text.startswith(shown):
-                    yield text[len(shown):]
-                    shown = text
+                finally:
+                    busy += time.perf_counter() - t0
+            tokens += new[0]
             text = tok.decode_completion(ids, tokens)
-            if text.startswith(shown) and len(text) > len(shown):
+            if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+                continue
+            if len(text) > len(shown) and text.startswith(shown):
                 yield text[len(shown):]
-            stats = final[0].stats if mode in ("speculative", "spec-cascade") else None
+                shown = text
+        text = tok.decode_completion(ids, tokens)
+        if text.startswith(shown) and len(text) > len(shown):
+            yield text[len(shown):]
+        stats = final[0].stats if mode in ("speculative", "spec-cascade") else None
+        with self._lock:
             self._record([RunResult(mode=mode, prompt=prompt, prompt_token_ids=ids, text=text, token_ids=tokens,
                                     stop_reason="", prefill_s=0.0, decode_s=0.0, tokens_per_s=None, stats=stats)],
-                         time.perf_counter() - t0, mode)
+                         busy, mode)
 
     def _record(self, results, seconds: float, mode: str) -> None:
         m = self._m

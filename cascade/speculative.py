@@ -37,10 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cascade.console import plural
 from cascade.models import decoder
 from cascade.models.config import ModelConfig
 from cascade.models.decoder import cache_room, prefill, prompt_bucket
-from cascade.models.generation import drain
+from cascade.models.generation import compile_count, drain
 from cascade.models.kv_cache import KVCache
 from cascade.models.sampling import SamplingConfig, filtered_logits, sample_logits, token_probs
 from cascade.models.sharding import cache_like, traced_on_mesh_of
@@ -108,13 +109,14 @@ class SpeculativeResult:
     stop_reason: str  # "eos" or "max_tokens"
     stats: SpeculativeStats
     prefill_s: float
-    decode_s: float  # all rounds, including the first (which compiles)
-    steady_tokens: int  # tokens emitted after the first round
-    steady_s: float  # time of the rounds after the first
+    decode_s: float  # all rounds (compilation included on first use)
+    steady_tokens: int  # tokens emitted in the rounds that compiled nothing (compile_count() unchanged)
+    steady_s: float  # time of those rounds
 
     @property
     def tokens_per_s(self) -> float | None:
-        """Decode speed after the first round (as :attr:`cascade.models.generation.Generation.tokens_per_s`)."""
+        """Decode speed, compilation excluded: the tokens of the rounds that compiled nothing per second
+        of their time (as :attr:`cascade.models.generation.Generation.tokens_per_s`)."""
         return self.steady_tokens / self.steady_s if self.steady_tokens > 0 and self.steady_s > 0 else None
 
 
@@ -459,8 +461,8 @@ def _check_request(prompts, max_new_tokens, draft_len, draft_cfg: ModelConfig, t
         raise ValueError(f"the prompt is {longest} tokens; the context of the pair is {context}, "
                          "so the prompt alone leaves no room to generate: shorten the prompt")
     if longest + max_new_tokens > context:
-        raise ValueError(f"prompt ({longest} tokens) + max new tokens ({max_new_tokens}) exceeds the context "
-                         f"({context}) of the pair; generate at most {context - longest} tokens")
+        raise ValueError(f"prompt ({plural(longest, 'token')}) + max new tokens ({max_new_tokens}) exceeds the context "
+                         f"({context}) of the pair; generate at most {plural(context - longest, 'token')}")
     return context
 
 
@@ -535,18 +537,22 @@ def speculative_stream(draft_params, draft_cfg: ModelConfig, target_params, targ
     yield [list(row) for row in out]
     pending = jnp.asarray(first, jnp.int32)
     behind = jnp.full((batch,), -1, jnp.int32)
-    rounds, t_round1, n_round1 = 0, None, None
+    t_decode, steady_s, steady_tokens = 0.0, 0.0, [0] * batch  # the rounds' own time, not the caller's
     # a draft on devices of its own (--small-devices) runs its side of each round there
     draft_devices, target_devices = devices_of(draft_params), devices_of(target_params)
     own = draft_devices and target_devices and draft_devices.isdisjoint(target_devices)
     round_fn = split_round if own else speculative_round
     while not all(done):
+        compiles, t_round = compile_count(), time.perf_counter()
         active = jnp.asarray([not d for d in done])
         proposals, n_prop, n_acc, nxt, deferred, behind, d_cache, t_cache, key = round_fn(
             draft_params, draft_cfg, target_params, target_cfg, d_cache, t_cache, pending, behind, active, key, params,
             jnp.float32(alpha), jnp.float32(confidence), k=k, greedy=sampling.greedy, rule=rule, adaptive=confidence > 0)
         proposals_h, n_prop_h, n_acc_h, nxt_h, deferred_h = (np.asarray(proposals), np.asarray(n_prop),
                                                              np.asarray(n_acc), np.asarray(nxt), np.asarray(deferred))
+        round_s = time.perf_counter() - t_round
+        t_decode += round_s
+        steady = compile_count() == compiles  # a round that compiled is not decoding speed
         before = [len(row) for row in out]
         for i in range(batch):
             if done[i]:
@@ -566,16 +572,14 @@ def speculative_stream(draft_params, draft_cfg: ModelConfig, target_params, targ
                 stats[i].deferred_tokens += int(deferred_h[i, :judged].sum())
             stats[i].emitted_tokens = len(row)
         pending = nxt
-        rounds += 1
-        if rounds == 1:
-            t_round1, n_round1 = time.perf_counter(), [len(r) for r in out]
+        if steady:
+            steady_s += round_s
+            steady_tokens = [n + len(row) - b for n, row, b in zip(steady_tokens, out, before)]
         yield [row[b:] for row, b in zip(out, before)]
-    t2 = time.perf_counter()
     results = []
     for i in range(batch):
-        steady = (len(out[i]) - n_round1[i], t2 - t_round1) if rounds > 1 else (0, 0.0)
         results.append(SpeculativeResult(tokens=out[i], prompt_length=int(lengths[i]),
                                          stop_reason="eos" if out[i][-1] in eos else "max_tokens", stats=stats[i],
-                                         prefill_s=t1 - t0, decode_s=t2 - t1, steady_tokens=steady[0],
-                                         steady_s=steady[1]))
+                                         prefill_s=t1 - t0, decode_s=t_decode, steady_tokens=steady_tokens[i],
+                                         steady_s=steady_s))
     return results

@@ -13,6 +13,7 @@ from functools import partial
 import jax
 import numpy as np
 
+from cascade.console import plural
 from cascade.models import decoder
 from cascade.models.config import ModelConfig
 from cascade.models.decoder import cache_length, prefill, prompt_bucket
@@ -20,6 +21,24 @@ from cascade.models.kv_cache import KVCache
 from cascade.models.sampling import SamplingConfig, sample_logits
 from cascade.models.sharding import cache_like, traced_on_mesh_of
 from cascade.quant.kv import KVSpec
+
+
+_compiles = [0]  # JAX compilation events so far in this process (tracing, lowering, backend compiles)
+
+
+def _count_compiles(event: str, seconds: float, **kwargs) -> None:
+    if event.startswith("/jax/core/compile/") or event.startswith("/jax/compilation_cache/"):
+        _compiles[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+
+
+def compile_count() -> int:
+    """JAX compilation events so far in this process (any thread): a timed step during which it
+    changed compiled something (or loaded it from the persistent cache), and its time is not
+    decoding time.  The decode loops leave such steps out of their tokens/s."""
+    return _compiles[0]
 
 
 @traced_on_mesh_of(0)
@@ -38,9 +57,9 @@ class Generation:
     prompt_lengths: list[int]
     stop_reasons: list[str]  # "eos" or "max_tokens"
     prefill_s: float  # wall time of the prefill (compilation included on first use)
-    decode_s: float  # wall time of the whole decode loop (its first step may include compilation)
-    steady_steps: int  # decode steps after the first one
-    steady_s: float  # their wall time
+    decode_s: float  # wall time of the whole decode loop (compilation included on first use)
+    steady_steps: int  # decode steps that compiled nothing (compile_count() unchanged across the step)
+    steady_s: float  # their wall time (each step's device call and read-back; not the time between yields)
 
     @property
     def n_generated(self) -> int:
@@ -48,12 +67,10 @@ class Generation:
 
     @property
     def tokens_per_s(self) -> float | None:
-        """Decode throughput per row: decode steps after the first (which may compile) per second;
-        with a single decode step, that step; None when nothing was decoded after the prefill."""
-        if self.steady_steps > 0 and self.steady_s > 0:
-            return self.steady_steps / self.steady_s
-        decoded = max(len(t) for t in self.tokens) - 1
-        return decoded / self.decode_s if decoded > 0 and self.decode_s > 0 else None
+        """Decode throughput per row, compilation excluded: the decode steps that compiled nothing
+        per second of their time; None when there were none (nothing decoded after the prefill, or
+        only steps that compiled)."""
+        return self.steady_steps / self.steady_s if self.steady_steps > 0 and self.steady_s > 0 else None
 
 
 def drain(stream):
@@ -94,8 +111,8 @@ def generate_stream(params, cfg: ModelConfig, prompts: list[list[int]], *, max_n
         raise ValueError(f"the prompt is {longest} tokens; the model context is {cfg.max_seq_len}, "
                          "so the prompt alone leaves no room to generate: shorten the prompt")
     if longest + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt ({longest} tokens) + max new tokens ({max_new_tokens}) exceeds the model "
-                         f"context ({cfg.max_seq_len}); generate at most {cfg.max_seq_len - longest} tokens")
+        raise ValueError(f"prompt ({plural(longest, 'token')}) + max new tokens ({max_new_tokens}) exceeds the model "
+                         f"context ({cfg.max_seq_len}); generate at most {plural(cfg.max_seq_len - longest, 'token')}")
     eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
     batch = len(prompts)
     t_pad = min(prompt_bucket(longest), cache_length(cfg, longest + max_new_tokens))
@@ -116,26 +133,28 @@ def generate_stream(params, cfg: ModelConfig, prompts: list[list[int]], *, max_n
     out = [[int(t)] for t in nxt_host]
     done = [int(t) in eos for t in nxt_host]
     yield [list(row) for row in out]
-    steps, t_first = 0, None
+    t_decode = 0.0  # the loop's own time: the time between yields is the caller's
+    steady_steps, steady_s = 0, 0.0
     for _ in range(max_new_tokens - 1):
         if all(done):
             break
-        if steps == 1:
-            t_first = time.perf_counter()
+        compiles, t_step = compile_count(), time.perf_counter()
         nxt, key, cache = _decode_and_sample(params, cfg, nxt, cache, key, temp, top_k, top_p)
         nxt_host = np.asarray(nxt)
+        step_s = time.perf_counter() - t_step
+        t_decode += step_s
+        if compile_count() == compiles:  # a step that compiled is not decoding speed
+            steady_steps, steady_s = steady_steps + 1, steady_s + step_s
         emitted = [[] for _ in out]
         for i, t in enumerate(nxt_host):
             if not done[i]:
                 out[i].append(int(t))
                 emitted[i].append(int(t))
                 done[i] = int(t) in eos
-        steps += 1
         yield emitted
-    t2 = time.perf_counter()
     reasons = ["eos" if d else "max_tokens" for d in done]
-    return Generation(tokens=out, prompt_lengths=lengths, stop_reasons=reasons, prefill_s=t1 - t0, decode_s=t2 - t1,
-                      steady_steps=max(steps - 1, 0), steady_s=(t2 - t_first) if t_first is not None else 0.0)
+    return Generation(tokens=out, prompt_lengths=lengths, stop_reasons=reasons, prefill_s=t1 - t0, decode_s=t_decode,
+                      steady_steps=steady_steps, steady_s=steady_s)
 
 
 def first_divergence(a, b) -> int | None:

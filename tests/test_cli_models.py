@@ -188,4 +188,4 @@ def test_compare_shows_the_first_diverging_token(capsys, tmp_path):
     empty = tmp_path / "e.txt"
     empty.write_text("\n\n")
     code, _, err = run(capsys, "compare", BIN, ck, "--prompts", str(empty))
-    assert code == 1 and "no prompts" in err
+    assert code == 2 and "no prompts" in err  # a usage error, as in `run --prompts` (tests/test_cli_run.py)

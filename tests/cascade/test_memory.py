@@ -8,14 +8,20 @@ from cascade.models.kv_cache import KVCache
 
 
 @pytest.mark.parametrize("text, value", [("2GiB", 2 * 2**30), ("512 MB", 512 * 10**6), ("1.5k", 1500), ("1000", 1000),
-                                         ("3mib", 3 * 2**20)])
+                                         ("3mib", 3 * 2**20), ("0.57k", 570), ("1.9", 1), (4096, 4096), (1e3, 1000)])
 def test_parse_bytes(text, value):
     assert parse_bytes(text) == value
 
 
-@pytest.mark.parametrize("bad", ["", "2 GiBs", "-1MB", "0", "lots"])
-def test_parse_bytes_rejects(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, why", [("", "cannot read"), ("2 GiBs", "cannot read"), ("lots", "cannot read"),
+                                      ("-1MB", "must be positive"), ("0", "must be positive"), (-5, "must be positive"),
+                                      (0, "must be positive"), ("0.5", "at least 1 byte"), (0.5, "at least 1 byte"),
+                                      ("0.0001k", "at least 1 byte"), (float("nan"), "finite"), (True, "a size"),
+                                      (None, "a size")])
+def test_parse_bytes_rejects(bad, why):
+    """Every budget goes through parse_bytes: anything that is not a size of at least one byte is a
+    ValueError saying why (issue 38: "0.5" became a budget of 0 bytes, -5 a budget of -5 bytes)."""
+    with pytest.raises(ValueError, match=why):
         parse_bytes(bad)
 
 
@@ -116,11 +122,11 @@ def test_a_budget_too_small_is_refused_before_loading(monkeypatch):
         Cascade.load(budget="310MB", ctx=512, batch=8)
     msg = str(e.value)
     need = plan_from_configs("default-small", "default-large", ctx=512, batch=8).total
-    assert f"needs {need:,} bytes" in msg and f"({need - 310_000_000:,} over)" in msg and "would fit: --kv int4" in msg
+    assert f"needs {need:,} bytes" in msg and f"({need - 310_000_000:,} over)" in msg and "would fit: kv='int4'" in msg
     assert plan_from_configs("default-small", "default-large", ctx=512, batch=8, small_kv="int4",
                              large_kv="int4").total <= 310_000_000
-    assert "--batch 4" in msg and plan_from_configs("default-small", "default-large", batch=4).total <= 310_000_000
-    assert "--ctx 256" in msg and plan_from_configs("default-small", "default-large", ctx=256, batch=8).total <= 310_000_000
+    assert "batch=4" in msg and plan_from_configs("default-small", "default-large", batch=4).total <= 310_000_000
+    assert "ctx=256" in msg and plan_from_configs("default-small", "default-large", ctx=256, batch=8).total <= 310_000_000
 
 
 def test_live_buffers_after_loading_agree_with_the_plan():
@@ -177,6 +183,7 @@ def test_the_per_device_plan_counts_one_shard_of_each_model(default_pair):
     places, from the loaded params' shapes) and half its KV heads, plus the whole small model
     beside it; or, with small devices of its own, only the large shard.  The budget applies per
     device."""
+    from cascade.cli import PLAN_FLAGS
     from cascade.memory import over_budget_message, plan_from_configs
     from cascade.models import kv_cache_memory
     from cascade.models.sharding import planned_bytes_per_device
@@ -201,8 +208,92 @@ def test_the_per_device_plan_counts_one_shard_of_each_model(default_pair):
     request = dict(small="default-small", large="default-large", ctx=256, budget=budget)
     assert plan_from_configs(**request, tp=2).fits is True
     refused = plan_from_configs(**request)
-    assert refused.fits is False and "--mesh tp=2" in over_budget_message(refused, **request)
+    assert refused.fits is False and "--mesh tp=2" in over_budget_message(refused, flags=PLAN_FLAGS, **request)
+    assert "tp=" not in over_budget_message(refused, **request)  # Cascade.load has no tp keyword: not suggested
     with pytest.raises(ValueError, match="tp=4 does not divide n_kv_heads=2"):
         plan_from_configs("default-small", "default-large", tp=4)
     with pytest.raises(ValueError, match="small_devices needs a small model"):
         plan_from_configs(None, "default-large", small_devices=1)
+
+
+@pytest.mark.parametrize("mode, prompt_tokens, new", [("speculative", 5, 6), ("speculative", 40, 200), ("large", 5, 6),
+                                                      ("large", 100, 300)])
+def test_the_plan_of_one_run_is_what_that_run_allocates(monkeypatch, default_pair, mode, prompt_tokens, new):
+    """A plan for one run (its longest prompt and max_new_tokens) counts exactly the KV caches the
+    runtime allocates for it (recorded by wrapping KVCache.create), not the whole context (issue 38:
+    `run --max-tokens 6` was planned for 512 positions)."""
+    import cascade.models.generation as generation
+    import cascade.speculative as speculative
+    from cascade.memory import plan_from_configs
+
+    pair = default_pair
+    allocated = []
+    create = KVCache.create
+
+    class Allocated(Exception):
+        pass
+
+    want = 2 if mode == "speculative" else 1
+
+    def recording(*args, **kwargs):
+        cache = create(*args, **kwargs)
+        allocated.append((cache.max_len, cache.nbytes))
+        if len(allocated) == want:
+            raise Allocated
+        return cache
+
+    monkeypatch.setattr(KVCache, "create", staticmethod(recording))
+    ids = pair.tokenizer.encode("Once upon a time " * 100)[:prompt_tokens]
+    with pytest.raises(Allocated):
+        if mode == "speculative":
+            speculative.speculative_generate(pair.small.params, pair.small.config, pair.large.params, pair.large.config,
+                                             ids, max_new_tokens=new, draft_len=4, draft_kv="int4", target_kv="int8")
+        else:
+            generation.generate(pair.large.params, pair.large.config, [ids], max_new_tokens=new, kv="int8")
+    small, large = ("default-small", "default-large") if mode == "speculative" else (None, "default-large")
+    plan = plan_from_configs(small, large, small_kv="int4", large_kv="int8", draft_len=4, prompt_tokens=prompt_tokens,
+                             max_new_tokens=new)
+    assert [(m.kv_positions, m.kv_bytes) for m in plan.models] == allocated
+    assert plan.ctx == prompt_tokens + new and plan.to_json()["max_new_tokens"] == new
+    assert plan.total <= plan_from_configs(small, large, small_kv="int4", large_kv="int8", draft_len=4).total
+    with pytest.raises(ValueError, match="not both"):
+        plan_from_configs(small, large, ctx=64, prompt_tokens=prompt_tokens, max_new_tokens=new)
+    with pytest.raises(ValueError, match="exceeds the context"):
+        plan_from_configs(small, large, prompt_tokens=prompt_tokens, max_new_tokens=600)
+
+
+def test_a_split_that_cannot_be_made_names_the_setting_that_asked():
+    """tp=3 of the large model blames ``tp``; 3 devices of the small model's own blame ``small_devices``
+    (issue 38: `plan --mesh tp=2 --small-devices 3` blamed --mesh)."""
+    from cascade.memory import PlacementError, plan_from_configs
+
+    with pytest.raises(PlacementError, match="the small model over 3 devices: tp=3 does not divide") as e:
+        plan_from_configs("default-small", "default-large", tp=2, small_devices=3)
+    assert e.value.param == "small_devices"
+    with pytest.raises(PlacementError, match="the large model over 3 devices") as e:
+        plan_from_configs("default-small", "default-large", tp=3)
+    assert e.value.param == "tp"
+    with pytest.raises(PlacementError) as e:
+        plan_from_configs(None, "default-large", tp=3)
+    assert e.value.param == "tp"
+
+
+@pytest.mark.parametrize("source", ["default-large", "stories260K/stories260K.bin",
+                                    "smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf"])
+def test_prompts_are_counted_with_the_tokenizer_read_without_weights(source):
+    """`run --budget` counts prompt tokens before loading: the tokenizer read alone encodes as the
+    loaded model's does; whether the model stores quantized weights is read from its header."""
+    import os
+    import warnings
+
+    from cascade.models import load_model
+    from cascade.pair import _has_quantized, holds_quantized_weights, read_tokenizer
+    from tests.shared_data import DATA
+
+    path = source if source.startswith("default") else os.path.join(DATA, source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_model(path)
+    text = "Once upon a time, Lily said: \"héllo 1234!\"\n  the end."
+    assert read_tokenizer(path).encode(text) == model.tokenizer.encode(text)
+    assert holds_quantized_weights(path) == _has_quantized(model.params) == source.endswith(".gguf")

@@ -92,3 +92,55 @@ def test_budget_is_checked_at_load():
     plan = fits.plan(ctx=256, batch=2)
     assert plan.total < 96_000_000 and {m.role for m in plan.models} == {"small", "large"}
     assert isinstance(fits.pair, type(load_pair(None, "default-large")))
+
+
+def test_a_stream_left_open_blocks_no_other_call(default_pair):
+    """A stream holds the router's lock only for each piece of decoding, not between its yields:
+    the thread reading it (or any other) can generate meanwhile, and the stream then finishes with
+    the text it would have given alone (issue 38: this hung forever).  Run in a daemon thread with
+    a timeout, so a deadlock fails the test instead of hanging the suite."""
+    router = Cascade(default_pair)
+    want_cat = router.generate("The cat", max_new_tokens=32).text
+    want_dog = router.generate("The dog", max_new_tokens=4).text
+    got = {}
+
+    def work():
+        s = router.stream("The cat", max_new_tokens=32)
+        first = next(s)
+        got["dog"] = router.generate("The dog", max_new_tokens=4).text  # the same thread, the stream open
+        other = threading.Thread(target=lambda: got.setdefault("other", router.generate("The dog", max_new_tokens=4).text))
+        other.start()
+        other.join()
+        got["cat"] = first + "".join(s)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    t.join(timeout=120)
+    assert not t.is_alive(), "a call while a stream was open deadlocked"
+    assert got == {"dog": want_dog, "other": want_dog, "cat": want_cat}
+
+
+def test_budget_suggestions_are_keywords_of_load_that_fit(monkeypatch):
+    """Over budget, Cascade.load names its own keywords (not CLI flags), each of which, passed back
+    to Cascade.load, passes the budget check; a budget that is not a positive size is a clear
+    ValueError before anything is planned."""
+    import ast
+    import re
+
+    import cascade.router as router_mod
+
+    loaded = []
+    monkeypatch.setattr(router_mod, "load_pair", lambda *a, **k: loaded.append(k) or "pair")
+    with pytest.raises(ValueError) as e:
+        Cascade.load(budget="310MB", ctx=512, batch=8)
+    msg = str(e.value)
+    suggestions = re.findall(r"(\w+)=('[^']*'|\d+) \(", msg.split("would fit:")[1])
+    assert {name for name, _ in suggestions} >= {"kv", "batch", "ctx"} and "--" not in msg
+    for name, value in suggestions:
+        fits = Cascade.load(**{"budget": "310MB", "ctx": 512, "batch": 8, name: ast.literal_eval(value)})
+        assert fits.pair == "pair"  # the budget check passed and the (stubbed) loading ran
+    for bad, why in ((-5, "must be positive"), (0, "must be positive"), ("0.5", "at least 1 byte"),
+                     ("lots", "cannot read 'lots' as a size")):
+        with pytest.raises(ValueError, match=why):
+            Cascade.load(budget=bad)
+    assert len(loaded) == len(suggestions)
