@@ -14,6 +14,7 @@ import warnings
 import click
 
 from cascade import __version__
+from cascade.console import plural
 
 
 def _emit(ctx_json: bool, payload: dict, human: str) -> None:
@@ -29,11 +30,15 @@ def _emit(ctx_json: bool, payload: dict, human: str) -> None:
 
 MAX_SEED = 2**63 - 1  # = models.sampling.MAX_SEED (not imported here: parsing must not import jax)
 SEED = click.IntRange(0, MAX_SEED)
-SEED_HELP = "Seed for sampling (and acceptance draws): an integer in [0, 2**63 - 1]."
+SEED_HELP = "Seed for sampling (and acceptance draws), with --temperature above 0: an integer in [0, 2**63 - 1]."
 
 
 class FiniteFloat(click.FloatRange):
     """A float range that also refuses nan and inf (``--temperature nan`` is a usage error)."""
+
+    def _describe_range(self) -> str:
+        """The range for --help; none without bounds (click would print ``x<=None``)."""
+        return "" if self.min is None and self.max is None else super()._describe_range()
 
     def convert(self, value, param, ctx):
         import math
@@ -107,6 +112,131 @@ def _data_files(ctx, param, values):
     return tuple(_data_file(ctx, param, v) for v in values)
 
 
+_PROMPTS_HELP = ("A UTF-8 text file of prompts, one per line ('-': standard input); blank and whitespace-only "
+                 "lines are skipped.")
+
+
+def _budget(ctx, param, value):
+    """A ``--budget`` size in bytes (:func:`cascade.memory.parse_bytes`, the one parser of every
+    budget): anything it refuses (not a size, zero, negative, under a byte) is a usage error."""
+    if value is None:
+        return None
+    from cascade.memory import parse_bytes
+
+    try:
+        return parse_bytes(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _prompts_path(ctx, param, value):
+    """``--prompts FILE``: a file as :func:`_data_file` checks it, or ``-`` (standard input)."""
+    return value if value == "-" else _data_file(ctx, param, value)
+
+
+def _read_prompts(path: str) -> list[tuple[int, str]]:
+    """``(line number, prompt)`` for each prompt of a ``--prompts`` file (``-``: standard input), the
+    one reading of it for every command: one prompt per line, as written; blank and whitespace-only
+    lines skipped.  Not UTF-8 text (or NUL bytes: a binary file), or no prompt, is a usage error."""
+    name = "standard input" if path == "-" else path
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise click.BadParameter(f"{name} is not UTF-8 text ({e.reason} at byte {e.start})",
+                                 param_hint="'--prompts'") from None
+    except OSError as e:
+        raise click.BadParameter(f"{name}: cannot read ({_one_line(e)})", param_hint="'--prompts'") from None
+    if "\x00" in text:
+        raise click.BadParameter(f"{name} is not a text file (it holds NUL bytes)", param_hint="'--prompts'")
+    prompts = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
+    if not prompts:
+        raise click.BadParameter(f"{name} holds no prompts (one per non-blank line)", param_hint="'--prompts'")
+    return prompts
+
+
+def _documents(path: str, flag: str) -> list[str]:
+    """The ``<|endoftext|>``-separated documents of a text file given with ``flag``: text that is not
+    UTF-8, or holds no document, is a usage error naming the flag (read before any model loads)."""
+    from cascade.models.training import read_documents
+
+    try:
+        docs = read_documents([path])
+    except UnicodeDecodeError as e:
+        raise click.BadParameter(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})", param_hint=f"'{flag}'") from None
+    except OSError as e:
+        raise click.BadParameter(f"{path}: cannot read ({_one_line(e)})", param_hint=f"'{flag}'") from None
+    if not docs:
+        raise click.BadParameter(f"{path} holds no documents (text between <|endoftext|> lines)", param_hint=f"'{flag}'")
+    return docs
+
+
+def _output_problem(path: str, directory: bool = False) -> str | None:
+    """Why ``path`` cannot take a command's output (None if it can): the one check of every output
+    path, made when the command line is parsed so that a result is never lost after the work.  A
+    file (written atomically: a temporary file beside it, then a rename) must not be a directory
+    or a special file, and its directory must exist and be writable; a directory must be one if it
+    exists, and otherwise its nearest existing ancestor must be a writable directory (missing
+    parents are created)."""
+    if not path:
+        return "an empty path"
+    if os.path.lexists(path):
+        if directory and not os.path.isdir(path):
+            return f"{path} exists and is not a directory"
+        if not directory and os.path.isdir(path):
+            return f"{path} is a directory; give a file path"
+        if not directory and not os.path.isfile(path):
+            return f"{path} exists and is not a regular file"
+    elif not directory and path.endswith(os.sep):
+        return f"{path} names a directory; give a file path"
+    target = os.path.abspath(path)
+    parent = os.path.dirname(target)
+    if directory:
+        parent = target if os.path.isdir(target) else parent
+        while not os.path.lexists(parent):
+            parent = os.path.dirname(parent)
+    elif not os.path.lexists(parent):
+        return f"{path}: the directory {parent} does not exist"
+    if not os.path.isdir(parent):
+        return f"{path}: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{path}: {parent} is not writable"
+    return None
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class OutputPath(click.Path):
+    """An output file (or ``directory=True``: directory) path, checked at parse time by
+    :func:`_output_problem`; ``plot=True``: a PNG, which also needs matplotlib."""
+
+    def __init__(self, directory: bool = False, plot: bool = False):
+        super().__init__(file_okay=not directory, dir_okay=directory)
+        self.directory, self.plot = directory, plot
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        problem = _output_problem(value, directory=self.directory)
+        if problem:
+            self.fail(problem, param, ctx)
+        if self.plot and not _has_matplotlib():
+            self.fail("drawing a plot needs matplotlib (pip install matplotlib)", param, ctx)
+        return value
+
+
+OUT_FILE, OUT_DIR, OUT_PNG = OutputPath(), OutputPath(directory=True), OutputPath(plot=True)
+
+
 def _read_json(path: str, hint: str):
     """The JSON object in ``path`` (an option's file), or a one-line usage error saying why not."""
     try:
@@ -124,21 +254,66 @@ def _given(*names) -> list[str]:
             if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
 
 
+def _refuse_unless(condition: bool, names, where: str) -> None:
+    """The one refusal of flags that do not apply: unless ``condition``, the flags among ``names``
+    (parameter names) that the user typed are a usage error "--x applies only WHERE" (or "--x,
+    --y apply only WHERE"); ``where`` starts with its preposition ("to --mode defer", "with
+    --learn-clip").  Flags left at their defaults are never refused."""
+    if condition:
+        return
+    typed = _given(*names)
+    if typed:
+        raise click.UsageError(f"{', '.join(typed)} {'applies' if len(typed) == 1 else 'apply'} only {where}")
+
+
+def _to_modes(modes) -> str:
+    """``to --mode a, b or c``: the end of a :func:`_refuse_unless` message."""
+    return "to --mode " + (modes[0] if len(modes) == 1 else f"{', '.join(modes[:-1])} or {modes[-1]}")
+
+
+def _refuse_sampling_flags(temperature: float) -> None:
+    """--top-k, --top-p and --seed shape sampling; greedy decoding (temperature 0) has none."""
+    _refuse_unless(temperature > 0, ("top_k", "top_p", "seed"), "to sampling (--temperature above 0)")
+
+
 def _check_tokenizer_flag(model: str, tokenizer: str | None) -> None:
-    if tokenizer is not None and not (os.path.isfile(model) and model.lower().endswith(".bin")):
-        raise click.UsageError(f"--tokenizer applies only to a llama2.c .bin model; {model} brings its own tokenizer")
+    """--tokenizer is for a model without a tokenizer of its own (told from its files, before loading)."""
+    if tokenizer is None:
+        return
+    from cascade.models.loaders import TOKENIZER_PATH_USE, has_own_tokenizer
+
+    if has_own_tokenizer(model):
+        raise click.UsageError(f"--tokenizer applies only to {TOKENIZER_PATH_USE}; {model} brings its own tokenizer")
 
 
 def _check_kv_fits(kv: str | None, cfg, flag: str = "--kv") -> None:
-    """A KV spec whose sinks or window exceed the model's context is a usage error."""
+    """A KV spec that does not fit the model (sinks or window beyond its context, a value group that
+    does not divide a token's values: :meth:`KVSpec.check_model`) is a usage error."""
     if kv is None:
         return
     from cascade.quant.kv import parse_kv_spec
 
     try:
-        parse_kv_spec(kv).check_context(cfg.max_seq_len)
+        parse_kv_spec(kv).check_model(context=cfg.max_seq_len, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint=f"'{flag}'") from None
+
+
+def _check_kv_before_loading(kvs, model: str, tokenizer: str | None = None, flag: str = "--kv") -> None:
+    """:func:`_check_kv_fits` for each of ``kvs`` on MODEL's config, read before its weights load (what
+    needs no model was checked when the spec was parsed).  A config that cannot be read is left
+    to the loader to report."""
+    kvs = [kv for kv in kvs if kv is not None]
+    if not kvs:
+        return
+    from cascade.models.loaders import read_config
+
+    try:
+        cfg = read_config(model, tokenizer=tokenizer)
+    except (ValueError, OSError, KeyError, TypeError):
+        return
+    for kv in kvs:
+        _check_kv_fits(kv, cfg, flag)
 
 
 def _check_pair_kv(configs: dict, small_kv, large_kv, kv) -> None:
@@ -155,6 +330,17 @@ def _pair_configs(mode, small_model, large_model) -> dict:
     return {role: read_config(src) for role, src in (("small", small_model), ("large", large_model))
             if mode != {"small": "large", "large": "small"}[role]}
 
+
+DEFAULT_PROMPT = "Once upon a time"  # `cascade run` with no PROMPT
+RUN_MODES = ("speculative", "spec-cascade", "defer", "large", "small")
+RUN_MODES_WITH = {role: tuple(m for m in RUN_MODES if m != other) for role, other in (("small", "large"), ("large", "small"))}
+_PAIR_QUANT_HELP = ("Precision spec or rules for the {role} model ('none' keeps its weights) [default: {default} for a "
+                    "float model; a model already quantized, e.g. saved by `cascade quantize`, as stored].")
+# How `run` and `plan` spell each change an over-budget message suggests (cascade.memory.over_budget_message)
+RUN_FLAGS = {"kv": "--kv {}", "small_kv": "--small-kv {}", "large_kv": "--large-kv {}", "small_quant": "--small {}",
+             "large_quant": "--large {}", "max_new_tokens": "--max-tokens {}", "tp": "--mesh tp={}"}
+PLAN_FLAGS = {"kv": "--kv {}", "small_kv": "--small-kv {}", "large_kv": "--large-kv {}", "small_quant": "--small {}",
+              "large_quant": "--large {}", "ctx": "--ctx {}", "batch": "--batch {}", "tp": "--mesh tp={}"}
 
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 _scale_dtype_option = click.option(
@@ -206,11 +392,9 @@ def app(debug: bool) -> None:
 
 
 @app.command()
-@click.argument("prompt", required=False, default="Once upon a time", callback=_prompt)
-@click.option("--small", "small_quant", default="int4", show_default=True, callback=_rules,
-              help="Precision spec or rules for the draft model ('none' keeps its weights).")
-@click.option("--large", "large_quant", default="int8", show_default=True, callback=_rules,
-              help="Precision spec or rules for the verifier model ('none' keeps its weights).")
+@click.argument("prompt", required=False, default=DEFAULT_PROMPT, callback=_prompt)
+@click.option("--small", "small_quant", callback=_rules, help=_PAIR_QUANT_HELP.format(role="draft", default="int4"))
+@click.option("--large", "large_quant", callback=_rules, help=_PAIR_QUANT_HELP.format(role="verifier", default="int8"))
 @click.option("--small-model", default="default-small", show_default=True, callback=_model,
               help="The draft MODEL (path or built-in name).")
 @click.option("--large-model", default="default-large", show_default=True, callback=_model,
@@ -230,7 +414,9 @@ def app(debug: bool) -> None:
               help="spec-cascade deferral rule: chow (defer when the small model's top probability < 1 - alpha), diff "
                    "(when it trails the large model's by alpha), opt (by alpha x their total variation).")
 @click.option("--alpha", default=0.1, show_default=True, type=FiniteFloat(min=0, max=1),
-              help="spec-cascade: how much the small model is trusted (0 = defer everywhere: exact speculation).")
+              help="spec-cascade: how much the small model is trusted, the cost of deferring in --rule (1 = never "
+                   "defer, every rule; 0 with chow = defer everywhere: exact speculation; 0 with diff/opt = defer "
+                   "wherever the large model is the more confident: not exact).")
 @click.option("--defer-score", type=click.Choice(["mean-logprob", "min-logprob", "quantile", "entropy"]),
               default="mean-logprob", show_default=True,
               help="defer: the small model's confidence in its answer (mean or minimum token log-probability, the "
@@ -239,18 +425,20 @@ def app(debug: bool) -> None:
               help="defer: the large model answers when the score is below this.")
 @click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens to generate at most.")
 @click.option("--temperature", default=0.0, show_default=True, type=FiniteFloat(min=0), help="0 = greedy.")
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample from the k most likely (0 = off).")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True), help="Nucleus sampling mass.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="With --temperature above 0: sample from the k most likely (0 = off).")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True), help="With --temperature above 0: nucleus sampling mass.")
 @click.option("--seed", default=0, show_default=True, type=SEED, help=SEED_HELP)
 @click.option("--kv", default="fp32", show_default=True, callback=_kv_spec, help=_KV_HELP + " Both models.")
 @click.option("--small-kv", callback=_kv_spec, help="KV cache precision of the draft model [default: --kv].")
 @click.option("--large-kv", callback=_kv_spec, help="KV cache precision of the verifier model [default: --kv].")
-@click.option("--budget", help="Device memory budget (e.g. 64MB, 2GiB): checked before loading, for the whole "
-                                  "context and the batch; over budget is an error saying what would fit.  With "
-                                  "--mesh or --small-devices it is each device's budget.")
-@click.option("--prompts", "prompts_file", callback=_data_file,
-              help="A UTF-8 file of prompts, one per line, generated together as one batch (instead of PROMPT); "
-                   "with --json, one JSON object per line.")
+@click.option("--budget", callback=_budget,
+              help="Device memory budget (e.g. 64MB, 2GiB): checked before loading (a model kept as stored: once "
+                   "loaded), for what this run allocates (the prompts that can run, the longest prompt's tokens + "
+                   "--max-tokens and the draft's extra positions); over budget is an error naming flags of this "
+                   "command that would fit.  With --mesh or --small-devices it is each device's budget.")
+@click.option("--prompts", "prompts_file", callback=_prompts_path,
+              help=_PROMPTS_HELP + " Generated together as one batch (instead of PROMPT); with --json, one JSON "
+                   "object per line.")
 @click.option("--mesh", callback=lambda c, p, v: None if v is None else _mesh(v),
               help="tp=N: the large model over the first N devices JAX sees (tensor parallel), the small one "
                    "replicated on each [default: one device].")
@@ -271,45 +459,52 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
     from cascade.models import SamplingConfig
     from cascade.speculative import draft_setting
 
+    default_prompt = prompts_file is None and not _given("prompt")
     if prompts_file is not None:
         if _given("prompt"):
             raise click.UsageError("give PROMPT or --prompts FILE, not both")
-        try:
-            with open(prompts_file, encoding="utf-8") as f:
-                prompts = f.read().splitlines()
-        except UnicodeDecodeError as e:
-            raise click.BadParameter(f"{prompts_file} is not UTF-8 text ({e.reason} at byte {e.start})",
-                                     param_hint="'--prompts'") from None
-        if not prompts:
-            raise click.BadParameter(f"{prompts_file} holds no prompts", param_hint="'--prompts'")
+        numbered = _read_prompts(prompts_file)
+        prompts = [p for _, p in numbered]
     else:
         prompts = [prompt]
 
-    for flags, owner in ((("rule", "alpha"), "spec-cascade"), (("defer_score", "threshold"), "defer"),
-                         (("draft_len", "draft_confidence"), ("speculative", "spec-cascade"))):
-        if mode not in ((owner,) if isinstance(owner, str) else owner) and _given(*flags):
-            where = owner if isinstance(owner, str) else " or ".join(owner)
-            raise click.UsageError(f"{', '.join(_given(*flags))} apply only to --mode {where}")
+    for names, modes in ((("rule", "alpha"), ("spec-cascade",)), (("defer_score", "threshold"), ("defer",)),
+                         (("draft_len", "draft_confidence"), ("speculative", "spec-cascade")),
+                         (("small_quant", "small_model", "small_kv"), RUN_MODES_WITH["small"]),
+                         (("large_quant", "large_model", "large_kv"), RUN_MODES_WITH["large"])):
+        _refuse_unless(mode in modes, names, _to_modes(modes))
+    _refuse_sampling_flags(temperature)
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     small_kv, large_kv = small_kv or kv, large_kv or kv
     _check_pair_kv(_pair_configs(mode, small_model, large_model), small_kv, large_kv, kv)
     if small_devices is not None and mode in ("small", "large"):
         raise click.UsageError(f"--small-devices needs both models; --mode {mode} runs one")
+    if default_prompt:
+        click.echo(f"no PROMPT given: using the default prompt {prompt!r}", err=True)
+    budget_request = None
     if budget is not None:
-        _check_budget(budget, mode, small_model, large_model, small_quant, large_quant, small_kv, large_kv, draft_len,
-                      len(prompts), scale_dtype, tp=mesh or 1, small_devices=small_devices)
+        budget_request = dict(small=small_model if mode != "large" else None,
+                              large=large_model if mode != "small" else None, small_quant=small_quant,
+                              large_quant=large_quant, small_kv=small_kv, large_kv=large_kv, draft_len=draft_len,
+                              batch=len(prompts), budget=budget, scale_dtype=scale_dtype, tp=mesh or 1,
+                              small_devices=small_devices)
+        _check_budget(budget_request, prompts, max_tokens)
     # a single-model mode loads only that model
     pair = load_pair(small_model if mode != "large" else None, large_model if mode != "small" else None,
                      small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
+    if budget_request is not None:
+        _check_budget(budget_request, prompts, max_tokens, pair=pair)
     placement = None
     if mesh is not None or small_devices is not None:
+        from cascade.memory import PlacementError
         from cascade.pair import place_pair
 
         try:
             pair, placement = place_pair(pair, mesh or 1, small_devices)
+        except PlacementError as e:
+            raise click.BadParameter(str(e), param_hint=_PLACEMENT_FLAGS[e.param]) from None
         except ValueError as e:
-            hint = "'--small-devices'" if small_devices is not None and "small" in str(e) else "'--mesh'"
-            raise click.BadParameter(str(e), param_hint=hint) from None
+            raise click.BadParameter(str(e), param_hint="'--mesh'") from None
     results = generate_batch(pair, prompts, mode=mode, max_new_tokens=max_tokens, draft_len=draft_len,
                              sampling=sampling, small_kv=small_kv, large_kv=large_kv, rule=rule, alpha=alpha,
                              defer_score=defer_score, threshold=threshold, draft_confidence=draft_confidence)
@@ -319,6 +514,8 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
     described = pair.describe()
     models = {role: None if described[role] is None else {"model": path, **described[role], "kv": role_kv}
               for role, path, role_kv in (("small", small_model, small_kv), ("large", large_model, large_kv))}
+    quants = {role: "n/a" if described[role] is None else described[role]["quant"] or "as stored"
+              for role in ("small", "large")}
     speculative = mode in ("speculative", "spec-cascade")
     settings = {"draft_len": draft_len if speculative else None,
                 "draft_confidence": draft_setting(draft_len, draft_confidence)[1] if speculative else None,
@@ -331,48 +528,71 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
             if as_json:
                 click.echo(json.dumps({"index": index, **r.to_json()}, allow_nan=False))
             else:
-                click.echo(f"error: prompt {index + 1} of {prompts_file}: {r.error}", err=True)
+                click.echo(f"error: prompt {index + 1} of {_prompts_name(prompts_file)} (line {numbered[index][0]}): "
+                           f"{r.error}", err=True)
             continue
         if as_json:
-            row = {**models, **settings, **r.to_json()}
+            row = {**models, **settings, **r.to_json(), "default_prompt": default_prompt}
             click.echo(json.dumps({"index": index, **row} if batch else row, allow_nan=False))
             continue
         if batch and index:
             click.echo("")
-        _print_run(r, mode, draft_len, rule, alpha, small_quant, large_quant, small_kv, large_kv)
+        _print_run(r, mode, draft_len, rule, alpha, quants["small"], quants["large"], small_kv, large_kv)
     if failed:  # the other rows completed; the exit code says some did not
         raise click.exceptions.Exit(1)
 
 
-def _check_budget(budget, mode, small_model, large_model, small_quant, large_quant, small_kv, large_kv, draft_len, batch,
-                  scale_dtype, tp=1, small_devices=None) -> None:
-    """Refuse a run whose memory plan (from the configs, before loading; the whole context, ``batch``
-    rows; on the fullest device of the placement) exceeds ``budget``, in one line with what would fit."""
-    from cascade.memory import over_budget_message, parse_bytes, plan_from_configs
+_PLACEMENT_FLAGS = {"tp": "'--mesh'", "small_devices": "'--small-devices'"}  # cascade.memory.PlacementError.param
 
+
+def _prompts_name(path: str) -> str:
+    return "standard input" if path == "-" else path
+
+
+def _check_budget(request: dict, prompts: list[str], max_tokens: int, pair=None) -> None:
+    """Refuse a run whose memory plan (what it allocates: the prompts that can run, the longest
+    one's tokens and --max-tokens; on the fullest device of the placement) exceeds the budget, in
+    one line naming flags of `run` that would fit.  ``request``: the
+    :func:`cascade.memory.plan_from_configs` arguments.  Before loading (``pair`` None) the plan
+    comes from the configs; a model kept as stored is counted once loaded (call again with ``pair``)."""
+    import jax
+
+    from cascade.memory import PlacementError, over_budget_message, plan_for_prompts, plan_memory, run_shape
+    from cascade.pair import NO_QUANT, check_mode, resolve_quant
+
+    stored = any(resolve_quant(request[role], request[f"{role}_quant"], role).strip().lower() in NO_QUANT
+                 for role in ("small", "large") if request[role] is not None)
+    if stored != (pair is not None):
+        return  # from the configs before loading, or from the loaded pair after: one of the two calls
+    flags = {k: v for k, v in RUN_FLAGS.items()
+             if not (k == "kv" and _given("small_kv", "large_kv")) and not (stored and k.endswith("_quant"))}
     try:
-        parse_bytes(budget)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--budget") from None
-    request = dict(small=small_model if mode != "large" else None, large=large_model if mode != "small" else None,
-                   small_quant=small_quant, large_quant=large_quant, small_kv=small_kv, large_kv=large_kv,
-                   draft_len=draft_len, batch=batch, budget=budget, scale_dtype=scale_dtype, tp=tp,
-                   small_devices=small_devices)
-    try:
-        plan = plan_from_configs(**request)
-    except ValueError as e:  # a tp the model cannot split
-        raise click.BadParameter(str(e), param_hint="'--mesh'") from None
+        if pair is None:
+            plan, planned = plan_for_prompts(**request, prompts=prompts, max_new_tokens=max_tokens)
+            replan = None
+        else:
+            context = min(check_mode(pair, m) for m in ("small", "large") if getattr(pair, m) is not None)
+            planned = {k: request[k] for k in ("small_kv", "large_kv", "draft_len", "batch", "budget", "tp",
+                                                "small_devices")}
+            planned.update(run_shape(pair.tokenizer, context, prompts, max_tokens))
+            plan = plan_memory(pair, **planned)
+
+            def replan(**change):
+                return plan_memory(pair, **{**planned, **change})
+    except PlacementError as e:  # a model that cannot be split as asked
+        raise click.BadParameter(str(e), param_hint=_PLACEMENT_FLAGS[e.param]) from None
     if not plan.fits:
-        raise click.ClickException(over_budget_message(plan, **request))
+        raise click.ClickException(over_budget_message(plan, flags=flags, max_devices=jax.device_count(),
+                                                       replan=replan, **planned))
 
 
 def _print_run(r, mode, draft_len, rule, alpha, small_quant, large_quant, small_kv, large_kv) -> None:
     click.echo(r.prompt + r.text)
     speed = "n/a" if r.tokens_per_s is None else f"{r.tokens_per_s:.1f}"
-    line = f"[{mode}: {len(r.token_ids)} tokens, {speed} tok/s decode, stop: {r.stop_reason}"
+    line = f"[{mode}: {plural(len(r.token_ids), 'token')}, {speed} tok/s decode, stop: {r.stop_reason}"
     if r.stats is not None:
         st = r.stats
-        line += (f"; {st.rounds} rounds, acceptance {st.acceptance_rate:.0%}, "
+        line += (f"; {plural(st.rounds, 'round')}, acceptance {st.acceptance_rate:.0%}, "
                  f"{st.mean_accepted_length:.2f} of {st.draft_tokens / max(st.rounds, 1):.2f} drafted tokens accepted "
                  f"per round (--draft-len {draft_len})")
         if mode == "spec-cascade":
@@ -393,7 +613,27 @@ _RULES_HELP = ("Precision spec (int8, int4-g128, ...), inline rules ('attn=int8,
                "ending in .json or containing '/').")
 
 _MODEL_HELP = ("MODEL is a built-in name (default-small, default-large), a Hugging Face directory (config.json + safetensors + tokenizer), a .gguf file, "
-               "a llama2.c .bin (tokenizer.model beside it, or --tokenizer), or a checkpoint saved by `cascade quantize`.")
+               "a llama2.c .bin (tokenizer.model beside it, or --tokenizer), or a checkpoint saved by `cascade quantize`; "
+               "--tokenizer also supplies a tokenizer to a directory or .gguf that has none.")
+
+
+def _check_quantize_request(model: str, rules, method: str, shapes: dict | None = None):
+    """:func:`cascade.models.quantize.check_quantize` for MODEL from its config alone (or the
+    ``shapes`` of a bare weights file), before any work: a rule that does nothing or a spec the
+    method cannot produce is a usage error.  Returns the parsed rules."""
+    from cascade.models.quantize import check_quantize
+
+    tied = False
+    if shapes is None:
+        from cascade.models.llama import param_shapes
+        from cascade.models.loaders import read_config
+
+        cfg = read_config(model)
+        shapes, tied = param_shapes(cfg), cfg.tie_embeddings
+    try:
+        return check_quantize(rules, shapes, method=method, tied=tied, where=model)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
 
 
 def _load_model(path: str, tokenizer: str | None, quant_rules: str | None, need_tokenizer: bool = True,
@@ -403,6 +643,8 @@ def _load_model(path: str, tokenizer: str | None, quant_rules: str | None, need_
     from cascade.models import load_model, quantize_model
 
     _check_tokenizer_flag(path, tokenizer)
+    if quant_rules is not None:
+        _check_quantize_request(path, quant_rules, "rtn")
     if mesh is not None and quant_rules is None:
         from cascade.models import sharding
 
@@ -415,7 +657,8 @@ def _load_model(path: str, tokenizer: str | None, quant_rules: str | None, need_
     else:
         model = load_model(path, tokenizer=tokenizer)
     if need_tokenizer and model.tokenizer is None:
-        raise click.ClickException(f"{path}: no tokenizer found; pass --tokenizer PATH (a SentencePiece .model)")
+        raise click.ClickException(f"{path}: no tokenizer found; pass --tokenizer PATH (a tokenizer.json or a "
+                                   "SentencePiece .model)")
     report = None
     if quant_rules is not None:
         model, report = quantize_model(model, quant_rules, scale_dtype=scale_dtype)
@@ -501,7 +744,7 @@ _CANDIDATES_HELP = "Comma-separated candidate precisions for each layer"
               "bf16,int8,int4-g128,int4-g32,int3-g32].")
 @click.option("--granularity", type=click.Choice(["layer", "block"]), default="layer", show_default=True,
               help="--quant auto: choose a precision per matrix or per block.")
-@click.option("--rules-out", type=click.Path(dir_okay=False), help="--quant auto: also write the chosen rules as a JSON "
+@click.option("--rules-out", type=OUT_FILE, help="--quant auto: also write the chosen rules as a JSON "
               "rules file (editable; pass it back with --quant FILE).")
 @click.option("--sensitivity", "sensitivity_file", callback=_data_file,
               help="--quant auto: reuse a saved measurement (`cascade sensitivity --out FILE`, or a `bench workflow` "
@@ -527,8 +770,10 @@ _CANDIDATES_HELP = "Comma-separated candidate precisions for each layer"
 @click.option("--alpha", default="0.5", show_default=True, callback=lambda c, p, v: _alpha(v, "'--alpha'"),
               help="SmoothQuant: migration strength (0: activations kept as they are, 1: all moved into the weights), "
                    "or 'auto': searched per input of each block on the calibration data.")
-@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Write the quantized model (an orbax checkpoint directory).")
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("-o", "--out", "out_dir", type=OUT_DIR, help="Write the quantized model (an orbax checkpoint directory).")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="A tokenizer.json or SentencePiece .model, for a model "
+              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
+              "without tokenizer metadata).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--axis", type=int, default=None,
               help="Only for a bare .safetensors/.npz weights file: reduction axis [default: 1 for .safetensors, 0 for .npz].")
@@ -546,24 +791,20 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
     checkpoint (-o) is itself a valid MODEL everywhere, and records the method, its settings and
     the calibration recipe (shown by `cascade inspect`).  A bare .safetensors/.npz weights file
     gets the report only (rtn or hqq).  Every form of rules keeps embeddings, norms and the LM head
-    in bf16 unless a rule names them (e.g. 'embed=int8,*=int4-g128').
+    in bf16 unless a rule names them (e.g. 'embed=int8,*=int4-g128').  A rule that decides no
+    parameter (a typo such as 'atn=int8') and a spec the method cannot produce are refused from
+    the model's config, before it loads.
     """
     from cascade import quant
 
     given = _given
-    calib_flags = given("calib_samples", "calib_len", "seed")
-    if method not in ("gptq", "awq-gptq") and given("damp", "act_order"):
-        raise click.UsageError(f"{', '.join(given('damp', 'act_order'))} apply only to --method gptq or awq-gptq, "
-                               f"not to {method}")
-    if method != "autoround" and given("iters", "batch"):
-        raise click.UsageError(f"{', '.join(given('iters', 'batch'))} apply only to --method autoround, not to {method}")
-    if method != "smoothquant" and given("alpha"):
-        raise click.UsageError(f"--alpha applies only to --method smoothquant, not to {method}")
+    _refuse_unless(method in ("gptq", "awq-gptq"), ("damp", "act_order"), f"to --method gptq or awq-gptq, not to {method}")
+    _refuse_unless(method == "autoround", ("iters", "batch"), f"to --method autoround, not to {method}")
+    _refuse_unless(method == "smoothquant", ("alpha",), f"to --method smoothquant, not to {method}")
     static_act = _names_static_act(quant_rules)
     auto = quant_rules == "auto"
-    auto_flags = given("avg_bits", "budget", "candidates", "granularity", "rules_out", "sensitivity_file")
-    if not auto and auto_flags:
-        raise click.UsageError(f"{', '.join(auto_flags)} apply only to --quant auto")
+    _refuse_unless(auto, ("avg_bits", "budget", "candidates", "granularity", "rules_out", "sensitivity_file"),
+                   "to --quant auto")
     if auto:
         if (avg_bits is None) == (budget is None):
             raise click.UsageError("--quant auto needs exactly one of --avg-bits or --budget")
@@ -579,10 +820,8 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
         raise click.UsageError(f"--method {method} needs calibration text: pass --calib FILE")
     if static_act and calib is None:
         raise click.UsageError("w8a8-static measures its activation scales on calibration text: pass --calib FILE")
-    if method not in CALIBRATED_METHODS and not auto and not static_act and (calib is not None or calib_flags):
-        used = ["--calib"] * (calib is not None) + calib_flags
-        raise click.UsageError(f"{', '.join(used)} apply only to --method {', '.join(CALIBRATED_METHODS)} "
-                               f"(or to w8a8-static rules), not to {method}")
+    _refuse_unless(method in CALIBRATED_METHODS or auto or static_act, ("calib", "calib_samples", "calib_len", "seed"),
+                   f"to --method {', '.join(CALIBRATED_METHODS)} (or to --quant auto or w8a8-static rules), not to {method}")
     if _is_weights_file(model):
         from cascade.models import weights_file
 
@@ -593,8 +832,13 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
         if method in CALIBRATED_METHODS or static_act:
             raise click.UsageError(f"--method {method} calibrates a model; a bare weights file takes rtn or hqq"
                                    + (" (and no w8a8-static)" if static_act else ""))
-        rules = quant.PrecisionRules.parse(quant_rules)
+        import jax
+
+        from cascade.quant.rtn import key_path_str
+
         params = weights_file.load(model)
+        shapes = {key_path_str(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
+        rules = _check_quantize_request(model, quant_rules, method, shapes=shapes)
         axis = weights_file.default_reduction_axis(model) if axis is None else axis
         quantizer = None
         if method == "hqq":
@@ -606,8 +850,7 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
         _emit(as_json, {"model": model, "axis": axis, "method": method, "rules": rules.to_json(), **report.to_json()},
               report.table())
         return
-    if axis is not None:
-        raise click.UsageError("--axis applies only to a bare .safetensors/.npz weights file")
+    _refuse_unless(False, ("axis",), "to a bare .safetensors/.npz weights file")
     from cascade.models import load_model, quantize_model, save_checkpoint
     from cascade.models.checkpoint import check_destination
 
@@ -616,6 +859,13 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
             check_destination(out_dir, overwrite=overwrite)
         except ValueError as e:
             raise click.UsageError(str(e).replace("pass overwrite=True (--overwrite)", "pass --overwrite")) from None
+    # every method/spec check, from the config alone: before loading, calibrating or measuring
+    if not auto:
+        _check_quantize_request(model, quant_rules, method)
+    elif sensitivity_file is None:
+        for c in candidates or ():
+            if getattr(quant.parse_spec(c), "granularity", None) != "tensor":  # per-tensor ones: skipped below
+                _check_quantize_request(model, c, method)
     _check_tokenizer_flag(model, tokenizer)
     loaded = load_model(model, tokenizer=tokenizer)
     calib_set = None if calib is None else _calibration(loaded, model, calib, calib_samples, calib_len, seed)
@@ -679,7 +929,7 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
 @click.argument("model", callback=_model)
 @click.option("--calib", required=True, callback=_data_file,
               help="Calibration text (documents separated by <|endoftext|> lines) to measure on.")
-@click.option("--quant", "candidates", default="int8,int4-g128,int4-g32,int3-g32", show_default=True,
+@click.option("--quant", "--candidates", "candidates", default="int8,int4-g128,int4-g32,int3-g32", show_default=True,
               callback=_candidates, help=_CANDIDATES_HELP + ".")
 @click.option("--granularity", type=click.Choice(["layer", "block"]), default="layer", show_default=True,
               help="Quantize one matrix at a time, or one block's matrices together.")
@@ -688,10 +938,12 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
 @click.option("--calib-len", default=256, show_default=True, type=click.IntRange(min=2),
               help="Tokens per calibration sequence (at most the model context).")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for sampling the calibration sequences.")
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="A tokenizer.json or SentencePiece .model, for a model "
+              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
+              "without tokenizer metadata).")
 @_scale_dtype_option
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Also write the JSON report here.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG bar chart of KL per layer.")
+@click.option("--out", "out_path", type=OUT_FILE, help="Also write the JSON report here.")
+@click.option("--plot", "plot_path", type=OUT_PNG, help="Write a PNG bar chart of KL per layer (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def sensitivity(model, calib, candidates, granularity, calib_samples, calib_len, seed, tokenizer, scale_dtype,
                 out_path, plot_path, as_json):
@@ -762,12 +1014,14 @@ def _ptq_text(ptq: dict | None) -> str:
                    "the float MODEL itself, or --teacher.")
 @click.option("--teacher", callback=_model,
               help="The float model to distil from (implies --distill); needed when MODEL is a quantized checkpoint.")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("-o", "--out", "out_dir", required=True, type=OUT_DIR,
               help="Write the quantized model here (an orbax checkpoint directory).")
-@click.option("--run-dir", type=click.Path(file_okay=False),
+@click.option("--run-dir", type=OUT_DIR,
               help="Training checkpoints, loss.csv and loss.png; a rerun resumes from it [default: OUT.run].")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="A tokenizer.json or SentencePiece .model, for a model "
+              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
+              "without tokenizer metadata).")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, eval_every, seed, learn_clip, clip_rate, distill,
@@ -787,14 +1041,14 @@ def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, e
     from cascade.models import load_model, save_checkpoint
     from cascade.models import qat as qat_mod
     from cascade.models.checkpoint import check_destination
-    from cascade.models.training import TrainConfig, read_documents
+    from cascade.models.training import TrainConfig
 
-    if clip_rate != 1.0 and not learn_clip:
-        raise click.UsageError("--clip-rate applies only with --learn-clip")
+    _refuse_unless(learn_clip, ("clip_rate",), "with --learn-clip")
     try:
         check_destination(out_dir, overwrite=overwrite)
     except ValueError as e:
         raise click.UsageError(str(e).replace("pass overwrite=True (--overwrite)", "pass --overwrite")) from None
+    train_docs, val_docs = _documents(data, "--data"), None if val is None else _documents(val, "--val")
     _check_tokenizer_flag(model, tokenizer)
     loaded = load_model(model, tokenizer=tokenizer)
     if seq_len > loaded.config.max_seq_len:
@@ -817,8 +1071,14 @@ def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, e
             qat_mod.teacher_params(loaded, teacher_model)
         except ValueError as e:
             raise click.UsageError(str(e)) from None
-    train_tokens = qat_mod.token_stream(loaded.tokenizer, read_documents([data]))
-    val_tokens = None if val is None else qat_mod.token_stream(loaded.tokenizer, read_documents([val]))
+    train_tokens = qat_mod.token_stream(loaded.tokenizer, train_docs)
+    val_tokens = None if val is None else qat_mod.token_stream(loaded.tokenizer, val_docs)
+    # a training window is seq_len + 1 tokens drawn at random (training.sample_batch), a validation one the first
+    # seq_len + 1 (training.eval_batches): a text too short for one is refused here, not after the run starts
+    for path, flag, stream, need in ((data, "--data", train_tokens, seq_len + 2), (val, "--val", val_tokens, seq_len + 1)):
+        if stream is not None and len(stream) < need:
+            raise click.BadParameter(f"{path} holds {plural(len(stream), 'token')}, too few for one sequence of --seq-len "
+                                     f"{seq_len} (it needs {need})", param_hint=f"'{flag}'")
     tc = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
                      warmup_steps=steps // 10 if warmup is None else warmup, seed=seed, eval_every=eval_every,
                      ckpt_every=eval_every, log_every=max(1, min(10, eval_every)), weight_decay=0.0)
@@ -831,17 +1091,25 @@ def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, e
                "steps": result.step, "resumed_from": result.resumed_from,
                "first_loss": result.losses[0] if result.losses else None,
                "last_loss": result.losses[-1] if result.losses else None, "val_loss": result.val_loss,
-               "loss_png": os.path.join(run_dir, "loss.png"), "notes": notes}
-    human = (f"QAT {result.step} steps" + (f" (resumed from {result.resumed_from})" if result.resumed_from else "")
+               "loss_png": result.loss_png, "notes": notes}
+    if result.loss_png is None:  # report only a file that was written
+        why = "it needs matplotlib: pip install matplotlib" if not _has_matplotlib() else "no losses were logged"
+        note = f"no loss curve drawn ({why}); the losses are in {os.path.join(run_dir, 'loss.csv')}"
+        notes.append(note)
+        click.echo(f"note: {note}", err=True)
+    human = (f"QAT {plural(result.step, 'step')}"
+             + (f" (resumed from {result.resumed_from})" if result.resumed_from else "")
              + (f"; loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else "")
              + (f"; validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")
-             + f"\nloss curve: {payload['loss_png']}\nsaved to {out_dir}")
+             + (f"\nloss curve: {result.loss_png}" if result.loss_png else "") + f"\nsaved to {out_dir}")
     _emit(as_json, payload, human)
 
 
 @app.command()
 @click.argument("model", callback=_model)
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="A tokenizer.json or SentencePiece .model, for a model "
+              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
+              "without tokenizer metadata).")
 @click.option("--kv", "kvs", multiple=True, callback=lambda c, p, v: tuple(_kv_spec(c, p, x) for x in v),
               help="KV cache precision(s) to account for (repeatable) [default: fp32, fp16, int8, int4].")
 @click.option("--ctx", type=click.IntRange(min=1), help="Context for the KV cache bytes [default: the model context].")
@@ -855,19 +1123,19 @@ def inspect(model, tokenizer, kvs, ctx, as_json):
     if _is_weights_file(model):
         from cascade.models import weights_file
 
-        if tokenizer or kvs or ctx:
-            raise click.UsageError("--tokenizer, --kv and --ctx apply to models, not to a bare weights file")
+        _refuse_unless(False, ("tokenizer", "kvs", "ctx"), "to a model, not to a bare weights file")
         params = weights_file.load(model)
         rows = [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype), "bytes": int(v.nbytes)} for k, v in params.items()]
         width = max([len(r["name"]) for r in rows] + [6])
         lines = [f"{'tensor':<{width}}  {'shape':<16} {'dtype':<9} {'bytes':>12}"]
         lines += [f"{r['name']:<{width}}  {'x'.join(map(str, r['shape'])):<16} {r['dtype']:<9} {r['bytes']:>12,}" for r in rows]
         total = sum(r["bytes"] for r in rows)
-        lines.append(f"{len(rows)} tensors, {total:,} bytes")
+        lines.append(f"{plural(len(rows), 'tensor')}, {total:,} bytes")
         _emit(as_json, {"model": model, "tensors": rows, "bytes": total}, "\n".join(lines))
         return
     from cascade.models import describe_model, kv_cache_memory
 
+    _check_kv_before_loading(kvs, model, tokenizer)
     loaded, _ = _load_model(model, tokenizer, None, need_tokenizer=False)
     for kv in kvs:
         _check_kv_fits(kv, loaded.config)
@@ -897,8 +1165,9 @@ def inspect(model, tokenizer, kvs, ctx, as_json):
 @click.option("--data", required=True, callback=_data_file, help="UTF-8 text file to score.")
 @click.option("--quant", "quant_rules", callback=_rules, help="RTN-quantize first: " + _RULES_HELP)
 @click.option("--ctx", type=click.IntRange(min=2), help="Window length in tokens [default: the model context, at most 2048].")
-@click.option("--stride", type=click.IntRange(min=1), help="Window step for long documents [default: ctx//2].")
-@click.option("--truncate", is_flag=True, help="Score only the first ctx tokens of each document (llama2.c-style).")
+@click.option("--stride", type=click.IntRange(min=1), help="Window step for long documents (not with --truncate) [default: ctx//2].")
+@click.option("--truncate/--no-truncate", default=False, show_default=True,
+              help="Score only the first ctx tokens of each document (llama2.c-style), or every token in windows.")
 @click.option("--limit", type=click.IntRange(min=1), help="Score only the first N documents.")
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Score only the first windows, about N tokens.")
 @click.option("--kv", callback=_kv_spec,
@@ -908,7 +1177,9 @@ def inspect(model, tokenizer, kvs, ctx, as_json):
                    "no value the unquantized source (MODEL itself with --quant; a checkpoint's recorded source).")
 @click.option("--mesh", callback=lambda c, p, v: None if v is None else _mesh(v),
               help="Tensor parallelism over the first N devices JAX sees: tp=N [default: one device].")
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="A tokenizer.json or SentencePiece .model, for a model "
+              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
+              "without tokenizer metadata).")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv, reference, mesh, tokenizer, scale_dtype,
@@ -925,10 +1196,15 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv
     from cascade.models import kv_cache_memory, perplexity, split_documents, tokenize_documents, weight_bytes
     from cascade.models.evaluation import DEFAULT_EVAL_CTX
 
+    _refuse_unless(quant_rules is not None, ("scale_dtype",), "with --quant")
+    _refuse_unless(not truncate, ("stride",), "to sliding windows (without --truncate)")
     if reference is not None and kv is not None:
         raise click.UsageError("--reference compares plain forwards; drop --kv")
     if reference is not None and reference != "source":
         _model(None, None, reference)
+    _check_kv_before_loading([kv], model, tokenizer)
+    if quant_rules is not None:  # rules that do nothing for MODEL: a usage error before loading it
+        _check_quantize_request(model, quant_rules, "rtn")
     loaded, _ = _load_model(model, tokenizer, None, scale_dtype=scale_dtype, mesh=mesh if quant_rules is None else None)
     source = loaded
     if quant_rules is not None:
@@ -985,8 +1261,8 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv
                **({"mesh": placement} if placement else {})}
     cache = ("" if memory is None else f"KV cache ({memory['kv']}) {memory['bytes_per_sequence']:,} bytes per sequence "
              f"of {result.ctx} ({memory['vs_fp16_per_sequence']:.1%} of fp16); ")
-    human = (f"perplexity {result.ppl:.4f} over {result.tokens:,} tokens ({result.documents} documents, "
-             f"{result.windows} windows, ctx {result.ctx}, stride {result.stride}); "
+    human = (f"perplexity {result.ppl:.4f} over {result.tokens:,} tokens ({plural(result.documents, 'document')}, "
+             f"{plural(result.windows, 'window')}, ctx {result.ctx}, stride {result.stride}); "
              f"weights {payload['weight_bytes']:,} bytes; {cache}{seconds:.1f} s")
     if fid is not None:
         human += (f"\nvs reference {ref.source}: perplexity {fid.ref_ppl:.4f} (Δppl {fid.delta_ppl:+.4f}); "
@@ -1001,15 +1277,17 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv
 @click.option("--quant", "quant_rules", callback=_rules, help="RTN-quantize first: " + _RULES_HELP)
 @click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens to generate at most.")
 @click.option("--temperature", default=0.0, show_default=True, type=FiniteFloat(min=0), help="0 = greedy.")
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample from the k most likely (0 = off).")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True), help="Nucleus sampling mass.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="With --temperature above 0: sample from the k most likely (0 = off).")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True), help="With --temperature above 0: nucleus sampling mass.")
 @click.option("--seed", default=0, show_default=True, type=SEED, help=SEED_HELP)
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message with the model's chat template.")
 @click.option("--bos/--no-bos", default=None, help="Prepend BOS [default: the tokenizer's setting].")
 @click.option("--kv", default="fp32", show_default=True, callback=_kv_spec, help=_KV_HELP)
 @click.option("--mesh", callback=lambda c, p, v: None if v is None else _mesh(v),
               help="Tensor parallelism over the first N devices JAX sees: tp=N [default: one device].")
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="A tokenizer.json or SentencePiece .model, for a model "
+              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
+              "without tokenizer metadata).")
 @_scale_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, seed, chat, bos, kv, mesh, tokenizer,
@@ -1018,7 +1296,10 @@ def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, 
     from cascade.models import SamplingConfig, generate as generate_tokens, matmul_backends
     from cascade.quant.kernels.cpu import attention_backend
 
+    _refuse_sampling_flags(temperature)
+    _refuse_unless(quant_rules is not None, ("scale_dtype",), "with --quant")
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    _check_kv_before_loading([kv], model, tokenizer)
     loaded, _ = _load_model(model, tokenizer, quant_rules, scale_dtype=scale_dtype, mesh=mesh)
     _check_kv_fits(kv, loaded.config)
     tok = loaded.tokenizer
@@ -1041,7 +1322,7 @@ def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, 
     else:
         click.echo(prompt + completion if not chat else completion)
         speed = "n/a" if out.tokens_per_s is None else f"{out.tokens_per_s:.1f}"
-        click.echo(f"[{len(gen)} tokens, {speed} tok/s decode, stop: {out.stop_reasons[0]}]", err=True)
+        click.echo(f"[{plural(len(gen), 'token')}, {speed} tok/s decode, stop: {out.stop_reasons[0]}]", err=True)
 
 
 def _mesh(text: str) -> int:
@@ -1071,9 +1352,11 @@ def _place(model, tp: int | None):
 @app.command()
 @click.argument("model_a", metavar="A", callback=_model)
 @click.argument("model_b", metavar="B", callback=_model)
-@click.option("--prompts", required=True, callback=_data_file, help="Text file: one prompt per non-empty line.")
+@click.option("--prompts", required=True, callback=_prompts_path, help=_PROMPTS_HELP)
 @click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(min=1), help="Greedy tokens per prompt.")
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="A tokenizer.json or SentencePiece .model, for a model "
+              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
+              "without tokenizer metadata).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def compare(model_a, model_b, prompts, max_tokens, tokenizer, as_json):
     """Greedy outputs of models A and B side by side, with the first token where they diverge.
@@ -1085,13 +1368,7 @@ def compare(model_a, model_b, prompts, max_tokens, tokenizer, as_json):
     from cascade.models import generate as generate_tokens
     from cascade.models.generation import first_divergence
 
-    try:
-        with open(prompts, encoding="utf-8") as f:
-            lines = [line.strip() for line in f if line.strip()]
-    except UnicodeDecodeError as e:
-        raise click.ClickException(f"{prompts}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not lines:
-        raise click.ClickException(f"{prompts}: no prompts (one per non-empty line)")
+    lines = [p for _, p in _read_prompts(prompts)]
     if tokenizer is not None and not (_is_llama2c(model_a) or _is_llama2c(model_b)):
         raise click.UsageError("--tokenizer applies only to a llama2.c .bin model; A and B bring their own tokenizers")
     a = _load_model(model_a, tokenizer if _is_llama2c(model_a) else None, None)[0]
@@ -1115,7 +1392,7 @@ def compare(model_a, model_b, prompts, max_tokens, tokenizer, as_json):
         where = "identical" if r["first_divergence"] is None else (
             f"diverge at token {r['first_divergence']}: {r['diverging_tokens'][0]!r} vs {r['diverging_tokens'][1]!r}")
         lines_out += [f"prompt: {r['prompt']}", f"  A: {r['a']!r}", f"  B: {r['b']!r}", f"  {where}"]
-    lines_out.append(f"{same}/{len(rows)} prompts identical over {max_tokens} greedy tokens")
+    lines_out.append(f"{same}/{plural(len(rows), 'prompt')} identical over {plural(max_tokens, 'greedy token')}")
     _emit(as_json, {"a": model_a, "b": model_b, "a_quant": a.quant, "b_quant": b.quant, "max_tokens": max_tokens,
                     "identical": same, "prompts": rows}, "\n".join(lines_out))
 
@@ -1132,10 +1409,8 @@ def _is_llama2c(path: str) -> bool:
 
 
 @app.command()
-@click.option("--small", "small_quant", default="int4", show_default=True, callback=_rules,
-              help="Precision spec or rules for the draft model ('none' keeps its weights).")
-@click.option("--large", "large_quant", default="int8", show_default=True, callback=_rules,
-              help="Precision spec or rules for the verifier model ('none' keeps its weights).")
+@click.option("--small", "small_quant", callback=_rules, help=_PAIR_QUANT_HELP.format(role="draft", default="int4"))
+@click.option("--large", "large_quant", callback=_rules, help=_PAIR_QUANT_HELP.format(role="verifier", default="int8"))
 @click.option("--small-model", default="default-small", show_default=True, callback=_model,
               help="The draft MODEL (path or built-in name).")
 @click.option("--large-model", default="default-large", show_default=True, callback=_model,
@@ -1148,8 +1423,9 @@ def _is_llama2c(path: str) -> bool:
 @click.option("--ctx", type=click.IntRange(min=1), help="Positions per sequence [default: the pair's context].")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Sequences held at once.")
 @click.option("--draft-len", default=4, show_default=True, type=DraftLen(), help="As in `cascade run` (sizes the KV rings).")
-@click.option("--budget", help="Device memory budget, e.g. 2GiB or 512MB: exit 1 if the plan does not fit "
-                                  "(each device's, with --mesh or --small-devices).")
+@click.option("--budget", callback=_budget,
+              help="Device memory budget, e.g. 2GiB or 512MB: exit 1 if the plan does not fit (each device's, with "
+                   "--mesh or --small-devices), naming flags of this command that would fit.")
 @click.option("--mesh", callback=lambda c, p, v: None if v is None else _mesh(v),
               help="tp=N: the large model split over N devices, as `cascade run --mesh` [default: one device].")
 @click.option("--small-devices", type=click.IntRange(min=1),
@@ -1165,42 +1441,45 @@ def plan(small_quant, large_quant, small_model, large_model, mode, kv, small_kv,
     attention scores, logits), an upper estimate.  With --mesh/--small-devices it also gives
     the bytes on each device (one shard of each model it holds), and --budget applies per device.
     """
-    from cascade.memory import over_budget_message, parse_bytes, plan_from_configs, plan_memory
-    from cascade.pair import load_pair
+    from cascade.memory import PlacementError, over_budget_message, plan_from_configs, plan_memory
+    from cascade.pair import NO_QUANT, load_pair, resolve_quant
 
-    budget_bytes = None
-    if budget is not None:
-        try:
-            budget_bytes = parse_bytes(budget)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--budget") from None
-    _check_pair_kv(_pair_configs(mode, small_model, large_model), small_kv or kv, large_kv or kv, kv)
+    for names, modes in ((("small_quant", "small_model", "small_kv"), ("speculative", "small")),
+                         (("large_quant", "large_model", "large_kv"), ("speculative", "large")),
+                         (("draft_len",), ("speculative",))):
+        _refuse_unless(mode in modes, names, _to_modes(modes))
+    configs = _pair_configs(mode, small_model, large_model)
+    _check_pair_kv(configs, small_kv or kv, large_kv or kv, kv)
+    context = min(c.max_seq_len for c in configs.values())
+    if ctx is not None and ctx > context:
+        raise click.BadParameter(f"{ctx} exceeds the context of the pair ({context})", param_hint="'--ctx'")
     small, large = small_model if mode != "large" else None, large_model if mode != "small" else None
-    stored = [q for m, q in ((small, small_quant), (large, large_quant))
-              if m is not None and (q is None or q.strip().lower() in ("none", "source"))]
+    stored = any(resolve_quant(src, q, role).strip().lower() in NO_QUANT
+                 for role, src, q in (("small", small, small_quant), ("large", large, large_quant)) if src is not None)
     if small_devices is not None and mode != "speculative":
         raise click.UsageError(f"--small-devices needs both models; --mode {mode} plans one")
     placement = dict(tp=mesh or 1, small_devices=small_devices)
+    flags = {k: v for k, v in PLAN_FLAGS.items()
+             if not (k == "kv" and _given("small_kv", "large_kv")) and not (stored and k.endswith("_quant"))}
     try:
         if stored:  # a model kept as stored is counted from its loaded weights
             pair = load_pair(small, large, small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
-            result = plan_memory(pair, ctx=ctx, batch=batch, small_kv=small_kv or kv, large_kv=large_kv or kv,
-                                 draft_len=draft_len, budget=budget_bytes, **placement)
-            request = None
+            request = dict(ctx=ctx, batch=batch, small_kv=small_kv or kv, large_kv=large_kv or kv,
+                           draft_len=draft_len, budget=budget, **placement)
+            result = plan_memory(pair, **request)
+
+            def replan(**change):
+                return plan_memory(pair, **{**request, **change})
         else:  # from the configs alone: nothing is loaded
             request = dict(small=small, large=large, small_quant=small_quant, large_quant=large_quant, ctx=ctx,
                            batch=batch, small_kv=small_kv or kv, large_kv=large_kv or kv, draft_len=draft_len,
-                           budget=budget_bytes, scale_dtype=scale_dtype, **placement)
-            result = plan_from_configs(**request)
-    except ValueError as e:
-        if "tp=" not in str(e):
-            raise
-        raise click.BadParameter(str(e), param_hint="'--mesh'" if mesh else "'--small-devices'") from None
+                           budget=budget, scale_dtype=scale_dtype, **placement)
+            result, replan = plan_from_configs(**request), None
+    except PlacementError as e:  # blame the flag that split the model that cannot be split so
+        raise click.BadParameter(str(e), param_hint=_PLACEMENT_FLAGS[e.param]) from None
     _emit(as_json, result.to_json(), result.table())
     if result.fits is False:
-        raise click.ClickException(over_budget_message(result, **request) if request else
-                                   f"the plan needs {result.bytes_per_device:,} bytes; the budget is {result.budget:,} bytes "
-                                   f"(lower --ctx/--batch, or use --kv int4 / smaller weight specs)")
+        raise click.ClickException(over_budget_message(result, flags=flags, replan=replan, **request))
 
 
 @app.group()
@@ -1238,24 +1517,49 @@ def _matmul_backend(ctx, param, value):
     return value
 
 
+def _checked_specs(value: str | None, check) -> list[str] | None:
+    """A bench's ``--spec`` list, refused at parse time by its library's ``check`` (as ``bench
+    decode --spec`` is); None stays None (the default set)."""
+    if value is None:
+        return None
+    try:
+        check(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return [s.strip() for s in value.split(",") if s.strip()]
+
+
+def _matmul_specs(ctx, param, value):
+    from cascade.bench.matmul import parse_specs
+
+    return _checked_specs(value, parse_specs)
+
+
+def _error_specs(ctx, param, value):
+    from cascade.bench.quant_error import check_specs
+
+    return _checked_specs(value, check_specs)
+
+
 @bench.command(name="matmul")
 @click.option("--batch", default="1,4,16,64", show_default=True, callback=_csv_ints, help="Comma-separated batch sizes.")
 @click.option("--shape", "shapes", default="4096x4096,4096x11008,11008x4096", show_default=True, callback=_shapes,
               help="Comma-separated weight shapes KxN (input x output features).")
 @click.option("--k", default=None, type=click.IntRange(min=1), help="Input features of a single shape (overrides --shape).")
 @click.option("--n", default=None, type=click.IntRange(min=1), help="Output features of a single shape (overrides --shape).")
-@click.option("--spec", "specs", default="int8,int4-g128", show_default=True, help="Comma-separated precision specs.")
+@click.option("--spec", "specs", default="int8,int4-g128", show_default=True, callback=_matmul_specs,
+              help="Comma-separated quantized precision specs (the fp32 row is always timed).")
 @click.option("--backend", default=None, callback=_matmul_backend,
               help="Time only this matmul backend (default: every backend that runs the spec).")
 @click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=1), help="Timed runs (median).")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
+@click.option("--out", "out_path", type=OUT_FILE, help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_matmul(batch, shapes, k, n, specs, backend, repeats, warmup, out_path, as_json):
     """Time float32 x @ W against the quantized dequant-matmul on every backend, side by side."""
     from cascade.bench import matmul as bench_mm
 
-    result = bench_mm.run(batches=batch, shapes=shapes, k=k, n=n, specs=[s for s in specs.split(",") if s],
+    result = bench_mm.run(batches=batch, shapes=shapes, k=k, n=n, specs=specs,
                           backend=backend, repeats=repeats, warmup=warmup)
     if out_path:
         _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
@@ -1281,8 +1585,10 @@ def bench_matmul(batch, shapes, k, n, specs, backend, repeats, warmup, out_path,
 @click.option("--attention", "attention", default="auto", show_default=True,
               help="Comma-separated cache-attention backends to time each row on: cpu (native kernel), xla "
                    "(reference); auto: whichever is selected.")
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="A tokenizer.json or SentencePiece .model, for a model "
+              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
+              "without tokenizer metadata).")
+@click.option("--out", "out_path", type=OUT_FILE, help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_decode(model, specs, prompt, tokens, repeats, warmup, llamacpp, threads, kv_specs, context, attention,
                  tokenizer, out_path, as_json):
@@ -1302,6 +1608,7 @@ def bench_decode(model, specs, prompt, tokens, repeats, warmup, llamacpp, thread
     if llamacpp == "auto":
         llamacpp = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cascade",
                                 "llamacpp-venv", "bin", "python")
+    _refuse_unless(llamacpp is not None, ("threads",), "with --llamacpp")
     if llamacpp is not None and not os.path.isfile(llamacpp):
         raise click.BadParameter(f"{llamacpp}: no such file (build the venv with bench/llamacpp_venv.sh)",
                                  param_hint="--llamacpp")
@@ -1322,6 +1629,7 @@ def bench_decode(model, specs, prompt, tokens, repeats, warmup, llamacpp, thread
     if context is not None and llamacpp is not None:
         raise click.BadParameter("--context does not combine with --llamacpp (llama.cpp runs on the prompt text)",
                                  param_hint="--context")
+    _check_kv_before_loading(kv_list, model, tokenizer)
     loaded, _ = _load_model(model, tokenizer, None)
     result = bench_dec.run(loaded, label=model, specs=spec_list, prompt=prompt, tokens=tokens, repeats=repeats,
                            warmup=warmup, llamacpp=llamacpp, threads=threads, kv=kv_list, context=context,
@@ -1332,16 +1640,18 @@ def bench_decode(model, specs, prompt, tokens, repeats, warmup, llamacpp, thread
 
 
 @bench.command(name="error")
-@click.option("--spec", "specs", default=None, help="Comma-separated precision specs (default: a standard set).")
+@click.option("--spec", "specs", default=None, callback=_error_specs,
+              help="Comma-separated integer precision specs, each measured with every clip method (default: a "
+                   "standard set).")
 @click.option("--k", default=2048, show_default=True, type=click.IntRange(min=1), help="Rows of the test weight.")
 @click.option("--n", default=512, show_default=True, type=click.IntRange(min=1), help="Columns of the test weight.")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
+@click.option("--out", "out_path", type=OUT_FILE, help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_error(specs, k, n, out_path, as_json):
     """Relative quantization error and bits/weight per spec and clip method."""
     from cascade.bench import quant_error
 
-    kwargs = {"specs": [s for s in specs.split(",") if s]} if specs else {}
+    kwargs = {"specs": specs} if specs is not None else {}
     result = quant_error.run(k=k, n=n, **kwargs)
     if out_path:
         _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
@@ -1355,14 +1665,18 @@ def bench_error(specs, k, n, out_path, as_json):
 @click.option("--limit", default=200, show_default=True, type=click.IntRange(min=1), help="First N documents.")
 @click.option("--ctx", type=click.IntRange(min=2), help="Window length [default: the model context, at most 2048].")
 @click.option("--stride", type=click.IntRange(min=1), help="Window step with --no-truncate [default: ctx//2].")
-@click.option("--no-truncate", is_flag=True, help="Score long documents in windows instead of truncating them to ctx.")
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
+@click.option("--no-truncate/--truncate", "no_truncate", default=False,
+              help="Score long documents in windows instead of truncating them to ctx [default: --truncate].")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="A tokenizer.json or SentencePiece .model, for a model "
+              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
+              "without tokenizer metadata).")
+@click.option("--out", "out_path", type=OUT_FILE, help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_ppl(model, data, specs, limit, ctx, stride, no_truncate, tokenizer, out_path, as_json):
     """Perplexity and weight bytes of MODEL under several precision specs, on the same tokens."""
     from cascade.bench import perplexity as bench_ppl_mod
 
+    _refuse_unless(no_truncate, ("stride",), "with --no-truncate")
     spec_list = [s.strip() for s in (specs or "").split(",") if s.strip()]
     if specs is not None and not spec_list:
         raise click.BadParameter("expected comma-separated specs, e.g. source,int8,int4-g32", param_hint="'--spec'")
@@ -1390,7 +1704,9 @@ def _calibrated_bench_options(f):
                      help="Window length (capped at the model context)."),
         click.option("--max-tokens", type=click.IntRange(min=1), help="Score only the first windows, about N tokens."),
         click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False),
-                     help="SentencePiece .model for a llama2.c .bin."))):
+                     help="A tokenizer.json or SentencePiece .model, for a model "
+              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
+              "without tokenizer metadata)."))):
         f = option(f)
     return f
 
@@ -1409,7 +1725,7 @@ def _calibrated_bench_options(f):
 @click.option("--act-order", is_flag=True, help="GPTQ's activation order for the gptq and awq-gptq rows.")
 @click.option("--alpha", "alphas", help="Comma-separated SmoothQuant migration strengths in [0, 1] or 'auto' (searched "
                                           "per input of each block), one set of smoothquant rows each [default: 0.5].")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
+@click.option("--out", "out_path", type=OUT_FILE, help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_ptq(model, calib, data, specs, methods, calib_samples, calib_len, limit, ctx, max_tokens, tokenizer,
               act_order, alphas, out_path, as_json):
@@ -1429,12 +1745,13 @@ def bench_ptq(model, calib, data, specs, methods, calib_samples, calib_len, limi
         raise click.UsageError("--spec and --method need at least one value each")
     alpha_list = None
     if alphas is not None:
-        if "smoothquant" not in method_list:
-            raise click.UsageError("--alpha applies only to --method smoothquant")
+        _refuse_unless("smoothquant" in method_list, ("alphas",), "to --method smoothquant")
         alpha_list = tuple(_alpha(a, "'--alpha'") for a in alphas.split(",") if a.strip())
         if not alpha_list:
             raise click.BadParameter("give at least one value", param_hint="'--alpha'")
     _check_tokenizer_flag(model, tokenizer)
+    for path, flag in ((calib, "--calib"), *((d, "--data") for d in data)):  # before the model loads
+        _documents(path, flag)
     from cascade.models import load_model
 
     save = _row_saver(model, out_path, lambda r: f"{r['spec']} {r['method']}"
@@ -1497,22 +1814,23 @@ def _row_saver(model: str, out_path: str | None, line):
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Sequences per step.")
 @click.option("--seq-len", default=256, show_default=True, type=click.IntRange(min=2), help="Tokens per sequence.")
 @_calibrated_bench_options
-@click.option("--run-dir", type=click.Path(file_okay=False), help="Keep the QAT run here [default: a temporary directory].")
+@click.option("--run-dir", type=OUT_DIR, help="Keep the QAT run here [default: a temporary directory].")
 @click.option("--learn-clip", is_flag=True, help="QAT also learns each group's clipping range (see `cascade qat --help`).")
 @click.option("--clip-rate", default=1.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
               help="With --learn-clip: the clipping factors' learning rate as a multiple of --lr.")
 @click.option("--distill", is_flag=True, help="QAT's loss is the KL divergence from the float model (see `cascade qat --help`).")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
+@click.option("--out", "out_path", type=OUT_FILE, help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_qat(model, calib, train_file, data, spec, method, steps, lr, batch_size, seq_len, calib_samples, calib_len,
               limit, ctx, max_tokens, tokenizer, run_dir, learn_clip, clip_rate, distill, out_path, as_json):
     """PTQ then QAT: the share of PTQ's remaining gap to float a short fine-tune recovers (see bench/qat.py)."""
     from cascade.bench import qat as bench_qat_mod
 
-    if clip_rate != 1.0 and not learn_clip:
-        raise click.UsageError("--clip-rate applies only with --learn-clip")
+    _refuse_unless(learn_clip, ("clip_rate",), "with --learn-clip")
     _rules(None, None, spec)
     _check_tokenizer_flag(model, tokenizer)
+    for path, flag in ((calib, "--calib"), (train_file, "--train"), (data, "--data")):  # before the model loads
+        _documents(path, flag)
     from cascade.models import load_model
 
     save = _row_saver(model, out_path, lambda r: f"{r['stage']} ({r['method']}): ppl {r['ppl']:.3f}, "
@@ -1527,7 +1845,7 @@ def bench_qat(model, calib, train_file, data, spec, method, steps, lr, batch_siz
 
 @bench.command(name="plot")
 @click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--out-dir", required=True, type=click.Path(file_okay=False), help="Write ppl-vs-bits-MODEL.png files here.")
+@click.option("--out-dir", required=True, type=OUT_DIR, help="Write ppl-vs-bits-MODEL.png files here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plotted points as one JSON object on stdout.")
 def bench_plot(results, out_dir, as_json):
     """Perplexity against bits a weight per model, one curve per method, from bench ptq / workflow / qat
@@ -1535,19 +1853,25 @@ def bench_plot(results, out_dir, as_json):
     from cascade.bench import plots
 
     loaded = []
-    for path in results:
+    for path in results:  # each file checked before anything is drawn: a malformed one is a usage error
         try:
             with open(path, encoding="utf-8") as f:
                 loaded.append(json.load(f))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise click.BadParameter(f"{path}: not a JSON result ({e})", param_hint="RESULTS") from None
+            raise click.BadParameter(f"{path}: not a JSON file ({_one_line(e)})", param_hint="RESULTS") from None
+        try:
+            plots.check_result(loaded[-1])
+        except ValueError as e:
+            raise click.BadParameter(f"{path}: {e}", param_hint="RESULTS") from None
     try:
         pts = plots.points(loaded)
-    except (KeyError, TypeError, ValueError) as e:
-        raise click.ClickException(f"cannot plot these results: {e}") from None
+    except ValueError as e:
+        raise click.UsageError(f"cannot plot these results: {e}") from None
+    if not pts:
+        raise click.UsageError("nothing to plot: these results have no PTQ, auto mixed-precision or QAT rows")
+    if not _has_matplotlib():
+        raise click.UsageError("bench plot draws with matplotlib: pip install matplotlib")
     written = plots.plot_all(loaded, out_dir)
-    if not written:
-        raise click.ClickException("bench plot needs matplotlib (pip install matplotlib)")
     payload = {"plots": written, "points": [{"model": k[0], "data": k[1], "float_ppl": v["float_ppl"],
                                              "curves": {c: [list(p) for p in ps] for c, ps in v["curves"].items()}}
                                             for k, v in sorted(pts.items())]}
@@ -1577,13 +1901,14 @@ def bench_plot(results, out_dir, as_json):
 @click.option("--sensitivity", "sensitivity_file", callback=_data_file,
               help="Reuse the sensitivity of an earlier workflow result or `cascade sensitivity --out` report of this "
                    "model (its granularity and candidates; the same --calib and --sens-samples) instead of measuring again.")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
+@click.option("--out", "out_path", type=OUT_FILE, help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_workflow(model, calib, data, targets, candidates, methods, granularity, calib_samples, calib_len, limit, ctx,
                    max_tokens, tokenizer, kv, long_ctx, long_tokens, sens_samples, sensitivity_file, out_path, as_json):
     """Automatic mixed precision against uniform specs at the same bytes, per PTQ method (see bench/workflow.py)."""
     from cascade.bench import workflow as bench_wf
 
+    _refuse_unless(kv is not None, ("long_ctx", "long_tokens"), "to the long-context check (not with --kv none)")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     for m in method_list:
         if m not in PTQ_METHODS:
@@ -1591,12 +1916,15 @@ def bench_workflow(model, calib, data, targets, candidates, methods, granularity
     if not method_list:
         raise click.UsageError("--method needs at least one value")
     _check_tokenizer_flag(model, tokenizer)
+    for path, flag in ((calib, "--calib"), (data, "--data")):  # before the model loads
+        _documents(path, flag)
     reused = None
     if sensitivity_file is not None:
         if _given("candidates", "granularity"):
             raise click.UsageError(f"{', '.join(_given('candidates', 'granularity'))} come from the --sensitivity file "
                                    f"when one is reused")
         reused = _read_json(sensitivity_file, "--sensitivity")
+    _check_kv_before_loading([kv], model, tokenizer)
     from cascade.models import load_model
 
     save = _row_saver(model, out_path, lambda r: f"{r['target']} {r['config']} {r['method']}: ppl {r['ppl']:.3f}, "
@@ -1624,8 +1952,10 @@ def bench_workflow(model, calib, data, targets, candidates, methods, granularity
 @click.option("--limit", type=click.IntRange(min=1), help="First N documents.")
 @click.option("--gen-prompt", default=0, show_default=True, type=click.IntRange(min=0), help="Prompt tokens for the greedy-agreement run.")
 @click.option("--gen-tokens", default=0, show_default=True, type=click.IntRange(min=0), help="Greedy tokens to compare (0 = skip).")
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="SentencePiece .model for a llama2.c .bin.")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), help="Also write the JSON here.")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="A tokenizer.json or SentencePiece .model, for a model "
+              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
+              "without tokenizer metadata).")
+@click.option("--out", "out_path", type=OUT_FILE, help="Also write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_kv(model, data, kvs, ctx, stride, min_context, concat, max_tokens, limit, gen_prompt, gen_tokens, tokenizer,
              out_path, as_json):
@@ -1637,6 +1967,8 @@ def bench_kv(model, data, kvs, ctx, stride, min_context, concat, max_tokens, lim
         raise click.UsageError("--kv needs at least one precision, e.g. fp32,int8,int4")
     if gen_tokens and gen_prompt < 1:
         raise click.UsageError("--gen-tokens needs --gen-prompt >= 1")
+    _refuse_unless(gen_tokens > 0, ("gen_prompt",), "with --gen-tokens")
+    _check_kv_before_loading(specs, model, tokenizer)
     loaded, _ = _load_model(model, tokenizer, None)
     for kv in specs:
         _check_kv_fits(kv, loaded.config)
@@ -1666,6 +1998,19 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: runs ``app`` and turns every failure into one line and an exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if not {"-h", "--help"} & set(argv):  # CASCADE_PROGRESS*: a bad value is a usage error, before any work
+        from cascade.compile_cache import enable_compile_cache
+        from cascade.console import check_environment
+
+        try:
+            check_environment()
+            if argv:  # JAX's persistent compilation cache (CASCADE_NO_COMPILE_CACHE=1: off): a second run skips compiling
+                with warnings.catch_warnings():
+                    warnings.showwarning = _show_warning
+                    enable_compile_cache()
+        except ValueError as e:
+            click.echo(f"error: {e}", err=True)
+            return 2
     try:
         with warnings.catch_warnings():
             if not debug:  # one 'warning: ...' line each, not Python's file:line and source echo

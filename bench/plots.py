@@ -18,14 +18,23 @@ user would deploy.  The parameter count is ``float_weight_bytes / 4`` of the res
 reference); a workflow result of an older version without it borrows it from a ``bench ptq`` result
 of the same model.  Points are grouped by model (file name), scored file and float perplexity, so
 results scored on different windows never share a plot.
+
+Every result is checked first (:func:`check_result`): a file that is not a JSON object of one of these
+benchmarks, or lacks a key the plot reads, or holds a NaN or a negative perplexity, is a one-line
+``ValueError`` naming the key.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
 import numpy as np
+
+KINDS = ("ptq", "workflow", "qat")  # the benchmarks whose results are plotted
+# the text fields each row of a kind must have (the plot selects and labels rows by them)
+_ROW_TEXT = {"ptq": ("method", "spec"), "workflow": ("config", "method", "target"), "qat": ("stage",)}
 
 
 def _model_name(source: str) -> str:
@@ -37,8 +46,71 @@ def _key(name: str, data: str, float_ppl: float) -> tuple:
     return name, os.path.basename(data), round(float(float_ppl), 4)
 
 
+def _json_type(value) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+def _shown(value) -> str:
+    text = repr(value) if not isinstance(value, (dict, list)) else f"a JSON {_json_type(value)}"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _field(obj: dict, key: str, owner: str):
+    """``obj[key]`` and its name in messages (``'model'``, ``rows[2].ppl``); a missing key is a ValueError."""
+    if key not in obj:
+        raise ValueError(f"{owner + ' has ' if owner else ''}no {key!r} key")
+    return obj[key], f"{owner}.{key}" if owner else repr(key)
+
+
+def _text(obj: dict, key: str, owner: str = "") -> None:
+    value, where = _field(obj, key, owner)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where} is {_shown(value)}; expected a non-empty string")
+
+
+def _positive(obj: dict, key: str, owner: str = "") -> None:
+    value, where = _field(obj, key, owner)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{where} is {_shown(value)}; expected a finite positive number")
+
+
+def check_result(result) -> None:
+    """Raise a one-line ``ValueError`` unless ``result`` (a loaded JSON value) is a ``bench ptq``,
+    ``workflow`` or ``qat`` result with every key :func:`points` reads, of the right type: texts
+    non-empty, perplexities and byte counts finite and positive."""
+    if not isinstance(result, dict):
+        raise ValueError(f"not a bench ptq, workflow or qat result: a JSON {_json_type(result)}, not an object")
+    kind = result.get("benchmark")
+    if kind not in KINDS:
+        raise ValueError(f"not a bench ptq, workflow or qat result: benchmark {_shown(kind)}")
+    for key in ("model", "data") + (("spec",) if kind == "qat" else ()):
+        _text(result, key)
+    _positive(result, "float_ppl")
+    if result.get("float_weight_bytes") is not None:
+        _positive(result, "float_weight_bytes")
+    rows, _ = _field(result, "rows", "")
+    if not isinstance(rows, list):
+        raise ValueError(f"'rows' is {_shown(rows)}; expected a list of rows")
+    for i, row in enumerate(rows):
+        owner = f"rows[{i}]"
+        if not isinstance(row, dict):
+            raise ValueError(f"{owner} is {_shown(row)}; expected a JSON object")
+        for key in _ROW_TEXT[kind] + (("data",) if kind == "ptq" and "data" in row else ()):
+            _text(row, key, owner)
+        _positive(row, "ppl", owner)
+        _positive(row, "weight_bytes", owner)
+
+
 def points(results: list[dict]) -> dict[tuple, dict]:
-    """``{(model, data, float ppl): {"float_ppl": f, "curves": {label: [(bits, ppl, spec), ...]}}}``."""
+    """``{(model, data, float ppl): {"float_ppl": f, "curves": {label: [(bits, ppl, spec), ...]}}}``.
+    Raises ``ValueError`` for a malformed result (:func:`check_result`, prefixed with its index
+    when there are several) or a model with no parameter count."""
+    for i, r in enumerate(results):
+        try:
+            check_result(r)
+        except ValueError as e:
+            raise ValueError(f"result {i + 1}: {e}" if len(results) > 1 else str(e)) from None
     params = {}
     for r in results:
         if r.get("float_weight_bytes"):
@@ -64,12 +136,10 @@ def points(results: list[dict]) -> dict[tuple, dict]:
                 if row["config"] == "auto":
                     add(r, f"auto ({row['method']})", r["data"], r["float_ppl"], row["weight_bytes"], row["ppl"],
                         f"auto@{row['target']}")
-        elif kind == "qat":
+        else:  # qat (check_result allows no other kind)
             for row in r["rows"]:
                 if row["stage"] == "qat":
                     add(r, "qat", r["data"], r["float_ppl"], row["weight_bytes"], row["ppl"], r["spec"])
-        else:
-            raise ValueError(f"not a bench ptq, workflow or qat result: benchmark {kind!r}")
     for plot in out.values():
         for label in plot["curves"]:
             plot["curves"][label].sort()

@@ -99,6 +99,8 @@ class KVSpec:
                              f"({self.key_positions})")
         if self.bits == 4 and self.key_positions % 2:
             raise ValueError(f"an int4 key group must be even (codes pack two positions per byte), got {self.key_positions}")
+        if self.bits == 4 and self.group_size is not None and self.group_size % 2:
+            raise ValueError(f"an int4 value group must be even (codes pack two values per byte), got {self.group_size}")
         # one object per meaning (a static jit argument): defaults are stored as None
         if self.key_group == DEFAULT_KEY_GROUP:
             object.__setattr__(self, "key_group", None)
@@ -153,6 +155,14 @@ class KVSpec:
             if not ok:
                 raise ValueError(f"KV cache spec {self}: {n} {what} positions do not fit the model's context of "
                                  f"{context} positions")
+
+    def check_model(self, *, context: int, n_kv_heads: int, head_dim: int) -> None:
+        """Raise ValueError unless the spec fits a model of this shape: :meth:`check_context`, and a
+        value group (``-g``) that divides the ``n_kv_heads * head_dim`` values a token stores.  What
+        needs no model is checked when the spec is parsed; this is the rest, from a config alone."""
+        self.check_context(context)
+        if self.quantized:
+            self.value_group(n_kv_heads, head_dim)
 
     def key_spec(self) -> IntSpec:
         """Keys: along positions, groups of ``G``, asymmetric."""

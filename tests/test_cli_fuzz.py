@@ -3,8 +3,10 @@ invalid values for every option, odd strings, huge and negative numbers, bad pat
 model files made here.  Whatever the input, the command line must:
 
 * exit with 0, 1 or 2;
-* on failure print exactly one ``error:`` line on stderr, never a traceback or "internal error";
-* on success with ``--json`` print exactly one strict JSON object (no NaN/Infinity) on stdout;
+* on failure print exactly one ``error:`` line on stderr, never a traceback or "internal error"
+  (``run --prompts``: one for each prompt that failed, or its ``--json`` row with ``error``);
+* on success with ``--json`` print exactly one strict JSON object (no NaN/Infinity) on stdout
+  (``run --prompts``: one per prompt, a line each);
 * on failure leave the output directory exactly as it was (no half-written file or checkpoint).
 
 CI runs ``CASCADE_FUZZ_EXAMPLES`` (default 10) examples per subcommand, derandomized (the same
@@ -65,12 +67,28 @@ SCALE_DTYPES = (["float16", "bfloat16", "float32"], ["int8", ""])
 MODES = (["speculative", "spec-cascade", "defer", "large", "small"], ["medium", ""])
 PLAN_MODES = (["speculative", "large", "small"], ["medium", "", "defer"])
 BUDGETS = (["1GiB", "512MB", "100", "1.5GB", "1e12"], ["0", "-5", "lots", ""])
-MM_SPECS = (["int8", "int4-g16", "int8,int4-g32-asym", "int3-g16", "bf16", "int8,w8a8"], ["int9", "", ",", "int4-g0"])
+MM_SPECS = (["int8", "int4-g16", "int8,int4-g32-asym", "int3-g16", "int8,w8a8"], ["int9", "", ",", "int4-g0", "bf16",
+                                                                               "w8a8-static"])
+ERR_SPECS = (["int8", "int4-g16", "int8,int4-g32-asym", "int3-g16"], ["int9", "", ",", "bf16", "w8a8", "int4-mse"])
 PPL_SPECS = (["source", "int8", "source,int4-g32", "source,source"], ["int9", "", ",", "none"])
 DECODE_SPECS = (["source", "fp32", "int8", "source,int4-g32"], ["int9", "", ",", "none", "fp64"])
 KV_LISTS = (["fp32,int8", "int4", "fp16,int4-s4"], ["", "fp32,bogus", "int4-s99999", ","])
 BATCHES = (["1", "1,4", "2"], ["0", "a", "", "1,,2", "-1", "99999999999"])
 SMALL_DIMS = (["8", "16", "40", "3"], ["0", "-1", "x"])
+# the commands that train or quantize with calibration: only the one-layer models (every new setting compiles)
+TINY_MODELS = (["@tiny_hf", "@tiny_ckpt"], MODELS[1])
+CALIB_FILES = (["@calib_txt"], DATA_FILES[1])
+PROMPT_FILES = (["@prompts_txt", "@prompts_blank_lines", "@prompts_crlf"],
+                ["@empty_txt", "@blank_only", "@binary_txt", "@nul_txt", "/dev/zero", "no/such/prompts.txt",
+                 "@empty_dir", ""])
+# `bench plot` inputs: results the fixture writes, well formed (a ptq result carries the parameter count) and not
+RESULT_FILES = (["@result_ptq", "@result_ptq", "@result_workflow", "@result_qat"],
+                ["@result_array", "@result_string", "@result_nan", "@result_rows_object", "@result_row_no_ppl",
+                 "@result_kv_cache", "@result_empty_rows", "@text_file", "@binary_txt", "no/such.json", "@empty_dir"])
+BENCH_METHODS = (["rtn", "hqq", "rtn,gptq", "awq"], ["nope", "", ",", "qwix-magic"])
+PTQ_SPECS = (["int8", "int4-g32", "int8,int4-g16-asym"], ["int9", "", ",", "bf16x"])
+CALIB_SAMPLES = (["32"], ["31", "0", "2000", "x"])
+CALIB_LENS = (["8", "16"], ["1", "0", "x", "100000"])
 FLAG = None
 
 
@@ -123,7 +141,7 @@ COMMANDS = {
                              "--out": OUT_FILES, **COMMON},
                             ("--tokens", "--repeats", "--warmup", "--spec")),
     "bench-error": Command(("bench", "error"), (),
-                           {"--spec": MM_SPECS, "--k": SMALL_DIMS, "--n": SMALL_DIMS, "--out": OUT_FILES, **COMMON},
+                           {"--spec": ERR_SPECS, "--k": SMALL_DIMS, "--n": SMALL_DIMS, "--out": OUT_FILES, **COMMON},
                            ("--k", "--n", "--spec")),
     "bench-ppl": Command(("bench", "ppl"), ((MODELS, True),),
                          {"--data": DATA_FILES, "--spec": PPL_SPECS, "--limit": INTS, "--ctx": INTS, "--stride": INTS,
@@ -135,6 +153,49 @@ COMMANDS = {
                          "--gen-prompt": INTS, "--gen-tokens": INTS, "--tokenizer": TOKENIZERS, "--out": OUT_FILES,
                          **COMMON}, ("--data", "--kv")),
 }
+COMMANDS.update({
+    "run-prompts": Command(("run",), (),
+                           {"--prompts": PROMPT_FILES, "--small-model": MODELS, "--large-model": MODELS,
+                            "--max-tokens": INTS, "--mode": MODES, "--temperature": FLOATS, **COMMON},
+                           ("--prompts", "--max-tokens", "--small-model", "--large-model")),
+    "compare": Command(("compare",), ((MODELS, True), (MODELS, True)),
+                       {"--prompts": PROMPT_FILES, "--max-tokens": INTS, "--tokenizer": TOKENIZERS, **COMMON},
+                       ("--prompts", "--max-tokens")),
+    "bench-plot": Command(("bench", "plot"), ((RESULT_FILES, True), (RESULT_FILES, False), (RESULT_FILES, False)),
+                          {"--out-dir": (["@out/plots", "@out"], ["@out/afile", "@out/afile/plots", ""]), **COMMON},
+                          ("--out-dir",)),
+    "bench-ptq": Command(("bench", "ptq"), ((TINY_MODELS, True),),
+                         {"--calib": CALIB_FILES, "--data": DATA_FILES, "--spec": PTQ_SPECS, "--method": BENCH_METHODS,
+                          "--calib-samples": CALIB_SAMPLES, "--calib-len": CALIB_LENS, "--limit": INTS,
+                          "--ctx": (["16", "32"], ["1", "x"]), "--max-tokens": INTS, "--act-order": FLAG,
+                          "--alpha": (["0.5", "auto", "0,1"], ["1.5", "x", "", "nan"]), "--tokenizer": TOKENIZERS,
+                          "--out": OUT_FILES, **COMMON},
+                         ("--calib", "--data", "--spec", "--method", "--calib-samples", "--calib-len", "--limit", "--ctx")),
+    "bench-workflow": Command(("bench", "workflow"), ((TINY_MODELS, True),),
+                              {"--calib": CALIB_FILES, "--data": (["@val_small", "@calib_txt"], DATA_FILES[1]),
+                               "--target": (["int8", "int4-g32"], ["int9", "", ","]),
+                               "--candidates": (["int8,int4-g32", "bf16,int8,int4-g16"], ["", "int9", "int8,int8"]),
+                               "--method": (["rtn", "rtn,hqq"], ["nope", "", ","]),
+                               "--granularity": (["layer", "block"], ["", "row"]), "--calib-samples": CALIB_SAMPLES,
+                               "--calib-len": CALIB_LENS, "--limit": INTS, "--ctx": (["16", "32"], ["1", "x"]),
+                               "--max-tokens": INTS, "--kv": (["none", "int8", "int4"], ["int5", "", "int4-g7"]),
+                               "--long-ctx": (["16", "32"], ["4", "x"]), "--long-tokens": (["32"], ["0", "x"]),
+                               "--sens-samples": (["1", "2"], ["0", "x"]),
+                               "--sensitivity": (["@val_small"], ["no/such.json", "@empty_dir"]),
+                               "--out": OUT_FILES, **COMMON},
+                              ("--calib", "--data", "--target", "--candidates", "--method", "--calib-samples",
+                               "--calib-len", "--limit", "--ctx", "--sens-samples", "--kv")),
+    "qat": Command(("qat",), (((["@tiny_ckpt", "@tiny_ckpt", "@tiny_hf"], TINY_MODELS[1]), True),),
+                   {"--quant": RULES, "--data": DATA_FILES, "--val": DATA_FILES, "--steps": (["1", "2"], ["0", "x"]),
+                    "--lr": (["1e-4", "1e-3"], ["0", "-1", "nan", "x"]), "--warmup": (["0", "1"], ["-1", "x"]),
+                    "--batch-size": (["1", "2"], ["0", "x"]), "--seq-len": (["8", "16"], ["1", "x", "4096"]),
+                    "--eval-every": (["1", "2"], ["0"]), "--seed": SEEDS, "--learn-clip": FLAG,
+                    "--clip-rate": (["2"], ["0", "-1", "nan"]), "--distill": FLAG,
+                    "--teacher": (["@tiny_hf"], ["@ckpt_damaged", "no/such/model", "@text_file"]), "-o": OUT_DIRS,
+                    "--run-dir": (["@out/run"], ["@out/afile", "@out/afile/run", ""]), "--overwrite": FLAG,
+                    "--tokenizer": TOKENIZERS, "--scale-dtype": SCALE_DTYPES, **COMMON},
+                   ("--data", "--steps", "--seq-len", "--batch-size", "-o")),
+})
 NOISE = ["--nope", "extra-arg", "-x", "--json=1", "--"]
 
 
@@ -227,6 +288,32 @@ def files(tmp_path_factory) -> dict[str, str]:
     (d / "eot.txt").write_text("<|endoftext|>\n<|endoftext|>\n")
     f["val_small"], f["empty_txt"], f["binary_txt"], f["eot_only"] = (str(d / n) for n in (
         "val.txt", "empty.txt", "binary.txt", "eot.txt"))
+    with open(os.path.join(DATA, "text", "tinystories_val.txt"), encoding="utf-8") as src:
+        (d / "calib.txt").write_text(src.read(20000))  # enough documents for 32 calibration windows
+    (d / "prompts.txt").write_text("Once upon a time\nThe dog\n")
+    (d / "prompts_blank.txt").write_text("\n  \nOnce upon a time\n\t\n\nhéllo ✓\n   \n")
+    (d / "prompts_crlf.txt").write_bytes(b"Once upon a time\r\nThe cat\r\n")
+    (d / "blank_only.txt").write_text("\n \n\t\n")
+    (d / "nul.txt").write_bytes(b"Once\x00upon\n")
+    for key, name in (("calib_txt", "calib.txt"), ("prompts_txt", "prompts.txt"), ("prompts_blank_lines", "prompts_blank.txt"),
+                      ("prompts_crlf", "prompts_crlf.txt"), ("blank_only", "blank_only.txt"), ("nul_txt", "nul.txt")):
+        f[key] = str(d / name)
+    ptq = {"benchmark": "ptq", "model": "tiny.bin", "float_ppl": 3.5, "float_weight_bytes": 4000, "data": "/d/val.txt",
+           "rows": [{"spec": "int4", "method": "rtn", "ppl": 4.0, "weight_bytes": 500},
+                    {"spec": "int3", "method": "gptq", "ppl": 5.0, "weight_bytes": 400}]}
+    results = {
+        "result_ptq": ptq,
+        "result_workflow": {"benchmark": "workflow", "model": "tiny.bin", "float_ppl": 3.5, "data": "/d/val.txt",
+                            "rows": [{"target": "int3", "config": "auto", "method": "rtn", "ppl": 4.5, "weight_bytes": 400}]},
+        "result_qat": {"benchmark": "qat", "model": "tiny.bin", "float_ppl": 3.5, "float_weight_bytes": 4000,
+                       "data": "/d/val.txt", "spec": "int3", "rows": [{"stage": "qat", "ppl": 4.2, "weight_bytes": 400}]},
+        "result_array": [1, 2], "result_string": "results",
+        "result_nan": {**ptq, "float_ppl": float("nan")}, "result_rows_object": {**ptq, "rows": {}},
+        "result_row_no_ppl": {**ptq, "rows": [{"spec": "int4", "method": "rtn", "weight_bytes": 500}]},
+        "result_kv_cache": {"benchmark": "kv_cache", "rows": []}, "result_empty_rows": {**ptq, "rows": []}}
+    for key, value in results.items():
+        (d / f"{key}.json").write_text(json.dumps(value))  # NaN is written as NaN, as Python's json reads it
+        f[key] = str(d / f"{key}.json")
     return f
 
 
@@ -278,16 +365,22 @@ def check_invariants(argv: list[str], code: int, out: str, err: str, before: dic
     assert code in (0, 1, 2), f"exit {code}: cascade {shown}\n{err}"
     assert "Traceback" not in err and "internal error" not in err, f"cascade {shown}\n{err}"
     errors = [line for line in err.splitlines() if line.startswith("error:")]
+    # `run --prompts` reports each prompt on its own (README): with --json one object per line, and a prompt
+    # that failed is its own error line (or, with --json, an object with "error") while the others complete
+    batch = argv[:1] == ["run"] and "--prompts" in argv
+    rows = [_strict_json(line) for line in out.splitlines()] if batch and "--json" in argv else []
     if code == 0:
         assert not errors, f"exit 0 with an error line: cascade {shown}\n{err}"
-        if "--json" in argv:
+        if "--json" in argv and not batch:
             assert out.count("\n") == 1, f"--json printed {out.count(chr(10))} lines: cascade {shown}"
             _strict_json(out)
+        assert not any("error" in r for r in rows), f"exit 0 with a failed row: cascade {shown}\n{out}"
     else:
-        assert len(errors) == 1, f"exit {code} with {len(errors)} error lines: cascade {shown}\n{err}"
+        some_rows_failed = batch and code == 1 and (len(errors) > 1 or any("error" in r for r in rows))
+        assert some_rows_failed or len(errors) == 1, f"exit {code} with {len(errors)} error lines: cascade {shown}\n{err}"
         assert after == before, f"exit {code} changed the output directory: cascade {shown}\n" \
                                 f"added {sorted(set(after) - set(before))}, removed {sorted(set(before) - set(after))}"
-        if out and "--json" in argv:  # e.g. `plan --budget` prints its plan, then says it does not fit
+        if out and "--json" in argv and not batch:  # e.g. `plan --budget` prints its plan, then says it does not fit
             _strict_json(out)
 
 

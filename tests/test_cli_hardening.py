@@ -6,6 +6,7 @@ properties (exit codes, one error line, strict JSON, nothing left behind) on gen
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -274,3 +275,214 @@ def test_huge_bench_matmul_shapes_are_refused_before_allocating(capsys):
     """Bug 10: huge shapes ended in a MemoryError internal error."""
     code, out, err = run(capsys, "bench", "matmul", "--k", "1000000", "--n", "1000000", "--batch", "1")
     assert code == 1 and out == "" and "GiB available" in one_error_line(err)
+
+
+# ------------------------------------------------------------------------------------------ Hardening II
+# Issue "Hardening II": input validated before any work, and one way to refuse.  Each test failed
+# on the code before its fix (the bug numbers are the issue's).
+
+S_BIN = BIN  # the issue's `S`
+
+
+def _no_loading(monkeypatch):
+    """Make any model load (or matmul benchmark) fail the test: what follows must be refused before it."""
+    import cascade.bench.matmul
+    import cascade.models
+    import cascade.pair
+
+    def fail(*a, **k):
+        raise AssertionError("did work before refusing the command line")
+
+    monkeypatch.setattr(cascade.models, "load_model", fail)
+    monkeypatch.setattr(cascade.pair, "load_pair", fail)
+    monkeypatch.setattr(cascade.bench.matmul, "run", fail)
+
+
+@pytest.mark.parametrize("content, named", [
+    ("[1, 2]", "a JSON array, not an object"),
+    ('"results"', "a JSON string, not an object"),
+    ('{"benchmark": "ptq", "model": "m", "data": "d", "float_ppl": NaN, "rows": []}', "'float_ppl' is nan"),
+    ('{"benchmark": "ptq", "model": "m", "data": "d", "float_ppl": 3.5, "rows": {}}', "'rows' is a JSON object"),
+    ('{"benchmark": "ptq", "model": "m", "data": "d", "float_ppl": 3.5, "rows": [{"method": "rtn", "spec": "int4", '
+     '"weight_bytes": 5}]}', "rows[0] has no 'ppl' key"),
+    ('{"benchmark": "qat", "model": "m", "data": "d", "float_ppl": 3.5, "spec": 4, "rows": []}', "'spec' is 4"),
+    ('{"benchmark": "kv_cache", "rows": []}', "benchmark 'kv_cache'"),
+])
+def test_bench_plot_refuses_a_malformed_result_in_one_line(capsys, tmp_path, content, named):
+    """Bug 6: `bench plot` on `[1,2]` or a string was "internal error (AttributeError ...)"."""
+    path = tmp_path / "r.json"
+    path.write_text(content)
+    code, out, err = run(capsys, "bench", "plot", str(path), "--out-dir", str(tmp_path / "plots"))
+    line = one_error_line(err)
+    assert code == 2 and out == "" and str(path) in line and named in line
+    assert not (tmp_path / "plots").exists()
+
+
+def test_qat_reports_only_a_loss_curve_it_drew(capsys, tmp_path, monkeypatch):
+    """Bug 7: without matplotlib `qat` still reported `loss curve: .../loss.png` (and `loss_png`)."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    monkeypatch.delitem(sys.modules, "matplotlib.pyplot", raising=False)
+    text = tmp_path / "train.txt"
+    with open(VAL, encoding="utf-8") as f:
+        text.write_text(f.read(4000))
+    args = ("qat", S_BIN, "--quant", "int8", "--data", str(text), "--steps", "1", "--seq-len", "16", "--batch-size",
+            "1", "-o", str(tmp_path / "q"))
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    assert "loss curve:" not in out + err and "loss.png" not in out + err and "matplotlib" in err
+    assert not (tmp_path / "q.run" / "loss.png").exists() and (tmp_path / "q.run" / "loss.csv").exists()
+    code, out, err = run(capsys, *args, "--overwrite", "--json")  # resumes at its last step: no new steps
+    d = json.loads(out)
+    assert code == 0 and d["loss_png"] is None and any("matplotlib" in n for n in d["notes"])
+
+
+@pytest.mark.parametrize("flag", ["--val", "--data"])
+def test_qat_names_the_file_without_documents(capsys, tmp_path, monkeypatch, flag):
+    """Bug 8: `qat --val empty.txt` said "no documents to train on", blaming the training data."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("<|endoftext|>\n\n")
+    files = {"--data": VAL, "--val": VAL, flag: str(empty)}
+    _no_loading(monkeypatch)
+    code, out, err = run(capsys, "qat", S_BIN, "--quant", "int8", "--steps", "1", "-o", str(tmp_path / "q"),
+                         *(a for item in files.items() for a in item))
+    line = one_error_line(err)
+    assert code == 2 and f"'{flag}'" in line and str(empty) in line and "train on" not in line
+
+
+def test_qat_refuses_a_text_too_short_for_one_window(capsys, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Once upon a time.\n")
+    for flag, need in (("--val", 65), ("--data", 66)):  # a validation window is seq_len + 1 tokens, a training draw + 2
+        files = {"--data": VAL, "--val": VAL, flag: str(short)}
+        code, _, err = run(capsys, "qat", S_BIN, "--quant", "int8", "--steps", "1", "--seq-len", "64", "-o",
+                           str(tmp_path / "q"), *(a for item in files.items() for a in item))
+        line = one_error_line(err)
+        assert code == 2 and f"'{flag}'" in line and f"needs {need}" in line
+    assert not (tmp_path / "q.run").exists()
+
+
+@pytest.mark.parametrize("command", ["matmul", "error"])
+@pytest.mark.parametrize("spec, why", [("", "at least one"), (",", "at least one"), ("int5", "unknown precision spec"),
+                                       ("bf16", "float type"), ("w8a8-static", "w8a8-static")])
+def test_bench_spec_lists_are_checked_at_parse_time(capsys, monkeypatch, command, spec, why):
+    """Bug 10: `bench matmul --spec ''` ran the default benchmark; int5 and bf16 failed in the library (exit 1)."""
+    _no_loading(monkeypatch)
+    code, out, err = run(capsys, "bench", command, "--k", "8", "--n", "8", "--spec", spec)
+    line = one_error_line(err)
+    assert code == 2 and out == "" and "'--spec'" in line and why in line
+
+
+@pytest.mark.parametrize("args", [
+    ("generate", S_BIN, "hi", "--kv", "int4-g7"),
+    ("eval", S_BIN, "--data", VAL, "--kv", "int4-g7"),
+    ("inspect", S_BIN, "--kv", "int8-g5"),
+    ("bench", "kv", S_BIN, "--data", VAL, "--kv", "fp32,int4-g6"),
+    ("bench", "decode", S_BIN, "--kv", "int8-g3"),
+    ("run", "hi", "--kv", "int4-g14"),  # the default pair: 48 values a token
+    ("generate", S_BIN, "hi", "--kv", "int4-g1"),  # an odd int4 value group: refused by the spec itself
+])
+def test_kv_specs_are_checked_before_the_weights_load(capsys, monkeypatch, args):
+    """Bug 13: `--kv int4-g7` exited 1 after loading where `--kv int4-r3` exited 2 up front."""
+    _no_loading(monkeypatch)
+    code, out, err = run(capsys, *args)
+    line = one_error_line(err)
+    assert code == 2 and out == "" and "'--kv'" in line and "value group" in line
+
+
+def test_kv_check_model_in_the_library():
+    from cascade.quant.kv import parse_kv_spec
+
+    spec = parse_kv_spec("int4-g6")
+    spec.check_model(context=64, n_kv_heads=2, head_dim=6)  # 12 values a token: 6 divides them
+    with pytest.raises(ValueError, match="does not divide the 16 values"):
+        spec.check_model(context=64, n_kv_heads=2, head_dim=8)
+    with pytest.raises(ValueError, match="sink"):
+        parse_kv_spec("int4-s64").check_model(context=64, n_kv_heads=2, head_dim=8)
+    with pytest.raises(ValueError, match="int4 value group must be even"):
+        parse_kv_spec("int4-g3")
+    parse_kv_spec("int8-g3")  # int8 stores a byte a value: any group
+
+
+@pytest.mark.parametrize("make_args, flag", [
+    (lambda d: ("bench", "ppl", S_BIN, "--data", VAL, "--limit", "1", "--out", str(d / "missing" / "x.json")), "--out"),
+    (lambda d: ("bench", "matmul", "--k", "8", "--n", "8", "--out", str(d)), "--out"),
+    (lambda d: ("sensitivity", S_BIN, "--calib", VAL, "--out", str(d / "missing" / "s.json")), "--out"),
+    (lambda d: ("quantize", S_BIN, "--quant", "auto", "--avg-bits", "5", "--calib", VAL, "--rules-out",
+                str(d / "afile" / "r.json")), "--rules-out"),
+    (lambda d: ("qat", S_BIN, "--quant", "int8", "--data", VAL, "--steps", "1", "-o", str(d / "afile" / "q")), "--out"),
+    (lambda d: ("qat", S_BIN, "--quant", "int8", "--data", VAL, "--steps", "1", "-o", str(d / "q"), "--run-dir",
+                str(d / "afile")), "--run-dir"),
+    (lambda d: ("bench", "plot", str(d / "afile"), "--out-dir", str(d / "afile" / "plots")), "--out-dir"),
+])
+def test_output_paths_are_checked_before_the_work(capsys, tmp_path, monkeypatch, make_args, flag):
+    """Bug 13: `bench ppl --out /missing/dir/x.json` (and sensitivity's --out) failed after all the measuring."""
+    (tmp_path / "afile").write_text("{}")
+    _no_loading(monkeypatch)
+    code, out, err = run(capsys, *make_args(tmp_path))
+    assert code == 2 and out == "" and f"'{flag}'" in one_error_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_plot_without_matplotlib_is_refused_before_measuring(capsys, tmp_path, monkeypatch):
+    """Bug 13: `sensitivity --plot` with no matplotlib failed after the whole sweep."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    _no_loading(monkeypatch)
+    code, out, err = run(capsys, "sensitivity", S_BIN, "--calib", VAL, "--plot", str(tmp_path / "s.png"))
+    line = one_error_line(err)
+    assert code == 2 and "'--plot'" in line and "pip install matplotlib" in line
+
+
+def test_output_path_check_in_one_place(tmp_path):
+    """The one check behind every output path: a hand case per rule."""
+    (tmp_path / "afile").write_text("x")
+    problem = cli._output_problem
+    assert problem(str(tmp_path / "new.json")) is None and problem(str(tmp_path / "afile")) is None
+    assert "is a directory" in problem(str(tmp_path))
+    assert "does not exist" in problem(str(tmp_path / "missing" / "x.json"))
+    assert "not a directory" in problem(str(tmp_path / "afile" / "x.json"))
+    assert "not a regular file" in problem("/dev/null")  # replacing it atomically would replace the device
+    assert problem("") == "an empty path"
+    assert problem(str(tmp_path / "a" / "b" / "ck"), directory=True) is None  # missing parents are created
+    assert "not a directory" in problem(str(tmp_path / "afile"), directory=True)
+    assert "not a directory" in problem(str(tmp_path / "afile" / "ck"), directory=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("run", "hi", "--mode", "small", "--large-kv", "int4"),
+     "--large-kv applies only to --mode speculative, spec-cascade, defer or large"),
+    (("run", "hi", "--mode", "large", "--small", "int8", "--small-kv", "int8"),
+     "--small, --small-kv apply only to --mode speculative, spec-cascade, defer or small"),
+    (("plan", "--mode", "large", "--small-kv", "int4"), "--small-kv applies only to --mode speculative or small"),
+    (("run", "hi", "--top-p", "0.5", "--seed", "3"), "--top-p, --seed apply only to sampling (--temperature above 0)"),
+    (("generate", "default-small", "hi", "--top-k", "5"), "--top-k applies only to sampling (--temperature above 0)"),
+    (("generate", "default-small", "hi", "--scale-dtype", "float32"), "--scale-dtype applies only with --quant"),
+    (("eval", "default-small", "--data", VAL, "--scale-dtype", "float32"), "--scale-dtype applies only with --quant"),
+    (("eval", "default-small", "--data", VAL, "--truncate", "--stride", "5"),
+     "--stride applies only to sliding windows (without --truncate)"),
+    (("bench", "ppl", "default-small", "--data", VAL, "--stride", "5"), "--stride applies only with --no-truncate"),
+    (("quantize", "default-small", "--quant", "int4", "--avg-bits", "4"), "--avg-bits applies only to --quant auto"),
+    (("quantize", "default-small", "--quant", "int4", "--damp", "0.1", "--act-order"),
+     "--damp, --act-order apply only to --method gptq or awq-gptq, not to rtn"),
+    (("qat", "default-small", "--quant", "int4", "--data", VAL, "--steps", "1", "-o", "x", "--clip-rate", "1"),
+     "--clip-rate applies only with --learn-clip"),
+    (("bench", "kv", "default-small", "--data", VAL, "--gen-prompt", "4"), "--gen-prompt applies only with --gen-tokens"),
+])
+def test_flags_that_do_not_apply_are_refused_the_same_way(capsys, monkeypatch, args, message):
+    """Consistency: `--mode small --large-kv int4`, `--scale-dtype` without `--quant`, `--top-p`/`--seed` at
+    temperature 0 and `eval --truncate --stride 5` were silently ignored; the refusals that existed said
+    "--avg-bits apply only"."""
+    _no_loading(monkeypatch)
+    code, out, err = run(capsys, *args)
+    assert code == 2 and out == "" and one_error_line(err) == f"error: {message} (see 'cascade {args[0]}" + (
+        f" {args[1]}" if args[0] == "bench" else "") + " --help')"
+
+
+def test_the_same_flags_are_accepted_under_both_names(capsys, monkeypatch):
+    """Names that line up: `sensitivity --candidates` (as quantize and bench workflow name it) and
+    `--truncate`/`--no-truncate` in both eval and bench ppl."""
+    _no_loading(monkeypatch)
+    for args in (("sensitivity", S_BIN, "--calib", VAL, "--candidates", "int9"),
+                 ("eval", S_BIN, "--data", VAL, "--no-truncate", "--ctx", "0"),
+                 ("bench", "ppl", S_BIN, "--data", VAL, "--truncate", "--ctx", "0")):
+        code, _, err = run(capsys, *args)  # each reaches the value check of its last flag: the name is known
+        assert code == 2 and "no such option" not in err and ("int9" in err or "--ctx" in err), err

@@ -1,9 +1,14 @@
 """`cascade bench plot`: the points of each curve, the Pareto front, and the files written."""
 
+import glob
 import json
+import math
+import os
+
+import pytest
 
 from cascade import cli
-from cascade.bench.plots import pareto, points
+from cascade.bench.plots import check_result, pareto, points
 
 
 def _results():
@@ -49,7 +54,53 @@ def test_bench_plot_writes_one_png_per_model(capsys, tmp_path):
     bad.write_text('{"benchmark": "kv_cache", "rows": []}')
     code = cli.main(["bench", "plot", str(bad), "--out-dir", str(tmp_path / "p2")])
     err = capsys.readouterr().err
-    assert code == 1 and "not a bench ptq, workflow or qat result" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "not a bench ptq, workflow or qat result" in err and len(err.strip().splitlines()) == 1
     code = cli.main(["bench", "plot", files[1], "--out-dir", str(tmp_path / "p3")])  # a workflow alone: no parameter count
     err = capsys.readouterr().err
-    assert code == 1 and "no parameter count" in err
+    assert code == 2 and "no parameter count" in err
+
+
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "results")
+
+
+def test_every_committed_result_passes_the_check():
+    """The check refuses malformed files, not real ones: every committed ptq/workflow/qat result passes."""
+    checked = 0
+    for path in sorted(glob.glob(os.path.join(RESULTS_DIR, "*.json"))):
+        with open(path, encoding="utf-8") as f:
+            r = json.load(f)
+        if isinstance(r, dict) and r.get("benchmark") in ("ptq", "workflow", "qat"):
+            check_result(r)
+            checked += 1
+    assert checked >= 10
+
+
+def _damaged(change):
+    r = _results()[0]
+    change(r)
+    return r
+
+
+@pytest.mark.parametrize("result, message", [
+    ([1, 2], "a JSON array, not an object"),
+    ("ptq", "a JSON string, not an object"),
+    (None, "a JSON null, not an object"),
+    ({"rows": []}, "benchmark None"),
+    (_damaged(lambda r: r.pop("model")), "no 'model' key"),
+    (_damaged(lambda r: r.update(data=["/d/val.txt"])), "'data' is a JSON array; expected a non-empty string"),
+    (_damaged(lambda r: r.update(float_ppl=math.nan)), "'float_ppl' is nan"),
+    (_damaged(lambda r: r.update(float_ppl=math.inf)), "'float_ppl' is inf"),
+    (_damaged(lambda r: r.update(float_weight_bytes=-4)), "'float_weight_bytes' is -4"),
+    (_damaged(lambda r: r.update(rows="none")), "'rows' is 'none'; expected a list of rows"),
+    (_damaged(lambda r: r["rows"].append([1])), "rows[4] is a JSON array; expected a JSON object"),
+    (_damaged(lambda r: r["rows"][1].pop("method")), "rows[1] has no 'method' key"),
+    (_damaged(lambda r: r["rows"][2].update(ppl="4.0")), "rows[2].ppl is '4.0'; expected a finite positive number"),
+    (_damaged(lambda r: r["rows"][0].update(ppl=True)), "rows[0].ppl is True"),
+    (_damaged(lambda r: r["rows"][0].update(weight_bytes=0)), "rows[0].weight_bytes is 0"),
+])
+def test_check_result_names_what_is_wrong(result, message):
+    with pytest.raises(ValueError) as e:
+        check_result(result)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="result 2: "):  # points() says which of several results
+        points([_results()[0], result])

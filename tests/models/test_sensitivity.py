@@ -307,7 +307,7 @@ def test_quantize_auto_reuses_a_saved_sensitivity(capsys, tmp_path):
                        "--granularity", "layer")
     assert code == 2 and "--granularity come from the --sensitivity file" in err
     code, _, err = run(capsys, "quantize", BIN, "--quant", "int4", "--sensitivity", report)
-    assert code == 2 and "--sensitivity apply only to --quant auto" in err
+    assert code == 2 and "--sensitivity applies only to --quant auto" in err
     (tmp_path / "junk.json").write_text("{not json")
     code, _, err = run(capsys, "quantize", BIN, "--quant", "auto", "--avg-bits", "5", "--sensitivity",
                        str(tmp_path / "junk.json"))
@@ -328,7 +328,7 @@ def test_per_tensor_candidates_are_skipped_for_a_calibrated_method(capsys, tmp_p
 
 
 @pytest.mark.parametrize("args, code, message", [
-    (("--quant", "int4", "--avg-bits", "4"), 2, "--avg-bits apply only to --quant auto"),
+    (("--quant", "int4", "--avg-bits", "4"), 2, "--avg-bits applies only to --quant auto"),
     (("--quant", "auto", "--calib", TRAIN), 2, "--quant auto needs exactly one of --avg-bits or --budget"),
     (("--quant", "auto", "--avg-bits", "4", "--budget", "1MB", "--calib", TRAIN), 2, "exactly one of"),
     (("--quant", "auto", "--avg-bits", "4"), 2, "--quant auto measures each layer's sensitivity on calibration text"),
