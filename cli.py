@@ -477,6 +477,7 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     small_kv, large_kv = small_kv or kv, large_kv or kv
     _check_pair_kv(_pair_configs(mode, small_model, large_model), small_kv, large_kv, kv)
+    _check_pair_rules(mode, small_model, large_model, small_quant, large_quant)
     if small_devices is not None and mode in ("small", "large"):
         raise click.UsageError(f"--small-devices needs both models; --mode {mode} runs one")
     if default_prompt:
@@ -634,6 +635,17 @@ def _check_quantize_request(model: str, rules, method: str, shapes: dict | None 
         return check_quantize(rules, shapes, method=method, tied=tied, where=model)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+
+
+def _check_pair_rules(mode: str, small_model, large_model, small_quant, large_quant) -> None:
+    """``--small``/``--large`` rules checked against their models' configs before loading (a rule that
+    decides nothing is a usage error, as in ``quantize``); 'none'/'source' and the defaults pass."""
+    for role, path, rules in (("small", small_model, small_quant), ("large", large_model, large_quant)):
+        if mode in RUN_MODES_WITH[role] and rules is not None and rules.strip().lower() not in ("none", "source"):
+            try:
+                _check_quantize_request(path, rules, "rtn")
+            except click.UsageError as e:
+                raise click.UsageError(f"--{role}: {e.format_message()}") from None
 
 
 def _load_model(path: str, tokenizer: str | None, quant_rules: str | None, need_tokenizer: bool = True,
@@ -822,6 +834,8 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
         raise click.UsageError("w8a8-static measures its activation scales on calibration text: pass --calib FILE")
     _refuse_unless(method in CALIBRATED_METHODS or auto or static_act, ("calib", "calib_samples", "calib_len", "seed"),
                    f"to --method {', '.join(CALIBRATED_METHODS)} (or to --quant auto or w8a8-static rules), not to {method}")
+    if calib is not None:
+        _documents(calib, "--calib")  # text to calibrate on, checked before any model loads
     if _is_weights_file(model):
         from cascade.models import weights_file
 
@@ -961,6 +975,7 @@ def sensitivity(model, calib, candidates, granularity, calib_samples, calib_len,
     from cascade.models import sensitivity as sens
 
     _check_tokenizer_flag(model, tokenizer)
+    _documents(calib, "--calib")  # text to calibrate on, checked before any model loads
     loaded = load_model(model, tokenizer=tokenizer)
     calib_set = _calibration(loaded, model, calib, calib_samples, calib_len, seed)
     if loaded.quant:
@@ -1066,7 +1081,9 @@ def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, e
     if teacher is not None or distill:
         if teacher is None and loaded.ptq is not None:
             raise click.UsageError(f"{model} is a quantized checkpoint: pass --teacher FLOAT_MODEL to distil from")
-        teacher_model = loaded if teacher is None else load_model(teacher, tokenizer=tokenizer if _is_llama2c(teacher) else None)
+        from cascade.models.loaders import has_own_tokenizer
+
+        teacher_model = loaded if teacher is None else load_model(teacher, tokenizer=None if has_own_tokenizer(teacher) else tokenizer)
         try:
             qat_mod.teacher_params(loaded, teacher_model)
         except ValueError as e:
@@ -1367,12 +1384,14 @@ def compare(model_a, model_b, prompts, max_tokens, tokenizer, as_json):
     """
     from cascade.models import generate as generate_tokens
     from cascade.models.generation import first_divergence
+    from cascade.models.loaders import TOKENIZER_PATH_USE, has_own_tokenizer
 
     lines = [p for _, p in _read_prompts(prompts)]
-    if tokenizer is not None and not (_is_llama2c(model_a) or _is_llama2c(model_b)):
-        raise click.UsageError("--tokenizer applies only to a llama2.c .bin model; A and B bring their own tokenizers")
-    a = _load_model(model_a, tokenizer if _is_llama2c(model_a) else None, None)[0]
-    b = _load_model(model_b, tokenizer if _is_llama2c(model_b) else None, None)[0]
+    own = {m: has_own_tokenizer(m) for m in (model_a, model_b)}
+    if tokenizer is not None and all(own.values()):
+        raise click.UsageError(f"--tokenizer applies only to {TOKENIZER_PATH_USE}; A and B bring their own tokenizers")
+    a = _load_model(model_a, None if own[model_a] else tokenizer, None)[0]
+    b = _load_model(model_b, None if own[model_b] else tokenizer, None)[0]
     if a.config.vocab_size != b.config.vocab_size or [a.tokenizer.encode(p) for p in lines[:3]] != [b.tokenizer.encode(p) for p in lines[:3]]:
         raise click.ClickException("A and B do not share a tokenizer; compare models of the same family")
     rows = []
@@ -1402,10 +1421,6 @@ def _token_text(tok, prompt_ids, out, i: int) -> str | None:
     if i >= len(out):
         return None
     return tok.decode_completion(prompt_ids, out[: i + 1])[len(tok.decode_completion(prompt_ids, out[:i])):]
-
-
-def _is_llama2c(path: str) -> bool:
-    return os.path.isfile(path) and path.lower().endswith(".bin")
 
 
 @app.command()
@@ -1450,6 +1465,7 @@ def plan(small_quant, large_quant, small_model, large_model, mode, kv, small_kv,
         _refuse_unless(mode in modes, names, _to_modes(modes))
     configs = _pair_configs(mode, small_model, large_model)
     _check_pair_kv(configs, small_kv or kv, large_kv or kv, kv)
+    _check_pair_rules(mode, small_model, large_model, small_quant, large_quant)
     context = min(c.max_seq_len for c in configs.values())
     if ctx is not None and ctx > context:
         raise click.BadParameter(f"{ctx} exceeds the context of the pair ({context})", param_hint="'--ctx'")

@@ -198,3 +198,57 @@ def test_integer_weights_in_safetensors_are_refused(capsys, tiny_hf, tmp_path):
     line = one_error_line(err)
     assert code == 1 and "layers_0/attn/q_proj/kernel" in line and "int32" in line and "floating point" in line
 
+
+
+# ----------------------------------------------------------------------------- the same rules in every command
+
+
+def test_compare_takes_tokenizer_for_a_model_without_one(capsys, tiny_hf, tmp_path):
+    """`compare` kept the old rule ("--tokenizer applies only to a llama2.c .bin model"), so a Hugging
+    Face directory without tokenizer files could not be compared at all."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Once\n")
+    tok = os.path.join(tiny_hf["small"], "tokenizer.json")
+    code, out, err = run(capsys, "compare", tiny_hf["bare"], tiny_hf["bare"], "--prompts", str(prompts),
+                         "--max-tokens", "2", "--tokenizer", tok, "--json")
+    assert code == 0, err
+    row = json.loads(out)["prompts"][0]
+    assert row["a_token_ids"] == row["b_token_ids"] and len(row["a_token_ids"]) == 2
+    code, out, err = run(capsys, "compare", tiny_hf["with_tok"], tiny_hf["with_tok"], "--prompts", str(prompts),
+                         "--tokenizer", tok)
+    assert code == 2 and "without a tokenizer of its own" in one_error_line(err)
+
+
+def test_pair_rules_that_decide_nothing_are_refused_before_loading(capsys, monkeypatch):
+    """`run --small "atn=int8,*=int4"` failed with exit 1 after loading the pair; `plan` did not check."""
+    import cascade.pair
+
+    def no_load(*a, **k):
+        raise AssertionError("the pair was loaded before the rules were checked")
+
+    monkeypatch.setattr(cascade.pair, "load_pair", no_load)
+    for command in (["run", "Once", "--max-tokens", "2"], ["plan"]):
+        code, out, err = run(capsys, *command, "--small", "atn=int8,*=int4")
+        line = one_error_line(err)
+        assert code == 2 and out == "" and "--small" in line and "atn" in line
+        code, out, err = run(capsys, *command, "--large", "lm_head=int4,*=int8")  # default-large ties its head
+        assert code == 2 and "lm_head" in one_error_line(err)
+
+
+@pytest.mark.parametrize("command", [["quantize", "default-small", "--quant", "int4", "--method", "gptq"],
+                                     ["sensitivity", "default-small"]])
+def test_calibration_text_is_checked_before_loading(capsys, monkeypatch, tmp_path, command):
+    """An empty or binary --calib failed with exit 1 only after the model loaded."""
+    import cascade.models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --calib was read")
+
+    monkeypatch.setattr(cascade.models, "load_model", no_load)
+    empty, binary = tmp_path / "empty.txt", tmp_path / "bin.txt"
+    empty.write_text("\n<|endoftext|>\n  \n")
+    binary.write_bytes(b"\xff\xfe\x00\x81" * 64)
+    for path, words in ((empty, "holds no documents"), (binary, "not UTF-8")):
+        code, out, err = run(capsys, *command, "--calib", str(path))
+        line = one_error_line(err)
+        assert code == 2 and "--calib" in line and words in line
