@@ -280,7 +280,8 @@ def test_an_empty_calibration_file_is_refused(capsys, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     got, _, err = run(capsys, "quantize", BIN, "--quant", "int4-g32", "--method", "awq", "--calib", str(empty))
-    assert got == 1 and "is empty" in err and len(err.strip().splitlines()) == 1
+    # a usage error found before the model loads (issue 38: validate before any work)
+    assert got == 2 and "holds no documents" in err and "--calib" in err and len(err.strip().splitlines()) == 1
 
 
 def test_hqq_on_a_model_records_its_method(stories):
