@@ -18,7 +18,7 @@ atexit.register(shutil.rmtree, os.environ["CASCADE_HOME"], True)
 # `cli.main` hundreds of times, and in a full run JAX aborted the whole process inside
 # `executable.serialize()` while writing an entry (not reproduced by the same test alone); a
 # test run also gains nothing from it (measured: tests/test_cli_kv.py 282 s with and without).
-os.environ["CASCADE_NO_COMPILE_CACHE"] = "1"
+os.environ.setdefault("CASCADE_NO_COMPILE_CACHE", "1")  # CASCADE_NO_COMPILE_CACHE=0 runs the suite with it on
 
 # CI replays the same examples every run (no flaky red builds); locally hypothesis explores.
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
