@@ -717,17 +717,6 @@ def _candidates(ctx, param, value):
     return tuple(specs)
 
 
-def _size(ctx, param, value):
-    if value is None:
-        return None
-    from cascade.memory import parse_bytes
-
-    try:
-        return parse_bytes(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-
-
 def _calibration(loaded, model: str, calib: str, samples: int, length: int, seed: int):
     """The calibration set for a loaded model, with one-line errors for a bad length or no tokenizer."""
     from cascade.models.calibration import calibration_tokens
@@ -751,7 +740,7 @@ _CANDIDATES_HELP = "Comma-separated candidate precisions for each layer"
                    "--budget, by measured sensitivity (needs --calib).")
 @click.option("--avg-bits", type=FiniteFloat(min=0.5, max=32), help="--quant auto: average bits per weight of the matrices "
               "(scales and zero points count).")
-@click.option("--budget", callback=_size, help="--quant auto: bytes of the whole model's weights (e.g. 60MB).")
+@click.option("--budget", callback=_budget, help="--quant auto: bytes of the whole model's weights (e.g. 60MB).")
 @click.option("--candidates", callback=_candidates, help=_CANDIDATES_HELP + " (--quant auto) [default: "
               "bf16,int8,int4-g128,int4-g32,int3-g32].")
 @click.option("--granularity", type=click.Choice(["layer", "block"]), default="layer", show_default=True,

@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pytest
 
-from cascade import cli
 from tests.shared_data import DATA
 
 BIN = os.path.join(DATA, "stories260K", "stories260K.bin")
@@ -17,17 +16,7 @@ TOK = os.path.join(DATA, "stories260K", "tok512.model")
 VAL = os.path.join(DATA, "text", "tinystories_val.txt")
 
 
-def run(capsys, *args):
-    code = cli.main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "internal error" not in err and "Traceback" not in err
-    return lines[0]
+from tests.test_cli_hardening import one_error_line, run  # the shared CLI helpers
 
 
 @pytest.fixture(scope="module")
