@@ -46,6 +46,7 @@ def test_group_alone_prints_help(capsys, args):
     assert code == 0 and out.startswith("Usage: cascade")
 
 
+@pytest.mark.system  # another process
 def test_console_script_installed():
     exe = shutil.which("cascade", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     assert exe, "the `cascade` console script is not installed (pip install -e .)"

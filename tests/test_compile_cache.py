@@ -45,6 +45,8 @@ def test_a_recompiled_program_is_read_from_the_directory(tmp_path, monkeypatch):
             hits.append(event)
 
     before = jax.config.jax_compilation_cache_dir
+    enabled = jax.config.jax_enable_compilation_cache  # off in the test processes (tests/conftest.py)
+    jax.config.update("jax_enable_compilation_cache", True)
     monkeypatch.setenv("CASCADE_HOME", str(tmp_path))
     monkeypatch.delenv(compile_cache.DISABLE_ENV, raising=False)
     jax.monitoring.register_event_listener(listener)
@@ -63,6 +65,7 @@ def test_a_recompiled_program_is_read_from_the_directory(tmp_path, monkeypatch):
         monkeypatch.setenv(compile_cache.DISABLE_ENV, "1")
         assert compile_cache.enable_compile_cache() is None and jax.config.jax_compilation_cache_dir is None
     finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
         jax.monitoring.unregister_event_listener(listener)
         if before is None:
             monkeypatch.setenv(compile_cache.DISABLE_ENV, "1")

@@ -49,6 +49,23 @@ def _clean_env() -> dict:
     return env
 
 
+def _venv_over_this_environment(venv: Path) -> str:
+    """A fresh venv whose own site-packages comes first, then this interpreter's: the
+    dependencies (jax, setuptools, pip...) come from the environment running the tests, and
+    `cascade` is the copy installed into the venv.  Not `--system-site-packages`: inside an
+    active venv that option exposes the base interpreter's packages, not the active venv's.
+    The paths are added by a .pth file, which adds them as plain directories: the .pth files
+    in them (this checkout's editable install among them) are not run."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    own = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, env=_clean_env(), check=True).stdout.strip()
+    outer = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages") and os.path.isdir(p)
+             and os.path.realpath(p) != os.path.realpath(own)]  # an active venv's, then the base's if it sees them
+    (Path(own) / "_environment_under_test.pth").write_text("".join(f"{p}\n" for p in outer))
+    return python
+
+
 def _run_app(python: str, app: Path) -> str:
     proc = subprocess.run([python, "main.py"], cwd=app, capture_output=True, text=True, env=_clean_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -79,10 +96,7 @@ def test_a_regular_install_puts_only_cascade_in_site_packages(tmp_path):
     """`pip install .` (not editable) into a fresh venv: its file list holds `cascade/`, the
     dist-info and the console script, and the app above runs against it."""
     venv = tmp_path / "venv"
-    # --system-site-packages: the dependencies (jax, ...) come from this environment; the venv's
-    # own site-packages comes first, so `cascade` is the copy installed here
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    python = str(venv / "bin" / "python")
+    python = _venv_over_this_environment(venv)
     src = tmp_path / "src"  # a copy, so that the build's files never touch the checkout
     shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
         ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "runs"))

@@ -64,6 +64,7 @@ def test_evaluate_quick_writes_a_complete_report(tmp_path, capsys):
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
 
+@pytest.mark.system  # another process
 @pytest.mark.parametrize("args, message", [
     (["--sections", "matmul,nope"], "unknown section 'nope'"),
     (["--data", "/nonexistent/text.txt"], "no such text file"),
@@ -99,6 +100,7 @@ def test_evaluate_quick_runs_on_the_packaged_sample_from_any_directory(tmp_path,
     assert not (tmp_path / "full").exists()
 
 
+@pytest.mark.system  # another process
 def test_evaluate_help_works_from_any_directory(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), "--help"],
                           capture_output=True, text=True, cwd=tmp_path)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cascade.models import generate, kv_cache_memory, load_model
+from cascade.models import generate, kv_cache_memory
 from cascade.models.config import ModelConfig
 from cascade.models.decoder import forward, prefill
 from cascade.models.kv_cache import KVCache, LayerKV, cached_attention, read_kv
@@ -179,8 +179,8 @@ def test_mismatched_caches_are_clear_errors(tiny_params):
 
 
 @pytest.fixture(scope="module")
-def stories():
-    return load_model(str(DATA / "stories260K" / "stories260K.bin"))
+def stories(stories260k):
+    return stories260k
 
 
 @pytest.mark.slow  # a real model, 400 greedy tokens per cache

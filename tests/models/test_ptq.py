@@ -72,8 +72,8 @@ def test_a_hessian_that_is_not_positive_definite_is_retried_then_named():
 
 
 @pytest.fixture(scope="module")
-def stories():
-    model = load_model(BIN)
+def stories(stories260k):
+    model = stories260k
     calib = calibration.calibration_tokens(model.tokenizer, TRAIN, samples=64, length=256, seed=0)
     with open(VAL) as f:
         docs = tokenize_documents(model.tokenizer, split_documents(f.read())[:60])

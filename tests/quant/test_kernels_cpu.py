@@ -217,6 +217,7 @@ print("scalar ok")
 """
 
 
+@pytest.mark.system  # another process
 def test_the_scalar_path_in_a_subprocess():
     env = {**os.environ, "CASCADE_CPU_KERNEL_SCALAR": "1", "JAX_PLATFORMS": "cpu"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -238,6 +239,7 @@ print("fallback ok", float(y[0, 0]))
 """
 
 
+@pytest.mark.system  # another process
 def test_a_missing_extension_falls_back_to_the_reference_with_one_warning_line():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if k != "CASCADE_MATMUL_BACKEND"}

@@ -186,6 +186,7 @@ print("scalar ok")
 """
 
 
+@pytest.mark.system  # another process
 def test_the_scalar_path_in_a_subprocess():
     env = {**os.environ, "CASCADE_CPU_KERNEL_SCALAR": "1", "JAX_PLATFORMS": "cpu"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
