@@ -14,14 +14,28 @@ import warnings
 import click
 
 from cascade import __version__
-from cascade.console import plural
+from cascade.console import format_table, plural
 
 
-def _emit(ctx_json: bool, payload: dict, human: str) -> None:
-    if ctx_json:
+def _emit(as_json: bool, payload: dict, human: str, out: str | None = None) -> None:
+    """The one output of every command: ``payload`` as one JSON object on stdout with ``--json``,
+    else ``human`` (a table, a summary) on stderr; with ``out`` (``--out FILE``) the payload is
+    also written to that file first (:func:`_write_json`)."""
+    if out:
+        _write_json(out, payload)
+    if as_json:
         click.echo(json.dumps(payload, allow_nan=False))  # strict JSON: NaN/Infinity are not JSON
     else:
         click.echo(human, err=True)
+
+
+def _write_json(path: str, payload) -> None:
+    """``payload`` as indented strict JSON in ``path``, written atomically (a temporary file beside
+    it, then a rename: :func:`cascade.models.files.atomic_open`), so a failure or a kill never
+    leaves half a result."""
+    from cascade.models.files import write_json
+
+    write_json(path, payload, allow_nan=False)
 
 
 # ----------------------------------------------------------------------------- parameter checks
@@ -384,6 +398,96 @@ def _kv_or_none(ctx, param, value):
     return None if value is not None and value.strip().lower() == "none" else _kv_spec(ctx, param, value)
 
 
+# ----------------------------------------------------------------------------- shared options
+# An option that several commands take with one meaning is declared once, here.  A command names
+# it with a call, ``@_json_option()``; keyword changes adapt what one command says of it, as in
+# ``@_out_option(help="Also write the JSON report here.")``.  Every error wording stays with the
+# callback or type the declaration names.
+
+
+def _shared_option(*decls, **attrs):
+    """The declaration of an option several commands take: a function of keyword changes (a help
+    text, a default of the command's own) that returns the ``click.option`` decorator."""
+    return lambda **changes: click.option(*decls, **{**attrs, **changes})
+
+
+def _option_group(*options):
+    """One decorator for several options, listed top first as they would be stacked."""
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return apply
+
+
+_RULES_HELP = ("Precision spec (int8, int4-g128, ...), inline rules ('attn=int8,*=int4-g128') or a rules file (a path "
+               "ending in .json or containing '/').")
+_TOKENIZER_HELP = ("A tokenizer.json or SentencePiece .model, for a model without one of its own (a llama2.c .bin; a "
+                   "Hugging Face directory without tokenizer files; a .gguf without tokenizer metadata).")
+
+_json_option = _shared_option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+_out_option = _shared_option("--out", "out_path", type=OUT_FILE, help="Also write the JSON here.")
+_tokenizer_option = _shared_option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help=_TOKENIZER_HELP)
+_overwrite_option = _shared_option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+_data_option = _shared_option("--data", required=True, callback=_data_file, help="UTF-8 text file to score.")
+_calib_option = _shared_option("--calib", required=True, callback=_data_file)
+_calib_samples_option = _shared_option("--calib-samples", default=128, show_default=True, type=click.IntRange(32, 1024),
+                                       help="Calibration sequences.")
+_calib_len_option = _shared_option("--calib-len", default=512, show_default=True, type=click.IntRange(min=2),
+                                   help="Tokens per calibration sequence (at most the model context).")
+_granularity_option = _shared_option("--granularity", type=click.Choice(["layer", "block"]), default="layer",
+                                     show_default=True)
+_seed_option = _shared_option("--seed", default=0, show_default=True, type=SEED, help=SEED_HELP)
+_rtn_quant_option = _shared_option("--quant", "quant_rules", callback=_rules, help="RTN-quantize first: " + _RULES_HELP)
+_kv_option = _shared_option("--kv", default="fp32", show_default=True, callback=_kv_spec, help=_KV_HELP)
+_budget_option = _shared_option("--budget", callback=_budget)
+_mesh_option = _shared_option("--mesh", callback=lambda c, p, v: None if v is None else _mesh(v),
+                              help="Tensor parallelism over the first N devices JAX sees: tp=N [default: one device].")
+_small_devices_option = _shared_option("--small-devices", type=click.IntRange(min=1))
+_draft_len_option = _shared_option("--draft-len", default=4, show_default=True, type=DraftLen())
+_window_option = _shared_option("--ctx", type=click.IntRange(min=2))  # evaluation: tokens per scored window
+_stride_option = _shared_option("--stride", type=click.IntRange(min=1))
+_limit_option = _shared_option("--limit", type=click.IntRange(min=1))
+_score_tokens_option = _shared_option("--max-tokens", type=click.IntRange(min=1),
+                                      help="Score only the first windows, about N tokens.")
+_clip_rate_option = _shared_option("--clip-rate", default=1.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
+                                   help="With --learn-clip: the clipping factors' learning rate as a multiple of --lr.")
+
+
+def _pair_model_options():
+    """``--small``/``--large`` (each model's precision) and ``--small-model``/``--large-model``."""
+    return _option_group(
+        click.option("--small", "small_quant", callback=_rules, help=_PAIR_QUANT_HELP.format(role="draft", default="int4")),
+        click.option("--large", "large_quant", callback=_rules,
+                     help=_PAIR_QUANT_HELP.format(role="verifier", default="int8")),
+        click.option("--small-model", default="default-small", show_default=True, callback=_model,
+                     help="The draft MODEL (path or built-in name)."),
+        click.option("--large-model", default="default-large", show_default=True, callback=_model,
+                     help="The verifier MODEL (path or built-in name)."))
+
+
+def _pair_kv_options():
+    """``--kv`` (both models) and ``--small-kv``/``--large-kv`` (one model each, over --kv)."""
+    return _option_group(
+        _kv_option(help=_KV_HELP + " Both models."),
+        click.option("--small-kv", callback=_kv_spec, help="KV cache precision of the draft model [default: --kv]."),
+        click.option("--large-kv", callback=_kv_spec, help="KV cache precision of the verifier model [default: --kv]."))
+
+
+def _sampling_options():
+    """How many tokens to generate and how to sample them (``--temperature 0``: greedy)."""
+    return _option_group(
+        click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1),
+                     help="Tokens to generate at most."),
+        click.option("--temperature", default=0.0, show_default=True, type=FiniteFloat(min=0), help="0 = greedy."),
+        click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="With --temperature above 0: sample from the k most likely (0 = off)."),
+        click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True),
+                     help="With --temperature above 0: nucleus sampling mass."),
+        _seed_option())
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", "-V", prog_name="cascade")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
@@ -393,20 +497,14 @@ def app(debug: bool) -> None:
 
 @app.command()
 @click.argument("prompt", required=False, default=DEFAULT_PROMPT, callback=_prompt)
-@click.option("--small", "small_quant", callback=_rules, help=_PAIR_QUANT_HELP.format(role="draft", default="int4"))
-@click.option("--large", "large_quant", callback=_rules, help=_PAIR_QUANT_HELP.format(role="verifier", default="int8"))
-@click.option("--small-model", default="default-small", show_default=True, callback=_model,
-              help="The draft MODEL (path or built-in name).")
-@click.option("--large-model", default="default-large", show_default=True, callback=_model,
-              help="The verifier MODEL (path or built-in name).")
+@_pair_model_options()
 @click.option("--mode", type=click.Choice(["speculative", "spec-cascade", "defer", "large", "small"]),
               default="speculative", show_default=True,
               help="speculative: small drafts, large verifies (output = the large model's); spec-cascade: the same, but "
                    "the small model's tokens stand where --rule trusts it (faster, not exact); defer: the small model "
                    "answers, the large one instead when --defer-score < --threshold; large/small: one model alone.")
-@click.option("--draft-len", default=4, show_default=True, type=DraftLen(),
-              help="Tokens the draft proposes per round, or auto: up to 8, stopping after a token the draft was "
-                   "less sure of than --draft-confidence.")
+@_draft_len_option(help="Tokens the draft proposes per round, or auto: up to 8, stopping after a token the draft was "
+                        "less sure of than --draft-confidence.")
 @click.option("--draft-confidence", type=FiniteFloat(min=0, max=1),
               help="Stop a round's draft after a token whose draft probability was below this [default: 0.5 with "
                    "--draft-len auto, else 0: never].")
@@ -423,30 +521,21 @@ def app(debug: bool) -> None:
                    "10th percentile of token probabilities, minus the mean entropy).")
 @click.option("--threshold", default=-1.0, show_default=True, type=FiniteFloat(),
               help="defer: the large model answers when the score is below this.")
-@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens to generate at most.")
-@click.option("--temperature", default=0.0, show_default=True, type=FiniteFloat(min=0), help="0 = greedy.")
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="With --temperature above 0: sample from the k most likely (0 = off).")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True), help="With --temperature above 0: nucleus sampling mass.")
-@click.option("--seed", default=0, show_default=True, type=SEED, help=SEED_HELP)
-@click.option("--kv", default="fp32", show_default=True, callback=_kv_spec, help=_KV_HELP + " Both models.")
-@click.option("--small-kv", callback=_kv_spec, help="KV cache precision of the draft model [default: --kv].")
-@click.option("--large-kv", callback=_kv_spec, help="KV cache precision of the verifier model [default: --kv].")
-@click.option("--budget", callback=_budget,
-              help="Device memory budget (e.g. 64MB, 2GiB): checked before loading (a model kept as stored: once "
-                   "loaded), for what this run allocates (the prompts that can run, the longest prompt's tokens + "
-                   "--max-tokens and the draft's extra positions); over budget is an error naming flags of this "
-                   "command that would fit.  With --mesh or --small-devices it is each device's budget.")
+@_sampling_options()
+@_pair_kv_options()
+@_budget_option(help="Device memory budget (e.g. 64MB, 2GiB): checked before loading (a model kept as stored: once "
+                     "loaded), for what this run allocates (the prompts that can run, the longest prompt's tokens + "
+                     "--max-tokens and the draft's extra positions); over budget is an error naming flags of this "
+                     "command that would fit.  With --mesh or --small-devices it is each device's budget.")
 @click.option("--prompts", "prompts_file", callback=_prompts_path,
               help=_PROMPTS_HELP + " Generated together as one batch (instead of PROMPT); with --json, one JSON "
                    "object per line.")
-@click.option("--mesh", callback=lambda c, p, v: None if v is None else _mesh(v),
-              help="tp=N: the large model over the first N devices JAX sees (tensor parallel), the small one "
+@_mesh_option(help="tp=N: the large model over the first N devices JAX sees (tensor parallel), the small one "
                    "replicated on each [default: one device].")
-@click.option("--small-devices", type=click.IntRange(min=1),
-              help="Put the small model on N devices of its own (after the large model's), split over them, "
-                   "instead of a copy on each of the large model's devices.")
+@_small_devices_option(help="Put the small model on N devices of its own (after the large model's), split over them, "
+                            "instead of a copy on each of the large model's devices.")
 @_scale_dtype_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_json_option()
 def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_len, draft_confidence, rule, alpha,
         defer_score, threshold, max_tokens, temperature, top_k, top_p, seed, kv, small_kv, large_kv, budget, prompts_file,
         mesh, small_devices, scale_dtype, as_json):
@@ -455,7 +544,7 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
     With no model paths it uses the embedded pair (default-small, default-large), so it works
     offline on a fresh install.  Greedy output equals the large model's own greedy output.
     """
-    from cascade.pair import RowError, generate_batch, load_pair
+    from cascade.pair import RowError, cascade_rule, generate_batch, load_pair
     from cascade.models import SamplingConfig
     from cascade.speculative import draft_setting
 
@@ -520,7 +609,7 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
     speculative = mode in ("speculative", "spec-cascade")
     settings = {"draft_len": draft_len if speculative else None,
                 "draft_confidence": draft_setting(draft_len, draft_confidence)[1] if speculative else None,
-                **({"rule": rule, "alpha": alpha} if mode == "spec-cascade" else {}),
+                **cascade_rule(mode, rule, alpha),
                 **({"mesh": placement} if placement else {})}
     failed = 0
     for index, r in enumerate(results):
@@ -609,9 +698,6 @@ def _print_run(r, mode, draft_len, rule, alpha, small_quant, large_quant, small_
 def _is_weights_file(path: str) -> bool:
     return os.path.isfile(path) and path.lower().endswith((".safetensors", ".npz"))
 
-
-_RULES_HELP = ("Precision spec (int8, int4-g128, ...), inline rules ('attn=int8,*=int4-g128') or a rules file (a path "
-               "ending in .json or containing '/').")
 
 _MODEL_HELP = ("MODEL is a built-in name (default-small, default-large), a Hugging Face directory (config.json + safetensors + tokenizer), a .gguf file, "
                "a llama2.c .bin (tokenizer.model beside it, or --tokenizer), or a checkpoint saved by `cascade quantize`; "
@@ -740,11 +826,10 @@ _CANDIDATES_HELP = "Comma-separated candidate precisions for each layer"
                    "--budget, by measured sensitivity (needs --calib).")
 @click.option("--avg-bits", type=FiniteFloat(min=0.5, max=32), help="--quant auto: average bits per weight of the matrices "
               "(scales and zero points count).")
-@click.option("--budget", callback=_budget, help="--quant auto: bytes of the whole model's weights (e.g. 60MB).")
+@_budget_option(help="--quant auto: bytes of the whole model's weights (e.g. 60MB).")
 @click.option("--candidates", callback=_candidates, help=_CANDIDATES_HELP + " (--quant auto) [default: "
               "bf16,int8,int4-g128,int4-g32,int3-g32].")
-@click.option("--granularity", type=click.Choice(["layer", "block"]), default="layer", show_default=True,
-              help="--quant auto: choose a precision per matrix or per block.")
+@_granularity_option(help="--quant auto: choose a precision per matrix or per block.")
 @click.option("--rules-out", type=OUT_FILE, help="--quant auto: also write the chosen rules as a JSON "
               "rules file (editable; pass it back with --quant FILE).")
 @click.option("--sensitivity", "sensitivity_file", callback=_data_file,
@@ -756,11 +841,9 @@ _CANDIDATES_HELP = "Comma-separated candidate precisions for each layer"
                    "moved into the weights, for w8a8) (need --calib), hqq (calibration-free).")
 @click.option("--calib", callback=_data_file,
               help="Calibration text (documents separated by <|endoftext|> lines), for gptq and awq.")
-@click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(32, 1024),
-              help="Calibration sequences.")
-@click.option("--calib-len", default=512, show_default=True, type=click.IntRange(min=2),
-              help="Tokens per calibration sequence (at most the model context).")
-@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for sampling the calibration sequences.")
+@_calib_samples_option()
+@_calib_len_option()
+@_seed_option(help="Seed for sampling the calibration sequences.")
 @click.option("--damp", default=0.01, show_default=True, type=FiniteFloat(min=0, max=1),
               help="GPTQ dampening, a fraction of the Hessian's mean diagonal.")
 @click.option("--act-order", is_flag=True, help="GPTQ: quantize inputs by decreasing activation energy (static groups).")
@@ -772,14 +855,12 @@ _CANDIDATES_HELP = "Comma-separated candidate precisions for each layer"
               help="SmoothQuant: migration strength (0: activations kept as they are, 1: all moved into the weights), "
                    "or 'auto': searched per input of each block on the calibration data.")
 @click.option("-o", "--out", "out_dir", type=OUT_DIR, help="Write the quantized model (an orbax checkpoint directory).")
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="A tokenizer.json or SentencePiece .model, for a model "
-              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
-              "without tokenizer metadata).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@_tokenizer_option()
+@_overwrite_option()
 @click.option("--axis", type=int, default=None,
               help="Only for a bare .safetensors/.npz weights file: reduction axis [default: 1 for .safetensors, 0 for .npz].")
 @_scale_dtype_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_json_option()
 def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rules_out, sensitivity_file, method, calib,
              calib_samples,
              calib_len, seed, damp, act_order, iters, batch, alpha, out_dir, tokenizer, overwrite, axis, scale_dtype,
@@ -854,7 +935,7 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
               report.table())
         return
     _refuse_unless(False, ("axis",), "to a bare .safetensors/.npz weights file")
-    from cascade.models import load_model, quantize_model, save_checkpoint
+    from cascade.models import load_model, save_checkpoint
     from cascade.models.checkpoint import check_destination
 
     if out_dir:  # refuse a taken destination before the work, not after it
@@ -872,53 +953,31 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
     _check_tokenizer_flag(model, tokenizer)
     loaded = load_model(model, tokenizer=tokenizer)
     calib_set = None if calib is None else _calibration(loaded, model, calib, calib_samples, calib_len, seed)
+    settings = dict(method=method, damp=damp, act_order=act_order, iters=iters, batch=batch, alpha=alpha,
+                    scale_dtype=scale_dtype)
     auto_summary, auto_text = None, ""
     if auto:
-        from cascade.models import sensitivity
+        from cascade.bench.sensitivity import summary_text
+        from cascade.models.workflow import NoCandidate, auto_mixed_precision
 
         if loaded.quant:
             click.echo(f"note: {model} is quantized; measuring sensitivity on its dequantized weights", err=True)
-        tokens = None if calib_set is None else sensitivity.scoring_tokens(calib_set)
-        float_params = sensitivity.float_params(loaded.params)
-        if sensitivity_file is not None:
-            report_s = sensitivity.report_from_json(_read_json(sensitivity_file, "--sensitivity"), float_params,
-                                                    scale_dtype=scale_dtype)
-            candidates = report_s.candidates
-        candidates = list(candidates or sensitivity.DEFAULT_CANDIDATES)
-        if method in CALIBRATED_METHODS:  # GPTQ, AWQ, AutoRound work per channel or group, not per tensor
-            tensor = [c for c in candidates if getattr(quant.parse_spec(c), "granularity", None) == "tensor"]
-            for c in tensor:
-                click.echo(f"note: skipping candidate {c}: --method {method} does not support per-tensor specs", err=True)
-            candidates = [c for c in candidates if c not in tensor]
-            if not candidates:
-                raise click.UsageError(f"no candidate precision that --method {method} supports")
-        if sensitivity_file is None:
-            report_s = sensitivity.layer_sensitivity(float_params, loaded.config, tokens, candidates,
-                                                     granularity=granularity, proxy=False, scale_dtype=scale_dtype)
-        else:
-            report_s = sensitivity.restrict(report_s, candidates)
-            click.echo(f"note: reusing the sensitivity measured in {sensitivity_file} ({report_s.granularity} "
-                       f"granularity, candidates {','.join(candidates)})", err=True)
-        rules, auto_summary = sensitivity.plan_rules(report_s, loaded.config, avg_bits=avg_bits, budget=budget,
-                                                     scale_dtype=scale_dtype)
-        quant_rules = rules
-    from cascade.models.quantize import needs_calibration
-
-    extra = {"iters": iters, "batch": batch} if method == "autoround" else {}
-    if method == "smoothquant":
-        extra["alpha"] = alpha
-    uses_calib = needs_calibration(method, quant_rules, loaded.params)
-    quantized, report = quantize_model(loaded, quant_rules, method=method, calib=calib_set if uses_calib else None,
-                                       damp=damp, act_order=act_order, scale_dtype=scale_dtype, **extra)
-    if auto and tokens is not None:
-        auto_summary["measured_kl"] = sensitivity.measured_kl(sensitivity.float_params(quantized.params), loaded.config,
-                                                              float_params, tokens)
-    if auto:
-        auto_summary["rules"] = rules.to_json()
-        auto_text = "\n" + sensitivity.summary_text(auto_summary)
+        saved = None if sensitivity_file is None else _read_json(sensitivity_file, "--sensitivity")
+        try:
+            chosen = auto_mixed_precision(loaded, calib_set, avg_bits=avg_bits, budget=budget, candidates=candidates,
+                                          granularity=granularity, sensitivity=saved, sensitivity_source=sensitivity_file,
+                                          note=lambda text: click.echo(f"note: {text}", err=True), **settings)
+        except NoCandidate as e:
+            raise click.UsageError(str(e)) from None
+        quantized, report, auto_summary = chosen.model, chosen.report, chosen.summary
+        auto_text = "\n" + summary_text(auto_summary)
         if rules_out:
-            _write_atomic(rules_out, json.dumps(rules.to_json(), indent=2) + "\n")
+            _write_json(rules_out, chosen.rules.to_json())
             auto_text += f"\nrules written to {rules_out}"
+    else:
+        from cascade.models.quantize import quantize_with_method
+
+        quantized, report = quantize_with_method(loaded, quant_rules, calib=calib_set, **settings)
     if out_dir:
         save_checkpoint(out_dir, quantized, overwrite=overwrite)
     payload = {"model": model, "quant": quantized.quant, "ptq": quantized.ptq, "out": out_dir, **report.to_json()}
@@ -930,24 +989,18 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
 
 @app.command()
 @click.argument("model", callback=_model)
-@click.option("--calib", required=True, callback=_data_file,
-              help="Calibration text (documents separated by <|endoftext|> lines) to measure on.")
+@_calib_option(help="Calibration text (documents separated by <|endoftext|> lines) to measure on.")
 @click.option("--quant", "--candidates", "candidates", default="int8,int4-g128,int4-g32,int3-g32", show_default=True,
               callback=_candidates, help=_CANDIDATES_HELP + ".")
-@click.option("--granularity", type=click.Choice(["layer", "block"]), default="layer", show_default=True,
-              help="Quantize one matrix at a time, or one block's matrices together.")
-@click.option("--calib-samples", default=32, show_default=True, type=click.IntRange(32, 1024),
-              help="Calibration sequences scored per run.")
-@click.option("--calib-len", default=256, show_default=True, type=click.IntRange(min=2),
-              help="Tokens per calibration sequence (at most the model context).")
-@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for sampling the calibration sequences.")
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="A tokenizer.json or SentencePiece .model, for a model "
-              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
-              "without tokenizer metadata).")
+@_granularity_option(help="Quantize one matrix at a time, or one block's matrices together.")
+@_calib_samples_option(default=32, help="Calibration sequences scored per run.")
+@_calib_len_option(default=256)
+@_seed_option(help="Seed for sampling the calibration sequences.")
+@_tokenizer_option()
 @_scale_dtype_option
-@click.option("--out", "out_path", type=OUT_FILE, help="Also write the JSON report here.")
+@_out_option(help="Also write the JSON report here.")
 @click.option("--plot", "plot_path", type=OUT_PNG, help="Write a PNG bar chart of KL per layer (needs matplotlib).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_json_option()
 def sensitivity(model, calib, candidates, granularity, calib_samples, calib_len, seed, tokenizer, scale_dtype,
                 out_path, plot_path, as_json):
     """Measure how much each layer (or block) quantized alone moves the model, per candidate precision.
@@ -960,6 +1013,7 @@ def sensitivity(model, calib, candidates, granularity, calib_samples, calib_len,
     `cascade quantize MODEL --quant auto --avg-bits 4.5 --calib FILE` uses the same measurement to
     choose the precisions.
     """
+    from cascade.bench.sensitivity import plot, table
     from cascade.models import load_model
     from cascade.models import sensitivity as sens
 
@@ -973,12 +1027,10 @@ def sensitivity(model, calib, candidates, granularity, calib_samples, calib_len,
                                     granularity=granularity, scale_dtype=scale_dtype)
     result = {"model": model, "calibration": calib_set.recipe, **report.to_json()}
     if plot_path:
-        if not sens.plot(report, plot_path):
+        if not plot(report, plot_path):
             raise click.ClickException("--plot needs matplotlib (pip install matplotlib)")
         result["plot"] = plot_path
-    if out_path:
-        _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
-    _emit(as_json, result, sens.table(report, limit=40))
+    _emit(as_json, result, table(report, limit=40), out=out_path)
 
 
 def _ptq_text(ptq: dict | None) -> str:
@@ -1000,7 +1052,7 @@ def _ptq_text(ptq: dict | None) -> str:
 @click.argument("model", callback=_model)
 @click.option("--quant", "quant_rules", callback=_rules,
               help=_RULES_HELP + " Needed for a float MODEL; a checkpoint of `cascade quantize` keeps its own.")
-@click.option("--data", required=True, callback=_data_file, help="Training text (documents separated by <|endoftext|> lines).")
+@_data_option(help="Training text (documents separated by <|endoftext|> lines).")
 @click.option("--val", callback=_data_file, help="Validation text: its loss is logged every --eval-every steps.")
 @click.option("--steps", required=True, type=click.IntRange(1, 10_000_000), help="Optimizer steps.")
 @click.option("--lr", default=1e-4, show_default=True, type=FiniteFloat(min=0, min_open=True), help="Peak learning rate (AdamW).")
@@ -1008,11 +1060,10 @@ def _ptq_text(ptq: dict | None) -> str:
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096), help="Sequences per step.")
 @click.option("--seq-len", default=256, show_default=True, type=click.IntRange(min=2), help="Tokens per sequence (at most the model context).")
 @click.option("--eval-every", default=50, show_default=True, type=click.IntRange(min=1), help="Validation loss every N steps.")
-@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for the batch order.")
+@_seed_option(help="Seed for the batch order.")
 @click.option("--learn-clip", is_flag=True,
               help="Also learn each group's clipping range (factors in [0.5, 1] of the spec's range, trained with the weights).")
-@click.option("--clip-rate", default=1.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
-              help="With --learn-clip: the clipping factors' learning rate as a multiple of --lr.")
+@_clip_rate_option()
 @click.option("--distill", is_flag=True,
               help="Train on the KL divergence from a float teacher's predictions instead of the text's next token: "
                    "the float MODEL itself, or --teacher.")
@@ -1022,12 +1073,10 @@ def _ptq_text(ptq: dict | None) -> str:
               help="Write the quantized model here (an orbax checkpoint directory).")
 @click.option("--run-dir", type=OUT_DIR,
               help="Training checkpoints, loss.csv and loss.png; a rerun resumes from it [default: OUT.run].")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="A tokenizer.json or SentencePiece .model, for a model "
-              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
-              "without tokenizer metadata).")
+@_overwrite_option()
+@_tokenizer_option()
 @_scale_dtype_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_json_option()
 def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, eval_every, seed, learn_clip, clip_rate, distill,
         teacher, out_dir, run_dir, overwrite, tokenizer, scale_dtype, as_json):
     """Quantization-aware fine-tuning: train MODEL with its weights fake-quantized, save it quantized.
@@ -1113,13 +1162,11 @@ def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, e
 
 @app.command()
 @click.argument("model", callback=_model)
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="A tokenizer.json or SentencePiece .model, for a model "
-              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
-              "without tokenizer metadata).")
+@_tokenizer_option()
 @click.option("--kv", "kvs", multiple=True, callback=lambda c, p, v: tuple(_kv_spec(c, p, x) for x in v),
               help="KV cache precision(s) to account for (repeatable) [default: fp32, fp16, int8, int4].")
 @click.option("--ctx", type=click.IntRange(min=1), help="Context for the KV cache bytes [default: the model context].")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_json_option()
 def inspect(model, tokenizer, kvs, ctx, as_json):
     """Architecture, parameter count, per-tensor precision and bytes of MODEL, and its KV cache
     bytes per token and per sequence for each KV precision.
@@ -1132,12 +1179,11 @@ def inspect(model, tokenizer, kvs, ctx, as_json):
         _refuse_unless(False, ("tokenizer", "kvs", "ctx"), "to a model, not to a bare weights file")
         params = weights_file.load(model)
         rows = [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype), "bytes": int(v.nbytes)} for k, v in params.items()]
-        width = max([len(r["name"]) for r in rows] + [6])
-        lines = [f"{'tensor':<{width}}  {'shape':<16} {'dtype':<9} {'bytes':>12}"]
-        lines += [f"{r['name']:<{width}}  {'x'.join(map(str, r['shape'])):<16} {r['dtype']:<9} {r['bytes']:>12,}" for r in rows]
         total = sum(r["bytes"] for r in rows)
-        lines.append(f"{plural(len(rows), 'tensor')}, {total:,} bytes")
-        _emit(as_json, {"model": model, "tensors": rows, "bytes": total}, "\n".join(lines))
+        table = format_table([(r["name"], "x".join(map(str, r["shape"])), r["dtype"], f"{r['bytes']:,}") for r in rows],
+                             ("tensor", "shape", "dtype", "bytes"), align="<<<>")
+        _emit(as_json, {"model": model, "tensors": rows, "bytes": total},
+              f"{table}\n{plural(len(rows), 'tensor')}, {total:,} bytes")
         return
     from cascade.models import describe_model, kv_cache_memory
 
@@ -1148,7 +1194,10 @@ def inspect(model, tokenizer, kvs, ctx, as_json):
     info = describe_model(loaded)
     ctx = ctx or loaded.config.max_seq_len
     info["kv_cache"] = [kv_cache_memory(loaded.config, kv, ctx) for kv in (kvs or ("fp32", "fp16", "int8", "int4"))]
-    width = max(len(r["name"]) for r in info["tensors"])
+    tensors = [(r["name"], "x".join(map(str, r["shape"])), r["precision"], f"{r['bytes']:,}", r["matmul"] or "")
+               for r in info["tensors"]]
+    kv_rows = [(m["kv"], f"{m['bytes_per_token']:,.1f}", f"{m['vs_fp16_per_token']:.1%}", f"{m['bytes_per_sequence']:,}",
+                f"{m['vs_fp16_per_sequence']:.1%}") for m in info["kv_cache"]]
     lines = [f"{info['architecture']} from {info['format']} ({model}): {info['params']:,} parameters, "
              f"{info['weight_bytes']:,} bytes of weights",
              "quantized matmuls (decode): " + (", ".join(f"{n} on {b}" for b, n in info["matmul_backends"].items())
@@ -1156,38 +1205,31 @@ def inspect(model, tokenizer, kvs, ctx, as_json):
              *([f"precision rules: {info['quant']}; {_ptq_text(info['ptq'])}"] if info["quant"] else []),
              "config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items() if k != "architecture"),
              f"tokenizer: {info['tokenizer']}",
-             f"{'tensor':<{width}}  {'shape':<14} {'precision':<16} {'bytes':>12}"]
-    lines += [f"{r['name']:<{width}}  {'x'.join(map(str, r['shape'])):<14} {r['precision']:<16} {r['bytes']:>12,}"
-              + (f"  {r['matmul']}" if r["matmul"] else "") for r in info["tensors"]]
-    lines.append(f"KV cache, one sequence of {ctx} positions:")
-    lines.append(f"  {'kv':<14} {'bytes/token':>12} {'vs fp16':>8} {'bytes/sequence':>15} {'vs fp16':>8}")
-    lines += [f"  {m['kv']:<14} {m['bytes_per_token']:>12,.1f} {m['vs_fp16_per_token']:>8.1%} "
-              f"{m['bytes_per_sequence']:>15,} {m['vs_fp16_per_sequence']:>8.1%}" for m in info["kv_cache"]]
+             format_table(tensors, ("tensor", "shape", "precision", "bytes", ""), align="<<<><"),
+             f"KV cache, one sequence of {ctx} positions:",
+             format_table(kv_rows, ("kv", "bytes/token", "vs fp16", "bytes/sequence", "vs fp16"), indent="  ")]
     _emit(as_json, {"model": model, **info}, "\n".join(lines))
 
 
 @app.command(name="eval")
 @click.argument("model", callback=_model)
-@click.option("--data", required=True, callback=_data_file, help="UTF-8 text file to score.")
-@click.option("--quant", "quant_rules", callback=_rules, help="RTN-quantize first: " + _RULES_HELP)
-@click.option("--ctx", type=click.IntRange(min=2), help="Window length in tokens [default: the model context, at most 2048].")
-@click.option("--stride", type=click.IntRange(min=1), help="Window step for long documents (not with --truncate) [default: ctx//2].")
+@_data_option()
+@_rtn_quant_option()
+@_window_option(help="Window length in tokens [default: the model context, at most 2048].")
+@_stride_option(help="Window step for long documents (not with --truncate) [default: ctx//2].")
 @click.option("--truncate/--no-truncate", default=False, show_default=True,
               help="Score only the first ctx tokens of each document (llama2.c-style), or every token in windows.")
-@click.option("--limit", type=click.IntRange(min=1), help="Score only the first N documents.")
-@click.option("--max-tokens", type=click.IntRange(min=1), help="Score only the first windows, about N tokens.")
+@_limit_option(help="Score only the first N documents.")
+@_score_tokens_option()
 @click.option("--kv", callback=_kv_spec,
               help=_KV_HELP + " Scores every window through a cache of this precision [default: no cache].")
 @click.option("--reference", is_flag=False, flag_value="source", default=None, metavar="[SOURCE]",
               help="Also report KL divergence, top-1 agreement and Δppl against a reference model: SOURCE, or with "
                    "no value the unquantized source (MODEL itself with --quant; a checkpoint's recorded source).")
-@click.option("--mesh", callback=lambda c, p, v: None if v is None else _mesh(v),
-              help="Tensor parallelism over the first N devices JAX sees: tp=N [default: one device].")
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="A tokenizer.json or SentencePiece .model, for a model "
-              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
-              "without tokenizer metadata).")
+@_mesh_option()
+@_tokenizer_option()
 @_scale_dtype_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_json_option()
 def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv, reference, mesh, tokenizer, scale_dtype,
           as_json):
     """Perplexity of MODEL on a text file.
@@ -1280,26 +1322,20 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv
 @app.command()
 @click.argument("model", callback=_model)
 @click.argument("prompt", callback=_prompt)
-@click.option("--quant", "quant_rules", callback=_rules, help="RTN-quantize first: " + _RULES_HELP)
-@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens to generate at most.")
-@click.option("--temperature", default=0.0, show_default=True, type=FiniteFloat(min=0), help="0 = greedy.")
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="With --temperature above 0: sample from the k most likely (0 = off).")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True), help="With --temperature above 0: nucleus sampling mass.")
-@click.option("--seed", default=0, show_default=True, type=SEED, help=SEED_HELP)
+@_rtn_quant_option()
+@_sampling_options()
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message with the model's chat template.")
 @click.option("--bos/--no-bos", default=None, help="Prepend BOS [default: the tokenizer's setting].")
-@click.option("--kv", default="fp32", show_default=True, callback=_kv_spec, help=_KV_HELP)
-@click.option("--mesh", callback=lambda c, p, v: None if v is None else _mesh(v),
-              help="Tensor parallelism over the first N devices JAX sees: tp=N [default: one device].")
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="A tokenizer.json or SentencePiece .model, for a model "
-              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
-              "without tokenizer metadata).")
+@_kv_option()
+@_mesh_option()
+@_tokenizer_option()
 @_scale_dtype_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_json_option()
 def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, seed, chat, bos, kv, mesh, tokenizer,
              scale_dtype, as_json):
     """Generate a continuation of PROMPT with MODEL."""
     from cascade.models import SamplingConfig, generate as generate_tokens, matmul_backends
+    from cascade.models.generation import eos_ids
     from cascade.quant.kernels.cpu import attention_backend
 
     _refuse_sampling_flags(temperature)
@@ -1316,7 +1352,7 @@ def generate(model, prompt, quant_rules, max_tokens, temperature, top_k, top_p, 
         raise click.UsageError("the prompt encodes to no tokens; pass a non-empty PROMPT or --bos")
     params, placement = _place(loaded, mesh)
     out = generate_tokens(params, loaded.config, [ids], max_new_tokens=max_tokens, sampling=sampling,
-                          eos_ids=tok.eos_ids or loaded.config.eos_token_ids, kv=kv)
+                          eos_ids=eos_ids(tok, loaded.config), kv=kv)
     gen = out.tokens[0]
     completion = tok.decode_completion(ids, gen)
     payload = {"model": model, "quant": loaded.quant, "kv": kv, "prompt": prompt, "prompt_token_ids": ids, "text": completion,
@@ -1360,10 +1396,8 @@ def _place(model, tp: int | None):
 @click.argument("model_b", metavar="B", callback=_model)
 @click.option("--prompts", required=True, callback=_prompts_path, help=_PROMPTS_HELP)
 @click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(min=1), help="Greedy tokens per prompt.")
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="A tokenizer.json or SentencePiece .model, for a model "
-              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
-              "without tokenizer metadata).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_tokenizer_option()
+@_json_option()
 def compare(model_a, model_b, prompts, max_tokens, tokenizer, as_json):
     """Greedy outputs of models A and B side by side, with the first token where they diverge.
 
@@ -1372,7 +1406,7 @@ def compare(model_a, model_b, prompts, max_tokens, tokenizer, as_json):
     Both models must share the tokenizer.
     """
     from cascade.models import generate as generate_tokens
-    from cascade.models.generation import first_divergence
+    from cascade.models.generation import eos_ids, first_divergence
     from cascade.models.loaders import TOKENIZER_PATH_USE, has_own_tokenizer
 
     lines = [p for _, p in _read_prompts(prompts)]
@@ -1387,7 +1421,7 @@ def compare(model_a, model_b, prompts, max_tokens, tokenizer, as_json):
     for prompt in lines:
         ids = a.tokenizer.encode(prompt)
         outs = [generate_tokens(m.params, m.config, [ids], max_new_tokens=max_tokens,
-                                eos_ids=m.tokenizer.eos_ids or m.config.eos_token_ids).tokens[0] for m in (a, b)]
+                                eos_ids=eos_ids(m.tokenizer, m.config)).tokens[0] for m in (a, b)]
         at = first_divergence(outs[0], outs[1])
         rows.append({"prompt": prompt, "a": a.tokenizer.decode_completion(ids, outs[0]),
                      "b": b.tokenizer.decode_completion(ids, outs[1]), "a_token_ids": outs[0], "b_token_ids": outs[1],
@@ -1413,29 +1447,19 @@ def _token_text(tok, prompt_ids, out, i: int) -> str | None:
 
 
 @app.command()
-@click.option("--small", "small_quant", callback=_rules, help=_PAIR_QUANT_HELP.format(role="draft", default="int4"))
-@click.option("--large", "large_quant", callback=_rules, help=_PAIR_QUANT_HELP.format(role="verifier", default="int8"))
-@click.option("--small-model", default="default-small", show_default=True, callback=_model,
-              help="The draft MODEL (path or built-in name).")
-@click.option("--large-model", default="default-large", show_default=True, callback=_model,
-              help="The verifier MODEL (path or built-in name).")
+@_pair_model_options()
 @click.option("--mode", type=click.Choice(["speculative", "large", "small"]), default="speculative", show_default=True,
               help="Which models run (as in `cascade run`).")
-@click.option("--kv", default="fp32", show_default=True, callback=_kv_spec, help=_KV_HELP + " Both models.")
-@click.option("--small-kv", callback=_kv_spec, help="KV cache precision of the draft model [default: --kv].")
-@click.option("--large-kv", callback=_kv_spec, help="KV cache precision of the verifier model [default: --kv].")
+@_pair_kv_options()
 @click.option("--ctx", type=click.IntRange(min=1), help="Positions per sequence [default: the pair's context].")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Sequences held at once.")
-@click.option("--draft-len", default=4, show_default=True, type=DraftLen(), help="As in `cascade run` (sizes the KV rings).")
-@click.option("--budget", callback=_budget,
-              help="Device memory budget, e.g. 2GiB or 512MB: exit 1 if the plan does not fit (each device's, with "
-                   "--mesh or --small-devices), naming flags of this command that would fit.")
-@click.option("--mesh", callback=lambda c, p, v: None if v is None else _mesh(v),
-              help="tp=N: the large model split over N devices, as `cascade run --mesh` [default: one device].")
-@click.option("--small-devices", type=click.IntRange(min=1),
-              help="The small model on N devices of its own, as `cascade run --small-devices`.")
+@_draft_len_option(help="As in `cascade run` (sizes the KV rings).")
+@_budget_option(help="Device memory budget, e.g. 2GiB or 512MB: exit 1 if the plan does not fit (each device's, with "
+                     "--mesh or --small-devices), naming flags of this command that would fit.")
+@_mesh_option(help="tp=N: the large model split over N devices, as `cascade run --mesh` [default: one device].")
+@_small_devices_option(help="The small model on N devices of its own, as `cascade run --small-devices`.")
 @_scale_dtype_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_json_option()
 def plan(small_quant, large_quant, small_model, large_model, mode, kv, small_kv, large_kv, ctx, batch, draft_len, budget,
          mesh, small_devices, scale_dtype, as_json):
     """Memory of a cascade: each model's weights and KV cache at a context, against --budget.
@@ -1558,17 +1582,15 @@ def _error_specs(ctx, param, value):
               help="Time only this matmul backend (default: every backend that runs the spec).")
 @click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=1), help="Timed runs (median).")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
-@click.option("--out", "out_path", type=OUT_FILE, help="Also write the JSON here.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_out_option()
+@_json_option()
 def bench_matmul(batch, shapes, k, n, specs, backend, repeats, warmup, out_path, as_json):
     """Time float32 x @ W against the quantized dequant-matmul on every backend, side by side."""
     from cascade.bench import matmul as bench_mm
 
     result = bench_mm.run(batches=batch, shapes=shapes, k=k, n=n, specs=specs,
                           backend=backend, repeats=repeats, warmup=warmup)
-    if out_path:
-        _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
-    _emit(as_json, result, bench_mm.format_table(result))
+    _emit(as_json, result, bench_mm.format_table(result), out=out_path)
 
 
 @bench.command(name="decode")
@@ -1590,11 +1612,9 @@ def bench_matmul(batch, shapes, k, n, specs, backend, repeats, warmup, out_path,
 @click.option("--attention", "attention", default="auto", show_default=True,
               help="Comma-separated cache-attention backends to time each row on: cpu (native kernel), xla "
                    "(reference); auto: whichever is selected.")
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="A tokenizer.json or SentencePiece .model, for a model "
-              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
-              "without tokenizer metadata).")
-@click.option("--out", "out_path", type=OUT_FILE, help="Also write the JSON here.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_tokenizer_option()
+@_out_option()
+@_json_option()
 def bench_decode(model, specs, prompt, tokens, repeats, warmup, llamacpp, threads, kv_specs, context, attention,
                  tokenizer, out_path, as_json):
     """Decode tokens/s at batch 1 of MODEL at several precisions (and llama.cpp's), side by side."""
@@ -1639,9 +1659,7 @@ def bench_decode(model, specs, prompt, tokens, repeats, warmup, llamacpp, thread
     result = bench_dec.run(loaded, label=model, specs=spec_list, prompt=prompt, tokens=tokens, repeats=repeats,
                            warmup=warmup, llamacpp=llamacpp, threads=threads, kv=kv_list, context=context,
                            attention=attn_list)
-    if out_path:
-        _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
-    _emit(as_json, result, bench_dec.format_table(result))
+    _emit(as_json, result, bench_dec.format_table(result), out=out_path)
 
 
 @bench.command(name="error")
@@ -1650,33 +1668,29 @@ def bench_decode(model, specs, prompt, tokens, repeats, warmup, llamacpp, thread
                    "standard set).")
 @click.option("--k", default=2048, show_default=True, type=click.IntRange(min=1), help="Rows of the test weight.")
 @click.option("--n", default=512, show_default=True, type=click.IntRange(min=1), help="Columns of the test weight.")
-@click.option("--out", "out_path", type=OUT_FILE, help="Also write the JSON here.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_out_option()
+@_json_option()
 def bench_error(specs, k, n, out_path, as_json):
     """Relative quantization error and bits/weight per spec and clip method."""
     from cascade.bench import quant_error
 
     kwargs = {"specs": specs} if specs is not None else {}
     result = quant_error.run(k=k, n=n, **kwargs)
-    if out_path:
-        _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
-    _emit(as_json, result, quant_error.format_table(result))
+    _emit(as_json, result, quant_error.format_table(result), out=out_path)
 
 
 @bench.command(name="ppl")
 @click.argument("model", callback=_model)
-@click.option("--data", required=True, callback=_data_file, help="UTF-8 text file to score.")
+@_data_option()
 @click.option("--spec", "specs", default=None, help="Comma-separated specs; 'source' = as loaded [default: a standard set].")
-@click.option("--limit", default=200, show_default=True, type=click.IntRange(min=1), help="First N documents.")
-@click.option("--ctx", type=click.IntRange(min=2), help="Window length [default: the model context, at most 2048].")
-@click.option("--stride", type=click.IntRange(min=1), help="Window step with --no-truncate [default: ctx//2].")
+@_limit_option(default=200, show_default=True, help="First N documents.")
+@_window_option(help="Window length [default: the model context, at most 2048].")
+@_stride_option(help="Window step with --no-truncate [default: ctx//2].")
 @click.option("--no-truncate/--truncate", "no_truncate", default=False,
               help="Score long documents in windows instead of truncating them to ctx [default: --truncate].")
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="A tokenizer.json or SentencePiece .model, for a model "
-              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
-              "without tokenizer metadata).")
-@click.option("--out", "out_path", type=OUT_FILE, help="Also write the JSON here.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_tokenizer_option()
+@_out_option()
+@_json_option()
 def bench_ppl(model, data, specs, limit, ctx, stride, no_truncate, tokenizer, out_path, as_json):
     """Perplexity and weight bytes of MODEL under several precision specs, on the same tokens."""
     from cascade.bench import perplexity as bench_ppl_mod
@@ -1692,33 +1706,22 @@ def bench_ppl(model, data, specs, limit, ctx, stride, no_truncate, tokenizer, ou
     kwargs = {"specs": spec_list} if spec_list else {}
     result = bench_ppl_mod.run(loaded, data, limit=limit, ctx=ctx, stride=stride, truncate=not no_truncate,
                                label=model, **kwargs)
-    if out_path:
-        _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
-    _emit(as_json, result, bench_ppl_mod.format_table(result))
+    _emit(as_json, result, bench_ppl_mod.format_table(result), out=out_path)
 
 
-def _calibrated_bench_options(f):
-    """The calibration and scoring options `bench ptq` and `bench workflow` share."""
-    for option in reversed((
-        click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(32, 1024),
-                     help="Calibration sequences."),
-        click.option("--calib-len", default=512, show_default=True, type=click.IntRange(min=2),
-                     help="Tokens per calibration sequence (capped at the model context)."),
-        click.option("--limit", default=200, show_default=True, type=click.IntRange(min=1), help="First N documents of --data."),
-        click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=2),
-                     help="Window length (capped at the model context)."),
-        click.option("--max-tokens", type=click.IntRange(min=1), help="Score only the first windows, about N tokens."),
-        click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False),
-                     help="A tokenizer.json or SentencePiece .model, for a model "
-              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
-              "without tokenizer metadata)."))):
-        f = option(f)
-    return f
+# the calibration and scoring options `bench ptq`, `bench qat` and `bench workflow` share
+_calibrated_bench_options = _option_group(
+    _calib_samples_option(),
+    _calib_len_option(help="Tokens per calibration sequence (capped at the model context)."),
+    _limit_option(default=200, show_default=True, help="First N documents of --data."),
+    _window_option(default=512, show_default=True, help="Window length (capped at the model context)."),
+    _score_tokens_option(),
+    _tokenizer_option())
 
 
 @bench.command(name="ptq")
 @click.argument("model", callback=_model)
-@click.option("--calib", required=True, callback=_data_file, help="Calibration text (GPTQ, AWQ).")
+@_calib_option(help="Calibration text (GPTQ, AWQ).")
 @click.option("--data", required=True, multiple=True, callback=_data_files,
               help="UTF-8 text file to score (repeat the flag to score every model on several files).")
 @click.option("--spec", "specs", default="int4,int4-g128,int4-g32,int3-g32,int3-g64-asym,int2-g16-asym", show_default=True,
@@ -1730,8 +1733,8 @@ def _calibrated_bench_options(f):
 @click.option("--act-order", is_flag=True, help="GPTQ's activation order for the gptq and awq-gptq rows.")
 @click.option("--alpha", "alphas", help="Comma-separated SmoothQuant migration strengths in [0, 1] or 'auto' (searched "
                                           "per input of each block), one set of smoothquant rows each [default: 0.5].")
-@click.option("--out", "out_path", type=OUT_FILE, help="Also write the JSON here.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_out_option()
+@_json_option()
 def bench_ptq(model, calib, data, specs, methods, calib_samples, calib_len, limit, ctx, max_tokens, tokenizer,
               act_order, alphas, out_path, as_json):
     """RTN, GPTQ, AWQ and HQQ side by side: perplexity, Δppl, KL divergence, top-1 agreement, bytes and
@@ -1799,7 +1802,7 @@ def _row_saver(model: str, out_path: str | None, line):
     def save(result: dict, final: bool = False) -> None:
         result["model"] = model
         if out_path:
-            _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+            _write_json(out_path, result)
         if not final:
             click.echo(line(result["rows"][-1]), err=True)
 
@@ -1808,9 +1811,9 @@ def _row_saver(model: str, out_path: str | None, line):
 
 @bench.command(name="qat")
 @click.argument("model", callback=_model)
-@click.option("--calib", required=True, callback=_data_file, help="Calibration text of the PTQ step.")
+@_calib_option(help="Calibration text of the PTQ step.")
 @click.option("--train", "train_file", required=True, callback=_data_file, help="Text to fine-tune on.")
-@click.option("--data", required=True, callback=_data_file, help="UTF-8 text file to score.")
+@_data_option()
 @click.option("--spec", default="int3-g32", show_default=True, help="Precision spec (or rules) of every stage.")
 @click.option("--method", default="gptq", show_default=True, type=click.Choice(PTQ_METHODS),
               help="The PTQ method QAT starts from.")
@@ -1821,11 +1824,10 @@ def _row_saver(model: str, out_path: str | None, line):
 @_calibrated_bench_options
 @click.option("--run-dir", type=OUT_DIR, help="Keep the QAT run here [default: a temporary directory].")
 @click.option("--learn-clip", is_flag=True, help="QAT also learns each group's clipping range (see `cascade qat --help`).")
-@click.option("--clip-rate", default=1.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
-              help="With --learn-clip: the clipping factors' learning rate as a multiple of --lr.")
+@_clip_rate_option()
 @click.option("--distill", is_flag=True, help="QAT's loss is the KL divergence from the float model (see `cascade qat --help`).")
-@click.option("--out", "out_path", type=OUT_FILE, help="Also write the JSON here.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_out_option()
+@_json_option()
 def bench_qat(model, calib, train_file, data, spec, method, steps, lr, batch_size, seq_len, calib_samples, calib_len,
               limit, ctx, max_tokens, tokenizer, run_dir, learn_clip, clip_rate, distill, out_path, as_json):
     """PTQ then QAT: the share of PTQ's remaining gap to float a short fine-tune recovers (see bench/qat.py)."""
@@ -1851,7 +1853,7 @@ def bench_qat(model, calib, train_file, data, spec, method, steps, lr, batch_siz
 @bench.command(name="plot")
 @click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out-dir", required=True, type=OUT_DIR, help="Write ppl-vs-bits-MODEL.png files here.")
-@click.option("--json", "as_json", is_flag=True, help="Print the plotted points as one JSON object on stdout.")
+@_json_option(help="Print the plotted points as one JSON object on stdout.")
 def bench_plot(results, out_dir, as_json):
     """Perplexity against bits a weight per model, one curve per method, from bench ptq / workflow / qat
     results (see bench/plots.py)."""
@@ -1885,16 +1887,15 @@ def bench_plot(results, out_dir, as_json):
 
 @bench.command(name="workflow")
 @click.argument("model", callback=_model)
-@click.option("--calib", required=True, callback=_data_file, help="Calibration text (sensitivity and GPTQ/AWQ).")
-@click.option("--data", required=True, callback=_data_file, help="UTF-8 text file to score.")
+@_calib_option(help="Calibration text (sensitivity and GPTQ/AWQ).")
+@_data_option()
 @click.option("--target", "targets", default="int4-g32,int3-g32", show_default=True, callback=_candidates,
               help="Comma-separated uniform specs; auto mixed precision gets each one's bytes.")
 @click.option("--candidates", default=",".join(("bf16", "int8", "int4-g128", "int4-g64", "int4-g32", "int3-g128",
                                                 "int3-g64", "int3-g32")), show_default=True, callback=_candidates,
               help=_CANDIDATES_HELP + ".")
 @click.option("--method", "methods", default="rtn,gptq", show_default=True, help="Comma-separated PTQ methods.")
-@click.option("--granularity", type=click.Choice(["layer", "block"]), default="layer", show_default=True,
-              help="Choose a precision per matrix or per block.")
+@_granularity_option(help="Choose a precision per matrix or per block.")
 @_calibrated_bench_options
 @click.option("--kv", default="int8", show_default=True, callback=_kv_or_none,
               help="KV cache of the long-context check of the best auto model per target ('none' skips the check).")
@@ -1906,8 +1907,8 @@ def bench_plot(results, out_dir, as_json):
 @click.option("--sensitivity", "sensitivity_file", callback=_data_file,
               help="Reuse the sensitivity of an earlier workflow result or `cascade sensitivity --out` report of this "
                    "model (its granularity and candidates; the same --calib and --sens-samples) instead of measuring again.")
-@click.option("--out", "out_path", type=OUT_FILE, help="Also write the JSON here.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_out_option()
+@_json_option()
 def bench_workflow(model, calib, data, targets, candidates, methods, granularity, calib_samples, calib_len, limit, ctx,
                    max_tokens, tokenizer, kv, long_ctx, long_tokens, sens_samples, sensitivity_file, out_path, as_json):
     """Automatic mixed precision against uniform specs at the same bytes, per PTQ method (see bench/workflow.py)."""
@@ -1945,23 +1946,21 @@ def bench_workflow(model, calib, data, targets, candidates, methods, granularity
 
 @bench.command(name="kv")
 @click.argument("model", callback=_model)
-@click.option("--data", required=True, callback=_data_file, help="UTF-8 text file to score.")
+@_data_option()
 @click.option("--kv", "kvs", default="fp32,int8,int4", show_default=True,
               help="Comma-separated KV cache precisions; the first is the reference.")
-@click.option("--ctx", type=click.IntRange(min=2), help="Window length [default: the model context].")
-@click.option("--stride", type=click.IntRange(min=1), help="Window step [default: ctx/4].")
+@_window_option(help="Window length [default: the model context].")
+@_stride_option(help="Window step [default: ctx/4].")
 @click.option("--min-context", default=1, show_default=True, type=click.IntRange(min=1),
               help="Score only targets with at least N tokens of context (ctx - stride: long-context tokens only).")
 @click.option("--concat", is_flag=True, help="Join the documents into one token stream (packed, as llama2.c trains).")
-@click.option("--max-tokens", type=click.IntRange(min=1), help="Score about N tokens (the first windows).")
-@click.option("--limit", type=click.IntRange(min=1), help="First N documents.")
+@_score_tokens_option(help="Score about N tokens (the first windows).")
+@_limit_option(help="First N documents.")
 @click.option("--gen-prompt", default=0, show_default=True, type=click.IntRange(min=0), help="Prompt tokens for the greedy-agreement run.")
 @click.option("--gen-tokens", default=0, show_default=True, type=click.IntRange(min=0), help="Greedy tokens to compare (0 = skip).")
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="A tokenizer.json or SentencePiece .model, for a model "
-              "without one of its own (a llama2.c .bin; a Hugging Face directory without tokenizer files; a .gguf "
-              "without tokenizer metadata).")
-@click.option("--out", "out_path", type=OUT_FILE, help="Also write the JSON here.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_tokenizer_option()
+@_out_option()
+@_json_option()
 def bench_kv(model, data, kvs, ctx, stride, min_context, concat, max_tokens, limit, gen_prompt, gen_tokens, tokenizer,
              out_path, as_json):
     """Perplexity, cache bytes and greedy agreement of MODEL under several KV cache precisions."""
@@ -1980,23 +1979,7 @@ def bench_kv(model, data, kvs, ctx, stride, min_context, concat, max_tokens, lim
     result = kv_cache.run(loaded, data, kvs=specs, ctx=ctx, stride=stride, max_tokens=max_tokens, limit=limit,
                           min_context=min_context, concat=concat, gen_prompt=gen_prompt, gen_tokens=gen_tokens,
                           label=model)
-    if out_path:
-        _write_atomic(out_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
-    _emit(as_json, result, kv_cache.format_table(result))
-
-
-def _write_atomic(path: str, text: str) -> None:
-    """Write via a temporary file and rename, so a failure never leaves a half-written file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _emit(as_json, result, kv_cache.format_table(result), out=out_path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from cascade.console import plural, progress_bar
+from cascade.console import format_table, plural, progress_bar
 
 PROMPTS = ("Once upon a time", "Tom and Lily went to the park. They", "The little red bird was sad because",
            "One day, a boy named Max found a box.", "The cat and the dog were friends.", "Sara wanted to bake a cake,",
@@ -148,22 +148,21 @@ def run(small: str, large: str, *, tokens: int = 64, repeats: int = 3, draft_len
 
 
 def table(result: dict) -> str:
-    lines = [f"{result['small']} int4 -> {result['large']} int8, {plural(result['prompts'], 'prompt')} x "
-             f"{plural(result['tokens'], 'token')}, temperature {result['temperature']}",
-             f"{'mode':<13} {'setting':<16} {'tok/s':>8} {'vs large':>8} {'calls/tok':>9} {'ppl (large)':>11} "
-             f"{'agree':>6} {'accept':>7} {'deferred':>8}"]
+    head = (f"{result['small']} int4 -> {result['large']} int8, {plural(result['prompts'], 'prompt')} x "
+            f"{plural(result['tokens'], 'token')}, temperature {result['temperature']}")
+    rows = []
     for r in result["rows"]:
         setting = (f"alpha {r['alpha']}" if r["mode"] == "spec-cascade" else f"thr {r['threshold']}" if r["mode"] == "defer"
                    else f"k {r['draft_len']}" if r["mode"] == "speculative" else "")
         acc = f"{r['acceptance_rate']:.0%}" if "acceptance_rate" in r else ""
         dfr = (f"{r['deferral_rate']:.0%}" if "deferral_rate" in r else
                f"{r['deferred_prompts']}/{result['prompts']}" if "deferred_prompts" in r else "")
-        lines.append(f"{r['mode']:<13} {setting:<16} {r['tokens_per_s']:>8.1f} {r['vs_large']:>7.2f}x "
-                     f"{r['large_calls_per_token']:>9.3f} {r['ppl_under_large']:>11.3f} {r['agreement']:>6.0%} {acc:>7} {dfr:>8}")
-    lines += ["", f"{'mode':<13} {'batch':>5} {'tok/s':>8} {'vs batch 1':>10}"]
-    for r in result["batch_rows"]:
-        lines.append(f"{r['mode']:<13} {r['batch']:>5} {r['tokens_per_s']:>8.1f} {r['vs_batch_1']:>9.2f}x")
-    return "\n".join(lines)
+        rows.append((r["mode"], setting, f"{r['tokens_per_s']:.1f}", f"{r['vs_large']:.2f}x",
+                     f"{r['large_calls_per_token']:.3f}", f"{r['ppl_under_large']:.3f}", f"{r['agreement']:.0%}", acc, dfr))
+    batch = [(r["mode"], r["batch"], f"{r['tokens_per_s']:.1f}", f"{r['vs_batch_1']:.2f}x") for r in result["batch_rows"]]
+    return "\n".join([head, format_table(rows, ("mode", "setting", "tok/s", "vs large", "calls/tok", "ppl (large)", "agree",
+                                                "accept", "deferred"), align="<<>>>>>>>"),
+                      "", format_table(batch, ("mode", "batch", "tok/s", "vs batch 1"))])
 
 
 def plot(result: dict, path: str) -> None:
@@ -206,9 +205,9 @@ def main(argv=None) -> int:
                  temperature=args.temperature)
     print(json.dumps(result, indent=2) if args.json else table(result))
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        from cascade.models.files import write_json
+
+        write_json(args.out, result)
     if args.png:
         plot(result, args.png)
     return 0

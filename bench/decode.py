@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cascade import console
 from cascade.console import plural, progress_bar
 from cascade.bench.context import describe, run_context
 from cascade.models import KVCache, generate, matmul_backends, quantize_model, weight_bytes
@@ -217,15 +218,17 @@ def _llamacpp_row(python: str, gguf: str, prompt: str, tokens: int, repeats: int
 
 
 def format_table(result: dict) -> str:
-    lines = [f"decode at batch 1, {result['model']}, {plural(result['tokens'], 'token')} after a "
-             f"{result['prompt_tokens']}-token prompt {describe(result)}, median of {result['repeats']} after {result['warmup']} warm-up",
-             f"{'engine':<9} {'spec':<9} {'kv':<6} {'attn':<4} {'tok/s':>8} {'vs llama.cpp':>12} {'MiB':>7} {'step ms':>8} "
-             f"{'matmul':>7} {'call':>6} {'other':>6}  backends"]
-    for r in result["rows"]:
-        def f(v, width, fmt=".2f"):
-            return f"{'-':>{width}}" if v is None else f"{v:>{width}{fmt}}"
-        backends = ", ".join(f"{n} {b}" for b, n in (r["matmul_backends"] or {}).items()) or "-"
-        lines.append(f"{r['engine']:<9} {r['spec']:<9} {r['kv']:<6} {r['attention'] or '-':<4} {r['tokens_per_s']:>8.1f} "
-                     f"{'-' if r['vs_llamacpp'] is None else format(r['vs_llamacpp'], '.2f') + 'x':>12} {r['weight_bytes'] / 2**20:>7.1f} {f(r['step_ms'], 8)} "
-                     f"{f(r['matmul_ms'], 7)} {f(r['call_ms'], 6)} {f(r['other_ms'], 6)}  {backends}")
-    return "\n".join(lines)
+    head = (f"decode at batch 1, {result['model']}, {plural(result['tokens'], 'token')} after a "
+            f"{result['prompt_tokens']}-token prompt {describe(result)}, median of {result['repeats']} after "
+            f"{result['warmup']} warm-up")
+
+    def ms(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    rows = [(r["engine"], r["spec"], r["kv"], r["attention"] or "-", f"{r['tokens_per_s']:.1f}",
+             "-" if r["vs_llamacpp"] is None else f"{r['vs_llamacpp']:.2f}x", f"{r['weight_bytes'] / 2**20:.1f}",
+             ms(r["step_ms"]), ms(r["matmul_ms"]), ms(r["call_ms"]), ms(r["other_ms"]),
+             ", ".join(f"{n} {b}" for b, n in (r["matmul_backends"] or {}).items()) or "-") for r in result["rows"]]
+    return head + "\n" + console.format_table(
+        rows, ("engine", "spec", "kv", "attn", "tok/s", "vs llama.cpp", "MiB", "step ms", "matmul", "call", "other",
+               "backends"), align="<<<<>>>>>>><")

@@ -20,9 +20,11 @@ import platform
 import statistics
 import sys
 
+from cascade.console import format_table
 from cascade.pair import load_pair, run
 from cascade.models import perplexity, quantize_model, split_documents, tokenize_documents, weight_bytes
 from cascade.models.defaults import DEFAULT_LARGE, DEFAULT_SMALL, default_model_dir
+from cascade.models.files import write_json
 
 PROMPTS = ("Once upon a time", "Tom and Lily went to the park. They", "The little red bird was sad because")
 QUANT = {DEFAULT_SMALL: "int4", DEFAULT_LARGE: "int8"}
@@ -76,17 +78,14 @@ def speed_rows(repeats: int = 3, max_new_tokens: int = 96, draft_len: int = 4) -
 
 
 def format_tables(result: dict) -> str:
-    lines = [f"{'model':<14} {'weights':<8} {'ppl':>8} {'card':>8} {'ok':>3} {'weight bytes':>13}"]
-    for r in result["perplexity"]:
-        card = f"{r['card_ppl']:.4f}" if "card_ppl" in r else ""
-        ok = ("yes" if r["matches_card"] else "NO") if "matches_card" in r else ""
-        lines.append(f"{r['model']:<14} {r['weights']:<8} {r['ppl']:>8.4f} {card:>8} {ok:>3} {r['weight_bytes']:>13,}")
-    lines += ["", f"{'mode':<12} {'tok/s':>8} {'vs large':>9} {'acceptance':>11} {'accepted/round':>15}"]
-    for r in result["speed"]:
-        acc = "" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.0%}"
-        per = "" if r["accepted_per_round"] is None else f"{r['accepted_per_round']:.2f}"
-        lines.append(f"{r['mode']:<12} {r['tokens_per_s']:>8.1f} {r['vs_large']:>8.2f}x {acc:>11} {per:>15}")
-    return "\n".join(lines)
+    ppl = [(r["model"], r["weights"], f"{r['ppl']:.4f}", f"{r['card_ppl']:.4f}" if "card_ppl" in r else "",
+            ("yes" if r["matches_card"] else "NO") if "matches_card" in r else "", f"{r['weight_bytes']:,}")
+           for r in result["perplexity"]]
+    speed = [(r["mode"], f"{r['tokens_per_s']:.1f}", f"{r['vs_large']:.2f}x",
+              "" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.0%}",
+              "" if r["accepted_per_round"] is None else f"{r['accepted_per_round']:.2f}") for r in result["speed"]]
+    return (format_table(ppl, ("model", "weights", "ppl", "card", "ok", "weight bytes"), align="<<>>>>") + "\n\n"
+            + format_table(speed, ("mode", "tok/s", "vs large", "acceptance", "accepted/round")))
 
 
 def main(argv=None):
@@ -108,9 +107,7 @@ def main(argv=None):
               "speed": [] if args.skip_speed else speed_rows()}
     print(json.dumps(result, indent=2) if args.json else format_tables(result))
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        write_json(args.out, result)
     return 0 if all(r.get("matches_card", True) for r in result["perplexity"]) else 1
 
 

@@ -100,9 +100,9 @@ def main(argv=None) -> int:
                  tokens=args.tokens, prompts=args.prompts, repeats=args.repeats)
     print(json.dumps(result, indent=2) if args.json else table(result))
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        from cascade.models.files import write_json
+
+        write_json(args.out, result)
     return 0
 
 

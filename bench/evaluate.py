@@ -36,6 +36,7 @@ import time
 
 from cascade.bench.context import describe, run_context
 from cascade.console import plural
+from cascade.models import files
 
 # the full suite's default text: the shared data beside a source checkout (absent from an installed package)
 DEFAULT_DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "text",
@@ -97,17 +98,9 @@ def run(out_dir: str, *, data: str, quick: bool = False, small: str = "default-s
         report["seconds"][name] = round(time.perf_counter() - t0, 1)
         log(f"{name} done in {report['seconds'][name]:.0f} s")
     report["plots"] = write_plots(report, out_dir)
-    _write(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2, allow_nan=False) + "\n")
-    _write(os.path.join(out_dir, "report.md"), markdown(report))
+    files.write_json(os.path.join(out_dir, "report.json"), report, allow_nan=False)
+    files.write_text(os.path.join(out_dir, "report.md"), markdown(report))
     return report
-
-
-def _write(path: str, text: str) -> None:
-    """Atomic: a reader never sees half a report."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def markdown(report: dict) -> str:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cascade.bench.context import run_context
+from cascade import console
 from cascade.console import plural, progress_bar
 from cascade.models import Model, generate, kv_cache_memory, load_model, perplexity, split_documents, tokenize_documents
 from cascade.models.decoder import forward
@@ -108,13 +109,9 @@ def format_table(result: dict) -> str:
     head = (f"{result['model']} on {result['data']}: ctx {result['ctx']}, stride {result['stride']}, "
             f"scoring targets with >= {plural(result['min_context'], 'token')} of context"
             + (f"; greedy {plural(gen['generated'], 'token')} after {gen['prompt_tokens']}" if gen else ""))
-    lines = [head, f"{'kv':<18} {'ppl':>9} {'vs ' + first:>8} {'B/token':>9} {'vs fp16':>8} {'seq vs fp16':>11} "
-                   f"{'tokens':>8}" + (f" {'diverges at':>11} {'agreement':>9}" if gen else "")]
-    for r in result["rows"]:
-        line = (f"{r['kv']:<18} {r['ppl']:>9.4f} {r['ppl_change_pct']:>+7.3f}% {r['kv_bytes_per_token']:>9,.0f} "
-                f"{r['vs_fp16_per_token']:>8.1%} {r['vs_fp16_per_sequence']:>11.1%} {r['tokens']:>8,}")
-        if gen:
-            d = r["gen_first_divergence"]
-            line += f" {'never' if d is None else d:>11} {r['gen_teacher_forced_agreement']:>9.1%}"
-        lines.append(line)
-    return "\n".join(lines)
+    columns = ("kv", "ppl", "vs " + first, "B/token", "vs fp16", "seq vs fp16", "tokens")
+    rows = [(r["kv"], f"{r['ppl']:.4f}", f"{r['ppl_change_pct']:+.3f}%", f"{r['kv_bytes_per_token']:,.0f}",
+             f"{r['vs_fp16_per_token']:.1%}", f"{r['vs_fp16_per_sequence']:.1%}", f"{r['tokens']:,}")
+            + (("never" if r["gen_first_divergence"] is None else r["gen_first_divergence"],
+                f"{r['gen_teacher_forced_agreement']:.1%}") if gen else ()) for r in result["rows"]]
+    return head + "\n" + console.format_table(rows, columns + (("diverges at", "agreement") if gen else ()))

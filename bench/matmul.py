@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cascade import quant
+from cascade import console
 from cascade.console import progress_bar
 from cascade.quant import dequant_matmul
 from cascade.quant.activations import BACKEND as W8A8_BACKEND_NAME, w8a8_matmul
@@ -177,15 +178,13 @@ def available_memory() -> int | None:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"dequant-matmul {describe(result)}, median of {result['repeats']} after {result['warmup']} warm-up; "
-             f"memory copy {result['copy_gb_s']:.1f} GB/s; native kernel: {result['kernel_simd'] or 'unavailable'}",
-             f"{'spec':<12} {'backend':<7} {'batch':>5} {'k':>6} {'n':>6} {'ms':>9} {'vs f32':>7} {'MiB':>7} "
-             f"{'GB/s':>6} {'% copy':>6}  auto"]
-    for r in result["rows"]:
-        lines.append(f"{r['spec']:<12} {r['backend']:<7} {r['batch']:>5} {r['k']:>6} {r['n']:>6} {r['ms']:>9.3f} "
-                     f"{r['speedup_vs_f32']:>6.2f}x {r['weight_bytes'] / 2**20:>7.2f} {r['gb_s']:>6.1f} "
-                     f"{r['pct_copy_bw']:>6.1f}  {'*' if r['selected'] else ''}")
-    return "\n".join(lines)
+    head = (f"dequant-matmul {describe(result)}, median of {result['repeats']} after {result['warmup']} warm-up; "
+            f"memory copy {result['copy_gb_s']:.1f} GB/s; native kernel: {result['kernel_simd'] or 'unavailable'}")
+    rows = [(r["spec"], r["backend"], r["batch"], r["k"], r["n"], f"{r['ms']:.3f}", f"{r['speedup_vs_f32']:.2f}x",
+             f"{r['weight_bytes'] / 2**20:.2f}", f"{r['gb_s']:.1f}", f"{r['pct_copy_bw']:.1f}", "*" if r["selected"] else "")
+            for r in result["rows"]]
+    return head + "\n" + console.format_table(
+        rows, ("spec", "backend", "batch", "k", "n", "ms", "vs f32", "MiB", "GB/s", "% copy", "auto"), align="<<>>>>>>>><")
 
 
 def _sig(x: float) -> float:

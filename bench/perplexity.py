@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from cascade.bench.context import run_context
+from cascade import console
 from cascade.console import progress_bar
 from cascade.models import Model, load_model, perplexity, quantize_model, split_documents, tokenize_documents, weight_bytes
 
@@ -56,9 +57,7 @@ def _display_path(path: str) -> str:
 
 
 def format_table(result: dict) -> str:
+    rows = [(r["spec"], f"{r['ppl']:.4f}", f"{r['ppl_change_pct']:+.2f}%", f"{r['weight_bytes']:,}",
+             f"{r['bytes_vs_first']:.3f}", f"{r['tokens']:,}") for r in result["rows"]]
     first = result["rows"][0]["spec"]
-    lines = [f"{'spec':<16} {'ppl':>8} {'change':>8} {'weight bytes':>13} {'vs ' + first:>10} {'tokens':>8}"]
-    for r in result["rows"]:
-        lines.append(f"{r['spec']:<16} {r['ppl']:>8.4f} {r['ppl_change_pct']:>+7.2f}% {r['weight_bytes']:>13,} "
-                     f"{r['bytes_vs_first']:>10.3f} {r['tokens']:>8,}")
-    return "\n".join(lines)
+    return console.format_table(rows, ("spec", "ppl", "change", "weight bytes", "vs " + first, "tokens"))

@@ -27,9 +27,9 @@ import time
 import jax
 
 from cascade.bench.context import run_context
-from cascade.console import progress_bar
-from cascade.models import Model, load_model, quantize_model, split_documents, tokenize_documents, weight_bytes
-from cascade.models.quantize import needs_calibration
+from cascade.console import format_table, progress_bar
+from cascade.models import Model, load_model, split_documents, tokenize_documents, weight_bytes
+from cascade.models.quantize import quantize_with_method
 from cascade.models.calibration import calibration_tokens
 from cascade.models.evaluation import fidelity
 from cascade.quant.qtensor import QuantizedTensor, dequantize
@@ -92,9 +92,8 @@ def run(model: "str | Model", calib: str, data: "str | list[str]", *, specs=DEFA
 
             quantized = qwix_quantize_model(base, spec, method, cal)
         else:
-            kw = {"act_order": act_order} if method in ("gptq", "awq-gptq") else {"alpha": alpha} if alpha is not None else {}
-            uses = needs_calibration(method, spec, base.params)
-            quantized, _ = quantize_model(base, spec, method=method, calib=cal if uses else None, progress=progress, **kw)
+            quantized, _ = quantize_with_method(base, spec, method=method, calib=cal, act_order=act_order, alpha=alpha,
+                                                progress=progress)
         seconds = time.perf_counter() - t0
         for path in files:
             fid = fidelity(quantized.params, quantized.config, base.params, base.config, docs[path], ctx=ctx,
@@ -111,19 +110,15 @@ def run(model: "str | Model", calib: str, data: "str | list[str]", *, specs=DEFA
 
 def table(result: dict) -> str:
     evaluations = result.get("evaluations") or [{"data": result["data"], "float_ppl": result["float_ppl"]}]
+    columns = ("spec", "method", "ppl", "Δppl", "KLD", "KLD p99", "top-1", "gap closed", "bytes", "seconds")
     lines = []
     for ev in evaluations:
+        rows = [(r["spec"], r["method"] + (f" α={r['alpha']}" if "alpha" in r else ""), f"{r['ppl']:.3f}",
+                 f"{r['delta_ppl']:+.3f}", f"{r['kld_mean']:.4f}", f"{r['kld_p99']:.3f}", f"{r['top1_agreement']:.1%}",
+                 "" if r["gap_closed"] is None else f"{r['gap_closed']:.0%}", f"{r['weight_bytes']:,}", f"{r['seconds']:.1f}")
+                for r in result["rows"] if r.get("data", ev["data"]) == ev["data"]]
         lines += [f"{result['model']}: float perplexity {ev['float_ppl']:.4f} on {ev['data']} "
                   f"(ctx {result['ctx']}); calibration {result['calibration']['samples']} x "
                   f"{result['calibration']['length']} tokens",
-                  f"{'spec':<15} {'method':<16} {'ppl':>8} {'Δppl':>8} {'KLD':>8} {'KLD p99':>8} {'top-1':>7} "
-                  f"{'gap closed':>10} {'bytes':>11} {'seconds':>8}"]
-        for r in result["rows"]:
-            if r.get("data", ev["data"]) != ev["data"]:
-                continue
-            gap = "" if r["gap_closed"] is None else f"{r['gap_closed']:.0%}"
-            method = r["method"] + (f" α={r['alpha']}" if "alpha" in r else "")
-            lines.append(f"{r['spec']:<15} {method:<16} {r['ppl']:>8.3f} {r['delta_ppl']:>+8.3f} "
-                         f"{r['kld_mean']:>8.4f} {r['kld_p99']:>8.3f} {r['top1_agreement']:>7.1%} {gap:>10} "
-                         f"{r['weight_bytes']:>11,} {r['seconds']:>8.1f}")
+                  format_table(rows, columns, align="<<>>>>>>>>")]
     return "\n".join(lines)

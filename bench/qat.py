@@ -27,11 +27,11 @@ import time
 
 from cascade.bench.context import run_context
 from cascade.bench.ptq import float_model
-from cascade.console import plural
-from cascade.models import Model, load_model, quantize_model, split_documents, tokenize_documents, weight_bytes
+from cascade.console import format_table, plural
+from cascade.models import Model, load_model, split_documents, tokenize_documents, weight_bytes
 from cascade.models.calibration import calibration_tokens
 from cascade.models.evaluation import fidelity
-from cascade.models.quantize import needs_calibration
+from cascade.models.quantize import quantize_with_method
 
 
 def run(model: "str | Model", calib: str, train: str, data: str, *, spec: str = "int3-g32", method: str = "gptq",
@@ -83,8 +83,7 @@ def run(model: "str | Model", calib: str, train: str, data: str, *, spec: str = 
 
     for stage, m in (("rtn", "rtn"), ("ptq", method)):
         t0 = time.perf_counter()
-        quantized, _ = quantize_model(base, spec, method=m, calib=cal if needs_calibration(m, spec, base.params) else None,
-                                      progress=progress)
+        quantized, _ = quantize_with_method(base, spec, method=m, calib=cal, progress=progress)
         score(stage, quantized, time.perf_counter() - t0)
     with tempfile.TemporaryDirectory(prefix="cascade-bench-qat-") as tmp:
         trained, res, _ = qat_mod.qat(quantized, tc, train_tokens, run_dir or tmp, progress=progress is not False,
@@ -95,14 +94,13 @@ def run(model: "str | Model", calib: str, train: str, data: str, *, spec: str = 
 
 
 def table(result: dict) -> str:
-    lines = [f"{result['model']}: float perplexity {result['float_ppl']:.4f} on {result['data']} (ctx {result['ctx']}); "
-             f"{result['spec']}, PTQ {result['method']}, QAT {plural(result['train']['steps'], 'step')} x "
-             f"{result['train']['batch_size']} x {result['train']['seq_len']} tokens at lr {result['train']['lr']:g}"
-             + (f", learned clipping (rate {result['train'].get('clip_rate', 1):g})" if result["train"].get("learn_clip") else "")
-             + (", distilled from the float model" if result["train"].get("distill") else ""),
-             f"{'stage':<6} {'method':<10} {'ppl':>8} {'Δppl':>8} {'KLD':>8} {'top-1':>7} {'gap closed':>11} {'seconds':>9}"]
-    for r in result["rows"]:
-        gap = "" if r["gap_closed"] is None else f"{r['gap_closed']:.0%}"
-        lines.append(f"{r['stage']:<6} {r['method']:<10} {r['ppl']:>8.3f} {r['delta_ppl']:>+8.3f} {r['kld_mean']:>8.4f} "
-                     f"{r['top1_agreement']:>7.1%} {gap:>11} {r['seconds']:>9.1f}")
-    return "\n".join(lines)
+    head = (f"{result['model']}: float perplexity {result['float_ppl']:.4f} on {result['data']} (ctx {result['ctx']}); "
+            f"{result['spec']}, PTQ {result['method']}, QAT {plural(result['train']['steps'], 'step')} x "
+            f"{result['train']['batch_size']} x {result['train']['seq_len']} tokens at lr {result['train']['lr']:g}"
+            + (f", learned clipping (rate {result['train'].get('clip_rate', 1):g})" if result["train"].get("learn_clip") else "")
+            + (", distilled from the float model" if result["train"].get("distill") else ""))
+    rows = [(r["stage"], r["method"], f"{r['ppl']:.3f}", f"{r['delta_ppl']:+.3f}", f"{r['kld_mean']:.4f}",
+             f"{r['top1_agreement']:.1%}", "" if r["gap_closed"] is None else f"{r['gap_closed']:.0%}", f"{r['seconds']:.1f}")
+            for r in result["rows"]]
+    return head + "\n" + format_table(rows, ("stage", "method", "ppl", "Δppl", "KLD", "top-1", "gap closed", "seconds"),
+                                       align="<<>>>>>>")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cascade import quant
+from cascade import console, quant
 from cascade.console import progress_bar
 from cascade.bench.context import run_context
 from cascade.quant.rtn import relative_error
@@ -55,7 +55,5 @@ def run(*, specs=DEFAULT_SPECS, clips=DEFAULT_CLIPS, k=2048, n=512, seed=0, prog
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'spec':<22} {'weights':<11} {'bits/w':>7} {'rel err':>9}"]
-    for r in result["rows"]:
-        lines.append(f"{r['spec']:<22} {r['weights']:<11} {r['bits_per_weight']:>7.3f} {r['rel_error']:>9.4f}")
-    return "\n".join(lines)
+    rows = [(r["spec"], r["weights"], f"{r['bits_per_weight']:.3f}", f"{r['rel_error']:.4f}") for r in result["rows"]]
+    return console.format_table(rows, ("spec", "weights", "bits/w", "rel err"), align="<<>>")

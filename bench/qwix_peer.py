@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -402,16 +401,21 @@ def run(model_path: str, specs, methods, *, samples: int = 128, length: int = 51
             "rows": rows}
 
 
+def _cells(r: dict) -> tuple:
+    return (r["spec"], r["method"], "-" if r["ppl"] is None else f"{r['ppl']:.4f}",
+            "-" if r["seconds"] is None else f"{r['seconds']:.1f}", r["note"])
+
+
 def _row_text(r: dict) -> str:
-    p = "-" if r["ppl"] is None else f"{r['ppl']:.4f}"
-    s = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
-    return f"{r['spec']:<16} {r['method']:<10} {p:>9} {s:>8}  {r['note']}"
+    """One row as a progress line, before the table is laid out."""
+    return "  ".join(_cells(r)).rstrip()
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'spec':<16} {'method':<10} {'ppl':>9} {'seconds':>8}  note"]
-    lines += [_row_text(r) for r in result["rows"]]
-    return "\n".join(lines)
+    from cascade import console
+
+    return console.format_table([_cells(r) for r in result["rows"]], ("spec", "method", "ppl", "seconds", "note"),
+                                align="<<>><")
 
 
 def main(argv=None) -> int:
@@ -432,11 +436,9 @@ def main(argv=None) -> int:
     print(format_table(result))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = f"{args.out}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-            f.write("\n")
-        os.replace(tmp, args.out)
+        from cascade.models.files import write_json
+
+        write_json(args.out, result, indent=1, default=str)
     return 0
 
 

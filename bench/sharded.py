@@ -99,12 +99,12 @@ def run(model: str = "default-large", *, quant: str = "int4-g32", tp: int = 2, k
 
 
 def table(result: dict) -> str:
+    from cascade.console import format_table
+
     head = (f"{result['model']} {result['quant']}, KV {result['kv']}, tp={result['tp']} over "
             f"{', '.join(result['devices'])}: {result['tokens']} tokens, median of {result['repeats']}")
-    lines = [head, f"{'layout':<20} {'tok/s':>8} {'vs one':>8}  same tokens"]
-    for r in result["rows"]:
-        lines.append(f"{r['layout']:<20} {r['tokens_per_s']:>8.2f} {r['vs_one_device']:>7.2f}x  {r['same_tokens']}")
-    return "\n".join(lines)
+    rows = [(r["layout"], f"{r['tokens_per_s']:.2f}", f"{r['vs_one_device']:.2f}x", r["same_tokens"]) for r in result["rows"]]
+    return head + "\n" + format_table(rows, ("layout", "tok/s", "vs one", "same tokens"), align="<>><")
 
 
 def main(argv=None) -> int:
@@ -123,11 +123,9 @@ def main(argv=None) -> int:
     result = run(args.model, quant=args.quant, tp=args.tp, kv=args.kv, tokens=args.tokens, repeats=args.repeats)
     print(json.dumps(result, indent=2) if args.json else table(result))
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, args.out)
+        from cascade.models.files import write_json
+
+        write_json(args.out, result)
     return 0
 
 

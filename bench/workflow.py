@@ -9,9 +9,11 @@ deployment workflow", part 2).
 2. For each uniform spec (default ``int4-g32`` and ``int3-g32``: about 4.5 and 3.5 bits a weight
    with their scales), take the bytes that spec gives the whole model (embeddings and norms in
    bf16, as the default rules keep them) as the budget and let the knapsack choose each matrix's
-   precision from the candidates within it (:func:`cascade.models.sensitivity.plan_rules`).
-3. Quantize both ways with each method (RTN, GPTQ, ...) and score both against the float model on
-   the same windows of ``--data``: perplexity, KLD, top-1, bytes.
+   precision from the candidates within it (:func:`cascade.models.workflow.plan_rules`).
+3. Quantize both ways with each method (RTN, GPTQ, ...; the auto way is
+   :func:`cascade.models.workflow.auto_mixed_precision`, the flow ``cascade quantize --quant auto``
+   runs) and score both against the float model on the same windows of ``--data``: perplexity,
+   KLD, top-1, bytes.
 
 4. **Long context** (``long_context``): for each target, the best auto model (lowest perplexity
    over the methods) is scored once more at the longest context the model supports (or
@@ -34,13 +36,13 @@ from collections import Counter
 from cascade import quant
 from cascade.bench.context import run_context
 from cascade.bench.ptq import float_model
-from cascade.console import progress_bar
-from cascade.memory import planned_weight_bytes
-from cascade.models import Model, load_model, quantize_model, split_documents, tokenize_documents, weight_bytes
+from cascade.console import format_table, progress_bar
+from cascade.models import Model, load_model, split_documents, tokenize_documents, weight_bytes
 from cascade.models import sensitivity as sens
 from cascade.models.calibration import calibration_tokens
 from cascade.models.evaluation import fidelity, perplexity
-from cascade.models.quantize import CALIBRATED
+from cascade.models.quantize import planned_weight_bytes, quantize_with_method
+from cascade.models.workflow import auto_mixed_precision, plan_rules
 
 DEFAULT_TARGETS = ("int4-g32", "int3-g32")
 DEFAULT_CANDIDATES = ("bf16", "int8", "int4-g128", "int4-g64", "int4-g32", "int3-g128", "int3-g64", "int3-g32")
@@ -125,19 +127,23 @@ def run(model: "str | Model", calib: str, data: str, *, targets=DEFAULT_TARGETS,
                        desc="bench workflow", unit="model", enabled=progress)
     for target in targets:
         budget = planned_weight_bytes(cfg, target)
-        rules, summary = sens.plan_rules(report, cfg, budget=budget)
+        _, summary = plan_rules(report, cfg, budget=budget)
         summary["mix"] = mix_by_kind(summary["units"])
         uniform_bytes = sum(sens.unit_bytes(base.params, paths, quant.PrecisionRules.parse(target).spec_for(paths[0], 2))
                             for paths in report.units.values())
         allocations[target] = summary
         for method in methods:
-            for config, r in (("uniform", target), ("auto", rules)):
-                t1 = time.perf_counter()
-                quantized, _ = quantize_model(base, r, method=method, calib=cal if method in CALIBRATED else None,
-                                              progress=progress)
-                seconds = time.perf_counter() - t1
-                if config == "auto" and method == "rtn":
-                    summary["measured_kl"] = sens.measured_kl(sens.float_params(quantized.params), cfg, base.params, tokens)
+            for config in ("uniform", "auto"):
+                if config == "uniform":
+                    t1 = time.perf_counter()
+                    quantized, _ = quantize_with_method(base, target, method=method, calib=cal, progress=progress)
+                    seconds = time.perf_counter() - t1
+                else:  # the plan above again, quantized with the method (and checked against its prediction)
+                    auto = auto_mixed_precision(base, cal, budget=budget, sensitivity=report, tokens=tokens,
+                                                method=method, measure_kl=method == "rtn", progress=progress)
+                    quantized, seconds = auto.model, auto.seconds
+                    if "measured_kl" in auto.summary:
+                        summary["measured_kl"] = auto.summary["measured_kl"]
                 fid = fidelity(quantized.params, cfg, base.params, cfg, docs, ctx=ctx, max_tokens=max_tokens,
                                progress=progress)
                 float_ppl = fid.ref_ppl
@@ -188,13 +194,12 @@ def table(result: dict) -> str:
     sens_run = result["sensitivity"]
     seconds = "" if sens_run.get("seconds") is None else f" in {sens_run['seconds']:.0f} s"
     reused = f" (reused from {sens_run['reused_from']})" if "reused_from" in sens_run else ""
+    rows = [(r["target"], r["config"], r["method"], f"{r['ppl']:.3f}", f"{r['delta_ppl']:+.3f}", f"{r['kld_mean']:.4f}",
+             f"{r['top1_agreement']:.1%}", f"{r['avg_bits']:.3f}", f"{r['weight_bytes']:,}") for r in result["rows"]]
     lines = [f"{result['model']}: float perplexity {result['float_ppl']:.4f} on {result['data']} (ctx {result['ctx']}); "
              f"sensitivity on {sens_run['tokens']:,} tokens{seconds}{reused}",
-             f"{'target':<10} {'config':<8} {'method':<8} {'ppl':>8} {'Δppl':>8} {'KLD':>8} {'top-1':>7} "
-             f"{'bits/w':>7} {'bytes':>11}"]
-    for r in result["rows"]:
-        lines.append(f"{r['target']:<10} {r['config']:<8} {r['method']:<8} {r['ppl']:>8.3f} {r['delta_ppl']:>+8.3f} "
-                     f"{r['kld_mean']:>8.4f} {r['top1_agreement']:>7.1%} {r['avg_bits']:>7.3f} {r['weight_bytes']:>11,}")
+             format_table(rows, ("target", "config", "method", "ppl", "Δppl", "KLD", "top-1", "bits/w", "bytes"),
+                          align="<<<>>>>>>")]
     for target, a in result["allocations"].items():
         mix = "; ".join(f"{k}: " + ", ".join(f"{n} x {s}" for s, n in v.items()) for k, v in a["mix"].items())
         measured = f", measured {a['measured_kl']:.4f}" if "measured_kl" in a else ""

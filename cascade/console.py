@@ -15,7 +15,13 @@ object there).  Two environment variables change it:
   ``plain`` (plain lines on a terminal too) or ``off`` (no progress at all);
 - ``CASCADE_PROGRESS_INTERVAL``: seconds between plain lines (default 30; 0 prints a line per step).
 
-:func:`plural` writes a count with its noun ("1 round", "2 rounds") for every message that counts.
+:func:`plural` writes a count with its noun ("1 round", "2 rounds") for every message that counts,
+and :func:`format_table` lays out every table a command or a benchmark prints: cells formatted by
+the caller, columns as wide as their widest cell, text left and numbers right::
+
+    spec         ppl  weight bytes
+    fp32      5.1234     1,048,576
+    int4-g32  5.3012       163,840
 
 This module is a leaf (the standard library and tqdm only), so every layer may import it.
 """
@@ -26,7 +32,7 @@ import math
 import os
 import sys
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 DEFAULT_INTERVAL = 30.0  # seconds between plain progress lines off a terminal
 MODES = ("auto", "plain", "off")
@@ -42,6 +48,25 @@ def plural(n: int | float, noun: str, plural_form: str | None = None) -> str:
 
 def _noun(n, noun: str, plural_form: str | None = None) -> str:
     return noun if n == 1 else (plural_form or noun + "s")
+
+
+def format_table(rows: Iterable[Sequence], columns: Sequence[str] | None = None, *, align: str | None = None,
+                 indent: str = "", sep: str = "  ") -> str:
+    """``rows`` (sequences of cells, each already formatted: ``f"{ppl:.3f}"``; anything else is
+    ``str``-ed) under the header ``columns`` (None: no header), one line each.  ``align`` holds one
+    character per column, ``<`` (left) or ``>`` (right) [default: the first column left, the rest
+    right]; each column is as wide as its widest cell, columns are joined by ``sep`` and every line
+    starts with ``indent`` and ends without trailing spaces."""
+    table = [[str(c) for c in row] for row in ([columns] if columns is not None else []) + list(rows)]
+    if not table:
+        return ""
+    n = max(len(row) for row in table)
+    align = align or "<" + ">" * (n - 1)
+    if len(align) != n or set(align) - {"<", ">"}:
+        raise ValueError(f"align {align!r}: give one '<' or '>' per column ({n})")
+    widths = [max(len(row[i]) for row in table if i < len(row)) for i in range(n)]
+    return "\n".join((indent + sep.join(f"{cell:{a}{w}}" for cell, a, w in zip(row, align, widths))).rstrip()
+                     for row in table)
 
 
 def progress_mode() -> str:

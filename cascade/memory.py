@@ -31,14 +31,16 @@ device's memory, as on a GPU or TPU.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 
 import jax
 
+from cascade.console import format_table
 from cascade.models import kv_cache_memory, weight_bytes
 from cascade.models.decoder import cache_length, cache_room, prompt_bucket
+from cascade.models.quantize import config_param_shapes as _param_shapes
+from cascade.models.quantize import planned_weight_bytes
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4, "t": 1000**4, "tb": 1000**4}
@@ -159,11 +161,10 @@ class MemoryPlan:
                            for m in self.models]}
 
     def table(self) -> str:
-        lines = [f"{'model':<6} {'weights':<14} {'kv':<8} {'weight bytes':>14} {'KV positions':>12} {'KV bytes':>14} "
-                 f"{'total':>14}"]
-        for m in self.models:
-            lines.append(f"{m.role:<6} {str(m.quant or 'as loaded'):<14} {m.kv:<8} {m.weight_bytes:>14,} {m.kv_positions:>12,} "
-                         f"{m.kv_bytes:>14,} {m.total:>14,}")
+        rows = [(m.role, str(m.quant or "as loaded"), m.kv, f"{m.weight_bytes:,}", f"{m.kv_positions:,}", f"{m.kv_bytes:,}",
+                 f"{m.total:,}") for m in self.models]
+        lines = [format_table(rows, ("model", "weights", "kv", "weight bytes", "KV positions", "KV bytes", "total"),
+                              align="<<<>>>>")]
         lines.append(f"workspace of the largest call (activations, attention scores, logits): {self.workspace:,} bytes")
         run = (f" ({self.prompt_tokens} prompt tokens + {self.max_new_tokens} new)"
                if self.max_new_tokens is not None else "")
@@ -182,51 +183,6 @@ class MemoryPlan:
             what = "per device" if self.devices > 1 else ""
             lines.append(f"budget {self.budget:,} bytes ({self.budget / 2**20:.1f} MiB){' ' + what if what else ''}: {verdict}")
         return "\n".join(lines)
-
-
-def planned_weight_bytes(cfg, rules, *, scale_dtype="float16") -> int:
-    """Bytes of a model's weights after quantizing under ``rules`` (what :func:`cascade.models.quantize_model`
-    stores), from the config alone: each parameter's shape and the spec its rule gives it (codes,
-    scales and zero points of an integer spec; the cast of a float spec; float32 for a parameter no
-    rule touches, as quantization leaves a dequantized import)."""
-    from cascade.models.quantize import reduction_axis
-    from cascade.quant.rules import PrecisionRules
-    from cascade.quant.spec import FloatSpec
-
-    parsed = PrecisionRules.parse(rules)
-    total = 0
-    for path, shape in _param_shapes(cfg):
-        spec = parsed.spec_for(path, len(shape))
-        n = math.prod(shape)
-        if spec is None:
-            total += 4 * n
-        elif isinstance(spec, FloatSpec):
-            total += n * spec.bits // 8
-        else:
-            total += _quantized_nbytes(tuple(shape), spec, reduction_axis(path, shape), str(scale_dtype))
-    return total
-
-
-@functools.lru_cache(maxsize=64)
-def _param_shapes(cfg) -> tuple:
-    """``(path, shape)`` of every parameter of ``cfg`` (traced once per config: a budget check plans
-    several times)."""
-    from cascade.models.llama import param_shapes
-
-    return tuple(param_shapes(cfg).items())
-
-
-@functools.lru_cache(maxsize=4096)
-def _quantized_nbytes(shape: tuple, spec, axis: int, scale_dtype: str) -> int:
-    """Bytes of a ``shape`` tensor quantized under ``spec`` (traced with ``jax.eval_shape``, never
-    allocated; cached, since a model repeats a few shapes and a budget check plans several times)."""
-    import jax
-    import jax.numpy as jnp
-
-    from cascade.quant.qtensor import quantize
-
-    return jax.eval_shape(functools.partial(quantize, spec=spec, axis=axis, scale_dtype=scale_dtype),
-                          jax.ShapeDtypeStruct(shape, jnp.float32)).nbytes
 
 
 def workspace_bytes(cfg, *, batch: int, positions: int, prompt_tokens: int, verify_tokens: int,

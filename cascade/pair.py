@@ -7,7 +7,8 @@ whose deferral ``rule`` and ``alpha`` let the small model's tokens stand where i
 with one of its models alone (``"large"``, ``"small"``), and reports text, token ids, timing and the
 speculative metrics.  ``"defer"`` is a sequence-level cascade: the small model answers, and
 the large model answers instead when the small model's confidence in its answer is below a
-threshold (:mod:`cascade.deferral`).
+threshold (:mod:`cascade.deferral`).  :func:`stream_batch` is the one place a mode and its
+settings become a run: :func:`run`, :func:`generate_batch` and :class:`cascade.Cascade` go through it.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from cascade.console import plural
-from cascade.models import Model, SamplingConfig, generate, load_model, matmul_backends, quantize_model, weight_bytes
+from cascade.console import format_table
+from cascade.models import Model, SamplingConfig, load_model, matmul_backends, quantize_model, weight_bytes
 from cascade.models.defaults import DEFAULT_LARGE, DEFAULT_SMALL
+from cascade.models.generation import drain, eos_ids, generate_stream, prompt_problem
 from cascade.quant.kernels.cpu import attention_backend
 from cascade.deferral import Deferral, answer_scores, decide
 from cascade.deferral import check as check_deferral
-from cascade.speculative import SpeculativeStats, draft_setting, speculative_generate_batch
+from cascade.speculative import SpeculativeStats, draft_setting, speculative_stream
 
 MODES = ("speculative", "spec-cascade", "defer", "large", "small")
+SPECULATIVE = ("speculative", "spec-cascade")  # the modes whose rounds run both models
 NO_QUANT = ("none", "source")  # keep the checkpoint's own weights
 DEFAULT_QUANT = {"small": "int4", "large": "int8"}  # the precision a float model gets when none is given
 
@@ -237,8 +240,7 @@ class RunResult:
                 rows.append(("deferral rate", f"{st.deferral_rate:.1%} of {st.judged_tokens} judged positions"))
         if self.deferral is not None:
             rows.append(("deferral", self.deferral.reason))
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+        return format_table(rows, align="<<")
 
     def to_json(self) -> dict:
         out = {k: getattr(self, k) for k in ("mode", "prompt", "prompt_token_ids", "text", "token_ids", "stop_reason",
@@ -279,13 +281,13 @@ def row_problem(prompt: str, ids: list[int], context: int, max_new_tokens: int) 
         return "the prompt is empty"
     if not ids:
         return "the prompt encodes to no tokens"
-    if len(ids) >= context:
-        return (f"the prompt is {len(ids)} tokens; the context is {context}, so the prompt alone leaves no room "
-                "to generate: shorten the prompt")
-    if len(ids) + max_new_tokens > context:
-        return (f"prompt ({plural(len(ids), 'token')}) + max new tokens ({max_new_tokens}) exceeds the context "
-                f"({context}); generate at most {plural(context - len(ids), 'token')}")
-    return None
+    return prompt_problem(len(ids), max_new_tokens, context, "the context")
+
+
+def cascade_rule(mode: str, rule: str, alpha: float) -> dict:
+    """The deferral rule ``mode`` runs with, as keyword arguments: ``rule`` and ``alpha`` for
+    ``spec-cascade``, none for the other modes (exact speculation judges by the large model alone)."""
+    return {"rule": rule, "alpha": alpha} if mode == "spec-cascade" else {}
 
 
 def run(pair: ModelPair, prompt: str, **kwargs) -> RunResult:
@@ -296,14 +298,32 @@ def run(pair: ModelPair, prompt: str, **kwargs) -> RunResult:
     return r
 
 
-def generate_batch(pair: ModelPair, prompts: list[str], *, mode: str = "speculative", max_new_tokens: int = 128,
-                   draft_len: int | str = 4, sampling: SamplingConfig = SamplingConfig(), small_kv: str | None = None,
-                   large_kv: str | None = None, rule: str = "chow", alpha: float = 0.1,
-                   defer_score: str = "mean-logprob", threshold: float = -1.0,
-                   draft_confidence: float | None = None) -> list["RunResult | RowError"]:
+def generate_batch(pair: ModelPair, prompts: list[str], **kwargs) -> list["RunResult | RowError"]:
     """Generate with the pair for every prompt, the rows together in every mode (each its own cache
-    length, acceptance, rewinds and stop).  A prompt that cannot run (it encodes to nothing, or does
-    not fit the context with ``max_new_tokens``) is a :class:`RowError` in its place; the others run.
+    length, acceptance, rewinds and stop): :func:`stream_batch` run to its end (same arguments).  A
+    prompt that cannot run (it encodes to nothing, or does not fit the context with
+    ``max_new_tokens``) is a :class:`RowError` in its place; the others run."""
+    return drain(stream_batch(pair, prompts, **kwargs))
+
+
+def _mapped(stream, f):
+    """``stream`` with ``f`` applied to each item it yields; returns what ``stream`` returns."""
+    while True:
+        try:
+            item = next(stream)
+        except StopIteration as end:
+            return end.value
+        yield f(item)
+
+
+def stream_batch(pair: ModelPair, prompts: list[str], *, mode: str = "speculative", max_new_tokens: int = 128,
+                 draft_len: int | str = 4, sampling: SamplingConfig = SamplingConfig(), small_kv: str | None = None,
+                 large_kv: str | None = None, rule: str = "chow", alpha: float = 0.1,
+                 defer_score: str = "mean-logprob", threshold: float = -1.0, draft_confidence: float | None = None):
+    """The one place a mode and its settings become a run.  A generator: after the prefill and after
+    every step or round it yields the tokens each prompt's row emitted (``list[list[int]]``, empty for
+    a row that stopped or could not run; ``defer`` yields once, the answers whole, since a deferred
+    answer is replaced); it returns one :class:`RunResult` or :class:`RowError` per prompt.
 
     ``small_kv``/``large_kv``: each model's KV cache precision (:mod:`cascade.quant.kv`, default
     fp32); ``draft_len``/``draft_confidence``: how far the draft proposes in the speculative modes
@@ -314,7 +334,7 @@ def generate_batch(pair: ModelPair, prompts: list[str], *, mode: str = "speculat
     context = check_mode(pair, mode)
     if mode == "defer":
         check_deferral(defer_score, threshold)  # before any generation
-    if mode in ("speculative", "spec-cascade"):
+    if mode in SPECULATIVE:
         draft_setting(draft_len, draft_confidence)
     if not prompts:
         raise ValueError("no prompts to generate for")
@@ -332,8 +352,13 @@ def generate_batch(pair: ModelPair, prompts: list[str], *, mode: str = "speculat
             out[i] = RowError(prompt=p, error=problem)
     if not good:
         return out
-    ids = [encoded[i] for i in good]
-    eos = tok.eos_ids or (pair.large or pair.small).config.eos_token_ids
+    eos = eos_ids(tok, (pair.large or pair.small).config)
+
+    def spread(emitted):  # the good rows' tokens, in the prompts' places
+        rows = [[] for _ in prompts]
+        for i, new in zip(good, emitted):
+            rows[i] = new
+        return rows
 
     def result(i, tokens, stop, prefill_s, decode_s, tps, **extra):
         return RunResult(mode=mode, prompt=prompts[i], prompt_token_ids=encoded[i],
@@ -341,20 +366,19 @@ def generate_batch(pair: ModelPair, prompts: list[str], *, mode: str = "speculat
                          prefill_s=prefill_s, decode_s=decode_s, tokens_per_s=tps, **extra)
 
     def alone(model, kv, rows):
-        return generate(model.params, model.config, [encoded[i] for i in rows], max_new_tokens=max_new_tokens,
-                        sampling=sampling, eos_ids=eos, kv=kv)
+        return generate_stream(model.params, model.config, [encoded[i] for i in rows], max_new_tokens=max_new_tokens,
+                               sampling=sampling, eos_ids=eos, kv=kv)
 
-    if mode in ("speculative", "spec-cascade"):
-        cascade_rule = {"rule": rule, "alpha": alpha} if mode == "spec-cascade" else {}
-        rs = speculative_generate_batch(pair.small.params, pair.small.config, pair.large.params, pair.large.config, ids,
-                                        max_new_tokens=max_new_tokens, draft_len=draft_len, sampling=sampling,
-                                        eos_ids=eos, draft_kv=small_kv, target_kv=large_kv,
-                                        draft_confidence=draft_confidence, **cascade_rule)
+    if mode in SPECULATIVE:
+        rs = yield from _mapped(speculative_stream(
+            pair.small.params, pair.small.config, pair.large.params, pair.large.config, [encoded[i] for i in good],
+            max_new_tokens=max_new_tokens, draft_len=draft_len, sampling=sampling, eos_ids=eos, draft_kv=small_kv,
+            target_kv=large_kv, draft_confidence=draft_confidence, **cascade_rule(mode, rule, alpha)), spread)
         for i, r in zip(good, rs):
             out[i] = result(i, r.tokens, r.stop_reason, r.prefill_s, r.decode_s, r.tokens_per_s, stats=r.stats)
     elif mode == "defer":
         t0 = time.perf_counter()
-        g = alone(pair.small, small_kv, good)
+        g = drain(alone(pair.small, small_kv, good))
         verdicts = [decide(answer_scores(pair.small.params, pair.small.config, encoded[i], toks), defer_score, threshold)
                     for i, toks in zip(good, g.tokens)]
         small_s = time.perf_counter() - t0
@@ -363,7 +387,7 @@ def generate_batch(pair: ModelPair, prompts: list[str], *, mode: str = "speculat
         large_s = 0.0
         if deferred:
             t1 = time.perf_counter()
-            gl = alone(pair.large, large_kv, deferred)
+            gl = drain(alone(pair.large, large_kv, deferred))
             large_s = time.perf_counter() - t1
             rows.update({i: (toks, stop, gl) for i, toks, stop in zip(deferred, gl.tokens, gl.stop_reasons)})
         seconds = {"small": round(small_s, 4), "large": round(large_s, 4)}
@@ -371,9 +395,10 @@ def generate_batch(pair: ModelPair, prompts: list[str], *, mode: str = "speculat
             toks, stop, gen = rows[i]
             out[i] = result(i, toks, stop, gen.prefill_s, gen.decode_s, gen.tokens_per_s, stats=None,
                             answered_by="large" if v.deferred else "small", deferral=v, seconds=seconds)
+        yield spread([rows[i][0] for i in good])
     else:
         m, kv = (pair.large, large_kv) if mode == "large" else (pair.small, small_kv)
-        g = alone(m, kv, good)
+        g = yield from _mapped(alone(m, kv, good), spread)
         for i, toks, stop in zip(good, g.tokens, g.stop_reasons):
             out[i] = result(i, toks, stop, g.prefill_s, g.decode_s, g.tokens_per_s, stats=None, answered_by=mode)
     return out

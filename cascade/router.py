@@ -23,8 +23,8 @@ from typing import Iterator
 from cascade.memory import KEYWORDS, MemoryPlan, over_budget_message, parse_bytes, plan_from_configs, plan_memory
 from cascade.models.defaults import DEFAULT_LARGE, DEFAULT_SMALL
 from cascade.models.sampling import SamplingConfig
-from cascade.pair import (MODES, NO_QUANT, ModelPair, RowError, RunResult, check_mode, generate_batch, load_pair,
-                          resolve_quant, row_problem)
+from cascade.pair import (MODES, NO_QUANT, ModelPair, RowError, RunResult, generate_batch, load_pair, resolve_quant,
+                          stream_batch)
 
 
 class Cascade:
@@ -115,46 +115,17 @@ class Cascade:
         speculative mode, each step of a single-model mode; ``defer`` can only answer once the small
         model's answer has been scored, so it yields the answer whole).  Joined, the pieces are the
         text :meth:`generate` returns."""
-        from cascade.models.generation import generate_stream
-        from cascade.speculative import speculative_stream
-
         s = {**self.settings, **overrides}
-        mode = s["mode"]
-        if mode == "defer":
-            with self._lock:
-                t0 = time.perf_counter()
-                (r,) = generate_batch(self.pair, [prompt], max_new_tokens=max_new_tokens, sampling=sampling, **s)
-                if isinstance(r, RowError):
-                    raise ValueError(r.error)
-                self._record([r], time.perf_counter() - t0, mode)
-            yield r.text
-            return
-        context = check_mode(self.pair, mode)  # the same checks and errors as generate()
+        stream = stream_batch(self.pair, [prompt], max_new_tokens=max_new_tokens, sampling=sampling, **s)
         tok = self.pair.tokenizer
-        ids = tok.encode(prompt)
-        problem = row_problem(prompt, ids, context, max_new_tokens)
-        if problem:
-            raise ValueError(problem)
-        eos = tok.eos_ids or (self.pair.large or self.pair.small).config.eos_token_ids
-        if mode in ("speculative", "spec-cascade"):
-            rule = {"rule": s["rule"], "alpha": s["alpha"]} if mode == "spec-cascade" else {}
-            stream = speculative_stream(self.pair.small.params, self.pair.small.config, self.pair.large.params,
-                                        self.pair.large.config, [ids], max_new_tokens=max_new_tokens,
-                                        draft_len=s["draft_len"], sampling=sampling, eos_ids=eos,
-                                        draft_kv=s["small_kv"], target_kv=s["large_kv"],
-                                        draft_confidence=s["draft_confidence"], **rule)
-        else:
-            m, kv = (self.pair.large, s["large_kv"]) if mode == "large" else (self.pair.small, s["small_kv"])
-            stream = generate_stream(m.params, m.config, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
-                                     eos_ids=eos, kv=kv)
-        tokens, shown, busy = [], "", 0.0
+        ids, tokens, shown, busy = tok.encode(prompt), [], "", 0.0
         while True:
             with self._lock:  # one piece of device work; released before the piece is yielded
                 t0 = time.perf_counter()
                 try:
                     new = next(stream)
                 except StopIteration as end:
-                    final = end.value
+                    (final,) = end.value
                     break
                 finally:
                     busy += time.perf_counter() - t0
@@ -165,14 +136,12 @@ class Cascade:
             if len(text) > len(shown) and text.startswith(shown):
                 yield text[len(shown):]
                 shown = text
-        text = tok.decode_completion(ids, tokens)
-        if text.startswith(shown) and len(text) > len(shown):
-            yield text[len(shown):]
-        stats = final[0].stats if mode in ("speculative", "spec-cascade") else None
+        if isinstance(final, RowError):
+            raise ValueError(final.error)
+        if final.text.startswith(shown) and len(final.text) > len(shown):
+            yield final.text[len(shown):]
         with self._lock:
-            self._record([RunResult(mode=mode, prompt=prompt, prompt_token_ids=ids, text=text, token_ids=tokens,
-                                    stop_reason="", prefill_s=0.0, decode_s=0.0, tokens_per_s=None, stats=stats)],
-                         busy, mode)
+            self._record([final], busy, s["mode"])
 
     def _record(self, results, seconds: float, mode: str) -> None:
         m = self._m

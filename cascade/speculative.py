@@ -8,7 +8,8 @@ token and all proposals in one call (``draft_len + 1`` positions) and the verifi
 prefix of them.  The whole round (proposer, scorer, verifier and the cache rewind) is **one jitted
 call** on the device (:func:`speculative_round`), greedy or sampled, for a batch of rows at once:
 each row has its own cache length, acceptance and rewind, and stops on its own; the host reads
-back the proposals, the accepted counts and the next tokens once per round.
+back the proposals, the accepted counts and the next tokens once per round, in the host loop plain
+generation uses too (:func:`cascade.models.generation.decode_loop`).
 
 * greedy (temperature 0): proposal ``d_i`` is accepted while it equals the target's argmax; the
   target's own argmax follows the accepted prefix.  The output is exactly the target's greedy
@@ -30,18 +31,17 @@ extra positions in its ring, so a rewind never loses the window.  Roles follow v
 from __future__ import annotations
 
 import dataclasses
-import time
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cascade.console import plural
 from cascade.models import decoder
 from cascade.models.config import ModelConfig
 from cascade.models.decoder import cache_room, prefill, prompt_bucket
-from cascade.models.generation import compile_count, drain
+from cascade.models.generation import check_prompts, decode_loop, decode_rate, drain, pad_prompts
 from cascade.models.kv_cache import KVCache
 from cascade.models.sampling import SamplingConfig, filtered_logits, sample_logits, token_probs
 from cascade.models.sharding import cache_like, traced_on_mesh_of
@@ -116,8 +116,8 @@ class SpeculativeResult:
     @property
     def tokens_per_s(self) -> float | None:
         """Decode speed, compilation excluded: the tokens of the rounds that compiled nothing per second
-        of their time (as :attr:`cascade.models.generation.Generation.tokens_per_s`)."""
-        return self.steady_tokens / self.steady_s if self.steady_tokens > 0 and self.steady_s > 0 else None
+        of their time (:func:`cascade.models.generation.decode_rate`)."""
+        return decode_rate(self.steady_tokens, self.steady_s)
 
 
 def _offered(k: int, n_offered):
@@ -255,12 +255,33 @@ def propose(params, cfg: ModelConfig, cache: KVCache, chunk, n_feed, start, key,
     return proposals, qs, n_prop, n_fed, cache
 
 
+class RoundState(NamedTuple):
+    """What the rows carry from one speculative round to the next (a pytree: the jitted round takes
+    and returns it whole, and its buffers are donated)."""
+
+    d_cache: KVCache  # the draft's cache
+    t_cache: KVCache  # the target's cache; its lengths are ``committed``, the positions both models agree on
+    pending: jax.Array  # (B,) the last emitted token, in neither cache yet
+    behind: jax.Array  # (B,) a token at ``committed - 1`` the draft has not fed (after a fully accepted round), or -1
+    key: jax.Array  # the PRNG key of the next round
+
+
+class Round(NamedTuple):
+    """What one round decided for each row (the host reads these back)."""
+
+    proposals: jax.Array  # (B, k) the draft's tokens
+    n_proposed: jax.Array  # (B,) how many of them the row offered
+    n_accepted: jax.Array  # (B,) how many of them the verifier accepted
+    token: jax.Array  # (B,) the target's token after the accepted ones (the next round's ``pending``)
+    deferred: jax.Array  # (B, k) the rule's verdict per drafted position (all True when exact)
+
+
 @traced_on_mesh_of(2)  # the target's mesh; the draft in it is a replicated copy (whole_weights below)
 @partial(jax.jit, static_argnames=("draft_cfg", "target_cfg", "k", "greedy", "rule", "adaptive"),
-         donate_argnames=("d_cache", "t_cache"))
-def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig, d_cache: KVCache,
-                      t_cache: KVCache, pending, behind, active, key, sampling, alpha=0.0, confidence=0.0, *, k: int,
-                      greedy: bool, rule: str | None = None, adaptive: bool = False):
+         donate_argnames=("state",))
+def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig, state: RoundState,
+                      active, sampling, alpha=0.0, confidence=0.0, *, k: int, greedy: bool, rule: str | None = None,
+                      adaptive: bool = False) -> tuple[Round, RoundState]:
     """One draft-score-verify round for a batch of rows, in one device call.
 
     ``rule`` None: exact speculative decoding.  A :func:`deferral` rule (with ``alpha``) makes it a
@@ -274,26 +295,22 @@ def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, targe
     text gets long drafts and hard text short ones (the threshold is a device scalar: changing it
     compiles nothing).  Otherwise every row drafts ``k``.
 
-    State per row: ``t_cache.lengths`` = ``committed``, the positions both models agree on;
-    ``pending`` (B,) the last emitted token, in neither cache yet; ``behind`` (B,) a token at
-    ``committed - 1`` the draft has not fed (after a fully accepted round), or -1; ``active`` (B,)
-    rows still generating (a finished row keeps its state).  ``sampling``: ``(temperature,
-    top_k, top_p)`` device scalars.
+    ``state``: the rows' :class:`RoundState`; ``active`` (B,) rows still generating (a finished row
+    keeps its state).  ``sampling``: ``(temperature, top_k, top_p)`` device scalars.
 
-    Returns ``(proposals (B, k), n_proposed (B,), n_accepted (B,), next (B,), deferred (B, k), behind',
-    d_cache, t_cache, key')`` (``deferred``: the rule's verdict per drafted position, all True when
-    exact): the caches rewound to the accepted prefix (``committed + 1 + n_accepted``; the draft one
-    short when it accepted a proposal it never fed, ``behind'`` then holds it).
+    Returns the :class:`Round` and the next state: the caches rewound to the accepted prefix
+    (``committed + 1 + n_accepted``; the draft one short when it accepted a proposal it never fed,
+    ``behind`` then holds it), ``pending`` the round's token.
     """
     with whole_weights():
         d_cache, proposals, q, n_prop, n_fed, start, key, k_verify = _draft_part(
-            draft_params, draft_cfg, d_cache, t_cache.lengths, pending, behind, active, key, sampling, confidence,
-            k=k, greedy=greedy, want_q=rule is not None, adaptive=adaptive)
+            draft_params, draft_cfg, state.d_cache, state.t_cache.lengths, state.pending, state.behind, active,
+            state.key, sampling, confidence, k=k, greedy=greedy, want_q=rule is not None, adaptive=adaptive)
     n_acc, nxt, deferred, t_cache = _verify_part(
-        target_params, target_cfg, t_cache, pending, proposals, q, n_prop, active, k_verify, sampling, alpha, k=k,
-        greedy=greedy, rule=rule, adaptive=adaptive)
-    behind, d_cache = _draft_rewind(d_cache, t_cache.lengths, proposals, n_acc, n_fed, start, active, behind)
-    return proposals, n_prop, n_acc, nxt, deferred, behind, d_cache, t_cache, key
+        target_params, target_cfg, state.t_cache, state.pending, proposals, q, n_prop, active, k_verify, sampling,
+        alpha, k=k, greedy=greedy, rule=rule, adaptive=adaptive)
+    behind, d_cache = _draft_rewind(d_cache, t_cache.lengths, proposals, n_acc, n_fed, start, active, state.behind)
+    return Round(proposals, n_prop, n_acc, nxt, deferred), RoundState(d_cache, t_cache, nxt, behind, key)
 
 
 # The round's three parts: one jit above (one device call when both models share the devices), or
@@ -383,9 +400,9 @@ def devices_of(tree) -> frozenset:
     return frozenset(d for a in jax.tree.leaves(tree) if isinstance(a, jax.Array) for d in a.sharding.device_set)
 
 
-def split_round(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig, d_cache: KVCache,
-                t_cache: KVCache, pending, behind, active, key, sampling, alpha=0.0, confidence=0.0, *, k: int,
-                greedy: bool, rule: str | None = None, adaptive: bool = False):
+def split_round(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig, state: RoundState,
+                active, sampling, alpha=0.0, confidence=0.0, *, k: int, greedy: bool, rule: str | None = None,
+                adaptive: bool = False) -> tuple[Round, RoundState]:
     """:func:`speculative_round` as three device calls, for a draft on devices of its own
     (``--small-devices``): the draft proposes on its devices, the proposals (and the draft's
     probabilities when the verification needs them) move to the target's devices, which verify,
@@ -397,15 +414,16 @@ def split_round(draft_params, draft_cfg: ModelConfig, target_params, target_cfg:
         mesh = jax.tree.leaves(params)[0].sharding.mesh
         return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
-    d_in = onto(draft_params, (t_cache.lengths, pending, behind, active, key, sampling, confidence))
+    d_in = onto(draft_params, (state.t_cache.lengths, state.pending, state.behind, active, state.key, sampling,
+                               confidence))
     d_cache, proposals, q, n_prop, n_fed, start, key, k_verify = _draft_jit(
-        draft_params, draft_cfg, d_cache, *d_in, k=k, greedy=greedy, want_q=rule is not None, adaptive=adaptive)
-    t_in = onto(target_params, (pending, proposals, q, n_prop, active, k_verify, sampling, alpha))
-    n_acc, nxt, deferred, t_cache = _verify_jit(target_params, target_cfg, t_cache, *t_in, k=k, greedy=greedy,
+        draft_params, draft_cfg, state.d_cache, *d_in, k=k, greedy=greedy, want_q=rule is not None, adaptive=adaptive)
+    t_in = onto(target_params, (state.pending, proposals, q, n_prop, active, k_verify, sampling, alpha))
+    n_acc, nxt, deferred, t_cache = _verify_jit(target_params, target_cfg, state.t_cache, *t_in, k=k, greedy=greedy,
                                                  rule=rule, adaptive=adaptive)
     back = onto(draft_params, (t_cache.lengths, n_acc))
     behind, d_cache = _rewind_jit(d_cache, back[0], proposals, back[1], n_fed, start, d_in[3], d_in[2])
-    return proposals, n_prop, n_acc, nxt, deferred, behind, d_cache, t_cache, key
+    return Round(proposals, n_prop, n_acc, nxt, deferred), RoundState(d_cache, t_cache, nxt, behind, key)
 
 
 AUTO_DRAFT_LEN = 8  # draft_len="auto": draft up to this many tokens per round ...
@@ -439,31 +457,6 @@ def verify_sizes(k: int) -> tuple[int, ...]:
     """The draft lengths an adaptive round of up to ``k`` proposals verifies at (powers of two, and
     ``k``): a round whose longest draft is ``n`` scores the first size >= ``n``."""
     return tuple(sorted({n for n in (1, 2, 4, 8, 16) if n < k} | {k}))
-
-
-def _check_request(prompts, max_new_tokens, draft_len, draft_cfg: ModelConfig, target_cfg: ModelConfig) -> int:
-    """Validate a batch request; returns the pair's context."""
-    if draft_len < 1:
-        raise ValueError(f"draft_len must be >= 1, got {draft_len}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("the prompt needs at least one token")
-    if draft_cfg.vocab_size > target_cfg.vocab_size:
-        raise ValueError(f"the draft vocabulary ({draft_cfg.vocab_size}) is larger than the target's "
-                         f"({target_cfg.vocab_size}); the pair must share a tokenizer")
-    bad = [t for p in prompts for t in p if not 0 <= int(t) < draft_cfg.vocab_size]
-    if bad:
-        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {draft_cfg.vocab_size})")
-    context = min(draft_cfg.max_seq_len, target_cfg.max_seq_len)
-    longest = max(len(p) for p in prompts)
-    if longest >= context:
-        raise ValueError(f"the prompt is {longest} tokens; the context of the pair is {context}, "
-                         "so the prompt alone leaves no room to generate: shorten the prompt")
-    if longest + max_new_tokens > context:
-        raise ValueError(f"prompt ({plural(longest, 'token')}) + max new tokens ({max_new_tokens}) exceeds the context "
-                         f"({context}) of the pair; generate at most {plural(context - longest, 'token')}")
-    return context
 
 
 def speculative_generate(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig,
@@ -509,77 +502,61 @@ def speculative_stream(draft_params, draft_cfg: ModelConfig, target_params, targ
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     k, confidence = draft_setting(draft_len, draft_confidence)
-    context = _check_request(prompts, max_new_tokens, k, draft_cfg, target_cfg)
-    eos = set(target_cfg.eos_token_ids if eos_ids is None else eos_ids)
+    if draft_cfg.vocab_size > target_cfg.vocab_size:
+        raise ValueError(f"the draft vocabulary ({draft_cfg.vocab_size}) is larger than the target's "
+                         f"({target_cfg.vocab_size}); the pair must share a tokenizer")
+    context = min(draft_cfg.max_seq_len, target_cfg.max_seq_len)
+    check_prompts(prompts, max_new_tokens, draft_cfg.vocab_size, context, "the context of the pair")
     batch = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
     longest = int(lengths.max())
     room = cache_room(longest, max_new_tokens, k, context)
-    # a round moves a cache length back by at most draft_len (rejected proposals): size the rings for it
-    d_cache = cache_like(draft_params, KVCache.create(draft_cfg, batch, room, draft_kv, rewind=k + 1))
-    t_cache = cache_like(target_params, KVCache.create(target_cfg, batch, room, target_kv, rewind=k + 1))
-    tokens = np.zeros((batch, prompt_bucket(longest)), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
-    key = jax.random.key(sampling.seed)
+    tokens = pad_prompts(prompts, prompt_bucket(longest))
     params = sampling.arrays()
-
-    t0 = time.perf_counter()
-    _, d_cache = prefill(draft_params, draft_cfg, tokens, lengths, d_cache)
-    t_logits, t_cache = prefill(target_params, target_cfg, tokens, lengths, t_cache)
-    key, sub = jax.random.split(key)
-    first = np.asarray(sample_logits(t_logits, sub, *params))
-    t1 = time.perf_counter()
-
-    stats = [SpeculativeStats(emitted_tokens=1, accepted_at=[0] * k, offered_at=[0] * k) for _ in range(batch)]
-    out = [[int(t)] for t in first]
-    done = [out[i][-1] in eos or max_new_tokens <= 1 for i in range(batch)]
-    yield [list(row) for row in out]
-    pending = jnp.asarray(first, jnp.int32)
-    behind = jnp.full((batch,), -1, jnp.int32)
-    t_decode, steady_s, steady_tokens = 0.0, 0.0, [0] * batch  # the rounds' own time, not the caller's
+    stats = [SpeculativeStats(accepted_at=[0] * k, offered_at=[0] * k) for _ in range(batch)]
+    # a round moves a cache length back by at most draft_len (rejected proposals): size the rings for it
+    state = RoundState(d_cache=cache_like(draft_params, KVCache.create(draft_cfg, batch, room, draft_kv, rewind=k + 1)),
+                       t_cache=cache_like(target_params, KVCache.create(target_cfg, batch, room, target_kv, rewind=k + 1)),
+                       pending=None, behind=jnp.full((batch,), -1, jnp.int32), key=jax.random.key(sampling.seed))
+    last = None  # the last round, read back to the host
     # a draft on devices of its own (--small-devices) runs its side of each round there
     draft_devices, target_devices = devices_of(draft_params), devices_of(target_params)
     own = draft_devices and target_devices and draft_devices.isdisjoint(target_devices)
     round_fn = split_round if own else speculative_round
-    while not all(done):
-        compiles, t_round = compile_count(), time.perf_counter()
-        active = jnp.asarray([not d for d in done])
-        proposals, n_prop, n_acc, nxt, deferred, behind, d_cache, t_cache, key = round_fn(
-            draft_params, draft_cfg, target_params, target_cfg, d_cache, t_cache, pending, behind, active, key, params,
-            jnp.float32(alpha), jnp.float32(confidence), k=k, greedy=sampling.greedy, rule=rule, adaptive=confidence > 0)
-        proposals_h, n_prop_h, n_acc_h, nxt_h, deferred_h = (np.asarray(proposals), np.asarray(n_prop),
-                                                             np.asarray(n_acc), np.asarray(nxt), np.asarray(deferred))
-        round_s = time.perf_counter() - t_round
-        t_decode += round_s
-        steady = compile_count() == compiles  # a round that compiled is not decoding speed
-        before = [len(row) for row in out]
-        for i in range(batch):
-            if done[i]:
+
+    def first():  # both prefills; the first token is the target's
+        nonlocal state
+        _, d_cache = prefill(draft_params, draft_cfg, tokens, lengths, state.d_cache)
+        t_logits, t_cache = prefill(target_params, target_cfg, tokens, lengths, state.t_cache)
+        key, sub = jax.random.split(state.key)
+        tokens0 = np.asarray(sample_logits(t_logits, sub, *params))
+        state = state._replace(d_cache=d_cache, t_cache=t_cache, pending=jnp.asarray(tokens0, jnp.int32), key=key)
+        return tokens0.tolist()
+
+    def step(room):  # one round: each live row's accepted proposals, then the target's token
+        nonlocal state, last
+        active = jnp.asarray([n > 0 for n in room])
+        decided, state = round_fn(draft_params, draft_cfg, target_params, target_cfg, state, active, params,
+                                  jnp.float32(alpha), jnp.float32(confidence), k=k, greedy=sampling.greedy, rule=rule,
+                                  adaptive=confidence > 0)
+        last = Round(*(np.asarray(a) for a in decided))
+        return [[*last.proposals[i, :n].tolist(), int(t)] for i, (n, t) in enumerate(zip(last.n_accepted, last.token))]
+
+    def account(kept, room):  # the round's counters, over the proposals that could still be emitted
+        for i, (n_kept, n_room) in enumerate(zip(kept, room)):
+            if n_room == 0:
                 continue
-            row, n, offered = out[i], int(n_acc_h[i]), int(n_prop_h[i])
-            room_i = max_new_tokens - len(row)  # tokens this round may still emit (>= 1)
-            for tok in [*proposals_h[i, :n].tolist(), int(nxt_h[i])]:
-                row.append(tok)
-                if tok in eos or len(row) >= max_new_tokens:
-                    done[i] = True
-                    break
-            kept = len(row) - (max_new_tokens - room_i)  # tokens this round emitted
-            stats[i].record_round(offered=min(offered, room_i), accepted=min(n, kept))
+            n, offered = int(last.n_accepted[i]), int(last.n_proposed[i])
+            stats[i].record_round(offered=min(offered, n_room), accepted=min(n, n_kept))
             if rule is not None:  # positions the verifier judged: the accepted ones and the one that stopped it
-                judged = min(n + 1, offered, room_i)
+                judged = min(n + 1, offered, n_room)
                 stats[i].judged_tokens += judged
-                stats[i].deferred_tokens += int(deferred_h[i, :judged].sum())
-            stats[i].emitted_tokens = len(row)
-        pending = nxt
-        if steady:
-            steady_s += round_s
-            steady_tokens = [n + len(row) - b for n, row, b in zip(steady_tokens, out, before)]
-        yield [row[b:] for row, b in zip(out, before)]
-    results = []
-    for i in range(batch):
-        results.append(SpeculativeResult(tokens=out[i], prompt_length=int(lengths[i]),
-                                         stop_reason="eos" if out[i][-1] in eos else "max_tokens", stats=stats[i],
-                                         prefill_s=t1 - t0, decode_s=t_decode, steady_tokens=steady_tokens[i],
-                                         steady_s=steady_s))
-    return results
+                stats[i].deferred_tokens += int(last.deferred[i, :judged].sum())
+
+    done = yield from decode_loop(first, step, max_new_tokens=max_new_tokens,
+                                  eos=target_cfg.eos_token_ids if eos_ids is None else eos_ids, account=account)
+    for st, row in zip(stats, done.tokens):
+        st.emitted_tokens = len(row)
+    return [SpeculativeResult(tokens=row, prompt_length=int(n), stop_reason=stop, stats=st, prefill_s=done.prefill_s,
+                              decode_s=done.decode_s, steady_tokens=steady, steady_s=done.steady_s)
+            for row, n, stop, st, steady in zip(done.tokens, lengths, done.stop_reasons, stats, done.steady_tokens)]

@@ -39,8 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import secrets
 import shutil
 import warnings
 
@@ -49,6 +47,7 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy
 import numpy as np
 
+from cascade.models import files
 from cascade.models.config import ModelConfig
 from cascade.models.model import Model
 from cascade.quant.qtensor import QuantizedTensor
@@ -68,9 +67,6 @@ def is_checkpoint(path) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- save
-
-
-_SIDE_DIR = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
 def _pid_running(pid: int) -> bool:
@@ -101,20 +97,17 @@ def recover_interrupted_save(directory) -> list[str]:
         return []
     done = []
     for entry in entries:
-        m = _SIDE_DIR.match(entry)
+        m = files.SIDE_PATH.match(entry)
         if not m or m["name"] != name or _pid_running(int(m["pid"])):
             continue
         path = os.path.join(parent, entry)
         if m["kind"] == "old" and not os.path.lexists(target):
             os.rename(path, target)
-            _fsync_dir(parent)
+            files.fsync_dir(parent)
             done.append(f"restored the previous checkpoint from {entry} (a save was interrupted)")
             warnings.warn(f"{target}: {done[-1]}", stacklevel=2)
             continue
-        if os.path.islink(path):
-            os.unlink(path)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
+        files.remove(path)
         done.append(f"removed {entry} left by an interrupted save")
     return done
 
@@ -142,7 +135,7 @@ def save_checkpoint(directory, model: Model, *, overwrite: bool = False) -> None
     existing path is refused rather than deleted.
     """
     target = check_destination(directory, overwrite=overwrite)
-    parent, name = os.path.split(target)
+    parent = os.path.dirname(target)
     if not isinstance(model, Model) or not isinstance(model.config, ModelConfig):
         raise ValueError(f"{target}: save_checkpoint takes a cascade.Model, got {type(model).__name__}")
     if model.quant is not None and not isinstance(model.quant, str):
@@ -158,7 +151,7 @@ def save_checkpoint(directory, model: Model, *, overwrite: bool = False) -> None
     _check_layout(model.config, entries, target)
 
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = files.side_path(target, "tmp")
     os.mkdir(tmp)
     try:
         _write_arrays(os.path.join(tmp, ARRAYS_DIR), arrays)
@@ -183,7 +176,7 @@ def save_checkpoint(directory, model: Model, *, overwrite: bool = False) -> None
         }
         manifest["manifest_sha256"] = _manifest_digest(manifest)
         _write_marker(os.path.join(tmp, CHECKPOINT_MARKER), manifest)  # last: marks the save complete
-        _install(tmp, target, parent, overwrite)
+        _install(tmp, target, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -316,39 +309,12 @@ def _write_marker(path: str, manifest: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _install(tmp: str, target: str, parent: str, overwrite: bool) -> None:
-    """Rename the finished temp dir onto ``target``; an existing one is moved aside first."""
-    old = None
-    if os.path.lexists(target):
-        if not overwrite:  # created by someone else while we were writing
-            raise ValueError(f"{target}: already exists; pass overwrite=True (--overwrite) to replace it")
-        old = os.path.join(parent, f".{os.path.basename(target)}.old-{os.getpid()}-{secrets.token_hex(4)}")
-        os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        if old is not None:
-            os.rename(old, target)
-        raise
-    _fsync_dir(parent)
-    if old is not None:
-        if os.path.islink(old):
-            os.unlink(old)
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _install(tmp: str, target: str, overwrite: bool) -> None:
+    """Rename the finished temp dir onto ``target`` (:func:`cascade.models.files.replace_directory`),
+    unless a target appeared during the save without ``overwrite``."""
+    if os.path.lexists(target) and not overwrite:  # created by someone else while we were writing
+        raise ValueError(f"{target}: already exists; pass overwrite=True (--overwrite) to replace it")
+    files.replace_directory(tmp, target)
 
 
 # ---------------------------------------------------------------------------------------- load

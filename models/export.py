@@ -8,14 +8,13 @@ beside it, then renamed).  Float weights only: a quantized model has no HF Llama
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
 
 import flax
 import numpy as np
 
+from cascade.models import files
 from cascade.models.config import ModelConfig
 from cascade.quant.qtensor import QuantizedTensor
 
@@ -59,11 +58,12 @@ def save_hf(params, cfg: ModelConfig, out_dir, *, tokenizer_dir=None, overwrite:
     state = hf_state_dict(params)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    tmp = files.side_path(out_dir, "tmp")
+    os.mkdir(tmp)  # with the umask's permissions: an exported model is for everyone to read
     try:
         hf_cfg = {**cfg.to_hf_dict(), "torch_dtype": "float32"}
-        _write_json(os.path.join(tmp, "config.json"), hf_cfg)
-        _write_json(os.path.join(tmp, "generation_config.json"),
+        files.write_json(os.path.join(tmp, "config.json"), hf_cfg)
+        files.write_json(os.path.join(tmp, "generation_config.json"),
                     {"bos_token_id": cfg.bos_token_id, "eos_token_id": hf_cfg["eos_token_id"]})
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         if tokenizer_dir is not None:
@@ -75,24 +75,7 @@ def save_hf(params, cfg: ModelConfig, out_dir, *, tokenizer_dir=None, overwrite:
         for name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; an exported model is for everyone to read
-        for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-        backup = None
-        if os.path.exists(out_dir):  # keep the old one until the new one is in place
-            backup = tempfile.mkdtemp(prefix=".replaced-", dir=parent)
-            os.rename(out_dir, os.path.join(backup, "old"))
-        try:
-            os.rename(tmp, out_dir)
-        except BaseException:
-            if backup is not None:
-                os.rename(os.path.join(backup, "old"), out_dir)
-            raise
-        finally:
-            if backup is not None:
-                shutil.rmtree(backup, ignore_errors=True)
+        files.replace_directory(tmp, out_dir)  # the old one is kept until the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -105,9 +88,3 @@ def export_trained(run_dir, tokenizer_dir, out_dir, *, overwrite: bool = True) -
 
     cfg, params, step = load_trained(run_dir)
     return save_hf(params, cfg, out_dir, tokenizer_dir=tokenizer_dir, overwrite=overwrite)
-
-
-def _write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")

@@ -1,7 +1,10 @@
 """Generation with one model: prefill, then one jitted decode-and-sample step per token, over the
 decoder of :mod:`cascade.models.decoder` (its shape buckets: a session compiles a handful of
 programs).  Rows keep their own lengths, so a batch of prompts of different lengths needs no left
-padding and every row sees exactly the positions it would see alone.
+padding and every row sees exactly the positions it would see alone.  The host side (prefill
+timing, per-row stop at EOS or max tokens, the steady-step timing behind ``tokens_per_s``) is
+:func:`decode_loop`, which speculative decoding (:mod:`cascade.speculative`) shares; the prompt
+check and the EOS ids every caller uses are here too (:func:`check_prompts`, :func:`eos_ids`).
 """
 
 from __future__ import annotations
@@ -51,6 +54,115 @@ def _decode_and_sample(params, cfg: ModelConfig, tokens, cache: KVCache, key, te
     return sample_logits(logits, sub, temperature, top_k, top_p), key, cache
 
 
+def decode_rate(tokens: int, seconds: float) -> float | None:
+    """Decoding speed, compilation excluded: ``tokens`` emitted in the steps that compiled nothing
+    per second of those steps' time; None when there were none (nothing decoded after the prefill,
+    or only steps that compiled).  The one definition behind every ``tokens_per_s``."""
+    return tokens / seconds if tokens > 0 and seconds > 0 else None
+
+
+def eos_ids(tokenizer, cfg: ModelConfig) -> tuple[int, ...]:
+    """The ids a completion stops at: the tokenizer's end-of-sequence ids, or the config's when the
+    tokenizer names none."""
+    return tuple(tokenizer.eos_ids or cfg.eos_token_ids)
+
+
+def prompt_problem(n_prompt: int, max_new_tokens: int, context: int, name: str = "the model context") -> str | None:
+    """Why a prompt of ``n_prompt`` tokens cannot generate ``max_new_tokens`` in ``context``
+    positions, or None when it fits; ``name`` is how the message calls that context."""
+    if n_prompt >= context:
+        return (f"the prompt is {n_prompt} tokens; {name} is {context}, so the prompt alone leaves no room to "
+                "generate: shorten the prompt")
+    if n_prompt + max_new_tokens > context:
+        return (f"prompt ({plural(n_prompt, 'token')}) + max new tokens ({max_new_tokens}) exceeds {name} "
+                f"({context}); generate at most {plural(context - n_prompt, 'token')}")
+    return None
+
+
+def check_prompts(prompts: list[list[int]], max_new_tokens: int, vocab_size: int, context: int,
+                  name: str = "the model context") -> None:
+    """Raise ValueError unless every prompt (ids) is non-empty, inside ``[0, vocab_size)`` and leaves
+    room for ``max_new_tokens`` in ``context`` (:func:`prompt_problem`)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    bad = [t for p in prompts for t in p if not 0 <= int(t) < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    problem = prompt_problem(max(len(p) for p in prompts), max_new_tokens, context, name)
+    if problem:
+        raise ValueError(problem)
+
+
+def pad_prompts(prompts: list[list[int]], width: int) -> np.ndarray:
+    """The prompts as one (B, ``width``) int32 array, each row zero-padded on the right (rows keep
+    their own lengths: no left padding)."""
+    tokens = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    return tokens
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Decoded:
+    """What :func:`decode_loop` returns: each row's tokens and why it stopped, and the loop's timing."""
+
+    tokens: list[list[int]]  # emitted ids per row (stop token included if one was hit)
+    stop_reasons: list[str]  # "eos" or "max_tokens"
+    prefill_s: float  # wall time of the prefill (compilation included on first use)
+    decode_s: float  # wall time of all steps (compilation included on first use)
+    steady_steps: int  # steps that compiled nothing (compile_count() unchanged across the step)
+    steady_tokens: list[int]  # per row: tokens emitted in those steps
+    steady_s: float  # their wall time (each step's device call and read-back; not the time between yields)
+
+
+def decode_loop(prefill, step, *, max_new_tokens: int, eos, account=None):
+    """The host side of decoding, one loop for plain and speculative generation.  A generator: after
+    the prefill and after every step it yields the tokens each row emitted (``list[list[int]]``,
+    empty for a row that has stopped); it returns the :class:`Decoded`.
+
+    ``prefill()``: the first token of every row (host ints), timed as the prefill.  ``step(room)``:
+    one decoding step; ``room[i]`` is how many tokens row ``i`` may still emit (0: it has stopped);
+    returns each row's candidate tokens (host ints, one or more per live row: one per plain decode
+    step, a speculative round's accepted proposals and the target's token).  A row keeps its
+    candidates up to its first id in ``eos`` or its room, whichever comes first, and stops there.
+    ``account(kept, room)``, when given, hears after each step how many candidates each row kept.
+    Steps during which JAX compiled (:func:`compile_count`) are left out of the steady counts.
+    """
+    eos = set(eos)
+    t0 = time.perf_counter()
+    first = prefill()
+    prefill_s = time.perf_counter() - t0
+    out = [[int(t)] for t in first]
+    live = [row[-1] not in eos and len(row) < max_new_tokens for row in out]
+    yield [list(row) for row in out]
+    decode_s, steady_s, steady_steps, steady_tokens = 0.0, 0.0, 0, [0] * len(out)
+    while any(live):
+        room = [max_new_tokens - len(row) if on else 0 for row, on in zip(out, live)]
+        compiles, t_step = compile_count(), time.perf_counter()
+        candidates = step(room)
+        step_s = time.perf_counter() - t_step
+        decode_s += step_s
+        emitted = [[] for _ in out]
+        for i, n in enumerate(room):
+            for t in candidates[i] if n else ():
+                emitted[i].append(int(t))
+                if int(t) in eos or len(emitted[i]) == n:
+                    break
+            out[i] += emitted[i]
+            live[i] = live[i] and out[i][-1] not in eos and len(out[i]) < max_new_tokens
+        if account is not None:
+            account([len(e) for e in emitted], room)
+        if compile_count() == compiles:  # a step that compiled is not decoding speed
+            steady_steps, steady_s = steady_steps + 1, steady_s + step_s
+            steady_tokens = [s + len(e) for s, e in zip(steady_tokens, emitted)]
+        yield emitted
+    return Decoded(tokens=out, stop_reasons=["eos" if row[-1] in eos else "max_tokens" for row in out],
+                   prefill_s=prefill_s, decode_s=decode_s, steady_steps=steady_steps, steady_tokens=steady_tokens,
+                   steady_s=steady_s)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Generation:
     tokens: list[list[int]]  # generated ids per prompt (stop token included if one was hit)
@@ -67,10 +179,9 @@ class Generation:
 
     @property
     def tokens_per_s(self) -> float | None:
-        """Decode throughput per row, compilation excluded: the decode steps that compiled nothing
-        per second of their time; None when there were none (nothing decoded after the prefill, or
-        only steps that compiled)."""
-        return self.steady_steps / self.steady_s if self.steady_steps > 0 and self.steady_s > 0 else None
+        """Decode throughput per row (:func:`decode_rate` of the steady steps: one token each for
+        the rows still decoding)."""
+        return decode_rate(self.steady_steps, self.steady_s)
 
 
 def drain(stream):
@@ -94,67 +205,39 @@ def generate_stream(params, cfg: ModelConfig, prompts: list[list[int]], *, max_n
                     kv: KVSpec | str | None = None):
     """A generator: after the prefill and after every decode step it yields the token each row
     emitted (``list[list[int]]``, empty for a finished row); it returns the :class:`Generation`.
+    The host loop is :func:`decode_loop`; a step is one jitted decode-and-sample call.
 
     ``key``: the PRNG key for sampling (default ``jax.random.key(sampling.seed)``); ``kv``: the KV
-    cache precision (:mod:`cascade.quant.kv`, default fp32).
+    cache precision (:mod:`cascade.quant.kv`, default fp32); ``eos_ids``: the ids a row stops at
+    (default the config's).
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_prompts(prompts, max_new_tokens, cfg.vocab_size, cfg.max_seq_len)
     lengths = [len(p) for p in prompts]
     longest = max(lengths)
-    bad = [t for p in prompts for t in p if not 0 <= int(t) < cfg.vocab_size]
-    if bad:
-        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
-    if longest >= cfg.max_seq_len:
-        raise ValueError(f"the prompt is {longest} tokens; the model context is {cfg.max_seq_len}, "
-                         "so the prompt alone leaves no room to generate: shorten the prompt")
-    if longest + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt ({plural(longest, 'token')}) + max new tokens ({max_new_tokens}) exceeds the model "
-                         f"context ({cfg.max_seq_len}); generate at most {plural(cfg.max_seq_len - longest, 'token')}")
-    eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
-    batch = len(prompts)
-    t_pad = min(prompt_bucket(longest), cache_length(cfg, longest + max_new_tokens))
-    tokens = np.zeros((batch, t_pad), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
-    cache = cache_like(params, KVCache.create(cfg, batch, cache_length(cfg, longest + max_new_tokens), kv))
+    room = cache_length(cfg, longest + max_new_tokens)
+    tokens = pad_prompts(prompts, min(prompt_bucket(longest), room))
+    cache = cache_like(params, KVCache.create(cfg, len(prompts), room, kv))
     key = jax.random.key(sampling.seed) if key is None else key
     temp, top_k, top_p = sampling.arrays()
+    nxt = None
 
-    t0 = time.perf_counter()
-    logits, cache = prefill(params, cfg, tokens, np.asarray(lengths, np.int32), cache)
-    key, sub = jax.random.split(key)
-    nxt = sample_logits(logits, sub, temp, top_k, top_p)
-    nxt_host = np.asarray(nxt)
-    t1 = time.perf_counter()
+    def first():
+        nonlocal cache, key, nxt
+        logits, cache = prefill(params, cfg, tokens, np.asarray(lengths, np.int32), cache)
+        key, sub = jax.random.split(key)
+        nxt = sample_logits(logits, sub, temp, top_k, top_p)
+        return np.asarray(nxt).tolist()
 
-    out = [[int(t)] for t in nxt_host]
-    done = [int(t) in eos for t in nxt_host]
-    yield [list(row) for row in out]
-    t_decode = 0.0  # the loop's own time: the time between yields is the caller's
-    steady_steps, steady_s = 0, 0.0
-    for _ in range(max_new_tokens - 1):
-        if all(done):
-            break
-        compiles, t_step = compile_count(), time.perf_counter()
+    def step(_room):
+        nonlocal cache, key, nxt
         nxt, key, cache = _decode_and_sample(params, cfg, nxt, cache, key, temp, top_k, top_p)
-        nxt_host = np.asarray(nxt)
-        step_s = time.perf_counter() - t_step
-        t_decode += step_s
-        if compile_count() == compiles:  # a step that compiled is not decoding speed
-            steady_steps, steady_s = steady_steps + 1, steady_s + step_s
-        emitted = [[] for _ in out]
-        for i, t in enumerate(nxt_host):
-            if not done[i]:
-                out[i].append(int(t))
-                emitted[i].append(int(t))
-                done[i] = int(t) in eos
-        yield emitted
-    reasons = ["eos" if d else "max_tokens" for d in done]
-    return Generation(tokens=out, prompt_lengths=lengths, stop_reasons=reasons, prefill_s=t1 - t0, decode_s=t_decode,
-                      steady_steps=steady_steps, steady_s=steady_s)
+        return [[t] for t in np.asarray(nxt).tolist()]
+
+    done = yield from decode_loop(first, step, max_new_tokens=max_new_tokens,
+                                  eos=cfg.eos_token_ids if eos_ids is None else eos_ids)
+    return Generation(tokens=done.tokens, prompt_lengths=lengths, stop_reasons=done.stop_reasons,
+                      prefill_s=done.prefill_s, decode_s=done.decode_s, steady_steps=done.steady_steps,
+                      steady_s=done.steady_s)
 
 
 def first_divergence(a, b) -> int | None:

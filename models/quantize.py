@@ -46,10 +46,11 @@ The wiring into the model layout: linear kernels are ``(in, out)`` and quantized
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
 import warnings
-from functools import partial
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -563,6 +564,64 @@ def _gptq_retrying(gptq_quantize, w, h, spec, path: str, *, damp: float, **kw) -
             last = e
     raise ValueError(f"{path}: {last} (dampening up to {tries[-1]:g} x the mean diagonal tried); "
                      "raise --damp or calibrate on more text") from None
+
+
+def quantize_with_method(model: Model, rules, *, method: str = "rtn", calib=None, damp: float = 0.01,
+                         act_order: bool = False, iters: int | None = None, batch: int | None = None,
+                         alpha: "float | str | None" = None, scale_dtype="float16",
+                         progress: bool | None = None) -> tuple[Model, QuantReport]:
+    """:func:`quantize_model` with ``method``, handed only what it reads: ``calib`` only when the
+    method or a ``w8a8-static`` rule calibrates (:func:`needs_calibration`), ``damp``/``act_order``
+    only to the GPTQ-based methods, ``iters``/``batch`` only to autoround and ``alpha`` only to
+    smoothquant (where ``None`` keeps the method's default).  One call for every caller that takes a
+    method and its settings as options (the CLI, the benches,
+    :func:`cascade.models.workflow.auto_mixed_precision`)."""
+    extra = {"damp": damp, "act_order": act_order} if method in ("gptq", "awq-gptq") else {}
+    if method == "autoround":
+        extra.update({k: v for k, v in (("iters", iters), ("batch", batch)) if v is not None})
+    if method == "smoothquant" and alpha is not None:
+        extra["alpha"] = alpha
+    uses_calib = needs_calibration(method, rules, model.params)
+    return quantize_model(model, rules, method=method, calib=calib if uses_calib else None, scale_dtype=scale_dtype,
+                          progress=progress, **extra)
+
+
+@lru_cache(maxsize=64)
+def config_param_shapes(cfg) -> tuple:
+    """``(path, shape)`` of every parameter of ``cfg`` (traced once per config: a budget check plans
+    several times)."""
+    from cascade.models.llama import param_shapes
+
+    return tuple(param_shapes(cfg).items())
+
+
+@lru_cache(maxsize=4096)
+def quantized_nbytes(shape: tuple, spec, axis: int, scale_dtype: str) -> int:
+    """Bytes of a ``shape`` tensor quantized under ``spec`` (traced with ``jax.eval_shape``, never
+    allocated; cached, since a model repeats a few shapes and a budget check plans several times)."""
+    return jax.eval_shape(partial(quantize, spec=spec, axis=axis, scale_dtype=scale_dtype),
+                          jax.ShapeDtypeStruct(shape, jnp.float32)).nbytes
+
+
+def planned_weight_bytes(cfg, rules, *, scale_dtype="float16") -> int:
+    """Bytes of a model's weights after quantizing under ``rules`` (what :func:`quantize_model`
+    stores), from the config alone: each parameter's shape and the spec its rule gives it (codes,
+    scales and zero points of an integer spec; the cast of a float spec; float32 for a parameter no
+    rule touches, as quantization leaves a dequantized import)."""
+    from cascade.quant.spec import FloatSpec
+
+    parsed = PrecisionRules.parse(rules)
+    total = 0
+    for path, shape in config_param_shapes(cfg):
+        spec = parsed.spec_for(path, len(shape))
+        n = math.prod(shape)
+        if spec is None:
+            total += 4 * n
+        elif isinstance(spec, FloatSpec):
+            total += n * spec.bits // 8
+        else:
+            total += quantized_nbytes(tuple(shape), spec, reduction_axis(path, shape), str(scale_dtype))
+    return total
 
 
 def rules_text(rules: PrecisionRules) -> str:

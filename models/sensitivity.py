@@ -1,6 +1,5 @@
 """Layer sensitivity: how much the model's next-token distributions move when one layer (or one
-block) alone is quantized, for each candidate precision; and the rules that spend a byte budget
-where it matters (:func:`auto_rules`, with :mod:`cascade.quant.allocate`).
+block) alone is quantized, for each candidate precision, and a cheap proxy for it.
 
 **Measured** (:func:`layer_sensitivity`).  For every unit (a kernel such as
 ``layers_3/mlp/down_proj/kernel``, the embedding table, the LM head; or a whole block with
@@ -16,11 +15,10 @@ the calibration tokens, the quantity GPTQ minimises), summed over a block's kern
 granularity.  The report gives its Spearman rank correlation with the measured KL (the embedding
 and head have no proxy: their inputs are token ids and the final hidden state).
 
-**Allocation** (:func:`auto_rules`).  Each unit's candidates become :class:`Choice` objects
-(bytes, measured KL), the knapsack picks one per unit under the budget, and the result is a
-readable :class:`cascade.quant.PrecisionRules`: one anchored rule per unit (``^layers_3/mlp/
-down_proj/kernel$ -> int4-g128``), norms kept in bf16.  The prediction (sum of the units' KL)
-assumes the effects add up; :func:`measured_kl` checks it on the allocated model.
+**Uses**.  The budget plan that spends bytes where the KL is (:func:`cascade.quant.allocate.auto_rules`,
+:func:`cascade.models.workflow.plan_rules`, both importable from here too) and the whole automatic
+mixed-precision flow (:func:`cascade.models.workflow.auto_mixed_precision`) read the report; its
+table and chart are drawn by :mod:`cascade.bench.sensitivity`.
 """
 
 from __future__ import annotations
@@ -37,10 +35,13 @@ from flax import traverse_util
 
 from cascade.console import progress_bar
 from cascade.models.config import ModelConfig
-from cascade.quant.rules import PrecisionRules
+from cascade.models.workflow import other_bytes, plan_rules  # noqa: F401  (the plan; re-exported)
+from cascade.quant.allocate import auto_rules, budget_from_avg_bits  # noqa: F401  (the knapsack; re-exported)
 from cascade.quant.spec import FloatSpec, parse_spec
 
 GRANULARITIES = ("layer", "block")
+DEFAULT_CANDIDATES = ("bf16", "int8", "int4-g128", "int4-g32", "int3-g32")
+SENSITIVITY_SAMPLES, SENSITIVITY_LEN = 32, 256  # calibration tokens scored per candidate run
 _BLOCK = re.compile(r"^(layers_\d+)/")
 
 
@@ -78,8 +79,7 @@ def _unit_sizes(params, units: dict) -> dict[str, int]:
 
 def unit_bytes(params, paths, spec, *, scale_dtype="float16") -> int:
     """Bytes the parameters ``paths`` take stored at ``spec`` (planned from shapes, nothing allocated)."""
-    from cascade.memory import _quantized_nbytes
-    from cascade.models.quantize import reduction_axis
+    from cascade.models.quantize import quantized_nbytes, reduction_axis
 
     flat = traverse_util.flatten_dict(params, sep="/")
     total = 0
@@ -88,7 +88,7 @@ def unit_bytes(params, paths, spec, *, scale_dtype="float16") -> int:
         if isinstance(spec, FloatSpec):
             total += math.prod(shape) * spec.bits // 8
         else:
-            total += _quantized_nbytes(shape, spec, reduction_axis(p, shape), str(scale_dtype))
+            total += quantized_nbytes(shape, spec, reduction_axis(p, shape), str(scale_dtype))
     return total
 
 
@@ -354,34 +354,6 @@ def layer_sensitivity(params, cfg: ModelConfig, tokens, candidates, *, granulari
                              base_loss=scorer.base_nll, params=_unit_sizes(params, units))
 
 
-def budget_from_avg_bits(report: SensitivityReport, avg_bits: float) -> int:
-    """The bytes ``avg_bits`` per weight give the report's units (scales and zero points count)."""
-    if not (isinstance(avg_bits, (int, float)) and 0 < avg_bits <= 32):
-        raise ValueError(f"average bits must be in (0, 32], got {avg_bits!r}")
-    return int(avg_bits * sum(report.params.values()) / 8)
-
-
-def auto_rules(report: SensitivityReport, budget: int) -> tuple[PrecisionRules, dict]:
-    """Rules giving each unit the candidate the knapsack picks under ``budget`` bytes (for the
-    units' weights; norms stay bf16), and a summary: per unit its spec, bytes and predicted KL,
-    and the totals (``predicted_kl``, ``bytes``, ``avg_bits``)."""
-    from cascade.quant.allocate import Choice, allocate
-
-    layers: dict[str, list] = {}
-    for r in report.rows:
-        layers.setdefault(r.unit, []).append(Choice(spec=r.spec, nbytes=r.nbytes, loss=r.kl))
-    picked = allocate(layers, budget)
-    rules = []
-    for unit, choice in picked.items():
-        for p in report.units[unit]:
-            rules.append((f"^{re.escape(p)}$", choice.spec))
-    nbytes = sum(c.nbytes for c in picked.values())
-    summary = {"budget": int(budget), "bytes": nbytes, "avg_bits": 8 * nbytes / sum(report.params.values()),
-               "predicted_kl": float(sum(c.loss for c in picked.values())),
-               "units": {u: {"spec": c.spec, "bytes": c.nbytes, "kl": c.loss} for u, c in picked.items()}}
-    return PrecisionRules(rules=tuple(rules), default=None), summary
-
-
 def scoring_tokens(calib, samples: int | None = None) -> np.ndarray:
     """The tokens ``--quant auto`` scores each candidate on: the first ``samples`` (default
     :data:`SENSITIVITY_SAMPLES`) calibration sequences, cut to :data:`SENSITIVITY_LEN` tokens (a
@@ -401,106 +373,7 @@ def float_params(params):
                         is_leaf=lambda a: isinstance(a, QuantizedTensor))
 
 
-def summary_text(summary: dict) -> str:
-    """Human lines for :func:`plan_rules`' summary: the precision mix, bytes, predicted and measured KL."""
-    from collections import Counter
-
-    mix = Counter(u["spec"] for u in summary["units"].values())
-    line = (f"auto precision: {', '.join(f'{n} x {s}' for s, n in mix.most_common())}; "
-            f"{summary['avg_bits']:.3f} bits a weight, {summary['model_bytes']:,} bytes of weights "
-            f"(budget {summary['budget']:,} for the matrices); predicted KL {summary['predicted_kl']:.4f}")
-    if "measured_kl" in summary:
-        line += f", measured {summary['measured_kl']:.4f}"
-    return line
-
-
-DEFAULT_CANDIDATES = ("bf16", "int8", "int4-g128", "int4-g32", "int3-g32")
-SENSITIVITY_SAMPLES, SENSITIVITY_LEN = 32, 256  # calibration tokens scored per candidate run
-
-
-def other_bytes(report: SensitivityReport, cfg: ModelConfig, *, scale_dtype="float16") -> int:
-    """Bytes of the parameters outside the report's units (norms, in bf16 under the rules)."""
-    from cascade.memory import planned_weight_bytes
-
-    first = {}
-    for r in report.rows:
-        first.setdefault(r.unit, r)
-    rules = PrecisionRules(rules=tuple((f"^{re.escape(p)}$", first[u].spec) for u in first for p in report.units[u]))
-    return planned_weight_bytes(cfg, rules, scale_dtype=scale_dtype) - sum(r.nbytes for r in first.values())
-
-
-def plan_rules(report: SensitivityReport, cfg: ModelConfig, *, avg_bits: float | None = None,
-               budget: int | None = None, scale_dtype="float16") -> tuple[PrecisionRules, dict]:
-    """:func:`auto_rules` for ``avg_bits`` per weight of the units, or ``budget`` bytes for the
-    whole model's weights (the norms and other small parameters take their share first).  The
-    summary also gives ``model_bytes``, the whole model's weight bytes under the rules."""
-    from cascade.quant.allocate import InfeasibleBudget
-
-    if (avg_bits is None) == (budget is None):
-        raise ValueError("give exactly one of an average bit width (--avg-bits) or a byte budget (--budget)")
-    rest = other_bytes(report, cfg, scale_dtype=scale_dtype)
-    units_budget = budget_from_avg_bits(report, avg_bits) if budget is None else budget - rest
-    try:
-        rules, summary = auto_rules(report, max(units_budget, 0))
-    except InfeasibleBudget as e:
-        if budget is None:
-            bits = 8 * e.minimum / sum(report.params.values())
-            raise InfeasibleBudget(units_budget, e.minimum, f"{avg_bits:g} bits a weight is below the smallest candidates "
-                                   f"of all layers together: at least {bits:.3f} are needed") from None
-        raise InfeasibleBudget(budget, e.minimum + rest, f"budget of {budget:,} bytes is below the smallest "
-                               f"candidates of all layers together: at least {e.minimum + rest:,} bytes are needed "
-                               f"({e.minimum:,} for the matrices, {rest:,} for the rest)") from None
-    summary["model_bytes"] = summary["bytes"] + rest
-    return rules, summary
-
-
-def plot(report: SensitivityReport, png_path: str) -> bool:
-    """A bar chart of the measured KL per unit (one bar per candidate, log scale) to ``png_path``;
-    False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    units = list(report.units)
-    specs = list(dict.fromkeys(r.spec for r in report.rows))
-    kl = {(r.unit, r.spec): r.kl for r in report.rows}
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(units) * max(1, len(specs) / 3)), 4.5))
-    width = 0.8 / len(specs)
-    x = np.arange(len(units))
-    for j, spec in enumerate(specs):
-        ax.bar(x + j * width, [max(kl[(u, spec)], 1e-9) for u in units], width, label=spec)
-    ax.set_yscale("log")
-    ax.set_ylabel("mean KL to the float model")
-    ax.set_xticks(x + 0.4 - width / 2)
-    ax.set_xticklabels([u.removesuffix("/kernel") for u in units], rotation=90, fontsize=6)
-    ax.set_title(f"Sensitivity: one {report.granularity} quantized at a time ({report.tokens:,} tokens)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def table(report: SensitivityReport, limit: int | None = None) -> str:
-    """Units sorted by their KL at the lowest-precision candidate, one column per candidate."""
-    specs = list(dict.fromkeys(r.spec for r in report.rows))
-    kl = {(r.unit, r.spec): r.kl for r in report.rows}
-    last = specs[-1]
-    units = sorted(report.units, key=lambda u: -kl[(u, last)])
-    head = f"| {report.granularity} | weights | " + " | ".join(f"KL {s}" for s in specs) + " |"
-    lines = [head, "| --- | ---: |" + " ---: |" * len(specs)]
-    for u in units[:limit]:
-        lines.append(f"| {u} | {report.params[u]:,} | " + " | ".join(f"{kl[(u, s)]:.2e}" for s in specs) + " |")
-    if limit is not None and len(units) > limit:
-        lines.append(f"... {len(units) - limit} more (--json for all)")
-    rc = report.rank_correlation
-    lines.append(f"{report.tokens:,} tokens; float loss {report.base_loss:.4f}"
-                 + (f"; proxy vs KL rank correlation {rc:.3f}" if rc is not None else ""))
-    return "\n".join(lines)
-
-
-__all__ = ["DEFAULT_CANDIDATES", "float_params", "plan_rules", "plot", "scoring_tokens", "summary_text", "table", "GRANULARITIES", "Sensitivity", "SensitivityReport", "auto_rules", "budget_from_avg_bits",
-           "layer_sensitivity", "measured_kl", "report_from_json", "restrict", "spearman", "unit_bytes", "units_of"]
+__all__ = ["DEFAULT_CANDIDATES", "GRANULARITIES", "SENSITIVITY_LEN", "SENSITIVITY_SAMPLES", "Sensitivity",
+           "SensitivityReport", "auto_rules", "budget_from_avg_bits", "float_params", "layer_sensitivity", "measured_kl",
+           "other_bytes", "plan_rules", "report_from_json", "restrict", "scoring_tokens", "spearman", "unit_bytes",
+           "units_of"]

@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from cascade.console import plural, progress_bar
+from cascade.models import files
 from cascade.models.config import ModelConfig
 from cascade.models.llama import Transformer, init_params
 
@@ -329,8 +330,7 @@ def _write_run_config(run_dir, cfg: ModelConfig, tc: TrainConfig, extra: dict | 
         if have != json.loads(json.dumps(want)):
             raise ValueError(f"{run_dir}: holds a run with a different model or training config; use a new directory")
         return
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(want, f, indent=2)
+    files.write_json(path, want)
 
 
 def _truncate_log(path, step: int):
@@ -340,12 +340,10 @@ def _truncate_log(path, step: int):
     with open(path, newline="", encoding="utf-8") as f:
         # a row torn by a kill mid-write has missing fields: drop it
         rows = [r for r in csv.DictReader(f) if r.get("elapsed_s") and int(r["step"]) <= step]
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with files.atomic_open(path, newline="") as f:
         w = csv.DictWriter(f, fieldnames=LOSS_CSV_FIELDS)
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _append_log(path, row: dict):

@@ -17,15 +17,24 @@ default resolution.
 ``loss`` may be any float; a layer whose candidates all cost more bytes than the budget allows
 makes the problem infeasible, which is one :class:`InfeasibleBudget` error giving the smallest
 budget that fits.
+
+From a sensitivity report to rules (:func:`auto_rules`): each unit's measured rows become its
+candidates, the knapsack picks one per unit, and the picks are written as one anchored rule per
+parameter path of the unit (``^layers_3/mlp/down_proj/kernel$ -> int4-g128``).  The report is any
+object with ``rows`` (``unit``, ``spec``, ``nbytes``, ``kl``), ``units`` (unit -> paths) and
+``params`` (unit -> number of weights): :class:`cascade.models.sensitivity.SensitivityReport`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from cascade.quant.rules import PrecisionRules
 
 DEFAULT_RESOLUTION = 1 << 15
 
@@ -112,3 +121,26 @@ def allocate(layers: Mapping[str, Sequence[Choice]], budget: int, *,
         out[names[i]] = layers[names[i]][j]
         c -= units[names[i]][j]
     return {n: out[n] for n in names}
+
+
+def budget_from_avg_bits(report, avg_bits: float) -> int:
+    """The bytes ``avg_bits`` per weight give the report's units (scales and zero points count)."""
+    if not (isinstance(avg_bits, (int, float)) and 0 < avg_bits <= 32):
+        raise ValueError(f"average bits must be in (0, 32], got {avg_bits!r}")
+    return int(avg_bits * sum(report.params.values()) / 8)
+
+
+def auto_rules(report, budget: int) -> tuple[PrecisionRules, dict]:
+    """Rules giving each unit of ``report`` the candidate the knapsack picks under ``budget`` bytes
+    (for the units' weights; norms stay bf16), and a summary: per unit its
+    spec, bytes and predicted KL, and the totals (``predicted_kl``, ``bytes``, ``avg_bits``)."""
+    layers: dict[str, list] = {}
+    for r in report.rows:
+        layers.setdefault(r.unit, []).append(Choice(spec=r.spec, nbytes=r.nbytes, loss=r.kl))
+    picked = allocate(layers, budget)
+    rules = [(f"^{re.escape(p)}$", choice.spec) for unit, choice in picked.items() for p in report.units[unit]]
+    nbytes = sum(c.nbytes for c in picked.values())
+    summary = {"budget": int(budget), "bytes": nbytes, "avg_bits": 8 * nbytes / sum(report.params.values()),
+               "predicted_kl": float(sum(c.loss for c in picked.values())),
+               "units": {u: {"spec": c.spec, "bytes": c.nbytes, "kl": c.loss} for u, c in picked.items()}}
+    return PrecisionRules(rules=tuple(rules), default=None), summary

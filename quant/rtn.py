@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cascade.console import progress_bar
+from cascade.console import format_table, progress_bar
 from cascade.quant.qtensor import QuantizedTensor, dequantize, quantize, validate_input
 from cascade.quant.rules import PrecisionRules
 from cascade.quant.spec import FloatSpec
@@ -71,11 +71,9 @@ class QuantReport:
         }
 
     def table(self) -> str:
-        width = max([len(r.path) for r in self.layers] + [9])
-        lines = [f"{'parameter':<{width}}  {'shape':<14} {'precision':<16} {'bytes':>12} {'rel err':>9}"]
-        for r in self.layers:
-            shape = "x".join(map(str, r.shape)) or "()"
-            lines.append(f"{r.path:<{width}}  {shape:<14} {r.spec:<16} {r.bytes_after:>12,} {r.rel_error:>9.2e}")
+        rows = [(r.path, "x".join(map(str, r.shape)) or "()", r.spec, f"{r.bytes_after:,}", f"{r.rel_error:.2e}")
+                for r in self.layers]
+        lines = [format_table(rows, ("parameter", "shape", "precision", "bytes", "rel err"), align="<<<>>")]
         before, after = self.bytes_before, max(self.bytes_after, 1)
         change = f"{before / after:.2f}x smaller" if before >= after else f"{after / max(before, 1):.2f}x larger"
         lines.append(f"total: {self.bytes_before:,} -> {self.bytes_after:,} bytes ({change})")

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from cascade import cli
-from cascade.console import DEFAULT_INTERVAL, duration, plural, progress_bar
+from cascade.console import DEFAULT_INTERVAL, duration, format_table, plural, progress_bar
 
 from tests.shared_data import DATA
 
@@ -50,6 +50,23 @@ def test_plural_counts_a_noun():
     assert plural(1200, "token") == "1,200 tokens"
     assert plural(1, "matrix", "matrices") == "1 matrix"
     assert plural(3, "matrix", "matrices") == "3 matrices"
+
+
+def test_a_table_is_as_wide_as_its_widest_cells_text_left_numbers_right():
+    rows = [("fp32", "5.1234", "1,048,576"), ("int4-g32", "5.3012", 163840)]
+    assert format_table(rows, ("spec", "ppl", "weight bytes")).splitlines() == [
+        "spec         ppl  weight bytes",
+        "fp32      5.1234     1,048,576",
+        "int4-g32  5.3012        163840"]
+
+
+def test_a_table_takes_alignment_indent_and_no_header_and_never_ends_a_line_in_spaces():
+    text = format_table([("mode", "speculative"), ("answered by", "large"), ("note", "")], align="<<", indent="  ")
+    assert text.splitlines() == ["  mode         speculative", "  answered by  large", "  note"]
+    assert format_table([], ("a", "b")) == "a  b"
+    assert format_table([("x", "1")], ("name", "")) == "name\nx     1"
+    with pytest.raises(ValueError, match="one '<' or '>' per column"):
+        format_table([("a", "b")], align="<")
 
 
 def test_duration_reads_like_a_person_writes_it():

@@ -365,7 +365,7 @@ def test_rewind_leaves_the_caches_of_a_fresh_run_on_the_accepted_text(kv):
     with its full-precision ring."""
     from cascade.models.decoder import prefill
     from cascade.models.kv_cache import KVCache, read_kv
-    from cascade.speculative import speculative_round
+    from cascade.speculative import RoundState, speculative_round
 
     target = _peaked(init_params(TARGET_CFG, jax.random.key(2)), 3.0)
     draft = _peaked(init_params(DRAFT_CFG, jax.random.key(1)), 3.0)  # disagrees often: rejections
@@ -378,21 +378,21 @@ def test_rewind_leaves_the_caches_of_a_fresh_run_on_the_accepted_text(kv):
     _, d_cache = prefill(draft, DRAFT_CFG, tokens, lengths, d_cache)
     logits, t_cache = prefill(target, TARGET_CFG, tokens, lengths, t_cache)
     text = list(prompt)
-    pending = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    behind, key, rejected = jnp.full((1,), -1, jnp.int32), jax.random.key(0), 0
+    state = RoundState(d_cache, t_cache, pending=jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                       behind=jnp.full((1,), -1, jnp.int32), key=jax.random.key(0))
     sp = (jnp.float32(0), jnp.int32(0), jnp.float32(1))
-    stopped = 0
+    rejected = stopped = 0
     for r in range(8):  # every other round drafts adaptively: it may stop early and accept all it offered
-        text.append(int(pending[0]))  # the pending token is about to be fed
-        proposals, n_prop, n_acc, nxt, _, behind, d_cache, t_cache, key = speculative_round(
-            draft, DRAFT_CFG, target, TARGET_CFG, d_cache, t_cache, pending, behind, jnp.array([True]), key, sp,
-            jnp.float32(0), jnp.float32(0.9 if r % 2 else 0.0), k=k, greedy=True, adaptive=bool(r % 2))
-        n = int(n_acc[0])
-        rejected += n < int(n_prop[0])
-        stopped += int(n_prop[0]) < k
-        text += [int(t) for t in np.asarray(proposals[0, :n])]
-        pending = nxt
+        text.append(int(state.pending[0]))  # the pending token is about to be fed
+        decided, state = speculative_round(
+            draft, DRAFT_CFG, target, TARGET_CFG, state, jnp.array([True]), sp, jnp.float32(0),
+            jnp.float32(0.9 if r % 2 else 0.0), k=k, greedy=True, adaptive=bool(r % 2))
+        n = int(decided.n_accepted[0])
+        rejected += n < int(decided.n_proposed[0])
+        stopped += int(decided.n_proposed[0]) < k
+        text += [int(t) for t in np.asarray(decided.proposals[0, :n])]
     assert rejected >= 2 and stopped >= 1
+    d_cache, t_cache = state.d_cache, state.t_cache
     committed = int(t_cache.lengths[0])
     assert committed == len(text)
     for cfg, params, cache in ((TARGET_CFG, target, t_cache), (DRAFT_CFG, draft, d_cache)):
