@@ -1239,10 +1239,8 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv
     BOS + tokens.  Documents longer than --ctx are scored in sliding windows of --ctx tokens
     every --stride tokens, each token predicted once.
     """
-    import time
-
-    from cascade.models import kv_cache_memory, perplexity, split_documents, tokenize_documents, weight_bytes
-    from cascade.models.evaluation import DEFAULT_EVAL_CTX
+    from cascade.models import split_documents
+    from cascade.models.evaluation import DEFAULT_EVAL_CTX, score_text
 
     _refuse_unless(quant_rules is not None, ("scale_dtype",), "with --quant")
     _refuse_unless(not truncate, ("stride",), "to sliding windows (without --truncate)")
@@ -1284,39 +1282,12 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv
     if not docs:
         raise click.ClickException(f"{data}: no text to score")
     params, placement = _place(loaded, mesh)
-    t0 = time.perf_counter()
-    token_docs = tokenize_documents(loaded.tokenizer, docs)
-    fid = None
-    if ref is not None:
-        from cascade.models.evaluation import fidelity
-
-        if ref.config.vocab_size != loaded.config.vocab_size or tokenize_documents(ref.tokenizer, docs[:3]) != token_docs[:3]:
-            raise click.ClickException("the reference model does not share MODEL's tokenizer; KL divergence needs "
-                                       "the same tokens")
-        fid = fidelity(params, loaded.config, _place(ref, mesh)[0], ref.config, token_docs, ctx=ctx, stride=stride,
-                       truncate=truncate, max_tokens=max_tokens)
-        result = fid.perplexity(len(token_docs))
-    else:
-        result = perplexity(params, loaded.config, token_docs, ctx=ctx,
-                            stride=stride, truncate=truncate, kv=kv, max_tokens=max_tokens)
-    seconds = time.perf_counter() - t0
-    memory = kv_cache_memory(loaded.config, kv, result.ctx) if kv else None  # None: scored without a cache
-    payload = {"model": model, "data": data, "quant": loaded.quant, **result.to_json(),
-               "weight_bytes": weight_bytes(loaded.params), "kv_cache": memory,
-               "kv_bytes": memory and memory["bytes_per_sequence"], "seconds": seconds,
-               "tokens_per_s": result.tokens / seconds,
-               "reference": None if ref is None else ref.source, "fidelity": None if fid is None else fid.to_json(),
+    score = score_text(loaded, docs, params=params, reference=ref,
+                       reference_params=None if ref is None else _place(ref, mesh)[0], ctx=ctx, stride=stride,
+                       truncate=truncate, kv=kv, max_tokens=max_tokens)
+    payload = {"model": model, "data": data, "quant": loaded.quant, **score.to_json(),
                **({"mesh": placement} if placement else {})}
-    cache = ("" if memory is None else f"KV cache ({memory['kv']}) {memory['bytes_per_sequence']:,} bytes per sequence "
-             f"of {result.ctx} ({memory['vs_fp16_per_sequence']:.1%} of fp16); ")
-    human = (f"perplexity {result.ppl:.4f} over {result.tokens:,} tokens ({plural(result.documents, 'document')}, "
-             f"{plural(result.windows, 'window')}, ctx {result.ctx}, stride {result.stride}); "
-             f"weights {payload['weight_bytes']:,} bytes; {cache}{seconds:.1f} s")
-    if fid is not None:
-        human += (f"\nvs reference {ref.source}: perplexity {fid.ref_ppl:.4f} (Δppl {fid.delta_ppl:+.4f}); "
-                  f"KL divergence mean {fid.kld_mean:.5f}, p99 {fid.kld_p99:.5f}, max {fid.kld_max:.4f} nats; "
-                  f"top-1 agreement {fid.top1_agreement:.2%}")
-    _emit(as_json, payload, human)
+    _emit(as_json, payload, score.summary())
 
 
 @app.command()

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cascade.console import progress_bar
+from cascade.console import plural, progress_bar
 from cascade.models.config import ModelConfig
 from cascade.models.kv_cache import KVCache
 from cascade.models.llama import Transformer
@@ -269,6 +269,72 @@ def fidelity(params, cfg: ModelConfig, ref_params, ref_cfg: ModelConfig, token_d
     return FidelityResult(ppl=ppl, ref_ppl=ref_ppl, delta_ppl=ppl - ref_ppl, kld_mean=float(kld.mean()),
                           kld_p99=float(np.percentile(kld, 99)), kld_max=float(kld.max()),
                           top1_agreement=same / count, tokens=count, windows=len(wins), ctx=ctx, stride=stride)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextScore:
+    """What ``cascade eval`` reports for one model on one text (:func:`score_text`)."""
+
+    result: PerplexityResult
+    fidelity: FidelityResult | None  # against the reference model, when one was given
+    reference: str | None  # the reference model's source
+    kv_cache: dict | None  # kv_cache_memory of the cache scored through (None: no cache)
+    weight_bytes: int
+    seconds: float  # tokenizing and scoring
+
+    def to_json(self) -> dict:
+        memory = self.kv_cache
+        return {**self.result.to_json(), "weight_bytes": self.weight_bytes, "kv_cache": memory,
+                "kv_bytes": memory and memory["bytes_per_sequence"], "seconds": self.seconds,
+                "tokens_per_s": self.result.tokens / self.seconds, "reference": self.reference,
+                "fidelity": None if self.fidelity is None else self.fidelity.to_json()}
+
+    def summary(self) -> str:
+        r, memory, fid = self.result, self.kv_cache, self.fidelity
+        cache = ("" if memory is None else f"KV cache ({memory['kv']}) {memory['bytes_per_sequence']:,} bytes per "
+                 f"sequence of {r.ctx} ({memory['vs_fp16_per_sequence']:.1%} of fp16); ")
+        text = (f"perplexity {r.ppl:.4f} over {r.tokens:,} tokens ({plural(r.documents, 'document')}, "
+                f"{plural(r.windows, 'window')}, ctx {r.ctx}, stride {r.stride}); "
+                f"weights {self.weight_bytes:,} bytes; {cache}{self.seconds:.1f} s")
+        if fid is not None:
+            text += (f"\nvs reference {self.reference}: perplexity {fid.ref_ppl:.4f} (Δppl {fid.delta_ppl:+.4f}); "
+                     f"KL divergence mean {fid.kld_mean:.5f}, p99 {fid.kld_p99:.5f}, max {fid.kld_max:.4f} nats; "
+                     f"top-1 agreement {fid.top1_agreement:.2%}")
+        return text
+
+
+def score_text(model, docs: list[str], *, params=None, reference=None, reference_params=None, ctx: int | None = None,
+               stride: int | None = None, truncate: bool = False, kv: str | None = None,
+               max_tokens: int | None = None) -> TextScore:
+    """Perplexity of ``model`` (a loaded :class:`~cascade.models.model.Model`) on the documents
+    ``docs``, through the KV cache ``kv`` if given, or its fidelity to the ``reference`` model (KL
+    divergence, top-1 agreement, Δppl; the two must share the tokenizer).  ``params`` and
+    ``reference_params`` are the weights to use (default: the models' own; e.g. placed on a mesh)."""
+    import time
+
+    from cascade.models.kv_cache import kv_cache_memory
+    from cascade.models.quantize import weight_bytes
+
+    if not docs:
+        raise ValueError("no text to score")
+    params = model.params if params is None else params
+    t0 = time.perf_counter()
+    token_docs = tokenize_documents(model.tokenizer, docs)
+    fid = None
+    if reference is not None:
+        if (reference.config.vocab_size != model.config.vocab_size
+                or tokenize_documents(reference.tokenizer, docs[:3]) != token_docs[:3]):
+            raise ValueError("the reference model does not share MODEL's tokenizer; KL divergence needs the same tokens")
+        fid = fidelity(params, model.config, reference.params if reference_params is None else reference_params,
+                       reference.config, token_docs, ctx=ctx, stride=stride, truncate=truncate, max_tokens=max_tokens)
+        result = fid.perplexity(len(token_docs))
+    else:
+        result = perplexity(params, model.config, token_docs, ctx=ctx, stride=stride, truncate=truncate, kv=kv,
+                            max_tokens=max_tokens)
+    seconds = time.perf_counter() - t0
+    return TextScore(result=result, fidelity=fid, reference=None if reference is None else reference.source,
+                     kv_cache=kv_cache_memory(model.config, kv, result.ctx) if kv else None,
+                     weight_bytes=weight_bytes(model.params), seconds=seconds)
 
 
 def tokenize_documents(tokenizer, docs: list[str], bos: bool | None = None) -> list[list[int]]:

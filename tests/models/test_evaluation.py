@@ -170,3 +170,41 @@ def test_fidelity_needs_a_shared_vocabulary():
     cfg, a, _ = _fidelity_models()
     with pytest.raises(ValueError, match="vocabulary of 64 tokens, the model 48"):
         fidelity(a, cfg, a, dataclasses.replace(cfg, vocab_size=64), [[1, 2, 3]])
+
+
+def test_score_text_is_the_perplexity_or_fidelity_of_the_tokenized_documents(stories260k):
+    """`score_text` (what `cascade eval` calls): the same numbers as `perplexity`/`fidelity` on the
+    documents tokenized by hand; a model against itself: KL 0, top-1 1; a reference that tokenizes
+    otherwise is refused."""
+    import dataclasses
+
+    from cascade.models.evaluation import fidelity, score_text, tokenize_documents
+
+    with open(DATA / "text" / "tinystories_val.txt", encoding="utf-8") as f:
+        docs = split_documents(f.read(40_000))[:3]
+    tokens = tokenize_documents(stories260k.tokenizer, docs)
+    cfg = stories260k.config
+    score = score_text(stories260k, docs, ctx=64, kv="int8")
+    want = perplexity(stories260k.params, cfg, tokens, ctx=64, kv="int8")
+    assert score.result == want and score.fidelity is None and score.reference is None
+    got = score.to_json()
+    assert got["ppl"] == want.ppl and got["kv_bytes"] == score.kv_cache["bytes_per_sequence"] > 0
+    assert got["tokens_per_s"] == want.tokens / score.seconds and f"perplexity {want.ppl:.4f}" in score.summary()
+
+    self_score = score_text(stories260k, docs, reference=stories260k, ctx=64)
+    fid = fidelity(stories260k.params, cfg, stories260k.params, cfg, tokens, ctx=64)
+    assert self_score.fidelity == fid and fid.kld_max < 1e-5 and fid.top1_agreement == 1.0
+    assert self_score.reference == stories260k.source and "top-1 agreement 100.00%" in self_score.summary()
+
+    class Shifted:  # the same vocabulary size, other ids
+        def __getattr__(self, name):
+            return getattr(stories260k.tokenizer, name)
+
+        def encode(self, text, **kwargs):
+            return [(t + 1) % cfg.vocab_size for t in stories260k.tokenizer.encode(text, **kwargs)]
+
+    other = dataclasses.replace(stories260k, tokenizer=Shifted())
+    with pytest.raises(ValueError, match="does not share MODEL's tokenizer"):
+        score_text(stories260k, docs, reference=other)
+    with pytest.raises(ValueError, match="no text to score"):
+        score_text(stories260k, [])
