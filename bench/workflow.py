@@ -34,6 +34,7 @@ import time
 from collections import Counter
 
 from cascade import quant
+from cascade.quant.spec import SPEC_VERSION
 from cascade.bench.context import run_context
 from cascade.bench.ptq import float_model
 from cascade.console import format_table, progress_bar
@@ -111,7 +112,8 @@ def run(model: "str | Model", calib: str, data: str, *, targets=DEFAULT_TARGETS,
     best: dict[str, tuple[float, str, Model]] = {}  # target -> the best auto model so far
 
     def result(partial: bool) -> dict:
-        return {"benchmark": "workflow", **run_context(), "model": base.source, "float_ppl": float_ppl,
+        return {"benchmark": "workflow", "spec_version": SPEC_VERSION, **run_context(), "model": base.source,
+                "float_ppl": float_ppl,
                 "float_weight_bytes": weight_bytes(base.params),
                 "calibration": cal.recipe, "data": data, "documents": len(docs), "ctx": ctx, "max_tokens": max_tokens,
                 "candidates": list(candidates), "granularity": granularity,

@@ -299,7 +299,7 @@ def over_budget_message(plan: MemoryPlan, *, flags: dict | None = None, max_devi
         elif all(f"{role}_kv" in flags for role in kinds):
             tries.append((" ".join(flags[f"{role}_kv"].format("int4") for role in kinds), change))
     for role in ("large", "small"):
-        if role in kinds and f"{role}_quant" in flags and str(kinds[role].quant) not in ("int4", "int4-g128"):
+        if role in kinds and f"{role}_quant" in flags and not _is_int4(kinds[role].quant):
             tries.append((flags[f"{role}_quant"].format("int4"), {f"{role}_quant": "int4"}))
     for name, now in (("ctx", plan.ctx), ("max_new_tokens", plan.max_new_tokens), ("batch", plan.batch)):
         if name not in flags or now is None or (name == "ctx" and plan.max_new_tokens is not None):
@@ -471,3 +471,17 @@ def _shard(fn, cfg, tp: int, role: str, small_devices: int | None):
         raise
     except ValueError as e:
         raise PlacementError(f"the {role} model over {tp} devices: {e}", _placement_param(role, small_devices)) from None
+
+
+def _is_int4(quant) -> bool:
+    """Whether precision rules text is already ``int4`` or ``int4-g128`` (any grid or range)."""
+    from cascade.quant.rules import PrecisionRules
+    from cascade.quant.spec import IntSpec
+
+    try:
+        rules = PrecisionRules.parse(str(quant))
+    except ValueError:
+        return False
+    spec = rules.default
+    return (not rules.rules and isinstance(spec, IntSpec) and spec.bits == 4 and spec.symmetric and spec.act is None
+            and (spec.granularity == "channel" or spec.group_size == 128))

@@ -54,7 +54,10 @@ from cascade.quant.qtensor import QuantizedTensor
 
 CHECKPOINT_MARKER = "cascade_checkpoint.json"
 FORMAT = "cascade_checkpoint"
-FORMAT_VERSION = 1
+# 2: spec texts (``tree`` entries, ``quant``) in spec grammar version 2 with every grid explicit
+# (cascade.quant.spec); 1: written before, read with the grammar of then (int3-g32 = narrow grid)
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 ARRAYS_DIR = "arrays"
 TOKENIZER_DIR = "tokenizer"
 _QT_LEAVES = ("packed", "scale", "zero", "act_scale")
@@ -166,7 +169,7 @@ def save_checkpoint(directory, model: Model, *, overwrite: bool = False) -> None
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "config": model.config.to_dict(),
-            "quant": model.quant,
+            "quant": _saved_rules_text(model.quant),
             "ptq": model.ptq,
             "source": model.source,
             "source_format": model.format,
@@ -208,7 +211,7 @@ def _flatten(params, where) -> tuple[dict, dict]:
             stored = {}
             for k, leaf in leaves.items():
                 leaves[k], stored[k] = _leaf(leaf, f"{name}/{k}", where)
-            entries[name] = {"kind": "quantized", "spec": str(node.spec), "shape": list(node.shape),
+            entries[name] = {"kind": "quantized", "spec": node.spec.explicit, "shape": list(node.shape),
                              "axis": node.axis, "dtype": node.dtype, "leaves": stored}
             _nested_set(arrays, path, leaves)
         elif hasattr(node, "dtype") and hasattr(node, "shape") and jnp.issubdtype(node.dtype, jnp.floating):
@@ -343,7 +346,8 @@ def load_checkpoint(directory, *, mesh=None) -> Model:
     except (TypeError, ValueError, KeyError) as e:
         raise ValueError(f"{where}: invalid model config in {CHECKPOINT_MARKER} ({_first_line(e)})") from None
     entries = manifest["tree"]
-    _check_entries(entries, where)
+    version = manifest["format_version"]
+    _check_entries(entries, where, version)
     _check_layout(config, entries, where)
     arrays_dir, tokenizer_dir = os.path.join(where, ARRAYS_DIR), os.path.join(where, TOKENIZER_DIR)
     _verify_files(arrays_dir, manifest["array_files"], where, ARRAYS_DIR)  # before orbax sees a damaged file
@@ -367,7 +371,37 @@ def load_checkpoint(directory, *, mesh=None) -> Model:
 
     tokenizer = None if manifest["tokenizer"] is None else _load_tokenizer(tokenizer_dir, where)
     return Model(config=config, params=params, tokenizer=tokenizer, source=where, format="checkpoint",
-                 quant=manifest["quant"], ptq=manifest.get("ptq"))
+                 quant=_loaded_rules_text(manifest["quant"], version), ptq=manifest.get("ptq"))
+
+
+def _saved_rules_text(quant: str | None) -> str | None:
+    """``Model.quant`` as saved: its grids explicit (:meth:`PrecisionRules.text`) when it parses
+    as precision rules, else as it is (a label)."""
+    from cascade.quant.rules import PrecisionRules
+
+    if quant is None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return PrecisionRules.parse(quant).text()
+    except ValueError:
+        return quant
+
+
+def _loaded_rules_text(quant: str | None, version: int) -> str | None:
+    """A manifest's ``quant`` in the current spec grammar: a format-1 text (old grammar) is
+    rewritten with its grids explicit, so ``int3-g32`` of then reads ``int3-g32-narrow``."""
+    from cascade.quant.rules import PrecisionRules
+
+    if quant is None or version >= 2:
+        return quant
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return PrecisionRules.parse(quant, version=1).text()
+    except ValueError:
+        return quant
 
 
 def _first_line(e: BaseException) -> str:
@@ -388,9 +422,9 @@ def _read_manifest(where: str) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{where}: {CHECKPOINT_MARKER} is not a cascade checkpoint manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if isinstance(version, bool) or version not in READ_VERSIONS:
         raise ValueError(f"{where}: unsupported checkpoint format version {version!r} "
-                         f"(this cascade reads version {FORMAT_VERSION})")
+                         f"(this cascade reads versions {', '.join(map(str, READ_VERSIONS))})")
     if manifest.get("manifest_sha256") != _manifest_digest(manifest):
         raise ValueError(f"{where}: {CHECKPOINT_MARKER} was modified or corrupted (manifest checksum mismatch)")
     for key, types in (("config", dict), ("tree", dict), ("quant", (str, type(None))),
@@ -407,7 +441,7 @@ def _read_manifest(where: str) -> dict:
     return manifest
 
 
-def _check_entries(entries: dict, where: str) -> None:
+def _check_entries(entries: dict, where: str, version: int = FORMAT_VERSION) -> None:
     """Validate manifest entries (types, spec text, leaf shapes consistent with the spec)."""
     from cascade.quant import packing, ranges
     from cascade.quant.spec import IntSpec, parse_spec
@@ -432,7 +466,7 @@ def _check_entries(entries: dict, where: str) -> None:
         if not (_is_shape(e.get("shape")) and isinstance(e.get("axis"), int) and isinstance(e.get("leaves"), dict)):
             raise bad(name, "malformed quantized entry")
         try:
-            spec = parse_spec(e.get("spec"))
+            spec = parse_spec(e.get("spec"), version=1 if version == 1 else 2)
         except ValueError as err:
             raise bad(name, f"bad spec ({_first_line(err)})") from None
         if not isinstance(spec, IntSpec):

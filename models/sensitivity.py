@@ -37,7 +37,7 @@ from cascade.console import progress_bar
 from cascade.models.config import ModelConfig
 from cascade.models.workflow import other_bytes, plan_rules  # noqa: F401  (the plan; re-exported)
 from cascade.quant.allocate import auto_rules, budget_from_avg_bits  # noqa: F401  (the knapsack; re-exported)
-from cascade.quant.spec import FloatSpec, parse_spec
+from cascade.quant.spec import SPEC_VERSION, FloatSpec, check_version, parse_spec
 
 GRANULARITIES = ("layer", "block")
 DEFAULT_CANDIDATES = ("bf16", "int8", "int4-g128", "int4-g32", "int3-g32")
@@ -265,7 +265,7 @@ class SensitivityReport:
     def to_json(self) -> dict:
         return {"granularity": self.granularity, "tokens": self.tokens, "base_loss": self.base_loss,
                 "rank_correlation": self.rank_correlation, "units": {u: list(p) for u, p in self.units.items()},
-                "rows": [r.to_json() for r in self.sorted()]}
+                "spec_version": SPEC_VERSION, "rows": [r.to_json() for r in self.sorted()]}
 
 
 def report_from_json(data: dict, params, *, scale_dtype="float16") -> SensitivityReport:
@@ -279,6 +279,8 @@ def report_from_json(data: dict, params, *, scale_dtype="float16") -> Sensitivit
         raise ValueError("not a sensitivity report: expected a JSON object")
     body = data["sensitivity"] if isinstance(data.get("sensitivity"), dict) else data
     granularity = body.get("granularity", data.get("granularity"))
+    # reports written before spec grammar version 2 carry no version: their int3-g32 is the narrow grid
+    version = check_version(body.get("spec_version", data.get("spec_version", 1)), "the report's spec_version")
     rows = body.get("rows")
     if granularity not in GRANULARITIES or not isinstance(rows, list) or not rows:
         raise ValueError("not a sensitivity report: it needs 'granularity' and a non-empty list of 'rows' "
@@ -292,7 +294,7 @@ def report_from_json(data: dict, params, *, scale_dtype="float16") -> Sensitivit
         if r["unit"] not in units:
             raise ValueError(f"the sensitivity report does not match this model: it has unit {r['unit']!r}, "
                              f"which the model has no {granularity} of")
-        spec = parse_spec(r["spec"])
+        spec = parse_spec(r["spec"], version=version)
         expected = unit_bytes(params, units[r["unit"]], spec, scale_dtype=scale_dtype)
         if int(r["nbytes"]) != expected:
             raise ValueError(f"the sensitivity report does not match this model: {r['unit']} at {r['spec']} is "

@@ -170,7 +170,10 @@ class KVSpec:
 
     def value_spec(self, n_kv_heads: int, head_dim: int) -> IntSpec:
         """Values: along one token's vector, groups of ``N``, symmetric."""
-        return IntSpec(bits=self.bits, granularity="group", group_size=self.value_group(n_kv_heads, head_dim))
+        # the narrow symmetric grid, as measured in docs/guides/kv-cache.md (pinned: the weight specs'
+        # default grid at 2-4 bits became the full one in spec grammar version 2)
+        return IntSpec(bits=self.bits, granularity="group", group_size=self.value_group(n_kv_heads, head_dim),
+                       full_range=False)
 
     def __str__(self) -> str:
         parts = [self.name]

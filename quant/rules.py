@@ -18,8 +18,11 @@ reads the forms the CLI accepts:
 * inline rules: ``"attn=int8,*=int4-g128"`` (``*`` names the default)
 * a JSON file, named by a path that ends in ``.json`` or contains a ``/`` (never guessed from a
   bare word, so a file called ``int8`` in the working directory cannot replace the spec ``int8``):
-  ``{"__default__": "int4-g128", "rules": [["attn", "int8"], ...], "keep_16bit": true}``
-  (``keep_16bit`` optional, default true).
+  ``{"__default__": "int4-g128", "rules": [["attn", "int8"], ...], "keep_16bit": true, "spec_version": 2}``
+  (``keep_16bit`` optional, default true).  ``spec_version`` is the spec grammar its specs are
+  written in (:mod:`cascade.quant.spec`); a file without it was written before version 2 and is
+  read with the old meaning (``int3-g32`` = narrow), with a warning where that differs from the
+  current grammar.  :meth:`PrecisionRules.to_json` writes version 2 with every grid explicit.
 * the same object as JSON text, ``'{"__default__": "int4-g128", "rules": []}'`` (how a checkpoint
   records rules that were given as a file or chosen by ``--quant auto``).
 
@@ -36,7 +39,9 @@ import json
 import os
 import re
 
-from cascade.quant.spec import IntSpec, Spec, parse_spec
+import warnings
+
+from cascade.quant.spec import SPEC_VERSION, IntSpec, Spec, check_version, parse_spec
 
 # Mixed-precision fallback that LLM quantizers use by default (GPTQ/AWQ leave these unquantized):
 # norms are tiny and sensitive; embeddings and the LM head see every token.
@@ -74,13 +79,15 @@ class PrecisionRules:
             object.__setattr__(self, "default", parse_spec(self.default))
 
     @classmethod
-    def from_spec(cls, spec: Spec | str, keep_16bit: bool = True) -> "PrecisionRules":
+    def from_spec(cls, spec: Spec | str, keep_16bit: bool = True, *, version: int = SPEC_VERSION) -> "PrecisionRules":
         """One spec for every matmul weight; norms, embeddings and LM head in bf16 if ``keep_16bit``."""
-        return cls(default=parse_spec(spec), keep_16bit=keep_16bit)
+        return cls(default=parse_spec(spec, version=version), keep_16bit=keep_16bit)
 
     @classmethod
-    def parse(cls, text: "str | PrecisionRules") -> "PrecisionRules":
-        """A spec, inline ``regex=spec,...`` rules, or a path to a JSON rules file."""
+    def parse(cls, text: "str | PrecisionRules", *, version: int = SPEC_VERSION) -> "PrecisionRules":
+        """A spec, inline ``regex=spec,...`` rules, or a path to a JSON rules file.  ``version``: the
+        spec grammar of a spec or inline rules (1 for text saved before version 2; a JSON object
+        says its own, ``spec_version``, and is version 1 without it)."""
         if isinstance(text, PrecisionRules):
             return text
         if not isinstance(text, str):
@@ -98,7 +105,7 @@ class PrecisionRules:
                 raise ValueError(f"precision rules {text[:40]!r}... are not valid JSON: {e}") from None
             return cls.from_json(data, "precision rules")
         if "=" not in text:
-            return cls.from_spec(text)
+            return cls.from_spec(text, version=version)
         rules, default = [], None
         for item in text.split(","):
             pattern, sep, spec = item.rpartition("=")
@@ -109,8 +116,8 @@ class PrecisionRules:
                     raise ValueError(f"precision rules {text!r} set the default (*) twice")
                 default = spec.strip()
             else:
-                rules.append((pattern.strip(), spec.strip()))
-        return cls(rules=tuple(rules), default=default)
+                rules.append((pattern.strip(), parse_spec(spec.strip(), version=version)))
+        return cls(rules=tuple(rules), default=None if default is None else parse_spec(default, version=version))
 
     @classmethod
     def from_json_file(cls, path: str) -> "PrecisionRules":
@@ -126,8 +133,9 @@ class PrecisionRules:
     @classmethod
     def from_json(cls, data, path: str) -> "PrecisionRules":
         """Rules from a parsed rules object (``path`` names where it came from in errors)."""
-        if not isinstance(data, dict) or not set(data) <= {"__default__", "rules", "keep_16bit"}:
-            raise ValueError(f"{path}: expected an object with keys '__default__', 'rules' and optionally 'keep_16bit'")
+        if not isinstance(data, dict) or not set(data) <= {"__default__", "rules", "keep_16bit", "spec_version"}:
+            raise ValueError(f"{path}: expected an object with keys '__default__', 'rules' and optionally "
+                             "'keep_16bit' and 'spec_version'")
         rules = data.get("rules", [])
         if not isinstance(rules, list) or not all(isinstance(r, list) and len(r) == 2 for r in rules):
             raise ValueError(f"{path}: 'rules' must be a list of [regex, spec] pairs")
@@ -135,13 +143,40 @@ class PrecisionRules:
         if default is not None and not isinstance(default, str):
             raise ValueError(f"{path}: '__default__' must be a spec string or null")
         try:
-            return cls(rules=tuple(tuple(r) for r in rules), default=default, keep_16bit=data.get("keep_16bit", True))
+            version = check_version(data.get("spec_version", 1), "'spec_version'")
+            specs = [s for _, s in rules] + ([default] if default is not None else [])
+            if version == 1 and any(isinstance(s, str) and str(parse_spec(s, version=1)) != str(parse_spec(s)) for s in specs):
+                changed = ", ".join(f"{s} -> {parse_spec(s, version=1).explicit}" for s in specs
+                                    if isinstance(s, str) and str(parse_spec(s, version=1)) != str(parse_spec(s)))
+                warnings.warn(f"{path} has no \"spec_version\": read as written before spec grammar version 2 "
+                              f"({changed}); add \"spec_version\": 2 to use the current grammar (full grid at 2-4 bits)",
+                              stacklevel=3)
+
+            def spec(s):
+                return parse_spec(s, version=version) if isinstance(s, str) else s
+            return cls(rules=tuple((p, spec(s)) for p, s in rules), default=None if default is None else spec(default),
+                       keep_16bit=data.get("keep_16bit", True))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 
     def to_json(self) -> dict:
-        return {"__default__": None if self.default is None else str(self.default),
-                "rules": [[p, str(s)] for p, s in self.rules], "keep_16bit": self.keep_16bit}
+        """The rules as a JSON object (spec grammar version 2, every grid explicit)."""
+        return {"__default__": None if self.default is None else self.default.explicit,
+                "rules": [[p, s.explicit] for p, s in self.rules], "keep_16bit": self.keep_16bit,
+                "spec_version": SPEC_VERSION}
+
+    def text(self) -> str:
+        """The rules as text that means the same under either spec grammar: a lone spec
+        (``int3-g32-full``), inline rules (``attn=int8,*=int3-g32-full``), or JSON text when the
+        inline form cannot say it (no keep-16-bit rules, a rule with ``,`` or ``=``)."""
+        inline = self.keep_16bit and all("," not in p and "=" not in p and p.strip() == p and p != "*" and p
+                                         for p, _ in self.rules)
+        if inline and not self.rules and self.default is not None:
+            return self.default.explicit
+        if inline and self.rules:
+            default = [] if self.default is None else [f"*={self.default.explicit}"]
+            return ",".join([f"{p}={s.explicit}" for p, s in self.rules] + default)
+        return json.dumps(self.to_json(), sort_keys=True)
 
     def spec_for(self, path: str, ndim: int) -> Spec | None:
         """The spec for a parameter, or None to leave it unchanged (see the module docstring)."""

@@ -3,7 +3,7 @@
 The same string means the same thing in the CLI, the Python API, saved checkpoints and
 benchmark output.  Grammar (canonical form omits the defaults shown in brackets)::
 
-    int{8|4|3|2}[-g{N} | -tensor | -channel][-asym | -sym | -full][-minmax | -mse | -p{PCT}]
+    int{8|4|3|2}[-g{N} | -tensor | -channel][-asym | -full | -narrow][-minmax | -mse | -p{PCT}]
     bf16 | fp16 | fp32
 
 * ``int8``            per-output-channel, symmetric, min-max range
@@ -12,10 +12,14 @@ benchmark output.  Grammar (canonical form omits the defaults shown in brackets)
 * ``int8-tensor``     one scale for the whole tensor
 * ``int4-g128-mse``   range clipped by an MSE-optimal search (grid over clip ratios)
 * ``int8-p99.9``      range clipped at the 99.9th percentile of the values
-* ``int3-g32-full``   symmetric on all ``2**b`` levels (int3: -4..3, scale ``absmax / 3.5``, as qwix)
-                      where plain symmetric uses ``2**b - 1`` (int3: -3..3, scale ``absmax / 3``).
-                      Measured on stories260K (README, "Accurate PTQ"): the full grid is better at
-                      3 and 4 bits for every method; it is opt-in for now (see the README).
+* ``int3-g32``        symmetric grids.  At 2, 3 and 4 bits the default is the **full** grid: all
+                      ``2**b`` levels (int3: -4..3, scale ``absmax / 3.5``, as qwix and llama.cpp's
+                      Q4_0); ``-narrow`` asks for the ``2**b - 1`` levels ``+-(2**(b-1) - 1)`` (int3:
+                      -3..3, scale ``absmax / 3``).  int8 stays narrow by default (-127..127, what
+                      int8 x int8 dots want); ``int8-full`` is -128..127.  ``-full`` and ``-narrow``
+                      may always be written; ``-sym`` is the old name of ``-narrow`` (before spec
+                      grammar version 2 it was the default at every width).  Measured in
+                      docs/guides/ptq.md ("The symmetric grid").
 * ``w8a8``          int8 per-channel symmetric weights *and* int8 activations: each input row
                       (token) quantized at run time by its own absmax, an int8 x int8 -> int32 dot
                       (:mod:`cascade.quant.activations`; SmoothQuant's W8A8, Xiao et al. 2022)
@@ -29,6 +33,14 @@ benchmark output.  Grammar (canonical form omits the defaults shown in brackets)
 
 "Channel" is every index of the non-reduction axes; the reduction axis is the one a matmul
 contracts (axis 0 of a Flax ``(in, out)`` kernel).
+
+**Grammar versions.**  Version 2 (:data:`SPEC_VERSION`, this one) made the full grid the default
+at 2-4 bits.  In version 1 a symmetric spec without a grid token was narrow at every width
+(``int3-g32`` meant -3..3).  Text saved before version 2 (checkpoints of format version 1, rules
+files and sensitivity reports without ``"spec_version": 2``) is read with
+``parse_spec(text, version=1)``, so it keeps its old meaning, and everything saved now writes the
+grid of every 2-4-bit symmetric spec explicitly (:meth:`IntSpec.explicit`), so it reads the same
+under either grammar.
 """
 
 from __future__ import annotations
@@ -41,9 +53,12 @@ INT_BITS = (8, 4, 3, 2)
 FLOAT_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 GRANULARITIES = ("tensor", "channel", "group")
 
+SPEC_VERSION = 2  # 1: a symmetric spec without -full/-narrow was narrow at every width; 2: full at 2-4 bits
+SPEC_VERSIONS = (1, 2)
+
 ALLOWED_FORMS = (
-    "int{8,4,3,2}[-g<N>|-tensor|-channel][-asym|-sym|-full][-minmax|-mse|-p<PCT>] "
-    "(e.g. int8, int4-g128, int4-g64-asym, int8-tensor, int3-g32, int3-g32-full, int2-g16, int4-g128-mse, "
+    "int{8,4,3,2}[-g<N>|-tensor|-channel][-asym|-full|-narrow][-minmax|-mse|-p<PCT>] "
+    "(e.g. int8, int4-g128, int4-g64-asym, int8-tensor, int3-g32, int3-g32-narrow, int2-g16, int4-g128-mse, "
     "int8-p99.9), w8a8, w8a8-static, w8a8-had or w8a8-static-had (int8 weights and activations; -had: Hadamard-rotated "
     "inputs), or a float type: bf16, fp16, fp32"
 )
@@ -59,7 +74,8 @@ class IntSpec:
     group_size: int | None = None  # values per group along the reduction axis ("group" only)
     symmetric: bool = True  # symmetric: zero point 0; asymmetric: scale and zero point
     # symmetric only: all 2**bits levels [-2**(b-1), 2**(b-1) - 1] (``-full``) instead of +-(2**(b-1) - 1)
-    full_range: bool = False
+    # (``-narrow``); None: the default grid of the width (:func:`default_full_range`)
+    full_range: bool | None = None
     clip: str = "minmax"  # range estimator: "minmax", "mse" or "p<PCT>" (percentile)
     # int8 activations too (``w8a8``): "dynamic" (per token at run time) or "static" (per tensor, calibrated)
     act: str | None = None
@@ -78,6 +94,10 @@ class IntSpec:
                 raise ValueError(f"group_size must be positive, got {self.group_size}")
         elif self.group_size is not None:
             raise ValueError(f"group_size is only valid with granularity='group', got {self.group_size}")
+        if self.full_range is None:
+            object.__setattr__(self, "full_range", self.act is None and default_full_range(self.bits, self.symmetric))
+        if not isinstance(self.full_range, bool):
+            raise ValueError(f"full_range must be true, false or None, got {self.full_range!r}")
         if self.full_range and not self.symmetric:
             raise ValueError("full_range applies only to symmetric specs (asymmetric specs use every level already)")
         if self.act is not None:
@@ -120,7 +140,22 @@ class IntSpec:
         """The same format without the range estimator (clipping does not change storage)."""
         return dataclasses.replace(self, clip="minmax")
 
+    @property
+    def grid(self) -> str:
+        """``"full"`` or ``"narrow"`` (symmetric), ``"asym"`` (asymmetric: every level, a zero point)."""
+        return "asym" if not self.symmetric else "full" if self.full_range else "narrow"
+
     def __str__(self) -> str:
+        return self._text(explicit=False)
+
+    @property
+    def explicit(self) -> str:
+        """The spec with its grid written wherever the two grammar versions differ (2-4-bit
+        symmetric specs: ``int3-g32-full``, ``int4-narrow``), so the text means the same under
+        ``parse_spec(text, version=1)`` and ``version=2``: what is saved to files."""
+        return self._text(explicit=True)
+
+    def _text(self, explicit: bool) -> str:
         if self.act is not None:
             return ("w8a8" if self.act == "dynamic" else "w8a8-static") + ("-had" if self.rotate else "")
         parts = [f"int{self.bits}"]
@@ -130,8 +165,8 @@ class IntSpec:
             parts.append("tensor")
         if not self.symmetric:
             parts.append("asym")
-        elif self.full_range:
-            parts.append("full")
+        elif self.full_range != default_full_range(self.bits) or (explicit and self.bits <= 4):
+            parts.append(self.grid)
         if self.clip != "minmax":
             parts.append(self.clip)
         return "-".join(parts)
@@ -158,8 +193,22 @@ class FloatSpec:
     def __str__(self) -> str:
         return self.name
 
+    @property
+    def explicit(self) -> str:
+        return self.name
+
 
 Spec = Union[IntSpec, FloatSpec]
+
+
+def default_full_range(bits: int, symmetric: bool = True) -> bool:
+    """The default symmetric grid of a width (grammar version 2): full at 2-4 bits, narrow at 8."""
+    return symmetric and bits <= 4
+
+
+def explicit_text(spec: "Spec | str") -> str:
+    """``spec`` as saved text (:meth:`IntSpec.explicit`)."""
+    return parse_spec(spec).explicit
 
 _PERCENTILE = re.compile(r"p([0-9]+(?:\.[0-9]+)?)", re.ASCII)
 
@@ -177,10 +226,21 @@ def clip_percentile(clip: str) -> float | None:
     return pct
 
 
-def parse_spec(text: str | Spec) -> Spec:
-    """Parse a precision spec string (strict); a spec object is returned unchanged."""
+def check_version(version, where: str = "spec_version") -> int:
+    """A spec grammar version (1 or 2), or a ValueError naming ``where``."""
+    if isinstance(version, bool) or version not in SPEC_VERSIONS:
+        raise ValueError(f"{where} must be one of {', '.join(map(str, SPEC_VERSIONS))}, got {version!r}")
+    return version
+
+
+def parse_spec(text: str | Spec, *, version: int = SPEC_VERSION) -> Spec:
+    """Parse a precision spec string (strict); a spec object is returned unchanged.
+
+    ``version=1`` reads text saved before the full-grid default (module docs): a symmetric spec
+    without ``-full``/``-narrow`` is narrow at every width."""
     if isinstance(text, (IntSpec, FloatSpec)):
         return text
+    check_version(version, "the spec grammar version")
     if not isinstance(text, str):
         raise ValueError(f"precision spec must be a string, got {type(text).__name__}")
     s = text.strip().lower()
@@ -199,7 +259,7 @@ def parse_spec(text: str | Spec) -> Spec:
             kind, value = "granularity", ("group", int(m.group(1)))
         elif tok in ("tensor", "channel"):
             kind, value = "granularity", (tok, None)
-        elif tok in ("asym", "sym", "full"):
+        elif tok in ("asym", "sym", "full", "narrow"):
             kind, value = "symmetry", tok
         elif tok in ("minmax", "mse") or _PERCENTILE.fullmatch(tok):
             kind, value = "clip", tok
@@ -212,9 +272,11 @@ def parse_spec(text: str | Spec) -> Spec:
             fields["granularity"], fields["group_size"] = value
         elif kind == "symmetry":
             fields["symmetric"] = value != "asym"
-            fields["full_range"] = value == "full"
+            fields["full_range"] = value == "full"  # -sym is the old name of -narrow
         else:
             fields["clip"] = value
+    if version == 1:
+        fields.setdefault("full_range", False)
     try:
         return IntSpec(**fields)
     except ValueError as e:

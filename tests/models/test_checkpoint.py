@@ -330,7 +330,7 @@ def _remove_marker(path):
     (_extra_file, r"unexpected file arrays/stray.bin"),
     (_edit_manifest, r"modified or corrupted \(manifest checksum mismatch\)"),
     (_garble_manifest, r"cannot read cascade_checkpoint.json \(JSONDecodeError"),
-    (_wrong_version, r"unsupported checkpoint format version 99 \(this cascade reads version 1\)"),
+    (_wrong_version, r"unsupported checkpoint format version 99 \(this cascade reads versions 1, 2\)"),
     (_edit_leaf_dtype_consistently,
      r"tensor 'final_norm/scale' is stored as float32\[64\], the manifest says bfloat16\[64\]"),
     (_edit_leaf_hash_consistently, r"tensor 'layers_0/mlp/up_proj/kernel/zero' is corrupted \(sha256 mismatch\)"),
@@ -371,3 +371,47 @@ def test_not_a_checkpoint(tmp_path, saved):
     assert not is_checkpoint(tmp_path / "file")
     with pytest.raises(ValueError, match="not a directory"):
         load_checkpoint(tmp_path / "file")
+
+
+V1 = os.path.join(os.path.dirname(__file__), "..", "data", "checkpoint-v1")  # tests/data/make_checkpoint_v1.py
+
+
+def test_a_checkpoint_of_the_release_before_spec_version_2_keeps_its_old_meaning(tmp_path):
+    """tests/data/checkpoint-v1 was written by the previous release (format 1), when ``int4``,
+    ``int2-g16`` and ``int3-g32`` meant the narrow symmetric grid.  Loaded today its specs and rules
+    text say narrow explicitly, its rules requantize the same float weights to exactly its stored
+    codes (they would not under today's default grid), and saving it again writes format 2 with
+    every grid explicit, which loads back identical."""
+    cfg = ModelConfig(vocab_size=64, dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16)
+    old = load_checkpoint(V1)
+    assert old.quant == "attn=int4-narrow,mlp=int2-g16-narrow,lm_head=int3-g32-narrow"
+    is_q = lambda a: isinstance(a, quant.QuantizedTensor)  # noqa: E731
+    specs = {jax.tree_util.keystr(p): a.spec for p, a in jax.tree_util.tree_flatten_with_path(old.params, is_leaf=is_q)[0]
+             if is_q(a)}
+    assert {str(s) for s in specs.values()} == {"int4-narrow", "int2-g16-narrow", "int3-g32-narrow"}
+    assert all((s.qmin, s.qmax) == (-(2 ** (s.bits - 1) - 1), 2 ** (s.bits - 1) - 1) for s in specs.values())
+    float_params = llama.init_params(cfg, jax.random.key(0))  # the weights make_checkpoint_v1.py quantized
+    again, _ = quant.quantize_params(float_params, old.quant, progress=False)
+    _assert_identical(again, old.params)
+    today, _ = quant.quantize_params(float_params, "attn=int4,mlp=int2-g16,lm_head=int3-g32", progress=False)
+    assert not np.array_equal(np.asarray(today["layers_0"]["attn"]["q_proj"]["kernel"].packed),
+                              np.asarray(old.params["layers_0"]["attn"]["q_proj"]["kernel"].packed))
+    save_checkpoint(tmp_path / "v2", old)
+    manifest = json.loads((tmp_path / "v2" / CHECKPOINT_MARKER).read_text())
+    assert manifest["format_version"] == checkpoint.FORMAT_VERSION == 2
+    assert manifest["quant"] == old.quant
+    assert {e["spec"] for e in manifest["tree"].values() if e["kind"] == "quantized"} == {
+        "int4-narrow", "int2-g16-narrow", "int3-g32-narrow"}
+    new = load_checkpoint(tmp_path / "v2")
+    _assert_identical(new.params, old.params)
+    assert new.quant == old.quant
+
+
+def test_a_format_2_checkpoint_records_every_grid(tmp_path, float_params):
+    qp, _ = quant.quantize_params(float_params, "attn=int4,*=int3-g32", progress=False)
+    save_checkpoint(tmp_path / "m", Model(config=CFG, params=qp, quant="attn=int4,*=int3-g32", source="t", format="hf"))
+    manifest = json.loads((tmp_path / "m" / CHECKPOINT_MARKER).read_text())
+    assert manifest["quant"] == "attn=int4-full,*=int3-g32-full"
+    assert {e["spec"] for e in manifest["tree"].values() if e["kind"] == "quantized"} == {"int4-full", "int3-g32-full"}
+    loaded = load_checkpoint(tmp_path / "m")
+    assert loaded.params["layers_0"]["attn"]["q_proj"]["kernel"].spec.qmin == -8

@@ -60,10 +60,11 @@ def _param_index(idx, granularity, group_size, axis):
     return tuple(group if i == axis else v for i, v in enumerate(idx))
 
 
-def minmax_scale(x_group: np.ndarray, bits: int, symmetric: bool) -> float:
-    """The exact (float64, unrounded) min-max scale of one group."""
+def minmax_scale(x_group: np.ndarray, bits: int, symmetric: bool, full: bool = False) -> float:
+    """The exact (float64, unrounded) min-max scale of one group: absmax / (2^(b-1) - 1) on the
+    narrow symmetric grid, absmax / (2^(b-1) - 1/2) on the full one, range / (2^b - 1) asymmetric."""
     if symmetric:
-        s = np.abs(x_group).max() / (2 ** (bits - 1) - 1)
+        s = np.abs(x_group).max() / (2 ** (bits - 1) - (0.5 if full else 1))
     else:
         s = (max(x_group.max(), 0.0) - min(x_group.min(), 0.0)) / (2**bits - 1)
     return s if s > 0 else 1.0
@@ -100,8 +101,8 @@ def stored_scale_zero(lo: np.ndarray, hi: np.ndarray, spec):
     """Scale and zero point covering [lo, hi] by the documented formulas, float64: the range widened to
     hold 0 (asymmetric) or to [-a, a] (symmetric), the scale stored in float16 rounded up so the range
     fits, the zero point rounded (zeros for symmetric specs)."""
-    if spec.symmetric:
-        s = np.maximum(-lo, hi) / spec.qmax
+    if spec.symmetric:  # narrow grid: absmax / qmax; full grid (-full, the 2-4-bit default): absmax / (qmax + 1/2)
+        s = np.maximum(-lo, hi) / (spec.qmax + 0.5 if spec.full_range else spec.qmax)
     else:
         lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
         s = (hi - lo) / (spec.qmax - spec.qmin)

@@ -72,14 +72,16 @@ def test_the_quantizer_equals_a_float64_transcription(spec):
     assert np.isclose(np.asarray(stored), got, rtol=1e-6, atol=1e-7).mean() > 0.995
 
 
-def test_the_rounding_offset_gets_the_straight_through_gradient():
+@pytest.mark.parametrize("text", ["int4-g16", "int4-g16-narrow"])
+def test_the_rounding_offset_gets_the_straight_through_gradient(text):
     """d W_hat / d v = s wherever the code is not clipped: round() passes the gradient through."""
-    spec = parse_spec("int4-g16")
+    spec = parse_spec(text)
     rng = np.random.default_rng(2)
     w = rng.standard_normal((32, 4)).astype(np.float32)
     consts, params = autoround.init(w, spec)
     grad = jax.grad(lambda p: autoround.kernel(consts, p, spec, w.shape).sum())(params)
-    s = np.abs(w.reshape(2, 16, 4)).max(1) / spec.qmax  # RTN's symmetric scale per group
+    # RTN's symmetric scale per group: absmax / qmax (narrow), absmax / (qmax + 1/2) (full)
+    s = np.abs(w.reshape(2, 16, 4)).max(1) / (spec.qmax + 0.5 if spec.full_range else spec.qmax)
     q = np.round(w.reshape(2, 16, 4) / s[:, None, :])
     inside = (q > spec.qmin) & (q < spec.qmax)
     np.testing.assert_allclose(np.asarray(grad["v"])[inside], np.broadcast_to(s[:, None, :], q.shape)[inside], rtol=1e-6)

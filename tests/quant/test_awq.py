@@ -137,8 +137,10 @@ def _awq_weight(qt, s):
     return np.asarray(quant.dequantize(qt, jnp.float32), np.float64) / np.asarray(s, np.float64)[:, None]
 
 
-@pytest.mark.parametrize("spec", ["int4-g32", "int3-g32"])
-def test_scale_search_beats_rtn_on_salient_channels(spec):
+# the full grid (the 2-4-bit default) leaves RTN less to gain: measured 0.77 / 0.81 of RTN's error there
+@pytest.mark.parametrize("spec, bound", [("int4-g32-narrow", 0.75), ("int3-g32-narrow", 0.75), ("int4-g32", 0.85),
+                                         ("int3-g32", 0.85)])
+def test_scale_search_beats_rtn_on_salient_channels(spec, bound):
     x, w = _salient_layer(0)
     s, info = awq_search_scale([w], x, np.abs(x).mean(0), spec)
     rtn = np.asarray(quant.dequantize(quant.quantize(w, spec), jnp.float32), np.float64)
@@ -152,7 +154,7 @@ def test_scale_search_beats_rtn_on_salient_channels(spec):
         a.shape for a in (quant.quantize(w, spec).packed, quant.quantize(w, spec).scale)))
     err_awq = _out_err(x, w, _awq_weight(qt, s))
     np.testing.assert_allclose(err_awq**2, info["loss"], rtol=1e-3)  # the loss is the real quantizer's error
-    assert err_awq < 0.75 * err_rtn, (err_awq / err_rtn, info["alpha"])
+    assert err_awq < bound * err_rtn, (err_awq / err_rtn, info["alpha"])
     # with the clip range searched on the scaled weight and inputs: lower still
     xs, wsc = x / np.asarray(s), w * np.asarray(s)[:, None]
     lo, hi = awq_search_clip(wsc, xs, spec)

@@ -61,7 +61,7 @@ def _layer(rng, k, n, tokens=512):
 
 
 @pytest.mark.parametrize("spec, act_order", [("int4-g32", False), ("int3-g32-asym", False), ("int4", False),
-                                             ("int4-g32", True), ("int8-g64", False)])
+                                             ("int4-g32", True), ("int8-g64", False), ("int3-g32-narrow", False)])
 def test_equals_the_float64_reference(spec, act_order):
     rng = np.random.default_rng(0)
     x, w = _layer(rng, 200, 48)  # K not a multiple of the group or block: a short last group and block

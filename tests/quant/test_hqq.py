@@ -77,7 +77,7 @@ def _rtn_params(v, spec):
     """Min-max scale (float16, rounded up so the range fits) and zero point of one group, float64."""
     lo, hi = v.min(), v.max()
     if spec.symmetric:
-        s = max(-lo, hi) / spec.qmax
+        s = max(-lo, hi) / (spec.qmax + 0.5 if spec.full_range else spec.qmax)  # full grid: absmax / (qmax + 1/2)
     else:
         lo, hi = min(lo, 0.0), max(hi, 0.0)
         s = (hi - lo) / (spec.qmax - spec.qmin)

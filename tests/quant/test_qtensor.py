@@ -10,7 +10,8 @@ from cascade.quant.spec import parse_spec
 from tests.quant import reference
 
 INT_SPECS = ["int8", "int4-g128", "int4-g64-asym", "int8-tensor", "int3-g32", "int2-g16", "int4", "int8-asym",
-             "int4-g32-asym", "int3-g8-asym", "int2-g16-asym", "int4-tensor-asym"]
+             "int4-g32-asym", "int3-g8-asym", "int2-g16-asym", "int4-tensor-asym", "int3-g32-narrow", "int4-narrow",
+             "int8-full", "int2-g16-narrow"]
 
 
 def _reference_check(x: np.ndarray, qt: quant.QuantizedTensor, axis: int):
@@ -26,7 +27,7 @@ def _reference_check(x: np.ndarray, qt: quant.QuantizedTensor, axis: int):
     for idx in reference.groups(x.shape, spec.granularity, spec.group_size, axis):
         pidx = reference._param_index(idx, spec.granularity, spec.group_size, axis)
         s = scale[pidx]
-        exact = reference.minmax_scale(x[idx].astype(np.float64), spec.bits, spec.symmetric)
+        exact = reference.minmax_scale(x[idx].astype(np.float64), spec.bits, spec.symmetric, spec.full_range)
         # stored scale = the exact min-max scale rounded *up* by at most one float16 ulp
         assert exact * (1 - 1e-6) <= s <= exact * (1 + 2**-10) + 6e-8
         # min-max range: every value is inside, so the error is at most half a step
@@ -91,11 +92,13 @@ def test_bits_per_value_of_documented_formats():
 def test_zero_tensor_and_constant_groups():
     x = np.zeros((64, 3), np.float32)
     x[:, 1] = 2.5
-    for spec in ["int4-g32", "int4-g32-asym", "int8-tensor"]:
+    for spec in ["int4-g32", "int4-g32-narrow", "int4-g32-asym", "int8-tensor"]:
         x_hat = np.asarray(quant.dequantize(quant.quantize(x, spec)))
         np.testing.assert_array_equal(x_hat[:, [0, 2]], 0.0)  # all-zero groups are exact
-        # a constant group lands on the grid's end; the scale is rounded up by < 1 float16 ulp
-        np.testing.assert_allclose(x_hat[:, 1], 2.5, rtol=2**-10)
+        # a constant group lands on the grid's end (the scale is rounded up by < 1 float16 ulp); on
+        # the full grid (s = a / 7.5) the positive end is qmax = 7: half a step below a
+        end = 2.5 * 7 / 7.5 if parse_spec(spec).full_range else 2.5
+        np.testing.assert_allclose(x_hat[:, 1], end, rtol=2**-10)
 
 
 def test_bfloat16_input_and_scales():
@@ -287,17 +290,19 @@ def test_dtype_arguments_are_value_errors(qt_pair):
 
 
 def test_full_grid_hand_computed_case():
-    """int3-full on one group [-3.5, -1, 0, 0.4, 3.5]: s = 3.5 / 3.5 = 1, q = clip(round(x), -4, 3)."""
+    """int3 (full, the default) on one group [-3.5, -1, 0, 0.4, 3.5]: s = 3.5 / 3.5 = 1, q = clip(round(x), -4, 3)."""
     x = np.array([[-3.5], [-1.0], [0.0], [0.4], [3.5]], np.float32)
-    q = quant.quantize(x, "int3-full", scale_dtype="float32")
-    np.testing.assert_array_equal(np.asarray(quant.codes(q))[:, 0], [-4, -1, 0, 0, 3])  # -3.5 rounds to even: -4
-    np.testing.assert_array_equal(np.asarray(quant.dequantize(q))[:, 0], [-4.0, -1.0, 0.0, 0.0, 3.0])
-    narrow = quant.quantize(x, "int3", scale_dtype="float32")  # s = 3.5 / 3
-    np.testing.assert_array_equal(np.asarray(quant.codes(narrow))[:, 0], [-3, -1, 0, 0, 3])
+    for text in ("int3", "int3-full"):
+        q = quant.quantize(x, text, scale_dtype="float32")
+        np.testing.assert_array_equal(np.asarray(quant.codes(q))[:, 0], [-4, -1, 0, 0, 3])  # -3.5 rounds to even: -4
+        np.testing.assert_array_equal(np.asarray(quant.dequantize(q))[:, 0], [-4.0, -1.0, 0.0, 0.0, 3.0])
+    for text in ("int3-narrow", "int3-sym"):  # s = 3.5 / 3
+        narrow = quant.quantize(x, text, scale_dtype="float32")
+        np.testing.assert_array_equal(np.asarray(quant.codes(narrow))[:, 0], [-3, -1, 0, 0, 3])
     # on Gaussian weights the full grid's finer step wins on average
     w = np.random.default_rng(0).normal(size=(256, 64)).astype(np.float32)
-    err = {t: float(np.abs(np.asarray(quant.dequantize(quant.quantize(w, t))) - w).mean()) for t in ("int3-g32", "int3-g32-full")}
-    assert err["int3-g32-full"] < 0.95 * err["int3-g32"]  # measured 0.92
+    err = {t: float(np.abs(np.asarray(quant.dequantize(quant.quantize(w, t))) - w).mean()) for t in ("int3-g32-narrow", "int3-g32")}
+    assert err["int3-g32"] < 0.95 * err["int3-g32-narrow"]  # measured 0.92
 
 
 def test_methods_that_choose_their_own_codes_refuse_a_rotated_spec():

@@ -35,17 +35,19 @@ def test_percentile_clipping_hurts_int8_on_student_t(student_t):
     assert _mse(student_t, "int8-p99.9") > _mse(student_t, "int8")
 
 
-def test_mse_search_is_per_group_optimal_on_its_grid(student_t):
-    """The searched ratio is at least as good as every grid ratio, checked in float64 numpy."""
+@pytest.mark.parametrize("text, divisor, qmin", [("int4-narrow-mse", 7, -7), ("int4-mse", 7.5, -8)])
+def test_mse_search_is_per_group_optimal_on_its_grid(student_t, text, divisor, qmin):
+    """The searched ratio is at least as good as every grid ratio, checked in float64 numpy
+    (narrow grid: s = a / 7, codes -7..7; full grid, the int4 default: s = a / 7.5, codes -8..7)."""
     x = student_t[:256, :2].astype(np.float64)
-    spec = parse_spec("int4-mse")
+    spec = parse_spec(text)
     lo, hi = ranges.estimate_range(ranges.to_groups(jnp.asarray(x, jnp.float32), spec, 0), spec)
     chosen = float(hi[0, 0])
     amax = np.abs(x[:, 0]).max()
 
     def err(a):
-        s = a / 7
-        return np.sum((np.clip(np.round(x[:, 0] / s), -7, 7) * s - x[:, 0]) ** 2)
+        s = a / divisor
+        return np.sum((np.clip(np.round(x[:, 0] / s), qmin, 7) * s - x[:, 0]) ** 2)
 
     grid = [amax * (1 - i / 100) for i in range(80)]
     assert err(chosen) <= min(err(a) for a in grid) * (1 + 1e-5)

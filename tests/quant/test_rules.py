@@ -89,7 +89,7 @@ def test_a_file_named_like_a_spec_is_not_read(tmp_path, monkeypatch):
     assert str(PrecisionRules.parse("int8").spec_for("layers_0/mlp/up/kernel", 2)) == "int8"
     assert PrecisionRules.parse("attn=int8").rules == (("attn", parse_spec("int8")),)
     # a rules file is named explicitly: a .json suffix or a path with a separator
-    (tmp_path / "rules").write_text(json.dumps({"__default__": "int2-g16"}))
+    (tmp_path / "rules").write_text(json.dumps({"__default__": "int2-g16", "spec_version": 2}))
     assert str(PrecisionRules.parse("./rules").default) == "int2-g16"
     with pytest.raises(ValueError, match="not found"):
         PrecisionRules.parse("sub/rules")
@@ -105,7 +105,7 @@ def test_empty_rules_are_an_error(text):
 def test_every_form_keeps_norms_embeddings_head_16bit(tmp_path, form):
     # regression: inline rules used to quantize the embedding and leave norms in fp32
     text = {"spec": "int4-g128", "inline": "attn=int8,*=int4-g128", "json": str(tmp_path / "r.json")}[form]
-    (tmp_path / "r.json").write_text(json.dumps({"__default__": "int4-g128", "rules": [["attn", "int8"]]}))
+    (tmp_path / "r.json").write_text(json.dumps({"__default__": "int4-g128", "rules": [["attn", "int8"]], "spec_version": 2}))
     rules = PrecisionRules.parse(text)
     for path, ndim in (("embed/embedding", 2), ("lm_head/kernel", 2), ("final_norm/scale", 1),
                        ("layers_0/attn_norm/scale", 1)):  # attn_norm matches the user's int8 rule: int skips vectors
@@ -120,11 +120,12 @@ def test_user_rules_come_before_the_keep_rules_and_can_turn_them_off(tmp_path):
     assert str(rules.spec_for("embed/embedding", 2)) == "int8"
     assert str(rules.spec_for("lm_head/kernel", 2)) == "bf16"
     path = tmp_path / "all.json"
-    path.write_text(json.dumps({"__default__": "int4-g128", "keep_16bit": False}))
+    path.write_text(json.dumps({"__default__": "int4-g128", "keep_16bit": False, "spec_version": 2}))
     everything = PrecisionRules.parse(str(path))
     assert str(everything.spec_for("embed/embedding", 2)) == "int4-g128"
     assert everything.spec_for("final_norm/scale", 1) is None
-    assert PrecisionRules.parse(str(path)).to_json() == {"__default__": "int4-g128", "rules": [], "keep_16bit": False}
+    assert PrecisionRules.parse(str(path)).to_json() == {"__default__": "int4-g128-full", "rules": [], "keep_16bit": False,
+                                                         "spec_version": 2}
     path.write_text(json.dumps({"__default__": "int4-g128", "keep_16bit": "no"}))
     with pytest.raises(ValueError, match="keep_16bit"):
         PrecisionRules.parse(str(path))
@@ -174,3 +175,35 @@ def test_rules_that_all_decide_something_pass(text):
     rules = PrecisionRules.parse(text)
     assert rules.unused(PARAMS) == []
     rules.check_used(PARAMS)  # no error
+
+
+def test_a_rules_file_written_before_spec_version_2_keeps_its_narrow_grid(tmp_path):
+    """A rules file without "spec_version" was written when int3-g32 meant the narrow grid (-3..3):
+    it still does, with a warning naming the change; with "spec_version": 2 it is the full grid."""
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"__default__": "int3-g32", "rules": [["attn", "int4-full"], ["mlp", "int8"]]}))
+    with pytest.warns(UserWarning, match=r"no \"spec_version\".*int3-g32 -> int3-g32-narrow"):
+        rules = PrecisionRules.parse(str(old))
+    assert (rules.default.qmin, rules.default.qmax) == (-3, 3)
+    assert rules.rules == (("attn", parse_spec("int4-full")), ("mlp", parse_spec("int8")))
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps({**json.loads(old.read_text()), "spec_version": 2}))
+    assert (PrecisionRules.parse(str(new)).default.qmin, PrecisionRules.parse(str(new)).default.qmax) == (-4, 3)
+    # what is written now says its version and every grid, so it reads the same under either grammar
+    saved = rules.to_json()
+    assert saved == {"__default__": "int3-g32-narrow", "rules": [["attn", "int4-full"], ["mlp", "int8"]],
+                     "keep_16bit": True, "spec_version": 2}
+    assert PrecisionRules.from_json(saved, "x") == rules
+    assert PrecisionRules.from_json({k: v for k, v in saved.items() if k != "spec_version"}, "x") == rules
+    with pytest.raises(ValueError, match="spec_version"):
+        PrecisionRules.from_json({**saved, "spec_version": 3}, "x")
+
+
+@pytest.mark.parametrize("text", ["int3-g32", "int4-narrow", "attn=int8,*=int4-g128", "attn=int3,mlp=int2-g16-asym",
+                                  '{"__default__": "int4", "rules": [], "keep_16bit": false, "spec_version": 2}'])
+def test_rules_text_is_explicit_and_reads_the_same_in_both_grammars(text):
+    rules = PrecisionRules.parse(text)
+    saved = rules.text()
+    assert PrecisionRules.parse(saved) == rules
+    if not saved.startswith("{"):
+        assert PrecisionRules.parse(saved, version=1) == rules

@@ -24,8 +24,12 @@ def test_fields_of_examples():
 def test_integer_ranges():
     assert (parse_spec("int8").qmin, parse_spec("int8").qmax) == (-127, 127)
     assert (parse_spec("int4-asym").qmin, parse_spec("int4-asym").qmax) == (0, 15)
-    assert (parse_spec("int3-g32").qmin, parse_spec("int3-g32").qmax) == (-3, 3)
-    assert (parse_spec("int2-g16").qmin, parse_spec("int2-g16").qmax) == (-1, 1)
+    # 2-4 bits: the full grid by default (all 2^b levels), the narrow one by name
+    assert (parse_spec("int3-g32").qmin, parse_spec("int3-g32").qmax) == (-4, 3)
+    assert (parse_spec("int2-g16").qmin, parse_spec("int2-g16").qmax) == (-2, 1)
+    assert (parse_spec("int4").qmin, parse_spec("int4").qmax) == (-8, 7)
+    assert (parse_spec("int3-g32-narrow").qmin, parse_spec("int3-g32-narrow").qmax) == (-3, 3)
+    assert (parse_spec("int2-g16-narrow").qmin, parse_spec("int2-g16-narrow").qmax) == (-1, 1)
 
 
 @pytest.mark.parametrize("bad", ["int5", "int4-g0", "int4-g-8", "int4-gx", "int8-foo", "float8", "", "int4-g32-tensor",
@@ -79,12 +83,17 @@ def test_structural_errors_also_list_allowed_forms(bad):
         parse_spec(bad)
 
 
-def test_the_full_symmetric_grid_is_an_opt_in_spec():
+def test_the_full_symmetric_grid_is_the_default_at_2_to_4_bits():
     s = parse_spec("int3-g32-full")
     assert (s.qmin, s.qmax, s.scale_divisor, s.full_range, s.symmetric) == (-4, 3, 3.5, True, True)
-    assert str(s) == "int3-g32-full" and parse_spec(str(s)) == s
-    assert parse_spec("int3-g32").qmin == -3 and parse_spec("int3-g32").scale_divisor == 3.0
+    assert str(s) == "int3-g32" and parse_spec(str(s)) == s == parse_spec("int3-g32") and s.grid == "full"
+    n = parse_spec("int3-g32-narrow")
+    assert (n.qmin, n.scale_divisor, n.grid, str(n)) == (-3, 3.0, "narrow", "int3-g32-narrow")
+    assert parse_spec("int3-g32-sym") == n  # the old name of the narrow grid
     assert parse_spec("int8-full").qmin == -128 and parse_spec("int4-full").code_offset == 8  # codes 0..15
+    assert parse_spec("int8").full_range is False and parse_spec("int8-narrow") == parse_spec("int8")
+    assert IntSpec(bits=3).full_range is True and IntSpec(bits=8).full_range is False
+    assert IntSpec(bits=4, symmetric=False).full_range is False
     with pytest.raises(ValueError, match="sets the symmetry twice"):
         parse_spec("int4-full-asym")
     with pytest.raises(ValueError, match="full_range applies only to symmetric"):
@@ -120,3 +129,20 @@ def test_the_rotation_goes_with_w8a8_only():
     for text in ("int8-had", "w8a8-had-static", "w8a8-had-had"):
         with pytest.raises(ValueError, match="allowed:.*w8a8-had"):
             parse_spec(text)
+
+
+@pytest.mark.parametrize("text, v1, v2", [
+    ("int3-g32", "int3-g32-narrow", "int3-g32-full"), ("int4", "int4-narrow", "int4-full"),
+    ("int2-g16-mse", "int2-g16-narrow-mse", "int2-g16-full-mse"), ("int3-g32-full", "int3-g32-full", "int3-g32-full"),
+    ("int4-sym", "int4-narrow", "int4-narrow"), ("int8", "int8", "int8"), ("int8-full", "int8-full", "int8-full"),
+    ("int4-g32-asym", "int4-g32-asym", "int4-g32-asym"), ("w8a8", "w8a8", "w8a8"), ("bf16", "bf16", "bf16")])
+def test_grammar_version_1_reads_old_text_with_its_old_meaning(text, v1, v2):
+    """Text saved before version 2 (a symmetric spec without a grid token was narrow at every
+    width) parses with version=1 to what it meant then; ``explicit`` writes a text that means the
+    same under both versions."""
+    old, new = parse_spec(text, version=1), parse_spec(text)
+    assert (old.explicit, new.explicit) == (v1, v2)
+    for spec in (old, new):
+        assert parse_spec(spec.explicit, version=1) == parse_spec(spec.explicit) == spec
+    with pytest.raises(ValueError, match="grammar version"):
+        parse_spec(text, version=3)
