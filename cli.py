@@ -534,11 +534,16 @@ def app(debug: bool) -> None:
                    "replicated on each [default: one device].")
 @_small_devices_option(help="Put the small model on N devices of its own (after the large model's), split over them, "
                             "instead of a copy on each of the large model's devices.")
+@click.option("--calib", callback=_data_file,
+              help="Calibration text: each model this run quantizes gets the default calibrated method (awq-gptq on "
+                   "-mse ranges) instead of rtn.")
+@_calib_samples_option()
+@_calib_len_option(help="Tokens per calibration sequence (capped at each model's context).")
 @_scale_dtype_option
 @_json_option()
 def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_len, draft_confidence, rule, alpha,
         defer_score, threshold, max_tokens, temperature, top_k, top_p, seed, kv, small_kv, large_kv, budget, prompts_file,
-        mesh, small_devices, scale_dtype, as_json):
+        mesh, small_devices, calib, calib_samples, calib_len, scale_dtype, as_json):
     """Generate a continuation of PROMPT with the cascade: the small model drafts, the large one verifies.
 
     With no model paths it uses the embedded pair (default-small, default-large), so it works
@@ -571,6 +576,9 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
         raise click.UsageError(f"--small-devices needs both models; --mode {mode} runs one")
     if default_prompt:
         click.echo(f"no PROMPT given: using the default prompt {prompt!r}", err=True)
+    _refuse_unless(calib is not None, ("calib_samples", "calib_len"), "with --calib")
+    if calib is not None:
+        _documents(calib, "--calib")  # text to calibrate on, checked before any model loads
     budget_request = None
     if budget is not None:
         budget_request = dict(small=small_model if mode != "large" else None,
@@ -581,7 +589,8 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
         _check_budget(budget_request, prompts, max_tokens)
     # a single-model mode loads only that model
     pair = load_pair(small_model if mode != "large" else None, large_model if mode != "small" else None,
-                     small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
+                     small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype, calib=calib,
+                     calib_samples=calib_samples, calib_len=calib_len)
     if budget_request is not None:
         _check_budget(budget_request, prompts, max_tokens, pair=pair)
     placement = None
@@ -604,7 +613,8 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
     described = pair.describe()
     models = {role: None if described[role] is None else {"model": path, **described[role], "kv": role_kv}
               for role, path, role_kv in (("small", small_model, small_kv), ("large", large_model, large_kv))}
-    quants = {role: "n/a" if described[role] is None else described[role]["quant"] or "as stored"
+    quants = {role: "n/a" if described[role] is None else (described[role]["quant"] or "as stored") + (
+              f" ({described[role]['method']})" if described[role]["method"] not in (None, "rtn") else "")
               for role in ("small", "large")}
     speculative = mode in ("speculative", "spec-cascade")
     settings = {"draft_len": draft_len if speculative else None,
@@ -704,11 +714,13 @@ _MODEL_HELP = ("MODEL is a built-in name (default-small, default-large), a Huggi
                "--tokenizer also supplies a tokenizer to a directory or .gguf that has none.")
 
 
-def _check_quantize_request(model: str, rules, method: str, shapes: dict | None = None):
+def _check_quantize_request(model: str, rules, method: str | None, shapes: dict | None = None, calibrated: bool = False):
     """:func:`cascade.models.quantize.check_quantize` for MODEL from its config alone (or the
     ``shapes`` of a bare weights file), before any work: a rule that does nothing or a spec the
-    method cannot produce is a usage error.  Returns the parsed rules."""
-    from cascade.models.quantize import check_quantize
+    method cannot produce is a usage error (``method=None``: the default one, chosen by
+    :func:`cascade.models.quantize.choose_method` with or without calibration text).  Returns the
+    parsed rules."""
+    from cascade.models.quantize import check_quantize, choose_method
 
     tied = False
     if shapes is None:
@@ -718,6 +730,9 @@ def _check_quantize_request(model: str, rules, method: str, shapes: dict | None 
         cfg = read_config(model)
         shapes, tied = param_shapes(cfg), cfg.tie_embeddings
     try:
+        if method is None:
+            check_quantize(rules, shapes, tied=tied, where=model)  # the rules themselves, whatever the method
+            return choose_method(rules, shapes, calibrated=calibrated, tied=tied, where=model)[1]
         return check_quantize(rules, shapes, method=method, tied=tied, where=model)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
@@ -835,12 +850,15 @@ _CANDIDATES_HELP = "Comma-separated candidate precisions for each layer"
 @click.option("--sensitivity", "sensitivity_file", callback=_data_file,
               help="--quant auto: reuse a saved measurement (`cascade sensitivity --out FILE`, or a `bench workflow` "
                    "result) instead of measuring again; it must be of this model.")
-@click.option("--method", type=click.Choice(PTQ_METHODS), default="rtn", show_default=True,
+@click.option("--method", type=click.Choice(PTQ_METHODS),
               help="PTQ method: rtn (round to nearest), gptq, awq, awq-gptq (AWQ's scales, then GPTQ), "
                    "autoround (learned rounding and clipping per block) or smoothquant (activation outliers "
-                   "moved into the weights, for w8a8) (need --calib), hqq (calibration-free).")
+                   "moved into the weights, for w8a8) (need --calib), hqq (calibration-free).  [default: with "
+                   "--calib awq-gptq on -mse ranges (smoothquant for w8a8 rules), without it rtn; the output "
+                   "says which]")
 @click.option("--calib", callback=_data_file,
-              help="Calibration text (documents separated by <|endoftext|> lines), for gptq and awq.")
+              help="Calibration text (documents separated by <|endoftext|> lines): the default method becomes "
+                   "awq-gptq; needed by the calibrated methods, --quant auto and w8a8-static.")
 @_calib_samples_option()
 @_calib_len_option()
 @_seed_option(help="Seed for sampling the calibration sequences.")
@@ -880,9 +898,10 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
     from cascade import quant
 
     given = _given
-    _refuse_unless(method in ("gptq", "awq-gptq"), ("damp", "act_order"), f"to --method gptq or awq-gptq, not to {method}")
-    _refuse_unless(method == "autoround", ("iters", "batch"), f"to --method autoround, not to {method}")
-    _refuse_unless(method == "smoothquant", ("alpha",), f"to --method smoothquant, not to {method}")
+    named = f"--method {method}" if method else "the default method (name one with --method)"
+    _refuse_unless(method in ("gptq", "awq-gptq"), ("damp", "act_order"), f"to --method gptq or awq-gptq, not to {named}")
+    _refuse_unless(method == "autoround", ("iters", "batch"), f"to --method autoround, not to {named}")
+    _refuse_unless(method == "smoothquant", ("alpha",), f"to --method smoothquant, not to {named}")
     static_act = _names_static_act(quant_rules)
     auto = quant_rules == "auto"
     _refuse_unless(auto, ("avg_bits", "budget", "candidates", "granularity", "rules_out", "sensitivity_file"),
@@ -902,8 +921,10 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
         raise click.UsageError(f"--method {method} needs calibration text: pass --calib FILE")
     if static_act and calib is None:
         raise click.UsageError("w8a8-static measures its activation scales on calibration text: pass --calib FILE")
-    _refuse_unless(method in CALIBRATED_METHODS or auto or static_act, ("calib", "calib_samples", "calib_len", "seed"),
-                   f"to --method {', '.join(CALIBRATED_METHODS)} (or to --quant auto or w8a8-static rules), not to {method}")
+    _refuse_unless(method is None or method in CALIBRATED_METHODS or auto or static_act,
+                   ("calib", "calib_samples", "calib_len", "seed"),
+                   f"to --method {', '.join(CALIBRATED_METHODS)} or the default method (or to --quant auto or "
+                   f"w8a8-static rules), not to --method {method}")
     if calib is not None:
         _documents(calib, "--calib")  # text to calibrate on, checked before any model loads
     if _is_weights_file(model):
@@ -913,9 +934,10 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
             raise click.UsageError("-o needs a model (HF directory, .gguf, .bin or checkpoint), not a bare weights file")
         if tokenizer:
             raise click.UsageError("--tokenizer applies only to a llama2.c .bin model, not a bare weights file")
-        if method in CALIBRATED_METHODS or static_act:
-            raise click.UsageError(f"--method {method} calibrates a model; a bare weights file takes rtn or hqq"
-                                   + (" (and no w8a8-static)" if static_act else ""))
+        if method in CALIBRATED_METHODS or static_act or calib is not None:
+            raise click.UsageError(f"{'--method ' + method if method in CALIBRATED_METHODS else '--calib'} calibrates "
+                                   "a model; a bare weights file takes rtn or hqq" + (" (and no w8a8-static)" if static_act else ""))
+        method = method or "rtn"
         import jax
 
         from cascade.quant.rtn import key_path_str
@@ -945,11 +967,11 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
             raise click.UsageError(str(e).replace("pass overwrite=True (--overwrite)", "pass --overwrite")) from None
     # every method/spec check, from the config alone: before loading, calibrating or measuring
     if not auto:
-        _check_quantize_request(model, quant_rules, method)
+        _check_quantize_request(model, quant_rules, method, calibrated=calib is not None)
     elif sensitivity_file is None:
         for c in candidates or ():
             if getattr(quant.parse_spec(c), "granularity", None) != "tensor":  # per-tensor ones: skipped below
-                _check_quantize_request(model, c, method)
+                _check_quantize_request(model, c, method, calibrated=calib is not None)
     _check_tokenizer_flag(model, tokenizer)
     loaded = load_model(model, tokenizer=tokenizer)
     calib_set = None if calib is None else _calibration(loaded, model, calib, calib_samples, calib_len, seed)
@@ -980,11 +1002,13 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
         quantized, report = quantize_with_method(loaded, quant_rules, calib=calib_set, **settings)
     if out_dir:
         save_checkpoint(out_dir, quantized, overwrite=overwrite)
-    payload = {"model": model, "quant": quantized.quant, "ptq": quantized.ptq, "out": out_dir, **report.to_json()}
+    payload = {"model": model, "quant": quantized.quant, "method": quantized.ptq["method"],
+               "method_default": bool(quantized.ptq.get("default")), "ptq": quantized.ptq, "out": out_dir,
+               **report.to_json()}
     if auto:
         payload["auto"] = auto_summary
-    _emit(as_json, payload, report.table() + f"\n{_ptq_text(quantized.ptq)}" + auto_text
-          + (f"\nsaved to {out_dir}" if out_dir else ""))
+    _emit(as_json, payload, report.table() + f"\nprecision rules: {quantized.quant}\n{_ptq_text(quantized.ptq)}"
+          + auto_text + (f"\nsaved to {out_dir}" if out_dir else ""))
 
 
 @app.command()
@@ -1039,6 +1063,8 @@ def _ptq_text(ptq: dict | None) -> str:
         return "quantized with: unknown (a checkpoint saved before PTQ methods were recorded)"
     settings = ", ".join(f"{k} {v}" for k, v in ptq.get("settings", {}).items())
     line = f"quantized with: {ptq.get('method')}" + (f" ({settings})" if settings else "")
+    if ptq.get("default"):
+        line += f" [{ptq['default']}]"
     c = ptq.get("calibration")
     if c:
         line += (f"; calibrated on {c['samples']} x {c['length']} tokens of {os.path.basename(c['file'])} "
@@ -1698,8 +1724,9 @@ _calibrated_bench_options = _option_group(
 @click.option("--spec", "specs", default="int4,int4-g128,int4-g32,int3-g32,int3-g64-asym,int2-g16-asym", show_default=True,
               help="Comma-separated precision specs.")
 @click.option("--method", "methods", default="rtn,gptq,awq,hqq", show_default=True,
-              help="Comma-separated methods: rtn, gptq, awq, hqq, awq-gptq, autoround, and the peers qwix-rtn, qwix-gptq, qwix-awq "
-                   "(benchmark only: needs qwix, see bench/qwix_setup.sh).")
+              help="Comma-separated methods: rtn, gptq, awq, hqq, awq-gptq, autoround, smoothquant, default (what "
+                   "`cascade quantize --calib` picks: awq-gptq on -mse ranges), and the peers qwix-rtn, qwix-gptq, "
+                   "qwix-awq (benchmark only: needs qwix, see bench/qwix_setup.sh).")
 @_calibrated_bench_options
 @click.option("--act-order", is_flag=True, help="GPTQ's activation order for the gptq and awq-gptq rows.")
 @click.option("--alpha", "alphas", help="Comma-separated SmoothQuant migration strengths in [0, 1] or 'auto' (searched "
@@ -1716,7 +1743,7 @@ def bench_ptq(model, calib, data, specs, methods, calib_samples, calib_len, limi
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     for spec in spec_list:
         _rules(None, None, spec)
-    known = PTQ_METHODS + bench_ptq_mod.QWIX_METHODS
+    known = PTQ_METHODS + (bench_ptq_mod.DEFAULT_METHOD,) + bench_ptq_mod.QWIX_METHODS
     for m in method_list:
         if m not in known:
             raise click.BadParameter(f"unknown method {m!r}; choose from {', '.join(known)}", param_hint="'--method'")

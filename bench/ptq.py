@@ -33,9 +33,11 @@ from cascade.models.quantize import quantize_with_method
 from cascade.models.calibration import calibration_tokens
 from cascade.models.evaluation import fidelity
 from cascade.quant.qtensor import QuantizedTensor, dequantize
+from cascade.quant.spec import SPEC_VERSION, parse_spec
 
 DEFAULT_SPECS = ("int4", "int4-g128", "int4-g32", "int3-g32", "int3-g64-asym", "int2-g16-asym")
 DEFAULT_METHODS = ("rtn", "gptq", "awq", "hqq")
+DEFAULT_METHOD = "default"  # a method name here: what quantize picks with calibration text (choose_method)
 QWIX_METHODS = ("qwix-rtn", "qwix-gptq", "qwix-awq")
 
 
@@ -77,7 +79,7 @@ def run(model: "str | Model", calib: str, data: "str | list[str]", *, specs=DEFA
                         and r["method"] == "rtn"), None)
             ref = float_ppl[row["data"]]
             row["gap_closed"] = None if rtn is None or rtn <= ref else (rtn - row["ppl"]) / (rtn - ref)
-        return {"benchmark": "ptq", **run_context(), "model": base.source, "float_ppl": float_ppl.get(files[0]),
+        return {"benchmark": "ptq", "spec_version": SPEC_VERSION, **run_context(), "model": base.source, "float_ppl": float_ppl.get(files[0]),
                 "float_weight_bytes": weight_bytes(base.params), "calibration": cal.recipe, "data": files[0],
                 "documents": len(docs[files[0]]), "ctx": ctx, "max_tokens": max_tokens, "act_order": act_order,
                 "evaluations": [{"data": p, "float_ppl": float_ppl.get(p), "documents": len(docs[p])} for p in files],
@@ -91,15 +93,17 @@ def run(model: "str | Model", calib: str, data: "str | list[str]", *, specs=DEFA
             from cascade.bench.qwix_peer import qwix_quantize_model
 
             quantized = qwix_quantize_model(base, spec, method, cal)
-        else:
-            quantized, _ = quantize_with_method(base, spec, method=method, calib=cal, act_order=act_order, alpha=alpha,
-                                                progress=progress)
+        else:  # "default": what `cascade quantize --calib` picks (models.quantize.choose_method)
+            quantized, _ = quantize_with_method(base, spec, method=None if method == "default" else method, calib=cal,
+                                                act_order=act_order, alpha=alpha, progress=progress)
         seconds = time.perf_counter() - t0
+        chosen = {"chosen": quantized.ptq["method"], "quant": quantized.quant} if method == "default" else {}
         for path in files:
             fid = fidelity(quantized.params, quantized.config, base.params, base.config, docs[path], ctx=ctx,
                            max_tokens=max_tokens, progress=progress)
             float_ppl[path] = fid.ref_ppl
-            rows.append({"spec": spec, "method": method, **({"alpha": alpha} if alpha is not None else {}), "data": path,
+            rows.append({"spec": str(parse_spec(spec)), "method": method, **chosen,
+                         **({"alpha": alpha} if alpha is not None else {}), "data": path,
                          "ppl": fid.ppl, "delta_ppl": fid.delta_ppl, "kld_mean": fid.kld_mean, "kld_p99": fid.kld_p99,
                          "top1_agreement": fid.top1_agreement, "weight_bytes": weight_bytes(quantized.params),
                          "seconds": seconds, "tokens": fid.tokens})

@@ -41,18 +41,27 @@ class ModelPair:
         return (self.large or self.small).tokenizer
 
     def describe(self) -> dict:
-        return {role: None if m is None else {"source": m.source, "quant": m.quant, "weight_bytes": weight_bytes(m.params),
+        return {role: None if m is None else {"source": m.source, "quant": m.quant,
+                                              "method": None if m.ptq is None else m.ptq.get("method"),
+                                              "weight_bytes": weight_bytes(m.params),
                                               "matmul_backends": matmul_backends(m),
                                               "attention_backend": attention_backend()}
                 for role, m in (("small", self.small), ("large", self.large))}
 
 
-def _quantized(model: Model, spec: str | None, role: str, scale_dtype) -> Model:
+def _quantized(model: Model, spec: str | None, role: str, scale_dtype, calib: str | None = None,
+               calib_samples: int = 128, calib_len: int = 512) -> Model:
     if spec is None:  # the default: a float model gets DEFAULT_QUANT, one already quantized stays as stored
         spec = "none" if _has_quantized(model.params) else DEFAULT_QUANT[role]
     if spec.strip().lower() in NO_QUANT:
         return model
-    return quantize_model(model, spec, scale_dtype=scale_dtype, progress=False)[0]
+    tokens = None
+    if calib is not None:  # the default method with calibration text (models.quantize.choose_method)
+        from cascade.models.calibration import calibration_tokens
+
+        tokens = calibration_tokens(model.tokenizer, calib, samples=calib_samples,
+                                    length=min(calib_len, model.config.max_seq_len), max_len=model.config.max_seq_len)
+    return quantize_model(model, spec, calib=tokens, scale_dtype=scale_dtype, progress=False)[0]
 
 
 def _has_quantized(params) -> bool:
@@ -144,12 +153,16 @@ def check_same_tokenizer(small: Model, large: Model) -> None:
 
 def load_pair(small: str | None = DEFAULT_SMALL, large: str | None = DEFAULT_LARGE, *,
               small_quant: str | None = None, large_quant: str | None = None,
-              scale_dtype="float16") -> ModelPair:
+              scale_dtype="float16", calib: str | None = None, calib_samples: int = 128,
+              calib_len: int = 512) -> ModelPair:
     """Load and quantize the pair (``*_quant``: a precision spec or rules; ``"none"`` keeps the weights;
     None, the default: ``int4`` for the small model and ``int8`` for the large one when it is a float
     model, its stored precision when it is already quantized, e.g. a checkpoint saved by ``cascade
-    quantize``; ``scale_dtype``: how quantization scales are stored).  ``small=None`` or ``large=None``
-    loads one model, for single-model runs."""
+    quantize``; ``scale_dtype``: how quantization scales are stored).  ``calib``: a calibration text
+    file; each model quantized here then gets the default calibrated method
+    (:func:`cascade.models.quantize.choose_method`, awq-gptq on ``-mse`` ranges) on ``calib_samples``
+    sequences of ``calib_len`` of its own tokens (capped at its context) instead of RTN.  ``small=None`` or ``large=None`` loads one model, for
+    single-model runs."""
     if small is None and large is None:
         raise ValueError("load_pair needs at least one model")
     s = None if small is None else load_model(small)
@@ -159,8 +172,9 @@ def load_pair(small: str | None = DEFAULT_SMALL, large: str | None = DEFAULT_LAR
             raise ValueError(f"{m.source}: no tokenizer; a pair generates text")
     if s is not None and l is not None:
         check_same_tokenizer(s, l)
-    return ModelPair(small=None if s is None else _quantized(s, small_quant, "small", scale_dtype),
-                     large=None if l is None else _quantized(l, large_quant, "large", scale_dtype))
+    how = dict(calib=calib, calib_samples=calib_samples, calib_len=calib_len)
+    return ModelPair(small=None if s is None else _quantized(s, small_quant, "small", scale_dtype, **how),
+                     large=None if l is None else _quantized(l, large_quant, "large", scale_dtype, **how))
 
 
 def place_pair(pair: ModelPair, tp: int, small_devices: int | None = None) -> tuple[ModelPair, dict]:

@@ -49,7 +49,8 @@ class Cascade:
     def load(cls, small: str | None = DEFAULT_SMALL, large: str | None = DEFAULT_LARGE, *, small_quant: str | None = None,
              large_quant: str | None = None, mode: str = "speculative", kv: str | None = None,
              small_kv: str | None = None, large_kv: str | None = None, budget: int | str | None = None,
-             ctx: int | None = None, batch: int = 1, scale_dtype="float16", **settings) -> "Cascade":
+             ctx: int | None = None, batch: int = 1, scale_dtype="float16", calib: str | None = None,
+             **settings) -> "Cascade":
         """Load the pair (``small``/``large``: built-in names or paths; a single-model ``mode`` loads
         only its model) and quantize each under its rules (``*_quant`` None: as
         :func:`cascade.pair.load_pair`, int4/int8 for a float model, an already quantized one as
@@ -76,7 +77,8 @@ class Cascade:
                 plan = plan_from_configs(**request)
                 if not plan.fits:
                     raise ValueError(over_budget_message(plan, flags=flags, **request))
-        pair = load_pair(small, large, small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype)
+        pair = load_pair(small, large, small_quant=small_quant, large_quant=large_quant, scale_dtype=scale_dtype,
+                         calib=calib)
         if stored:  # a model kept as stored: its bytes are those loaded
             base = {k: request[k] for k in ("ctx", "batch", "small_kv", "large_kv", "draft_len", "budget")}
             plan = plan_memory(pair, **base)

@@ -60,11 +60,17 @@ from cascade.models.calibration import INPUT_OF, INPUTS
 from cascade.models.model import Model
 from cascade.quant.qtensor import QuantizedTensor, dequantize, quantize
 from cascade.quant.rtn import QuantReport, key_path_str, quantize_params
-from cascade.quant.rules import PrecisionRules, is_rules_path
+from cascade.quant.rules import PrecisionRules
 from cascade.quant.spec import IntSpec
 
 METHODS = ("rtn", "gptq", "awq", "hqq", "awq-gptq", "autoround", "smoothquant")
 CALIBRATED = ("gptq", "awq", "awq-gptq", "autoround", "smoothquant")
+# what ``method=None`` picks (:func:`choose_method`), from the measurements in docs/guides/ptq.md
+# ("Defaults"): with calibration text AWQ's scales then GPTQ, each group's range searched for the
+# lowest squared error (``-mse``); without it round to nearest (HQQ measured worse on SmolLM2)
+DEFAULT_CALIBRATED = "awq-gptq"
+DEFAULT_CALIBRATED_CLIP = "mse"
+DEFAULT_UNCALIBRATED = "rtn"
 DAMP_RETRIES = (1.0, 10.0, 100.0)  # dampening multipliers tried when a Hessian is not positive definite
 
 
@@ -72,14 +78,46 @@ def reduction_axis(path: str, shape) -> int:
     return 1 if path.startswith("embed/") else 0
 
 
-def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp: float = 0.01,
+def choose_method(rules, shapes: dict, *, calibrated: bool, tied: bool = False,
+                  where: str = "the model") -> tuple[str, PrecisionRules, str]:
+    """The default PTQ method for ``rules`` on a model with ``shapes`` (``method=None``):
+    ``(method, rules, why)``.  With calibration text: :data:`DEFAULT_CALIBRATED` with every
+    weight-only integer spec's min-max range replaced by the ``-mse`` search (a range estimator:
+    the stored format is the same), or ``smoothquant`` when the rules quantize activations
+    (``w8a8``), or ``rtn`` when a spec is one the calibrated methods cannot produce (per-tensor,
+    ``-had``); without: :data:`DEFAULT_UNCALIBRATED`.  ``why`` says which case, for the output."""
+    parsed = PrecisionRules.parse(rules)
+    if not calibrated:
+        return DEFAULT_UNCALIBRATED, parsed, "the default without calibration text"
+    specs = [s for _, s in parsed.rules] + ([parsed.default] if parsed.default is not None else [])
+    if not any(isinstance(s, IntSpec) for s in specs):
+        return "rtn", parsed, "rtn: the rules quantize nothing to integers, so there is nothing to calibrate"
+    if any(isinstance(s, IntSpec) and s.act is not None for s in specs):
+        method, why = "smoothquant", "the default with calibration text for w8a8 rules"
+    else:
+        method, why = DEFAULT_CALIBRATED, f"the default with calibration text ({DEFAULT_CALIBRATED_CLIP} ranges)"
+
+        def searched(spec):
+            if isinstance(spec, IntSpec) and spec.act is None and spec.clip == "minmax":
+                return dataclasses.replace(spec, clip=DEFAULT_CALIBRATED_CLIP)
+            return spec
+        parsed = dataclasses.replace(parsed, rules=tuple((p, searched(s)) for p, s in parsed.rules),
+                                     default=None if parsed.default is None else searched(parsed.default))
+    try:
+        check_quantize(parsed, shapes, method=method, tied=tied, where=where)
+    except ValueError as e:
+        return "rtn", PrecisionRules.parse(rules), f"rtn: {method}, the default with calibration text, cannot ({e})"
+    return method, parsed, why
+
+
+def quantize_model(model: Model, rules, *, method: str | None = None, calib=None, damp: float = 0.01,
                    act_order: bool = False, block_size: int = 128, awq_grid: int = 20, iters: int | None = None,
                    lr: float | None = None, batch: int | None = None, alpha: "float | str | None" = None,
                    ranges: dict | None = None,
                    scale_dtype="float16", progress: bool | None = None) -> tuple[Model, QuantReport]:
     """Quantize ``model`` under ``rules`` (a spec, inline rules, a rules file or
-    :class:`cascade.quant.PrecisionRules`) with ``method``; scales and zero points stored in
-    ``scale_dtype``.  ``calib``: a :class:`cascade.models.calibration.CalibrationSet` (GPTQ);
+    :class:`cascade.quant.PrecisionRules`) with ``method`` (None: :func:`choose_method` picks it from
+    the rules and whether ``calib`` is given); scales and zero points stored in ``scale_dtype``.  ``calib``: a :class:`cascade.models.calibration.CalibrationSet` (GPTQ);
     ``damp``, ``act_order``, ``block_size``: GPTQ settings; ``iters``, ``lr``, ``batch``: AutoRound's
     steps per block (default 200), initial rate (default ``1 / iters``) and calibration sequences
     per step (default 8); ``alpha``: SmoothQuant's migration strength (default 0.5), or ``"auto"``:
@@ -90,9 +128,17 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
     of the spec's estimate (RTN only: QAT's learned clipping).  The returned model's ``ptq`` records the method, its settings and the calibration recipe."""
     is_q = lambda a: isinstance(a, QuantizedTensor)  # noqa: E731
     shapes = {key_path_str(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(model.params, is_leaf=is_q)[0]}
+    chosen = None
+    if method is None and ranges:
+        method, chosen = "rtn", "given ranges are quantized with rtn"
+    elif method is None:
+        method, rules, chosen = choose_method(rules, shapes, calibrated=calib is not None,
+                                              tied=model.config.tie_embeddings, where=model.source or "the model")
     parsed = check_quantize(rules, shapes, method=method, tied=model.config.tie_embeddings,
                             where=model.source or "the model")
     static = static_act_paths(model.params, parsed)
+    if chosen and not (method in CALIBRATED or static):
+        calib = None  # the default fell back to a method that reads no calibration data
     if calib is None and (method in CALIBRATED or static):
         why = method if method in CALIBRATED else f"{static[0]} (w8a8-static: its activation scale)"
         raise ValueError(f"{why} needs calibration data (--calib FILE)")
@@ -106,8 +152,9 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
         raise ValueError(f"SmoothQuant's alpha is a number in [0, 1] or 'auto', got {alpha!r}")
     if ranges and method != "rtn":
         raise ValueError(f"given ranges are quantized with rtn, not {method}")
-    # keep what the user typed ("int8", "attn=int8,*=int4-g64") unless it names a file: then the rules
-    label = rules.strip() if isinstance(rules, str) and not is_rules_path(rules) else rules_text(parsed)
+    # the rules with every grid written out ("int3-g32-full", "attn=int8,*=int4-g64-full"; JSON text
+    # when inline rules cannot say them): what quantize prints and the checkpoint records
+    label = parsed.text()
     stored = {key_path_str(p): _nbytes(a) for p, a in jax.tree_util.tree_flatten_with_path(model.params, is_leaf=is_q)[0]}
     n_quantized = sum(is_q(a) for a in jax.tree.leaves(model.params, is_leaf=is_q))
     if n_quantized:
@@ -168,7 +215,7 @@ def quantize_model(model: Model, rules, *, method: str = "rtn", calib=None, damp
                                                           bytes_after=_nbytes(_get(qparams, r.path)))
                                       for r in report.layers))
     ptq = {"method": method, "source": model.source, "settings": settings, "calibration": None if calib is None else dict(calib.recipe),
-           "seconds": round(time.perf_counter() - t0, 3)}
+           "seconds": round(time.perf_counter() - t0, 3), **({"default": chosen} if chosen else {})}
     return dataclasses.replace(model, params=qparams, quant=label, ptq=ptq), report
 
 
@@ -566,7 +613,7 @@ def _gptq_retrying(gptq_quantize, w, h, spec, path: str, *, damp: float, **kw) -
                      "raise --damp or calibrate on more text") from None
 
 
-def quantize_with_method(model: Model, rules, *, method: str = "rtn", calib=None, damp: float = 0.01,
+def quantize_with_method(model: Model, rules, *, method: str | None = None, calib=None, damp: float = 0.01,
                          act_order: bool = False, iters: int | None = None, batch: int | None = None,
                          alpha: "float | str | None" = None, scale_dtype="float16",
                          progress: bool | None = None) -> tuple[Model, QuantReport]:
@@ -575,7 +622,10 @@ def quantize_with_method(model: Model, rules, *, method: str = "rtn", calib=None
     only to the GPTQ-based methods, ``iters``/``batch`` only to autoround and ``alpha`` only to
     smoothquant (where ``None`` keeps the method's default).  One call for every caller that takes a
     method and its settings as options (the CLI, the benches,
-    :func:`cascade.models.workflow.auto_mixed_precision`)."""
+    :func:`cascade.models.workflow.auto_mixed_precision`).  ``method=None``: the default
+    (:func:`choose_method`, with ``calib`` when given)."""
+    if method is None:
+        return quantize_model(model, rules, calib=calib, scale_dtype=scale_dtype, progress=progress)
     extra = {"damp": damp, "act_order": act_order} if method in ("gptq", "awq-gptq") else {}
     if method == "autoround":
         extra.update({k: v for k, v in (("iters", iters), ("batch", batch)) if v is not None})
@@ -622,12 +672,6 @@ def planned_weight_bytes(cfg, rules, *, scale_dtype="float16") -> int:
         else:
             total += quantized_nbytes(tuple(shape), spec, reduction_axis(path, shape), str(scale_dtype))
     return total
-
-
-def rules_text(rules: PrecisionRules) -> str:
-    import json
-
-    return json.dumps(rules.to_json(), sort_keys=True)
 
 
 def _nbytes(a) -> int:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 from cascade.models.config import ModelConfig
 from cascade.models.model import Model
-from cascade.models.quantize import CALIBRATED, planned_weight_bytes, quantize_with_method
+from cascade.models.quantize import (CALIBRATED, DEFAULT_CALIBRATED, DEFAULT_UNCALIBRATED, planned_weight_bytes,
+                                     quantize_with_method)
 from cascade.quant.allocate import InfeasibleBudget, auto_rules, budget_from_avg_bits
 from cascade.quant.rtn import QuantReport
 from cascade.quant.rules import PrecisionRules
@@ -87,7 +88,7 @@ class AutoPrecision:
 
 
 def auto_mixed_precision(model: Model, calib=None, *, avg_bits: float | None = None, budget: int | None = None,
-                         candidates=None, granularity: str = "layer", method: str = "rtn", sensitivity=None,
+                         candidates=None, granularity: str = "layer", method: str | None = None, sensitivity=None,
                          sensitivity_source: str | None = None, tokens=None, measure_kl: bool = True,
                          scale_dtype="float16", note=None, progress: bool | None = None,
                          **method_settings) -> AutoPrecision:
@@ -97,7 +98,7 @@ def auto_mixed_precision(model: Model, calib=None, *, avg_bits: float | None = N
     ``calib``: a :class:`cascade.models.calibration.CalibrationSet`; the sensitivity is scored on
     ``tokens`` (default its first :func:`~cascade.models.sensitivity.scoring_tokens`), and a
     calibrated ``method`` (with ``method_settings``, :func:`cascade.models.quantize.quantize_with_method`)
-    reads it.  ``sensitivity``: a report to reuse instead of measuring (a
+    reads it (``method=None``: the default, :func:`cascade.models.quantize.choose_method`).  ``sensitivity``: a report to reuse instead of measuring (a
     :class:`~cascade.models.sensitivity.SensitivityReport`, or its saved JSON, checked against this
     model; named ``sensitivity_source`` in the note), restricted to ``candidates`` when given.
     ``candidates`` default to :data:`cascade.models.sensitivity.DEFAULT_CANDIDATES`; per-tensor ones
@@ -116,11 +117,13 @@ def auto_mixed_precision(model: Model, calib=None, *, avg_bits: float | None = N
         report = (sensitivity if isinstance(sensitivity, sens.SensitivityReport)
                   else sens.report_from_json(sensitivity, float_params, scale_dtype=scale_dtype))
     chosen = candidates or (report.candidates if report is not None else sens.DEFAULT_CANDIDATES)
-    kept, skipped = method_candidates(chosen, method)
+    effective = method or (DEFAULT_CALIBRATED if calib is not None else DEFAULT_UNCALIBRATED)
+    named = f"--method {effective}" if method else f"{effective} (the default method)"
+    kept, skipped = method_candidates(chosen, effective)
     for c in skipped:
-        note(f"skipping candidate {c}: --method {method} does not support per-tensor specs")
+        note(f"skipping candidate {c}: {named} does not support per-tensor specs")
     if not kept:
-        raise NoCandidate(f"no candidate precision that --method {method} supports")
+        raise NoCandidate(f"no candidate precision that {named} supports")
     if report is None:
         if tokens is None:
             raise ValueError("measuring the sensitivity needs calibration tokens (calib or tokens)")

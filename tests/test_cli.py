@@ -88,7 +88,7 @@ def test_quantize_report(capsys, weights):
     assert specs == {"layers.0.mlp.up.weight": "int4-g32", "layers.0.input_layernorm.weight": "bf16",
                      "embed_tokens.weight": "bf16"}
     assert data["bytes_before"] == sum(v.nbytes for v in tensors.values()) > data["bytes_after"]
-    assert data["rules"]["__default__"] == "int4-g32"
+    assert data["rules"]["__default__"] == "int4-g32-full" and data["rules"]["spec_version"] == 2  # saved: grid explicit
 
 
 @pytest.mark.parametrize("content,match", [(b"", "cannot read"), (b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":", "cannot read")])

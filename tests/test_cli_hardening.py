@@ -462,7 +462,7 @@ def test_output_path_check_in_one_place(tmp_path):
     (("bench", "ppl", "default-small", "--data", VAL, "--stride", "5"), "--stride applies only with --no-truncate"),
     (("quantize", "default-small", "--quant", "int4", "--avg-bits", "4"), "--avg-bits applies only to --quant auto"),
     (("quantize", "default-small", "--quant", "int4", "--damp", "0.1", "--act-order"),
-     "--damp, --act-order apply only to --method gptq or awq-gptq, not to rtn"),
+     "--damp, --act-order apply only to --method gptq or awq-gptq, not to the default method (name one with --method)"),
     (("qat", "default-small", "--quant", "int4", "--data", VAL, "--steps", "1", "-o", "x", "--clip-rate", "1"),
      "--clip-rate applies only with --learn-clip"),
     (("bench", "kv", "default-small", "--data", VAL, "--gen-prompt", "4"), "--gen-prompt applies only with --gen-tokens"),

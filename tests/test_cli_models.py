@@ -73,6 +73,32 @@ def test_quantize_save_then_eval_and_inspect_the_checkpoint(capsys, tmp_path):
     assert "quantized matmuls (decode): 35 on cpu" in out + err
 
 
+TRAIN = os.path.join(DATA, "text", "tinystories_train_00.txt")
+
+
+def test_quantize_picks_the_method_and_says_which_and_the_grid(capsys, tmp_path):
+    """Without --calib: rtn on the full grid; with it: awq-gptq on -mse ranges (the measured best),
+    named in the text output and the JSON; a named method is used as given."""
+    calib = ("--calib", TRAIN, "--calib-samples", "32", "--calib-len", "64")
+    code, out, _ = run(capsys, "quantize", BIN, "--quant", "attn=int8,*=int3-g32", "--json")
+    d = json.loads(out)
+    assert code == 0 and (d["method"], d["method_default"], d["quant"]) == ("rtn", True, "attn=int8,*=int3-g32-full")
+    code, out, _ = run(capsys, "quantize", BIN, "--quant", "int3-g32", *calib, "-o", str(tmp_path / "q"), "--json")
+    d = json.loads(out)
+    assert code == 0 and (d["method"], d["method_default"], d["quant"]) == ("awq-gptq", True, "int3-g32-full-mse")
+    assert "the default with calibration text" in d["ptq"]["default"]
+    code, out, _ = run(capsys, "inspect", str(tmp_path / "q"), "--json")
+    info = json.loads(out)
+    assert info["quant"] == "int3-g32-full-mse" and info["ptq"]["method"] == "awq-gptq"
+    code, out, err = run(capsys, "quantize", BIN, "--quant", "int3-g32-narrow", *calib, "--method", "gptq")
+    assert code == 0 and "precision rules: int3-g32-narrow\n" in err and "quantized with: gptq (" in err
+    assert "[the default" not in err
+    code, out, err = run(capsys, "quantize", BIN, "--quant", "int4", *calib)
+    assert code == 0 and "precision rules: int4-full-mse\n" in err and "[the default with calibration text" in err
+    code, out, err = run(capsys, "quantize", BIN, "--quant", "int4", "--damp", "0.1", *calib)
+    assert code == 2 and "--damp" in err and "name one with --method" in err
+
+
 @pytest.mark.parametrize("args, match", [
     (("eval", BIN, "--data", VAL, "--ctx", "4096"), "exceeds the model context"),
     (("eval", "/nonexistent/model", "--data", VAL), "no such file"),
@@ -176,7 +202,7 @@ def test_compare_shows_the_first_diverging_token(capsys, tmp_path):
     assert same["identical"] == 2 and all(r["first_divergence"] is None for r in same["prompts"])
     code, out, err = run(capsys, "compare", BIN, ck, "--prompts", str(prompts), "--max-tokens", "24", "--json")
     d = json.loads(out)
-    assert code == 0 and d["b_quant"] == "int3-g32" and len(d["prompts"]) == 2
+    assert code == 0 and d["b_quant"] == "int3-g32-full" and len(d["prompts"]) == 2
     for r in d["prompts"]:
         at = r["first_divergence"]
         if at is not None:

@@ -17,7 +17,7 @@ def test_run_on_the_defaults_prints_text_and_metrics(capsys):
     code, out, err = run(capsys, "run", "Once upon a time", "--max-tokens", "24")
     assert code == 0
     assert out.startswith("Once upon a time") and len(out.strip()) > len("Once upon a time") + 10
-    assert "speculative: 24 tokens" in err and "acceptance" in err and "small int4, large int8" in err
+    assert "speculative: 24 tokens" in err and "acceptance" in err and "small int4-full, large int8" in err
 
 
 def test_run_json_is_deterministic_for_a_seed_and_exact_when_greedy(capsys):
@@ -25,7 +25,8 @@ def test_run_json_is_deterministic_for_a_seed_and_exact_when_greedy(capsys):
     a = json.loads(run(capsys, *sampled)[1])
     b = json.loads(run(capsys, *sampled)[1])
     assert a["token_ids"] == b["token_ids"] and a["text"].strip()
-    assert a["small"]["quant"] == "int4" and a["large"]["quant"] == "int8"
+    assert a["small"]["quant"] == "int4-full" and a["large"]["quant"] == "int8"  # every 2-4-bit grid said
+    assert a["small"]["method"] == a["large"]["method"] == "rtn"
     assert a["small"]["weight_bytes"] < a["large"]["weight_bytes"]
     spec = json.loads(run(capsys, "run", "The dog", "--max-tokens", "20", "--json")[1])
     large = json.loads(run(capsys, "run", "The dog", "--max-tokens", "20", "--mode", "large", "--json")[1])
@@ -224,7 +225,7 @@ def test_an_already_quantized_checkpoint_runs_as_stored(capsys, tmp_path):
     assert d["small"]["quant"] == "int8-g32" and d["small"]["weight_bytes"] == stored
     assert d["large"]["quant"] == "int8"  # the float default-large: int8 as before
     d = json.loads(run(capsys, *base, "--small", "int4")[1])
-    assert d["small"]["quant"] == "int4" and d["small"]["weight_bytes"] < stored
+    assert d["small"]["quant"] == "int4-full" and d["small"]["weight_bytes"] < stored
     p = json.loads(run(capsys, "plan", "--small-model", ck, "--json")[1])
     assert [(m["role"], m["quant"], m["weight_bytes"]) for m in p["models"]][0] == ("small", "int8-g32", stored)
     assert weight_bytes(load_pair(ck, None).small.params) == stored
@@ -275,3 +276,18 @@ def test_tokens_per_s_leaves_out_the_steps_that_compile(capsys):
     generation._decode_and_sample.clear_cache()
     longer = json.loads(run(capsys, "run", "The dog", "--max-tokens", "8", "--mode", "large", "--json")[1])
     assert longer["tokens_per_s"] > 6 / longer["decode_s"]  # the compiling step's time is not in it
+
+
+def test_run_with_calibration_text_uses_the_default_calibrated_method(capsys):
+    """--calib: each model the run quantizes gets awq-gptq on -mse ranges, and the output says so."""
+    import os
+
+    from tests.shared_data import DATA
+
+    code, out, err = run(capsys, "run", "Once upon a time", "--mode", "small", "--small", "int3-g32", "--max-tokens", "4",
+                         "--calib", os.path.join(DATA, "text", "tinystories_train_00.txt"), "--calib-samples", "32",
+                         "--calib-len", "64", "--json")
+    d = json.loads(out)
+    assert code == 0 and (d["small"]["quant"], d["small"]["method"]) == ("int3-g32-full-mse", "awq-gptq")
+    code, out, err = run(capsys, "run", "Once", "--calib-samples", "32")
+    assert code == 2 and "--calib-samples applies only with --calib" in err

@@ -91,4 +91,4 @@ def test_readme_cascade_example_runs(capsys):
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["r"].text.strip() and namespace["same"].stats is None
-    assert namespace["pair"].describe()["small"]["quant"] == "int4"
+    assert namespace["pair"].describe()["small"]["quant"] == "int4-full"

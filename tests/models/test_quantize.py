@@ -75,10 +75,18 @@ def test_requantizing_a_quantized_model_starts_from_its_values(tiny):
 def test_rules_from_a_file_are_stored_as_rules_not_as_a_path(tiny, tmp_path):
     import json
 
+    from cascade.quant.rules import PrecisionRules
+
     path = tmp_path / "rules.json"
-    path.write_text(json.dumps({"__default__": "int8", "rules": [["mlp", "int4-g32"]]}))
+    path.write_text(json.dumps({"__default__": "int8", "rules": [["mlp", "int4-g32"]], "spec_version": 2}))
     qm, _ = quantize_model(tiny, str(path))
-    assert json.loads(qm.quant) == {"__default__": "int8", "rules": [["mlp", "int4-g32"]], "keep_16bit": True}
+    assert qm.quant == "mlp=int4-g32-full,*=int8" and str(path) not in qm.quant  # the rules, every grid explicit
+    path.write_text(json.dumps({"__default__": "int8", "rules": [["mlp", "int4-g32"]], "keep_16bit": False}))
+    with pytest.warns(UserWarning, match="spec_version"):  # written before version 2: the narrow grid then
+        qm, _ = quantize_model(tiny, str(path))
+    assert json.loads(qm.quant) == {"__default__": "int8", "rules": [["mlp", "int4-g32-narrow"]], "keep_16bit": False,
+                                    "spec_version": 2}
+    assert PrecisionRules.parse(qm.quant).default == PrecisionRules.parse("int8").default
 
 
 @pytest.mark.slow
@@ -142,3 +150,21 @@ def test_quantize_checks_come_before_any_work(tiny, monkeypatch, rules, method, 
     with pytest.raises(ValueError) as e2:  # the same from the config alone
         mq.check_quantize(rules, param_shapes(CFG), method=method, tied=CFG.tie_embeddings, where="random")
     assert str(e2.value) == str(e.value)
+
+
+def test_choose_method_picks_the_measured_default_for_the_rules():
+    """With calibration: awq-gptq with every weight-only integer spec's range searched (-mse),
+    smoothquant for w8a8 rules, rtn (with the reason) where awq-gptq cannot go; without: rtn."""
+    from cascade.models.llama import param_shapes
+    from cascade.models.quantize import choose_method
+    from cascade.quant.rules import PrecisionRules
+
+    shapes = param_shapes(CFG)
+    method, rules, why = choose_method("attn=int8,*=int3-g32", shapes, calibrated=True)
+    assert method == "awq-gptq" and rules == PrecisionRules.parse("attn=int8-mse,*=int3-g32-mse") and "default" in why
+    assert choose_method("int3-g32-p99", shapes, calibrated=True)[1] == PrecisionRules.parse("int3-g32-p99")  # given range kept
+    assert choose_method("int3-g32", shapes, calibrated=False)[:2] == ("rtn", PrecisionRules.parse("int3-g32"))
+    assert choose_method("w8a8", shapes, calibrated=True)[0] == "smoothquant"
+    method, rules, why = choose_method("int4-tensor", shapes, calibrated=True)
+    assert (method, rules) == ("rtn", PrecisionRules.parse("int4-tensor")) and "per-tensor" in why
+    assert choose_method("bf16", shapes, calibrated=True)[0] == "rtn"

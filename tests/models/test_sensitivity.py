@@ -180,8 +180,11 @@ def test_a_saved_report_reloads_to_the_same_allocation(tiny):
 
     assert plan(again) == plan(report)
     # a bench workflow result keeps the rows under "sensitivity" and the granularity beside it
-    wrapped = {"granularity": "layer", "sensitivity": {"tokens": report.tokens, "rows": data["rows"]}}
+    wrapped = {"granularity": "layer", "spec_version": 2, "sensitivity": {"tokens": report.tokens, "rows": data["rows"]}}
     assert plan(report_from_json(wrapped, params)) == plan(report)
+    # a report written before spec grammar version 2 (no spec_version): its int4-g16 was the narrow grid
+    old = report_from_json({k: v for k, v in wrapped.items() if k != "spec_version"}, params)
+    assert {r.spec for r in old.rows} == {r.spec for r in report.rows} - {"int4-g16"} | {"int4-g16-narrow"}
     fewer = restrict(again, ["int8", "int4-g16"])
     assert {r.spec for r in fewer.rows} == {"int8", "int4-g16"} and len(fewer.rows) == 2 * len(report.units)
     with pytest.raises(ValueError, match="no candidate left"):
@@ -271,12 +274,14 @@ def test_quantize_auto_chooses_precisions_under_the_average_bits(capsys, tmp_pat
     assert auto["avg_bits"] <= 5 and set(u["spec"] for u in auto["units"].values()) == {"int8", "int3-g32"}
     assert auto["measured_kl"] > 0 and auto["predicted_kl"] > 0
     assert json.loads(open(rules_file).read()) == auto["rules"]
+    # --calib without --method: the default calibrated method, on each chosen spec's -mse ranges
+    assert json.loads(out)["method"] == "awq-gptq" and json.loads(out)["method_default"]
     model = load_checkpoint(out_dir)
     flat = traverse_util.flatten_dict(model.params, sep="/", is_leaf=lambda k, v: isinstance(v, quant.QuantizedTensor))
     for path, leaf in flat.items():
         if path.startswith("layers_") and path.endswith("/kernel"):
             want = auto["units"][path.split("/")[0]]["spec"]
-            assert str(leaf.spec) == str(quant.parse_spec(want)), path
+            assert str(leaf.spec) == str(quant.parse_spec(want + "-mse")), path
     # the rules file is a --quant FILE like any other, and gives the same model
     code, out, err = run(capsys, "quantize", BIN, "--quant", rules_file, "--json")
     assert code == 0 and json.loads(out)["bytes_after"] == auto["model_bytes"]
