@@ -170,7 +170,7 @@ def test_a_rule_that_matches_nothing_is_refused_wherever_rules_meet_a_model(caps
         assert code == 2 and out == "" and "does nothing" in line and "REGEX=SPEC" in line
     assert os.listdir(tmp_path) == []  # QAT refused before training: nothing written
     code, out, err = run(capsys, "quantize", BIN, "--quant", "attn=int8,*=int4", "--json")  # the typo fixed
-    assert code == 0 and json.loads(out)["quant"] == "attn=int8,*=int4"
+    assert code == 0 and json.loads(out)["quant"] == "attn=int8,*=int4-full"
 
 
 def test_integer_weights_in_safetensors_are_refused(capsys, tiny_hf, tmp_path):

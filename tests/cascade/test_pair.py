@@ -44,7 +44,7 @@ def test_pairs_must_share_a_tokenizer(pair):
 
 def test_the_quant_specs_are_applied(pair):
     d = pair.describe()
-    assert d["small"]["quant"] == "int4" and d["large"]["quant"] == "int8"
+    assert d["small"]["quant"] == "int4-full" and d["large"]["quant"] == "int8"
     n_linear = 7 * pair.large.config.n_layers  # q, k, v, o, gate, up, down per layer; embedding and head stay bf16
     assert d["large"]["matmul_backends"] == {"cpu": n_linear}  # the native kernel serves every one on CPU
     assert d["small"]["attention_backend"] == d["large"]["attention_backend"] == "cpu"

@@ -228,7 +228,7 @@ def test_the_qat_command_trains_saves_and_resumes(capsys, tmp_path, text):
                          "--learn-clip", "-o", str(tmp_path / "again"), "--json")
     assert code == 0, err
     d = json.loads(out)
-    assert d["notes"] == ["starting from the dequantized weights of qat (int3-g32)"]
+    assert d["notes"] == ["starting from the dequantized weights of qat (int3-g32-full)"]
     assert d["ptq"]["settings"]["learn_clip"] is True
     # distillation: from the float model itself, or a --teacher for a checkpoint
     code, out, err = run(capsys, "qat", out_dir, "--data", text, "--steps", "2", "--batch-size", "2", "--seq-len", "32",

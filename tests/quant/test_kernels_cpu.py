@@ -231,7 +231,7 @@ sys.modules["cascade.quant.kernels._cpu"] = None  # as if the extension was neve
 import jax.numpy as jnp, numpy as np
 from cascade import quant
 from cascade.quant import dequant_matmul
-w = quant.quantize(np.ones((64, 32), np.float32), "int4-g32")
+w = quant.quantize(np.ones((64, 32), np.float32), "int4-g32-narrow")  # the narrow grid: ones land exactly on +7 x 1/7
 for _ in range(3):
     y = quant.matmul(jnp.ones((1, 64)), w)
 assert dequant_matmul.select_backend(jnp.ones((1, 64)), w).name == "xla"
