@@ -171,7 +171,73 @@ def _default_pair(result: dict) -> str:
     return markdown(columns, result["perplexity"])
 
 
+def _ptq_rows(result: dict) -> list[dict]:
+    """The ``ptq`` rows of every source a ``ptq-defaults`` result names, each with its ``model``
+    (the source's ``label``) and its source file's float perplexity per data file."""
+    rows = []
+    for source in result["sources"]:
+        data = load(source["file"])
+        floats = {pathlib.PurePath(e["data"]).name: e["float_ppl"] for e in data.get("evaluations", [])}
+        floats.setdefault(pathlib.PurePath(data["data"]).name, data["float_ppl"])
+        for row in data["rows"]:
+            data_name = pathlib.PurePath(row.get("data") or data["data"]).name
+            rows.append({**row, "model": source["label"], "data_name": data_name, "float": floats.get(data_name)})
+    return rows
+
+
+def _ptq_defaults(result: dict) -> str:
+    """Per model, spec and evaluation text: RTN and each method side by side, the default method
+    (``result["default"]``: ``method`` on the spec with the ``clip`` range search, which is what
+    ``cascade quantize --calib`` runs) and the share of RTN's gap to float it closes
+    (``view: "methods"``); or each method on the narrow and the full symmetric grid (``view: "grid"``)."""
+    rows = _ptq_rows(result)
+
+    def find(model, data, spec, method):
+        hits = [r for r in rows if (r["model"], r["data_name"], r["spec"], r["method"]) == (model, data, spec, method)]
+        return hits[-1] if hits else None  # the newest source wins (sources are listed oldest first)
+
+    default = result["default"]
+    cells = []
+    for model, data, spec in result["cells"]:
+        spec_rows = [r for r in rows if (r["model"], r["data_name"]) == (model, data)]
+        if not spec_rows:
+            raise ValueError(f"ptq-defaults: no rows for {model} on {data}")
+        cell = {"model": model, "data": data, "spec": spec, "float": spec_rows[0]["float"]}
+        if result.get("view") == "grid":
+            for method in result["methods"]:
+                for grid, name in (("narrow", _with_grid(spec, "narrow")), ("full", spec)):
+                    hit = find(model, data, name, method)
+                    cell[f"{method}/{grid}"] = None if hit is None else hit["ppl"]
+        else:
+            for method in result["methods"]:
+                hit = find(model, data, spec, method)
+                cell[method] = None if hit is None else hit["ppl"]
+            hit = find(model, data, spec, "default") or find(model, data, f"{spec}-{default['clip']}", default["method"])
+            cell["default"] = None if hit is None else hit["ppl"]
+            rtn, ref = cell.get("rtn"), cell["float"]
+            cell["closes"] = (None if None in (rtn, cell["default"]) or rtn <= ref
+                              else (rtn - cell["default"]) / (rtn - ref))
+        cells.append(cell)
+    columns: list[Column] = [("model", _text("model")), ("data", _text("data")), ("spec", _code("spec")),
+                             ("float", _num("float"))]
+    if result.get("view") == "grid":
+        columns += [(f"{m} {g}", _num(f"{m}/{g}")) for m in result["methods"] for g in ("narrow", "full")]
+    else:
+        columns += [(m, _num(m)) for m in result["methods"]]
+        columns += [(f"default ({default['method']}, -{default['clip']})", _num("default")),
+                    ("default closes", _pct("closes", 0))]
+    return markdown(columns, cells)
+
+
+def _with_grid(spec: str, grid: str) -> str:
+    """``int3-g32`` -> ``int3-g32-narrow`` (the grid token goes after the granularity, before a clip)."""
+    parts = spec.split("-")
+    at = 2 if len(parts) > 1 and (parts[1].startswith("g") or parts[1] in ("tensor", "channel")) else 1
+    return "-".join(parts[:at] + [grid] + parts[at:])
+
+
 KINDS: dict[str, Callable[[dict], str]] = {
+    "ptq-defaults": _ptq_defaults,
     "ptq": _ptq, "workflow": _workflow, "qat": _qat, "kv_cache": _kv_cache, "matmul": _matmul,
     "decode": _decode, "cascade": _cascade, "drafting": _drafting, "perplexity": _perplexity,
     "quant_error": _quant_error, "sharded": _sharded, "default-pair": _default_pair,

@@ -6,9 +6,10 @@ for Efficient Integer-Arithmetic-Only Inference")::
     q     = clip(round(x / s) + z, qmin, qmax)
     x_hat = (q - z) * s
 
-Symmetric specs have ``z = 0`` and the restricted range ``[-(2**(b-1) - 1), 2**(b-1) - 1]``
-(int8: +-127, int4: +-7, int3: +-3, int2: +-1; scale ``absmax / qmax``), or with ``-full`` all
-``2**b`` levels ``[-2**(b-1), 2**(b-1) - 1]`` (scale ``absmax / (qmax + 0.5)``, as qwix);
+Symmetric specs have ``z = 0`` and either all ``2**b`` levels ``[-2**(b-1), 2**(b-1) - 1]``
+(the full grid, the default at 2-4 bits: int4 -8..7, int3 -4..3, int2 -2..1; scale
+``absmax / (qmax + 0.5)``, as qwix) or the narrow range ``[-(2**(b-1) - 1), 2**(b-1) - 1]``
+(``-narrow``, the default at 8 bits: int8 +-127; scale ``absmax / qmax``);
 asymmetric specs use ``[0, 2**b - 1]`` and an integer zero point stored as a float.  Scale and zero point are stored in ``scale_dtype``
 (float16 by default, as GGUF does; float32 and bfloat16 are allowed) with one entry per group.
 """
