@@ -176,7 +176,7 @@ def _ptq_rows(result: dict) -> list[dict]:
     (the source's ``label``) and its source file's float perplexity per data file."""
     rows = []
     for source in result["sources"]:
-        data = load(source["file"])
+        data = result["loaded"][source["file"]]
         floats = {pathlib.PurePath(e["data"]).name: e["float_ppl"] for e in data.get("evaluations", [])}
         floats.setdefault(pathlib.PurePath(data["data"]).name, data["float_ppl"])
         for row in data["rows"]:
@@ -257,6 +257,8 @@ def table(name: str, results: pathlib.Path = RESULTS) -> str:
     """The markdown table of one result file, chosen by the kind of benchmark that wrote it."""
     result = load(name, results)
     kind = result.get("benchmark") or result.get("bench")
+    if kind == "ptq-defaults":  # a table joined from other results: read them from the same folder
+        result = {**result, "loaded": {s["file"]: load(s["file"], results) for s in result["sources"]}}
     if kind not in KINDS:
         raise ValueError(f"{name}.json: no table for benchmark kind {kind!r} (known: {', '.join(sorted(KINDS))})")
     return KINDS[kind](result)

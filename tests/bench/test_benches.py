@@ -1,5 +1,7 @@
 """Benchmarks produce well-formed rows (their timings are reported, never asserted)."""
 
+import json
+
 import pytest
 
 from cascade.bench import matmul, quant_error
@@ -75,3 +77,28 @@ def test_drafting_bench_rows():
     assert all(row["exact"] and 0 <= row["acceptance"] <= 1 for row in spec)
     assert all(1 <= row["drafted_per_round"] <= row["draft_len"] for row in spec)
     assert r["rows"][0]["vs_large"] == 1.0 and "adaptive, up to 8, confidence 0.5" in drafting.table(r)
+
+
+def test_the_defaults_table_joins_results_and_computes_what_the_default_closes(tmp_path):
+    """bench/tables.py's ptq-defaults kind: rows from several ptq results (the newest source wins),
+    the default read from method on the spec's -mse range, and the share of RTN's gap it closes."""
+    from cascade.bench import tables
+
+    def ptq(name, rows):
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"benchmark": "ptq", "data": "/x/val.txt", "float_ppl": 2.0, "rows": rows}))
+
+    ptq("old", [{"spec": "int3-g32", "method": "rtn", "ppl": 99.0}, {"spec": "int3-g32", "method": "gptq", "ppl": 5.0}])
+    ptq("new", [{"spec": "int3-g32", "method": "rtn", "ppl": 6.0}, {"spec": "int3-g32-narrow", "method": "rtn", "ppl": 7.0},
+                {"spec": "int3-g32-mse", "method": "awq-gptq", "ppl": 3.0}])
+    common = {"benchmark": "ptq-defaults", "sources": [{"label": "m", "file": "old"}, {"label": "m", "file": "new"}],
+              "default": {"method": "awq-gptq", "clip": "mse"}, "cells": [["m", "val.txt", "int3-g32"]]}
+    (tmp_path / "d.json").write_text(json.dumps({**common, "methods": ["rtn", "gptq"]}))
+    (tmp_path / "g.json").write_text(json.dumps({**common, "view": "grid", "methods": ["rtn"]}))
+    lines = tables.table("d", tmp_path).splitlines()
+    assert lines[0] == "| model | data | spec | float | rtn | gptq | default (awq-gptq, -mse) | default closes |"
+    assert lines[2] == "| m | val.txt | `int3-g32` | 2.000 | 6.000 | 5.000 | 3.000 | 75% |"  # (6 - 3) / (6 - 2)
+    assert tables.table("g", tmp_path).splitlines()[2] == "| m | val.txt | `int3-g32` | 2.000 | 7.000 | 6.000 |"
+    (tmp_path / "d.json").write_text(json.dumps({**common, "methods": ["rtn"], "cells": [["other", "val.txt", "int3-g32"]]}))
+    with pytest.raises(ValueError, match="no rows for other"):
+        tables.table("d", tmp_path)
