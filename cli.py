@@ -1622,7 +1622,7 @@ def bench_decode(model, specs, prompt, tokens, repeats, warmup, llamacpp, thread
     if not spec_list:
         raise click.BadParameter("expected at least one spec", param_hint="--spec")
     for s in spec_list:
-        if s not in ("fp32", "source"):
+        if s not in ("fp32", "source", "source-a8"):
             try:
                 quant.PrecisionRules.parse(s)
             except ValueError as e:

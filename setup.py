@@ -26,7 +26,8 @@ setup(
     ext_modules=[
         Extension(
             "cascade.quant.kernels._cpu",
-            sources=["quant/kernels/cpu_module.cc", "quant/kernels/cpu_qmatmul.cc", "quant/kernels/cpu_attention.cc"],
+            sources=["quant/kernels/cpu_module.cc", "quant/kernels/cpu_qmatmul.cc", "quant/kernels/cpu_qmatmul_a8.cc",
+                     "quant/kernels/cpu_attention.cc"],
             depends=["quant/kernels/cpu_common.h"],
             include_dirs=[jaxlib_include()],
             language="c++",

@@ -5,7 +5,8 @@ Run ``cascade bench decode MODEL`` (``--json`` for rows).  Each precision row ge
 ``tokens_per_s`` over ``repeats`` runs after ``warmup`` runs (the first compiles); tokens/s counts
 the decode steps after the first, as ``cascade generate`` does.  Specs: ``fp32`` (every weight
 float32, dequantized if the file is quantized), ``source`` (the model as loaded: a GGUF Q4_1 file
-runs on its own int4/int8 codes), or any precision spec or rules (RTN from the float weights;
+runs on its own int4/int8 codes), ``source-a8`` (the same codes with int8 activations per block and
+integer dot products: llama.cpp's arithmetic), or any precision spec or rules (RTN from the float weights;
 embeddings, norms and head kept in 16-bit unless a rule names them, as ``cascade quantize``).
 
 Each row also breaks its decode step down (``step_ms``): ``matmul_ms`` is the time of all the
@@ -46,6 +47,7 @@ from cascade.bench.context import describe, run_context
 from cascade.models import KVCache, generate, matmul_backends, quantize_model, weight_bytes
 from cascade.models.decoder import cache_length
 from cascade.models.model import Model
+from cascade.models.quantize import SOURCE_A8, source_a8
 from cascade.quant import dequant_matmul
 from cascade.quant.kernels import cpu as cpu_kernels
 from cascade.quant.kv import parse_kv_spec
@@ -140,6 +142,8 @@ def _variant(model: Model, spec: str) -> Model:
     is_q = lambda a: isinstance(a, QuantizedTensor)  # noqa: E731
     if spec == "source":
         return model
+    if spec == SOURCE_A8:
+        return source_a8(model)
     if spec == "fp32":
         params = jax.tree.map(lambda a: dequantize(a, "float32") if is_q(a) else jnp.asarray(a, jnp.float32),
                               model.params, is_leaf=is_q)

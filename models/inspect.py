@@ -67,6 +67,11 @@ def matmul_backend(w: QuantizedTensor, *, tied_head: bool, rows: int = 1, dtype=
 
         return BACKEND
     x = jax.ShapeDtypeStruct((rows, w.shape[w.axis]), jnp.dtype(dtype))
+    if w.spec.a8:  # int8 activations per block: the integer kernel or its XLA reference
+        try:
+            return dequant_matmul.a8_backend(x, w, transposed=transposed)
+        except ValueError:
+            return None
     try:
         return dequant_matmul.select_backend(x, w, transposed=transposed).name
     except ValueError:

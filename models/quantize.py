@@ -681,3 +681,29 @@ def _nbytes(a) -> int:
 def weight_bytes(params) -> int:
     """Bytes of every parameter as stored (packed codes + scales + zeros for quantized ones)."""
     return sum(_nbytes(a) for a in jax.tree.leaves(params, is_leaf=lambda a: isinstance(a, QuantizedTensor)))
+
+
+SOURCE_A8 = "source-a8"  # `--quant source-a8`: the loaded codes as they are, with int8 activations
+
+
+def source_a8(model: Model) -> Model:
+    """``model`` as loaded with every int8 and int4 weight it holds run with int8 activations per
+    block (its spec gains ``-a8``; the codes, scales and bytes are unchanged): a GGUF Q4_0/Q4_1/Q8_0
+    import then computes exactly llama.cpp's integer arithmetic for those types.  Other weights
+    (float, 2/3-bit, w8a8) stay as they are; a model with no int8/int4 weight is a ValueError."""
+    is_q = lambda a: isinstance(a, QuantizedTensor)  # noqa: E731
+    changed = 0
+
+    def mark(a):
+        nonlocal changed
+        if not is_q(a) or a.spec.act is not None or a.spec.bits not in (4, 8) or a.spec.a8:
+            return a
+        changed += 1
+        return QuantizedTensor(a.packed, a.scale, a.zero, a.act_scale, spec=dataclasses.replace(a.spec, a8=True),
+                               shape=a.shape, axis=a.axis, dtype=a.dtype)
+
+    params = jax.tree.map(mark, model.params, is_leaf=is_q)
+    if not changed and not any(is_q(a) and a.spec.a8 for a in jax.tree.leaves(model.params, is_leaf=is_q)):
+        raise ValueError(f"{SOURCE_A8}: {model.source} holds no int8 or int4 weight to run with int8 activations")
+    quant = f"{model.quant}-a8" if model.quant and not str(model.quant).endswith("-a8") else model.quant
+    return dataclasses.replace(model, params=params, quant=quant or SOURCE_A8)

@@ -14,6 +14,10 @@ forced, in interpret mode).
 
 A ``w8a8`` weight (int8 activations too) bypasses the registry: its matmul quantizes ``x`` and runs an
 integer dot (:func:`cascade.quant.activations.w8a8_matmul`), which no weight-only backend does.
+An ``-a8`` weight (int8 activations per block, integer dot products: ``int4-g32-a8``) runs on the
+native CPU kernel's integer path where it applies (:func:`cascade.quant.kernels.cpu.matmul_a8`) and
+on its XLA reference otherwise (:func:`cascade.quant.activations.a8_reference`); the backend names
+are ``cpu-a8`` and ``xla-a8``, and ``CASCADE_MATMUL_BACKEND`` (``cpu``/``xla``) or ``backend=`` forces one.
 
 **Under a tensor-parallel mesh** (a ``"tp"`` axis of the mesh set with ``jax.set_mesh``, as
 :func:`cascade.models.sharding.on_mesh_of` does for a sharded model), a backend that XLA cannot
@@ -39,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from cascade.quant.activations import w8a8_matmul
+from cascade.quant.activations import a8_reference, w8a8_matmul
 from cascade.quant.qtensor import QuantizedTensor, check_unstacked, dequantize
 
 
@@ -235,6 +239,33 @@ def _per_shard(x, w: QuantizedTensor, backend: str | None, parallel: str, tp: in
     return jax.shard_map(body, in_specs=(x_spec, leaf_specs(w, dim)), out_specs=out_spec, check_vma=False)(x, w)
 
 
+A8_BACKENDS = ("cpu-a8", "xla-a8")
+
+
+def a8_backend(x, w: QuantizedTensor, backend: str | None = None, *, transposed: bool = False) -> str:
+    """Which of :data:`A8_BACKENDS` runs ``x @ w`` for an ``-a8`` weight (module docs): the native
+    kernel where it applies, unless ``backend`` / ``CASCADE_MATMUL_BACKEND`` says ``xla``; a forced
+    ``cpu`` that cannot run it, or another backend, is an error."""
+    from cascade.quant.kernels import cpu
+
+    name = backend or os.environ.get("CASCADE_MATMUL_BACKEND") or None
+    if name not in (None, "cpu", "xla"):
+        raise ValueError(f"matmul backend {name!r} does not run -a8 specs ({w.spec}); use cpu or xla")
+    if name != "xla" and tp_size() == 1 and cpu.supports_a8(x, w, transposed=transposed):
+        return "cpu-a8"
+    if name == "cpu":
+        raise ValueError(f"the native CPU kernel does not run {w.spec} with input {x.dtype}{tuple(x.shape)} here")
+    return "xla-a8"
+
+
+def _a8_matmul(x, w: QuantizedTensor, backend, *, transposed: bool):
+    from cascade.quant.kernels import cpu
+
+    if a8_backend(x, w, backend, transposed=transposed) == "cpu-a8":
+        return cpu.matmul_a8(x, w, transposed=transposed)
+    return a8_reference(x, w, transposed=transposed)
+
+
 def _quantized_matmul(x, w: QuantizedTensor, backend, parallel, *, transposed: bool):
     chosen = select_backend(x, w, backend, transposed=transposed)
     tp = tp_size() if parallel is not None and not chosen.partitions else 1
@@ -254,6 +285,8 @@ def matmul(x, w, *, backend: str | None = None, parallel: str | None = None):
         return _float_matmul(x, w, transposed=False)
     if w.spec.act is not None:
         return w8a8_matmul(x, w)
+    if w.spec.a8:
+        return _a8_matmul(x, w, backend, transposed=False)
     return _quantized_matmul(x, w, backend, parallel, transposed=False)
 
 
@@ -271,4 +304,6 @@ def matmul_t(x, w, *, backend: str | None = None, parallel: str | None = None):
         raise ValueError(f"matmul_t shape mismatch: x has {x.shape[-1]} features, weight rows have {w.shape[1]}")
     if w.spec.act is not None:
         return w8a8_matmul(x, w, transposed=True)
+    if w.spec.a8:
+        return _a8_matmul(x, w, backend, transposed=True)
     return _quantized_matmul(x, w, backend, parallel, transposed=True)

@@ -3,7 +3,7 @@
 The same string means the same thing in the CLI, the Python API, saved checkpoints and
 benchmark output.  Grammar (canonical form omits the defaults shown in brackets)::
 
-    int{8|4|3|2}[-g{N} | -tensor | -channel][-asym | -full | -narrow][-minmax | -mse | -p{PCT}]
+    int{8|4|3|2}[-g{N} | -tensor | -channel][-asym | -full | -narrow][-minmax | -mse | -p{PCT}][-a8]
     bf16 | fp16 | fp32
 
 * ``int8``            per-output-channel, symmetric, min-max range
@@ -20,6 +20,13 @@ benchmark output.  Grammar (canonical form omits the defaults shown in brackets)
                       may always be written; ``-sym`` is the old name of ``-narrow`` (before spec
                       grammar version 2 it was the default at every width).  Measured in
                       docs/guides/ptq.md ("The symmetric grid").
+* ``int4-g32-a8``     int8 activations with integer dot products (int8 and int4 weights): the weight is
+                      stored exactly as ``int4-g32``; at run time each input row is quantized to int8
+                      in blocks of the weight's group (the whole row for per-channel and per-tensor
+                      weights), scale ``absmax / 127`` per block, the codes are multiplied in the integer
+                      domain with int32 sums per block and rescaled in float32 per block (llama.cpp's
+                      Q8_0 x Q4_0 arithmetic).  ``int4-g32-asym-a8``, ``int8-a8``, ``int8-g32-a8``, ...
+                      (:func:`cascade.quant.activations.a8_matmul`; docs/guides/kernels.md)
 * ``w8a8``          int8 per-channel symmetric weights *and* int8 activations: each input row
                       (token) quantized at run time by its own absmax, an int8 x int8 -> int32 dot
                       (:mod:`cascade.quant.activations`; SmoothQuant's W8A8, Xiao et al. 2022)
@@ -59,9 +66,10 @@ SPEC_VERSIONS = (1, 2)
 ALLOWED_FORMS = (
     "int{8,4,3,2}[-g<N>|-tensor|-channel][-asym|-full|-narrow][-minmax|-mse|-p<PCT>] "
     "(e.g. int8, int4-g128, int4-g64-asym, int8-tensor, int3-g32, int3-g32-narrow, int2-g16, int4-g128-mse, "
-    "int8-p99.9), w8a8, w8a8-static, w8a8-had or w8a8-static-had (int8 weights and activations; -had: Hadamard-rotated "
+    "int8-p99.9; int8 and int4 specs take a final -a8: int8 activations per block at run time, e.g. int4-g32-a8), w8a8, w8a8-static, w8a8-had or w8a8-static-had (int8 weights and activations; -had: Hadamard-rotated "
     "inputs), or a float type: bf16, fp16, fp32"
 )
+A8_BITS = (8, 4)  # the weight widths -a8 takes (the ones the integer kernels run)
 ACT_MODES = ("dynamic", "static")  # w8a8: activations per token at run time; w8a8-static: per tensor, calibrated
 
 
@@ -81,6 +89,9 @@ class IntSpec:
     act: str | None = None
     # w8a8 only (``-had``): the reduction axis rotated by a randomized Hadamard transform (cascade.quant.hadamard)
     rotate: bool = False
+    # ``-a8``: int8 activations per block of the weight's group at run time, integer dot products (int8/int4 only);
+    # the weight is stored exactly as without it
+    a8: bool = False
 
     def __post_init__(self):
         if self.bits not in INT_BITS:
@@ -107,6 +118,10 @@ class IntSpec:
                 raise ValueError("int8 activations (w8a8) go with int8 per-channel symmetric min-max weights only")
         if self.rotate and self.act is None:
             raise ValueError("the Hadamard rotation (-had) goes with int8 activations (w8a8) only")
+        if not isinstance(self.a8, bool):
+            raise ValueError(f"a8 must be true or false, got {self.a8!r}")
+        if self.a8 and (self.act is not None or self.bits not in A8_BITS):
+            raise ValueError(f"-a8 (int8 activations per block) goes with int8 and int4 weight specs only, not {self}")
         pct = clip_percentile(self.clip)  # validates
         if pct is not None:  # one name per percentile: p99.90 and p099.9 are p99.9
             text = repr(pct)
@@ -137,8 +152,8 @@ class IntSpec:
 
     @property
     def storage_spec(self) -> "IntSpec":
-        """The same format without the range estimator (clipping does not change storage)."""
-        return dataclasses.replace(self, clip="minmax")
+        """The same format without the range estimator and ``-a8`` (neither changes storage)."""
+        return dataclasses.replace(self, clip="minmax", a8=False)
 
     @property
     def grid(self) -> str:
@@ -169,6 +184,8 @@ class IntSpec:
             parts.append(self.grid)
         if self.clip != "minmax":
             parts.append(self.clip)
+        if self.a8:
+            parts.append("a8")
         return "-".join(parts)
 
 
@@ -254,6 +271,9 @@ def parse_spec(text: str | Spec, *, version: int = SPEC_VERSION) -> Spec:
         raise ValueError(f"unknown precision spec {text!r}; allowed: {ALLOWED_FORMS}")
     fields: dict = {"bits": int(m.group(1))}
     seen: set[str] = set()
+    if len(tokens) > 1 and tokens[-1] == "a8":
+        fields["a8"] = True
+        tokens = tokens[:-1]
     for tok in tokens[1:]:
         if m := re.fullmatch(r"g(-?[0-9]+)", tok):
             kind, value = "granularity", ("group", int(m.group(1)))
@@ -263,6 +283,8 @@ def parse_spec(text: str | Spec, *, version: int = SPEC_VERSION) -> Spec:
             kind, value = "symmetry", tok
         elif tok in ("minmax", "mse") or _PERCENTILE.fullmatch(tok):
             kind, value = "clip", tok
+        elif tok == "a8":
+            raise ValueError(f"-a8 must be the last token of a precision spec, got {text!r}; allowed: {ALLOWED_FORMS}")
         else:
             raise ValueError(f"unknown token {tok!r} in precision spec {text!r}; allowed: {ALLOWED_FORMS}")
         if kind in seen:

@@ -11,6 +11,16 @@ tensor or in groups (even sizes for int4), symmetric or asymmetric with float16,
 float32 scales and zero points (GGUF Q4_1's float32 zeros included), and float32 or bfloat16
 activations.  Everything else goes to the reference ``xla`` backend.
 
+**Int8 activations (``-a8`` specs).**  :func:`matmul_a8` runs the integer-domain kernel
+(``cpu_qmatmul_a8.cc``): each row of ``x`` quantized to int8 per block of the weight's group and
+multiplied with integer dot products (AVX2 ``vpmaddubsw``/``vpmaddwd``, AVX-512 VNNI ``vpdpbusd``),
+the arithmetic of :func:`cascade.quant.activations.a8_reference` exactly.
+
+**Instruction sets.**  Each kernel has a scalar path and SIMD paths chosen at run time by what the
+processor has (:func:`hardware_isa`: ``scalar``, ``avx2``, ``avx512vnni``).  ``CASCADE_CPU_ISA``
+(``scalar``, ``avx2``, ``avx512``; unset: the best there is) caps the choice at every call, so the
+tests run every path this machine has, and the scalar one always.
+
 The same extension holds the KV-cache attention kernel (``cpu_attention.cc``):
 :func:`cache_attention` reads float and int8/int4 KIVI caches in place for decode-sized calls
 (README, KV cache).
@@ -34,6 +44,9 @@ import numpy as np
 from cascade.quant.qtensor import QuantizedTensor
 
 TARGET = "cascade_qmatmul"
+A8_TARGET = "cascade_qmatmul_a8"
+ISA_ENV = "CASCADE_CPU_ISA"
+ISA_CAPS = ("scalar", "avx2", "avx512")  # CASCADE_CPU_ISA values; "avx512" means AVX-512 with VNNI
 ATTENTION_FLOAT_TARGET = "cascade_cache_attention_float"
 ATTENTION_KIVI_TARGET = "cascade_cache_attention_kivi"
 NAME = "cpu"
@@ -58,6 +71,7 @@ def unavailable() -> str | None:
         return f"the extension was not built or does not load ({e})"
     try:
         jax.ffi.register_ffi_target(TARGET, _cpu.qmatmul_handler(), platform="cpu")
+        jax.ffi.register_ffi_target(A8_TARGET, _cpu.qmatmul_a8_handler(), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_FLOAT_TARGET, _cpu.attention_float_handler(), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_KIVI_TARGET, _cpu.attention_kivi_handler(), platform="cpu")
     except Exception as e:  # noqa: BLE001 - any failure means: use the reference
@@ -72,6 +86,34 @@ def simd() -> str | None:
     from cascade.quant.kernels import _cpu
 
     return _cpu.simd()
+
+
+def check_isa_env() -> str | None:
+    """The value of ``CASCADE_CPU_ISA`` (None if unset or empty); a ValueError names the allowed ones."""
+    value = os.environ.get(ISA_ENV, "").strip().lower()
+    if value and value not in ISA_CAPS:
+        raise ValueError(f"{ISA_ENV}={value!r}: expected one of {', '.join(ISA_CAPS)} (or unset: the best this CPU has)")
+    return value or None
+
+
+def isa() -> str | None:
+    """The instruction set the kernels run with now: ``scalar``, ``avx2`` or ``avx512vnni`` (the best
+    of :func:`hardware_isa`, capped by ``CASCADE_CPU_ISA``); None if the extension is unavailable."""
+    check_isa_env()
+    if unavailable():
+        return None
+    from cascade.quant.kernels import _cpu
+
+    return _cpu.isa()
+
+
+def hardware_isa() -> str | None:
+    """The best instruction set this processor has a kernel path for; None if the extension is unavailable."""
+    if unavailable():
+        return None
+    from cascade.quant.kernels import _cpu
+
+    return _cpu.hardware_isa()
 
 
 def _warn_once(reason: str) -> None:
@@ -115,6 +157,50 @@ def supports(x, w: QuantizedTensor, *, transposed: bool = False) -> bool:
     if w.scale.dtype not in reals or (w.zero is not None and w.zero.dtype not in reals):
         return False
     return _available()
+
+
+def supports_a8(x, w: QuantizedTensor, *, transposed: bool = False) -> bool:
+    """Whether the integer kernel runs ``x @ w`` (``x @ w.T`` when ``transposed``) for an ``-a8`` weight."""
+    if jax.default_backend() != "cpu" or not w.spec.a8:
+        return False
+    check_isa_env()
+    if w.spec.bits not in (4, 8) or w.axis != (1 if transposed else 0) or len(w.shape) != 2 or w.stack_shape:
+        return False
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+        return False
+    k = w.shape[w.axis]
+    g = group_rows(w)
+    if w.spec.bits == 4 and g % 2 and g < k:
+        return False
+    reals = (jnp.float32, jnp.float16, jnp.bfloat16)
+    if w.scale.dtype not in reals or (w.zero is not None and w.zero.dtype not in reals):
+        return False
+    return _available()
+
+
+def matmul_a8(x, w: QuantizedTensor, *, transposed: bool = False):
+    """``x @ W`` (``x @ W.T`` when ``transposed``) with int8 activations per block, on the integer
+    kernel: the arithmetic of :func:`cascade.quant.activations.a8_reference`."""
+    from cascade.quant.activations import a8_block
+
+    reason = unavailable()
+    if reason:
+        raise RuntimeError(f"the native CPU matmul kernel is unavailable: {reason}")
+    k = w.shape[w.axis]
+    n = w.shape[1 - w.axis]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    zero, has_zero = w.zero, w.zero is not None
+    if not has_zero and w.spec.bits == 8 and w.spec.full_range:
+        # int8 codes of the full grid reach -128, which the sign trick of the kernel's int8 dot cannot
+        # negate: run them as unsigned codes with the offset as a zero point (the same sums)
+        zero, has_zero = jnp.full(w.scale.shape, 128.0, jnp.float32), True
+    if zero is None:
+        zero = jnp.zeros((1, 1), jnp.float32)  # ignored: has_zero=False
+    call = jax.ffi.ffi_call(A8_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), x.dtype), vmap_method="sequential")
+    y = call(x2, w.packed, w.scale, zero, bits=np.int64(w.spec.bits), group=np.int64(a8_block(w)),
+             has_zero=has_zero, transposed=transposed)
+    return y.reshape(*lead, n)
 
 
 def matmul(x, w: QuantizedTensor):

@@ -102,17 +102,49 @@ inline bool have_avx2() {
                          __builtin_cpu_supports("f16c");
   return ok;
 }
+inline bool have_avx512vnni() {
+  static const bool ok = have_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return ok;
+}
+#define AVX512_FN __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #else
 inline bool have_avx2() { return false; }
+inline bool have_avx512vnni() { return false; }
 #endif
 
-inline bool use_simd() {  // CASCADE_CPU_KERNEL_SCALAR=1 forces the portable path (tests use it)
-  static const bool forced_scalar = [] {
-    const char* v = std::getenv("CASCADE_CPU_KERNEL_SCALAR");
-    return v && *v && std::strcmp(v, "0") != 0;
-  }();
-  return have_avx2() && !forced_scalar;
+// The instruction sets the kernels have paths for, in order: every path runs where the processor
+// has its instructions, and CASCADE_CPU_ISA caps the choice (scalar, avx2, avx512; read at every
+// call, so a test can force each path in one process).  CASCADE_CPU_KERNEL_SCALAR=1, the older
+// switch, still forces the scalar paths.
+enum class Isa { kScalar = 0, kAVX2 = 1, kAVX512VNNI = 2 };
+
+inline Isa hardware_isa() {
+  return have_avx512vnni() ? Isa::kAVX512VNNI : have_avx2() ? Isa::kAVX2 : Isa::kScalar;
 }
+
+inline Isa isa() {
+  const Isa hw = hardware_isa();
+  const char* legacy = std::getenv("CASCADE_CPU_KERNEL_SCALAR");
+  if (legacy && *legacy && std::strcmp(legacy, "0") != 0) return Isa::kScalar;
+  const char* v = std::getenv("CASCADE_CPU_ISA");
+  if (!v || !*v) return hw;
+  Isa cap = hw;
+  if (std::strcmp(v, "scalar") == 0) cap = Isa::kScalar;
+  else if (std::strcmp(v, "avx2") == 0) cap = Isa::kAVX2;
+  else if (std::strcmp(v, "avx512") == 0) cap = Isa::kAVX512VNNI;
+  return int(cap) < int(hw) ? cap : hw;
+}
+
+inline const char* isa_name(Isa i) {
+  switch (i) {
+    case Isa::kAVX512VNNI: return "avx512vnni";
+    case Isa::kAVX2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+inline bool use_simd() { return isa() != Isa::kScalar; }
 
 inline int64_t max_workers() {
   static const int64_t n = [] {

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from cascade.quant.spec import FloatSpec, IntSpec, parse_spec
@@ -146,3 +148,22 @@ def test_grammar_version_1_reads_old_text_with_its_old_meaning(text, v1, v2):
         assert parse_spec(spec.explicit, version=1) == parse_spec(spec.explicit) == spec
     with pytest.raises(ValueError, match="grammar version"):
         parse_spec(text, version=3)
+
+
+@pytest.mark.parametrize("text, weight", [("int4-g32-a8", "int4-g32"), ("int4-g32-asym-a8", "int4-g32-asym"),
+                                          ("int8-a8", "int8"), ("int8-g32-a8", "int8-g32"), ("int4-a8", "int4"),
+                                          ("int4-g64-narrow-mse-a8", "int4-g64-narrow-mse")])
+def test_a8_specs_are_the_weight_spec_with_int8_activations(text, weight):
+    s = parse_spec(text)
+    assert s.a8 and s.act is None and str(s) == text
+    assert dataclasses.replace(s, a8=False) == parse_spec(weight)  # the same weight format and grid
+    assert parse_spec(s.explicit) == s and s.explicit.endswith("-a8")
+    assert parse_spec(text.upper()) == s
+
+
+@pytest.mark.parametrize("bad, match", [("int3-g32-a8", "int8 and int4"), ("int2-a8", "int8 and int4"),
+                                        ("int4-a8-g32", "last token"), ("w8a8-a8", "unknown"),
+                                        ("int4-g32-a8-a8", "last token")])
+def test_a8_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        parse_spec(bad)
