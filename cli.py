@@ -1609,10 +1609,13 @@ def bench_matmul(batch, shapes, k, n, specs, backend, repeats, warmup, out_path,
 @click.option("--attention", "attention", default="auto", show_default=True,
               help="Comma-separated cache-attention backends to time each row on: cpu (native kernel), xla "
                    "(reference); auto: whichever is selected.")
+@click.option("--rows", "rows", default=None, metavar="K,K,...",
+              help="Also time the step's matmuls with K input rows each, against one row (e.g. 2,3,5,8,16: what a "
+                   "K-position speculative verification pays).")
 @_tokenizer_option()
 @_out_option()
 @_json_option()
-def bench_decode(model, specs, prompt, tokens, repeats, warmup, llamacpp, threads, kv_specs, context, attention,
+def bench_decode(model, specs, prompt, tokens, repeats, warmup, llamacpp, threads, kv_specs, context, attention, rows,
                  tokenizer, out_path, as_json):
     """Decode tokens/s at batch 1 of MODEL at several precisions (and llama.cpp's), side by side."""
     from cascade import quant
@@ -1651,11 +1654,18 @@ def bench_decode(model, specs, prompt, tokens, repeats, warmup, llamacpp, thread
     if context is not None and llamacpp is not None:
         raise click.BadParameter("--context does not combine with --llamacpp (llama.cpp runs on the prompt text)",
                                  param_hint="--context")
+    try:
+        rows_list = tuple(int(r) for r in rows.split(",") if r.strip()) if rows else ()
+    except ValueError:
+        raise click.BadParameter(f"{rows!r}: expected comma-separated row counts, e.g. 2,3,5,8,16",
+                                 param_hint="--rows") from None
+    if any(r < 1 or r > 64 for r in rows_list):
+        raise click.BadParameter(f"{rows!r}: row counts go from 1 to 64", param_hint="--rows")
     _check_kv_before_loading(kv_list, model, tokenizer)
     loaded, _ = _load_model(model, tokenizer, None)
     result = bench_dec.run(loaded, label=model, specs=spec_list, prompt=prompt, tokens=tokens, repeats=repeats,
                            warmup=warmup, llamacpp=llamacpp, threads=threads, kv=kv_list, context=context,
-                           attention=attn_list)
+                           attention=attn_list, rows=rows_list)
     _emit(as_json, result, bench_dec.format_table(result), out=out_path)
 
 

@@ -16,6 +16,11 @@ parameters and cache and returns the next id to the host, doing no work: what di
 host round trip cost per step.  The rest (attention, norms, rotary, sampling) is
 ``step_ms - matmul_ms - call_ms``.
 
+``rows`` (e.g. ``(1, 2, 3, 5, 8, 16)``) also times the step's matmuls with that many input rows
+each (``matmul_ms_by_rows``) and reports each against one row (``vs_one_row``): what a k-position
+speculative verification pays for its weights.  ``matmul_calls`` counts the matmul calls of a
+step (per layer: q, k, v, o, gate, up, down; plus the head).
+
 ``kv`` adds one row per KV-cache precision (``fp32``, ``fp16``, ``int8``, ``int4``, ...) and
 ``context`` decodes after a prompt of that many tokens (the prompt's ids repeated), so that
 attention over a long cache shows.  ``attention`` lists the attention backends to time each row
@@ -59,11 +64,14 @@ DEFAULT_PROMPT = "Once upon a time"
 
 def run(model: Model, *, label: str | None = None, specs=DEFAULT_SPECS, prompt: str = DEFAULT_PROMPT, tokens: int = 64,
         repeats: int = 3, warmup: int = 1, llamacpp: str | None = None, threads: int | None = None,
-        kv=("fp32",), context: int | None = None, attention=(None,), progress=None) -> dict:
+        kv=("fp32",), context: int | None = None, attention=(None,), rows=(), progress=None) -> dict:
     if tokens < 3:
         raise ValueError("tokens must be >= 3 (the first decode step is not timed)")
     if repeats < 1 or warmup < 0:
         raise ValueError("repeats must be >= 1 and warmup >= 0")
+    rows_k = tuple(sorted({1, *rows})) if rows else ()
+    if any(not isinstance(r, int) or r < 1 or r > 64 for r in rows_k):
+        raise ValueError(f"rows must be between 1 and 64, got {rows}")
     if model.tokenizer is None:
         raise ValueError("bench decode needs a model with a tokenizer")
     ids = model.tokenizer.encode(prompt)
@@ -86,7 +94,7 @@ def run(model: Model, *, label: str | None = None, specs=DEFAULT_SPECS, prompt: 
     if llamacpp is not None and model.format != "gguf":
         raise ValueError("--llamacpp needs a GGUF model (llama.cpp reads only GGUF files)")
     label = label or model.source
-    rows = []
+    out_rows = []
     combos = [(spec, k, a) for spec in specs for k in kv for a in attention]
     variants = {}
     for spec, kv_spec, attn in progress_bar(combos, desc="bench decode", unit="run", enabled=progress, leave=False):
@@ -103,19 +111,24 @@ def run(model: Model, *, label: str | None = None, specs=DEFAULT_SPECS, prompt: 
         step_ms = 1e3 / tok_s
         matmul_ms = _matmul_ms(variant, repeats=max(5, repeats))
         call_ms = _call_ms(variant, len(ids) + tokens, repeats=max(5, repeats))
-        rows.append({"engine": "cascade", "spec": spec, "quant": variant.quant, "kv": kv_spec,
-                     "attention": attn or cpu_kernels.attention_backend(), "tokens_per_s": round(tok_s, 2),
-                     "runs": [round(r, 2) for r in rates], "weight_bytes": weight_bytes(variant.params),
-                     "matmul_backends": matmul_backends(variant), "step_ms": round(step_ms, 3),
-                     "matmul_ms": round(matmul_ms, 3), "call_ms": round(call_ms, 3),
-                     "other_ms": round(step_ms - matmul_ms - call_ms, 3)})
+        row = {"engine": "cascade", "spec": spec, "quant": variant.quant, "kv": kv_spec,
+               "attention": attn or cpu_kernels.attention_backend(), "tokens_per_s": round(tok_s, 2),
+               "runs": [round(r, 2) for r in rates], "weight_bytes": weight_bytes(variant.params),
+               "matmul_backends": matmul_backends(variant), "matmul_calls": len(_linear_weights(variant)),
+               "step_ms": round(step_ms, 3), "matmul_ms": round(matmul_ms, 3), "call_ms": round(call_ms, 3),
+               "other_ms": round(step_ms - matmul_ms - call_ms, 3)}
+        if rows_k:
+            by_rows = {k: _matmul_ms(variant, repeats=max(9, repeats), rows=k) for k in rows_k}
+            row["matmul_ms_by_rows"] = {str(k): round(v, 3) for k, v in by_rows.items()}
+            row["vs_one_row"] = {str(k): round(v / by_rows[1], 3) for k, v in by_rows.items()}
+        out_rows.append(row)
     if llamacpp is not None:
-        rows.append(_llamacpp_row(llamacpp, model.source, prompt, tokens, repeats, warmup, threads or os.cpu_count()))
-    ref = next((r["tokens_per_s"] for r in rows if r["engine"] == "llama.cpp"), None)
-    for r in rows:
+        out_rows.append(_llamacpp_row(llamacpp, model.source, prompt, tokens, repeats, warmup, threads or os.cpu_count()))
+    ref = next((r["tokens_per_s"] for r in out_rows if r["engine"] == "llama.cpp"), None)
+    for r in out_rows:
         r["vs_llamacpp"] = None if ref is None else round(r["tokens_per_s"] / ref, 3)
     return {"benchmark": "decode", "model": label, **run_context(repeats=repeats, warmup=warmup), "tokens": tokens,
-            "prompt_tokens": len(ids), "rows": rows}
+            "prompt_tokens": len(ids), "kernel_isa": cpu_kernels.isa(), "rows": out_rows}
 
 
 @contextlib.contextmanager
@@ -166,10 +179,10 @@ def _linear_weights(model: Model) -> list[tuple[object, bool]]:
     return out
 
 
-def _matmul_ms(model: Model, *, repeats: int) -> float:
+def _matmul_ms(model: Model, *, repeats: int, rows: int = 1) -> float:
     weights = _linear_weights(model)
     dtype = jnp.float32
-    xs = [jnp.ones((1, w.shape[1] if t else w.shape[0]), dtype) for w, t in weights]
+    xs = [jnp.ones((rows, w.shape[1] if t else w.shape[0]), dtype) for w, t in weights]
     ws = [w for w, _ in weights]
     flags = tuple(t for _, t in weights)
 
@@ -233,6 +246,14 @@ def format_table(result: dict) -> str:
              "-" if r["vs_llamacpp"] is None else f"{r['vs_llamacpp']:.2f}x", f"{r['weight_bytes'] / 2**20:.1f}",
              ms(r["step_ms"]), ms(r["matmul_ms"]), ms(r["call_ms"]), ms(r["other_ms"]),
              ", ".join(f"{n} {b}" for b, n in (r["matmul_backends"] or {}).items()) or "-") for r in result["rows"]]
-    return head + "\n" + console.format_table(
+    table = head + "\n" + console.format_table(
         rows, ("engine", "spec", "kv", "attn", "tok/s", "vs llama.cpp", "MiB", "step ms", "matmul", "call", "other",
                "backends"), align="<<<<>>>>>>><")
+    with_rows = [r for r in result["rows"] if r.get("vs_one_row")]
+    if with_rows:
+        ks = list(with_rows[0]["vs_one_row"])
+        table += "\n\nmatmul time of a step with k input rows, against one row (a k-position verification)\n"
+        table += console.format_table(
+            [(r["spec"], r["matmul_calls"], *(f"{r['matmul_ms_by_rows'][k]:.2f} ms ({r['vs_one_row'][k]:.2f}x)" for k in ks))
+             for r in with_rows], ("spec", "calls", *(f"k={k}" for k in ks)), align="<>" + ">" * len(ks))
+    return table

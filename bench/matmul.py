@@ -8,7 +8,10 @@ ratio taken on one machine in one process.  ``gb_s`` is the weight's bytes over 
 rate a batch-1 matmul streams its weight at), ``pct_copy_bw`` that rate against the machine's
 memory-copy bandwidth measured in the same run (:func:`copy_bandwidth`).  A ``w8a8`` spec times
 the whole W8A8 matmul (per-token activation quantization, the integer dot, the rescale) on backend
-``int8-dot``.
+``int8-dot``; an ``-a8`` spec (``int4-g32-a8``) the whole per-block int8-activation matmul on its
+integer kernel ``cpu-a8`` and its XLA reference ``xla-a8``.  ``vs_one_row`` is a row's time over the
+batch-1 time of the same spec, backend and shape (rows for the price of one: ``--batch
+1,2,3,5,8,16`` gives the cost of a k-position verification call).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from cascade import quant
 from cascade import console
 from cascade.console import progress_bar
 from cascade.quant import dequant_matmul
-from cascade.quant.activations import BACKEND as W8A8_BACKEND_NAME, w8a8_matmul
+from cascade.quant.activations import BACKEND as W8A8_BACKEND_NAME, a8_reference, w8a8_matmul
 from cascade.quant.kernels import cpu as cpu_kernel
 from cascade.quant.spec import FloatSpec
 from cascade.bench.context import describe, run_context
@@ -103,6 +106,15 @@ def run(*, batches=(1, 4, 16, 64), shapes=DEFAULT_SHAPES, k=None, n=None, specs=
                     ms = _time(jax.jit(w8a8_matmul), x, qw, repeats=repeats, warmup=warmup)
                     rows.append(_row(s, W8A8_BACKEND_NAME, b, k_, n_, ms, base, qw.nbytes, copy_gb_s, True))
                     continue
+                if qw.spec.a8:  # int8 activations per block: the integer kernel and its reference
+                    auto = dequant_matmul.a8_backend(x, qw)
+                    fns = {"xla-a8": a8_reference, "cpu-a8": cpu_kernel.matmul_a8}
+                    names = [nm for nm in fns if backend is None or nm.startswith(backend)
+                             if nm == "xla-a8" or cpu_kernel.supports_a8(x, qw)]
+                    for name in names:
+                        ms = _time(jax.jit(fns[name]), x, qw, repeats=repeats, warmup=warmup)
+                        rows.append(_row(s, name, b, k_, n_, ms, base, qw.nbytes, copy_gb_s, name == auto))
+                    continue
                 auto = dequant_matmul.select_backend(x, qw).name
                 for name in _backends_for(qw, k_, backend):
                     # The quantized weight is a jit *argument*: XLA cannot constant-fold the dequantization.
@@ -112,8 +124,12 @@ def run(*, batches=(1, 4, 16, 64), shapes=DEFAULT_SHAPES, k=None, n=None, specs=
             bar.update()
         del w, qweights
     bar.close()
+    one = {(r["spec"], r["backend"], r["k"], r["n"]): r["ms"] for r in rows if r["batch"] == 1}
+    for r in rows:
+        base1 = one.get((r["spec"], r["backend"], r["k"], r["n"]))
+        r["vs_one_row"] = None if base1 is None else round(r["ms"] / base1, 3)
     return {"benchmark": "matmul", **run_context(repeats=repeats, warmup=warmup), "copy_gb_s": _sig(copy_gb_s),
-            "kernel_simd": cpu_kernel.simd(), "rows": rows}
+            "kernel_simd": cpu_kernel.simd(), "kernel_isa": cpu_kernel.isa(), "rows": rows}
 
 
 def _backends_for(w, k: int, only: str | None) -> list[str]:
@@ -179,12 +195,15 @@ def available_memory() -> int | None:
 
 def format_table(result: dict) -> str:
     head = (f"dequant-matmul {describe(result)}, median of {result['repeats']} after {result['warmup']} warm-up; "
-            f"memory copy {result['copy_gb_s']:.1f} GB/s; native kernel: {result['kernel_simd'] or 'unavailable'}")
+            f"memory copy {result['copy_gb_s']:.1f} GB/s; native kernel: {result['kernel_simd'] or 'unavailable'}"
+            f" ({result.get('kernel_isa') or '-'})")
     rows = [(r["spec"], r["backend"], r["batch"], r["k"], r["n"], f"{r['ms']:.3f}", f"{r['speedup_vs_f32']:.2f}x",
+             "-" if r.get("vs_one_row") is None else f"{r['vs_one_row']:.2f}x",
              f"{r['weight_bytes'] / 2**20:.2f}", f"{r['gb_s']:.1f}", f"{r['pct_copy_bw']:.1f}", "*" if r["selected"] else "")
             for r in result["rows"]]
     return head + "\n" + console.format_table(
-        rows, ("spec", "backend", "batch", "k", "n", "ms", "vs f32", "MiB", "GB/s", "% copy", "auto"), align="<<>>>>>>>><")
+        rows, ("spec", "backend", "batch", "k", "n", "ms", "vs f32", "vs 1 row", "MiB", "GB/s", "% copy", "auto"),
+        align="<<>>>>>>>>><")
 
 
 def _sig(x: float) -> float:

@@ -51,7 +51,6 @@ namespace {
 using namespace cascade_cpu;
 
 constexpr int64_t kMaxChunk = 1024;  // output columns per work item at most
-constexpr int64_t kBandRows = 4;     // calls of at most this many rows split K into bands (as cpu_qmatmul.cc)
 
 // A growable 64-byte-aligned scratch buffer (one per thread): decoded tiles of codes.
 struct Scratch {
@@ -87,10 +86,13 @@ struct A8 {
   const float* d;     // (M, groups)
   const int32_t* xs;  // (M, groups)
   // the activations of each block regrouped for the SIMD paths, zero past the block's end:
-  int64_t PB, QB;        // pairs and quads per block: ceil(group / 2), ceil(group / 4)
-  const uint16_t* xp2;   // (M, groups, PB): bytes (xq[k], xq[k+1]) of pair j, k = k0 + 2j
-  const int32_t* xw2;    // (M, groups, PB): the same pair as two int16 words (vpmaddwd)
-  const int32_t* xq4;    // (M, groups, QB): bytes xq[k .. k+3] of quad j, k = k0 + 4j
+  // element (m, g, j) of each is at [m * row + g * block + j]
+  const uint16_t* xp2;   // bytes (xq[k], xq[k+1]) of pair j, k = k0 + 2j (int4: xq itself, blocks are even)
+  int64_t xp2_row, xp2_block;
+  const int32_t* xw2;    // the same pair as two int16 words (vpmaddwd; int8 on avx2 only)
+  int64_t xw2_row, xw2_block;
+  const int32_t* xq4;    // bytes xq[k .. k+3] of quad j, k = k0 + 4j (xq itself when blocks are whole quads)
+  int64_t xq4_row, xq4_block;
   float* y;              // (M, N)
 };
 
@@ -189,8 +191,8 @@ template <int MB>
 AVX2_FN void int4_rows(const A8& p, int64_t g, int64_t n, int64_t m0, float* acc, int64_t accW, const __m256i* buf,
                        int64_t rows) {
   alignas(32) int32_t s32[MB][32] = {};
-  const int64_t stride = p.groups * p.PB;
-  const uint16_t* xp = p.xp2 + m0 * stride + g * p.PB;
+  const int64_t stride = p.xp2_row;
+  const uint16_t* xp = p.xp2 + m0 * stride + g * p.xp2_block;
   for (int64_t r = 0; r < rows; r += 8) {
     __m256i a[MB], b[MB];
     for (int i = 0; i < MB; ++i) a[i] = b[i] = _mm256_setzero_si256();
@@ -243,8 +245,8 @@ AVX2_FN void strip32_int4(const A8& p, int64_t g, int64_t n, float* acc, int64_t
 template <int MB>
 AVX2_FN void int8_rows(const A8& p, int64_t g, int64_t n, int64_t m0, float* acc, int64_t accW, const __m256i* buf,
                        int64_t pairs) {
-  const int64_t stride = p.groups * p.PB;
-  const int32_t* xw = p.xw2 + m0 * stride + g * p.PB;
+  const int64_t stride = p.xw2_row;
+  const int32_t* xw = p.xw2 + m0 * stride + g * p.xw2_block;
   __m256i e[MB][4];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < 4; ++j) e[i][j] = _mm256_setzero_si256();
@@ -332,8 +334,8 @@ AVX512_FN inline void flush16(const A8& p, int64_t g, int64_t n, int64_t m, __m5
 template <int MB>
 AVX512_FN void vnni_rows(const A8& p, int64_t g, int64_t n, int64_t m0, float* acc, int64_t accW, const __m512i* buf,
                          int64_t quads) {
-  const int64_t stride = p.groups * p.QB;
-  const int32_t* xq = p.xq4 + m0 * stride + g * p.QB;
+  const int64_t stride = p.xq4_row;
+  const int32_t* xq = p.xq4 + m0 * stride + g * p.xq4_block;
   __m512i e[MB][4];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < 4; ++j) e[i][j] = _mm512_setzero_si512();
@@ -492,15 +494,15 @@ AVX2_FN void transposed_row(const A8& p, const Transposed& t, int64_t n) {
     for (int64_t m = 0; m < mb; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t i = 0; i < t.chunks; ++i) {
       const __m256i c = load256(row + 32 * i);
-      float slo, shi;
+      __m256 sv;
       if (BITS == 4) {
         const int64_t glo = 64 * i / p.group, ghi = (64 * i + 32) / p.group;
-        slo = load1_real(p.scale, p.scale_type, param_at(p, glo, n));
-        shi = load1_real(p.scale, p.scale_type, param_at(p, ghi, n));
+        const float slo = load1_real(p.scale, p.scale_type, param_at(p, glo, n));
+        const float shi = load1_real(p.scale, p.scale_type, param_at(p, ghi, n));
+        sv = _mm256_set_m128(_mm_set1_ps(shi), _mm_set1_ps(slo));
       } else {
-        slo = shi = load1_real(p.scale, p.scale_type, param_at(p, 32 * i / p.group, n));
+        sv = _mm256_set1_ps(load1_real(p.scale, p.scale_type, param_at(p, 32 * i / p.group, n)));
       }
-      const __m256 sv = _mm256_setr_ps(slo, slo, slo, slo, shi, shi, shi, shi);
       __m256i lo, hi;  // int4: even / odd k; int8: the codes (signed) or their nibbles (unsigned)
       if (BITS == 4) {
         lo = _mm256_and_si256(c, low);
@@ -567,6 +569,52 @@ AVX2_FN void columns_transposed_avx2(const A8& p, const Transposed& t, int64_t c
       transposed_row<8, false>(p, t, n);
     }
   }
+}
+
+// One block of activations: d = max|x| / 127 (1 for zeros), q = clip(round_half_even(x / d), +-127),
+// X = sum q; the same float32 operations as the scalar code (a true division, not a reciprocal).
+AVX2_FN void quantize_block_avx2(const float* x, int64_t n, int8_t* q, float* d_out, int32_t* sum_out) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(abs_mask, _mm256_loadu_ps(x + k)));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float amax = 0.f;
+  for (int i = 0; i < 8; ++i) amax = std::max(amax, lanes[i]);
+  for (int64_t j = k; j < n; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float d = amax > 0.f ? amax / 127.f : 1.f;
+  const __m256 dv = _mm256_set1_ps(d), hi = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-127.f);
+  __m256i vsum = _mm256_setzero_si256();
+  alignas(32) int32_t ints[8];
+  for (k = 0; k + 8 <= n; k += 8) {
+    __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i c = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, v)));
+    vsum = _mm256_add_epi32(vsum, c);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(ints), c);
+    for (int i = 0; i < 8; ++i) q[k + i] = int8_t(ints[i]);
+  }
+  _mm256_store_si256(reinterpret_cast<__m256i*>(ints), vsum);
+  int32_t sum = 0;
+  for (int i = 0; i < 8; ++i) sum += ints[i];
+  for (; k < n; ++k) {
+    const float v = std::nearbyint(x[k] / d);
+    const int c = int(std::min(127.f, std::max(-127.f, v)));
+    q[k] = int8_t(c);
+    sum += c;
+  }
+  *d_out = d;
+  *sum_out = sum;
+}
+
+AVX2_FN int64_t sum_bands_avx2(const float* partial, int64_t bands, int64_t mn, float* y) {
+  int64_t i = 0;
+  for (; i + 8 <= mn; i += 8) {
+    __m256 s = _mm256_loadu_ps(partial + i);
+    for (int64_t b = 1; b < bands; ++b) s = _mm256_add_ps(s, _mm256_loadu_ps(partial + b * mn + i));
+    _mm256_storeu_ps(y + i, s);
+  }
+  return i;
 }
 
 #endif  // CASCADE_X86
@@ -665,63 +713,89 @@ ffi::Error QMatmulA8Impl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes, ffi::AnyB
   if (p.K == 0) {
     std::fill(yout, yout + p.M * p.N, 0.f);
   } else {
-    // the activations, quantized per block exactly as the reference does
+    // the activations, quantized per block exactly as the reference does (thread-local buffers,
+    // reused from call to call)
+    thread_local Scratch s_xq, s_d, s_xs, s_regroup, s_regroup4, s_partial, s_row;
+    const Isa path = isa();
     p.KX = (p.K + 63) / 64 * 64;
-    std::vector<int8_t> xq(p.M * p.KX + 64, 0);  // + 64: a 4-byte read at the last k stays inside
-    std::vector<float> d(p.M * p.groups);
-    std::vector<int32_t> xs(p.M * p.groups);
+    int8_t* xq = s_xq.get<int8_t>(p.M * p.KX + 64);  // + 64: reads of a quad past K stay inside
+    float* d = s_d.get<float>(p.M * p.groups);
+    int32_t* xs = s_xs.get<int32_t>(p.M * p.groups);
     const float* xf32 = x_type == Real::kF32 ? static_cast<const float*>(x.untyped_data()) : nullptr;
     const uint16_t* xbf = static_cast<const uint16_t*>(x.untyped_data());
-    std::vector<float> row(p.K);
+    float* row = s_row.get<float>(p.K);
     for (int64_t m = 0; m < p.M; ++m) {
-      for (int64_t k = 0; k < p.K; ++k) row[k] = xf32 ? xf32[m * p.K + k] : bf16_to_float(xbf[m * p.K + k]);
+      const float* xr = xf32 ? xf32 + m * p.K : row;
+      if (!xf32)
+        for (int64_t k = 0; k < p.K; ++k) row[k] = bf16_to_float(xbf[m * p.K + k]);
+      int8_t* q = xq + m * p.KX;
+      std::memset(q + p.K, 0, p.KX - p.K + (m == p.M - 1 ? 64 : 0));
       for (int64_t g = 0; g < p.groups; ++g) {
         const int64_t k0 = g * p.group, k1 = std::min(p.K, k0 + p.group);
+#ifdef CASCADE_X86
+        if (path != Isa::kScalar) {
+          quantize_block_avx2(xr + k0, k1 - k0, q + k0, &d[m * p.groups + g], &xs[m * p.groups + g]);
+          continue;
+        }
+#endif
         float amax = 0.f;
-        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(row[k]));
+        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xr[k]));
         const float dg = amax > 0.f ? amax / 127.f : 1.f;
         int32_t sum = 0;
         for (int64_t k = k0; k < k1; ++k) {
-          const float q = std::nearbyint(row[k] / dg);
-          const int v = int(std::min(127.f, std::max(-127.f, q)));
-          xq[m * p.KX + k] = int8_t(v);
-          sum += v;
+          const float v = std::nearbyint(xr[k] / dg);
+          const int c = int(std::min(127.f, std::max(-127.f, v)));
+          q[k] = int8_t(c);
+          sum += c;
         }
         d[m * p.groups + g] = dg;
         xs[m * p.groups + g] = sum;
       }
     }
-    p.xq = xq.data();
-    p.d = d.data();
-    p.xs = xs.data();
-    p.PB = (p.group + 1) / 2;
-    p.QB = (p.group + 3) / 4;
-    std::vector<uint16_t> xp2(p.M * p.groups * p.PB);
-    std::vector<int32_t> xw2(p.M * p.groups * p.PB), xq4(p.M * p.groups * p.QB);
-    for (int64_t m = 0; m < p.M; ++m)
-      for (int64_t g = 0; g < p.groups; ++g) {
-        const int64_t k0 = g * p.group, k1 = std::min(p.K, k0 + p.group);
-        const int8_t* x = xq.data() + m * p.KX;
-        auto at = [&](int64_t k) { return k < k1 ? int(x[k]) : 0; };
-        const int64_t base = m * p.groups + g;
-        for (int64_t j = 0; j < p.PB; ++j) {
-          const int64_t k = k0 + 2 * j;
-          xp2[base * p.PB + j] = uint16_t(uint8_t(at(k)) | (uint8_t(at(k + 1)) << 8));
-          xw2[base * p.PB + j] = int32_t(uint32_t(uint16_t(int16_t(at(k)))) | (uint32_t(uint16_t(int16_t(at(k + 1)))) << 16));
+    p.xq = xq;
+    p.d = d;
+    p.xs = xs;
+    // the pairs and quads the SIMD paths read: views of xq where blocks are whole pairs / quads
+    // (every int4 block is, and blocks of a multiple of 4), regrouped with zeros otherwise
+    const bool one_block = p.groups == 1;
+    p.xp2 = reinterpret_cast<const uint16_t*>(xq);
+    p.xp2_row = p.KX / 2;
+    p.xp2_block = p.group / 2;
+    if (p.group % 4 == 0 || one_block) {
+      p.xq4 = reinterpret_cast<const int32_t*>(xq);
+      p.xq4_row = p.KX / 4;
+      p.xq4_block = p.group / 4;
+    }
+    const bool need_w2 = path != Isa::kScalar && p.bits == 8 && !p.transposed;  // avx2 strips: also the vnni path's column tails
+    const bool need_q4 = path == Isa::kAVX512VNNI && !p.transposed && !(p.group % 4 == 0 || one_block);
+    for (const bool w2 : {true, false}) {
+      if (w2 ? !need_w2 : !need_q4) continue;
+      const int64_t per = w2 ? (p.group + 1) / 2 : (p.group + 3) / 4;
+      int32_t* out = (w2 ? s_regroup : s_regroup4).get<int32_t>(p.M * p.groups * per);
+      for (int64_t m = 0; m < p.M; ++m)
+        for (int64_t g = 0; g < p.groups; ++g) {
+          const int64_t k0 = g * p.group, k1 = std::min(p.K, k0 + p.group);
+          const int8_t* xm = xq + m * p.KX;
+          auto at = [&](int64_t k) { return k < k1 ? int(xm[k]) : 0; };
+          int32_t* o = out + (m * p.groups + g) * per;
+          for (int64_t j = 0; j < per; ++j) {
+            if (w2) {
+              const int64_t k = k0 + 2 * j;
+              o[j] = int32_t(uint32_t(uint16_t(int16_t(at(k)))) | (uint32_t(uint16_t(int16_t(at(k + 1)))) << 16));
+            } else {
+              const int64_t k = k0 + 4 * j;
+              o[j] = int32_t(uint32_t(uint8_t(at(k))) | (uint32_t(uint8_t(at(k + 1))) << 8) |
+                             (uint32_t(uint8_t(at(k + 2))) << 16) | (uint32_t(uint8_t(at(k + 3))) << 24));
+            }
+          }
         }
-        for (int64_t j = 0; j < p.QB; ++j) {
-          const int64_t k = k0 + 4 * j;
-          xq4[base * p.QB + j] = int32_t(uint32_t(uint8_t(at(k))) | (uint32_t(uint8_t(at(k + 1))) << 8) |
-                                         (uint32_t(uint8_t(at(k + 2))) << 16) | (uint32_t(uint8_t(at(k + 3))) << 24));
-        }
-      }
-    p.xp2 = xp2.data();
-    p.xw2 = xw2.data();
-    p.xq4 = xq4.data();
+      if (w2) p.xw2 = out, p.xw2_row = p.groups * per, p.xw2_block = per;
+      else p.xq4 = out, p.xq4_row = p.groups * per, p.xq4_block = per;
+    }
     p.y = yout;
 
     auto shared = std::make_shared<Shared>();
-    shared->path = isa();
+    shared->path = path;
 #ifdef CASCADE_X86
     Transposed t;
     // the transposed avx2 path takes whole 32-byte chunks and blocks of a multiple of 32 values
@@ -735,14 +809,12 @@ ffi::Error QMatmulA8Impl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes, ffi::AnyB
 #endif
     int64_t workers = 1 + SpinPool::get().helpers();
     if (p.M * p.K * p.N < (int64_t(1) << 18)) workers = 1;
-    std::vector<float> partial;
     shared->bands = 1;
     int64_t width;
-    if (workers > 1 && p.M <= kBandRows && !p.transposed && p.groups >= 2 * workers) {
+    if (workers > 1 && !p.transposed && p.groups >= 2 * workers && p.M * p.N * 2 * workers <= (int64_t(1) << 20)) {
       shared->bands = 2 * workers;
       width = std::min(kMaxChunk, (p.N + 63) / 64 * 64);
-      partial.assign(shared->bands * p.M * p.N, 0.f);
-      shared->partial = partial.data();
+      shared->partial = s_partial.get<float>(shared->bands * p.M * p.N);  // every item writes all its columns
     } else {
       const int64_t per = (p.N + 2 * workers - 1) / (2 * workers);
       width = std::min(kMaxChunk, (per + 63) / 64 * 64);
@@ -754,7 +826,12 @@ ffi::Error QMatmulA8Impl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes, ffi::AnyB
     run_job(shared, workers);
     if (shared->bands > 1) {
       const int64_t mn = p.M * p.N;
-      for (int64_t i = 0; i < mn; ++i) {
+      const float* partial = shared->partial;
+      int64_t i = 0;
+#ifdef CASCADE_X86
+      if (path != Isa::kScalar) i = sum_bands_avx2(partial, shared->bands, mn, yout);
+#endif
+      for (; i < mn; ++i) {
         float s = 0.f;
         for (int64_t b = 0; b < shared->bands; ++b) s += partial[b * mn + i];
         yout[i] = s;
