@@ -813,7 +813,7 @@ ffi::Error QMatmulA8Impl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes, ffi::AnyB
     int64_t width;
     if (workers > 1 && !p.transposed && p.groups >= 2 * workers && p.M * p.N * 2 * workers <= (int64_t(1) << 20)) {
       shared->bands = 2 * workers;
-      width = std::min(kMaxChunk, (p.N + 63) / 64 * 64);
+      width = (p.N + 63) / 64 * 64;  // whole rows: each band streams one contiguous run of codes
       shared->partial = s_partial.get<float>(shared->bands * p.M * p.N);  // every item writes all its columns
     } else {
       const int64_t per = (p.N + 2 * workers - 1) / (2 * workers);
