@@ -87,6 +87,8 @@ def _rules(ctx, param, value):
 
     if getattr(param, "name", None) in ("small_quant", "large_quant") and value.strip().lower() in ("none", "source"):
         return value
+    if getattr(param, "name", None) in ("small_quant", "large_quant", "quant_rules") and value.strip().lower() == "source-a8":
+        return value  # the loaded model's own int8/int4 codes with int8 activations
     try:
         PrecisionRules.parse(value)
     except ValueError as e:
@@ -421,8 +423,9 @@ def _option_group(*options):
     return apply
 
 
-_RULES_HELP = ("Precision spec (int8, int4-g128, ...), inline rules ('attn=int8,*=int4-g128') or a rules file (a path "
-               "ending in .json or containing '/').")
+_RULES_HELP = ("Precision spec (int8, int4-g128, int4-g32-a8, ...), inline rules ('attn=int8,*=int4-g128') or a rules "
+               "file (a path ending in .json or containing '/'); source-a8: the model's own int8/int4 codes with int8 "
+               "activations.")
 _TOKENIZER_HELP = ("A tokenizer.json or SentencePiece .model, for a model without one of its own (a llama2.c .bin; a "
                    "Hugging Face directory without tokenizer files; a .gguf without tokenizer metadata).")
 
@@ -756,6 +759,9 @@ def _load_model(path: str, tokenizer: str | None, quant_rules: str | None, need_
     from cascade.models import load_model, quantize_model
 
     _check_tokenizer_flag(path, tokenizer)
+    source_a8 = quant_rules is not None and quant_rules.strip().lower() == "source-a8"
+    if source_a8:
+        quant_rules = None
     if quant_rules is not None:
         _check_quantize_request(path, quant_rules, "rtn")
     if mesh is not None and quant_rules is None:
@@ -775,7 +781,19 @@ def _load_model(path: str, tokenizer: str | None, quant_rules: str | None, need_
     report = None
     if quant_rules is not None:
         model, report = quantize_model(model, quant_rules, scale_dtype=scale_dtype)
+    if source_a8:
+        model = _with_a8(model)
     return model, report
+
+
+def _with_a8(model):
+    """``--quant source-a8``: the loaded model's int8/int4 codes with int8 activations."""
+    from cascade.models.quantize import source_a8
+
+    try:
+        return source_a8(model)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--quant'") from None
 
 
 PTQ_METHODS = ("rtn", "gptq", "awq", "hqq", "awq-gptq", "autoround", "smoothquant")  # = models.quantize.METHODS (not imported here: parsing must not import jax)
@@ -796,6 +814,9 @@ def _rules_or_auto(ctx, param, value):
     """``--quant`` of ``cascade quantize``: rules, or ``auto`` (chosen under --avg-bits / --budget)."""
     if value is not None and value.strip().lower() == "auto":
         return "auto"
+    if value is not None and value.strip().lower() == "source-a8":
+        raise click.BadParameter("source-a8 runs a loaded model's own codes (generate, eval, run, bench); quantize "
+                                 "writes new ones: give an -a8 spec such as int4-g32-a8")
     return _rules(ctx, param, value)
 
 
@@ -1275,11 +1296,14 @@ def eval_(model, data, quant_rules, ctx, stride, truncate, limit, max_tokens, kv
     if reference is not None and reference != "source":
         _model(None, None, reference)
     _check_kv_before_loading([kv], model, tokenizer)
-    if quant_rules is not None:  # rules that do nothing for MODEL: a usage error before loading it
+    a8 = quant_rules is not None and quant_rules.strip().lower() == "source-a8"
+    if quant_rules is not None and not a8:  # rules that do nothing for MODEL: a usage error before loading it
         _check_quantize_request(model, quant_rules, "rtn")
     loaded, _ = _load_model(model, tokenizer, None, scale_dtype=scale_dtype, mesh=mesh if quant_rules is None else None)
     source = loaded
-    if quant_rules is not None:
+    if a8:
+        loaded = _with_a8(loaded)
+    elif quant_rules is not None:
         from cascade.models import quantize_model
 
         loaded, _ = quantize_model(loaded, quant_rules, scale_dtype=scale_dtype)
@@ -1695,10 +1719,12 @@ def bench_error(specs, k, n, out_path, as_json):
 @_stride_option(help="Window step with --no-truncate [default: ctx//2].")
 @click.option("--no-truncate/--truncate", "no_truncate", default=False,
               help="Score long documents in windows instead of truncating them to ctx [default: --truncate].")
+@click.option("--max-tokens", "max_tokens", default=None, type=click.IntRange(min=2),
+              help="Score at most the first N tokens (e.g. WikiText-2, one document, with --no-truncate).")
 @_tokenizer_option()
 @_out_option()
 @_json_option()
-def bench_ppl(model, data, specs, limit, ctx, stride, no_truncate, tokenizer, out_path, as_json):
+def bench_ppl(model, data, specs, limit, ctx, stride, no_truncate, max_tokens, tokenizer, out_path, as_json):
     """Perplexity and weight bytes of MODEL under several precision specs, on the same tokens."""
     from cascade.bench import perplexity as bench_ppl_mod
 
@@ -1707,12 +1733,12 @@ def bench_ppl(model, data, specs, limit, ctx, stride, no_truncate, tokenizer, ou
     if specs is not None and not spec_list:
         raise click.BadParameter("expected comma-separated specs, e.g. source,int8,int4-g32", param_hint="'--spec'")
     for spec in spec_list:
-        if spec != "source":
+        if spec not in ("source", "source-a8"):
             _rules(None, None, spec)
     loaded, _ = _load_model(model, tokenizer, None)
     kwargs = {"specs": spec_list} if spec_list else {}
     result = bench_ppl_mod.run(loaded, data, limit=limit, ctx=ctx, stride=stride, truncate=not no_truncate,
-                               label=model, **kwargs)
+                               label=model, max_tokens=max_tokens, **kwargs)
     _emit(as_json, result, bench_ppl_mod.format_table(result), out=out_path)
 
 

@@ -2,7 +2,8 @@
 
 ``cascade bench ppl MODEL --data FILE``
 (``--json`` for rows).  Each spec is RTN with the default rules (embeddings, norms and LM head
-kept in bf16); ``source`` is the model as loaded.  Every row scores the same tokens.
+kept in bf16); ``source`` is the model as loaded, ``source-a8`` the same with int8 activations per
+block (:func:`cascade.models.quantize.source_a8`).  Every row scores the same tokens.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ from cascade.bench.context import run_context
 from cascade import console
 from cascade.console import progress_bar
 from cascade.models import Model, load_model, perplexity, quantize_model, split_documents, tokenize_documents, weight_bytes
+from cascade.models.quantize import SOURCE_A8, source_a8
 
 DEFAULT_SPECS = ("source", "int8", "int8-g32", "int4-g32", "int4-g64", "int4-g32-asym", "int4-g64-asym", "int4-g32-mse")
 
 
 def run(model: "str | Model", data: str, *, specs=DEFAULT_SPECS, limit: int | None = 200, ctx: int | None = None,
         stride: int | None = None, truncate: bool = True, tokenizer: str | None = None, label: str | None = None,
-        progress=None) -> dict:
+        max_tokens: int | None = None, progress=None) -> dict:
     """``model``: a MODEL path / built-in name, or a loaded :class:`cascade.models.Model` (``label`` names
-    it in the result)."""
+    it in the result); ``max_tokens``: score at most the first that many tokens of the documents (a
+    one-document file such as WikiText-2 with ``truncate=False``)."""
     model_path = label or (model if isinstance(model, str) else model.source)
     base = model if isinstance(model, Model) else load_model(model, tokenizer=tokenizer)
     if base.tokenizer is None:
@@ -29,9 +32,20 @@ def run(model: "str | Model", data: str, *, specs=DEFAULT_SPECS, limit: int | No
     with open(data, encoding="utf-8") as f:
         docs = split_documents(f.read())[:limit]
     ids = tokenize_documents(base.tokenizer, docs)
+    if max_tokens is not None:
+        if max_tokens < 2:
+            raise ValueError("max_tokens must be >= 2")
+        kept, left = [], max_tokens
+        for doc in ids:
+            if left <= 1:
+                break
+            kept.append(doc[:left])
+            left -= len(kept[-1])
+        ids = kept
     rows, result = [], None
     for spec in progress_bar(specs, desc="bench ppl", unit="spec", enabled=progress):
-        quantized = base if spec == "source" else quantize_model(base, spec, progress=False)[0]
+        quantized = (base if spec == "source" else source_a8(base) if spec == SOURCE_A8
+                     else quantize_model(base, spec, progress=False)[0])
         t0 = time.perf_counter()
         result = perplexity(quantized.params, quantized.config, ids, ctx=ctx, stride=stride, truncate=truncate,
                             progress=progress)
@@ -45,7 +59,7 @@ def run(model: "str | Model", data: str, *, specs=DEFAULT_SPECS, limit: int | No
         row["bytes_vs_first"] = row["weight_bytes"] / ref["weight_bytes"]
     return {"benchmark": "perplexity", **run_context(), "model": _display_path(model_path),
             "data": _display_path(data), "documents": len(docs), "ctx": result.ctx,
-            "stride": None if truncate else result.stride, "truncate": truncate, "rows": rows}
+            "stride": None if truncate else result.stride, "truncate": truncate, "max_tokens": max_tokens, "rows": rows}
 
 
 def _display_path(path: str) -> str:

@@ -121,6 +121,9 @@ def _decode(result: dict) -> str:
         columns += [("KV cache", _code("kv")), ("attention", _text("attention"))]
     columns += [("tokens/s", _num("tokens_per_s", 1)), ("step ms", _num("step_ms", 1)),
                 ("matmul ms", _num("matmul_ms", 1)), ("vs llama.cpp", _num("vs_llamacpp", 2))]
+    ks = next((list(r["vs_one_row"]) for r in result["rows"] if r.get("vs_one_row")), [])
+    columns += [(f"{k} rows vs 1", lambda r, k=k: "" if not r.get("vs_one_row") else f"{r['vs_one_row'][k]:.2f}")
+                for k in ks if k != "1"]
     return markdown(columns, result["rows"])
 
 

@@ -237,7 +237,7 @@ def plan_from_configs(small: str | None, large: str | None, *, small_quant: str 
     splits = _splits([r[0] for r in roles], tp, small_devices)
     weights = {}
     for role, src, quant, _ in roles:
-        if quant is None or str(quant).strip().lower() in ("none", "source"):
+        if quant is None or str(quant).strip().lower() in ("none", "source", "source-a8"):
             raise ValueError(f"the {role} model keeps its stored weights: its bytes are counted from the loaded "
                              "model (plan_memory), not from its config")
         shard = _shard(shard_config, configs[role], splits[role], role, small_devices)

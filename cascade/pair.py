@@ -18,6 +18,7 @@ import time
 
 from cascade.console import format_table
 from cascade.models import Model, SamplingConfig, load_model, matmul_backends, quantize_model, weight_bytes
+from cascade.models.quantize import SOURCE_A8, source_a8
 from cascade.models.defaults import DEFAULT_LARGE, DEFAULT_SMALL
 from cascade.models.generation import drain, eos_ids, generate_stream, prompt_problem
 from cascade.quant.kernels.cpu import attention_backend
@@ -27,7 +28,7 @@ from cascade.speculative import SpeculativeStats, draft_setting, speculative_str
 
 MODES = ("speculative", "spec-cascade", "defer", "large", "small")
 SPECULATIVE = ("speculative", "spec-cascade")  # the modes whose rounds run both models
-NO_QUANT = ("none", "source")  # keep the checkpoint's own weights
+NO_QUANT = ("none", "source")  # keep the checkpoint's own weights (SOURCE_A8: the same with int8 activations)
 DEFAULT_QUANT = {"small": "int4", "large": "int8"}  # the precision a float model gets when none is given
 
 
@@ -55,6 +56,8 @@ def _quantized(model: Model, spec: str | None, role: str, scale_dtype, calib: st
         spec = "none" if _has_quantized(model.params) else DEFAULT_QUANT[role]
     if spec.strip().lower() in NO_QUANT:
         return model
+    if spec.strip().lower() == SOURCE_A8:  # the checkpoint's own codes with int8 activations
+        return source_a8(model)
     tokens = None
     if calib is not None:  # the default method with calibration text (models.quantize.choose_method)
         from cascade.models.calibration import calibration_tokens

@@ -23,6 +23,31 @@ def test_matmul_rows_pair_every_spec_with_f32_of_the_same_batch():
     assert "int4-g16-asym" in matmul.format_table(result)
 
 
+def test_matmul_a8_rows_on_the_kernel_and_its_reference_with_the_cost_against_one_row():
+    result = matmul.run(batches=(1, 2, 5), shapes=((64, 64),), specs=("int4-g32-a8",), repeats=2, warmup=1,
+                        progress=False, copy_bytes=1 << 20)
+    a8 = [r for r in result["rows"] if r["spec"] == "int4-g32-a8"]
+    assert sorted({r["backend"] for r in a8}) == ["cpu-a8", "xla-a8"]
+    assert [r["selected"] for r in a8 if r["backend"] == "cpu-a8"] == [True] * 3
+    for r in result["rows"]:
+        one = next(x for x in result["rows"] if (x["spec"], x["backend"], x["batch"]) == (r["spec"], r["backend"], 1))
+        assert r["vs_one_row"] == pytest.approx(r["ms"] / one["ms"], rel=0.01, abs=6e-4)
+    assert "vs 1 row" in matmul.format_table(result)
+
+
+def test_perplexity_max_tokens_scores_a_prefix(stories260k):
+    from cascade.bench import perplexity
+    from tests.shared_data import DATA
+
+    data = f"{DATA}/text/tinystories_val.txt"
+    result = perplexity.run(stories260k, data, specs=("source", "int8-a8"), limit=50, ctx=64, truncate=False,
+                            max_tokens=300, progress=False)
+    assert [r["tokens"] for r in result["rows"]] == [result["rows"][0]["tokens"]] * 2
+    assert result["rows"][0]["tokens"] <= 300 and result["max_tokens"] == 300
+    with pytest.raises(ValueError, match="max_tokens"):
+        perplexity.run(stories260k, data, specs=("source",), max_tokens=1, progress=False)
+
+
 @pytest.mark.parametrize("kwargs,match", [({"k": 0}, "positive"), ({"batches": (0,)}, "positive"),
                                           ({"repeats": 0}, "repeats"), ({"specs": ("int9",)}, "unknown precision"),
                                           ({"backend": "nope"}, "unknown matmul backend")])

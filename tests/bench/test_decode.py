@@ -84,3 +84,25 @@ def test_rows_per_kv_and_attention_backend_after_a_long_context(model):
 def test_bad_kv_attention_and_context(model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         decode.run(model, **{"specs": ("source",), "tokens": 4, "progress": False, **kwargs})
+
+
+def test_a8_and_the_cost_of_k_rows(model):
+    """An -a8 spec runs on the integer kernel; --rows times a step's matmuls at k rows and divides by
+    the one-row time (the table shows the ratios).  (source-a8 needs a quantized file: SmolLM2,
+    tests/models/test_native_backend.py; this GGUF is float.)"""
+    from cascade.bench import tables
+
+    result = decode.run(model, specs=("int8", "int8-a8"), tokens=4, repeats=1, warmup=0, rows=(3, 2),
+                        progress=False)
+    source, a8 = result["rows"]
+    assert set(a8["matmul_backends"]) == {"cpu-a8"} and a8["matmul_calls"] == source["matmul_calls"] == 36
+    for r in (source, a8):
+        assert list(r["matmul_ms_by_rows"]) == ["1", "2", "3"] and r["vs_one_row"]["1"] == 1.0
+        for k in ("2", "3"):
+            assert r["vs_one_row"][k] == pytest.approx(r["matmul_ms_by_rows"][k] / r["matmul_ms_by_rows"]["1"], rel=0.01)
+    text = decode.format_table(result)
+    assert "k=3" in text and "int8-a8" in text
+    md = tables._decode(result)
+    assert "3 rows vs 1" in md.splitlines()[0] and f"{a8['vs_one_row']['3']:.2f}" in md
+    with pytest.raises(ValueError, match="rows"):
+        decode.run(model, specs=("source",), rows=(0,), progress=False)
