@@ -19,7 +19,8 @@ host round trip cost per step.  The rest (attention, norms, rotary, sampling) is
 ``rows`` (e.g. ``(1, 2, 3, 5, 8, 16)``) also times the step's matmuls with that many input rows
 each (``matmul_ms_by_rows``) and reports each against one row (``vs_one_row``): what a k-position
 speculative verification pays for its weights.  ``matmul_calls`` counts the matmul calls of a
-step (per layer: q, k, v, o, gate, up, down; plus the head).
+step (per layer: q, k, v, o, gate, up, down, with q/k/v and gate/up one call each where they fuse:
+``-a8`` weights on the native kernel; plus the head), and ``matmul_ms`` times those calls.
 
 ``kv`` adds one row per KV-cache precision (``fp32``, ``fp16``, ``int8``, ``int4``, ...) and
 ``context`` decodes after a prompt of that many tokens (the prompt's ids repeated), so that
@@ -114,7 +115,7 @@ def run(model: Model, *, label: str | None = None, specs=DEFAULT_SPECS, prompt: 
         row = {"engine": "cascade", "spec": spec, "quant": variant.quant, "kv": kv_spec,
                "attention": attn or cpu_kernels.attention_backend(), "tokens_per_s": round(tok_s, 2),
                "runs": [round(r, 2) for r in rates], "weight_bytes": weight_bytes(variant.params),
-               "matmul_backends": matmul_backends(variant), "matmul_calls": len(_linear_weights(variant)),
+               "matmul_backends": matmul_backends(variant), "matmul_calls": len(_calls(variant)),
                "step_ms": round(step_ms, 3), "matmul_ms": round(matmul_ms, 3), "call_ms": round(call_ms, 3),
                "other_ms": round(step_ms - matmul_ms - call_ms, 3)}
         if rows_k:
@@ -179,18 +180,52 @@ def _linear_weights(model: Model) -> list[tuple[object, bool]]:
     return out
 
 
+def _calls(model: Model, rows: int = 1) -> list[tuple[list, bool]]:
+    """The weight matmul calls of a decode step, as (weights of one call, transposed): a layer's
+    q/k/v and gate/up are one call each where they fuse (:func:`cascade.quant.dequant_matmul.fuses`),
+    one call per weight otherwise; the head last."""
+    params, cfg = model.params, model.config
+    if not all(f"layers_{i}" in params for i in range(cfg.n_layers)):
+        return [([w], t) for w, t in _linear_weights(model)]
+    out = []
+    groups = (("attn", ("q_proj", "k_proj", "v_proj")), ("attn", ("o_proj",)), ("mlp", ("gate_proj", "up_proj")),
+              ("mlp", ("down_proj",)))
+    for i in range(cfg.n_layers):
+        layer = params[f"layers_{i}"]
+        for block, names in groups:
+            ws = [layer[block][n]["kernel"] for n in names]
+            x = jax.ShapeDtypeStruct((rows, ws[0].shape[0]), jnp.float32)
+            if len(ws) > 1 and all(isinstance(w, QuantizedTensor) for w in ws) and dequant_matmul.fuses(x, ws):
+                out.append((ws, False))
+            else:
+                out.extend(([w], False) for w in ws)
+    if cfg.tie_embeddings:
+        out.append(([params["embed"]["embedding"]], True))
+    elif "lm_head" in params:
+        out.append(([params["lm_head"]["kernel"]], False))
+    return out
+
+
 def _matmul_ms(model: Model, *, repeats: int, rows: int = 1) -> float:
-    weights = _linear_weights(model)
+    calls = _calls(model, rows)
     dtype = jnp.float32
-    xs = [jnp.ones((rows, w.shape[1] if t else w.shape[0]), dtype) for w, t in weights]
-    ws = [w for w, _ in weights]
-    flags = tuple(t for _, t in weights)
+    xs = [jnp.ones((rows, ws[0].shape[1] if t else ws[0].shape[0]), dtype) for ws, t in calls]
+    weights = [ws for ws, _ in calls]
+    flags = tuple(t for _, t in calls)
 
     @jax.jit
-    def all_matmuls(xs, ws):
-        return [dequant_matmul.matmul_t(x, w) if t else dequant_matmul.matmul(x, w) for x, w, t in zip(xs, ws, flags)]
+    def all_matmuls(xs, weights):
+        out = []
+        for x, ws, t in zip(xs, weights, flags):
+            if t:
+                out.append(dequant_matmul.matmul_t(x, ws[0]))
+            elif len(ws) > 1:
+                out.extend(dequant_matmul.matmul_many(x, ws))
+            else:
+                out.append(dequant_matmul.matmul(x, ws[0]))
+        return out
 
-    return _median_ms(lambda: all_matmuls(xs, ws), repeats)
+    return _median_ms(lambda: all_matmuls(xs, weights), repeats)
 
 
 def _call_ms(model: Model, needed: int, *, repeats: int) -> float:

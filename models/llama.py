@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cascade import quant
+from cascade.quant import dequant_matmul
 from cascade.models.attention import attention
 from cascade.models.config import ModelConfig, rope_inv_freq
 from cascade.models.kv_cache import KVCache, LayerKV, cached_attention
@@ -91,6 +92,25 @@ def apply_rope(x, positions, inv_freq):
 
 
 
+def fused_projections(module: nn.Module, names, x, use_bias: bool, parallel: str):
+    """The outputs of ``module``'s Linear submodules ``names`` (q/k/v, gate/up) in one kernel call
+    when their kernels fuse (:func:`cascade.quant.dequant_matmul.fuses`: -a8 weights of one kind on
+    the native kernel; each result exactly its own matmul's); None otherwise (and while
+    initializing), and the Linear modules run them one by one."""
+    if module.is_initializing():
+        return None
+    params = module.variables.get("params", {})
+    if not all(n in params and "kernel" in params[n] for n in names):
+        return None
+    kernels = [params[n]["kernel"] for n in names]
+    if not all(isinstance(k, QuantizedTensor) for k in kernels) or not dequant_matmul.fuses(x, kernels):
+        return None
+    ys = dequant_matmul.matmul_many(x, kernels, parallel=parallel)
+    if use_bias:
+        ys = [y + params[n]["bias"].astype(y.dtype) for y, n in zip(ys, names)]
+    return ys
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -99,9 +119,14 @@ class Attention(nn.Module):
         """``layer_cache``: None (plain causal attention) or ``(LayerKV, lengths, n_new, spec)``."""
         cfg = self.cfg
         b, t, _ = x.shape
-        q = Linear(cfg.n_heads * cfg.head_dim, cfg.qkv_bias, "column", name="q_proj")(x).reshape(b, t, cfg.n_heads, cfg.head_dim)
-        k = Linear(cfg.n_kv_heads * cfg.head_dim, cfg.qkv_bias, "column", name="k_proj")(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-        v = Linear(cfg.n_kv_heads * cfg.head_dim, cfg.qkv_bias, "column", name="v_proj")(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        fused = fused_projections(self, ("q_proj", "k_proj", "v_proj"), x, cfg.qkv_bias, "column")
+        if fused is None:
+            fused = [Linear(cfg.n_heads * cfg.head_dim, cfg.qkv_bias, "column", name="q_proj")(x),
+                     Linear(cfg.n_kv_heads * cfg.head_dim, cfg.qkv_bias, "column", name="k_proj")(x),
+                     Linear(cfg.n_kv_heads * cfg.head_dim, cfg.qkv_bias, "column", name="v_proj")(x)]
+        q = fused[0].reshape(b, t, cfg.n_heads, cfg.head_dim)
+        k = fused[1].reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        v = fused[2].reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
         inv_freq = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
@@ -121,8 +146,11 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        gate = Linear(cfg.hidden_dim, cfg.mlp_bias, "column", name="gate_proj")(x)
-        up = Linear(cfg.hidden_dim, cfg.mlp_bias, "column", name="up_proj")(x)
+        fused = fused_projections(self, ("gate_proj", "up_proj"), x, cfg.mlp_bias, "column")
+        if fused is None:
+            fused = [Linear(cfg.hidden_dim, cfg.mlp_bias, "column", name="gate_proj")(x),
+                     Linear(cfg.hidden_dim, cfg.mlp_bias, "column", name="up_proj")(x)]
+        gate, up = fused
         return Linear(cfg.dim, cfg.mlp_bias, "row", name="down_proj")(jax.nn.silu(gate) * up)
 
 

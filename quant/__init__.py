@@ -15,13 +15,13 @@ The public API lives here; each idea has one module behind it:
 * :mod:`cascade.quant.hqq`         HQQ: half-quadratic zero-point / scale optimisation (calibration-free)
 * :mod:`cascade.quant.autoround`   AutoRound: rounding and clipping learned by signed gradient descent
 * :mod:`cascade.quant.dequant_matmul` dequant-matmul and its backend registry
-* :mod:`cascade.quant.activations` int8 activations: the W8A8 matmul (``w8a8`` specs)
+* :mod:`cascade.quant.activations` int8 activations: the W8A8 matmul (``w8a8`` specs), the per-block ``-a8`` reference
 * :mod:`cascade.quant.smoothquant` SmoothQuant's smoothing scales, folds and alpha search
 * :mod:`cascade.quant.hadamard`    the randomized Hadamard rotation of the ``-had`` W8A8 specs
 """
 
 from cascade.quant.ste import fake_quant
-from cascade.quant.dequant_matmul import backends, matmul, matmul_t, register_backend
+from cascade.quant.dequant_matmul import backends, matmul, matmul_many, matmul_t, register_backend
 from cascade.quant.gptq import gptq_quantize
 from cascade.quant.observers import HistogramObserver, MinMaxObserver
 from cascade.quant.qtensor import QuantizedTensor, codes, dequantize, quantize, quantize_with_range, storage_nbytes, transpose
@@ -31,6 +31,6 @@ from cascade.quant.spec import FloatSpec, IntSpec, Spec, parse_spec
 
 __all__ = [
     "FloatSpec", "HistogramObserver", "IntSpec", "KEEP_16BIT_RULES", "MinMaxObserver", "PrecisionRules",
-    "QuantReport", "QuantizedTensor", "Spec", "backends", "codes", "dequantize", "fake_quant", "gptq_quantize", "matmul", "matmul_t",
+    "QuantReport", "QuantizedTensor", "Spec", "backends", "codes", "dequantize", "fake_quant", "gptq_quantize", "matmul", "matmul_many", "matmul_t",
     "parse_spec", "quantize", "quantize_params", "quantize_with_range", "register_backend", "storage_nbytes", "transpose",
 ]

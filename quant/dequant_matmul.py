@@ -290,6 +290,31 @@ def matmul(x, w, *, backend: str | None = None, parallel: str | None = None):
     return _quantized_matmul(x, w, backend, parallel, transposed=False)
 
 
+def matmul_many(x, ws, *, backend: str | None = None, parallel: str | None = None) -> list:
+    """``[matmul(x, w) for w in ws]`` (weights of one input: a layer's q/k/v, gate/up), as one kernel
+    call where they fuse: -a8 weights of the same bits, blocks and zero-point kind on the native
+    kernel (:func:`cascade.quant.kernels.cpu.matmul_a8_many`: ``x`` quantized once, one job, fewer
+    calls per layer; each result exactly its separate call's).  Anything else, a forced backend
+    other than ``cpu``, or a tensor-parallel mesh: one :func:`matmul` per weight."""
+    from cascade.quant.kernels import cpu
+
+    x = jnp.asarray(x)
+    ws = list(ws)
+    for w in ws:
+        check_operands(x, w)
+    if fuses(x, ws, backend=backend):
+        return cpu.matmul_a8_many(x, ws)
+    return [matmul(x, w, backend=backend, parallel=parallel) for w in ws]
+
+
+def fuses(x, ws, *, backend: str | None = None) -> bool:
+    """Whether :func:`matmul_many` runs ``ws`` against ``x`` as one kernel call here."""
+    from cascade.quant.kernels import cpu
+
+    forced = backend or os.environ.get("CASCADE_MATMUL_BACKEND") or None
+    return forced in (None, "cpu") and tp_size() == 1 and cpu.fuses_a8(x, ws)
+
+
 def matmul_t(x, w, *, backend: str | None = None, parallel: str | None = None):
     """``x @ w.T`` for float or quantized ``w`` of shape (n, k), quantized along axis 1 (its rows:
     a tied LM head over an embedding ``(vocab, dim)``); backends read it in place, with no

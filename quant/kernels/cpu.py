@@ -45,6 +45,7 @@ from cascade.quant.qtensor import QuantizedTensor
 
 TARGET = "cascade_qmatmul"
 A8_TARGET = "cascade_qmatmul_a8"
+A8_MANY_TARGET = "cascade_qmatmul_a8_many"  # several weights against one x in one call (q/k/v, gate/up)
 ISA_ENV = "CASCADE_CPU_ISA"
 ISA_CAPS = ("scalar", "avx2", "avx512")  # CASCADE_CPU_ISA values; "avx512" means AVX-512 with VNNI
 ATTENTION_FLOAT_TARGET = "cascade_cache_attention_float"
@@ -72,6 +73,7 @@ def unavailable() -> str | None:
     try:
         jax.ffi.register_ffi_target(TARGET, _cpu.qmatmul_handler(), platform="cpu")
         jax.ffi.register_ffi_target(A8_TARGET, _cpu.qmatmul_a8_handler(), platform="cpu")
+        jax.ffi.register_ffi_target(A8_MANY_TARGET, _cpu.qmatmul_a8_many_handler(), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_FLOAT_TARGET, _cpu.attention_float_handler(), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_KIVI_TARGET, _cpu.attention_kivi_handler(), platform="cpu")
     except Exception as e:  # noqa: BLE001 - any failure means: use the reference
@@ -190,17 +192,62 @@ def matmul_a8(x, w: QuantizedTensor, *, transposed: bool = False):
     n = w.shape[1 - w.axis]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
-    zero, has_zero = w.zero, w.zero is not None
-    if not has_zero and w.spec.bits == 8 and w.spec.full_range:
-        # int8 codes of the full grid reach -128, which the sign trick of the kernel's int8 dot cannot
-        # negate: run them as unsigned codes with the offset as a zero point (the same sums)
-        zero, has_zero = jnp.full(w.scale.shape, 128.0, jnp.float32), True
-    if zero is None:
-        zero = jnp.zeros((1, 1), jnp.float32)  # ignored: has_zero=False
+    # int8 codes of the full grid reach -128, which the sign trick of the kernel's int8 dot cannot
+    # negate: they run as unsigned codes with the offset as a zero point (the same sums)
+    zero, has_zero = _a8_zero(w)
     call = jax.ffi.ffi_call(A8_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), x.dtype), vmap_method="sequential")
     y = call(x2, w.packed, w.scale, zero, bits=np.int64(w.spec.bits), group=np.int64(a8_block(w)),
              has_zero=has_zero, transposed=transposed)
     return y.reshape(*lead, n)
+
+
+def _a8_zero(w: QuantizedTensor):
+    """(zero operand, has_zero) of an -a8 weight for the kernel (full-grid int8: the offset as a zero point)."""
+    if w.zero is not None:
+        return w.zero, True
+    if w.spec.bits == 8 and w.spec.full_range:
+        return jnp.full(w.scale.shape, 128.0, jnp.float32), True
+    return jnp.zeros((1, 1), jnp.float32), False
+
+
+def fuses_a8(x, ws) -> bool:
+    """Whether :func:`matmul_a8_many` runs the -a8 weights ``ws`` (each (k, n_i)) against ``x`` in one
+    call: each runs on the kernel, with the same bits, activation blocks and zero-point kind."""
+    from cascade.quant.activations import a8_block
+
+    if len(ws) < 2 or not all(isinstance(w, QuantizedTensor) and w.spec.a8 for w in ws):
+        return False
+    if not all(supports_a8(x, w) for w in ws):
+        return False
+    first = ws[0]
+    key = lambda w: (w.spec.bits, a8_block(w), _a8_zero_kind(w), w.shape[0])  # noqa: E731
+    return all(key(w) == key(first) for w in ws)
+
+
+def _a8_zero_kind(w: QuantizedTensor) -> bool:
+    return w.zero is not None or (w.spec.bits == 8 and w.spec.full_range)
+
+
+def matmul_a8_many(x, ws):
+    """``[x @ W for W in ws]`` for -a8 weights that :func:`fuses_a8`: one kernel call that quantizes
+    ``x`` once and runs every weight as one job (fewer calls per layer); each result equals the
+    weight's own :func:`matmul_a8` exactly (the same sums in the same order)."""
+    from cascade.quant.activations import a8_block
+
+    reason = unavailable()
+    if reason:
+        raise RuntimeError(f"the native CPU matmul kernel is unavailable: {reason}")
+    k = ws[0].shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    args, has_zero = [], False
+    for w in ws:
+        zero, has_zero = _a8_zero(w)
+        args += [w.packed, w.scale, zero]
+    outs = tuple(jax.ShapeDtypeStruct((x2.shape[0], w.shape[1]), x.dtype) for w in ws)
+    call = jax.ffi.ffi_call(A8_MANY_TARGET, outs, vmap_method="sequential")
+    ys = call(x2, *args, bits=np.int64(ws[0].spec.bits), group=np.int64(a8_block(ws[0])), has_zero=has_zero)
+    return [y.reshape(*lead, w.shape[1]) for y, w in zip(ys, ws)]
 
 
 def matmul(x, w: QuantizedTensor):

@@ -8,6 +8,7 @@
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(CascadeQMatmul);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(CascadeQMatmulA8);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(CascadeQMatmulA8Many);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(CascadeCacheAttentionFloat);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(CascadeCacheAttentionKivi);
 
@@ -17,6 +18,10 @@ static PyObject* qmatmul_handler(PyObject*, PyObject*) { return capsule(reinterp
 
 static PyObject* qmatmul_a8_handler(PyObject*, PyObject*) {
   return capsule(reinterpret_cast<void*>(&CascadeQMatmulA8));
+}
+
+static PyObject* qmatmul_a8_many_handler(PyObject*, PyObject*) {
+  return capsule(reinterpret_cast<void*>(&CascadeQMatmulA8Many));
 }
 
 static PyObject* attention_float_handler(PyObject*, PyObject*) {
@@ -44,6 +49,8 @@ static PyMethodDef kMethods[] = {
     {"attention_kivi_handler", attention_kivi_handler, METH_NOARGS,
      "PyCapsule of the cascade_cache_attention_kivi XLA FFI handler."},
     {"qmatmul_a8_handler", qmatmul_a8_handler, METH_NOARGS, "PyCapsule of the cascade_qmatmul_a8 XLA FFI handler."},
+    {"qmatmul_a8_many_handler", qmatmul_a8_many_handler, METH_NOARGS,
+     "PyCapsule of the cascade_qmatmul_a8_many XLA FFI handler."},
     {"isa", isa, METH_NOARGS, "The instruction set the kernels run with now (CASCADE_CPU_ISA caps it): scalar, avx2 or avx512vnni."},
     {"hardware_isa", hardware_isa, METH_NOARGS, "The best instruction set this processor has a path for."},
     {"simd", simd, METH_NOARGS, "The instruction set the kernels run with here: 'avx2+fma' or 'scalar'."},

@@ -619,18 +619,29 @@ AVX2_FN int64_t sum_bands_avx2(const float* partial, int64_t bands, int64_t mn, 
 
 #endif  // CASCADE_X86
 
-struct Shared : Job {
+// One weight of a call: its problem and how its items split it.
+struct Part {
   A8 problem;
+  int64_t width = 0, col_chunks = 0, bands = 1, first = 0;  // first: the index of its first item
+  float* partial = nullptr;  // (bands, M, N) when bands > 1
+};
+
+// A call: one or several weights that multiply the same x (q/k/v, gate/up: fewer calls per layer),
+// as one job whose items are (weight, band, column chunk).
+struct Shared : Job {
+  std::vector<Part> parts;
   Isa path;
-  int64_t width, col_chunks, bands;
-  float* partial;  // (bands, M, N) when bands > 1
 #ifdef CASCADE_X86
   const Transposed* transposed = nullptr;
 #endif
   void item(int64_t i) override {
-    const int64_t band = i / col_chunks, c0 = (i % col_chunks) * width;
-    A8 p = problem;
-    const int64_t c1 = std::min(p.N, c0 + width);
+    size_t w = 0;
+    while (w + 1 < parts.size() && i >= parts[w + 1].first) ++w;
+    const Part& part = parts[w];
+    i -= part.first;
+    const int64_t band = i / part.col_chunks, c0 = (i % part.col_chunks) * part.width;
+    A8 p = part.problem;
+    const int64_t c1 = std::min(p.N, c0 + part.width);
 #ifdef CASCADE_X86
     if (p.transposed && path != Isa::kScalar) {
       columns_transposed_avx2(p, *transposed, c0, c1);
@@ -638,10 +649,10 @@ struct Shared : Job {
     }
 #endif
     float* out = p.y;
-    if (bands > 1) {
-      p.g0 = band * p.groups / bands;
-      p.g1 = (band + 1) * p.groups / bands;
-      out = partial + band * p.M * p.N;
+    if (part.bands > 1) {
+      p.g0 = band * p.groups / part.bands;
+      p.g1 = (band + 1) * p.groups / part.bands;
+      out = part.partial + band * p.M * p.N;
     }
     thread_local std::vector<float> acc;
     const int64_t W = c1 - c0;
@@ -665,15 +676,17 @@ bool real_type(ffi::DataType t, Real* out) {
   }
 }
 
-ffi::Error QMatmulA8Impl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes, ffi::AnyBuffer scale, ffi::AnyBuffer zero,
-                         ffi::Result<ffi::AnyBuffer> y, int64_t bits, int64_t group, bool has_zero, bool transposed) {
-  const auto xd = x.dimensions(), cd = codes.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || cd.size() != 2 || sd.size() != 2 || yd.size() != 2)
+// Check one weight against x (M, K) and fill its problem (everything but the activations).
+ffi::Error describe(int64_t M, int64_t K, ffi::Buffer<ffi::U8> codes, ffi::AnyBuffer scale, ffi::AnyBuffer zero,
+                    ffi::Result<ffi::AnyBuffer>& y, int64_t bits, int64_t group, bool has_zero, bool transposed,
+                    Real x_type, A8* out) {
+  const auto cd = codes.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
+  if (cd.size() != 2 || sd.size() != 2 || yd.size() != 2)
     return ffi::Error::InvalidArgument("cascade_qmatmul_a8: x, codes, scale and y must be 2-D");
   if (bits != 4 && bits != 8) return ffi::Error::InvalidArgument("cascade_qmatmul_a8: bits must be 4 or 8");
   A8 p{};
-  p.M = xd[0];
-  p.K = xd[1];
+  p.M = M;
+  p.K = K;
   p.transposed = transposed;
   p.N = transposed ? cd[0] : cd[1];
   p.bits = int(bits);
@@ -690,9 +703,8 @@ ffi::Error QMatmulA8Impl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes, ffi::AnyB
   const int64_t want0 = transposed ? p.N : p.groups, want1 = transposed ? p.groups : p.N;
   if (!p.scale_per_tensor && (sd[0] != want0 || sd[1] != want1))
     return ffi::Error::InvalidArgument("cascade_qmatmul_a8: scale shape does not match the groups");
-  Real x_type, y_type;
-  if (!real_type(x.element_type(), &x_type) || x_type == Real::kF16 || !real_type(y->element_type(), &y_type) ||
-      y_type != x_type || !real_type(scale.element_type(), &p.scale_type))
+  Real y_type;
+  if (!real_type(y->element_type(), &y_type) || y_type != x_type || !real_type(scale.element_type(), &p.scale_type))
     return ffi::Error::InvalidArgument("cascade_qmatmul_a8: unsupported dtypes");
   p.codes = codes.typed_data();
   p.scale = scale.untyped_data();
@@ -701,151 +713,246 @@ ffi::Error QMatmulA8Impl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes, ffi::AnyB
       return ffi::Error::InvalidArgument("cascade_qmatmul_a8: zero must match scale");
     p.zero = zero.untyped_data();
   }
-  if (p.M == 0 || p.N == 0) return ffi::Error::Success();
-  std::vector<float> yf;
-  float* yout;
-  if (y_type == Real::kF32) {
-    yout = static_cast<float*>(y->untyped_data());
-  } else {
-    yf.resize(p.M * p.N);
-    yout = yf.data();
-  }
-  if (p.K == 0) {
-    std::fill(yout, yout + p.M * p.N, 0.f);
-  } else {
-    // the activations, quantized per block exactly as the reference does (thread-local buffers,
-    // reused from call to call)
-    thread_local Scratch s_xq, s_d, s_xs, s_regroup, s_regroup4, s_partial, s_row;
-    const Isa path = isa();
-    p.KX = (p.K + 63) / 64 * 64;
-    int8_t* xq = s_xq.get<int8_t>(p.M * p.KX + 64);  // + 64: reads of a quad past K stay inside
-    float* d = s_d.get<float>(p.M * p.groups);
-    int32_t* xs = s_xs.get<int32_t>(p.M * p.groups);
-    const float* xf32 = x_type == Real::kF32 ? static_cast<const float*>(x.untyped_data()) : nullptr;
-    const uint16_t* xbf = static_cast<const uint16_t*>(x.untyped_data());
-    float* row = s_row.get<float>(p.K);
-    for (int64_t m = 0; m < p.M; ++m) {
-      const float* xr = xf32 ? xf32 + m * p.K : row;
-      if (!xf32)
-        for (int64_t k = 0; k < p.K; ++k) row[k] = bf16_to_float(xbf[m * p.K + k]);
-      int8_t* q = xq + m * p.KX;
-      std::memset(q + p.K, 0, p.KX - p.K + (m == p.M - 1 ? 64 : 0));
-      for (int64_t g = 0; g < p.groups; ++g) {
-        const int64_t k0 = g * p.group, k1 = std::min(p.K, k0 + p.group);
+  *out = p;
+  return ffi::Error::Success();
+}
+
+// Quantize x once and run every weight of the call; outs[i]: where weight i's float32 result goes.
+void run_call(std::vector<A8>& ps, const void* xdata, Real x_type, const std::vector<float*>& outs) {
+  A8& p0 = ps[0];
+  const int64_t M = p0.M, K = p0.K, group = p0.group, groups = p0.groups;
+  // the activations, quantized per block exactly as the reference does (thread-local buffers,
+  // reused from call to call)
+  thread_local Scratch s_xq, s_d, s_xs, s_regroup, s_regroup4, s_partial, s_row;
+  const Isa path = isa();
+  const int64_t KX = (K + 63) / 64 * 64;
+  int8_t* xq = s_xq.get<int8_t>(M * KX + 64);  // + 64: reads of a quad past K stay inside
+  float* d = s_d.get<float>(M * groups);
+  int32_t* xs = s_xs.get<int32_t>(M * groups);
+  const float* xf32 = x_type == Real::kF32 ? static_cast<const float*>(xdata) : nullptr;
+  const uint16_t* xbf = static_cast<const uint16_t*>(xdata);
+  float* row = s_row.get<float>(K);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = xf32 ? xf32 + m * K : row;
+    if (!xf32)
+      for (int64_t k = 0; k < K; ++k) row[k] = bf16_to_float(xbf[m * K + k]);
+    int8_t* q = xq + m * KX;
+    std::memset(q + K, 0, KX - K + (m == M - 1 ? 64 : 0));
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * group, k1 = std::min(K, k0 + group);
 #ifdef CASCADE_X86
-        if (path != Isa::kScalar) {
-          quantize_block_avx2(xr + k0, k1 - k0, q + k0, &d[m * p.groups + g], &xs[m * p.groups + g]);
-          continue;
-        }
-#endif
-        float amax = 0.f;
-        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xr[k]));
-        const float dg = amax > 0.f ? amax / 127.f : 1.f;
-        int32_t sum = 0;
-        for (int64_t k = k0; k < k1; ++k) {
-          const float v = std::nearbyint(xr[k] / dg);
-          const int c = int(std::min(127.f, std::max(-127.f, v)));
-          q[k] = int8_t(c);
-          sum += c;
-        }
-        d[m * p.groups + g] = dg;
-        xs[m * p.groups + g] = sum;
+      if (path != Isa::kScalar) {
+        quantize_block_avx2(xr + k0, k1 - k0, q + k0, &d[m * groups + g], &xs[m * groups + g]);
+        continue;
       }
+#endif
+      float amax = 0.f;
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      const float dg = amax > 0.f ? amax / 127.f : 1.f;
+      int32_t sum = 0;
+      for (int64_t k = k0; k < k1; ++k) {
+        const float v = std::nearbyint(xr[k] / dg);
+        const int c = int(std::min(127.f, std::max(-127.f, v)));
+        q[k] = int8_t(c);
+        sum += c;
+      }
+      d[m * groups + g] = dg;
+      xs[m * groups + g] = sum;
     }
-    p.xq = xq;
-    p.d = d;
-    p.xs = xs;
-    // the pairs and quads the SIMD paths read: views of xq where blocks are whole pairs / quads
-    // (every int4 block is, and blocks of a multiple of 4), regrouped with zeros otherwise
-    const bool one_block = p.groups == 1;
-    p.xp2 = reinterpret_cast<const uint16_t*>(xq);
-    p.xp2_row = p.KX / 2;
-    p.xp2_block = p.group / 2;
-    if (p.group % 4 == 0 || one_block) {
-      p.xq4 = reinterpret_cast<const int32_t*>(xq);
-      p.xq4_row = p.KX / 4;
-      p.xq4_block = p.group / 4;
-    }
-    const bool need_w2 = path != Isa::kScalar && p.bits == 8 && !p.transposed;  // avx2 strips: also the vnni path's column tails
-    const bool need_q4 = path == Isa::kAVX512VNNI && !p.transposed && !(p.group % 4 == 0 || one_block);
-    for (const bool w2 : {true, false}) {
-      if (w2 ? !need_w2 : !need_q4) continue;
-      const int64_t per = w2 ? (p.group + 1) / 2 : (p.group + 3) / 4;
-      int32_t* out = (w2 ? s_regroup : s_regroup4).get<int32_t>(p.M * p.groups * per);
-      for (int64_t m = 0; m < p.M; ++m)
-        for (int64_t g = 0; g < p.groups; ++g) {
-          const int64_t k0 = g * p.group, k1 = std::min(p.K, k0 + p.group);
-          const int8_t* xm = xq + m * p.KX;
-          auto at = [&](int64_t k) { return k < k1 ? int(xm[k]) : 0; };
-          int32_t* o = out + (m * p.groups + g) * per;
-          for (int64_t j = 0; j < per; ++j) {
-            if (w2) {
-              const int64_t k = k0 + 2 * j;
-              o[j] = int32_t(uint32_t(uint16_t(int16_t(at(k)))) | (uint32_t(uint16_t(int16_t(at(k + 1)))) << 16));
-            } else {
-              const int64_t k = k0 + 4 * j;
-              o[j] = int32_t(uint32_t(uint8_t(at(k))) | (uint32_t(uint8_t(at(k + 1))) << 8) |
-                             (uint32_t(uint8_t(at(k + 2))) << 16) | (uint32_t(uint8_t(at(k + 3))) << 24));
-            }
+  }
+  // the pairs and quads the SIMD paths read: views of xq where blocks are whole pairs / quads
+  // (every int4 block is, and blocks of a multiple of 4), regrouped with zeros otherwise
+  A8 xv{};
+  const bool one_block = groups == 1;
+  xv.xp2 = reinterpret_cast<const uint16_t*>(xq);
+  xv.xp2_row = KX / 2;
+  xv.xp2_block = group / 2;
+  if (group % 4 == 0 || one_block) {
+    xv.xq4 = reinterpret_cast<const int32_t*>(xq);
+    xv.xq4_row = KX / 4;
+    xv.xq4_block = group / 4;
+  }
+  bool need_w2 = false;  // avx2 int8 strips: also the vnni path's column tails
+  for (const A8& p : ps) need_w2 |= path != Isa::kScalar && p.bits == 8 && !p.transposed;
+  const bool need_q4 = path == Isa::kAVX512VNNI && !p0.transposed && !(group % 4 == 0 || one_block);
+  for (const bool w2 : {true, false}) {
+    if (w2 ? !need_w2 : !need_q4) continue;
+    const int64_t per = w2 ? (group + 1) / 2 : (group + 3) / 4;
+    int32_t* out = (w2 ? s_regroup : s_regroup4).get<int32_t>(M * groups * per);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t k0 = g * group, k1 = std::min(K, k0 + group);
+        const int8_t* xm = xq + m * KX;
+        auto at = [&](int64_t k) { return k < k1 ? int(xm[k]) : 0; };
+        int32_t* o = out + (m * groups + g) * per;
+        for (int64_t j = 0; j < per; ++j) {
+          if (w2) {
+            const int64_t k = k0 + 2 * j;
+            o[j] = int32_t(uint32_t(uint16_t(int16_t(at(k)))) | (uint32_t(uint16_t(int16_t(at(k + 1)))) << 16));
+          } else {
+            const int64_t k = k0 + 4 * j;
+            o[j] = int32_t(uint32_t(uint8_t(at(k))) | (uint32_t(uint8_t(at(k + 1))) << 8) |
+                           (uint32_t(uint8_t(at(k + 2))) << 16) | (uint32_t(uint8_t(at(k + 3))) << 24));
           }
         }
-      if (w2) p.xw2 = out, p.xw2_row = p.groups * per, p.xw2_block = per;
-      else p.xq4 = out, p.xq4_row = p.groups * per, p.xq4_block = per;
-    }
-    p.y = yout;
+      }
+    if (w2) xv.xw2 = out, xv.xw2_row = groups * per, xv.xw2_block = per;
+    else xv.xq4 = out, xv.xq4_row = groups * per, xv.xq4_block = per;
+  }
 
-    auto shared = std::make_shared<Shared>();
-    shared->path = path;
+  auto shared = std::make_shared<Shared>();
+  shared->path = path;
 #ifdef CASCADE_X86
-    Transposed t;
+  Transposed t;
+  if (p0.transposed && path != Isa::kScalar) {
     // the transposed avx2 path takes whole 32-byte chunks and blocks of a multiple of 32 values
-    if (p.transposed && shared->path != Isa::kScalar &&
-        !(p.group % 32 == 0 && (p.bits == 8 ? p.K % 32 : p.K % 64) == 0))
-      shared->path = Isa::kScalar;
-    if (p.transposed && shared->path != Isa::kScalar) {
-      prepare_transposed(p, t);
-      shared->transposed = &t;
-    }
+    if (!(group % 32 == 0 && (p0.bits == 8 ? K % 32 : K % 64) == 0)) shared->path = Isa::kScalar;
+  }
 #endif
-    int64_t workers = 1 + SpinPool::get().helpers();
-    if (p.M * p.K * p.N < (int64_t(1) << 18)) workers = 1;
-    shared->bands = 1;
-    int64_t width;
-    if (workers > 1 && !p.transposed && p.groups >= 2 * workers && p.M * p.N * 2 * workers <= (int64_t(1) << 20)) {
-      shared->bands = 2 * workers;
-      width = (p.N + 63) / 64 * 64;  // whole rows: each band streams one contiguous run of codes
-      shared->partial = s_partial.get<float>(shared->bands * p.M * p.N);  // every item writes all its columns
+  int64_t workers = 1 + SpinPool::get().helpers();
+  int64_t work = 0;
+  for (const A8& p : ps) work += p.M * p.K * p.N;
+  if (work < (int64_t(1) << 18)) workers = 1;
+  int64_t partial_floats = 0;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    A8& p = ps[i];
+    p.KX = KX, p.xq = xq, p.d = d, p.xs = xs;
+    p.xp2 = xv.xp2, p.xp2_row = xv.xp2_row, p.xp2_block = xv.xp2_block;
+    p.xq4 = xv.xq4, p.xq4_row = xv.xq4_row, p.xq4_block = xv.xq4_block;
+    p.xw2 = xv.xw2, p.xw2_row = xv.xw2_row, p.xw2_block = xv.xw2_block;
+    p.y = outs[i];
+    Part part;
+    part.problem = p;
+    // bands as a call of this weight alone would split it (the same sums in the same order: a
+    // fused call gives each weight exactly its separate call's result)
+    const bool alone_threads = p.M * p.K * p.N >= (int64_t(1) << 18) && workers > 1;
+    if (alone_threads && !p.transposed && p.groups >= 2 * workers && p.M * p.N * 2 * workers <= (int64_t(1) << 20)) {
+      part.bands = 2 * workers;
+      part.width = (p.N + 63) / 64 * 64;  // whole rows: each band streams one contiguous run of codes
+      partial_floats += part.bands * p.M * p.N;
     } else {
       const int64_t per = (p.N + 2 * workers - 1) / (2 * workers);
-      width = std::min(kMaxChunk, (per + 63) / 64 * 64);
+      part.width = std::max<int64_t>(64, std::min(kMaxChunk, (per + 63) / 64 * 64));
     }
-    shared->problem = p;
-    shared->width = std::max<int64_t>(64, width);
-    shared->col_chunks = (p.N + shared->width - 1) / shared->width;
-    shared->items = shared->bands * shared->col_chunks;
-    run_job(shared, workers);
-    if (shared->bands > 1) {
-      const int64_t mn = p.M * p.N;
-      const float* partial = shared->partial;
-      int64_t i = 0;
+    part.col_chunks = (p.N + part.width - 1) / part.width;
+    part.first = shared->items;
+    shared->items += part.bands * part.col_chunks;
+    shared->parts.push_back(part);
+  }
+  float* partial = partial_floats ? s_partial.get<float>(partial_floats) : nullptr;  // every item writes all its columns
+  for (Part& part : shared->parts)
+    if (part.bands > 1) {
+      part.partial = partial;
+      partial += part.bands * part.problem.M * part.problem.N;
+    }
 #ifdef CASCADE_X86
-      if (path != Isa::kScalar) i = sum_bands_avx2(partial, shared->bands, mn, yout);
+  if (p0.transposed && shared->path != Isa::kScalar) {
+    prepare_transposed(shared->parts[0].problem, t);
+    shared->transposed = &t;
+  }
 #endif
-      for (; i < mn; ++i) {
-        float s = 0.f;
-        for (int64_t b = 0; b < shared->bands; ++b) s += partial[b * mn + i];
-        yout[i] = s;
-      }
+  run_job(shared, workers);
+  for (const Part& part : shared->parts) {
+    if (part.bands <= 1) continue;
+    const int64_t mn = part.problem.M * part.problem.N;
+    int64_t i = 0;
+#ifdef CASCADE_X86
+    if (path != Isa::kScalar) i = sum_bands_avx2(part.partial, part.bands, mn, part.problem.y);
+#endif
+    for (; i < mn; ++i) {
+      float s = 0.f;
+      for (int64_t b = 0; b < part.bands; ++b) s += part.partial[b * mn + i];
+      part.problem.y[i] = s;
     }
   }
-  if (y_type == Real::kBF16) {
+}
+
+bool x_type_of(ffi::AnyBuffer x, Real* out) { return real_type(x.element_type(), out) && *out != Real::kF16; }
+
+ffi::Error QMatmulA8Impl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes, ffi::AnyBuffer scale, ffi::AnyBuffer zero,
+                         ffi::Result<ffi::AnyBuffer> y, int64_t bits, int64_t group, bool has_zero, bool transposed) {
+  const auto xd = x.dimensions();
+  Real x_type;
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("cascade_qmatmul_a8: x must be 2-D");
+  if (!x_type_of(x, &x_type)) return ffi::Error::InvalidArgument("cascade_qmatmul_a8: unsupported dtypes");
+  std::vector<A8> ps(1);
+  ffi::Error err = describe(xd[0], xd[1], codes, scale, zero, y, bits, group, has_zero, transposed, x_type, &ps[0]);
+  if (err.failure()) return err;
+  const A8& p = ps[0];
+  if (p.M == 0 || p.N == 0) return ffi::Error::Success();
+  std::vector<float> yf;
+  float* yout = x_type == Real::kF32 ? static_cast<float*>(y->untyped_data()) : (yf.resize(p.M * p.N), yf.data());
+  if (p.K == 0) std::fill(yout, yout + p.M * p.N, 0.f);
+  else run_call(ps, x.untyped_data(), x_type, {yout});
+  if (x_type == Real::kBF16) {
     uint16_t* yh = static_cast<uint16_t*>(y->untyped_data());
     for (int64_t i = 0; i < p.M * p.N; ++i) yh[i] = float_to_bf16(yf[i]);
   }
   return ffi::Error::Success();
 }
 
+// Several weights of the same bits, group and zero-point kind against one x: arguments x, then
+// (codes, scale, zero) per weight; one result per weight.
+ffi::Error QMatmulA8ManyImpl(ffi::AnyBuffer x, ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t bits,
+                             int64_t group, bool has_zero) {
+  const auto xd = x.dimensions();
+  Real x_type;
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("cascade_qmatmul_a8_many: x must be 2-D");
+  if (!x_type_of(x, &x_type)) return ffi::Error::InvalidArgument("cascade_qmatmul_a8_many: unsupported dtypes");
+  const size_t count = rets.size();
+  if (count == 0 || args.size() != 3 * count)
+    return ffi::Error::InvalidArgument("cascade_qmatmul_a8_many: expected (codes, scale, zero) per result");
+  std::vector<A8> ps(count);
+  std::vector<ffi::Result<ffi::AnyBuffer>> ys;
+  for (size_t i = 0; i < count; ++i) {
+    auto codes = args.get<ffi::Buffer<ffi::U8>>(3 * i);
+    auto scale = args.get<ffi::AnyBuffer>(3 * i + 1);
+    auto zero = args.get<ffi::AnyBuffer>(3 * i + 2);
+    auto y = rets.get<ffi::AnyBuffer>(i);
+    if (codes.has_error() || scale.has_error() || zero.has_error() || y.has_error())
+      return ffi::Error::InvalidArgument("cascade_qmatmul_a8_many: bad operand types");
+    ys.push_back(*y);
+    ffi::Error err = describe(xd[0], xd[1], *codes, *scale, *zero, ys.back(), bits, group, has_zero, false, x_type,
+                              &ps[i]);
+    if (err.failure()) return err;
+  }
+  const int64_t M = xd[0], K = xd[1];
+  std::vector<std::vector<float>> temps(count);
+  std::vector<float*> outs(count);
+  int64_t total_n = 0;
+  for (size_t i = 0; i < count; ++i) {
+    total_n += ps[i].N;
+    if (x_type == Real::kF32) outs[i] = static_cast<float*>(ys[i]->untyped_data());
+    else temps[i].resize(M * ps[i].N), outs[i] = temps[i].data();
+  }
+  if (M == 0 || total_n == 0) return ffi::Error::Success();
+  if (K == 0) {
+    for (size_t i = 0; i < count; ++i) std::fill(outs[i], outs[i] + M * ps[i].N, 0.f);
+  } else {
+    std::vector<A8> nonempty;
+    std::vector<float*> nonempty_outs;
+    for (size_t i = 0; i < count; ++i)
+      if (ps[i].N) nonempty.push_back(ps[i]), nonempty_outs.push_back(outs[i]);
+    run_call(nonempty, x.untyped_data(), x_type, nonempty_outs);
+  }
+  if (x_type == Real::kBF16)
+    for (size_t i = 0; i < count; ++i) {
+      uint16_t* yh = static_cast<uint16_t*>(ys[i]->untyped_data());
+      for (int64_t j = 0; j < M * ps[i].N; ++j) yh[j] = float_to_bf16(temps[i][j]);
+    }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CascadeQMatmulA8Many, QMatmulA8ManyImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // x (M, K) float32 / bfloat16
+                                  .RemainingArgs()        // (codes, scale, zero) per weight
+                                  .RemainingRets()        // y (M, N_i) per weight, x's dtype
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group")
+                                  .Attr<bool>("has_zero"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CascadeQMatmulA8, QMatmulA8Impl,
                               ffi::Ffi::Bind()

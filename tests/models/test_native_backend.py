@@ -49,8 +49,9 @@ def _compare(model, monkeypatch, prompt: str, docs: list[str], ctx: int, backend
     assert tokens_cpu == tokens_xla
     # -a8: a float32 rounding difference between the two (another summation order) can move an
     # activation across a rounding boundary of its int8 grid, one code step: perplexity agrees to
-    # ~1e-3 (measured 3.5e-4 on stories260K int4-g32-a8), not to float32 rounding
-    rtol = 3e-3 if backend.endswith("-a8") else 1e-4
+    # ~1e-3 (measured 3.5e-4 on stories260K int4-g32-a8; 4e-3 on SmolLM2's 255 WikiText tokens), not
+    # to float32 rounding
+    rtol = 1e-2 if backend.endswith("-a8") else 1e-4
     assert abs(ppl_cpu - ppl_xla) <= rtol * ppl_xla, (ppl_cpu, ppl_xla)
 
 
@@ -96,9 +97,26 @@ def test_smollm2_source_a8(monkeypatch):
     _compare(model, monkeypatch, "The capital of France is", [text], ctx=256, backend="cpu-a8", tokens=12)
 
 
+@pytest.mark.parametrize("name, spec", [("default-small", "int4-a8"), ("default-large", "int8-g32-asym-a8")])
+def test_fused_projections_equal_separate_calls_exactly(monkeypatch, name, spec):
+    """q/k/v and gate/up in one kernel call give bit-identical logits to one call per weight."""
+    from cascade.models.decoder import logits_of
+    from cascade.quant import dequant_matmul
+
+    model = quantize_model(load_model(name), spec, progress=False)[0]
+    tokens = jax.numpy.asarray([model.tokenizer.encode("Once upon a time there was a dog")])
+    jax.clear_caches()
+    fused = logits_of(model.params, model.config, tokens)
+    monkeypatch.setattr(dequant_matmul, "fuses", lambda *a, **k: False)
+    jax.clear_caches()
+    separate = logits_of(model.params, model.config, tokens)
+    jax.clear_caches()
+    assert (fused == separate).all()
+
+
 def test_the_decode_step_calls_the_a8_kernel():
     """No silent fallback: an -a8 model's compiled decode step holds the integer kernel's custom
-    call for every linear layer (7 per layer) and the tied head."""
+    calls: 4 per layer (q/k/v fused, o, gate/up fused, down) and the tied head."""
     from cascade.models.generation import _decode_and_sample
     from cascade.models.kv_cache import KVCache
 
@@ -106,10 +124,13 @@ def test_the_decode_step_calls_the_a8_kernel():
     cache = KVCache.create(model.config, 1, 64, None)
     hlo = _decode_and_sample.lower(model.params, model.config, jax.numpy.zeros((1,), "int32"), cache,
                                    jax.random.key(0), 0.0, 0, 1.0).as_text()
-    head = 1 if model.config.tie_embeddings else 0
-    assert hlo.count(cpu.A8_TARGET) >= 7 * model.config.n_layers, hlo.count(cpu.A8_TARGET)
-    assert hlo.count(cpu.TARGET + '"') + hlo.count(cpu.TARGET + "'") <= head  # no float-activation kernel left
-    assert cpu.A8_TARGET in hlo
+    from cascade.quant.qtensor import QuantizedTensor
+
+    n = model.config.n_layers
+    head = int(model.config.tie_embeddings and isinstance(model.params["embed"]["embedding"], QuantizedTensor))
+    assert hlo.count(cpu.A8_MANY_TARGET) == 2 * n, hlo.count(cpu.A8_MANY_TARGET)
+    assert hlo.count(cpu.A8_TARGET) - hlo.count(cpu.A8_MANY_TARGET) == 2 * n + head  # o, down (+ a quantized head)
+    assert hlo.count(cpu.TARGET + '"') + hlo.count(cpu.TARGET + "'") == 0  # no float-activation kernel left
 
 
 @pytest.mark.slow
