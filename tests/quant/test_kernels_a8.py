@@ -215,3 +215,26 @@ def test_the_compiled_matmul_calls_the_kernel():
     assert cpu.A8_TARGET in text
     w2 = quant.quantize(np.ones((64, 32), np.float32), "int4-g32")
     assert cpu.A8_TARGET not in jax.jit(quant.matmul).lower(jnp.ones((1, 64), jnp.float32), w2).as_text()
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_several_weights_in_one_call_equal_their_own_calls_exactly(rows, monkeypatch):
+    """matmul_many (q/k/v, gate/up): one call, each result bit-identical to the weight's own call, on
+    every path; weights that do not fuse (another group size, a float weight) run one by one."""
+    rng = np.random.default_rng(rows)
+    ws = [quant.quantize(rng.standard_normal((576, n)).astype(np.float32), "int4-g32-asym-a8") for n in (576, 192, 192)]
+    x = jnp.asarray(rng.standard_normal((rows, 576)), jnp.float32)
+    assert dequant_matmul.fuses(x, ws)
+    assert cpu.A8_MANY_TARGET in jax.jit(dequant_matmul.matmul_many).lower(x, ws).as_text()
+    for path in PATHS:
+        monkeypatch.setenv(cpu.ISA_ENV, CAP[path])
+        many = jax.jit(dequant_matmul.matmul_many)(x, ws)
+        for y, w in zip(many, ws):
+            assert (np.asarray(y) == np.asarray(jax.jit(cpu.matmul_a8)(x, w))).all(), path
+    other = quant.quantize(rng.standard_normal((576, 64)).astype(np.float32), "int4-g64-asym-a8")
+    assert not dequant_matmul.fuses(x, ws[:1] + [other])
+    assert not dequant_matmul.fuses(x, ws[:1] + [jnp.ones((576, 8))])
+    mixed = dequant_matmul.matmul_many(x, ws[:1] + [other])
+    assert np.allclose(np.asarray(mixed[1]), a8_numpy(x, other), atol=3e-6 * _scale(x, other))
+    monkeypatch.setenv("CASCADE_MATMUL_BACKEND", "xla")
+    assert not dequant_matmul.fuses(x, ws)
