@@ -144,21 +144,26 @@ def supports(x, w: QuantizedTensor, *, transposed: bool = False) -> bool:
     along axis 1, a tied embedding used as the LM head)."""
     if jax.default_backend() != "cpu":
         return False
-    spec = w.spec
-    if spec.bits not in (4, 8) or w.axis != (1 if transposed else 0) or len(w.shape) != 2 or w.stack_shape:
-        return False
-    if x.dtype not in (jnp.float32, jnp.bfloat16) or math.prod(x.shape[:-1]) > MAX_ROWS:
+    if not _operands_ok(x, w, transposed) or math.prod(x.shape[:-1]) > MAX_ROWS:
         return False
     k = w.shape[w.axis]
     g = group_rows(w)
-    if spec.bits == 4 and g % 2 and g < k:
-        return False  # a group would split a byte of two 4-bit codes
     if transposed and g % 8 and g < k:
         return False  # the transposed kernel reads 8 codes of a group at a time
-    reals = (jnp.float32, jnp.float16, jnp.bfloat16)
-    if w.scale.dtype not in reals or (w.zero is not None and w.zero.dtype not in reals):
-        return False
     return _available()
+
+
+def _operands_ok(x, w: QuantizedTensor, transposed: bool) -> bool:
+    """What both kernels need: a 2-D int8/int4 weight along its input axis (axis 1 for a tied head),
+    float32/bfloat16 activations, float scales and zero points, 4-bit groups of whole bytes."""
+    if w.spec.bits not in (4, 8) or w.axis != (1 if transposed else 0) or len(w.shape) != 2 or w.stack_shape:
+        return False
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+        return False
+    if w.spec.bits == 4 and group_rows(w) % 2 and group_rows(w) < w.shape[w.axis]:
+        return False  # a group would split a byte of two 4-bit codes
+    reals = (jnp.float32, jnp.float16, jnp.bfloat16)
+    return w.scale.dtype in reals and (w.zero is None or w.zero.dtype in reals)
 
 
 def supports_a8(x, w: QuantizedTensor, *, transposed: bool = False) -> bool:
@@ -166,18 +171,7 @@ def supports_a8(x, w: QuantizedTensor, *, transposed: bool = False) -> bool:
     if jax.default_backend() != "cpu" or not w.spec.a8:
         return False
     check_isa_env()
-    if w.spec.bits not in (4, 8) or w.axis != (1 if transposed else 0) or len(w.shape) != 2 or w.stack_shape:
-        return False
-    if x.dtype not in (jnp.float32, jnp.bfloat16):
-        return False
-    k = w.shape[w.axis]
-    g = group_rows(w)
-    if w.spec.bits == 4 and g % 2 and g < k:
-        return False
-    reals = (jnp.float32, jnp.float16, jnp.bfloat16)
-    if w.scale.dtype not in reals or (w.zero is not None and w.zero.dtype not in reals):
-        return False
-    return _available()
+    return _operands_ok(x, w, transposed) and _available()
 
 
 def matmul_a8(x, w: QuantizedTensor, *, transposed: bool = False):
@@ -205,7 +199,7 @@ def _a8_zero(w: QuantizedTensor):
     """(zero operand, has_zero) of an -a8 weight for the kernel (full-grid int8: the offset as a zero point)."""
     if w.zero is not None:
         return w.zero, True
-    if w.spec.bits == 8 and w.spec.full_range:
+    if _a8_zero_kind(w):
         return jnp.full(w.scale.shape, 128.0, jnp.float32), True
     return jnp.zeros((1, 1), jnp.float32), False
 
@@ -225,6 +219,7 @@ def fuses_a8(x, ws) -> bool:
 
 
 def _a8_zero_kind(w: QuantizedTensor) -> bool:
+    """Whether the kernel runs ``w`` with a zero point: asymmetric, or full-grid int8 (codes reach -128)."""
     return w.zero is not None or (w.spec.bits == 8 and w.spec.full_range)
 
 

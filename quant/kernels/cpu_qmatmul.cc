@@ -68,6 +68,7 @@ struct Problem {
   const float* x;     // (M, K) float32
   const float* xsum;  // (M, groups): sum of x over each group (asymmetric specs only)
   float* y;           // (M, N) float32
+  bool simd;          // the AVX2 path (decided once per call: use_simd() reads the environment)
 };
 
 // Scale and corrected zero (z - 2^(bits-1)) of group g for columns [n0, n0 + n) as float32.
@@ -322,7 +323,7 @@ AVX2_FN void chunk_avx2(const Problem& p, int64_t c0, int64_t c1, std::vector<fl
 
 void chunk(const Problem& p, int64_t c0, int64_t c1, std::vector<float>& gacc, std::vector<float>& acc) {
 #ifdef CASCADE_X86
-  if (use_simd()) {
+  if (p.simd) {
     if (p.transposed) transposed_chunk(p, c0, c1);
     else chunk_avx2(p, c0, c1, gacc, acc);
     return;
@@ -399,6 +400,7 @@ ffi::Error QMatmulImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes, ffi::AnyBuf
     p.zero = zero.untyped_data();
   }
   if (p.M == 0 || p.N == 0) return ffi::Error::Success();
+  p.simd = use_simd();
 
   // float32 copies of x (bfloat16 inputs) and of y (bfloat16 outputs); group sums of x
   std::vector<float> xf, yf, xsum;

@@ -571,6 +571,23 @@ AVX2_FN void columns_transposed_avx2(const A8& p, const Transposed& t, int64_t c
   }
 }
 
+#endif  // CASCADE_X86
+
+// xq = clip(round_half_even(v / d), +-127) for one value: the reference's float32 operations.
+inline int quantize_one(float v, float d) { return int(std::min(127.f, std::max(-127.f, std::nearbyint(v / d)))); }
+
+// One block of activations, portable: d = max|x| / 127 (1 for zeros), q, X = sum q.
+void quantize_block_scalar(const float* x, int64_t n, int8_t* q, float* d_out, int32_t* sum_out) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(x[k]));
+  const float d = amax > 0.f ? amax / 127.f : 1.f;
+  int32_t sum = 0;
+  for (int64_t k = 0; k < n; ++k) sum += q[k] = int8_t(quantize_one(x[k], d));
+  *d_out = d;
+  *sum_out = sum;
+}
+
+#ifdef CASCADE_X86
 // One block of activations: d = max|x| / 127 (1 for zeros), q = clip(round_half_even(x / d), +-127),
 // X = sum q; the same float32 operations as the scalar code (a true division, not a reciprocal).
 AVX2_FN void quantize_block_avx2(const float* x, int64_t n, int8_t* q, float* d_out, int32_t* sum_out) {
@@ -597,12 +614,7 @@ AVX2_FN void quantize_block_avx2(const float* x, int64_t n, int8_t* q, float* d_
   _mm256_store_si256(reinterpret_cast<__m256i*>(ints), vsum);
   int32_t sum = 0;
   for (int i = 0; i < 8; ++i) sum += ints[i];
-  for (; k < n; ++k) {
-    const float v = std::nearbyint(x[k] / d);
-    const int c = int(std::min(127.f, std::max(-127.f, v)));
-    q[k] = int8_t(c);
-    sum += c;
-  }
+  for (; k < n; ++k) sum += q[k] = int8_t(quantize_one(x[k], d));
   *d_out = d;
   *sum_out = sum;
 }
@@ -746,18 +758,7 @@ void run_call(std::vector<A8>& ps, const void* xdata, Real x_type, const std::ve
         continue;
       }
 #endif
-      float amax = 0.f;
-      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xr[k]));
-      const float dg = amax > 0.f ? amax / 127.f : 1.f;
-      int32_t sum = 0;
-      for (int64_t k = k0; k < k1; ++k) {
-        const float v = std::nearbyint(xr[k] / dg);
-        const int c = int(std::min(127.f, std::max(-127.f, v)));
-        q[k] = int8_t(c);
-        sum += c;
-      }
-      d[m * groups + g] = dg;
-      xs[m * groups + g] = sum;
+      quantize_block_scalar(xr + k0, k1 - k0, q + k0, &d[m * groups + g], &xs[m * groups + g]);
     }
   }
   // the pairs and quads the SIMD paths read: views of xq where blocks are whole pairs / quads

@@ -17,8 +17,8 @@ from cascade.quant import dequant_matmul
 from cascade.quant.activations import a8_reference
 from cascade.quant.kernels import cpu
 from cascade.quant.qtensor import QuantizedTensor
-from cascade.quant.spec import IntSpec
 from tests.quant.reference import expand_params, unpack
+from tests.quant.weights import raw_weight
 
 ORDER = ["scalar", "avx2", "avx512vnni"]
 PATHS = ORDER[: ORDER.index(cpu.hardware_isa() or "scalar") + 1]
@@ -130,17 +130,7 @@ def test_transposed_tied_head(spec, rows, monkeypatch):
 
 
 def _raw(codes_u, scale, zero, bits, group, k, full=False):
-    codes_u = np.asarray(codes_u, np.uint8)
-    if bits == 4:
-        packed = np.zeros(((k + 1) // 2, codes_u.shape[1]), np.uint8)
-        packed[:] = codes_u[0::2] & 0xF
-        packed[: k // 2] |= (codes_u[1::2] & 0xF) << 4
-    else:
-        packed = codes_u
-    gran = {"granularity": "group", "group_size": group} if group < k else {"granularity": "channel"}
-    spec = IntSpec(bits=bits, symmetric=zero is None, full_range=full if zero is None else False, a8=True, **gran)
-    return QuantizedTensor(jnp.asarray(packed), jnp.asarray(scale), None if zero is None else jnp.asarray(zero),
-                           spec=spec, shape=codes_u.shape, axis=0)
+    return raw_weight(codes_u, scale, zero, bits, group, k, full=full, a8=True)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

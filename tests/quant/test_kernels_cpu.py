@@ -23,6 +23,7 @@ from cascade.quant import dequant_matmul
 from cascade.quant.kernels import cpu
 from cascade.quant.qtensor import QuantizedTensor
 from tests.quant.reference import dequantize_ref, expand_params, unpack
+from tests.quant.weights import raw_weight
 
 SPECS = ["int8", "int8-tensor", "int8-g64-asym", "int8-asym", "int4", "int4-asym", "int4-g32", "int4-g128",
          "int4-g32-asym", "int4-g64-asym", "int4-g16-mse", "int4-g32-full", "int8-full"]
@@ -115,19 +116,7 @@ def test_decode_shapes_split_over_k_bands(spec, rows):
 
 def _raw(codes_u, scale, zero, bits, group, k):
     """A QuantizedTensor built from unsigned codes (k, n), packed by the documented layout."""
-    from cascade.quant.spec import IntSpec
-
-    codes_u = np.asarray(codes_u, np.uint8)
-    if bits == 4:
-        packed = np.zeros(((k + 1) // 2, codes_u.shape[1]), np.uint8)
-        packed[:] = codes_u[0::2] & 0xF
-        packed[: k // 2] |= (codes_u[1::2] & 0xF) << 4
-    else:
-        packed = codes_u
-    gran = {"granularity": "group", "group_size": group} if group < k else {"granularity": "channel"}
-    spec = IntSpec(bits=bits, symmetric=zero is None, **gran)
-    return QuantizedTensor(jnp.asarray(packed), jnp.asarray(scale), None if zero is None else jnp.asarray(zero),
-                           spec=spec, shape=codes_u.shape, axis=0)
+    return raw_weight(codes_u, scale, zero, bits, group, k)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -203,6 +192,7 @@ from cascade import quant
 from cascade.quant.kernels import cpu
 from cascade.quant import dequant_matmul
 from tests.quant.reference import dequantize_ref, expand_params, unpack
+from tests.quant.weights import raw_weight
 assert cpu.simd() == "scalar"
 rng = np.random.default_rng(0)
 for spec in ("int8", "int8-g32-asym", "int4-g32", "int4-g64-asym", "int4"):
