@@ -185,6 +185,7 @@ def test_json_output_is_strict_json(capsys, tmp_path):
     (("--tokens", "2"), "tokens"), (("--kv", "int5"), "int5"), (("--kv", ","), "at least one KV spec"),
     (("--attention", "gpu"), "--attention"), (("--context", "0"), "context"),
     (("--context", "64", "--llamacpp", "/bin/sh"), "does not combine"),
+    (("--rows", "0"), "--rows"), (("--rows", "2,x"), "--rows"), (("--rows", "65"), "--rows"),
 ])
 def test_bench_decode_usage_errors(capsys, args, match):
     code, out, err = run(capsys, "bench", "decode", "default-small", *args)
@@ -201,3 +202,8 @@ def test_bench_decode_json(capsys, tmp_path):
     [row] = data["rows"]
     assert row["engine"] == "cascade" and row["spec"] == "int4-g32" and row["tokens_per_s"] > 0
     assert row["matmul_backends"] == {"cpu": 7 * 3} and row["vs_llamacpp"] is None  # default-small: 3 layers
+    code, out, _ = run(capsys, "bench", "decode", "default-small", "--spec", "int4-a8", "--tokens", "4",
+                       "--repeats", "1", "--warmup", "0", "--rows", "3", "--json")
+    [row] = json.loads(out)["rows"]
+    assert code == 0 and row["matmul_backends"] == {"cpu-a8": 7 * 3} and row["matmul_calls"] == 4 * 3 + 1  # + the head
+    assert list(row["vs_one_row"]) == ["1", "3"]

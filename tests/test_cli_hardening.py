@@ -43,6 +43,12 @@ def test_bench_ppl_reports_instead_of_crashing(capsys, tmp_path):
     assert {"device", "cpu", "cores", "jax"} <= set(d) and json.loads(out_file.read_text()) == d
     code, _, err = run(capsys, "bench", "ppl", BIN, "--data", VAL, "--limit", "2", "--spec", "int9")
     assert code == 2 and "int9" in one_error_line(err)
+    code, out, err = run(capsys, "bench", "ppl", BIN, "--data", VAL, "--limit", "2", "--spec", "int8,int8-a8",
+                         "--max-tokens", "100", "--no-truncate", "--json")
+    d = json.loads(out)
+    assert code == 0 and d["max_tokens"] == 100 and all(r["tokens"] <= 100 for r in d["rows"])
+    code, _, err = run(capsys, "bench", "ppl", BIN, "--data", VAL, "--max-tokens", "1")
+    assert code == 2 and "--max-tokens" in one_error_line(err)
 
 
 def test_a_file_named_like_a_spec_does_not_replace_it(capsys, tmp_path, monkeypatch):
