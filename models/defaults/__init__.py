@@ -36,6 +36,26 @@ def default_model_dir(name: str) -> str:
 
 
 def resolve_model_path(path) -> str:
-    """A built-in name becomes its directory; anything else is returned unchanged."""
+    """A built-in name becomes its directory, a pulled model's name (``smollm2``,
+    :mod:`cascade.models.pull`) its file in the cache; anything else is returned unchanged.  A
+    pullable name not pulled yet is an error that says to pull it (an existing path of that name wins)."""
+    from cascade.models.pull import PULLABLE, is_pulled, pulled_path
+
     path = os.fspath(path)
-    return default_model_dir(path) if path in DEFAULT_MODELS and not os.path.exists(path) else path
+    if os.path.exists(path):
+        return path
+    if path in DEFAULT_MODELS:
+        return default_model_dir(path)
+    if path in PULLABLE:
+        if not is_pulled(path):
+            raise ValueError(f"model {path!r} is not in the cache ({pulled_path(path)}); run `cascade pull {path}` "
+                             "first (it downloads it once)")
+        return pulled_path(path)
+    return path
+
+
+def model_names() -> tuple[str, ...]:
+    """Every name a MODEL argument accepts besides a path: the built-in models and the pullable ones."""
+    from cascade.models.pull import PULLABLE
+
+    return DEFAULT_MODELS + tuple(PULLABLE)
