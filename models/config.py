@@ -93,6 +93,10 @@ class ModelConfig:
     sliding_window: int | None = None  # Mistral v0.1: each query sees at most this many keys
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
+    # a draft that reads and proposes only some of its tokenizer's vocab_size tokens (FR-Spec): the
+    # rows of its embedding and head; params["vocab_map"] gives each row's token id, -1 for the one
+    # row every other token reads as (its logit is never proposed).  None: all vocab_size tokens.
+    vocab_subset: int | None = None
 
     def __post_init__(self):
         """Every value checked (finite, in range, consistent): each loader builds one of these, so a
@@ -121,6 +125,14 @@ class ModelConfig:
         _require(isinstance(self.eos_token_ids, tuple), "eos_token_ids", self.eos_token_ids, "a tuple of token ids")
         for e in self.eos_token_ids:
             _require(_is_int(e) and 0 <= e < self.vocab_size, "eos_token_ids", e, ids)
+        v = self.vocab_subset
+        _require(v is None or (_is_int(v) and 1 < v <= self.vocab_size), "vocab_subset", v,
+                 f"None or an integer in [2, vocab_size={self.vocab_size}]")
+
+    @property
+    def rows(self) -> int:
+        """Rows of the token embedding (and of the LM head): ``vocab_subset`` or ``vocab_size``."""
+        return self.vocab_subset or self.vocab_size
 
     @property
     def n_params(self) -> int:
@@ -128,8 +140,8 @@ class ModelConfig:
         d, h, kv = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         attn = d * h + 2 * d * kv + h * d + (h + 2 * kv if self.qkv_bias else 0) + (d if self.o_bias else 0)
         mlp = 3 * d * self.hidden_dim + ((2 * self.hidden_dim + d) if self.mlp_bias else 0)
-        head = 0 if self.tie_embeddings else self.vocab_size * d
-        return self.vocab_size * d + self.n_layers * (attn + mlp + 2 * d) + d + head
+        head = 0 if self.tie_embeddings else self.rows * d
+        return self.rows * d + self.n_layers * (attn + mlp + 2 * d) + d + head
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -164,6 +176,8 @@ class ModelConfig:
             out["sliding_window"] = self.sliding_window
         if self.rope_scaling is not None:
             out["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
+        if self.vocab_subset is not None:  # cascade's own key (a reduced-vocabulary draft)
+            out["vocab_subset"] = self.vocab_subset
         return out
 
 
@@ -252,6 +266,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
             sliding_window=None if window is None else _int(window, "sliding_window"),
             bos_token_id=None if bos is None else _int(bos, "bos_token_id"),
             eos_token_ids=eos,
+            vocab_subset=None if hf.get("vocab_subset") is None else _int(hf["vocab_subset"], "vocab_subset"),
         )
     except ConfigValueError as e:
         raise ValueError(e.named(HF_KEYS.get(e.field, e.field))) from None

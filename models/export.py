@@ -26,7 +26,7 @@ def path_to_hf_name(path: str) -> str:
     from cascade.models.loaders.hf import _LAYER_NAMES
 
     fixed = {"embed/embedding": "model.embed_tokens.weight", "final_norm/scale": "model.norm.weight",
-             "lm_head/kernel": "lm_head.weight"}
+             "lm_head/kernel": "lm_head.weight", "vocab_map": "model.vocab_map"}
     if path in fixed:
         return fixed[path]
     layer, _, rest = path.partition("/")
@@ -42,7 +42,7 @@ def hf_state_dict(params, dtype=np.float32) -> dict[str, np.ndarray]:
     for path, a in flat.items():
         if isinstance(a, QuantizedTensor):
             raise ValueError(f"parameter {path} is quantized ({a.spec}); export the float model instead")
-        a = np.asarray(a, dtype)
+        a = np.asarray(a, np.int32 if path == "vocab_map" else dtype)  # a reduced vocabulary's token ids stay ids
         out[path_to_hf_name(path)] = np.ascontiguousarray(a.T if path.endswith("/kernel") else a)
     return out
 

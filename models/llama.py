@@ -18,6 +18,12 @@ float32/bfloat16/float16)::
     layers_{i}/mlp/{gate,up,down}_proj/kernel  (dim, ffn) (dim, ffn) (ffn, dim)
     final_norm/scale               (dim,)
     lm_head/kernel                 (dim, vocab)    absent when tie_embeddings
+    vocab_map                      (vocab,) int32  only with vocab_subset (then vocab = vocab_subset rows)
+
+A reduced-vocabulary model (``cfg.vocab_subset``: a draft that proposes only frequent tokens,
+FR-Spec) speaks the full vocabulary at its boundary: a token id reads the row ``vocab_map`` gives
+it (tokens not in the map read the row whose entry is -1), and its logits come back over all
+``vocab_size`` tokens with ``-inf`` outside the map, so its distribution is exactly zero there.
 
 The network only: the KV cache (its buffers, writes and cached attention) is
 :mod:`cascade.models.kv_cache`, the attention arithmetic :mod:`cascade.models.attention`.
@@ -194,6 +200,11 @@ class Transformer(nn.Module):
     def __call__(self, tokens, positions, cache: KVCache | None = None, n_new=None, last_only: bool = False):
         cfg = self.cfg
         table = _EmbedTable(cfg, name="embed")()
+        vocab_map = None
+        if cfg.vocab_subset:
+            vocab_map = self.param("vocab_map", lambda key, shape: jnp.arange(shape[0], dtype=jnp.int32) - 1,
+                                   (cfg.vocab_subset,))
+            tokens = subset_rows(vocab_map, tokens, cfg.vocab_size)
         x = embed_lookup(table, tokens, self.dtype)
         b, t = tokens.shape
         n_new = jnp.full((b,), t, jnp.int32) if n_new is None else n_new
@@ -211,8 +222,10 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             logits = tied_head(x, table)
         else:
-            logits = Linear(cfg.vocab_size, parallel="column", name="lm_head")(x)
+            logits = Linear(cfg.rows, parallel="column", name="lm_head")(x)
         logits = logits.astype(jnp.float32)
+        if vocab_map is not None:
+            logits = full_vocab_logits(vocab_map, logits, cfg.vocab_size)
         if cache is None:
             return logits, None
         buffers = {f: tuple(getattr(c, f) for c in new_layers) if getattr(cache, f) else () for f in LayerKV._fields}
@@ -224,7 +237,25 @@ class _EmbedTable(nn.Module):
 
     @nn.compact
     def __call__(self):
-        return _param(self, "embedding", nn.initializers.normal(0.02), (self.cfg.vocab_size, self.cfg.dim))
+        return _param(self, "embedding", nn.initializers.normal(0.02), (self.cfg.rows, self.cfg.dim))
+
+
+def subset_rows(vocab_map, tokens, vocab_size: int):
+    """The embedding row each token id reads in a reduced-vocabulary model: its index in
+    ``vocab_map``, or the row whose entry is -1 for a token not in it."""
+    rows = jnp.arange(vocab_map.shape[0], dtype=jnp.int32)
+    other = jnp.argmin(vocab_map).astype(jnp.int32)  # the -1 row (the map's only negative entry)
+    index = jnp.full((vocab_size,), other, jnp.int32).at[jnp.where(vocab_map >= 0, vocab_map, vocab_size)].set(
+        rows, mode="drop")
+    return index[tokens]
+
+
+def full_vocab_logits(vocab_map, logits, vocab_size: int):
+    """Logits over the subset's rows (..., rows) -> over the whole vocabulary (..., vocab_size):
+    each row's logit at its token id, ``-inf`` everywhere else (the -1 row's logit is dropped), so
+    softmax gives exactly zero probability to every token the model cannot propose."""
+    out = jnp.full(logits.shape[:-1] + (vocab_size,), -jnp.inf, logits.dtype)
+    return out.at[..., jnp.where(vocab_map >= 0, vocab_map, vocab_size)].set(logits, mode="drop")
 
 
 def tied_head(x, table):
@@ -237,7 +268,7 @@ def init_params(cfg: ModelConfig, key, dtype=jnp.float32):
     model = Transformer(cfg)
     tokens = jnp.zeros((1, 2), jnp.int32)
     params = jax.jit(model.init)(key, tokens, jnp.zeros((1, 2), jnp.int32))["params"]
-    return jax.tree.map(lambda a: a.astype(dtype), params)
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
 
 
 def param_shapes(cfg: ModelConfig) -> dict:

@@ -34,6 +34,9 @@ def build_params(flat: dict, cfg: ModelConfig, source: str, *, finite_checked: b
         a = flat[path]
         if tuple(a.shape) != want:
             raise ValueError(f"{source}: tensor {path} has shape {tuple(a.shape)}, expected {want} from the config")
+        if path == "vocab_map":
+            check_vocab_map(np.asarray(a), cfg.vocab_size, source)
+            continue
         if not isinstance(a, QuantizedTensor) and not jax.numpy.issubdtype(a.dtype, jax.numpy.floating):
             raise ValueError(f"{source}: tensor {path} has dtype {a.dtype}; model weights must be floating point "
                              "(float32, float16 or bfloat16)")
@@ -42,6 +45,16 @@ def build_params(flat: dict, cfg: ModelConfig, source: str, *, finite_checked: b
     # onto the device once, so jitted calls do not copy host arrays in on every step
     flat = {k: (v if isinstance(v, (QuantizedTensor, jax.Array)) else jax.device_put(v)) for k, v in flat.items()}
     return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+
+def check_vocab_map(m: np.ndarray, vocab_size: int, source: str) -> None:
+    """A reduced-vocabulary model's ``vocab_map``: distinct token ids below ``vocab_size``, and one -1."""
+    if not np.issubdtype(m.dtype, np.integer):
+        raise ValueError(f"{source}: tensor vocab_map has dtype {m.dtype}; it must hold integer token ids")
+    real = m[m >= 0]
+    if (m < -1).any() or (m == -1).sum() != 1 or (real >= vocab_size).any() or len(np.unique(real)) != len(real):
+        raise ValueError(f"{source}: tensor vocab_map must list distinct token ids in [0, {vocab_size}) and one -1 "
+                         "(the row of every other token)")
 
 
 def linear_from_torch(w: np.ndarray) -> np.ndarray:

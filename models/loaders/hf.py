@@ -69,6 +69,8 @@ def hf_name_to_path(name: str) -> str | None:
         return "final_norm/scale"
     if name == "lm_head.weight":
         return "lm_head/kernel"
+    if name == "model.vocab_map":  # cascade's own tensor (a reduced-vocabulary draft: ModelConfig.vocab_subset)
+        return "vocab_map"
     m = _LAYER.match(name)
     if m and m.group(2) in _LAYER_NAMES:
         return f"layers_{m.group(1)}/{_LAYER_NAMES[m.group(2)]}"

@@ -1,6 +1,8 @@
 """Speculative decoding against the target model decoding alone, and the acceptance rule against
 the distribution it must reproduce."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -31,12 +33,26 @@ def target():
     return _peaked(init_params(TARGET_CFG, jax.random.key(2)), 3.0)
 
 
-@pytest.fixture(scope="module", params=["noisy-copy", "smaller"])
+# a reduced-vocabulary draft (FR-Spec): it reads and proposes 40 of the 96 tokens (the rest read
+# as its last row and have probability 0); ids 0 and 1 (BOS, EOS) are among them
+SUBSET = tuple(sorted({0, 1, *map(int, np.random.default_rng(3).choice(np.arange(2, 96), 38, replace=False))}))
+REDUCED_CFG = dataclasses.replace(DRAFT_CFG, vocab_subset=len(SUBSET) + 1)
+
+
+def _reduced_draft(key=1):
+    params = _peaked(init_params(REDUCED_CFG, jax.random.key(key)), 3.0)
+    return {**params, "vocab_map": jnp.asarray(SUBSET + (-1,), jnp.int32)}
+
+
+@pytest.fixture(scope="module", params=["noisy-copy", "smaller", "reduced-vocab"])
 def draft(request, target):
-    """A draft that agrees with the target often (its weights plus noise) or rarely (another model)."""
+    """A draft that agrees with the target often (its weights plus noise) or rarely (another model,
+    or one that proposes only from a subset of the vocabulary)."""
     if request.param == "noisy-copy":
         noise = lambda a: a + 0.3 * a.std() * jax.random.normal(jax.random.key(7), a.shape)  # noqa: E731
         return jax.tree.map(noise, target), TARGET_CFG
+    if request.param == "reduced-vocab":
+        return _reduced_draft(), REDUCED_CFG
     return _peaked(init_params(DRAFT_CFG, jax.random.key(1)), 3.0), DRAFT_CFG
 
 
@@ -446,3 +462,53 @@ def test_greedy_speculation_of_quantized_models_equals_the_target_alone(quantize
     for p, r in zip(prompts, out):
         assert r.tokens == generate(target, TARGET_CFG, [p], max_new_tokens=24, eos_ids=(), kv=kv).tokens[0]
     assert 0 < sum(r.stats.accepted_tokens for r in out) < sum(r.stats.draft_tokens for r in out)
+
+
+def _second_token_test(target, draft, draft_cfg, n=4000, seed=11):
+    """(counts, expected) of the second generated token over ``n`` sampled rows (temperature 1, no
+    top-k: every token the target can emit is a cell) against the target's exact marginal."""
+    from cascade.models.decoder import logits_of
+    from cascade.speculative import speculative_generate_batch
+
+    prompt = [0, 5, 17, 33]
+    s = SamplingConfig(temperature=1.0, seed=seed)
+    sp = (jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0))
+    out = speculative_generate_batch(draft, draft_cfg, target, TARGET_CFG, [prompt] * n, max_new_tokens=2,
+                                     draft_len=3, sampling=s, eos_ids=())
+    second = np.array([r.tokens[1] for r in out])
+    p0 = np.asarray(token_probs(logits_of(target, TARGET_CFG, [prompt])[0, -1], *sp), np.float64)
+    p1 = np.asarray(token_probs(logits_of(target, TARGET_CFG, np.array([prompt + [t] for t in range(96)]))[:, -1],
+                                *sp), np.float64)
+    return np.bincount(second, minlength=96), n * (p0 @ p1), sum(r.stats.accepted_tokens for r in out)
+
+
+def test_sampled_reduced_vocabulary_draft_follows_the_target_distribution(target, monkeypatch):
+    """A draft that proposes only from a subset of the vocabulary is still a valid ``q`` (zero
+    elsewhere): the sampled output follows the target's distribution, tokens outside the subset
+    included (they come from the residual).  Mutation check: the same draws judged with a ``q``
+    computed over the full vocabulary without the subset's mask (every other token given the mean
+    logit) must fail the same test."""
+    import cascade.speculative as spec
+    from cascade.models.sampling import filtered_logits
+
+    draft = _reduced_draft()
+    counts, expected, accepted = _second_token_test(target, draft, REDUCED_CFG)
+    stat, critical = _chi_square(counts, expected)
+    assert stat < critical, (stat, critical)
+    outside = np.setdiff1d(np.arange(96), SUBSET)
+    assert counts[outside].sum() > 0 and 0 < accepted  # both the residual and acceptance produced tokens
+
+    draw = spec._draw
+
+    def unmasked(logits, key, greedy, sampling, want_q):
+        token, _ = draw(logits, key, greedy, sampling, want_q)  # drawn from the subset, as before
+        finite = jnp.isfinite(logits)
+        mean = jnp.sum(jnp.where(finite, logits, 0.0), -1, keepdims=True) / jnp.sum(finite, -1, keepdims=True)
+        return token, jax.nn.softmax(filtered_logits(jnp.where(finite, logits, mean), *sampling), axis=-1)
+
+    monkeypatch.setattr(spec, "_draw", unmasked)
+    jax.clear_caches()  # trace the round again with the mutation
+    counts, expected, _ = _second_token_test(target, draft, REDUCED_CFG)
+    stat, critical = _chi_square(counts, expected)
+    jax.clear_caches()
+    assert stat > critical, (stat, critical)
