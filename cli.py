@@ -87,6 +87,11 @@ def _rules(ctx, param, value):
 
     if getattr(param, "name", None) in ("small_quant", "large_quant") and value.strip().lower() in ("none", "source"):
         return value
+    if getattr(param, "name", None) in ("small_quant", "large_quant"):
+        from cascade.models.defaults import model_names
+
+        if value in model_names():  # `--small smollm2-draft`: a model name, not a precision (run resolves it)
+            return value
     if getattr(param, "name", None) in ("small_quant", "large_quant", "quant_rules") and value.strip().lower() == "source-a8":
         return value  # the loaded model's own int8/int4 codes with int8 activations
     try:
@@ -100,10 +105,10 @@ def _model(ctx, param, value):
     """A MODEL is a built-in name or an existing path; anything else is a usage error."""
     if value is None:
         return None
-    from cascade.models.defaults import DEFAULT_MODELS, model_names, resolve_model_path
+    from cascade.models.defaults import BUILTIN_MODELS, model_names, resolve_model_path
     from cascade.models.pull import PULLABLE
 
-    if value in DEFAULT_MODELS or os.path.exists(value):
+    if value in BUILTIN_MODELS or os.path.exists(value):
         return value
     if value in PULLABLE:  # pulled: its cached file; not yet: the error says `cascade pull NAME`
         try:
@@ -367,7 +372,8 @@ DEFAULT_PROMPT = "Once upon a time"  # `cascade run` with no PROMPT
 RUN_MODES = ("speculative", "spec-cascade", "defer", "large", "small")
 RUN_MODES_WITH = {role: tuple(m for m in RUN_MODES if m != other) for role, other in (("small", "large"), ("large", "small"))}
 _PAIR_QUANT_HELP = ("Precision spec or rules for the {role} model ('none' keeps its weights) [default: {default} for a "
-                    "float model; a model already quantized, e.g. saved by `cascade quantize`, as stored].")
+                    "float model; a model already quantized, e.g. saved by `cascade quantize`, as stored].  A model "
+                    "name (built-in or pulled, e.g. smollm2) instead picks the {role} model itself.")
 # How `run` and `plan` spell each change an over-budget message suggests (cascade.memory.over_budget_message)
 RUN_FLAGS = {"kv": "--kv {}", "small_kv": "--small-kv {}", "large_kv": "--large-kv {}", "small_quant": "--small {}",
              "large_quant": "--large {}", "max_new_tokens": "--max-tokens {}", "tp": "--mesh tp={}"}
@@ -559,18 +565,26 @@ def app(debug: bool) -> None:
 @_calib_samples_option()
 @_calib_len_option(help="Tokens per calibration sequence (capped at each model's context).")
 @_scale_dtype_option
+@click.option("--pair", "pair_name", type=click.Choice(["default", "smollm2"]),
+              help="A named pair: default (the embedded one) or smollm2 (SmolLM2-135M-Instruct after `cascade pull "
+                   "smollm2`, drafted by the shipped smollm2-draft; PROMPT goes through its chat template).")
+@click.option("--raw", is_flag=True, help="With a chat pair (--pair smollm2): PROMPT as plain text, no chat template.")
 @_json_option()
 def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_len, draft_confidence, rule, alpha,
         defer_score, threshold, max_tokens, temperature, top_k, top_p, seed, kv, small_kv, large_kv, budget, prompts_file,
-        mesh, small_devices, calib, calib_samples, calib_len, scale_dtype, as_json):
+        mesh, small_devices, calib, calib_samples, calib_len, scale_dtype, pair_name, raw, as_json):
     """Generate a continuation of PROMPT with the cascade: the small model drafts, the large one verifies.
 
     With no model paths it uses the embedded pair (default-small, default-large), so it works
     offline on a fresh install.  Greedy output equals the large model's own greedy output.
+    `--pair smollm2` is SmolLM2-135M-Instruct with its distilled draft (after `cascade pull smollm2`).
     """
     from cascade.pair import RowError, cascade_rule, generate_batch, load_pair
     from cascade.models import SamplingConfig
     from cascade.speculative import draft_setting
+
+    small_quant, small_model, large_quant, large_model, chat = _pair_models(
+        pair_name, raw, small_quant, small_model, large_quant, large_model)
 
     default_prompt = prompts_file is None and not _given("prompt")
     if prompts_file is not None:
@@ -625,7 +639,8 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
             raise click.BadParameter(str(e), param_hint="'--mesh'") from None
     results = generate_batch(pair, prompts, mode=mode, max_new_tokens=max_tokens, draft_len=draft_len,
                              sampling=sampling, small_kv=small_kv, large_kv=large_kv, rule=rule, alpha=alpha,
-                             defer_score=defer_score, threshold=threshold, draft_confidence=draft_confidence)
+                             defer_score=defer_score, threshold=threshold, draft_confidence=draft_confidence,
+                             chat=chat)
     batch = prompts_file is not None
     if not batch and isinstance(results[0], RowError):
         raise click.ClickException(results[0].error)
@@ -639,7 +654,8 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
     settings = {"draft_len": draft_len if speculative else None,
                 "draft_confidence": draft_setting(draft_len, draft_confidence)[1] if speculative else None,
                 **cascade_rule(mode, rule, alpha),
-                **({"mesh": placement} if placement else {})}
+                **({"mesh": placement} if placement else {}),
+                **({"pair": pair_name, "chat_template": chat} if pair_name else {})}
     failed = 0
     for index, r in enumerate(results):
         if isinstance(r, RowError):
@@ -659,6 +675,39 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
         _print_run(r, mode, draft_len, rule, alpha, quants["small"], quants["large"], small_kv, large_kv)
     if failed:  # the other rows completed; the exit code says some did not
         raise click.exceptions.Exit(1)
+
+
+def _pair_models(pair_name, raw, small_quant, small_model, large_quant, large_model):
+    """``(small_quant, small_model, large_quant, large_model, chat)`` of `run`: ``--pair NAME`` picks
+    both models (and the chat template unless ``--raw``); ``--small NAME``/``--large NAME`` with a
+    model name picks that model (its precision as stored or the default)."""
+    from cascade.models.defaults import model_names
+    from cascade.pair import PAIRS
+
+    chosen = {}
+    for role, quant, flag in (("small", small_quant, "--small"), ("large", large_quant, "--large")):
+        if quant is not None and quant in model_names():
+            if _given(f"{role}_model"):
+                raise click.UsageError(f"{flag} {quant} names the {role} model and so does --{role}-model; give one")
+            chosen[role] = quant
+    chat = False
+    if pair_name is not None:
+        taken = [f"--{r}-model" for r in ("small", "large") if _given(f"{r}_model")] + [
+            f"--{r} {chosen[r]}" for r in chosen]
+        if taken:
+            raise click.UsageError(f"--pair {pair_name} names both models; it does not combine with {', '.join(taken)}")
+        preset = PAIRS[pair_name]
+        if raw and not preset.chat:
+            raise click.UsageError(f"--raw applies to a chat pair (--pair smollm2); --pair {pair_name} has no template")
+        small_model, large_model = _model(None, None, preset.small), _model(None, None, preset.large)
+        chat = preset.chat and not raw
+    elif raw:
+        raise click.UsageError("--raw applies to a chat pair (--pair smollm2)")
+    if "small" in chosen:
+        small_model, small_quant = _model(None, None, chosen["small"]), None
+    if "large" in chosen:
+        large_model, large_quant = _model(None, None, chosen["large"]), None
+    return small_quant, small_model, large_quant, large_model, chat
 
 
 _PLACEMENT_FLAGS = {"tp": "'--mesh'", "small_devices": "'--small-devices'"}  # cascade.memory.PlacementError.param
@@ -1586,6 +1635,8 @@ def bench():
 
 
 def _csv_ints(ctx, param, value):
+    if value is None:
+        return None
     try:
         out = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
@@ -2062,6 +2113,82 @@ def bench_kv(model, data, kvs, ctx, stride, min_context, concat, max_tokens, lim
                           min_context=min_context, concat=concat, gen_prompt=gen_prompt, gen_tokens=gen_tokens,
                           label=model)
     _emit(as_json, result, kv_cache.format_table(result), out=out_path)
+
+
+def _bench_pair_options():
+    """The pair a cascade benchmark runs: --pair NAME, or --small-model/--large-model with --small/--large."""
+    return _option_group(
+        click.option("--pair", "pair_name", type=click.Choice(["default", "smollm2"]),
+                     help="A named pair (as `cascade run --pair`): both models, and the chat template with chat "
+                          "prompts for smollm2."),
+        click.option("--small-model", default="default-small", show_default=True, callback=_model,
+                     help="The draft MODEL (without --pair)."),
+        click.option("--large-model", default="default-large", show_default=True, callback=_model,
+                     help="The verifier MODEL (without --pair)."),
+        click.option("--small", "small_quant", callback=_rules,
+                     help="The draft's precision [default: int4 for a float model, else as stored]."),
+        click.option("--large", "large_quant", callback=_rules,
+                     help="The verifier's precision [default: int8 for a float model, else as stored]."),
+        click.option("--tokens", default=64, show_default=True, type=click.IntRange(min=1), help="Tokens per prompt."),
+        click.option("--prompts", "n_prompts", default=8, show_default=True, type=click.IntRange(1, 8),
+                     help="The first N of the 8 prompts."),
+        click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
+                     help="Timed runs after the warm-up (the median is reported)."))
+
+
+def _bench_pair_request(pair_name, small_model, large_model):
+    if pair_name is not None:
+        given = _given("small_model", "large_model")
+        if given:
+            raise click.UsageError(f"--pair names both models; it does not combine with {', '.join(given)}")
+        from cascade.pair import PAIRS
+
+        for name in (PAIRS[pair_name].small, PAIRS[pair_name].large):
+            _model(None, None, name)  # pulled / shipped, or a usage error that says how
+
+
+@bench.command(name="drafting")
+@_bench_pair_options()
+@click.option("--temperature", default=0.0, show_default=True, type=FiniteFloat(min=0),
+              help="Above 0: sampled (seed 0); rows are then not checked token for token.")
+@click.option("--draft-lens", callback=_csv_ints,
+              help="Fixed draft lengths to run (with the large model alone) instead of the default rows.")
+@_out_option()
+@_json_option()
+def bench_drafting(pair_name, small_model, large_model, small_quant, large_quant, tokens, n_prompts, repeats,
+                   temperature, draft_lens, out_path, as_json):
+    """Speculative decoding against the large model alone on one pair: fixed draft lengths and
+    adaptive drafting, tokens/s side by side, acceptance, exactness (bench/drafting.py)."""
+    from cascade.bench import drafting
+
+    _bench_pair_request(pair_name, small_model, large_model)
+    configs = None
+    if draft_lens:
+        configs = [{"mode": "large"}] + [{"mode": "speculative", "draft_len": k} for k in draft_lens]
+    result = drafting.run(small_model, large_model, small_quant=small_quant, large_quant=large_quant, tokens=tokens,
+                          prompts=n_prompts, repeats=repeats, pair=pair_name, temperature=temperature, configs=configs)
+    _emit(as_json, result, drafting.table(result), out=out_path)
+
+
+@bench.command(name="cascade")
+@_bench_pair_options()
+@click.option("--draft-len", default=4, show_default=True, type=click.IntRange(1, 32), help="Tokens drafted per round.")
+@click.option("--temperature", default=0.0, show_default=True, type=FiniteFloat(min=0))
+@click.option("--batches", default="1,4,8,16", show_default=True, callback=_csv_ints,
+              help="Batch sizes of the throughput rows.")
+@_out_option()
+@_json_option()
+def bench_cascade(pair_name, small_model, large_model, small_quant, large_quant, tokens, n_prompts, repeats, draft_len,
+                  temperature, batches, out_path, as_json):
+    """The router's modes side by side on one pair: speed, quality (perplexity under the large
+    model, agreement) and large-model calls per token (bench/cascade.py)."""
+    from cascade.bench import cascade as bench_cascade_mod
+
+    _bench_pair_request(pair_name, small_model, large_model)
+    result = bench_cascade_mod.run(small_model, large_model, tokens=tokens, repeats=repeats, draft_len=draft_len,
+                                   temperature=temperature, n_prompts=n_prompts, pair=pair_name, batches=batches,
+                                   small_quant=small_quant, large_quant=large_quant)
+    _emit(as_json, result, bench_cascade_mod.table(result), out=out_path)
 
 
 def main(argv: list[str] | None = None) -> int:

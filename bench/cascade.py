@@ -33,6 +33,28 @@ PROMPTS = ("Once upon a time", "Tom and Lily went to the park. They", "The littl
            "One day, a boy named Max found a box.", "The cat and the dog were friends.", "Sara wanted to bake a cake,",
            "In the forest there lived a small bear.", "Mom said it was time for bed, but")
 
+# user turns for a chat pair (--pair smollm2: each goes through the chat template): stories, as
+# the draft was distilled on, and a few everyday questions it was not
+CHAT_PROMPTS = ("Write a short story about a cat who wants to fly.", "Tell me a story about a brave little girl.",
+                "Write a story for children about a lost teddy bear.", "Tell me a bedtime story about the moon.",
+                "What is the capital of France?", "Give me three tips for staying healthy.",
+                "Explain what a rainbow is to a five-year-old.", "Write a short poem about the sea.")
+
+
+def pair_setup(pair: str | None, small: str, large: str, small_quant: str | None, large_quant: str | None):
+    """``(small, large, small_quant, large_quant, chat, prompts)`` of a bench: a named pair
+    (:data:`cascade.pair.PAIRS`) picks both models, the chat template and :data:`CHAT_PROMPTS`; quants
+    None are the run's defaults (int4 / int8 for a float model, a quantized model as stored)."""
+    from cascade.pair import PAIRS, resolve_quant
+
+    chat = False
+    if pair is not None:
+        preset = PAIRS[pair]
+        small, large, chat = preset.small, preset.large, preset.chat
+    small_quant = resolve_quant(small, small_quant, "small")
+    large_quant = resolve_quant(large, large_quant, "large")
+    return small, large, small_quant, large_quant, chat, CHAT_PROMPTS if chat else PROMPTS
+
 
 def _configs(alphas, thresholds, draft_len):
     yield {"mode": "large"}
@@ -67,32 +89,43 @@ def acceptance_at(stats) -> list[float | None]:
     return [round(a / o, 4) if o else None for a, o in zip(accepted, offered)]
 
 
-def run(small: str, large: str, *, tokens: int = 64, repeats: int = 3, draft_len: int = 4,
-        alphas=(0.1, 0.2, 0.3, 0.5), thresholds=(-0.6, -0.8, -1.0), batches=(1, 4, 8, 16), temperature: float = 0.0,
-        n_prompts: int | None = None, progress=None) -> dict:
+def run(small: str = "default-small", large: str = "default-large", *, tokens: int = 64, repeats: int = 3,
+        draft_len: int = 4, alphas=(0.1, 0.2, 0.3, 0.5), thresholds=(-0.6, -0.8, -1.0), batches=(1, 4, 8, 16),
+        temperature: float = 0.0, n_prompts: int | None = None, progress=None, pair: str | None = None,
+        small_quant: str | None = "int4", large_quant: str | None = "int8") -> dict:
     """The result (module docs); ``n_prompts``: the first that many of :data:`PROMPTS` (default all).
-    ``progress``: False hides the progress display (:func:`cascade.console.progress_bar`)."""
+    ``pair``: a named pair instead of ``small``/``large`` (:func:`pair_setup`; quants None: as the run
+    defaults them).  ``progress``: False hides the progress display (:func:`cascade.console.progress_bar`)."""
     from cascade.bench.context import run_context
     from cascade.models import SamplingConfig, load_model
     from cascade.models.generation import first_divergence
-    from cascade.pair import generate_batch, load_pair, run as run_pair
+    from cascade.pair import generate_batch as generate_many, load_pair, run as run_one
 
-    pair = load_pair(small, large, small_quant="int4", large_quant="int8")
-    ref = load_model(large)  # the float model that judges quality
+    if pair is not None:
+        small_quant = large_quant = None
+    small, large, small_quant, large_quant, chat, all_prompts = pair_setup(pair, small, large, small_quant, large_quant)
+    loaded = load_pair(small, large, small_quant=small_quant, large_quant=large_quant)
+    ref = load_model(large)  # the model that judges quality (float, or as stored when it is quantized)
     sampling = SamplingConfig(temperature=temperature, seed=0)
-    prompts = list(PROMPTS[:n_prompts])
-    want = {p: run_pair(pair, p, mode="large", max_new_tokens=tokens).token_ids for p in prompts}
+    prompts = list(all_prompts[:n_prompts])
+
+    def run_pair(p, **kw):  # the pair and its template bound
+        return run_one(loaded, p, chat=chat, **kw)
+
+    def generate_batch(ps, **kw):
+        return generate_many(loaded, ps, chat=chat, **kw)
+    want = {p: run_pair(p, mode="large", max_new_tokens=tokens).token_ids for p in prompts}
     rows = []
     configs = list(_configs(alphas, thresholds, draft_len))
     bar = progress_bar(total=len(configs) + 2 * len(batches), desc="bench cascade", unit="config", enabled=progress)
     for config in configs:
         for p in prompts:  # warm-up: every shape compiled before timing
-            run_pair(pair, p, max_new_tokens=tokens, sampling=sampling, **config)
+            run_pair(p, max_new_tokens=tokens, sampling=sampling, **config)
         speeds, last = [], None
         for _ in range(repeats):
             t0, n, results = time.perf_counter(), 0, []
             for p in prompts:
-                r = run_pair(pair, p, max_new_tokens=tokens, sampling=sampling, **config)
+                r = run_pair(p, max_new_tokens=tokens, sampling=sampling, **config)
                 n += len(r.token_ids)
                 results.append(r)
             speeds.append(n / (time.perf_counter() - t0))
@@ -130,11 +163,11 @@ def run(small: str, large: str, *, tokens: int = 64, repeats: int = 3, draft_len
     for mode in ("large", "speculative"):
         for b in batches:
             batch_prompts = [prompts[i % len(prompts)] for i in range(b)]
-            generate_batch(pair, batch_prompts, mode=mode, max_new_tokens=tokens, draft_len=draft_len)  # warm-up
+            generate_batch(batch_prompts, mode=mode, max_new_tokens=tokens, draft_len=draft_len)  # warm-up
             speeds = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                out = generate_batch(pair, batch_prompts, mode=mode, max_new_tokens=tokens, draft_len=draft_len)
+                out = generate_batch(batch_prompts, mode=mode, max_new_tokens=tokens, draft_len=draft_len)
                 speeds.append(sum(len(r.token_ids) for r in out) / (time.perf_counter() - t0))
             batch_rows.append({"mode": mode, "batch": b, "tokens_per_s": round(statistics.median(speeds), 1)})
             bar.update()
@@ -143,12 +176,14 @@ def run(small: str, large: str, *, tokens: int = 64, repeats: int = 3, draft_len
         one = next(r for r in batch_rows if r["mode"] == row["mode"] and r["batch"] == 1)["tokens_per_s"]
         row["vs_batch_1"] = round(row["tokens_per_s"] / one, 3)
     return {"benchmark": "cascade", **run_context(repeats=repeats, warmup=1), "small": small, "large": large,
-            "weights": {"small": "int4", "large": "int8"}, "tokens": tokens, "temperature": temperature,
+            "weights": {"small": small_quant, "large": large_quant}, "pair": pair, "chat_template": chat,
+            "tokens": tokens, "temperature": temperature,
             "prompts": len(prompts), "rows": rows, "batch_rows": batch_rows}
 
 
 def table(result: dict) -> str:
-    head = (f"{result['small']} int4 -> {result['large']} int8, {plural(result['prompts'], 'prompt')} x "
+    w = result.get("weights") or {"small": "int4", "large": "int8"}
+    head = (f"{result['small']} {w['small']} -> {result['large']} {w['large']}, {plural(result['prompts'], 'prompt')} x "
             f"{plural(result['tokens'], 'token')}, temperature {result['temperature']}")
     rows = []
     for r in result["rows"]:
@@ -183,7 +218,8 @@ def plot(result: dict, path: str) -> None:
                             xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("large-model calls per generated token (cost)")
     ax.set_ylabel("perplexity of the output under the large float model")
-    ax.set_title(f"{result['small']} int4 / {result['large']} int8: cost vs quality")
+    w = result.get("weights") or {"small": "int4", "large": "int8"}
+    ax.set_title(f"{result['small']} {w['small']} / {result['large']} {w['large']}: cost vs quality")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -193,6 +229,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", default="default-small")
     ap.add_argument("--large", default="default-large")
+    ap.add_argument("--pair", choices=["default", "smollm2"], help="a named pair (instead of --small/--large)")
+    ap.add_argument("--prompts", type=int, help="the first N prompts [all 8]")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--draft-len", type=int, default=4)
@@ -202,7 +240,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     result = run(args.small, args.large, tokens=args.tokens, repeats=args.repeats, draft_len=args.draft_len,
-                 temperature=args.temperature)
+                 temperature=args.temperature, pair=args.pair, n_prompts=args.prompts)
     print(json.dumps(result, indent=2) if args.json else table(result))
     if args.out:
         from cascade.models.files import write_json

@@ -32,6 +32,28 @@ NO_QUANT = ("none", "source")  # keep the checkpoint's own weights (SOURCE_A8: t
 DEFAULT_QUANT = {"small": "int4", "large": "int8"}  # the precision a float model gets when none is given
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PairPreset:
+    name: str  # `cascade run --pair NAME`
+    small: str  # the draft model (a name or path)
+    large: str  # the target model
+    chat: bool  # prompts go through the target's chat template (`--raw` skips it)
+    description: str
+
+
+PAIRS = {p.name: p for p in (
+    PairPreset(name="default", small=DEFAULT_SMALL, large=DEFAULT_LARGE, chat=False,
+               description="the embedded TinyStories pair (shipped, offline)"),
+    PairPreset(name="smollm2", small="smollm2-draft", large="smollm2", chat=True,
+               description="SmolLM2-135M-Instruct (`cascade pull smollm2`) with its shipped distilled draft"),
+)}
+
+
+def chat_prompt(tokenizer, text: str) -> str:
+    """``text`` as one user turn through the tokenizer's chat template, ready for the answer."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+
+
 @dataclasses.dataclass
 class ModelPair:
     small: Model | None  # the draft (None: a large-only pair)
@@ -336,7 +358,8 @@ def _mapped(stream, f):
 def stream_batch(pair: ModelPair, prompts: list[str], *, mode: str = "speculative", max_new_tokens: int = 128,
                  draft_len: int | str = 4, sampling: SamplingConfig = SamplingConfig(), small_kv: str | None = None,
                  large_kv: str | None = None, rule: str = "chow", alpha: float = 0.1,
-                 defer_score: str = "mean-logprob", threshold: float = -1.0, draft_confidence: float | None = None):
+                 defer_score: str = "mean-logprob", threshold: float = -1.0, draft_confidence: float | None = None,
+                 chat: bool = False):
     """The one place a mode and its settings become a run.  A generator: after the prefill and after
     every step or round it yields the tokens each prompt's row emitted (``list[list[int]]``, empty for
     a row that stopped or could not run; ``defer`` yields once, the answers whole, since a deferred
@@ -347,7 +370,8 @@ def stream_batch(pair: ModelPair, prompts: list[str], *, mode: str = "speculativ
     (a number of tokens, or ``"auto"``: adaptive, :func:`cascade.speculative.draft_setting`);
     ``rule``/``alpha``: the deferral rule of ``mode="spec-cascade"``
     (:func:`cascade.speculative.deferral`); ``defer_score``/``threshold``: ``mode="defer"``
-    (:mod:`cascade.deferral`)."""
+    (:mod:`cascade.deferral`).  ``chat``: each prompt is a user turn through the chat template
+    (:func:`chat_prompt`; the template writes any BOS itself), the result's ``prompt`` the text as given."""
     context = check_mode(pair, mode)
     if mode == "defer":
         check_deferral(defer_score, threshold)  # before any generation
@@ -358,7 +382,7 @@ def stream_batch(pair: ModelPair, prompts: list[str], *, mode: str = "speculativ
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     tok = pair.tokenizer
-    encoded = [tok.encode(p) for p in prompts]
+    encoded = [tok.encode(chat_prompt(tok, p), add_bos=False) if chat and p else tok.encode(p) for p in prompts]
     out: list = [None] * len(prompts)
     good = []
     for i, (p, ids) in enumerate(zip(prompts, encoded)):

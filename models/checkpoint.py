@@ -218,10 +218,14 @@ def _flatten(params, where) -> tuple[dict, dict]:
             arr, info = _leaf(node, name, where)
             entries[name] = {"kind": "float", **info}
             _nested_set(arrays, path, arr)
+        elif name == "vocab_map" and hasattr(node, "dtype") and jnp.issubdtype(node.dtype, jnp.integer):
+            arr, info = _leaf(node, name, where)  # a reduced-vocabulary model's token ids (ModelConfig.vocab_subset)
+            entries[name] = {"kind": "index", **info}
+            _nested_set(arrays, path, arr)
         else:
             kind = getattr(node, "dtype", type(node).__name__)
             raise ValueError(f"{where}: parameter {name!r} is {kind}; "
-                             "a checkpoint holds float arrays and QuantizedTensors")
+                             "a checkpoint holds float arrays and QuantizedTensors (and a vocab_map of token ids)")
 
     visit(params, ())
     if not entries:
@@ -360,7 +364,7 @@ def load_checkpoint(directory, *, mesh=None) -> Model:
     for name, e in entries.items():
         path = tuple(name.split("/"))
         check = _verified if mesh is None else _verified_shape
-        if e["kind"] == "float":
+        if e["kind"] in ("float", "index"):
             value = check(restored, path, e, name, where)
         else:
             leaves = {k: check(restored, path + (k,), info, f"{name}/{k}", where)
@@ -458,9 +462,11 @@ def _check_entries(entries: dict, where: str, version: int = FORMAT_VERSION) -> 
             raise bad(name, f"unknown dtype {info.get('dtype')!r}") from None
 
     for name, e in entries.items():
-        if not isinstance(e, dict) or e.get("kind") not in ("float", "quantized"):
-            raise bad(name, "malformed entry (kind must be 'float' or 'quantized')")
-        if e["kind"] == "float":
+        if not isinstance(e, dict) or e.get("kind") not in ("float", "quantized", "index"):
+            raise bad(name, "malformed entry (kind must be 'float', 'quantized' or 'index')")
+        if e["kind"] == "index" and name != "vocab_map":
+            raise bad(name, "only vocab_map holds token ids (kind 'index')")
+        if e["kind"] in ("float", "index"):
             check_leaf(name, e)
             continue
         if not (_is_shape(e.get("shape")) and isinstance(e.get("axis"), int) and isinstance(e.get("leaves"), dict)):
@@ -526,7 +532,7 @@ def _leaf_specs(entries: dict) -> dict[tuple[str, ...], dict]:
     out = {}
     for name, e in entries.items():
         path = tuple(name.split("/"))
-        if e["kind"] == "float":
+        if e["kind"] in ("float", "index"):
             out[path] = e
         else:
             for k, info in e["leaves"].items():
@@ -540,7 +546,7 @@ def _skeleton(entries: dict) -> dict:
     tree: dict = {}
     for name, e in entries.items():
         leaf = lambda info: jax.ShapeDtypeStruct(tuple(info["shape"]), np.dtype(info["dtype"]))  # noqa: E731
-        if e["kind"] == "float":
+        if e["kind"] in ("float", "index"):
             value = leaf(e)
         else:
             ls = {k: leaf(info) for k, info in e["leaves"].items()}
@@ -568,7 +574,7 @@ def _target_shardings(config: ModelConfig, entries: dict, mesh, where: str) -> d
         node = specs
         for k in path:
             node = node[k]
-        if e["kind"] == "float":
+        if e["kind"] in ("float", "index"):
             out[path] = NamedSharding(mesh, node)
         else:
             for k in e["leaves"]:

@@ -162,36 +162,62 @@ def _logits(params, cfg: ModelConfig, inputs, compute_dtype):
 
 def distillation_loss(student_logits, teacher_logits):
     """Mean over positions of KL(teacher || student), the softmax distributions of the logits
-    (forward KL, as LLM-QAT and BitDistiller train quantized students)."""
+    (forward KL, as LLM-QAT and BitDistiller train quantized students).  A teacher logit of
+    ``-inf`` is a token of probability 0: it adds nothing (a reduced-vocabulary student's row that
+    stands for no token)."""
     log_p = jax.nn.log_softmax(teacher_logits, axis=-1)
     log_q = jax.nn.log_softmax(student_logits, axis=-1)
-    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1).mean()
+    p = jnp.exp(log_p)
+    return jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1).mean()
 
 
-def lm_loss(params, cfg: ModelConfig, tokens, compute_dtype=jnp.float32, transform=None, teacher=None):
+def subset_logits(logits, vocab_map):
+    """Logits over a whole vocabulary (..., V) -> over a reduced vocabulary's rows (..., rows): each
+    row's token's logit, ``-inf`` at the row that stands for every other token (entry -1)."""
+    picked = jnp.take(logits, jnp.maximum(vocab_map, 0), axis=-1)
+    return jnp.where(vocab_map >= 0, picked, -jnp.inf)
+
+
+def lm_loss(params, cfg: ModelConfig, tokens, compute_dtype=jnp.float32, transform=None, teacher=None,
+            teacher_cfg: ModelConfig | None = None, vocab_map=None):
     """Mean next-token cross-entropy of ``tokens`` (B, T+1): predict ``tokens[:, 1:]``; the forward
     pass runs on ``transform(params)`` when given (QAT's fake quantization).  With ``teacher``
-    (float params of the same architecture) the loss is instead :func:`distillation_loss` against
-    the teacher's predictions on the same inputs (no gradient flows into the teacher)."""
+    (float params of ``teacher_cfg``, by default the same architecture) the loss is instead
+    :func:`distillation_loss` against the teacher's predictions on the same inputs (no gradient
+    flows into the teacher).  ``vocab_map`` (rows,): ``cfg`` is a reduced-vocabulary model trained
+    in its own rows (:func:`cascade.models.llama.subset_rows`): token ids (of the teacher's
+    vocabulary, ``teacher_cfg.vocab_size``) become rows on the way in, and the teacher's
+    distribution is restricted to the rows' tokens and renormalized (:func:`subset_logits`)."""
     if transform is not None:
         params = transform(params)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    logits = _logits(params, cfg, inputs, compute_dtype)
+    own_inputs = inputs
+    if vocab_map is not None:
+        from cascade.models.llama import subset_rows
+
+        vocab = (teacher_cfg or cfg).vocab_size
+        own_inputs, targets = subset_rows(vocab_map, inputs, vocab), subset_rows(vocab_map, targets, vocab)
+    logits = _logits(params, cfg, own_inputs, compute_dtype)
     if teacher is not None:
-        return distillation_loss(logits, jax.lax.stop_gradient(_logits(teacher, cfg, inputs, compute_dtype)))
+        t = jax.lax.stop_gradient(_logits(teacher, teacher_cfg or cfg, inputs, compute_dtype))
+        return distillation_loss(logits, t if vocab_map is None else subset_logits(t, vocab_map))
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
-@partial(jax.jit, static_argnames=("cfg", "optimizer", "compute_dtype", "transform"), donate_argnums=(0, 1))
-def train_step(params, opt_state, tokens, *, cfg: ModelConfig, optimizer, compute_dtype, transform=None, teacher=None):
-    loss, grads = jax.value_and_grad(lm_loss)(params, cfg, tokens, compute_dtype, transform, teacher)
+@partial(jax.jit, static_argnames=("cfg", "optimizer", "compute_dtype", "transform", "teacher_cfg"),
+         donate_argnums=(0, 1))
+def train_step(params, opt_state, tokens, *, cfg: ModelConfig, optimizer, compute_dtype, transform=None, teacher=None,
+               teacher_cfg=None, vocab_map=None):
+    loss, grads = jax.value_and_grad(lm_loss)(params, cfg, tokens, compute_dtype, transform, teacher, teacher_cfg,
+                                              vocab_map)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
-@partial(jax.jit, static_argnames=("cfg", "compute_dtype", "transform"))
-def _eval_loss(params, tokens, *, cfg, compute_dtype, transform=None):
-    return lm_loss(params, cfg, tokens, compute_dtype, transform)
+@partial(jax.jit, static_argnames=("cfg", "compute_dtype", "transform", "vocab_size"))
+def _eval_loss(params, tokens, *, cfg, compute_dtype, transform=None, vocab_map=None, vocab_size=None):
+    teacher_cfg = None if vocab_size is None else dataclasses.replace(cfg, vocab_size=vocab_size, vocab_subset=None)
+    return lm_loss(params, cfg, tokens, compute_dtype, transform, teacher_cfg=teacher_cfg, vocab_map=vocab_map)
 
 
 def sample_batch(stream: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int) -> np.ndarray:
@@ -215,8 +241,11 @@ def eval_batches(stream: np.ndarray, n_batches: int, batch_size: int, seq_len: i
 
 
 def validation_loss(params, cfg: ModelConfig, batches: list[np.ndarray], compute_dtype=jnp.float32,
-                    transform=None) -> float:
-    total = sum(float(_eval_loss(params, jnp.asarray(b), cfg=cfg, compute_dtype=compute_dtype, transform=transform))
+                    transform=None, vocab_map=None, vocab_size: int | None = None) -> float:
+    """Mean cross-entropy over ``batches``; a reduced-vocabulary model (``vocab_map``, token ids of a
+    ``vocab_size`` vocabulary) predicts rows: a token outside its subset counts as its "other" row."""
+    total = sum(float(_eval_loss(params, jnp.asarray(b), cfg=cfg, compute_dtype=compute_dtype, transform=transform,
+                                 vocab_map=vocab_map, vocab_size=vocab_size if vocab_map is not None else None))
                 * len(b) for b in batches)
     return total / sum(len(b) for b in batches)
 
@@ -242,7 +271,8 @@ def _checkpoint_manager(run_dir):
 def train(cfg: ModelConfig, tc: TrainConfig, train_tokens: np.ndarray, run_dir, *,
           val_tokens: np.ndarray | None = None, stop_after: int | None = None, progress: bool = True,
           on_log: Callable[[dict], None] | None = None, params=None, transform=None,
-          extra_config: dict | None = None, decay_mask=matrices, teacher=None) -> TrainResult:
+          extra_config: dict | None = None, decay_mask=matrices, teacher=None, teacher_cfg: ModelConfig | None = None,
+          vocab_map=None) -> TrainResult:
     """Train (or resume training) ``cfg`` on ``train_tokens`` for ``tc.steps`` steps in ``run_dir``.
 
     ``stop_after`` ends this call after that many total steps (a checkpoint is written there), to
@@ -252,7 +282,9 @@ def train(cfg: ModelConfig, tc: TrainConfig, train_tokens: np.ndarray, run_dir, 
     in ``run.json`` with the configs (a resume under different values is refused).  ``decay_mask``:
     ``params -> bool pytree``, the leaves AdamW's weight decay applies to (default: matrices).
     ``teacher``: float params to distil from (the training loss becomes :func:`distillation_loss`;
-    the validation loss stays the cross-entropy on the text).  ``progress``: False hides the
+    the validation loss stays the cross-entropy on the text); ``teacher_cfg``: its architecture when
+    it is not ``cfg``'s; ``vocab_map``: train ``cfg`` as a reduced-vocabulary model (:func:`lm_loss`;
+    the tokens are ids of the teacher's vocabulary).  ``progress``: False hides the
     progress display (:func:`cascade.console.progress_bar`: a bar on a terminal, plain lines in a log).
     """
     import orbax.checkpoint as ocp
@@ -265,8 +297,11 @@ def train(cfg: ModelConfig, tc: TrainConfig, train_tokens: np.ndarray, run_dir, 
         params = init_params(cfg, jax.random.key(tc.seed))
     else:
         params = jax.tree.map(lambda a: jnp.array(a, jnp.float32, copy=True), params)  # the step donates its input
-    if teacher is not None:
-        teacher = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), teacher)
+    if teacher is not None:  # cast once, not in every step
+        teacher = jax.tree.map(lambda a: jnp.asarray(a, compute_dtype), teacher)
+    if vocab_map is not None:
+        vocab_map = jnp.asarray(vocab_map, jnp.int32)
+    vocab_size = (teacher_cfg or cfg).vocab_size
     state = {"params": params, "opt_state": optimizer.init(params), "step": 0}
     mngr = _checkpoint_manager(run_dir)
     resumed_from = mngr.latest_step()
@@ -288,7 +323,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, train_tokens: np.ndarray, run_dir, 
         while step < end:
             batch = jnp.asarray(sample_batch(train_tokens, step, tc.batch_size, tc.seq_len, tc.seed))
             params, opt_state, m = train_step(params, opt_state, batch, cfg=cfg, optimizer=optimizer,
-                                              compute_dtype=compute_dtype, transform=transform, teacher=teacher)
+                                              compute_dtype=compute_dtype, transform=transform, teacher=teacher,
+                                              teacher_cfg=teacher_cfg, vocab_map=vocab_map)
             step += 1
             loss = float(m["loss"])
             if not math.isfinite(loss):
@@ -299,7 +335,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, train_tokens: np.ndarray, run_dir, 
             is_last = step == end
             evaluated = val_sets is not None and (step % tc.eval_every == 0 or step == tc.steps)
             if evaluated:
-                val_loss = validation_loss(params, cfg, val_sets, compute_dtype, transform)
+                val_loss = validation_loss(params, cfg, val_sets, compute_dtype, transform, vocab_map, vocab_size)
             if step % tc.log_every == 0 or is_last or evaluated:
                 row = {"step": step, "tokens": step * tc.batch_size * tc.seq_len, "lr": float(schedule(step - 1)),
                        "loss": loss, "grad_norm": float(m["grad_norm"]), "val_loss": val_loss if evaluated else "",

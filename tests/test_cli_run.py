@@ -291,3 +291,31 @@ def test_run_with_calibration_text_uses_the_default_calibrated_method(capsys):
     assert code == 0 and (d["small"]["quant"], d["small"]["method"]) == ("int3-g32-full-mse", "awq-gptq")
     code, out, err = run(capsys, "run", "Once", "--calib-samples", "32")
     assert code == 2 and "--calib-samples applies only with --calib" in err
+
+
+@pytest.mark.parametrize("args, match", [
+    (("--pair", "default", "--raw"), "--raw applies to a chat pair"),
+    (("--raw",), "--raw applies to a chat pair"),
+    (("--pair", "default", "--small-model", "default-small"), "does not combine with --small-model"),
+    (("--small", "default-small", "--small-model", "default-small"), "names the small model and so does"),
+    (("--pair", "nonesuch"), "Invalid value for '--pair'"),
+])
+def test_pair_flags_usage_errors(capsys, args, match):
+    code, _, err = run(capsys, "run", "Hi", *args)
+    assert code == 2 and match in err and err.count("\n") == 1
+
+
+def test_pair_smollm2_before_a_pull_says_how(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CASCADE_HOME", str(tmp_path))
+    code, _, err = run(capsys, "run", "Hi", "--pair", "smollm2")
+    assert code == 2 and "run `cascade pull smollm2` first" in err
+
+
+def test_small_and_large_take_model_names(capsys):
+    """`--small NAME`/`--large NAME` pick the models (a name is not a precision); `--pair default`
+    is the embedded pair: the same output as naming both."""
+    named = json.loads(run(capsys, "run", "The dog", "--max-tokens", "12", "--small", "default-small", "--large",
+                           "default-large", "--json")[1])
+    paired = json.loads(run(capsys, "run", "The dog", "--max-tokens", "12", "--pair", "default", "--json")[1])
+    assert named["token_ids"] == paired["token_ids"] and paired["pair"] == "default"
+    assert paired["chat_template"] is False and named["small"]["quant"] == "int4-full"

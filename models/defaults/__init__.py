@@ -16,6 +16,8 @@ import os
 DEFAULT_SMALL = "default-small"
 DEFAULT_LARGE = "default-large"
 DEFAULT_MODELS = (DEFAULT_SMALL, DEFAULT_LARGE)
+SMOLLM2_DRAFT = "smollm2-draft"  # the draft distilled for SmolLM2-135M-Instruct (scripts/train_smollm2_draft.py)
+BUILTIN_MODELS = DEFAULT_MODELS + (SMOLLM2_DRAFT,)
 VALIDATION_SAMPLE = "tinystories-val-sample.txt"  # 40 validation stories separated by <|endoftext|> lines
 
 
@@ -25,13 +27,14 @@ def validation_sample() -> str:
 
 
 def default_model_dir(name: str) -> str:
-    """The directory of a built-in model (``default-small`` / ``default-large``)."""
-    if name not in DEFAULT_MODELS:
-        raise ValueError(f"unknown built-in model {name!r}; built-in: {', '.join(DEFAULT_MODELS)}")
+    """The directory of a built-in model (``default-small`` / ``default-large`` / ``smollm2-draft``)."""
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown built-in model {name!r}; built-in: {', '.join(BUILTIN_MODELS)}")
     path = os.fspath(importlib.resources.files(__name__) / name)
-    if not os.path.exists(os.path.join(path, "model.safetensors")):
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "cascade_checkpoint.json")):
         raise ValueError(f"built-in model {name!r} is missing from this installation ({path}); "
-                         "reinstall the package or run scripts/train_default_pair.py --export models/defaults")
+                         "reinstall the package or run scripts/"
+                         f"{'train_smollm2_draft.py' if name == SMOLLM2_DRAFT else 'train_default_pair.py'} --export models/defaults")
     return path
 
 
@@ -44,7 +47,7 @@ def resolve_model_path(path) -> str:
     path = os.fspath(path)
     if os.path.exists(path):
         return path
-    if path in DEFAULT_MODELS:
+    if path in BUILTIN_MODELS:
         return default_model_dir(path)
     if path in PULLABLE:
         if not is_pulled(path):
@@ -58,4 +61,4 @@ def model_names() -> tuple[str, ...]:
     """Every name a MODEL argument accepts besides a path: the built-in models and the pullable ones."""
     from cascade.models.pull import PULLABLE
 
-    return DEFAULT_MODELS + tuple(PULLABLE)
+    return BUILTIN_MODELS + tuple(PULLABLE)
