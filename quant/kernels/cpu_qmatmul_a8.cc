@@ -824,11 +824,14 @@ void run_call(std::vector<A8>& ps, const void* xdata, Real x_type, const std::ve
     p.y = outs[i];
     Part part;
     part.problem = p;
-    // bands as a call of this weight alone would split it (the same sums in the same order: a
-    // fused call gives each weight exactly its separate call's result)
-    const bool alone_threads = p.M * p.K * p.N >= (int64_t(1) << 18) && workers > 1;
-    if (alone_threads && !p.transposed && p.groups >= 2 * workers && p.M * p.N * 2 * workers <= (int64_t(1) << 20)) {
-      part.bands = 2 * workers;
+    // bands (a split of K, whose partial sums are added at the end) as a call of this weight alone
+    // with any number of rows would split it: decided by K and N only, never by M, so each row's
+    // result is the same whether it comes alone or with others (a fused call, a batch, or the k + 1
+    // rows of a speculative verification against the one-row decode step: greedy stays exact)
+    const int64_t threads = 1 + SpinPool::get().helpers();
+    if (threads > 1 && p.K * p.N >= (int64_t(1) << 18) && !p.transposed && p.groups >= 2 * threads &&
+        p.M * p.N * 2 * threads <= (int64_t(1) << 22)) {
+      part.bands = 2 * threads;
       part.width = (p.N + 63) / 64 * 64;  // whole rows: each band streams one contiguous run of codes
       partial_floats += part.bands * p.M * p.N;
     } else {
