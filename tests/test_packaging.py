@@ -113,8 +113,15 @@ def test_a_regular_install_puts_only_cascade_in_site_packages(tmp_path):
     assert all(f.endswith("/bin/cascade") for f in scripts), scripts
     for expected in ("cascade/cli.py", "cascade/quant/qtensor.py", "cascade/models/llama.py", "cascade/bench/matmul.py",
                      "cascade/models/defaults/default-small/model.safetensors", "cascade/console.py",
-                     "cascade/models/defaults/tinystories-val-sample.txt"):
+                     "cascade/models/defaults/tinystories-val-sample.txt",
+                     "cascade/models/defaults/smollm2-draft/cascade_checkpoint.json",
+                     "cascade/models/defaults/smollm2-draft/tokenizer/tokenizer.json",
+                     "cascade/models/defaults/SMOLLM2_DRAFT.md"):
         assert expected in files, expected
+    shipped = {f for f in files if f.startswith("cascade/models/defaults/smollm2-draft/arrays/")}
+    in_tree = {"cascade/models/defaults/" + str(p.relative_to(ROOT / "models" / "defaults"))
+               for p in (ROOT / "models" / "defaults" / "smollm2-draft" / "arrays").rglob("*") if p.is_file()}
+    assert shipped == in_tree  # the draft's whole checkpoint (orbax's nested files too)
     site = Path(show.split("Location:", 1)[1].split()[0])
     installed_cli = site / "cascade" / "cli.py"
     assert not installed_cli.is_symlink() and installed_cli.read_text() == (ROOT / "cli.py").read_text()

@@ -54,17 +54,20 @@ def test_tiny_distillation_end_to_end(script, tmp_path, capsys):
 
     run_dir, out = tmp_path / "run", tmp_path / "out"
     script.main(["--teacher", "default-large", "--data", str(DATA / "text"), "--run-dir", str(run_dir), "--tiny",
-                 "--subset", "300", "--export", str(out)])
+                 "--subset", "300", "--generate", "4", "--gen-tokens", "8", "--export", str(out)])
     record = json.loads((run_dir / "training.json").read_text())
-    assert record["steps"] == 3 and np.isfinite(record["final_train_kl"]) and record["subset"] == 300
+    rows = record["subset"]  # at most 300: the tiny stream (answers + as many story tokens) may hold fewer tokens
+    assert record["steps"] == 3 and np.isfinite(record["final_train_kl"]) and 10 < rows <= 300
+    answers = np.load(run_dir / "generated.npy")  # the teacher's answers: 4 prompts + up to 8 tokens + an end each
+    assert 4 * 2 < len(answers) and record["teacher_answers"] == 4
     draft = load_model(str(out / "smollm2-draft"))  # the int4 checkpoint
-    assert draft.config.vocab_subset == 300 and draft.config.vocab_size == 2048 and draft.config.n_layers == 1
-    assert draft.quant and "the 299 most frequent tokens" in " ".join((out / "SMOLLM2_DRAFT.md").read_text().split())
+    assert draft.config.vocab_subset == rows and draft.config.vocab_size == 2048 and draft.config.n_layers == 1
+    assert draft.quant and f"the {rows - 1} most frequent tokens" in " ".join((out / "SMOLLM2_DRAFT.md").read_text().split())
     assert json.loads((out / "smollm2-draft-training.json").read_text())["weight_bytes"] > 0
     vm = np.asarray(draft.params["vocab_map"])
-    assert vm.dtype == np.int32 and (vm == -1).sum() == 1 and len(set(vm.tolist())) == 300
+    assert vm.dtype == np.int32 and (vm == -1).sum() == 1 and len(set(vm.tolist())) == rows
     logits = np.asarray(logits_of(draft.params, draft.config, [[0, 426, 437]]))
-    assert np.isfinite(logits[0, -1]).sum() == 299  # a probability only on the subset's real tokens
+    assert np.isfinite(logits[0, -1]).sum() == rows - 1  # a probability only on the subset's real tokens
     pair = load_pair(str(out / "smollm2-draft"), "default-large", small_quant="none", large_quant="none")
     want = run(pair, "Once upon a time", mode="large", max_new_tokens=24).token_ids
     got = run(pair, "Once upon a time", mode="speculative", max_new_tokens=24, draft_len=3)
