@@ -92,17 +92,16 @@ def acceptance_at(stats) -> list[float | None]:
 def run(small: str = "default-small", large: str = "default-large", *, tokens: int = 64, repeats: int = 3,
         draft_len: int = 4, alphas=(0.1, 0.2, 0.3, 0.5), thresholds=(-0.6, -0.8, -1.0), batches=(1, 4, 8, 16),
         temperature: float = 0.0, n_prompts: int | None = None, progress=None, pair: str | None = None,
-        small_quant: str | None = "int4", large_quant: str | None = "int8") -> dict:
+        small_quant: str | None = None, large_quant: str | None = None) -> dict:
     """The result (module docs); ``n_prompts``: the first that many of :data:`PROMPTS` (default all).
-    ``pair``: a named pair instead of ``small``/``large`` (:func:`pair_setup`; quants None: as the run
-    defaults them).  ``progress``: False hides the progress display (:func:`cascade.console.progress_bar`)."""
+    ``pair``: a named pair instead of ``small``/``large`` (:func:`pair_setup`).  ``small_quant``/
+    ``large_quant`` None: as ``cascade run`` defaults them (int4 / int8 for a float model, a
+    quantized one as stored).  ``progress``: False hides the progress display (:func:`cascade.console.progress_bar`)."""
     from cascade.bench.context import run_context
     from cascade.models import SamplingConfig, load_model
     from cascade.models.generation import first_divergence
     from cascade.pair import generate_batch as generate_many, load_pair, run as run_one
 
-    if pair is not None:
-        small_quant = large_quant = None
     small, large, small_quant, large_quant, chat, all_prompts = pair_setup(pair, small, large, small_quant, large_quant)
     loaded = load_pair(small, large, small_quant=small_quant, large_quant=large_quant)
     ref = load_model(large)  # the model that judges quality (float, or as stored when it is quantized)

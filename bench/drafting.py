@@ -24,8 +24,8 @@ CONFIGS = ([{"mode": "large"}, {"mode": "small"}] + [{"mode": "speculative", "dr
            + [{"mode": "speculative", "draft_len": 8, "draft_confidence": c} for c in (0.3, 0.5, 0.7)])
 
 
-def run(small: str = "default-small", large: str = "default-large", *, small_quant: str | None = "int4",
-        large_quant: str | None = "int8", tokens: int = 64, prompts: int = 8, repeats: int = 3,
+def run(small: str = "default-small", large: str = "default-large", *, small_quant: str | None = None,
+        large_quant: str | None = None, tokens: int = 64, prompts: int = 8, repeats: int = 3,
         pair: str | None = None, temperature: float = 0.0, configs=None) -> dict:
     """The result (module docs).  ``pair``: a named pair (:func:`cascade.bench.cascade.pair_setup`:
     both models, the chat template and chat prompts; quants None: as ``cascade run`` defaults them).

@@ -104,6 +104,23 @@ def test_drafting_bench_rows():
     assert r["rows"][0]["vs_large"] == 1.0 and "adaptive, up to 8, confidence 0.5" in drafting.table(r)
 
 
+def test_drafting_bench_through_the_cli_sampled_with_chosen_lengths(capsys):
+    """`cascade bench drafting`: --draft-lens picks the rows (the large model alone first), and a
+    sampled run reports acceptance but no token-for-token check."""
+    import json
+
+    from cascade import cli
+
+    code = cli.main(["bench", "drafting", "--pair", "default", "--tokens", "6", "--prompts", "1", "--repeats", "1",
+                     "--draft-lens", "2", "--temperature", "0.8", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    r = json.loads(out)
+    assert [(x["mode"], x.get("draft_len")) for x in r["rows"]] == [("large", None), ("speculative", 2)]
+    assert r["rows"][1]["exact"] is None and 0 <= r["rows"][1]["acceptance"] <= 1 and r["temperature"] == 0.8
+    assert (r["pair"], r["small_quant"], r["large_quant"], r["chat_template"]) == ("default", "int4", "int8", False)
+
+
 def test_the_defaults_table_joins_results_and_computes_what_the_default_closes(tmp_path):
     """bench/tables.py's ptq-defaults kind: rows from several ptq results (the newest source wins),
     the default read from method on the spec's -mse range, and the share of RTN's gap it closes."""
