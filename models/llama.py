@@ -100,9 +100,9 @@ def apply_rope(x, positions, inv_freq):
 
 def fused_projections(module: nn.Module, names, x, use_bias: bool, parallel: str):
     """The outputs of ``module``'s Linear submodules ``names`` (q/k/v, gate/up) in one kernel call
-    when their kernels fuse (:func:`cascade.quant.dequant_matmul.fuses`: -a8 weights of one kind on
-    the native kernel; each result exactly its own matmul's); None otherwise (and while
-    initializing), and the Linear modules run them one by one."""
+    when their kernels fuse (:func:`cascade.quant.dequant_matmul.fuses`: int8/int4 weights of one
+    kind on the native kernel, with float or -a8 activations; each result exactly its own
+    matmul's); None otherwise (and while initializing), and the Linear modules run them one by one."""
     if module.is_initializing():
         return None
     params = module.variables.get("params", {})

@@ -292,9 +292,11 @@ def matmul(x, w, *, backend: str | None = None, parallel: str | None = None):
 
 def matmul_many(x, ws, *, backend: str | None = None, parallel: str | None = None) -> list:
     """``[matmul(x, w) for w in ws]`` (weights of one input: a layer's q/k/v, gate/up), as one kernel
-    call where they fuse: -a8 weights of the same bits, blocks and zero-point kind on the native
-    kernel (:func:`cascade.quant.kernels.cpu.matmul_a8_many`: ``x`` quantized once, one job, fewer
-    calls per layer; each result exactly its separate call's).  Anything else, a forced backend
+    call where they fuse on the native kernel: int8/int4 weights of the same bits, group size and
+    zero-point kind (:func:`cascade.quant.kernels.cpu.matmul_many`), or -a8 weights of the same bits,
+    blocks and zero-point kind (:func:`cascade.quant.kernels.cpu.matmul_a8_many`: ``x`` quantized
+    once).  One job, fewer calls per layer, and each result exactly its separate call's.  Anything
+    else (int3/int2 and float weights, which XLA compiles into the step as it likes), a forced backend
     other than ``cpu``, or a tensor-parallel mesh: one :func:`matmul` per weight."""
     from cascade.quant.kernels import cpu
 
@@ -303,7 +305,7 @@ def matmul_many(x, ws, *, backend: str | None = None, parallel: str | None = Non
     for w in ws:
         check_operands(x, w)
     if fuses(x, ws, backend=backend):
-        return cpu.matmul_a8_many(x, ws)
+        return cpu.matmul_a8_many(x, ws) if ws[0].spec.a8 else cpu.matmul_many(x, ws)
     return [matmul(x, w, backend=backend, parallel=parallel) for w in ws]
 
 
@@ -312,7 +314,9 @@ def fuses(x, ws, *, backend: str | None = None) -> bool:
     from cascade.quant.kernels import cpu
 
     forced = backend or os.environ.get("CASCADE_MATMUL_BACKEND") or None
-    return forced in (None, "cpu") and tp_size() == 1 and cpu.fuses_a8(x, ws)
+    if forced not in (None, "cpu") or tp_size() != 1:
+        return False
+    return cpu.fuses_a8(x, ws) or cpu.fuses(x, ws)
 
 
 def matmul_t(x, w, *, backend: str | None = None, parallel: str | None = None):

@@ -44,6 +44,7 @@ import numpy as np
 from cascade.quant.qtensor import QuantizedTensor
 
 TARGET = "cascade_qmatmul"
+MANY_TARGET = "cascade_qmatmul_many"  # several weights against one x in one call (q/k/v, gate/up)
 A8_TARGET = "cascade_qmatmul_a8"
 A8_MANY_TARGET = "cascade_qmatmul_a8_many"  # several weights against one x in one call (q/k/v, gate/up)
 ISA_ENV = "CASCADE_CPU_ISA"
@@ -72,6 +73,7 @@ def unavailable() -> str | None:
         return f"the extension was not built or does not load ({e})"
     try:
         jax.ffi.register_ffi_target(TARGET, _cpu.qmatmul_handler(), platform="cpu")
+        jax.ffi.register_ffi_target(MANY_TARGET, _cpu.qmatmul_many_handler(), platform="cpu")
         jax.ffi.register_ffi_target(A8_TARGET, _cpu.qmatmul_a8_handler(), platform="cpu")
         jax.ffi.register_ffi_target(A8_MANY_TARGET, _cpu.qmatmul_a8_many_handler(), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_FLOAT_TARGET, _cpu.attention_float_handler(), platform="cpu")
@@ -242,6 +244,37 @@ def matmul_a8_many(x, ws):
     outs = tuple(jax.ShapeDtypeStruct((x2.shape[0], w.shape[1]), x.dtype) for w in ws)
     call = jax.ffi.ffi_call(A8_MANY_TARGET, outs, vmap_method="sequential")
     ys = call(x2, *args, bits=np.int64(ws[0].spec.bits), group=np.int64(a8_block(ws[0])), has_zero=has_zero)
+    return [y.reshape(*lead, w.shape[1]) for y, w in zip(ys, ws)]
+
+
+def fuses(x, ws) -> bool:
+    """Whether :func:`matmul_many` runs the (float-activation) weights ``ws`` (each (k, n_i)) against
+    ``x`` in one call: each runs on the kernel, with the same bits, group size and zero-point kind."""
+    if len(ws) < 2 or not all(isinstance(w, QuantizedTensor) and not w.spec.a8 and w.spec.act is None for w in ws):
+        return False
+    if not all(supports(x, w) for w in ws):
+        return False
+    key = lambda w: (w.spec.bits, group_rows(w), w.zero is not None, w.shape[0])  # noqa: E731
+    return all(key(w) == key(ws[0]) for w in ws)
+
+
+def matmul_many(x, ws):
+    """``[x @ dequant(W) for W in ws]`` for weights that :func:`fuses`: one kernel call (x converted and
+    summed per group once, every weight one job: fewer calls per layer); each result equals the
+    weight's own :func:`matmul` exactly (the same sums in the same order)."""
+    reason = unavailable()
+    if reason:
+        raise RuntimeError(f"the native CPU matmul kernel is unavailable: {reason}")
+    k = ws[0].shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    has_zero = ws[0].zero is not None
+    args = []
+    for w in ws:
+        args += [w.packed, w.scale, w.zero if has_zero else jnp.zeros((1, 1), jnp.float32)]
+    outs = tuple(jax.ShapeDtypeStruct((x2.shape[0], w.shape[1]), x.dtype) for w in ws)
+    call = jax.ffi.ffi_call(MANY_TARGET, outs, vmap_method="sequential")
+    ys = call(x2, *args, bits=np.int64(ws[0].spec.bits), group=np.int64(group_rows(ws[0])), has_zero=has_zero)
     return [y.reshape(*lead, w.shape[1]) for y, w in zip(ys, ws)]
 
 

@@ -7,6 +7,7 @@
 #include "xla/ffi/api/ffi.h"
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(CascadeQMatmul);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(CascadeQMatmulMany);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(CascadeQMatmulA8);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(CascadeQMatmulA8Many);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(CascadeCacheAttentionFloat);
@@ -15,6 +16,10 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(CascadeCacheAttentionKivi);
 static PyObject* capsule(void* fn) { return PyCapsule_New(fn, nullptr, nullptr); }
 
 static PyObject* qmatmul_handler(PyObject*, PyObject*) { return capsule(reinterpret_cast<void*>(&CascadeQMatmul)); }
+
+static PyObject* qmatmul_many_handler(PyObject*, PyObject*) {
+  return capsule(reinterpret_cast<void*>(&CascadeQMatmulMany));
+}
 
 static PyObject* qmatmul_a8_handler(PyObject*, PyObject*) {
   return capsule(reinterpret_cast<void*>(&CascadeQMatmulA8));
@@ -48,6 +53,8 @@ static PyMethodDef kMethods[] = {
      "PyCapsule of the cascade_cache_attention_float XLA FFI handler."},
     {"attention_kivi_handler", attention_kivi_handler, METH_NOARGS,
      "PyCapsule of the cascade_cache_attention_kivi XLA FFI handler."},
+    {"qmatmul_many_handler", qmatmul_many_handler, METH_NOARGS,
+     "PyCapsule of the cascade_qmatmul_many XLA FFI handler."},
     {"qmatmul_a8_handler", qmatmul_a8_handler, METH_NOARGS, "PyCapsule of the cascade_qmatmul_a8 XLA FFI handler."},
     {"qmatmul_a8_many_handler", qmatmul_a8_many_handler, METH_NOARGS,
      "PyCapsule of the cascade_qmatmul_a8_many XLA FFI handler."},

@@ -332,38 +332,59 @@ void chunk(const Problem& p, int64_t c0, int64_t c1, std::vector<float>& gacc, s
   columns_scalar(p, c0, c1);
 }
 
-// One matmul as a Job: items are (band, column chunk) pairs.
-struct Shared : Job {
+// One weight of a call: its problem and how its items split it.
+struct Part {
   Problem problem;
-  int64_t width;       // columns per chunk (a multiple of 32)
-  int64_t col_chunks;  // chunks per band
-  int64_t bands;       // K-split: bands of whole groups, each summed into its own partial y
-  float* partial;      // (bands, M, N) partial sums when bands > 1
-  void item(int64_t c) override {
+  int64_t width = 0;       // columns per chunk (a multiple of 32)
+  int64_t col_chunks = 0;  // chunks per band
+  int64_t bands = 1;       // K-split: bands of whole groups, each summed into its own partial y
+  int64_t first = 0;       // the index of its first item
+  float* partial = nullptr;  // (bands, M, N) partial sums when bands > 1
+};
+
+// A call: one or several weights that multiply the same x (q/k/v, gate/up: fewer calls per layer),
+// as one job whose items are (weight, band, column chunk).
+struct Shared : Job {
+  std::vector<Part> parts;
+  void item(int64_t i) override {
     thread_local std::vector<float> gacc, acc;
-    const int64_t band = c / col_chunks, c0 = (c % col_chunks) * width;
-    if (bands > 1) {
-      Problem p = problem;
-      p.g0 = band * p.groups / bands;
-      p.g1 = (band + 1) * p.groups / bands;
-      p.y = partial + band * p.M * p.N;
-      chunk(p, c0, std::min(p.N, c0 + width), gacc, acc);
-    } else {
-      chunk(problem, c0, std::min(problem.N, c0 + width), gacc, acc);
+    size_t w = 0;
+    while (w + 1 < parts.size() && i >= parts[w + 1].first) ++w;
+    const Part& part = parts[w];
+    i -= part.first;
+    const int64_t band = i / part.col_chunks, c0 = (i % part.col_chunks) * part.width;
+    Problem p = part.problem;
+    if (part.bands > 1) {
+      p.g0 = band * p.groups / part.bands;
+      p.g1 = (band + 1) * p.groups / part.bands;
+      p.y = part.partial + band * p.M * p.N;
     }
+    chunk(p, c0, std::min(p.N, c0 + part.width), gacc, acc);
   }
 };
 
-ffi::Error QMatmulImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes, ffi::AnyBuffer scale,
-                       ffi::AnyBuffer zero, ffi::Result<ffi::AnyBuffer> y, int64_t bits, int64_t group,
-                       bool has_zero, bool transposed) {
-  const auto xd = x.dimensions(), cd = codes.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || cd.size() != 2 || sd.size() != 2 || yd.size() != 2)
+bool real_type(ffi::DataType t, Real* out) {
+  switch (t) {
+    case ffi::DataType::F32: *out = Real::kF32; return true;
+    case ffi::DataType::F16: *out = Real::kF16; return true;
+    case ffi::DataType::BF16: *out = Real::kBF16; return true;
+    default: return false;
+  }
+}
+
+bool x_type_of(ffi::AnyBuffer x, Real* out) { return real_type(x.element_type(), out) && *out != Real::kF16; }
+
+// Check one weight against x (M, K) and fill its problem (everything but x, xsum and y).
+ffi::Error describe(int64_t M, int64_t K, ffi::Buffer<ffi::U8> codes, ffi::AnyBuffer scale, ffi::AnyBuffer zero,
+                    ffi::Result<ffi::AnyBuffer>& y, int64_t bits, int64_t group, bool has_zero, bool transposed,
+                    Real x_type, Problem* out) {
+  const auto cd = codes.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
+  if (cd.size() != 2 || sd.size() != 2 || yd.size() != 2)
     return ffi::Error::InvalidArgument("cascade_qmatmul: x, codes, scale and y must be 2-D");
   if (bits != 4 && bits != 8) return ffi::Error::InvalidArgument("cascade_qmatmul: bits must be 4 or 8");
   Problem p{};
-  p.M = xd[0];
-  p.K = xd[1];
+  p.M = M;
+  p.K = K;
   p.transposed = transposed;
   p.N = transposed ? cd[0] : cd[1];
   p.bits = int(bits);
@@ -380,91 +401,169 @@ ffi::Error QMatmulImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes, ffi::AnyBuf
   const int64_t want0 = transposed ? p.N : p.groups, want1 = transposed ? p.groups : p.N;
   if (!p.scale_per_tensor && (sd[0] != want0 || sd[1] != want1))
     return ffi::Error::InvalidArgument("cascade_qmatmul: scale shape does not match the groups");
-  auto real = [](ffi::DataType t, Real* out) {
-    switch (t) {
-      case ffi::DataType::F32: *out = Real::kF32; return true;
-      case ffi::DataType::F16: *out = Real::kF16; return true;
-      case ffi::DataType::BF16: *out = Real::kBF16; return true;
-      default: return false;
-    }
-  };
-  Real x_type, y_type;
-  if (!real(x.element_type(), &x_type) || x_type == Real::kF16 || !real(y->element_type(), &y_type) ||
-      y_type != x_type || !real(scale.element_type(), &p.scale_type))
+  Real y_type;
+  if (!real_type(y->element_type(), &y_type) || y_type != x_type || !real_type(scale.element_type(), &p.scale_type))
     return ffi::Error::InvalidArgument("cascade_qmatmul: unsupported dtypes");
   p.codes = codes.typed_data();
   p.scale = scale.untyped_data();
   if (has_zero) {
-    if (!real(zero.element_type(), &p.zero_type) || zero.element_count() != scale.element_count())
+    if (!real_type(zero.element_type(), &p.zero_type) || zero.element_count() != scale.element_count())
       return ffi::Error::InvalidArgument("cascade_qmatmul: zero must match scale");
     p.zero = zero.untyped_data();
   }
-  if (p.M == 0 || p.N == 0) return ffi::Error::Success();
-  p.simd = use_simd();
+  *out = p;
+  return ffi::Error::Success();
+}
 
-  // float32 copies of x (bfloat16 inputs) and of y (bfloat16 outputs); group sums of x
-  std::vector<float> xf, yf, xsum;
-  if (x_type == Real::kF32) {
-    p.x = static_cast<const float*>(x.untyped_data());
-  } else {
-    xf.resize(p.M * p.K);
-    const uint16_t* xh = static_cast<const uint16_t*>(x.untyped_data());
-    for (int64_t i = 0; i < p.M * p.K; ++i) xf[i] = bf16_to_float(xh[i]);
-    p.x = xf.data();
-  }
-  if (p.zero || p.transposed) {  // the transposed kernel folds the code offset in through xsum
-    xsum.assign(p.M * p.groups, 0.f);
-    for (int64_t b = 0; b < p.M; ++b)
-      for (int64_t k = 0; k < p.K; ++k) xsum[b * p.groups + k / p.group] += p.x[b * p.K + k];
-    p.xsum = xsum.data();
-  }
-  if (y_type == Real::kF32) {
-    p.y = static_cast<float*>(y->untyped_data());
-  } else {
-    yf.resize(p.M * p.N);
-    p.y = yf.data();
-  }
-
-  // threads: the pool's (all cores), capped by CASCADE_NUM_THREADS, and one for small products
-  // where waking a thread costs more than it saves.  Chunks: about two per thread (balance),
-  // a multiple of 32 columns, at most kMaxChunk wide (the accumulators stay in L1/L2).
-  int64_t workers = 1 + SpinPool::get().helpers();
-  if (p.M * p.K * p.N < (int64_t(1) << 18)) workers = 1;
-  auto shared = std::make_shared<Shared>();
-  shared->problem = p;
-  // Decode shapes (M <= kDirectRows) with groups: split K into bands of whole groups, so each
-  // thread streams its own contiguous run of code rows (whole rows up to kMaxChunk columns);
-  // the partial sums are added at the end.  Otherwise split the output columns.
-  std::vector<float> partial;
-  shared->bands = 1;
+// How a weight's items split it, the same whether it runs alone or with other weights of a call.
+// K bands (decode shapes with grouped scales: each thread streams its own contiguous run of code
+// rows, whole rows up to kMaxChunk columns, and the bands' partial sums are added at the end) are
+// decided by K and N only, never by the number of rows, so each row's result is the same alone or
+// with others (a batch, or the k + 1 rows of a speculative verification against one-row decode
+// steps).  Otherwise the output columns are split: about two chunks per thread, a multiple of 32
+// columns, at most kMaxChunk wide (the accumulators stay in L1/L2).
+Part split(const Problem& p) {
+  Part part;
+  part.problem = p;
+  const int64_t threads = 1 + SpinPool::get().helpers();
+  // one worker for small products, where waking a thread costs more than it saves
+  const int64_t workers = p.M * p.K * p.N < (int64_t(1) << 18) ? 1 : threads;
+  const int64_t code_rows = (p.K * p.bits + 7) / 8;
   int64_t width;
-  if (workers > 1 && p.M <= kDirectRows && !p.transposed && p.groups >= 2 * workers) {
-    shared->bands = 2 * workers;
+  if (threads > 1 && p.K * p.N >= (int64_t(1) << 18) && !p.transposed && p.groups >= 2 * threads &&
+      p.M * p.N * 2 * threads <= (int64_t(1) << 22)) {
+    part.bands = 2 * threads;
     width = std::min(kMaxChunk, (p.N + 31) / 32 * 32);
-    partial.assign(shared->bands * p.M * p.N, 0.f);
-    shared->partial = partial.data();
+    // batches larger than kDirectRows re-read a chunk's codes (its band's rows) from L2
+    if (p.M > kDirectRows) width = std::min(width, kL2Codes / std::max<int64_t>(1, code_rows / part.bands) / 32 * 32);
   } else {
     const int64_t per = (p.N + 2 * workers - 1) / (2 * workers);
     width = std::min(kMaxChunk, (per + 31) / 32 * 32);
     if (p.M > kDirectRows && !p.transposed) width = std::min(width, kL2Codes / code_rows / 32 * 32);
   }
-  shared->width = std::max<int64_t>(32, width);
-  shared->col_chunks = (p.N + shared->width - 1) / shared->width;
-  shared->items = shared->bands * shared->col_chunks;
-  run_job(shared, workers);
+  part.width = std::max<int64_t>(32, width);
+  part.col_chunks = (p.N + part.width - 1) / part.width;
+  return part;
+}
 
-  if (shared->bands > 1) {  // y = the sum of the bands' partial sums
-    const int64_t mn = p.M * p.N;
+// Run every weight of a call against x (M, K): x converted to float32 and its group sums taken
+// once; outs[i]: where weight i's float32 result goes.
+void run_call(std::vector<Problem>& ps, const void* xdata, Real x_type, const std::vector<float*>& outs) {
+  const Problem& p0 = ps[0];
+  const int64_t M = p0.M, K = p0.K;
+  std::vector<float> xf, xsum;
+  const float* x = static_cast<const float*>(xdata);
+  if (x_type != Real::kF32) {
+    xf.resize(M * K);
+    const uint16_t* xh = static_cast<const uint16_t*>(xdata);
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_float(xh[i]);
+    x = xf.data();
+  }
+  bool need_xsum = false;  // the transposed kernel folds the code offset in through xsum
+  for (const Problem& p : ps) need_xsum |= p.zero != nullptr || p.transposed;
+  if (need_xsum) {  // the weights of a call share their group size
+    xsum.assign(M * p0.groups, 0.f);
+    for (int64_t b = 0; b < M; ++b)
+      for (int64_t k = 0; k < K; ++k) xsum[b * p0.groups + k / p0.group] += x[b * K + k];
+  }
+  const bool simd = use_simd();
+  auto shared = std::make_shared<Shared>();
+  int64_t work = 0, partial_floats = 0;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    Problem& p = ps[i];
+    p.x = x;
+    p.xsum = need_xsum ? xsum.data() : nullptr;
+    p.y = outs[i];
+    p.simd = simd;
+    Part part = split(p);
+    part.first = shared->items;
+    shared->items += part.bands * part.col_chunks;
+    if (part.bands > 1) partial_floats += part.bands * p.M * p.N;
+    shared->parts.push_back(part);
+    work += p.M * p.K * p.N;
+  }
+  std::vector<float> partial(partial_floats);  // every item writes all its columns
+  float* at = partial.data();
+  for (Part& part : shared->parts)
+    if (part.bands > 1) {
+      part.partial = at;
+      at += part.bands * part.problem.M * part.problem.N;
+    }
+  run_job(shared, work < (int64_t(1) << 18) ? 1 : 1 + SpinPool::get().helpers());
+  for (const Part& part : shared->parts) {  // y = the sum of the bands' partial sums
+    if (part.bands <= 1) continue;
+    const int64_t mn = part.problem.M * part.problem.N;
     for (int64_t i = 0; i < mn; ++i) {
       float t = 0.f;
-      for (int64_t b = 0; b < shared->bands; ++b) t += partial[b * mn + i];
-      p.y[i] = t;
+      for (int64_t b = 0; b < part.bands; ++b) t += part.partial[b * mn + i];
+      part.problem.y[i] = t;
     }
   }
-  if (y_type == Real::kBF16) {
+}
+
+ffi::Error QMatmulImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes, ffi::AnyBuffer scale,
+                       ffi::AnyBuffer zero, ffi::Result<ffi::AnyBuffer> y, int64_t bits, int64_t group,
+                       bool has_zero, bool transposed) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("cascade_qmatmul: x, codes, scale and y must be 2-D");
+  Real x_type;
+  if (!x_type_of(x, &x_type)) return ffi::Error::InvalidArgument("cascade_qmatmul: unsupported dtypes");
+  std::vector<Problem> ps(1);
+  ffi::Error err = describe(xd[0], xd[1], codes, scale, zero, y, bits, group, has_zero, transposed, x_type, &ps[0]);
+  if (err.failure()) return err;
+  const int64_t M = ps[0].M, N = ps[0].N;
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  std::vector<float> yf;
+  float* yout = x_type == Real::kF32 ? static_cast<float*>(y->untyped_data()) : (yf.resize(M * N), yf.data());
+  run_call(ps, x.untyped_data(), x_type, {yout});
+  if (x_type == Real::kBF16) {
     uint16_t* yh = static_cast<uint16_t*>(y->untyped_data());
-    for (int64_t i = 0; i < p.M * p.N; ++i) yh[i] = float_to_bf16(yf[i]);
+    for (int64_t i = 0; i < M * N; ++i) yh[i] = float_to_bf16(yf[i]);
   }
+  return ffi::Error::Success();
+}
+
+// Several weights of the same bits, group and zero-point kind against one x: arguments x, then
+// (codes, scale, zero) per weight; one result per weight, each exactly its own call's.
+ffi::Error QMatmulManyImpl(ffi::AnyBuffer x, ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t bits,
+                           int64_t group, bool has_zero) {
+  const auto xd = x.dimensions();
+  Real x_type;
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("cascade_qmatmul_many: x must be 2-D");
+  if (!x_type_of(x, &x_type)) return ffi::Error::InvalidArgument("cascade_qmatmul_many: unsupported dtypes");
+  const size_t count = rets.size();
+  if (count == 0 || args.size() != 3 * count)
+    return ffi::Error::InvalidArgument("cascade_qmatmul_many: expected (codes, scale, zero) per result");
+  std::vector<Problem> ps(count);
+  std::vector<ffi::Result<ffi::AnyBuffer>> ys;
+  for (size_t i = 0; i < count; ++i) {
+    auto codes = args.get<ffi::Buffer<ffi::U8>>(3 * i);
+    auto scale = args.get<ffi::AnyBuffer>(3 * i + 1);
+    auto zero = args.get<ffi::AnyBuffer>(3 * i + 2);
+    auto y = rets.get<ffi::AnyBuffer>(i);
+    if (codes.has_error() || scale.has_error() || zero.has_error() || y.has_error())
+      return ffi::Error::InvalidArgument("cascade_qmatmul_many: bad operand types");
+    ys.push_back(*y);
+    ffi::Error err = describe(xd[0], xd[1], *codes, *scale, *zero, ys.back(), bits, group, has_zero, false, x_type,
+                              &ps[i]);
+    if (err.failure()) return err;
+  }
+  const int64_t M = xd[0];
+  std::vector<std::vector<float>> temps(count);
+  std::vector<Problem> nonempty;
+  std::vector<float*> outs;
+  for (size_t i = 0; i < count; ++i) {
+    float* out = static_cast<float*>(ys[i]->untyped_data());
+    if (x_type != Real::kF32) temps[i].resize(M * ps[i].N), out = temps[i].data();
+    if (M && ps[i].N) nonempty.push_back(ps[i]), outs.push_back(out);
+  }
+  if (nonempty.empty()) return ffi::Error::Success();
+  run_call(nonempty, x.untyped_data(), x_type, outs);
+  if (x_type == Real::kBF16)
+    for (size_t i = 0; i < count; ++i) {
+      uint16_t* yh = static_cast<uint16_t*>(ys[i]->untyped_data());
+      for (int64_t j = 0; j < M * ps[i].N; ++j) yh[j] = float_to_bf16(temps[i][j]);
+    }
   return ffi::Error::Success();
 }
 
@@ -481,3 +580,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CascadeQMatmul, QMatmulImpl,
                                   .Attr<int64_t>("group")
                                   .Attr<bool>("has_zero")
                                   .Attr<bool>("transposed"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CascadeQMatmulMany, QMatmulManyImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // x (M, K) float32 / bfloat16
+                                  .RemainingArgs()        // (codes, scale, zero) per weight
+                                  .RemainingRets()        // y (M, N_i) per weight, x's dtype
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group")
+                                  .Attr<bool>("has_zero"));

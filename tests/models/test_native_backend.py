@@ -100,9 +100,12 @@ def test_smollm2_source_a8(monkeypatch):
     _compare(model, monkeypatch, "The capital of France is", [], ctx=256, backend="cpu-a8", tokens=12)
 
 
-@pytest.mark.parametrize("name, spec", [("default-small", "int4-a8"), ("default-large", "int8-g32-asym-a8")])
+@pytest.mark.parametrize("name, spec", [("default-small", "int4-a8"), ("default-large", "int8-g32-asym-a8"),
+                                        ("default-small", "int4"), ("default-large", "int8"),
+                                        ("default-small", "int4-g32-asym"), ("default-large", "int8-g64-asym")])
 def test_fused_projections_equal_separate_calls_exactly(monkeypatch, name, spec):
-    """q/k/v and gate/up in one kernel call give bit-identical logits to one call per weight."""
+    """q/k/v and gate/up in one kernel call give bit-identical logits to one call per weight, with
+    float activations (the dequantizing kernel) and with int8 ones (-a8)."""
     from cascade.models.decoder import logits_of
     from cascade.quant import dequant_matmul
 
@@ -117,23 +120,32 @@ def test_fused_projections_equal_separate_calls_exactly(monkeypatch, name, spec)
     assert (fused == separate).all()
 
 
-def test_the_decode_step_calls_the_a8_kernel():
-    """No silent fallback: an -a8 model's compiled decode step holds the integer kernel's custom
-    calls: 4 per layer (q/k/v fused, o, gate/up fused, down) and the tied head."""
+def _targets(hlo: str) -> dict:
+    """How many custom calls of each kernel target a compiled program holds."""
+    import re
+
+    found = re.findall(r"custom_call @([a-z0-9_]+)\(", hlo)
+    return {t: found.count(t) for t in set(found)}
+
+
+@pytest.mark.parametrize("spec, single, many", [("int4-a8", cpu.A8_TARGET, cpu.A8_MANY_TARGET),
+                                                ("int4", cpu.TARGET, cpu.MANY_TARGET)])
+def test_the_decode_step_calls_the_kernel_four_times_a_layer(spec, single, many):
+    """No silent fallback: a quantized model's compiled decode step holds the kernel's custom calls:
+    4 per layer (q/k/v fused, o, gate/up fused, down) and the tied head, and no other matmul kernel."""
     from cascade.models.generation import _decode_and_sample
     from cascade.models.kv_cache import KVCache
+    from cascade.quant.qtensor import QuantizedTensor
 
-    model = quantize_model(load_model("default-small"), "int4-a8", progress=False)[0]
+    model = quantize_model(load_model("default-small"), spec, progress=False)[0]
     cache = KVCache.create(model.config, 1, 64, None)
     hlo = _decode_and_sample.lower(model.params, model.config, jax.numpy.zeros((1,), "int32"), cache,
                                    jax.random.key(0), 0.0, 0, 1.0).as_text()
-    from cascade.quant.qtensor import QuantizedTensor
-
     n = model.config.n_layers
     head = int(model.config.tie_embeddings and isinstance(model.params["embed"]["embedding"], QuantizedTensor))
-    assert hlo.count(cpu.A8_MANY_TARGET) == 2 * n, hlo.count(cpu.A8_MANY_TARGET)
-    assert hlo.count(cpu.A8_TARGET) - hlo.count(cpu.A8_MANY_TARGET) == 2 * n + head  # o, down (+ a quantized head)
-    assert hlo.count(cpu.TARGET + '"') + hlo.count(cpu.TARGET + "'") == 0  # no float-activation kernel left
+    counts = _targets(hlo)
+    matmuls = {t: c for t, c in counts.items() if t.startswith(cpu.TARGET)}
+    assert matmuls == {many: 2 * n, single: 2 * n + head}, counts  # o, down (+ a quantized head)
 
 
 @pytest.mark.slow

@@ -237,3 +237,67 @@ def test_a_missing_extension_falls_back_to_the_reference_with_one_warning_line()
     assert proc.returncode == 0 and "fallback ok 64.0" in proc.stdout, proc.stderr[-3000:]
     warnings = [line for line in proc.stderr.splitlines() if "native CPU matmul kernel unavailable" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: cascade: "), proc.stderr[-3000:]
+
+
+# the float kernel's paths this machine has: scalar always, AVX2 where the processor has it
+FLOAT_PATHS = ["scalar"] + (["avx2"] if cpu.hardware_isa() in ("avx2", "avx512vnni") else [])
+
+
+@pytest.mark.parametrize("spec", ["int4-g32", "int4-g32-asym", "int8", "int8-g64-asym", "int4"])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_several_weights_in_one_call_equal_their_own_calls_exactly(spec, rows, monkeypatch):
+    """matmul_many (q/k/v, gate/up) of float-activation weights: one call, each result bit-identical to
+    the weight's own call, on every path (576 x 576 bands over K, 576 x 192 does not, 576 x 36 has a
+    scalar column tail); weights that do not fuse (another group size, a float weight, -a8) run one by
+    one, and the fused call is in the compiled program."""
+    rng = np.random.default_rng(rows + len(spec))
+    ws = [quant.quantize(rng.standard_normal((576, n)).astype(np.float32), spec) for n in (576, 192, 36)]
+    x = jnp.asarray(rng.standard_normal((rows, 576)), jnp.float32)
+    assert dequant_matmul.fuses(x, ws)
+    text = jax.jit(dequant_matmul.matmul_many).lower(x, ws).as_text()
+    assert cpu.MANY_TARGET in text and f'"{cpu.TARGET}"' not in text
+    for path in FLOAT_PATHS:
+        monkeypatch.setenv(cpu.ISA_ENV, path)
+        many = jax.jit(dequant_matmul.matmul_many)(x, ws)
+        for y, w in zip(many, ws):
+            assert (np.asarray(y) == np.asarray(jax.jit(cpu.matmul)(x, w))).all(), (path, w.shape)
+            _check(x, w, against_xla=False)
+    other = quant.quantize(rng.standard_normal((576, 64)).astype(np.float32), "int4-g128")
+    a8 = quant.quantize(rng.standard_normal((576, 64)).astype(np.float32), spec + "-a8")
+    for odd in (other, a8, jnp.ones((576, 8))):
+        assert not dequant_matmul.fuses(x, ws[:1] + [odd])
+    mixed = dequant_matmul.matmul_many(x, ws[:1] + [other])
+    _check(x, other)
+    assert np.allclose(np.asarray(mixed[1]), np.asarray(cpu.matmul(x, other)))
+    monkeypatch.setenv("CASCADE_MATMUL_BACKEND", "xla")
+    assert not dequant_matmul.fuses(x, ws)
+
+
+def test_bfloat16_activations_in_one_call():
+    rng = np.random.default_rng(7)
+    ws = [quant.quantize(rng.standard_normal((256, n)).astype(np.float32), "int4-g32-asym") for n in (256, 64)]
+    x = jnp.asarray(rng.standard_normal((3, 256)), jnp.bfloat16)
+    many = jax.jit(dequant_matmul.matmul_many)(x, ws)
+    for y, w in zip(many, ws):
+        assert y.dtype == jnp.bfloat16
+        assert (np.asarray(y, np.float32) == np.asarray(jax.jit(cpu.matmul)(x, w), np.float32)).all()
+
+
+@pytest.mark.parametrize("spec, k, n", [("int4-g32-asym", 1536, 576), ("int8-g32", 576, 1536),
+                                        ("int4-g32", 576, 192), ("int4-g32", 576, 576)])
+def test_a_row_is_the_same_alone_or_with_others(spec, k, n, monkeypatch):
+    """Each row of an M-row call equals the same row computed alone, bit for bit, on every path: the
+    K-band split never depends on the number of rows, so a speculative verification (k + 1 rows)
+    agrees exactly with one-row decode steps.  Mutation check: the split this kernel once had (bands
+    for batches up to 4 whose whole product is large, columns otherwise) fails 576 x 192 (bands only
+    with several rows) and 1536 x 576 (bands only with up to 4 rows)."""
+    rng = np.random.default_rng(k + n)
+    w = quant.quantize(rng.standard_normal((k, n)).astype(np.float32), spec)
+    x = jnp.asarray(rng.standard_normal((9, k)) * rng.uniform(0.1, 3, k), jnp.float32)
+    for path in FLOAT_PATHS:
+        monkeypatch.setenv(cpu.ISA_ENV, path)
+        for rows in (3, 9):
+            together = np.asarray(jax.jit(cpu.matmul)(x[:rows], w))
+            for m in range(rows):
+                alone = np.asarray(jax.jit(cpu.matmul)(x[m:m + 1], w))[0]
+                assert (together[m] == alone).all(), (path, rows, m)
