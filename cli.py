@@ -677,6 +677,98 @@ def run(prompt, small_quant, large_quant, small_model, large_model, mode, draft_
         raise click.exceptions.Exit(1)
 
 
+SERVE_FLAGS = {"kv": "--kv {}", "small_kv": "--small-kv {}", "large_kv": "--large-kv {}", "small_quant": "--small {}",
+               "large_quant": "--large {}", "ctx": "--ctx {}", "batch": "--max-batch {}"}
+
+
+@app.command()
+@_pair_model_options()
+@click.option("--pair", "pair_name", type=click.Choice(["default", "smollm2"]),
+              help="A named pair: default (the embedded one) or smollm2 (after `cascade pull smollm2`; chat requests go "
+                   "through its chat template).")
+@click.option("--mode", type=click.Choice(["speculative", "spec-cascade", "defer", "large", "small"]),
+              default="speculative", show_default=True,
+              help="The default mode of a request (a request's `mode` field overrides it); large/small load one model.")
+@_draft_len_option(help="Default tokens the draft proposes per round (a request's `draft_len` overrides it), or auto.")
+@click.option("--rule", type=click.Choice(["chow", "diff", "opt"]), default="chow", show_default=True,
+              help="Default spec-cascade deferral rule (request field `rule`).")
+@click.option("--alpha", default=0.1, show_default=True, type=FiniteFloat(min=0, max=1),
+              help="Default spec-cascade trust in the small model (request field `alpha`).")
+@click.option("--threshold", default=-1.0, show_default=True, type=FiniteFloat(),
+              help="Default defer threshold on the mean log-probability (request field `threshold`).")
+@_pair_kv_options()
+@_budget_option(help="Device memory budget (e.g. 512MB): the server plans the weights and both KV caches for "
+                     "--max-batch rows of --ctx positions and refuses to start, naming a change that fits, when over.")
+@click.option("--ctx", type=click.IntRange(min=16),
+              help="Positions per request (prompt + answer) in the KV caches [default: the pair's context].")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(min=0, max=65535),
+              help="Port to listen on (0: any free port; the ready line names it).")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1, max=64),
+              help="Requests decoded together at most (continuous batching).")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=0),
+              help="Requests that may wait for a slot; more are answered 429 with Retry-After.")
+@click.option("--api-key", envvar="CASCADE_API_KEY", help="Require `Authorization: Bearer KEY` (or set "
+                                                          "CASCADE_API_KEY) [default: no authentication].")
+@click.option("--drain-timeout", default=30.0, show_default=True, type=FiniteFloat(min=0),
+              help="On SIGTERM: seconds running requests get to finish before they end with an error.")
+@click.option("--model-id", help="The model name clients send and /v1/models lists [default: the pair's name].")
+@_scale_dtype_option
+def serve(small_quant, large_quant, small_model, large_model, pair_name, mode, draft_len, rule, alpha, threshold, kv,
+          small_kv, large_kv, budget, ctx, host, port, max_batch, max_queue, api_key, drain_timeout, model_id,
+          scale_dtype):
+    """Serve the cascade over HTTP with OpenAI's API (completions, chat completions, streaming).
+
+    Concurrent requests share a running batch (continuous batching); /metrics reports Prometheus
+    metrics under vLLM's names; SIGTERM drains.  Prints one line with the URL when ready.
+    """
+    from cascade import Cascade
+    from cascade.pair import check_mode
+    from cascade.server import serve as run_server
+
+    small_quant, small_model, large_quant, large_model, chat = _pair_models(
+        pair_name, False, small_quant, small_model, large_quant, large_model)
+    for names, modes in ((("small_quant", "small_model", "small_kv"), RUN_MODES_WITH["small"]),
+                         (("large_quant", "large_model", "large_kv"), RUN_MODES_WITH["large"])):
+        _refuse_unless(mode in modes, names, _to_modes(modes))
+    small_kv, large_kv = small_kv or kv, large_kv or kv
+    _check_pair_kv(_pair_configs(mode, small_model, large_model), small_kv, large_kv, kv)
+    _check_pair_rules(mode, small_model, large_model, small_quant, large_quant)
+    configs = _pair_configs(mode, small_model, large_model)
+    context = min(c.max_seq_len for c in configs.values() if c is not None)
+    if ctx is not None and ctx > context:
+        raise click.BadParameter(f"{ctx} is past the pair's context of {context} positions", param_hint="'--ctx'")
+    ctx = ctx or context
+    load = dict(small_quant=small_quant, large_quant=large_quant, mode=mode, small_kv=small_kv, large_kv=large_kv,
+                budget=budget, ctx=ctx, batch=max_batch, scale_dtype=scale_dtype, draft_len=draft_len, rule=rule,
+                alpha=alpha, threshold=threshold)
+    try:
+        router = Cascade.load(small_model, large_model, budget_flags=SERVE_FLAGS, **load)
+    except ValueError as e:
+        if budget is not None and "budget" in str(e):  # the plan does not fit: refuse to start (exit 1)
+            click.echo(f"error: {e}", err=True)
+            raise click.exceptions.Exit(1) from None
+        raise
+    for role in ("small", "large"):
+        if getattr(router.pair, role) is not None:
+            check_mode(router.pair, role)
+    model_id = model_id or pair_name or ("default" if small_model == "default-small" and large_model == "default-large"
+                                         else "cascade")
+    defaults = {"mode": mode, "draft_len": draft_len, "draft_confidence": None, "rule": rule, "alpha": alpha,
+                "threshold": threshold, "defer_score": "mean-logprob", "small_kv": small_kv, "large_kv": large_kv}
+    has_template = bool(getattr(router.pair.tokenizer, "chat_template", None))
+    if api_key is None:
+        click.echo("warning: no --api-key: the server accepts every request (no authentication)", err=True)
+
+    def ready(url):
+        click.echo(f"cascade serve: {model_id} ({mode}, max batch {max_batch}, ctx {ctx}) listening on {url}", err=True)
+        click.echo(url)
+        sys.stdout.flush()
+
+    run_server(router, host=host, port=port, max_batch=max_batch, max_queue=max_queue, ctx=ctx, model_id=model_id,
+               defaults=defaults, chat_template=has_template, api_key=api_key, drain_timeout=drain_timeout, ready=ready)
+
+
 def _pair_models(pair_name, raw, small_quant, small_model, large_quant, large_model):
     """``(small_quant, small_model, large_quant, large_model, chat)`` of `run`: ``--pair NAME`` picks
     both models (and the chat template unless ``--raw``); ``--small NAME``/``--large NAME`` with a

@@ -371,7 +371,8 @@ def stream_batch(pair: ModelPair, prompts: list[str], *, mode: str = "speculativ
     ``rule``/``alpha``: the deferral rule of ``mode="spec-cascade"``
     (:func:`cascade.speculative.deferral`); ``defer_score``/``threshold``: ``mode="defer"``
     (:mod:`cascade.deferral`).  ``chat``: each prompt is a user turn through the chat template
-    (:func:`chat_prompt`; the template writes any BOS itself), the result's ``prompt`` the text as given."""
+    (:func:`chat_prompt`; the template writes any BOS itself), the result's ``prompt`` the text as given.
+    A prompt may also be a list of token ids, used as they are (its result's ``prompt``: their text)."""
     context = check_mode(pair, mode)
     if mode == "defer":
         check_deferral(defer_score, threshold)  # before any generation
@@ -382,7 +383,9 @@ def stream_batch(pair: ModelPair, prompts: list[str], *, mode: str = "speculativ
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     tok = pair.tokenizer
-    encoded = [tok.encode(chat_prompt(tok, p), add_bos=False) if chat and p else tok.encode(p) for p in prompts]
+    encoded = [list(p) if not isinstance(p, str) else tok.encode(chat_prompt(tok, p), add_bos=False) if chat and p
+               else tok.encode(p) for p in prompts]
+    prompts = [p if isinstance(p, str) else tok.decode(p) for p in prompts]
     out: list = [None] * len(prompts)
     good = []
     for i, (p, ids) in enumerate(zip(prompts, encoded)):

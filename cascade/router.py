@@ -50,7 +50,7 @@ class Cascade:
              large_quant: str | None = None, mode: str = "speculative", kv: str | None = None,
              small_kv: str | None = None, large_kv: str | None = None, budget: int | str | None = None,
              ctx: int | None = None, batch: int = 1, scale_dtype="float16", calib: str | None = None,
-             **settings) -> "Cascade":
+             budget_flags: dict | None = None, **settings) -> "Cascade":
         """Load the pair (``small``/``large``: built-in names or paths; a single-model ``mode`` loads
         only its model) and quantize each under its rules (``*_quant`` None: as
         :func:`cascade.pair.load_pair`, int4/int8 for a float model, an already quantized one as
@@ -59,11 +59,13 @@ class Cascade:
         (:func:`cascade.memory.plan_from_configs`): over budget is a ValueError saying by how much and
         which single change of these keywords would fit, and nothing is loaded (a model kept as
         stored is counted once loaded).  ``settings``: ``draft_len`` (tokens, or ``"auto"``),
-        ``draft_confidence``, ``rule``, ``alpha``, ``defer_score``, ``threshold``."""
+        ``draft_confidence``, ``rule``, ``alpha``, ``defer_score``, ``threshold``.  ``budget_flags``: how
+        the over-budget message spells each change (default: these keywords; `cascade serve` passes
+        its flags)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         small, large = (small if mode != "large" else None), (large if mode != "small" else None)
-        flags = {k: v for k, v in KEYWORDS.items() if not (k == "kv" and (small_kv or large_kv))}
+        flags = {k: v for k, v in (budget_flags or KEYWORDS).items() if not (k == "kv" and (small_kv or large_kv))}
         stored = False
         if budget is not None:  # checked from the configs, before any weight is loaded
             parse_bytes(budget)
