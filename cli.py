@@ -706,7 +706,7 @@ SERVE_FLAGS = {"kv": "--kv {}", "small_kv": "--small-kv {}", "large_kv": "--larg
               help="Port to listen on (0: any free port; the ready line names it).")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1, max=64),
               help="Requests decoded together at most (continuous batching).")
-@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=0),
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=1),
               help="Requests that may wait for a slot; more are answered 429 with Retry-After.")
 @click.option("--api-key", envvar="CASCADE_API_KEY", help="Require `Authorization: Bearer KEY` (or set "
                                                           "CASCADE_API_KEY) [default: no authentication].")
@@ -714,9 +714,10 @@ SERVE_FLAGS = {"kv": "--kv {}", "small_kv": "--small-kv {}", "large_kv": "--larg
               help="On SIGTERM: seconds running requests get to finish before they end with an error.")
 @click.option("--model-id", help="The model name clients send and /v1/models lists [default: the pair's name].")
 @_scale_dtype_option
+@_json_option(help="When ready, print one JSON object (url, model_id, mode, max_batch, ctx) on stdout instead of the URL.")
 def serve(small_quant, large_quant, small_model, large_model, pair_name, mode, draft_len, rule, alpha, threshold, kv,
           small_kv, large_kv, budget, ctx, host, port, max_batch, max_queue, api_key, drain_timeout, model_id,
-          scale_dtype):
+          scale_dtype, as_json):
     """Serve the cascade over HTTP with OpenAI's API (completions, chat completions, streaming).
 
     Concurrent requests share a running batch (continuous batching); /metrics reports Prometheus
@@ -762,7 +763,8 @@ def serve(small_quant, large_quant, small_model, large_model, pair_name, mode, d
 
     def ready(url):
         click.echo(f"cascade serve: {model_id} ({mode}, max batch {max_batch}, ctx {ctx}) listening on {url}", err=True)
-        click.echo(url)
+        click.echo(json.dumps({"url": url, "model_id": model_id, "mode": mode, "max_batch": max_batch, "ctx": ctx})
+                   if as_json else url)
         sys.stdout.flush()
 
     run_server(router, host=host, port=port, max_batch=max_batch, max_queue=max_queue, ctx=ctx, model_id=model_id,
@@ -2281,6 +2283,37 @@ def bench_cascade(pair_name, small_model, large_model, small_quant, large_quant,
                                    temperature=temperature, n_prompts=n_prompts, pair=pair_name, batches=batches,
                                    small_quant=small_quant, large_quant=large_quant)
     _emit(as_json, result, bench_cascade_mod.table(result), out=out_path)
+
+
+@bench.command(name="serve")
+@_bench_pair_options()
+@click.option("--mode", type=click.Choice(["speculative", "spec-cascade", "large", "small"]), default="speculative",
+              show_default=True, help="The mode every request runs in.")
+@click.option("--draft-len", default=4, show_default=True, type=click.IntRange(1, 16), help="Tokens drafted per round.")
+@click.option("--clients", default="1,8,16", show_default=True, callback=_csv_ints,
+              help="Comma-separated numbers of concurrent clients, one row each (streaming and not).")
+@click.option("--requests", default=8, show_default=True, type=click.IntRange(1, 64),
+              help="Requests each client sends, one after another.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 64), help="The server's --max-batch.")
+@click.option("--ctx", default=256, show_default=True, type=click.IntRange(min=32), help="The server's --ctx.")
+@_out_option()
+@_json_option()
+def bench_serve(pair_name, small_model, large_model, small_quant, large_quant, tokens, n_prompts, repeats, mode,
+                draft_len, clients, requests, max_batch, ctx, out_path, as_json):
+    """`cascade serve` on loopback under concurrent clients: tokens/s against one client, time to
+    first token, and every answer checked against its prompt alone (bench/serve.py).  Each row is one
+    bounded run after a warm-up (no --repeats)."""
+    from cascade.bench import serve as bench_serve_mod
+
+    _bench_pair_request(pair_name, small_model, large_model)
+    if _given("repeats"):
+        raise click.UsageError("--repeats does not apply to bench serve: each row is one bounded run; use --requests")
+    if not clients:
+        raise click.BadParameter("give at least one number of clients", param_hint="'--clients'")
+    result = bench_serve_mod.run(small_model, large_model, pair=pair_name, small_quant=small_quant,
+                                 large_quant=large_quant, clients=tuple(clients), requests=requests, tokens=tokens,
+                                 max_batch=max_batch, mode=mode, draft_len=draft_len, ctx=ctx, n_prompts=n_prompts)
+    _emit(as_json, result, bench_serve_mod.table(result), out=out_path)
 
 
 def main(argv: list[str] | None = None) -> int:

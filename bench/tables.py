@@ -239,11 +239,21 @@ def _with_grid(spec: str, grid: str) -> str:
     return "-".join(parts[:at] + [grid] + parts[at:])
 
 
+def _serve(result: dict) -> str:
+    """`cascade bench serve` (``bench/serve.py``): throughput and latency per number of clients."""
+    columns: list[Column] = [("stream", lambda r: "yes" if r["stream"] else "no"), ("clients", _int("clients")),
+                             ("requests", _int("requests")), ("tokens/s", _num("tokens_per_s", 1)),
+                             ("vs one client", _num("vs_one_client", 2)), ("first token p50 (s)", _num("ttft_p50_s", 3)),
+                             ("first token p95 (s)", _num("ttft_p95_s", 3)), ("latency p95 (s)", _num("latency_p95_s", 3)),
+                             ("lost / duplicated / garbled", lambda r: f"{r['lost']} / {r['duplicated']} / {r['garbled']}")]
+    return markdown(columns, result["rows"])
+
+
 KINDS: dict[str, Callable[[dict], str]] = {
     "ptq-defaults": _ptq_defaults,
     "ptq": _ptq, "workflow": _workflow, "qat": _qat, "kv_cache": _kv_cache, "matmul": _matmul,
     "decode": _decode, "cascade": _cascade, "drafting": _drafting, "perplexity": _perplexity,
-    "quant_error": _quant_error, "sharded": _sharded, "default-pair": _default_pair,
+    "quant_error": _quant_error, "sharded": _sharded, "default-pair": _default_pair, "serve": _serve,
 }
 ALIASES = {"headline": "default-pair"}  # the README's table
 

@@ -55,8 +55,13 @@ class Row:
 
 @partial(jax.jit, donate_argnums=(0,))
 def _put_row(big, one, slot):
-    """``big`` (a cache or state of ``slots`` rows) with row ``slot`` replaced by ``one``'s only row."""
-    return jax.tree.map(lambda b, o: jax.lax.dynamic_update_slice_in_dim(b, o.astype(b.dtype), slot, axis=0), big, one)
+    """``big`` (a cache or state of ``slots`` rows) with row ``slot`` replaced by ``one``'s only row.
+    Leaf by leaf: a quantized cache's static metadata names its batch size, so the two trees differ
+    in structure though not in leaves."""
+    leaves, tree = jax.tree.flatten(big)
+    ones = jax.tree.leaves(one)
+    return tree.unflatten([jax.lax.dynamic_update_slice_in_dim(b, o.astype(b.dtype), slot, axis=0)
+                           for b, o in zip(leaves, ones, strict=True)])
 
 
 @partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))

@@ -99,7 +99,8 @@ class Metrics:
 
     def render(self) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
-        label = f'model_name="{self.model_id}"'
+        escaped = self.model_id.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        label = f'model_name="{escaped}"'
         out = []
 
         def metric(name, kind, help_, samples):
@@ -175,16 +176,24 @@ class Request:
         return self.settings["mode"]
 
     def batch_key(self) -> tuple:
-        """Requests with equal keys share a running batch (the jitted step's settings)."""
-        s = self.sampling
+        """Requests with equal keys share a running batch: what the jitted step takes (the mode, its
+        sampling setting, and only the settings that mode reads)."""
+        s, st = self.sampling, self.settings
         sampling = (0.0, 0, 1.0) if s.greedy else (s.temperature, s.top_k, s.top_p)
+        mode = st["mode"]
+        used = {"large": ("large_kv",), "small": ("small_kv",), "speculative": ("draft_len", "draft_confidence"),
+                "spec-cascade": ("draft_len", "draft_confidence", "rule", "alpha")}.get(mode, ())
+        if mode in ("speculative", "spec-cascade"):
+            used += ("small_kv", "large_kv")
         own = self.id if self.seeded else None
-        settings = tuple(sorted((k, v) for k, v in self.settings.items() if k not in ("defer_score", "threshold")))
-        return (sampling, settings, own)
+        return (mode, sampling, tuple((k, st.get(k)) for k in used), own)
 
     def emit(self, kind: str, value) -> None:
         if not self.cancelled:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+            try:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+            except RuntimeError:  # the event loop is closed (after the shutdown): nobody is listening
+                pass
 
 
 class QueueFull(Exception):
@@ -207,7 +216,8 @@ class Engine:
         self.slots: dict[int, Request] = {}
         self.stopping = False
         self.draining = False
-        self.error: str | None = None
+        self.fail_message: str | None = None  # set by fail_all: end everything at the next boundary
+        self.fail_pending = False
         self.thread = threading.Thread(target=self._run, name="cascade-engine", daemon=True)
 
     def start(self) -> None:
@@ -232,12 +242,23 @@ class Engine:
         self.thread.join(timeout)
 
     def fail_all(self, message: str) -> None:
-        """End every waiting and running request with an error (a drain that timed out)."""
+        """End every waiting and running request with an error (a drain that timed out), at the
+        engine's next boundary (any thread may call this)."""
         with self.cv:
-            for req in list(self.waiting) + list(self.slots.values()):
-                req.emit("error", BadRequest(message, status=503, type="server_error", code="shutting_down"))
-                req.cancelled = True
+            self.fail_message, self.fail_pending = message, True
             self.cv.notify_all()
+
+    def _fail_everything(self) -> None:
+        error = BadRequest(self.fail_message, status=503, type="server_error", code="shutting_down")
+        with self.cv:
+            waiting, self.waiting, self.fail_pending = list(self.waiting), collections.deque(), False
+        for req in waiting + list(self.slots.values()):
+            req.emit("error", error)
+            req.cancelled = True
+        for slot in list(self.slots):
+            self.batch.remove(slot)
+        self.slots.clear()
+        self._gauges()
 
     # ------------------------------------------------------------------------------ admission
 
@@ -265,7 +286,7 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self.cv:
-                while not self.stopping and not self.waiting and not self.slots:
+                while not self.stopping and not self.waiting and not self.slots and not self.fail_pending:
                     self.cv.wait(0.5)
                 if self.stopping and not self.slots and not self.waiting:
                     return
@@ -273,6 +294,9 @@ class Engine:
                     for req in list(self.waiting) + list(self.slots.values()):
                         req.cancelled = True
             try:
+                if self.fail_pending:
+                    self._fail_everything()
+                    continue
                 self._drop_cancelled()
                 self._admit()
                 if self.slots:
@@ -310,37 +334,41 @@ class Engine:
             if not self.waiting:
                 return
             head = self.waiting[0]
-            if not self.slots:  # an idle engine takes the next request's kind
-                if head.mode not in JOINABLE:
-                    self.waiting.popleft()
-                    self._gauges()
-                    whole = head
-                else:
-                    whole = None
-                    key = head.batch_key()
-                    if self.batch is None or self.batch_key != key:
-                        s = head.settings
-                        self.batch = SlotBatch(self.pair, head.mode, slots=1 if head.seeded else self.max_batch,
-                                               ctx=self.ctx, sampling=head.sampling, eos=self.eos,
-                                               **{k: v for k, v in s.items() if k != "mode"})
-                        self.batch_key = key
-            else:
-                whole = None
-            joining = []
-            if whole is None:
-                while self.waiting and self.waiting[0].batch_key() == self.batch_key and \
-                        len(joining) < self.batch.free():
-                    joining.append(self.waiting.popleft())
+            start = not self.slots  # an idle engine takes the next request's kind
+            whole = self.waiting.popleft() if start and head.mode not in JOINABLE else None
             self._gauges()
         if whole is not None:
             self._run_whole(whole)
             return
-        for req in joining:
+        if start and (self.batch is None or self.batch_key != head.batch_key()):
+            self.batch, self.batch_key = None, None  # free the old caches before allocating the new ones
+            try:
+                self.batch = SlotBatch(self.pair, head.mode, slots=1 if head.seeded else self.max_batch, ctx=self.ctx,
+                                       sampling=head.sampling, eos=self.eos,
+                                       **{k: v for k, v in head.settings.items() if k != "mode"})
+            except Exception as e:  # noqa: BLE001 - this request's batch cannot be built: fail it, serve the rest
+                with self.cv:
+                    if self.waiting and self.waiting[0] is head:
+                        self.waiting.popleft()
+                    self._gauges()
+                head.emit("error", _failure(e))
+                return
+            self.batch_key = head.batch_key()
+        with self.cv:
+            joining = []
+            while self.waiting and self.waiting[0].batch_key() == self.batch_key and len(joining) < self.batch.free():
+                joining.append(self.waiting.popleft())
+            self._gauges()
+        for i, req in enumerate(joining):
             try:
                 slot, first = self.batch.add(req.prompt_ids, req.max_tokens)
-            except ValueError as e:
-                req.emit("error", BadRequest(str(e)))
-                continue
+            except Exception as e:  # noqa: BLE001 - a ValueError is this request's; anything else ends the batch
+                req.emit("error", _failure(e))
+                if isinstance(e, ValueError):
+                    continue
+                for later in joining[i + 1:]:
+                    later.emit("error", _failure(e))
+                raise
             self.slots[slot] = req
             self.metrics.add(prompt_tokens=len(req.prompt_ids))
             self._deliver(slot, req, first)
@@ -350,9 +378,12 @@ class Engine:
         """A request of a mode that does not join a batch (defer): generated whole."""
         from cascade.pair import RowError, generate_batch
 
-        results = generate_batch(self.pair, [req.prompt_ids], max_new_tokens=req.max_tokens, sampling=req.sampling,
-                                 **req.settings)
-        r = results[0]
+        try:
+            (r,) = generate_batch(self.pair, [req.prompt_ids], max_new_tokens=req.max_tokens, sampling=req.sampling,
+                                  **req.settings)
+        except Exception as e:  # noqa: BLE001 - this request fails, the server goes on
+            req.emit("error", _failure(e))
+            return
         if isinstance(r, RowError):
             req.emit("error", BadRequest(r.error))
             return
@@ -372,6 +403,17 @@ class Engine:
             if req is not None:
                 self._deliver(slot, req, toks)
 
+    def _completion_text(self, req: Request) -> str:
+        """The text of ``req``'s tokens after its prompt, decoded with only the prompt's last tokens
+        before them (what the spacing of the first piece depends on), not the whole prompt again at
+        every step; the whole prompt where that does not give the same beginning."""
+        tail = req.prompt_ids[-8:]
+        base = self.tokenizer.decode(tail)
+        full = self.tokenizer.decode(tail + req.tokens)
+        if full.startswith(base) and not base.endswith("\ufffd"):
+            return full[len(base):]
+        return self.tokenizer.decode_completion(req.prompt_ids, req.tokens)
+
     def _deliver(self, slot, req: Request, toks: list[int], finish: str | None = None, extra: dict | None = None) -> None:
         """Hand ``req`` its new text (holding back what may be the start of a stop sequence); finish it
         at a stop sequence, EOS or max_tokens."""
@@ -380,8 +422,6 @@ class Engine:
             if req.first_at is None:
                 req.first_at = now
                 self.metrics.observe("ttft", now - req.arrived)
-                if len(toks) > 1:
-                    self.metrics.observe("tpot", 0.0)
             else:
                 per = (now - req.last_at) / len(toks)
                 for _ in toks:
@@ -392,7 +432,7 @@ class Engine:
         row = self.batch.rows[slot] if slot is not None else None
         if finish is None and row is not None and row.stop is not None:
             finish = row.stop
-        text = self.tokenizer.decode_completion(req.prompt_ids, req.tokens)
+        text = self._completion_text(req)
         stopped = False
         if req.stop:
             hits = [text.find(s, max(0, len(req.sent) - len(s))) for s in req.stop]
@@ -431,9 +471,17 @@ class Engine:
             self.metrics.finished[reason] += 1
         self.metrics.observe("e2e", now - req.arrived)
         req.done = True
-        req.emit("done", {"finish_reason": reason, "text": req.sent, "prompt_tokens": len(req.prompt_ids),
+        req.emit("done", {"finish_reason": reason, "text": final, "prompt_tokens": len(req.prompt_ids),
                           "completion_tokens": len(req.tokens), "cascade": info})
         self._gauges()
+
+
+def _failure(e: Exception) -> BadRequest:
+    """The error a request gets when the engine fails on it: a 400 for what it asked (a ValueError),
+    a 500 (the server's fault, said as such) otherwise."""
+    if isinstance(e, ValueError):
+        return BadRequest(str(e))
+    return BadRequest(f"generation failed: {type(e).__name__}: {e}", status=500, type="server_error")
 
 
 # ---------------------------------------------------------------------------------- HTTP layer
@@ -495,15 +543,15 @@ class Api:
             raise BadRequest(f"mode {mode!r} needs both models; this server runs --mode {d['mode']}", param="mode")
         if mode == "large" and pair.large is None or mode == "small" and pair.small is None:
             raise BadRequest(f"mode {mode!r} needs the {mode} model, which this server did not load", param="mode")
-        draft_len = body.get("draft_len", d["draft_len"])
+        draft_len = body.get("draft_len")
         if draft_len is None:
-            draft_len = d["draft_len"]
-        if draft_len != "auto":
-            draft_len = _number({"draft_len": draft_len}, "draft_len", None, lo=1, hi=16, integer=True)
+            draft_len = d["draft_len"]  # the server's own (--draft-len), checked by the command line
+        elif draft_len != "auto":
+            draft_len = _number(body, "draft_len", None, lo=1, hi=32, integer=True)
         return {"mode": mode, "draft_len": draft_len, "draft_confidence": d.get("draft_confidence"),
                 "rule": _choice(body, "rule", d["rule"], RULES),
                 "alpha": float(_number(body, "alpha", d["alpha"], lo=0, hi=1)),
-                "threshold": float(_number(body, "threshold", d["threshold"])),
+                "threshold": float(_number(body, "threshold", d["threshold"], lo=-1e9, hi=1e9)),
                 "defer_score": d["defer_score"], "small_kv": d["small_kv"], "large_kv": d["large_kv"]}
 
     def parse(self, body, chat: bool) -> Request:
@@ -536,7 +584,8 @@ class Api:
                              param="messages" if chat else "prompt", code="context_length_exceeded")
         temperature = float(_number(body, "temperature", 1.0, lo=0, hi=2))
         top_p = float(_number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True))
-        top_k = _number(body, "top_k", 0, lo=0, integer=True)
+        vocab = (self.engine.pair.large or self.engine.pair.small).config.vocab_size
+        top_k = _number(body, "top_k", 0, lo=0, hi=vocab, integer=True)
         seed = _number(body, "seed", None, lo=-(2 ** 63), hi=2 ** 64 - 1, integer=True)
         greedy = temperature == 0
         sampling = SamplingConfig(temperature=temperature, top_k=0 if greedy else top_k, top_p=1.0 if greedy else top_p,
@@ -626,7 +675,7 @@ class Api:
 def create_app(engine: Engine, *, model_id: str, defaults: dict, chat_template: bool, api_key: str | None = None):
     """The Starlette application over a started :class:`Engine` (module docs)."""
     from starlette.applications import Starlette
-    from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     api = Api(engine, model_id=model_id, defaults=defaults, chat=chat_template)
@@ -641,7 +690,7 @@ def create_app(engine: Engine, *, model_id: str, defaults: dict, chat_template: 
     def authorized(request) -> BadRequest | None:
         if api_key is None:
             return None
-        if request.headers.get("authorization", "") != f"Bearer {api_key}":
+        if not secrets.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {api_key}".encode()):
             return BadRequest("Incorrect API key provided.", status=401, code="invalid_api_key")
         return None
 
@@ -654,9 +703,14 @@ def create_app(engine: Engine, *, model_id: str, defaults: dict, chat_template: 
             raw = await request.body()
             try:
                 body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, huge integers, deep nesting
                 raise BadRequest("the request body is not valid JSON") from None
-            req = api.parse(body, chat)
+            try:
+                req = api.parse(body, chat)
+            except BadRequest:
+                raise
+            except Exception as e:  # noqa: BLE001 - a value no check above foresaw: still the request's fault
+                raise BadRequest(f"could not read the request: {type(e).__name__}: {e}") from None
             stream = bool(body.get("stream"))
             include_usage = stream and isinstance(body.get("stream_options"), dict) and \
                 bool(body["stream_options"].get("include_usage"))
@@ -679,6 +733,8 @@ def create_app(engine: Engine, *, model_id: str, defaults: dict, chat_template: 
                     return JSONResponse(api.response(req, value, chat, created))
                 if kind == "error":
                     return error(value)
+                if kind == "gone":  # the client went away: nobody reads this
+                    return Response(status_code=499)
         finally:
             watcher.cancel()
             if not req.done:
@@ -688,6 +744,7 @@ def create_app(engine: Engine, *, model_id: str, defaults: dict, chat_template: 
         while not req.done:
             if await request.is_disconnected():
                 req.cancelled = True
+                req.queue.put_nowait(("gone", None))  # ends the handler (the engine says nothing more)
                 with engine.cv:
                     engine.cv.notify_all()
                 return

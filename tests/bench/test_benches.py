@@ -144,3 +144,25 @@ def test_the_defaults_table_joins_results_and_computes_what_the_default_closes(t
     (tmp_path / "d.json").write_text(json.dumps({**common, "methods": ["rtn"], "cells": [["other", "val.txt", "int3-g32"]]}))
     with pytest.raises(ValueError, match="no rows for other"):
         tables.table("d", tmp_path)
+
+
+def test_serve_bench_through_the_cli(capsys, tmp_path):
+    """`cascade bench serve`: a row per (streaming, clients), every answer checked against its prompt
+    alone (none lost, duplicated or garbled), the table generated from the JSON; --repeats is refused."""
+    import json
+
+    from cascade import cli
+    from cascade.bench import tables
+
+    out = tmp_path / "serve.json"
+    code = cli.main(["bench", "serve", "--clients", "1,3", "--requests", "2", "--tokens", "5", "--prompts", "3",
+                     "--max-batch", "2", "--ctx", "64", "--out", str(out), "--json"])
+    assert code == 0
+    r = json.loads(capsys.readouterr().out)
+    assert [(row["stream"], row["clients"]) for row in r["rows"]] == [(False, 1), (False, 3), (True, 1), (True, 3)]
+    for row in r["rows"]:
+        assert row["requests"] == 2 * row["clients"] and (row["lost"], row["duplicated"], row["garbled"]) == (0, 0, 0)
+        assert 0 < row["tokens"] <= 5 * row["requests"] and row["ttft_p50_s"] <= row["ttft_p95_s"]
+    assert r["rows"][0]["vs_one_client"] == 1.0
+    assert "| yes | 3 | 6 |" in tables.table("serve", tmp_path)
+    assert cli.main(["bench", "serve", "--repeats", "2"]) == 2

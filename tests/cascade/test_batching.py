@@ -48,7 +48,8 @@ def _run(batch, pair, jobs, drop=None):
 
 
 @pytest.mark.parametrize("mode, settings", [("large", {}), ("small", {}), ("speculative", {"draft_len": 3}),
-                                            ("spec-cascade", {"draft_len": 2, "alpha": 0.3})])
+                                            ("spec-cascade", {"draft_len": 2, "alpha": 0.3}),
+                                            ("speculative", {"draft_len": 2, "small_kv": "int8", "large_kv": "int4"})])
 def test_rows_joining_a_running_batch_get_their_own_greedy_tokens(pair, mode, settings):
     jobs = [(p, n) for p, n in zip(PROMPTS, (24, 9, 17, 30, 5))]
     eos = eos_ids(pair.tokenizer, pair.large.config)

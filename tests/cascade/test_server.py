@@ -165,7 +165,7 @@ def test_a_full_queue_answers_429(router):
 
         def one():
             r = httpx.post(s.url + "/v1/completions", timeout=120,
-                           json={"prompt": "Once upon a time", "max_tokens": 60, "temperature": 0})
+                           json={"prompt": "Once upon a time", "max_tokens": 200, "temperature": 0})
             codes.append(r.status_code)
             if r.status_code == 429:
                 retry.append(r.headers.get("retry-after"))
@@ -184,7 +184,7 @@ def test_a_full_queue_answers_429(router):
 def test_a_client_that_disconnects_frees_its_row(server):
     engine = server.engine
     before = engine.metrics.counters["cancelled"]
-    body = {"prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "stream": True, "extra_body": None}
+    body = {"prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         next(line for line in lines if line.startswith("data: "))
@@ -192,6 +192,31 @@ def test_a_client_that_disconnects_frees_its_row(server):
     while (engine.slots or engine.metrics.counters["cancelled"] == before) and time.time() < deadline:
         time.sleep(0.05)
     assert not engine.slots and engine.metrics.counters["cancelled"] == before + 1
+
+
+def test_a_non_streaming_client_that_disconnects_frees_its_row(server):
+    engine = server.engine
+    before = engine.metrics.counters["cancelled"]
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(server.url + "/v1/completions", timeout=httpx.Timeout(30, read=0.3),
+                   json={"prompt": "Once upon a time", "max_tokens": 240, "temperature": 0, "mode": "large"})
+    deadline = time.time() + 30
+    while (engine.slots or engine.metrics.counters["cancelled"] == before) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not engine.slots and engine.metrics.counters["cancelled"] == before + 1
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "The", "max_tokens": 3, "temperature": 0}, timeout=60)
+    assert r.status_code == 200
+
+
+def test_the_servers_own_draft_len_is_not_held_to_the_request_limit(server):
+    """A server started with --draft-len 20 serves requests that do not name one (only a request's own
+    draft_len is checked here; the command line checks the server's)."""
+    from cascade.server import Api
+
+    api = Api(server.engine, model_id="default", defaults={**DEFAULTS, "draft_len": 20}, chat=False)
+    assert api.settings({})["draft_len"] == 20
+    with pytest.raises(ValueError, match="<= 32"):
+        api.settings({"draft_len": 33})
 
 
 def test_models_health_metrics_and_errors(server):
@@ -210,7 +235,12 @@ def test_models_health_metrics_and_errors(server):
              (b'{"prompt": "x", "temperature": "hot"}', 400, "temperature"), (b'{"prompt": ""}', 400, "prompt"),
              (b'{"prompt": ["a", "b"]}', 400, "prompt"), (b'{"prompt": "x", "mode": "fast"}', 400, "mode"),
              (b'{"prompt": "x", "logprobs": 3}', 400, "logprobs"), (b'{"prompt": [999999]}', 400, "prompt"),
-             (json.dumps({"prompt": "word " * 300, "max_tokens": 10}).encode(), 400, "prompt")]
+             (json.dumps({"prompt": "word " * 300, "max_tokens": 10}).encode(), 400, "prompt"),
+             (b'{"prompt": "x", "temperature": 1, "top_k": 3000000000}', 400, "top_k"),
+             (b'{"prompt": "x", "threshold": 1' + b"0" * 400 + b"}", 400, "threshold"),
+             (b'{"prompt": 1' + b"0" * 5000 + b"}", 400, None), (b"[" * 100000 + b"]" * 100000, 400, None),
+             (b'{"prompt": "x", "draft_len": 0}', 400, "draft_len"), (b'{"prompt": "x", "stream": "yes"}', 400, "stream"),
+             (b'\xff\xfe', 400, None)]
     for body, status, param in cases:
         r = post(body)
         assert r.status_code == status, (body, r.text)
@@ -309,3 +339,13 @@ def test_sigterm_drains_running_requests_then_exits_0(drain):
             assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
     finally:
         p.kill()
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/guides/server.md"])
+def test_the_documented_client_examples_run(server, page, capsys):
+    """The README's and the server guide's `openai` examples, against the live server."""
+    from tests.docs_blocks import ROOT, python_block
+
+    code = python_block(ROOT / page, "OpenAI(").replace("http://127.0.0.1:8000", server.url)
+    exec(compile(code, page, "exec"), {})
+    assert capsys.readouterr().out.strip()
