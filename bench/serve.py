@@ -1,7 +1,7 @@
 """`cascade bench serve`: `cascade serve` under concurrent clients, on loopback.
 
-The server runs in this process (:class:`cascade.server.ServerThread`, a free port on 127.0.0.1);
-``clients`` threads each send ``requests`` greedy requests one after another (prompts from
+The server runs as `cascade serve --port 0` in a process of its own (as it would in use: its engine
+does not share this process's interpreter with the clients), on 127.0.0.1; ``clients`` threads each send ``requests`` greedy requests one after another (prompts from
 :data:`cascade.bench.cascade.PROMPTS`, rotated per client), non-streaming and streaming.  Every
 answer is checked against the same prompt generated alone (:func:`cascade.pair.generate_batch`, what
 `cascade run` prints): ``lost`` (no answer or an error), ``duplicated`` (an id seen twice) and
@@ -75,6 +75,32 @@ def _one(url, prompt, tokens, stream, chat):
     return {"id": rid, "text": "".join(pieces), "ttft": first, "latency": time.perf_counter() - t0, "tokens": n_tokens}
 
 
+class _Server:
+    """`cascade serve ...` in a subprocess; ``url`` once it listens; :meth:`stop` sends SIGTERM."""
+
+    def __init__(self, argv):
+        import json
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", *argv], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read()
+            raise RuntimeError(f"cascade serve did not start: {err.strip().splitlines()[-1] if err.strip() else '?'}")
+        self.url = json.loads(line)["url"]
+
+    def stop(self):
+        import signal
+
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except Exception:  # noqa: BLE001
+            self.proc.kill()
+
+
 def run(small_model: str = "default-small", large_model: str = "default-large", *, pair: str | None = None,
         small_quant: str | None = None, large_quant: str | None = None, clients=(1, 8, 16), requests: int = 8,
         tokens: int = 32, max_batch: int = 8, mode: str = "speculative", draft_len: int = 4, ctx: int = 256,
@@ -82,7 +108,6 @@ def run(small_model: str = "default-small", large_model: str = "default-large", 
     """Rows per (streaming, clients); see the module docs."""
     from cascade import Cascade
     from cascade.pair import generate_batch
-    from cascade.server import ServerThread
 
     small, large, small_quant, large_quant, chat, prompts = pair_setup(pair, small_model, large_model, small_quant,
                                                                        large_quant)
@@ -95,10 +120,13 @@ def run(small_model: str = "default-small", large_model: str = "default-large", 
         (alone,) = generate_batch(router.pair, [p], mode=mode, max_new_tokens=tokens, chat=chat, **settings)
         if alone.text != want[p]:
             raise RuntimeError(f"generate_batch disagrees with itself on {p!r}")
-    defaults = {"mode": mode, "draft_len": draft_len, "draft_confidence": None, "rule": "chow", "alpha": 0.1,
-                "threshold": -1.0, "defer_score": "mean-logprob", "small_kv": None, "large_kv": None}
-    server = ServerThread(router, max_batch=max_batch, max_queue=max(clients) * requests, ctx=ctx, model_id="bench",
-                          defaults=defaults, chat_template=chat)
+    del router  # the server loads its own pair
+    argv = ["serve", "--port", "0", "--json", "--mode", mode, "--draft-len", str(draft_len), "--max-batch",
+            str(max_batch), "--max-queue", str(max(clients) * requests), "--ctx", str(ctx), "--model-id", "bench"]
+    argv += ["--pair", pair] if pair else ["--small-model", small, "--large-model", large]
+    argv += ["--small", small_quant] if small_quant and not pair else []
+    argv += ["--large", large_quant] if large_quant and not pair else []
+    server = _Server(argv)
     rows = []
     try:
         _one(server.url, prompts[0], tokens, True, chat)  # warm both paths (prompt buckets compile on first use)

@@ -54,14 +54,14 @@ class Row:
 
 
 @partial(jax.jit, donate_argnums=(0,))
-def _put_row(big, one, slot):
-    """``big`` (a cache or state of ``slots`` rows) with row ``slot`` replaced by ``one``'s only row.
+def _put_rows(big, rows, start):
+    """``big`` (a cache or state of ``slots`` rows) with rows ``start ..`` replaced by ``rows``' rows.
     Leaf by leaf: a quantized cache's static metadata names its batch size, so the two trees differ
     in structure though not in leaves."""
     leaves, tree = jax.tree.flatten(big)
-    ones = jax.tree.leaves(one)
-    return tree.unflatten([jax.lax.dynamic_update_slice_in_dim(b, o.astype(b.dtype), slot, axis=0)
-                           for b, o in zip(leaves, ones, strict=True)])
+    news = jax.tree.leaves(rows)
+    return tree.unflatten([jax.lax.dynamic_update_slice_in_dim(b, o.astype(b.dtype), start, axis=0)
+                           for b, o in zip(leaves, news, strict=True)])
 
 
 @partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
@@ -106,6 +106,28 @@ class SlotBatch:
             self.tokens = jnp.zeros((slots,), jnp.int32)
             self.key = key
 
+    def grow(self, slots: int) -> None:
+        """Make room for ``slots`` rows (more than now): new caches, the running rows copied into their
+        first rows.  A batch starts as small as its first rows need and grows as more join, so a lone
+        request does not pay for the rows it does not use (each size compiles its own step)."""
+        if slots <= self.slots:
+            return
+        extra = slots - self.slots
+        if self.mode in SPECULATIVE:
+            s = self.state
+            d = cache_like(self.draft.params, KVCache.create(self.draft.config, slots, self.ctx, self.kv[0], rewind=self.k + 1))
+            t = cache_like(self.target.params, KVCache.create(self.target.config, slots, self.ctx, self.kv[1], rewind=self.k + 1))
+            self.state = RoundState(d_cache=_put_rows(d, s.d_cache, 0), t_cache=_put_rows(t, s.t_cache, 0),
+                                    pending=jnp.concatenate([s.pending, jnp.zeros((extra,), jnp.int32)]),
+                                    behind=jnp.concatenate([s.behind, jnp.full((extra,), -1, jnp.int32)]), key=s.key)
+        else:
+            m = self.model
+            cache = cache_like(m.params, KVCache.create(m.config, slots, self.ctx, self.kv))
+            self.cache = _put_rows(cache, self.cache, 0)
+            self.tokens = jnp.concatenate([self.tokens, jnp.zeros((extra,), jnp.int32)])
+        self.rows += [None] * extra
+        self.slots = slots
+
     # ----------------------------------------------------------------------------------- rows
 
     @property
@@ -145,7 +167,7 @@ class SlotBatch:
             key, sub = jax.random.split(self.state.key)
             first = int(np.asarray(sample_logits(logits, sub, *p))[0])
             s = self.state
-            self.state = RoundState(d_cache=_put_row(s.d_cache, d1, slot), t_cache=_put_row(s.t_cache, t1, slot),
+            self.state = RoundState(d_cache=_put_rows(s.d_cache, d1, slot), t_cache=_put_rows(s.t_cache, t1, slot),
                                     pending=s.pending.at[slot].set(first), behind=s.behind.at[slot].set(-1), key=key)
             stats = SpeculativeStats(accepted_at=[0] * self.k, offered_at=[0] * self.k)
         else:
@@ -154,7 +176,7 @@ class SlotBatch:
             logits, c1 = prefill(m.params, m.config, tokens, lengths, c1)
             self.key, sub = jax.random.split(self.key)
             first = int(np.asarray(sample_logits(logits, sub, *p))[0])
-            self.cache = _put_row(self.cache, c1, slot)
+            self.cache = _put_rows(self.cache, c1, slot)
             self.tokens = self.tokens.at[slot].set(first)
             stats = None
         row = Row(ids=list(ids), max_new_tokens=max_new_tokens, tokens=[first], stats=stats)

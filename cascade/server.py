@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import dataclasses
 import json
 import math
@@ -224,15 +225,22 @@ class Engine:
         self.thread.start()
 
     def warmup(self, settings: dict) -> None:
-        """Compile the programs of ``settings``' mode (a one-token prompt, a few steps) before serving."""
+        """Compile the programs of ``settings``' mode before serving: a one-token prompt and a few
+        steps at every batch size the engine uses (1, 2, 4, ... up to --max-batch), grown into."""
         from cascade.models.sampling import SamplingConfig
 
-        batch = SlotBatch(self.pair, settings["mode"], slots=self.max_batch, ctx=self.ctx, sampling=SamplingConfig(),
-                          eos=(), **{k: v for k, v in settings.items() if k != "mode"})
+        batch = SlotBatch(self.pair, settings["mode"], slots=1, ctx=self.ctx, sampling=SamplingConfig(), eos=(),
+                          **{k: v for k, v in settings.items() if k != "mode"})
         ids = self.tokenizer.encode("a")
-        slot, _ = batch.add(ids, min(3, max(1, batch.room_for(len(ids)))))
-        while batch.rows[slot].stop is None:
-            batch.step()
+        n = min(3, max(1, batch.room_for(len(ids))))
+        while True:
+            slot, _ = batch.add(ids, n)
+            while batch.rows[slot].stop is None:
+                batch.step()
+            batch.remove(slot)
+            if batch.slots >= self.max_batch:
+                break
+            batch.grow(_slots_for(batch.slots + 1, self.max_batch))
         self.batch, self.batch_key = None, None
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -340,10 +348,15 @@ class Engine:
         if whole is not None:
             self._run_whole(whole)
             return
-        if start and (self.batch is None or self.batch_key != head.batch_key()):
+        key = head.batch_key()
+        if start:  # as many slots as the waiting requests of this kind need (a power of two), up to --max-batch
+            with self.cv:
+                same = sum(1 for r in itertools.islice(self.waiting, self.max_batch) if r.batch_key() == key)
+            size = 1 if head.seeded else _slots_for(same, self.max_batch)
+        if start and (self.batch is None or self.batch_key != key or self.batch.slots != size):
             self.batch, self.batch_key = None, None  # free the old caches before allocating the new ones
             try:
-                self.batch = SlotBatch(self.pair, head.mode, slots=1 if head.seeded else self.max_batch, ctx=self.ctx,
+                self.batch = SlotBatch(self.pair, head.mode, slots=size, ctx=self.ctx,
                                        sampling=head.sampling, eos=self.eos,
                                        **{k: v for k, v in head.settings.items() if k != "mode"})
             except Exception as e:  # noqa: BLE001 - this request's batch cannot be built: fail it, serve the rest
@@ -354,6 +367,14 @@ class Engine:
                 head.emit("error", _failure(e))
                 return
             self.batch_key = head.batch_key()
+        with self.cv:
+            same = 0
+            for r in self.waiting:
+                if r.batch_key() != self.batch_key:
+                    break
+                same += 1
+        if same > self.batch.free() and self.batch.slots < self.max_batch and self.batch_key[-1] is None:
+            self.batch.grow(_slots_for(self.batch.live + same, self.max_batch))
         with self.cv:
             joining = []
             while self.waiting and self.waiting[0].batch_key() == self.batch_key and len(joining) < self.batch.free():
@@ -474,6 +495,11 @@ class Engine:
         req.emit("done", {"finish_reason": reason, "text": final, "prompt_tokens": len(req.prompt_ids),
                           "completion_tokens": len(req.tokens), "cascade": info})
         self._gauges()
+
+
+def _slots_for(rows: int, most: int) -> int:
+    """The batch size for ``rows`` rows: the next power of two, at most ``most``."""
+    return min(most, 1 << max(0, rows - 1).bit_length())
 
 
 def _failure(e: Exception) -> BadRequest:

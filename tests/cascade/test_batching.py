@@ -86,3 +86,31 @@ def test_room_and_refusals(pair):
         SlotBatch(pair, "defer", slots=1, ctx=64, sampling=SamplingConfig(), eos=())
     batch.add(ids, 4)
     assert batch.free() == 0
+
+
+@pytest.mark.parametrize("mode", ["large", "speculative"])
+def test_a_batch_grows_under_running_rows(pair, mode):
+    """A batch started at one slot grows to 2 and then 4 while rows run; every row still gets its own
+    greedy tokens (the running rows are copied into the bigger caches mid-way)."""
+    tok = pair.tokenizer
+    eos = eos_ids(tok, pair.large.config)
+    settings = {"draft_len": 3} if mode == "speculative" else {}
+    batch = SlotBatch(pair, mode, slots=1, ctx=128, sampling=SamplingConfig(), eos=eos, **settings)
+    jobs = [(p, 16) for p in PROMPTS[:4]]
+    slot_of = {}
+    for i, (prompt, n) in enumerate(jobs):
+        if i in (1, 2):
+            batch.grow({1: 2, 2: 4}[i])
+        slot, _ = batch.add(tok.encode(prompt), n)
+        slot_of[slot] = i
+        batch.step()
+        batch.step()
+    assert batch.slots == 4
+    out = {}
+    while batch.live:
+        batch.step()
+        for slot, row in enumerate(batch.rows):
+            if row is not None and row.stop is not None:
+                out[slot_of[slot]] = batch.remove(slot).tokens
+    for i, (prompt, n) in enumerate(jobs):
+        assert out[i] == _alone(pair, mode, prompt, n, **settings), (mode, prompt)
