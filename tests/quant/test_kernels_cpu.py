@@ -293,10 +293,10 @@ def test_a_row_is_the_same_alone_or_with_others(spec, k, n, monkeypatch):
     with several rows) and 1536 x 576 (bands only with up to 4 rows)."""
     rng = np.random.default_rng(k + n)
     w = quant.quantize(rng.standard_normal((k, n)).astype(np.float32), spec)
-    x = jnp.asarray(rng.standard_normal((9, k)) * rng.uniform(0.1, 3, k), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((20, k)) * rng.uniform(0.1, 3, k), jnp.float32)
     for path in FLOAT_PATHS:
         monkeypatch.setenv(cpu.ISA_ENV, path)
-        for rows in (3, 9):
+        for rows in (3, 9, 20):
             together = np.asarray(jax.jit(cpu.matmul)(x[:rows], w))
             for m in range(rows):
                 alone = np.asarray(jax.jit(cpu.matmul)(x[m:m + 1], w))[0]
