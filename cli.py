@@ -732,6 +732,7 @@ def serve(small_quant, large_quant, small_model, large_model, pair_name, mode, d
     for names, modes in ((("small_quant", "small_model", "small_kv"), RUN_MODES_WITH["small"]),
                          (("large_quant", "large_model", "large_kv"), RUN_MODES_WITH["large"])):
         _refuse_unless(mode in modes, names, _to_modes(modes))
+    _check_listen(host, port)  # a taken port or an unknown host: said before the models load
     small_kv, large_kv = small_kv or kv, large_kv or kv
     _check_pair_kv(_pair_configs(mode, small_model, large_model), small_kv, large_kv, kv)
     _check_pair_rules(mode, small_model, large_model, small_quant, large_quant)
@@ -769,6 +770,21 @@ def serve(small_quant, large_quant, small_model, large_model, pair_name, mode, d
 
     run_server(router, host=host, port=port, max_batch=max_batch, max_queue=max_queue, ctx=ctx, model_id=model_id,
                defaults=defaults, chat_template=has_template, api_key=api_key, drain_timeout=drain_timeout, ready=ready)
+
+
+def _check_listen(host: str, port: int) -> None:
+    """A usage error unless ``host:port`` can be listened on now."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as e:
+        raise click.BadParameter(f"cannot listen on {host}:{port}: {e.strerror or e}", param_hint="'--host'/'--port'") \
+            from None
 
 
 def _pair_models(pair_name, raw, small_quant, small_model, large_quant, large_model):

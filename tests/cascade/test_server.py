@@ -253,6 +253,16 @@ def test_models_health_metrics_and_errors(server):
     assert long["code"] == "context_length_exceeded" and "maximum context length is 256" in long["message"]
 
 
+def test_a_taken_port_or_unknown_host_is_a_usage_error_before_loading(server, capsys):
+    from cascade import cli
+
+    port = server.url.rsplit(":", 1)[1]
+    assert cli.main(["serve", "--port", port]) == 2
+    assert cli.main(["serve", "--host", "no-such-host.invalid", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("cannot listen on 127.0.0.1:" + port) == 1 and "no-such-host.invalid" in err
+
+
 def test_an_api_key_is_required_when_set(router):
     s = ServerThread(router, max_batch=2, ctx=256, model_id="default", defaults=DEFAULTS, chat_template=True,
                      api_key="sekret", warmup=False)
