@@ -42,6 +42,16 @@ from cascade.speculative import RoundState, SpeculativeStats, draft_setting, spe
 JOINABLE = ("large", "small", "speculative", "spec-cascade")
 
 
+def room_for(ctx: int, n_prompt: int, mode: str, draft_len: int) -> int:
+    """The most new tokens a prompt of ``n_prompt`` tokens may ask for in caches of ``ctx`` positions
+    (0: the prompt itself does not fit): its padded prefill must fit, and the prompt, the answer and
+    (in a speculative mode) one round's ``draft_len + 2`` positions past the last token."""
+    if prompt_bucket(n_prompt) > ctx:
+        return 0
+    extra = draft_len + 2 if mode in SPECULATIVE else 0
+    return max(0, ctx - n_prompt - extra)
+
+
 @dataclasses.dataclass
 class Row:
     """One request's row: its prompt ids, what it has emitted, and why it stopped (None: running)."""
@@ -138,13 +148,9 @@ class SlotBatch:
         return self.slots - self.live
 
     def room_for(self, n_prompt: int) -> int:
-        """The most new tokens a prompt of ``n_prompt`` tokens may ask for in this batch's caches (0: the
-        prompt itself does not fit): its padded prefill must fit, and the prompt, the answer and (in a
-        speculative mode) one round's ``draft_len + 2`` positions past the last token."""
-        if prompt_bucket(n_prompt) > self.ctx:
-            return 0
-        extra = self.k + 2 if self.mode in SPECULATIVE else 0
-        return max(0, self.ctx - n_prompt - extra)
+        """The most new tokens a prompt of ``n_prompt`` tokens may ask for in this batch's caches
+        (:func:`room_for`)."""
+        return room_for(self.ctx, n_prompt, self.mode, self.k if self.mode in SPECULATIVE else 0)
 
     def add(self, ids: list[int], max_new_tokens: int) -> tuple[int, list[int]]:
         """Prefill ``ids`` into a free slot; returns (slot, the tokens it emitted: its first)."""

@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 
-from cascade.batching import JOINABLE, SlotBatch
+from cascade.batching import JOINABLE, SlotBatch, room_for
 from cascade.models.sampling import SamplingConfig
 
 MODES = ("speculative", "spec-cascade", "defer", "large", "small")
@@ -272,14 +272,11 @@ class Engine:
 
     def room_for(self, n_prompt: int, settings: dict) -> int:
         """The most new tokens a prompt of ``n_prompt`` tokens may ask for under ``settings``."""
-        from cascade.models.decoder import prompt_bucket
         from cascade.speculative import draft_setting
 
-        if prompt_bucket(n_prompt) > self.ctx:
-            return 0
-        extra = draft_setting(settings["draft_len"], settings.get("draft_confidence"))[0] + 2 \
+        k = draft_setting(settings["draft_len"], settings.get("draft_confidence"))[0] \
             if settings["mode"] in ("speculative", "spec-cascade") else 0
-        return max(0, self.ctx - n_prompt - extra)
+        return room_for(self.ctx, n_prompt, settings["mode"], k)
 
     def submit(self, req: Request) -> None:
         with self.cv:

@@ -231,19 +231,22 @@ def matmul_a8_many(x, ws):
     weight's own :func:`matmul_a8` exactly (the same sums in the same order)."""
     from cascade.quant.activations import a8_block
 
+    zeros = [_a8_zero(w) for w in ws]
+    return _many(A8_MANY_TARGET, x, ws, [z for z, _ in zeros], group=a8_block(ws[0]), has_zero=zeros[0][1])
+
+
+def _many(target: str, x, ws, zeros, *, group: int, has_zero: bool):
+    """One custom call of ``target`` running every weight of ``ws`` (each (k, n_i)) against ``x``:
+    arguments x, then (codes, scale, zero) per weight; one result per weight."""
     reason = unavailable()
     if reason:
         raise RuntimeError(f"the native CPU matmul kernel is unavailable: {reason}")
-    k = ws[0].shape[0]
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    args, has_zero = [], False
-    for w in ws:
-        zero, has_zero = _a8_zero(w)
-        args += [w.packed, w.scale, zero]
+    x2 = x.reshape(-1, ws[0].shape[0])
+    args = [a for w, z in zip(ws, zeros) for a in (w.packed, w.scale, z)]
     outs = tuple(jax.ShapeDtypeStruct((x2.shape[0], w.shape[1]), x.dtype) for w in ws)
-    call = jax.ffi.ffi_call(A8_MANY_TARGET, outs, vmap_method="sequential")
-    ys = call(x2, *args, bits=np.int64(ws[0].spec.bits), group=np.int64(a8_block(ws[0])), has_zero=has_zero)
+    call = jax.ffi.ffi_call(target, outs, vmap_method="sequential")
+    ys = call(x2, *args, bits=np.int64(ws[0].spec.bits), group=np.int64(group), has_zero=has_zero)
     return [y.reshape(*lead, w.shape[1]) for y, w in zip(ys, ws)]
 
 
@@ -262,20 +265,9 @@ def matmul_many(x, ws):
     """``[x @ dequant(W) for W in ws]`` for weights that :func:`fuses`: one kernel call (x converted and
     summed per group once, every weight one job: fewer calls per layer); each result equals the
     weight's own :func:`matmul` exactly (the same sums in the same order)."""
-    reason = unavailable()
-    if reason:
-        raise RuntimeError(f"the native CPU matmul kernel is unavailable: {reason}")
-    k = ws[0].shape[0]
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
     has_zero = ws[0].zero is not None
-    args = []
-    for w in ws:
-        args += [w.packed, w.scale, w.zero if has_zero else jnp.zeros((1, 1), jnp.float32)]
-    outs = tuple(jax.ShapeDtypeStruct((x2.shape[0], w.shape[1]), x.dtype) for w in ws)
-    call = jax.ffi.ffi_call(MANY_TARGET, outs, vmap_method="sequential")
-    ys = call(x2, *args, bits=np.int64(ws[0].spec.bits), group=np.int64(group_rows(ws[0])), has_zero=has_zero)
-    return [y.reshape(*lead, w.shape[1]) for y, w in zip(ys, ws)]
+    zeros = [w.zero if has_zero else jnp.zeros((1, 1), jnp.float32) for w in ws]  # ignored without has_zero
+    return _many(MANY_TARGET, x, ws, zeros, group=group_rows(ws[0]), has_zero=has_zero)
 
 
 def matmul(x, w: QuantizedTensor):
