@@ -1030,44 +1030,58 @@ def _calibration(loaded, model: str, calib: str, samples: int, length: int, seed
 _CANDIDATES_HELP = "Comma-separated candidate precisions for each layer"
 
 
+def _quantize_options(required: bool):
+    """The options of `cascade quantize` that choose and run the quantization (shared with `cascade export`,
+    where --quant is optional)."""
+    options = [
+        click.option("--quant", "quant_rules", required=required, callback=_rules_or_auto,
+                      help=_RULES_HELP + " Or 'auto': each layer's precision chosen from --candidates under --avg-bits or "
+                           "--budget, by measured sensitivity (needs --calib)."),
+        click.option("--avg-bits", type=FiniteFloat(min=0.5, max=32), help="--quant auto: average bits per weight of the matrices "
+                      "(scales and zero points count)."),
+        _budget_option(help="--quant auto: bytes of the whole model's weights (e.g. 60MB)."),
+        click.option("--candidates", callback=_candidates, help=_CANDIDATES_HELP + " (--quant auto) [default: "
+                      "bf16,int8,int4-g128,int4-g32,int3-g32]."),
+        _granularity_option(help="--quant auto: choose a precision per matrix or per block."),
+        click.option("--rules-out", type=OUT_FILE, help="--quant auto: also write the chosen rules as a JSON "
+                      "rules file (editable; pass it back with --quant FILE)."),
+        click.option("--sensitivity", "sensitivity_file", callback=_data_file,
+                      help="--quant auto: reuse a saved measurement (`cascade sensitivity --out FILE`, or a `bench workflow` "
+                           "result) instead of measuring again; it must be of this model."),
+        click.option("--method", type=click.Choice(PTQ_METHODS),
+                      help="PTQ method: rtn (round to nearest), gptq, awq, awq-gptq (AWQ's scales, then GPTQ), "
+                           "autoround (learned rounding and clipping per block) or smoothquant (activation outliers "
+                           "moved into the weights, for w8a8) (need --calib), hqq (calibration-free).  [default: with "
+                           "--calib awq-gptq on -mse ranges (smoothquant for w8a8 rules), without it rtn; the output "
+                           "says which]"),
+        click.option("--calib", callback=_data_file,
+                      help="Calibration text (documents separated by <|endoftext|> lines): the default method becomes "
+                           "awq-gptq; needed by the calibrated methods, --quant auto and w8a8-static."),
+        _calib_samples_option(),
+        _calib_len_option(),
+        _seed_option(help="Seed for sampling the calibration sequences."),
+        click.option("--damp", default=0.01, show_default=True, type=FiniteFloat(min=0, max=1),
+                      help="GPTQ dampening, a fraction of the Hessian's mean diagonal."),
+        click.option("--act-order", is_flag=True, help="GPTQ: quantize inputs by decreasing activation energy (static groups)."),
+        click.option("--iters", default=200, show_default=True, type=click.IntRange(0, 100000),
+                      help="AutoRound: signed-gradient steps per block."),
+        click.option("--batch", default=8, show_default=True, type=click.IntRange(1, 1024),
+                      help="AutoRound: calibration sequences per step."),
+        click.option("--alpha", default="0.5", show_default=True, callback=lambda c, p, v: _alpha(v, "'--alpha'"),
+                      help="SmoothQuant: migration strength (0: activations kept as they are, 1: all moved into the weights), "
+                           "or 'auto': searched per input of each block on the calibration data."),
+    ]
+
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return apply
+
+
 @app.command()
 @click.argument("model", callback=_model)
-@click.option("--quant", "quant_rules", required=True, callback=_rules_or_auto,
-              help=_RULES_HELP + " Or 'auto': each layer's precision chosen from --candidates under --avg-bits or "
-                   "--budget, by measured sensitivity (needs --calib).")
-@click.option("--avg-bits", type=FiniteFloat(min=0.5, max=32), help="--quant auto: average bits per weight of the matrices "
-              "(scales and zero points count).")
-@_budget_option(help="--quant auto: bytes of the whole model's weights (e.g. 60MB).")
-@click.option("--candidates", callback=_candidates, help=_CANDIDATES_HELP + " (--quant auto) [default: "
-              "bf16,int8,int4-g128,int4-g32,int3-g32].")
-@_granularity_option(help="--quant auto: choose a precision per matrix or per block.")
-@click.option("--rules-out", type=OUT_FILE, help="--quant auto: also write the chosen rules as a JSON "
-              "rules file (editable; pass it back with --quant FILE).")
-@click.option("--sensitivity", "sensitivity_file", callback=_data_file,
-              help="--quant auto: reuse a saved measurement (`cascade sensitivity --out FILE`, or a `bench workflow` "
-                   "result) instead of measuring again; it must be of this model.")
-@click.option("--method", type=click.Choice(PTQ_METHODS),
-              help="PTQ method: rtn (round to nearest), gptq, awq, awq-gptq (AWQ's scales, then GPTQ), "
-                   "autoround (learned rounding and clipping per block) or smoothquant (activation outliers "
-                   "moved into the weights, for w8a8) (need --calib), hqq (calibration-free).  [default: with "
-                   "--calib awq-gptq on -mse ranges (smoothquant for w8a8 rules), without it rtn; the output "
-                   "says which]")
-@click.option("--calib", callback=_data_file,
-              help="Calibration text (documents separated by <|endoftext|> lines): the default method becomes "
-                   "awq-gptq; needed by the calibrated methods, --quant auto and w8a8-static.")
-@_calib_samples_option()
-@_calib_len_option()
-@_seed_option(help="Seed for sampling the calibration sequences.")
-@click.option("--damp", default=0.01, show_default=True, type=FiniteFloat(min=0, max=1),
-              help="GPTQ dampening, a fraction of the Hessian's mean diagonal.")
-@click.option("--act-order", is_flag=True, help="GPTQ: quantize inputs by decreasing activation energy (static groups).")
-@click.option("--iters", default=200, show_default=True, type=click.IntRange(0, 100000),
-              help="AutoRound: signed-gradient steps per block.")
-@click.option("--batch", default=8, show_default=True, type=click.IntRange(1, 1024),
-              help="AutoRound: calibration sequences per step.")
-@click.option("--alpha", default="0.5", show_default=True, callback=lambda c, p, v: _alpha(v, "'--alpha'"),
-              help="SmoothQuant: migration strength (0: activations kept as they are, 1: all moved into the weights), "
-                   "or 'auto': searched per input of each block on the calibration data.")
+@_quantize_options(required=True)
 @click.option("-o", "--out", "out_dir", type=OUT_DIR, help="Write the quantized model (an orbax checkpoint directory).")
 @_tokenizer_option()
 @_overwrite_option()
@@ -1091,6 +1105,14 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
     parameter (a typo such as 'atn=int8') and a spec the method cannot produce are refused from
     the model's config, before it loads.
     """
+    _run_quantize(**locals())
+
+
+def _run_quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rules_out, sensitivity_file, method,
+                  calib, calib_samples, calib_len, seed, damp, act_order, iters, batch, alpha, out_dir, tokenizer,
+                  overwrite, axis, scale_dtype, as_json, gguf_out=None, requantize=None):
+    """`cascade quantize` (``out_dir``: the checkpoint to save) and `cascade export` (``gguf_out``: the
+    GGUF file to write, ``requantize``; ``quant_rules`` None: the model as it is)."""
     from cascade import quant
 
     given = _given
@@ -1123,6 +1145,11 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
                    f"w8a8-static rules), not to --method {method}")
     if calib is not None:
         _documents(calib, "--calib")  # text to calibrate on, checked before any model loads
+    if gguf_out is not None:
+        if _is_weights_file(model):
+            raise click.UsageError("export needs a model (HF directory, .gguf, .bin or checkpoint), not a bare weights file")
+        if quant_rules is None:
+            _refuse_unless(False, ("method", "calib", "calib_samples", "calib_len", "seed", "scale_dtype"), "with --quant")
     if _is_weights_file(model):
         from cascade.models import weights_file
 
@@ -1161,8 +1188,12 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
             check_destination(out_dir, overwrite=overwrite)
         except ValueError as e:
             raise click.UsageError(str(e).replace("pass overwrite=True (--overwrite)", "pass --overwrite")) from None
+    if gguf_out is not None and os.path.exists(gguf_out) and not overwrite:
+        raise click.UsageError(f"{gguf_out}: already exists (pass --overwrite to replace it)")
     # every method/spec check, from the config alone: before loading, calibrating or measuring
-    if not auto:
+    if quant_rules is None:
+        pass
+    elif not auto:
         _check_quantize_request(model, quant_rules, method, calibrated=calib is not None)
     elif sensitivity_file is None:
         for c in candidates or ():
@@ -1192,10 +1223,27 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
         if rules_out:
             _write_json(rules_out, chosen.rules.to_json())
             auto_text += f"\nrules written to {rules_out}"
+    elif quant_rules is None:
+        quantized, report = loaded, None
     else:
         from cascade.models.quantize import quantize_with_method
 
         quantized, report = quantize_with_method(loaded, quant_rules, calib=calib_set, **settings)
+    if gguf_out is not None:
+        from cascade.models.export_gguf import ExportError, export_gguf
+
+        try:
+            exported = export_gguf(quantized, gguf_out, requantize=requantize, overwrite=overwrite)
+        except ExportError as e:
+            raise click.UsageError(str(e)) from None
+        payload = {"model": model, "format": "gguf", "quant": quantized.quant,
+                   "method": (quantized.ptq or {}).get("method"), **exported.to_json()}
+        text = exported.table()
+        if report is not None:
+            payload["quantize"] = report.to_json()
+            text = f"precision rules: {quantized.quant}\n{_ptq_text(quantized.ptq)}\n" + text
+        _emit(as_json, payload, text + auto_text)
+        return
     if out_dir:
         save_checkpoint(out_dir, quantized, overwrite=overwrite)
     payload = {"model": model, "quant": quantized.quant, "method": quantized.ptq["method"],
@@ -1206,6 +1254,41 @@ def quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rule
     _emit(as_json, payload, report.table() + f"\nprecision rules: {quantized.quant}\n{_ptq_text(quantized.ptq)}"
           + auto_text + (f"\nsaved to {out_dir}" if out_dir else ""))
 
+
+
+@app.command()
+@click.argument("model", callback=_model)
+@click.option("--format", "fmt", type=click.Choice(["gguf"]), default="gguf", show_default=True,
+              help="File format to write: gguf (llama.cpp).")
+@click.option("-o", "--out", "gguf_out", required=True, type=OUT_FILE, help="The file to write (e.g. model.gguf).")
+@_quantize_options(required=False)
+@click.option("--requantize", type=click.Choice(["Q8_0", "Q4_0", "Q4_1", "F16", "BF16", "F32"], case_sensitive=False),
+              help="Convert tensors whose spec has no exact GGUF type (per-channel int8, g64/g128, int3, int2, w8a8, "
+                   "-had) to this type, reporting each one's added error [default: refuse them].")
+@_tokenizer_option()
+@_overwrite_option()
+@_scale_dtype_option
+@_json_option()
+def export(model, fmt, gguf_out, quant_rules, avg_bits, budget, candidates, granularity, rules_out, sensitivity_file,
+           method, calib, calib_samples, calib_len, seed, damp, act_order, iters, batch, alpha, requantize, tokenizer,
+           overwrite, scale_dtype, as_json):
+    """Write MODEL (quantized with --quant first, if given) as a file other tools run: GGUF for llama.cpp.
+
+    \b
+    Tensors whose spec has an exact GGUF type are written without requantizing: int8-g32 as Q8_0,
+    int4-g32 (full or narrow) as Q4_0, int4-g32-asym as Q4_1 (its minimum rounded to fp16), float
+    weights as F32/F16/BF16.  Any other spec is refused unless --requantize TYPE converts it.
+    --quant, --method and --calib work as in `cascade quantize`, so one command quantizes and exports:
+
+    \b
+      cascade export default-large --quant int4-g32 --calib text.txt -o large-q4_0.gguf
+
+    The file appears complete or not at all.  The metadata carries the tokenizer (checked to
+    encode like the model's own), the chat template, and general.quantized_by / general.file_type.
+    """
+    _run_quantize(model, quant_rules, avg_bits, budget, candidates, granularity, rules_out, sensitivity_file, method,
+                  calib, calib_samples, calib_len, seed, damp, act_order, iters, batch, alpha, None, tokenizer,
+                  overwrite, None, scale_dtype, as_json, gguf_out=gguf_out, requantize=requantize)
 
 @app.command()
 @click.argument("model", callback=_model)
@@ -1863,13 +1946,8 @@ def bench_decode(model, specs, prompt, tokens, repeats, warmup, llamacpp, thread
                 quant.PrecisionRules.parse(s)
             except ValueError as e:
                 raise click.BadParameter(str(e), param_hint="--spec") from None
-    if llamacpp == "auto":
-        llamacpp = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cascade",
-                                "llamacpp-venv", "bin", "python")
+    llamacpp = _llamacpp_python(llamacpp)
     _refuse_unless(llamacpp is not None, ("threads",), "with --llamacpp")
-    if llamacpp is not None and not os.path.isfile(llamacpp):
-        raise click.BadParameter(f"{llamacpp}: no such file (build the venv with bench/llamacpp_venv.sh)",
-                                 param_hint="--llamacpp")
     from cascade.quant.kv import parse_kv_spec
 
     kv_list = [k.strip() for k in kv_specs.split(",") if k.strip()]
@@ -1900,6 +1978,80 @@ def bench_decode(model, specs, prompt, tokens, repeats, warmup, llamacpp, thread
                            warmup=warmup, llamacpp=llamacpp, threads=threads, kv=kv_list, context=context,
                            attention=attn_list, rows=rows_list)
     _emit(as_json, result, bench_dec.format_table(result), out=out_path)
+
+
+def _llamacpp_python(llamacpp: str | None) -> str | None:
+    """``--llamacpp``: the Python of a venv with llama-cpp-python; ``auto`` is bench/llamacpp_venv.sh's default."""
+    if llamacpp == "auto":
+        llamacpp = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cascade",
+                                "llamacpp-venv", "bin", "python")
+    if llamacpp is not None and not os.path.isfile(llamacpp):
+        raise click.BadParameter(f"{llamacpp}: no such file (build the venv with bench/llamacpp_venv.sh)",
+                                 param_hint="--llamacpp")
+    return llamacpp
+
+
+@bench.command(name="export")
+@click.argument("model", callback=_model)
+@_data_option()
+@click.option("--llamacpp", "llamacpp", required=True, metavar="PYTHON",
+              help="The Python of a venv with llama-cpp-python (bench/llamacpp_venv.sh builds one), or 'auto' for "
+                   "that script's default venv.")
+@click.option("--spec", default="int4-g32", show_default=True,
+              help="The precision to quantize to and export (a spec with an exact GGUF type).")
+@click.option("--method", "methods", default="rtn,default", show_default=True,
+              help="Comma-separated PTQ methods, one exported file each (default: what `cascade quantize --calib` "
+                   "picks; the calibrated ones need --calib).")
+@click.option("--calib", callback=_data_file, help="Calibration text for the calibrated methods.")
+@_calib_samples_option()
+@_calib_len_option(help="Tokens per calibration sequence (capped at the model context).")
+@_limit_option(default=200, show_default=True, help="First N documents of --data.")
+@_window_option(default=512, show_default=True, help="Tokens each document is truncated to (capped at the model context).")
+@_score_tokens_option()
+@click.option("--prompts", "n_prompts", default=8, show_default=True, type=click.IntRange(min=0),
+              help="Greedy continuations compared (each starts with 16 tokens of a --data document).")
+@click.option("--tokens", default=32, show_default=True, type=click.IntRange(min=1), help="Tokens per continuation.")
+@click.option("--llamacpp-q4-0", "llamacpp_q4_0", is_flag=True,
+              help="Also let llama.cpp quantize the float weights to its own Q4_0 and score that (the peer).")
+@click.option("--requantize", type=click.Choice(["Q8_0", "Q4_0", "Q4_1", "F16", "BF16", "F32"], case_sensitive=False),
+              help="As in `cascade export` (F32 writes tensors whose rows are not whole blocks of 32 exactly).")
+@click.option("--keep", type=OUT_DIR, help="Keep the exported files in this directory [default: removed].")
+@_tokenizer_option()
+@_out_option()
+@_json_option()
+def bench_export(model, data, llamacpp, spec, methods, calib, calib_samples, calib_len, limit, ctx, max_tokens,
+                 n_prompts, tokens, llamacpp_q4_0, requantize, keep, tokenizer, out_path, as_json):
+    """Export MODEL to GGUF per PTQ method and check each file in llama.cpp itself: its perplexity
+    and greedy continuations against cascade's on the same token ids (see bench/export.py)."""
+    from cascade.bench import export as bench_export_mod
+    from cascade.models.export_gguf import exact_type
+
+    llamacpp = _llamacpp_python(llamacpp)
+    _rules(None, None, spec)
+    from cascade import quant
+
+    if exact_type(quant.parse_spec(spec)) is None:
+        raise click.BadParameter(f"{spec} has no exact GGUF type (e.g. int4-g32, int4-g32-asym, int8-g32)",
+                                 param_hint="'--spec'")
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    known = PTQ_METHODS + ("default",)
+    for m in method_list:
+        if m not in known:
+            raise click.BadParameter(f"unknown method {m!r}; choose from {', '.join(known)}", param_hint="'--method'")
+    calibrated = [m for m in method_list if m not in ("rtn", "hqq")]
+    if calibrated and calib is None:
+        raise click.UsageError(f"--method {','.join(calibrated)} needs calibration text: pass --calib FILE")
+    _refuse_unless(bool(calibrated), ("calib", "calib_samples", "calib_len"), "to calibrated methods")
+    _check_tokenizer_flag(model, tokenizer)
+    for path, flag in ((calib, "--calib"), (data, "--data")):
+        if path is not None:
+            _documents(path, flag)
+    loaded, _ = _load_model(model, tokenizer, None)
+    result = bench_export_mod.run(loaded, data, llamacpp=llamacpp, methods=method_list, spec=spec, calib=calib,
+                                  calib_samples=calib_samples, calib_len=calib_len, limit=limit, ctx=ctx,
+                                  max_tokens=max_tokens, prompts=n_prompts, tokens=tokens, llamacpp_q4_0=llamacpp_q4_0,
+                                  requantize=requantize, keep=keep, label=model)
+    _emit(as_json, result, bench_export_mod.format_table(result), out=out_path)
 
 
 @bench.command(name="error")

@@ -249,7 +249,36 @@ def _serve(result: dict) -> str:
     return markdown(columns, result["rows"])
 
 
+_EXPORT_COLUMNS: list[Column] = [
+    ("method", _text("method")), ("spec", _code("spec")), ("ggml type", _text("file_type")),
+    ("ppl cascade", _num("ppl_cascade", 4)), ("ppl llama.cpp", _num("ppl_llamacpp", 4)),
+    ("llama.cpp vs cascade", _signed("ppl_gap_pct", 3, "%")),
+    ("same continuations", lambda r: "" if r.get("same_continuations") is None else f"{r['same_continuations']}/{r['prompts']}"),
+    ("tokenizer", lambda r: "same" if r["tokenizer_equal"] else "differs")]
+
+
+def _export(result: dict) -> str:
+    """`cascade bench export` (``bench/export.py``): each exported file in llama.cpp against cascade."""
+    return markdown(_EXPORT_COLUMNS, result["rows"])
+
+
+def _export_summary(result: dict) -> str:
+    """Several ``export`` results joined (``sources``), one row per model and method, with
+    llama.cpp's own Q4_0 of the same float weights beside them."""
+    rows = []
+    for source in result["sources"]:
+        data = result["loaded"][source["file"]]
+        peer = next((r for r in data["rows"] if r["asked"] == "llamacpp-q4_0"), None)
+        for row in data["rows"]:
+            if row["asked"] != "llamacpp-q4_0":
+                rows.append({**row, "model": source["label"], "peer": None if peer is None else peer["ppl_llamacpp"]})
+    columns = [("model", _text("model")), *_EXPORT_COLUMNS[:2], *_EXPORT_COLUMNS[3:7],
+               ("llama.cpp's own Q4_0", _num("peer", 4))]
+    return markdown(columns, rows)
+
+
 KINDS: dict[str, Callable[[dict], str]] = {
+    "export": _export, "export-summary": _export_summary,
     "ptq-defaults": _ptq_defaults,
     "ptq": _ptq, "workflow": _workflow, "qat": _qat, "kv_cache": _kv_cache, "matmul": _matmul,
     "decode": _decode, "cascade": _cascade, "drafting": _drafting, "perplexity": _perplexity,
@@ -270,7 +299,7 @@ def table(name: str, results: pathlib.Path = RESULTS) -> str:
     """The markdown table of one result file, chosen by the kind of benchmark that wrote it."""
     result = load(name, results)
     kind = result.get("benchmark") or result.get("bench")
-    if kind == "ptq-defaults":  # a table joined from other results: read them from the same folder
+    if kind in ("ptq-defaults", "export-summary"):  # a table joined from other results: read them from the same folder
         result = {**result, "loaded": {s["file"]: load(s["file"], results) for s in result["sources"]}}
     if kind not in KINDS:
         raise ValueError(f"{name}.json: no table for benchmark kind {kind!r} (known: {', '.join(sorted(KINDS))})")

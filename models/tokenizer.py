@@ -100,6 +100,7 @@ class Tokenizer:
         self.chat_template = chat_template or None
         self._template = None
         self._byte_level = None
+        self.gguf_pre = None  # a byte-level BPE read from GGUF: its tokenizer.ggml.pre (kept for a GGUF export)
 
     def __repr__(self):
         return (f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
@@ -412,8 +413,11 @@ class Tokenizer:
             kind = "hf"
         if add_bos_key is not None:
             add_bos = bool(add_bos_key)
-        return cls(backend, kind=kind, bos_id=bos, eos_ids=eos_ids, add_bos=add_bos,
-                   chat_template=template, source=source)
+        tok = cls(backend, kind=kind, bos_id=bos, eos_ids=eos_ids, add_bos=add_bos, chat_template=template,
+                  source=source)
+        if kind == "hf":
+            tok.gguf_pre = pre
+        return tok
 
 
 # ---------------------------------------------------------------------- helpers
