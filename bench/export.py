@@ -1,7 +1,8 @@
 """GGUF export checked by llama.cpp itself: `cascade bench export MODEL --data FILE --llamacpp auto`.
 
 For each PTQ method (``rtn``, ``default`` = the best measured method with ``--calib``, or any
-named one) the model is quantized to ``spec`` (int4-g32 by default) and exported with
+named one) the model is quantized under the rules ``quant`` (``int4-g32`` by default; e.g.
+``embed=int8-g32,*=int4-g32`` for llama.cpp's Q4_0 recipe: a Q8_0 embedding) and exported with
 :func:`cascade.models.export_gguf.export_gguf`; then, on the same token ids,
 
 * cascade scores the quantized model (``ppl_cascade``) and the exported file loaded back by our
@@ -9,7 +10,9 @@ named one) the model is quantized to ``spec`` (int4-g32 by default) and exported
 * llama.cpp (``bench/llamacpp_eval.py`` under the llama-cpp-python venv) loads the file and scores
   the same ids (``ppl_llamacpp``; ``ppl_gap_pct`` = llama.cpp against cascade), and both greedily
   continue ``prompts`` prompts for ``tokens`` tokens (``same_continuations``: how many agree on
-  all of them; ``first_difference``: the mean index of the first disagreement, ``tokens`` where none);
+  all of them; ``first_difference``: the mean index of the first disagreement, ``tokens`` where none;
+  ours decode with the quantized model's own arithmetic: float activations, or llama.cpp's int8
+  activations for ``-a8`` specs);
 * llama.cpp tokenizes sample texts, compared with our tokenizer (``tokenizer_equal``).
 
 ``llamacpp_q4_0``: also the float weights exported as F32 and quantized by llama.cpp's own
@@ -71,13 +74,14 @@ def _agreement(ours, theirs, tokens: int) -> tuple[int, float]:
     return same, statistics.mean(firsts) if firsts else 0.0
 
 
-def run(model: "str | Model", data: str, *, llamacpp: str, methods=DEFAULT_METHODS, spec: str = "int4-g32",
+def run(model: "str | Model", data: str, *, llamacpp: str, methods=DEFAULT_METHODS, quant: str = "int4-g32",
         calib: str | None = None, calib_samples: int = 128, calib_len: int = 512, limit: int | None = 200,
         ctx: int = 512, max_tokens: int | None = None, prompts: int = 8, tokens: int = 32,
-        llamacpp_q4_0: bool = False, requantize: str | None = None, keep: str | None = None, label: str | None = None, progress=None) -> dict:
+        llamacpp_q4_0: bool = False, requantize: str | None = None, llamacpp_kv: str = "f16", keep: str | None = None, label: str | None = None, progress=None) -> dict:
     """See the module docstring; ``keep``: a directory to keep the exported files in (default: a
     temporary one, removed); ``requantize``: as :func:`export_gguf`'s (``F32`` writes a tensor whose rows
-    are not whole blocks of 32, such as stories260K's 172-wide ``ffn_down``, exactly)."""
+    are not whole blocks of 32, such as stories260K's 172-wide ``ffn_down``, exactly); ``llamacpp_kv``: llama.cpp's
+    KV cache type, ``f16`` (its default) or ``f32`` (as cascade's cache)."""
     from cascade.models.calibration import calibration_tokens
     from cascade.models.loaders.gguf import load_gguf
     from cascade.models.quantize import quantize_with_method
@@ -106,27 +110,27 @@ def run(model: "str | Model", data: str, *, llamacpp: str, methods=DEFAULT_METHO
         cal = calibration_tokens(base.tokenizer, calib, samples=calib_samples, length=min(calib_len, ctx),
                                  max_len=base.config.max_seq_len)
     ours_tok = [base.tokenizer.encode(t, add_bos=False) for t in CHECK_TEXTS]
-    job = {"docs": ids, "prompts": starts, "tokens": tokens, "texts": list(CHECK_TEXTS), "ctx": ctx}
+    job = {"docs": ids, "prompts": starts, "tokens": tokens, "texts": list(CHECK_TEXTS), "ctx": ctx, "kv": llamacpp_kv}
     rows = []
     folder = keep or tempfile.mkdtemp(prefix="cascade-export-")
     os.makedirs(folder, exist_ok=True)
     try:
         for method in progress_bar(list(methods), desc="bench export", unit="method", enabled=progress):
             t0 = time.perf_counter()
-            quantized, _ = quantize_with_method(base, spec, method=None if method == "default" else method,
+            quantized, _ = quantize_with_method(base, quant, method=None if method == "default" else method,
                                                 calib=cal, progress=False)
             seconds = time.perf_counter() - t0
-            path = os.path.join(folder, f"{os.path.basename(str(name)).removesuffix('.gguf')}-{spec}-{method}.gguf")
+            path = os.path.join(folder, f"{os.path.basename(str(name)).removesuffix('.gguf')}-{method}.gguf")
             report = export_gguf(quantized, path, requantize=requantize, overwrite=True, progress=False)
             back = load_gguf(path)
             ppl = perplexity(quantized.params, quantized.config, ids, ctx=ctx, truncate=True, progress=False).ppl
             ppl_rt = perplexity(back.params, back.config, ids, ctx=ctx, truncate=True, progress=False).ppl
-            ours = _greedy(back, starts, tokens)
+            ours = _greedy(quantized, starts, tokens)  # with its own arithmetic (-a8: llama.cpp's int8 activations)
             theirs = _llamacpp(llamacpp, path, job)
             same, first = _agreement(ours, theirs["continuations"], tokens)
             ppl_l = float(np.exp(theirs["nll"] / theirs["count"]))
             rows.append({"method": quantized.ptq["method"] if method == "default" else method, "asked": method,
-                         "spec": spec, "file_type": report.file_type, "file_bytes": report.bytes,
+                         "spec": quant, "file_type": report.file_type, "file_bytes": report.bytes,
                          "ppl_cascade": ppl, "ppl_roundtrip": ppl_rt, "ppl_llamacpp": ppl_l,
                          "ppl_gap_pct": 100.0 * (ppl_l / ppl - 1.0), "same_continuations": same,
                          "prompts": len(starts), "first_difference": first,
@@ -152,7 +156,7 @@ def run(model: "str | Model", data: str, *, llamacpp: str, methods=DEFAULT_METHO
             shutil.rmtree(folder, ignore_errors=True)
     return {"benchmark": "export", **run_context(), "model": str(name), "data": data, "documents": len(ids),
             "tokens": int(sum(len(d) - 1 for d in ids)), "ctx": ctx, "continuation_tokens": tokens,
-            "calibration": None if cal is None else cal.recipe, "rows": rows}
+            "calibration": None if cal is None else cal.recipe, "llamacpp_kv": llamacpp_kv, "rows": rows}
 
 
 def _float(model: Model) -> Model:

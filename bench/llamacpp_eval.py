@@ -4,7 +4,7 @@ Runs under the Python of the separate virtual environment that has ``llama-cpp-p
 (``bench/llamacpp_venv.sh``); it imports nothing from cascade.  Reads one JSON object from the file
 named by ``--job``, writes one JSON object on stdout:
 
-    job:    {"docs": [[ids]], "prompts": [[ids]], "tokens": N, "texts": [str], "ctx": C,
+    job:    {"docs": [[ids]], "prompts": [[ids]], "tokens": N, "texts": [str], "ctx": C, "kv": "f16" | "f32",
              "quantize": null | {"out": PATH, "type": "Q4_0"}}
     result: {"nll": sum, "count": n, "continuations": [[ids]], "tokenized": [[ids]], "version": ...,
              "quantized": PATH | null}
@@ -59,8 +59,9 @@ def main() -> int:
     if job.get("quantize"):
         path = quantize(llama_cpp, path, job["quantize"]["out"], job["quantize"]["type"])
     ctx = int(job.get("ctx", 512))
+    kv = {"f32": 0, "f16": 1}[job.get("kv", "f16")]  # llama.cpp's KV cache type (GGML_TYPE_F32 / F16; its default f16)
     llm = llama_cpp.Llama(model_path=path, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, n_threads=args.threads,
-                          n_threads_batch=args.threads, logits_all=True, verbose=False, seed=0)
+                          n_threads_batch=args.threads, logits_all=True, verbose=False, seed=0, type_k=kv, type_v=kv)
     nll, count = 0.0, 0
     for doc in job.get("docs", []):
         ids = doc[:ctx]

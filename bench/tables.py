@@ -129,7 +129,7 @@ def _decode(result: dict) -> str:
 
 def _mode(row: dict) -> str:
     """A router mode with the settings that distinguish its rows."""
-    settings = [f"{k} {row[k]}" for k in ("draft_len", "draft_confidence", "rule", "alpha", "threshold")
+    settings = [f"{k} {row[k]}" for k in ("draft_len", "draft_confidence", "rule", "alpha", "threshold", "per_call")
                 if row.get(k) is not None]
     return row["mode"] + (f" ({', '.join(settings)})" if settings else "")
 
@@ -254,6 +254,7 @@ _EXPORT_COLUMNS: list[Column] = [
     ("ppl cascade", _num("ppl_cascade", 4)), ("ppl llama.cpp", _num("ppl_llamacpp", 4)),
     ("llama.cpp vs cascade", _signed("ppl_gap_pct", 3, "%")),
     ("same continuations", lambda r: "" if r.get("same_continuations") is None else f"{r['same_continuations']}/{r['prompts']}"),
+    ("first difference (mean)", _num("first_difference", 1)), ("file MB", lambda r: f"{r['file_bytes'] / 1e6:.2f}"),
     ("tokenizer", lambda r: "same" if r["tokenizer_equal"] else "differs")]
 
 
@@ -264,16 +265,21 @@ def _export(result: dict) -> str:
 
 def _export_summary(result: dict) -> str:
     """Several ``export`` results joined (``sources``), one row per model and method, with
-    llama.cpp's own Q4_0 of the same float weights beside them."""
+    llama.cpp's own Q4_0 of the same float weights beside them (``view: "readme"``: the default
+    method's rows only)."""
     rows = []
     for source in result["sources"]:
         data = result["loaded"][source["file"]]
         peer = next((r for r in data["rows"] if r["asked"] == "llamacpp-q4_0"), None)
         for row in data["rows"]:
             if row["asked"] != "llamacpp-q4_0":
-                rows.append({**row, "model": source["label"], "peer": None if peer is None else peer["ppl_llamacpp"]})
-    columns = [("model", _text("model")), *_EXPORT_COLUMNS[:2], *_EXPORT_COLUMNS[3:7],
-               ("llama.cpp's own Q4_0", _num("peer", 4))]
+                rows.append({**row, "model": source["label"], "peer": None if peer is None else peer["ppl_llamacpp"],
+                             "peer_bytes": None if peer is None else peer["file_bytes"]})
+    columns = [("model", _text("model")), *_EXPORT_COLUMNS[:2], *_EXPORT_COLUMNS[3:9],
+               ("llama.cpp's own Q4_0", _num("peer", 4)), ("its MB", lambda r: "" if r.get("peer_bytes") is None else f"{r['peer_bytes'] / 1e6:.2f}")]
+    if result.get("view") == "readme":  # the README's: the default method only, without the spec
+        rows = [r for r in rows if r["asked"] == "default"]
+        columns = [c for c in columns if c[0] not in ("spec", "first difference (mean)")]
     return markdown(columns, rows)
 
 

@@ -304,6 +304,8 @@ def _rope_heads(name: str, cfg: ModelConfig, permuted: bool):
 
 def gguf_tensors(model: Model, requantize: str | None = None, progress=None):
     """Yield ``(name, array, raw_dtype, TensorExport)`` for every tensor of ``model`` in GGUF form."""
+    import gguf
+
     from cascade.console import progress_bar
 
     cfg = model.config
@@ -333,7 +335,7 @@ def gguf_tensors(model: Model, requantize: str | None = None, progress=None):
                         raise
                 else:
                     shape = a.shape if kind == "embed" else a.shape[::-1]
-                    yield name, raw, __import__("gguf").GGMLQuantizationType[ggml], TensorExport(
+                    yield name, raw, gguf.GGMLQuantizationType[ggml], TensorExport(
                         name, param, spec.explicit, ggml, tuple(shape), raw.nbytes, max_min_rounding=rounding)
                     continue
             x = np.asarray(dequantize(a, "float32"))

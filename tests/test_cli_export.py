@@ -107,7 +107,8 @@ def test_requantize_converts_and_reports_the_added_error(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("args,match", [
-    (("--spec", "int4-g128"), "int4-g128 has no exact GGUF type"),
+    (("--quant", "int4-g128"), "int4-g128 has no exact GGUF type"),
+    (("--quant", "embed=int8,*=int4-g32"), "int8 has no exact GGUF type"),
     (("--method", "gptq"), "--method gptq needs calibration text"),
     (("--method", "nope"), "unknown method 'nope'"),
 ])

@@ -92,3 +92,14 @@ def test_readme_cascade_example_runs(capsys):
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["r"].text.strip() and namespace["same"].stats is None
     assert namespace["pair"].describe()["small"]["quant"] == "int4-full"
+
+
+def test_readme_export_table_is_the_generated_one():
+    """The llama.cpp check of GGUF exports: the README's table is bench/tables.py's from the results."""
+    from cascade.bench import tables
+
+    text = README.read_text()
+    start, end = "<!-- results:export-readme -->\n", "\n<!-- /results -->"
+    body = text[text.index(start) + len(start): text.index(end, text.index(start))]
+    assert body == tables.table("export-readme")
+    assert len(body.splitlines()) == 2 + 4  # the default method on each of the four models

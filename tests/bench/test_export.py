@@ -41,7 +41,7 @@ def _fake_llamacpp(tmp_path):
 
 def test_rows_compare_both_sides_on_the_same_tokens(tmp_path):
     model = load_model("default-small")
-    result = export.run(model, VAL, llamacpp=_fake_llamacpp(tmp_path), methods=("rtn",), limit=3, prompts=2,
+    result = export.run(model, VAL, llamacpp=_fake_llamacpp(tmp_path), methods=("rtn",), quant="embed=int8-g32,*=int4-g32", limit=3, prompts=2,
                         tokens=4, llamacpp_q4_0=True, keep=str(tmp_path / "files"), progress=False)
     rtn, peer = result["rows"]
     assert result["tokens"] == sum(len(d) - 1 for d in export.tokenize_documents(
@@ -60,3 +60,25 @@ def test_rows_compare_both_sides_on_the_same_tokens(tmp_path):
 
 def test_agreement_counts_whole_continuations():
     assert export._agreement([[1, 2, 3], [1, 2, 3], [4]], [[1, 2, 3], [1, 9, 3], [5]], 3) == (1, (3 + 1 + 0) / 3)
+
+
+def test_the_export_tables_join_results_with_llamacpps_own_q4_0_beside_them(tmp_path):
+    from cascade.bench import tables
+
+    def row(asked, method, ppl, theirs, same):
+        return {"asked": asked, "method": method, "spec": "int4-g32", "file_type": "MOSTLY_Q4_0", "ppl_cascade": ppl,
+                "ppl_llamacpp": theirs, "ppl_gap_pct": None if ppl is None else 100 * (theirs / ppl - 1),
+                "same_continuations": same, "prompts": 8, "tokenizer_equal": True, "file_bytes": 2_500_000,
+                "first_difference": None if same is None else 30.5}
+
+    (tmp_path / "a.json").write_text(json.dumps({"benchmark": "export", "rows": [
+        row("rtn", "rtn", 2.0, 2.002, 7), row("default", "awq-gptq", 1.9, 1.9, 8),
+        row("llamacpp-q4_0", "llama.cpp quantize", None, 1.95, None)]}))
+    summary = {"benchmark": "export-summary", "sources": [{"file": "a", "label": "m"}]}
+    (tmp_path / "s.json").write_text(json.dumps(summary))
+    (tmp_path / "r.json").write_text(json.dumps({**summary, "view": "readme"}))
+    lines = tables.table("s", tmp_path).splitlines()
+    assert len(lines) == 4 and lines[2] == ("| m | rtn | `int4-g32` | 2.0000 | 2.0020 | +0.100% | 7/8 | 30.5 | 2.50 "
+                                            "| 1.9500 | 2.50 |")
+    assert tables.table("r", tmp_path).splitlines()[2:] == ["| m | awq-gptq | 1.9000 | 1.9000 | +0.000% | 8/8 | 2.50 | 1.9500 | 2.50 |"]
+    assert "llama.cpp quantize" in tables.table("a", tmp_path)
