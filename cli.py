@@ -1997,8 +1997,9 @@ def _llamacpp_python(llamacpp: str | None) -> str | None:
 @click.option("--llamacpp", "llamacpp", required=True, metavar="PYTHON",
               help="The Python of a venv with llama-cpp-python (bench/llamacpp_venv.sh builds one), or 'auto' for "
                    "that script's default venv.")
-@click.option("--spec", default="int4-g32", show_default=True,
-              help="The precision to quantize to and export (a spec with an exact GGUF type).")
+@click.option("--quant", "quant_rules", default="int4-g32", show_default=True, callback=_rules,
+              help="Precision rules to quantize to and export; every spec must have an exact GGUF type "
+                   "(e.g. 'embed=int8-g32,*=int4-g32': llama.cpp's Q4_0 recipe, a Q8_0 embedding).")
 @click.option("--method", "methods", default="rtn,default", show_default=True,
               help="Comma-separated PTQ methods, one exported file each (default: what `cascade quantize --calib` "
                    "picks; the calibrated ones need --calib).")
@@ -2015,24 +2016,27 @@ def _llamacpp_python(llamacpp: str | None) -> str | None:
               help="Also let llama.cpp quantize the float weights to its own Q4_0 and score that (the peer).")
 @click.option("--requantize", type=click.Choice(["Q8_0", "Q4_0", "Q4_1", "F16", "BF16", "F32"], case_sensitive=False),
               help="As in `cascade export` (F32 writes tensors whose rows are not whole blocks of 32 exactly).")
+@click.option("--llamacpp-kv", "llamacpp_kv", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
+              help="llama.cpp's KV cache type (f16 is its default; cascade's cache is f32).")
 @click.option("--keep", type=OUT_DIR, help="Keep the exported files in this directory [default: removed].")
 @_tokenizer_option()
 @_out_option()
 @_json_option()
-def bench_export(model, data, llamacpp, spec, methods, calib, calib_samples, calib_len, limit, ctx, max_tokens,
-                 n_prompts, tokens, llamacpp_q4_0, requantize, keep, tokenizer, out_path, as_json):
+def bench_export(model, data, llamacpp, quant_rules, methods, calib, calib_samples, calib_len, limit, ctx, max_tokens,
+                 n_prompts, tokens, llamacpp_q4_0, requantize, llamacpp_kv, keep, tokenizer, out_path, as_json):
     """Export MODEL to GGUF per PTQ method and check each file in llama.cpp itself: its perplexity
     and greedy continuations against cascade's on the same token ids (see bench/export.py)."""
     from cascade.bench import export as bench_export_mod
     from cascade.models.export_gguf import exact_type
 
     llamacpp = _llamacpp_python(llamacpp)
-    _rules(None, None, spec)
-    from cascade import quant
+    from cascade.quant.rules import PrecisionRules
 
-    if exact_type(quant.parse_spec(spec)) is None:
-        raise click.BadParameter(f"{spec} has no exact GGUF type (e.g. int4-g32, int4-g32-asym, int8-g32)",
-                                 param_hint="'--spec'")
+    rules = PrecisionRules.parse(quant_rules)
+    for spec in (rules.default, *(s for _, s in rules.rules)):
+        if spec is not None and exact_type(spec) is None:
+            raise click.BadParameter(f"{spec} has no exact GGUF type (e.g. int4-g32, int4-g32-asym, int8-g32)",
+                                     param_hint="'--quant'")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     known = PTQ_METHODS + ("default",)
     for m in method_list:
@@ -2047,10 +2051,10 @@ def bench_export(model, data, llamacpp, spec, methods, calib, calib_samples, cal
         if path is not None:
             _documents(path, flag)
     loaded, _ = _load_model(model, tokenizer, None)
-    result = bench_export_mod.run(loaded, data, llamacpp=llamacpp, methods=method_list, spec=spec, calib=calib,
+    result = bench_export_mod.run(loaded, data, llamacpp=llamacpp, methods=method_list, quant=quant_rules, calib=calib,
                                   calib_samples=calib_samples, calib_len=calib_len, limit=limit, ctx=ctx,
                                   max_tokens=max_tokens, prompts=n_prompts, tokens=tokens, llamacpp_q4_0=llamacpp_q4_0,
-                                  requantize=requantize, keep=keep, label=model)
+                                  requantize=requantize, llamacpp_kv=llamacpp_kv, keep=keep, label=model)
     _emit(as_json, result, bench_export_mod.format_table(result), out=out_path)
 
 
@@ -2415,10 +2419,13 @@ def _bench_pair_request(pair_name, small_model, large_model):
               help="Above 0: sampled (seed 0); rows are then not checked token for token.")
 @click.option("--draft-lens", callback=_csv_ints,
               help="Fixed draft lengths to run (with the large model alone) instead of the default rows.")
+@click.option("--per-call", "per_calls", callback=_csv_ints,
+              help="Decode steps or rounds per device call, one set of rows each (e.g. 1,8: a read-back per "
+                   "step against one per 8) [default: the library's, 8].")
 @_out_option()
 @_json_option()
 def bench_drafting(pair_name, small_model, large_model, small_quant, large_quant, tokens, n_prompts, repeats,
-                   temperature, draft_lens, out_path, as_json):
+                   temperature, draft_lens, per_calls, out_path, as_json):
     """Speculative decoding against the large model alone on one pair: fixed draft lengths and
     adaptive drafting, tokens/s side by side, acceptance, exactness (bench/drafting.py)."""
     from cascade.bench import drafting
@@ -2427,6 +2434,10 @@ def bench_drafting(pair_name, small_model, large_model, small_quant, large_quant
     configs = None
     if draft_lens:
         configs = [{"mode": "large"}] + [{"mode": "speculative", "draft_len": k} for k in draft_lens]
+    if per_calls:
+        if min(per_calls) < 1:
+            raise click.BadParameter("steps per call must be at least 1", param_hint="'--per-call'")
+        configs = [{**c, "per_call": n} for n in per_calls for c in (configs or drafting.CONFIGS)]
     result = drafting.run(small_model, large_model, small_quant=small_quant, large_quant=large_quant, tokens=tokens,
                           prompts=n_prompts, repeats=repeats, pair=pair_name, temperature=temperature, configs=configs)
     _emit(as_json, result, drafting.table(result), out=out_path)

@@ -14,7 +14,8 @@ step's weight matmuls (every linear layer and the head at batch 1, on the backen
 uses) in one jitted call, and ``call_ms`` the time of a jitted call that takes the same
 parameters and cache and returns the next id to the host, doing no work: what dispatch and the
 host round trip cost per step.  The rest (attention, norms, rotary, sampling) is
-``step_ms - matmul_ms - call_ms``.
+``step_ms - matmul_ms - call_ms``.  So the rows decode one step a device call
+(``steps_per_call=1``); ``cascade generate`` runs 8 a call, which saves most of ``call_ms``.
 
 ``rows`` (e.g. ``(1, 2, 3, 5, 8, 16)``) also times the step's matmuls with that many input rows
 each (``matmul_ms_by_rows``) and reports each against one row (``vs_one_row``): what a k-position
@@ -105,7 +106,9 @@ def run(model: Model, *, label: str | None = None, specs=DEFAULT_SPECS, prompt: 
         with _attention_backend(attn):
             rates = []
             for i in range(warmup + repeats):
-                out = generate(variant.params, variant.config, [ids], max_new_tokens=tokens, eos_ids=(), kv=kv_spec)
+                # one step a call: the breakdown below (matmuls + one call's fixed cost + the rest) is of one step
+                out = generate(variant.params, variant.config, [ids], max_new_tokens=tokens, eos_ids=(), kv=kv_spec,
+                               steps_per_call=1)
                 if i >= warmup:
                     rates.append(out.tokens_per_s)
         tok_s = statistics.median(rates)

@@ -9,7 +9,9 @@ the large and small models alone, fixed ``--draft-len`` 2, 3, 4 and 6, and adapt
 8 tokens, stopping after a token whose draft probability was below a confidence: 0.3, 0.5 (= ``auto``)
 and 0.7).  Per row: tokens/s (all generated tokens over all wall time, prompts one at a time,
 median of ``--repeats`` runs after a warm-up run), acceptance, proposals per round and large-model
-calls per generated token.
+calls per generated token.  A row with ``per_call`` runs that many decode steps or rounds per device
+call (:func:`cascade.pair.stream_batch`); ``vs_large`` is against the large model alone with the same
+``per_call``.
 """
 
 from __future__ import annotations
@@ -66,20 +68,21 @@ def run(small: str = "default-small", large: str = "default-large", *, small_qua
                        exact=all(r.token_ids == want[p] for r, p in zip(results, texts)) if not temperature else None)
         rows.append(row)
         print(f"  {_label(row)}: {row['tokens_per_s']} tok/s", file=sys.stderr, flush=True)
-    base = rows[0]["tokens_per_s"]
-    for row in rows:
-        row["vs_large"] = round(row["tokens_per_s"] / base, 3)
+    for row in rows:  # against the large model alone with as many steps per device call
+        base = next((r for r in rows if r["mode"] == "large" and r.get("per_call") == row.get("per_call")), rows[0])
+        row["vs_large"] = round(row["tokens_per_s"] / base["tokens_per_s"], 3)
     return {"benchmark": "drafting", **run_context(repeats=repeats, warmup=1), "small": small, "large": large,
             "small_quant": small_quant, "large_quant": large_quant, "pair": pair, "chat_template": chat,
             "temperature": temperature, "tokens": tokens, "prompts": texts, "rows": rows}
 
 
 def _label(row: dict) -> str:
+    calls = "" if row.get("per_call") is None else f", {row['per_call']} {'step' if row['mode'] != 'speculative' else 'round'}{'s' if row['per_call'] > 1 else ''} a call"
     if row["mode"] != "speculative":
-        return f"{row['mode']} alone"
+        return f"{row['mode']} alone{calls}"
     if "draft_confidence" in row:
-        return f"adaptive, up to {row['draft_len']}, confidence {row['draft_confidence']}"
-    return f"fixed draft of {row['draft_len']}"
+        return f"adaptive, up to {row['draft_len']}, confidence {row['draft_confidence']}{calls}"
+    return f"fixed draft of {row['draft_len']}{calls}"
 
 
 def table(result: dict) -> str:

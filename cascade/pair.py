@@ -359,7 +359,7 @@ def stream_batch(pair: ModelPair, prompts: list[str], *, mode: str = "speculativ
                  draft_len: int | str = 4, sampling: SamplingConfig = SamplingConfig(), small_kv: str | None = None,
                  large_kv: str | None = None, rule: str = "chow", alpha: float = 0.1,
                  defer_score: str = "mean-logprob", threshold: float = -1.0, draft_confidence: float | None = None,
-                 chat: bool = False):
+                 chat: bool = False, per_call: int | None = None):
     """The one place a mode and its settings become a run.  A generator: after the prefill and after
     every step or round it yields the tokens each prompt's row emitted (``list[list[int]]``, empty for
     a row that stopped or could not run; ``defer`` yields once, the answers whole, since a deferred
@@ -372,7 +372,10 @@ def stream_batch(pair: ModelPair, prompts: list[str], *, mode: str = "speculativ
     (:func:`cascade.speculative.deferral`); ``defer_score``/``threshold``: ``mode="defer"``
     (:mod:`cascade.deferral`).  ``chat``: each prompt is a user turn through the chat template
     (:func:`chat_prompt`; the template writes any BOS itself), the result's ``prompt`` the text as given.
-    A prompt may also be a list of token ids, used as they are (its result's ``prompt``: their text)."""
+    A prompt may also be a list of token ids, used as they are (its result's ``prompt``: their text).
+    ``per_call``: decode steps or speculative rounds run by one device call (default
+    :data:`cascade.models.generation.STEPS_PER_CALL` / :data:`cascade.speculative.ROUNDS_PER_CALL`;
+    1: a call and a read-back per step); the tokens are the same either way."""
     context = check_mode(pair, mode)
     if mode == "defer":
         check_deferral(defer_score, threshold)  # before any generation
@@ -411,13 +414,17 @@ def stream_batch(pair: ModelPair, prompts: list[str], *, mode: str = "speculativ
 
     def alone(model, kv, rows):
         return generate_stream(model.params, model.config, [encoded[i] for i in rows], max_new_tokens=max_new_tokens,
-                               sampling=sampling, eos_ids=eos, kv=kv)
+                               sampling=sampling, eos_ids=eos, kv=kv, **calls)
 
+    if per_call is not None and (not isinstance(per_call, int) or per_call < 1):
+        raise ValueError(f"per_call must be a positive number of steps, got {per_call!r}")
+    calls = {} if per_call is None else {"steps_per_call": per_call}
     if mode in SPECULATIVE:
         rs = yield from _mapped(speculative_stream(
             pair.small.params, pair.small.config, pair.large.params, pair.large.config, [encoded[i] for i in good],
             max_new_tokens=max_new_tokens, draft_len=draft_len, sampling=sampling, eos_ids=eos, draft_kv=small_kv,
-            target_kv=large_kv, draft_confidence=draft_confidence, **cascade_rule(mode, rule, alpha)), spread)
+            target_kv=large_kv, draft_confidence=draft_confidence, **cascade_rule(mode, rule, alpha),
+            **({} if per_call is None else {"rounds_per_call": per_call})), spread)
         for i, r in zip(good, rs):
             out[i] = result(i, r.tokens, r.stop_reason, r.prefill_s, r.decode_s, r.tokens_per_s, stats=r.stats)
     elif mode == "defer":

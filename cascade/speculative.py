@@ -7,8 +7,10 @@ Each round the draft proposes ``draft_len`` tokens one at a time; the target sco
 token and all proposals in one call (``draft_len + 1`` positions) and the verifier accepts a
 prefix of them.  The whole round (proposer, scorer, verifier and the cache rewind) is **one jitted
 call** on the device (:func:`speculative_round`), greedy or sampled, for a batch of rows at once:
-each row has its own cache length, acceptance and rewind, and stops on its own; the host reads
-back the proposals, the accepted counts and the next tokens once per round, in the host loop plain
+each row has its own cache length, acceptance and rewind, and stops on its own.  Several rounds
+run in one device call (:func:`speculative_rounds`, a loop on the device that stops each row at its
+EOS or length and exits when all have stopped), and the host reads back the proposals, the accepted
+counts and the next tokens once per call, handing the rounds out one by one to the host loop plain
 generation uses too (:func:`cascade.models.generation.decode_loop`).
 
 * greedy (temperature 0): proposal ``d_i`` is accepted while it equals the target's argmax; the
@@ -41,7 +43,7 @@ import numpy as np
 from cascade.models import decoder
 from cascade.models.config import ModelConfig
 from cascade.models.decoder import cache_room, prefill, prompt_bucket
-from cascade.models.generation import check_prompts, decode_loop, decode_rate, drain, pad_prompts
+from cascade.models.generation import Steps, check_prompts, decode_loop, decode_rate, drain, pad_prompts
 from cascade.models.kv_cache import KVCache
 from cascade.models.sampling import SamplingConfig, filtered_logits, sample_logits, token_probs
 from cascade.models.sharding import cache_like, traced_on_mesh_of
@@ -277,11 +279,9 @@ class Round(NamedTuple):
 
 
 @traced_on_mesh_of(2)  # the target's mesh; the draft in it is a replicated copy (whole_weights below)
-@partial(jax.jit, static_argnames=("draft_cfg", "target_cfg", "k", "greedy", "rule", "adaptive"),
-         donate_argnames=("state",))
-def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig, state: RoundState,
-                      active, sampling, alpha=0.0, confidence=0.0, *, k: int, greedy: bool, rule: str | None = None,
-                      adaptive: bool = False) -> tuple[Round, RoundState]:
+def _round(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig, state: RoundState,
+           active, sampling, alpha=0.0, confidence=0.0, *, k: int, greedy: bool, rule: str | None = None,
+           adaptive: bool = False) -> tuple[Round, RoundState]:
     """One draft-score-verify round for a batch of rows, in one device call.
 
     ``rule`` None: exact speculative decoding.  A :func:`deferral` rule (with ``alpha``) makes it a
@@ -311,6 +311,64 @@ def speculative_round(draft_params, draft_cfg: ModelConfig, target_params, targe
         alpha, k=k, greedy=greedy, rule=rule, adaptive=adaptive)
     behind, d_cache = _draft_rewind(d_cache, t_cache.lengths, proposals, n_acc, n_fed, start, active, state.behind)
     return Round(proposals, n_prop, n_acc, nxt, deferred), RoundState(d_cache, t_cache, nxt, behind, key)
+
+
+speculative_round = partial(jax.jit, static_argnames=("draft_cfg", "target_cfg", "k", "greedy", "rule", "adaptive"),
+                            donate_argnames=("state",))(_round)
+
+
+ROUNDS_PER_CALL = 8  # speculative_stream: rounds run by one device call (rounds_per_call)
+
+
+def room_after(room, proposals, n_acc, token, eos):
+    """Each row's room after a round (``room`` (B,) tokens it may still emit, 0 for a stopped row):
+    the round emits the accepted proposals and the target's token, up to the room or the first id
+    in ``eos`` (then the row stops, room 0).  The same rule as the host loop's
+    (:func:`cascade.models.generation.decode_loop`), so a device loop over rounds stops each row
+    exactly where the host would."""
+    k = proposals.shape[1]
+    idx = jnp.arange(k + 1)[None, :]
+    seq = jnp.where(idx < n_acc[:, None], jnp.pad(proposals, ((0, 0), (0, 1))), token[:, None])
+    n_emit = jnp.minimum(n_acc + 1, room)
+    hit = jnp.any(jnp.isin(seq, eos) & (idx < n_emit[:, None]), axis=1)
+    return jnp.where((room > 0) & ~hit, room - n_emit, 0)
+
+
+@partial(jax.jit, static_argnames=("draft_cfg", "target_cfg", "k", "greedy", "rule", "adaptive", "rounds"),
+         donate_argnames=("state",))
+def speculative_rounds(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig,
+                       state: RoundState, room, eos, sampling, alpha=0.0, confidence=0.0, *, k: int, greedy: bool,
+                       rule: str | None = None, adaptive: bool = False, rounds: int = ROUNDS_PER_CALL):
+    """Up to ``rounds`` rounds of :func:`speculative_round` in one device call: a loop on the device
+    that runs the rows with room left (``room`` (B,): tokens each row may still emit, 0 for a
+    stopped row; a row stops at an id in ``eos`` or when its room runs out, :func:`room_after`) and
+    exits early once every row has stopped.  The host reads the rounds back once per call instead
+    of once per round: on small models a round's dispatch and read-back cost as much as its work.
+
+    Returns ``(Round of (rounds, B, ...) arrays, rounds run, state)``; the rounds are the ones
+    :func:`speculative_round` would decide one call at a time, in order (the same PRNG splits)."""
+    batch = room.shape[0]
+    out = Round(jnp.zeros((rounds, batch, k), jnp.int32), jnp.zeros((rounds, batch), jnp.int32),
+                jnp.zeros((rounds, batch), jnp.int32), jnp.zeros((rounds, batch), jnp.int32),
+                jnp.zeros((rounds, batch, k), bool))
+
+    def cond(carry):
+        r, room, _, _ = carry
+        return (r < rounds) & jnp.any(room > 0)
+
+    def body(carry):
+        r, room, state, out = carry
+        decided, state = _round(draft_params, draft_cfg, target_params, target_cfg, state, room > 0, sampling,
+                                alpha, confidence, k=k, greedy=greedy, rule=rule, adaptive=adaptive)
+        decided = decided._replace(proposals=decided.proposals.astype(jnp.int32),
+                                   n_proposed=jnp.broadcast_to(decided.n_proposed, (batch,)).astype(jnp.int32),
+                                   n_accepted=decided.n_accepted.astype(jnp.int32),
+                                   token=decided.token.astype(jnp.int32))
+        out = jax.tree.map(lambda buf, x: buf.at[r].set(x), out, decided)
+        return r + 1, room_after(room, decided.proposals, decided.n_accepted, decided.token, eos), state, out
+
+    r, _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), room.astype(jnp.int32), state, out))
+    return out, r, state
 
 
 # The round's three parts: one jit above (one device call when both models share the devices), or
@@ -485,7 +543,8 @@ def speculative_stream(draft_params, draft_cfg: ModelConfig, target_params, targ
                        prompts: list[list[int]], *, max_new_tokens: int, draft_len: int | str = 4,
                        sampling: SamplingConfig = SamplingConfig(), eos_ids=None,
                        draft_kv: KVSpec | str | None = None, target_kv: KVSpec | str | None = None,
-                       rule: str | None = None, alpha: float = 0.0, draft_confidence: float | None = None):
+                       rule: str | None = None, alpha: float = 0.0, draft_confidence: float | None = None,
+                       rounds_per_call: int = ROUNDS_PER_CALL):
     """A generator: after the prefill and after every round it yields the tokens each row emitted
     (``list[list[int]]``, empty for a finished row); it returns the list of
     :class:`SpeculativeResult` (``StopIteration.value``; :func:`drain` runs it to the end).
@@ -495,7 +554,9 @@ def speculative_stream(draft_params, draft_cfg: ModelConfig, target_params, targ
     (:mod:`cascade.quant.kv`); greedy output equals the target's own greedy output with ``target_kv``.
     ``rule``/``alpha``: a speculative cascade (:func:`speculative_round`, :func:`deferral`) instead of
     exact speculation; ``alpha`` in [0, 1].  ``draft_len``/``draft_confidence``: how many tokens the
-    draft proposes per round (:func:`draft_setting`; ``"auto"``: adaptive).
+    draft proposes per round (:func:`draft_setting`; ``"auto"``: adaptive).  ``rounds_per_call``: rounds
+    run by one device call (:func:`speculative_rounds`; 1: a call and a read-back per round); the
+    tokens are the same either way, the rounds are yielded one by one as they are read back.
     """
     if rule is not None and rule not in RULES:
         raise ValueError(f"unknown deferral rule {rule!r}; choose from {', '.join(RULES)}")
@@ -518,11 +579,13 @@ def speculative_stream(draft_params, draft_cfg: ModelConfig, target_params, targ
     state = RoundState(d_cache=cache_like(draft_params, KVCache.create(draft_cfg, batch, room, draft_kv, rewind=k + 1)),
                        t_cache=cache_like(target_params, KVCache.create(target_cfg, batch, room, target_kv, rewind=k + 1)),
                        pending=None, behind=jnp.full((batch,), -1, jnp.int32), key=jax.random.key(sampling.seed))
-    last = None  # the last round, read back to the host
-    # a draft on devices of its own (--small-devices) runs its side of each round there
+    decided_rounds: list[Round] = []  # rounds read back to the host and not yet accounted (oldest first)
+    # a draft on devices of its own (--small-devices) runs its side of each round there, one round a call
     draft_devices, target_devices = devices_of(draft_params), devices_of(target_params)
     own = draft_devices and target_devices and draft_devices.isdisjoint(target_devices)
     round_fn = split_round if own else speculative_round
+    per_call = 1 if own else max(1, int(rounds_per_call))
+    stop_ids = jnp.asarray(sorted(set(target_cfg.eos_token_ids if eos_ids is None else eos_ids)), jnp.int32)
 
     def first():  # both prefills; the first token is the target's
         nonlocal state
@@ -533,16 +596,27 @@ def speculative_stream(draft_params, draft_cfg: ModelConfig, target_params, targ
         state = state._replace(d_cache=d_cache, t_cache=t_cache, pending=jnp.asarray(tokens0, jnp.int32), key=key)
         return tokens0.tolist()
 
-    def step(room):  # one round: each live row's accepted proposals, then the target's token
-        nonlocal state, last
-        active = jnp.asarray([n > 0 for n in room])
-        decided, state = round_fn(draft_params, draft_cfg, target_params, target_cfg, state, active, params,
-                                  jnp.float32(alpha), jnp.float32(confidence), k=k, greedy=sampling.greedy, rule=rule,
-                                  adaptive=confidence > 0)
-        last = Round(*(np.asarray(a) for a in decided))
-        return [[*last.proposals[i, :n].tolist(), int(t)] for i, (n, t) in enumerate(zip(last.n_accepted, last.token))]
+    def step(room):  # rounds: each live row's accepted proposals, then the target's token
+        nonlocal state
+        if per_call > 1:  # several rounds in one device call, handed out one by one (decode_loop's Steps)
+            decided, ran, state = speculative_rounds(
+                draft_params, draft_cfg, target_params, target_cfg, state, jnp.asarray(room, jnp.int32), stop_ids,
+                params, jnp.float32(alpha), jnp.float32(confidence), k=k, greedy=sampling.greedy, rule=rule,
+                adaptive=confidence > 0, rounds=per_call)
+            decided, ran = jax.device_get((decided, ran))
+            rounds = [Round(*(np.asarray(a[r]) for a in decided)) for r in range(int(ran))]
+        else:
+            active = jnp.asarray([n > 0 for n in room])
+            decided, state = round_fn(draft_params, draft_cfg, target_params, target_cfg, state, active, params,
+                                      jnp.float32(alpha), jnp.float32(confidence), k=k, greedy=sampling.greedy,
+                                      rule=rule, adaptive=confidence > 0)
+            rounds = [Round(*(np.asarray(a) for a in decided))]
+        decided_rounds.extend(rounds)
+        return Steps([[*r.proposals[i, :n].tolist(), int(t)] for i, (n, t) in enumerate(zip(r.n_accepted, r.token))]
+                     for r in rounds)
 
     def account(kept, room):  # the round's counters, over the proposals that could still be emitted
+        last = decided_rounds.pop(0)  # decode_loop accounts each round once, in order
         for i, (n_kept, n_room) in enumerate(zip(kept, room)):
             if n_room == 0:
                 continue

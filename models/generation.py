@@ -14,6 +14,7 @@ import time
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cascade.console import plural
@@ -52,6 +53,38 @@ def _decode_and_sample(params, cfg: ModelConfig, tokens, cache: KVCache, key, te
     logits, cache = decoder.step(params, cfg, tokens, cache)
     key, sub = jax.random.split(key)
     return sample_logits(logits, sub, temperature, top_k, top_p), key, cache
+
+
+STEPS_PER_CALL = 8  # generate_stream: decode steps run by one device call (steps_per_call)
+
+
+@traced_on_mesh_of(0)
+@partial(jax.jit, static_argnames=("cfg", "steps"), donate_argnames=("cache",))
+def _decode_steps(params, cfg: ModelConfig, tokens, cache: KVCache, key, temperature, top_k, top_p, room, eos, *,
+                  steps: int):
+    """Up to ``steps`` decode steps in one device call: :func:`_decode_and_sample` in a loop on the
+    device while any row has room (``room`` (B,): tokens each row may still emit; a row stops at an
+    id in ``eos`` or when its room runs out, the host loop's rule), exiting early once every row has
+    stopped.  The host reads the tokens back once per call: on small models a step's dispatch and
+    read-back cost about a third of the step.  Every row is stepped every time, as one step a call
+    does, so the tokens are the same.  Returns ``(tokens (steps, B), steps run, last tokens, key, cache)``."""
+    out = jnp.zeros((steps, tokens.shape[0]), jnp.int32)
+
+    def cond(carry):
+        i, room = carry[0], carry[1]
+        return (i < steps) & jnp.any(room > 0)
+
+    def body(carry):
+        i, room, tokens, key, cache, out = carry
+        logits, cache = decoder.step(params, cfg, tokens, cache)
+        key, sub = jax.random.split(key)
+        tokens = sample_logits(logits, sub, temperature, top_k, top_p).astype(jnp.int32)
+        room = jnp.where((room > 0) & ~jnp.isin(tokens, eos), room - 1, 0)
+        return i + 1, room, tokens, key, cache, out.at[i].set(tokens)
+
+    i, _, tokens, key, cache, out = jax.lax.while_loop(
+        cond, body, (jnp.int32(0), room.astype(jnp.int32), tokens.astype(jnp.int32), key, cache, out))
+    return out, i, tokens, key, cache
 
 
 def decode_rate(tokens: int, seconds: float) -> float | None:
@@ -117,6 +150,13 @@ class Decoded:
     steady_s: float  # their wall time (each step's device call and read-back; not the time between yields)
 
 
+class Steps(list):
+    """Several steps' candidates decided by one device call (what ``step`` of :func:`decode_loop` may
+    return instead of one step's): the loop hands them out one at a time, as if each were its own
+    step; the call's time is split evenly among them, and all of them count as compiling when the
+    call compiled."""
+
+
 def decode_loop(prefill, step, *, max_new_tokens: int, eos, account=None):
     """The host side of decoding, one loop for plain and speculative generation.  A generator: after
     the prefill and after every step it yields the tokens each row emitted (``list[list[int]]``,
@@ -125,7 +165,8 @@ def decode_loop(prefill, step, *, max_new_tokens: int, eos, account=None):
     ``prefill()``: the first token of every row (host ints), timed as the prefill.  ``step(room)``:
     one decoding step; ``room[i]`` is how many tokens row ``i`` may still emit (0: it has stopped);
     returns each row's candidate tokens (host ints, one or more per live row: one per plain decode
-    step, a speculative round's accepted proposals and the target's token).  A row keeps its
+    step, a speculative round's accepted proposals and the target's token), or :class:`Steps` of
+    several steps' candidates, which the loop takes one step at a time.  A row keeps its
     candidates up to its first id in ``eos`` or its room, whichever comes first, and stops there.
     ``account(kept, room)``, when given, hears after each step how many candidates each row kept.
     Steps during which JAX compiled (:func:`compile_count`) are left out of the steady counts.
@@ -141,23 +182,30 @@ def decode_loop(prefill, step, *, max_new_tokens: int, eos, account=None):
     while any(live):
         room = [max_new_tokens - len(row) if on else 0 for row, on in zip(out, live)]
         compiles, t_step = compile_count(), time.perf_counter()
-        candidates = step(room)
-        step_s = time.perf_counter() - t_step
-        decode_s += step_s
-        emitted = [[] for _ in out]
-        for i, n in enumerate(room):
-            for t in candidates[i] if n else ():
-                emitted[i].append(int(t))
-                if int(t) in eos or len(emitted[i]) == n:
-                    break
-            out[i] += emitted[i]
-            live[i] = live[i] and out[i][-1] not in eos and len(out[i]) < max_new_tokens
-        if account is not None:
-            account([len(e) for e in emitted], room)
-        if compile_count() == compiles:  # a step that compiled is not decoding speed
-            steady_steps, steady_s = steady_steps + 1, steady_s + step_s
-            steady_tokens = [s + len(e) for s, e in zip(steady_tokens, emitted)]
-        yield emitted
+        result = step(room)
+        call_s = time.perf_counter() - t_step
+        decode_s += call_s
+        compiled = compile_count() != compiles  # a call that compiled is not decoding speed
+        steps = result if isinstance(result, Steps) else [result]
+        for j, candidates in enumerate(steps):
+            if j:  # the next step of the same call: the room the previous one left
+                room = [max_new_tokens - len(row) if on else 0 for row, on in zip(out, live)]
+            emitted = [[] for _ in out]
+            for i, n in enumerate(room):
+                for t in candidates[i] if n else ():
+                    emitted[i].append(int(t))
+                    if int(t) in eos or len(emitted[i]) == n:
+                        break
+                out[i] += emitted[i]
+                live[i] = live[i] and out[i][-1] not in eos and len(out[i]) < max_new_tokens
+            if account is not None:
+                account([len(e) for e in emitted], room)
+            if not compiled:
+                steady_steps, steady_s = steady_steps + 1, steady_s + call_s / len(steps)
+                steady_tokens = [s + len(e) for s, e in zip(steady_tokens, emitted)]
+            yield emitted
+            if not any(live):
+                break
     return Decoded(tokens=out, stop_reasons=["eos" if row[-1] in eos else "max_tokens" for row in out],
                    prefill_s=prefill_s, decode_s=decode_s, steady_steps=steady_steps, steady_tokens=steady_tokens,
                    steady_s=steady_s)
@@ -202,14 +250,16 @@ def generate(params, cfg: ModelConfig, prompts: list[list[int]], **kwargs) -> Ge
 
 def generate_stream(params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_tokens: int,
                     sampling: SamplingConfig = SamplingConfig(), key=None, eos_ids=None,
-                    kv: KVSpec | str | None = None):
+                    kv: KVSpec | str | None = None, steps_per_call: int = STEPS_PER_CALL):
     """A generator: after the prefill and after every decode step it yields the token each row
     emitted (``list[list[int]]``, empty for a finished row); it returns the :class:`Generation`.
     The host loop is :func:`decode_loop`; a step is one jitted decode-and-sample call.
 
     ``key``: the PRNG key for sampling (default ``jax.random.key(sampling.seed)``); ``kv``: the KV
     cache precision (:mod:`cascade.quant.kv`, default fp32); ``eos_ids``: the ids a row stops at
-    (default the config's).
+    (default the config's); ``steps_per_call``: decode steps run by one device call
+    (:func:`_decode_steps`; 1: a call and a read-back per token), yielded one by one as they are
+    read back: the tokens are the same either way.
     """
     check_prompts(prompts, max_new_tokens, cfg.vocab_size, cfg.max_seq_len)
     lengths = [len(p) for p in prompts]
@@ -228,13 +278,20 @@ def generate_stream(params, cfg: ModelConfig, prompts: list[list[int]], *, max_n
         nxt = sample_logits(logits, sub, temp, top_k, top_p)
         return np.asarray(nxt).tolist()
 
-    def step(_room):
-        nonlocal cache, key, nxt
-        nxt, key, cache = _decode_and_sample(params, cfg, nxt, cache, key, temp, top_k, top_p)
-        return [[t] for t in np.asarray(nxt).tolist()]
+    eos = cfg.eos_token_ids if eos_ids is None else eos_ids
+    stop_ids = jnp.asarray(sorted(set(eos)), jnp.int32)
 
-    done = yield from decode_loop(first, step, max_new_tokens=max_new_tokens,
-                                  eos=cfg.eos_token_ids if eos_ids is None else eos_ids)
+    def step(room):
+        nonlocal cache, key, nxt
+        if steps_per_call <= 1:
+            nxt, key, cache = _decode_and_sample(params, cfg, nxt, cache, key, temp, top_k, top_p)
+            return [[t] for t in np.asarray(nxt).tolist()]
+        out, ran, nxt, key, cache = _decode_steps(params, cfg, nxt, cache, key, temp, top_k, top_p,
+                                                  jnp.asarray(room, jnp.int32), stop_ids, steps=steps_per_call)
+        out, ran = jax.device_get((out, ran))
+        return Steps([[t] for t in row] for row in np.asarray(out[:int(ran)]).tolist())
+
+    done = yield from decode_loop(first, step, max_new_tokens=max_new_tokens, eos=eos)
     return Generation(tokens=done.tokens, prompt_lengths=lengths, stop_reasons=done.stop_reasons,
                       prefill_s=done.prefill_s, decode_s=done.decode_s, steady_steps=done.steady_steps,
                       steady_s=done.steady_s)

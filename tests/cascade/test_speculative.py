@@ -512,3 +512,38 @@ def test_sampled_reduced_vocabulary_draft_follows_the_target_distribution(target
     stat, critical = _chi_square(counts, expected)
     jax.clear_caches()
     assert stat > critical, (stat, critical)
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=1.0, top_k=20, seed=5)])
+@pytest.mark.parametrize("draft_len,rule", [(3, None), ("auto", None), (2, "chow")])
+def test_rounds_in_one_device_call_decide_what_one_round_a_call_does(draft, target, sampling, draft_len, rule):
+    """speculative_rounds (several rounds per call, each row stopped on the device at its EOS or
+    room) against one call per round: the same tokens, stop reasons and counters, rows of different
+    lengths stopping at different rounds, in calls of 1, 3 and 8 rounds."""
+    from cascade.speculative import speculative_generate_batch
+
+    draft, draft_cfg = draft
+    ref = generate(target, TARGET_CFG, [PROMPTS[0]], max_new_tokens=40, eos_ids=()).tokens[0]
+    eos = (ref[9],)  # stops some rows early, at different rounds
+
+    def run(per_call):
+        out = speculative_generate_batch(draft, draft_cfg, target, TARGET_CFG, PROMPTS, max_new_tokens=23,
+                                         draft_len=draft_len, sampling=sampling, eos_ids=eos, rule=rule, alpha=0.2,
+                                         rounds_per_call=per_call)
+        return [(r.tokens, r.stop_reason, r.stats.to_json()) for r in out]
+
+    one = run(1)
+    assert {stop for _, stop, _ in one} == {"eos", "max_tokens"} or sampling.temperature > 0
+    assert run(3) == one and run(8) == one
+
+
+def test_room_after_a_round_follows_the_host_rule():
+    from cascade.speculative import room_after
+
+    proposals = jnp.asarray([[4, 5, 6], [4, 5, 6], [4, 9, 6], [4, 5, 6], [4, 5, 6]])
+    n_acc = jnp.asarray([3, 1, 3, 2, 0])
+    token = jnp.asarray([7, 7, 7, 9, 9])
+    room = jnp.asarray([10, 10, 10, 2, 0])
+    # row 0 emits 4 5 6 7; row 1 emits 4 7; row 2 hits EOS 9 at its second token; row 3 has room for
+    # 4 5 only (its 9 is never emitted); row 4 has stopped already
+    assert room_after(room, proposals, n_acc, token, jnp.asarray([9])).tolist() == [6, 8, 0, 0, 0]

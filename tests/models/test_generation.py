@@ -8,7 +8,8 @@ import pytest
 
 from cascade.models import generation
 from cascade.models.config import ModelConfig
-from cascade.models.generation import (decode_loop, decode_rate, drain, eos_ids, pad_prompts, prompt_problem)
+from cascade.models.generation import (decode_loop, decode_rate, drain, eos_ids, generate, pad_prompts,
+                                       prompt_problem)
 
 
 def _run(stream):
@@ -112,3 +113,56 @@ def test_generate_checks_the_prompts_before_any_work():
                                 ([[1] * 10], 7, "exceeds the model context")):
         with pytest.raises(ValueError, match=message):
             drain(generation.generate_stream(None, cfg, prompts, max_new_tokens=n))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_steps_in_one_device_call_give_the_tokens_of_one_step_a_call(temperature):
+    """generate(steps_per_call=N): the device loops over N steps, stopping each row at its EOS or
+    room; the tokens and stop reasons are those of one step a call, for calls of 3 and 8 steps."""
+    import jax
+
+    from cascade.models.config import ModelConfig
+    from cascade.models.llama import init_params
+    from cascade.models.sampling import SamplingConfig
+
+    cfg = ModelConfig(vocab_size=64, dim=32, hidden_dim=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                      max_seq_len=96, bos_token_id=0, eos_token_ids=(1,), tie_embeddings=False)
+    params = jax.tree.map(lambda a: a * 3 if a.ndim >= 2 else a, init_params(cfg, jax.random.key(4)))
+    prompts = [[0, 5, 9], [0], [0, 7, 7, 7, 2, 3]]
+    sampling = SamplingConfig(temperature=temperature, seed=2)
+    ref = generate(params, cfg, prompts[:1], max_new_tokens=30, eos_ids=()).tokens[0]
+
+    def run(n):
+        g = generate(params, cfg, prompts, max_new_tokens=30, sampling=sampling, eos_ids=(ref[6],), steps_per_call=n)
+        return g.tokens, g.stop_reasons
+
+    one = run(1)
+    assert temperature > 0 or set(one[1]) == {"eos", "max_tokens"}
+    assert run(3) == one and run(8) == one
+
+
+def test_steps_of_one_call_are_taken_one_at_a_time(monkeypatch):
+    """A step may return Steps (several steps' candidates from one device call): the loop takes them
+    one at a time with the room each leaves, accounts each, splits the call's time evenly among them,
+    and leaves all of a compiling call's steps out of the steady counts."""
+    from cascade.models.generation import Steps
+
+    counter, calls, heard = [0], [], []
+    monkeypatch.setattr(generation, "compile_count", lambda: counter[0])
+    clock = iter([0.0, 1.0, 10.0, 13.0, 20.0, 22.0])  # the prefill, then the two calls: 3 s and 2 s
+    monkeypatch.setattr(generation.time, "perf_counter", lambda: next(clock))
+
+    def step(room):
+        calls.append(list(room))
+        if len(calls) == 1:
+            counter[0] += 1  # the first call compiles: its 3 steps are not steady
+            return Steps([[[6], [9]], [[1], [9]], [[7], [9]]])  # row 0 stops at EOS 1 in the second step
+        return Steps([[[5], [9]], [[5], [9]]])
+
+    yielded, done = _run(decode_loop(lambda: [4, 8], step, max_new_tokens=6, eos=(1,),
+                                     account=lambda kept, room: heard.append((kept, room))))
+    assert yielded == [[[4], [8]], [[6], [9]], [[1], [9]], [[], [9]], [[], [9]], [[], [9]]]
+    assert calls == [[5, 5], [0, 2]]  # the second call sees the room the first call's steps left
+    assert heard == [([1, 1], [5, 5]), ([1, 1], [4, 4]), ([0, 1], [0, 3]), ([0, 1], [0, 2]), ([0, 1], [0, 1])]
+    assert done.tokens == [[4, 6, 1], [8, 9, 9, 9, 9, 9]] and done.stop_reasons == ["eos", "max_tokens"]
+    assert done.steady_steps == 2 and done.steady_tokens == [0, 2] and done.steady_s == 2.0 and done.decode_s == 5.0
