@@ -1190,6 +1190,18 @@ def _run_quantize(model, quant_rules, avg_bits, budget, candidates, granularity,
             raise click.UsageError(str(e).replace("pass overwrite=True (--overwrite)", "pass --overwrite")) from None
     if gguf_out is not None and os.path.exists(gguf_out) and not overwrite:
         raise click.UsageError(f"{gguf_out}: already exists (pass --overwrite to replace it)")
+    # specs without an exact GGUF type: refused before quantizing, not after (a reused --sensitivity
+    # report names its own candidates: checked after)
+    if gguf_out is not None and requantize is None and quant_rules is not None and not (auto and sensitivity_file
+                                                                                          and not candidates):
+        from cascade.models.export_gguf import EXPORTABLE, unexportable
+        from cascade.models.sensitivity import DEFAULT_CANDIDATES
+
+        bad = ([b for c in (candidates or DEFAULT_CANDIDATES) for b in unexportable(c)] if auto
+               else unexportable(quant_rules))
+        if bad:
+            raise click.UsageError(f"{', '.join(bad)} {'has' if len(bad) == 1 else 'have'} no exact GGUF type; "
+                                   f"exportable specs: {EXPORTABLE}; or pass --requantize TYPE to convert")
     # every method/spec check, from the config alone: before loading, calibrating or measuring
     if quant_rules is None:
         pass
@@ -2034,9 +2046,9 @@ def bench_export(model, data, llamacpp, quant_rules, methods, calib, calib_sampl
 
     rules = PrecisionRules.parse(quant_rules)
     for spec in (rules.default, *(s for _, s in rules.rules)):
-        if spec is not None and exact_type(spec) is None:
-            raise click.BadParameter(f"{spec} has no exact GGUF type (e.g. int4-g32, int4-g32-asym, int8-g32)",
-                                     param_hint="'--quant'")
+        if spec is not None and exact_type(spec) is None and requantize is None:
+            raise click.BadParameter(f"{spec} has no exact GGUF type (e.g. int4-g32, int4-g32-asym, int8-g32; or pass "
+                                     f"--requantize)", param_hint="'--quant'")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     known = PTQ_METHODS + ("default",)
     for m in method_list:

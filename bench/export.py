@@ -1,4 +1,4 @@
-"""GGUF export checked by llama.cpp itself: `cascade bench export MODEL --data FILE --llamacpp auto`.
+"""GGUF export checked by llama.cpp itself: `cascade bench export MODEL --data FILE --calib FILE --llamacpp auto`.
 
 For each PTQ method (``rtn``, ``default`` = the best measured method with ``--calib``, or any
 named one) the model is quantized under the rules ``quant`` (``int4-g32`` by default; e.g.
@@ -51,6 +51,8 @@ def _llamacpp(python: str, gguf: str, job: dict, threads: int = 2) -> dict:
                               capture_output=True, text=True, timeout=3600)
     except OSError as e:
         raise ValueError(f"cannot run llama.cpp's Python {python!r}: {e.strerror}") from None
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"llama.cpp's run of {gguf} took over an hour; stopped") from None
     finally:
         os.remove(job_path)
     if proc.returncode != 0:
@@ -167,8 +169,9 @@ def _float(model: Model) -> Model:
 
     from cascade.quant.qtensor import QuantizedTensor, dequantize
 
-    params = jax.tree.map(lambda a: dequantize(a, "float32") if isinstance(a, QuantizedTensor) else a, model.params,
-                          is_leaf=lambda a: isinstance(a, QuantizedTensor))
+    params = jax.tree.map(lambda a: dequantize(a, "float32") if isinstance(a, QuantizedTensor)
+                          else a.astype("float32") if a.dtype.kind == "f" or "bfloat16" in str(a.dtype) else a,
+                          model.params, is_leaf=lambda a: isinstance(a, QuantizedTensor))
     return dataclasses.replace(model, params=params, quant=None, ptq=None)
 
 

@@ -278,7 +278,6 @@ class Round(NamedTuple):
     deferred: jax.Array  # (B, k) the rule's verdict per drafted position (all True when exact)
 
 
-@traced_on_mesh_of(2)  # the target's mesh; the draft in it is a replicated copy (whole_weights below)
 def _round(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig, state: RoundState,
            active, sampling, alpha=0.0, confidence=0.0, *, k: int, greedy: bool, rule: str | None = None,
            adaptive: bool = False) -> tuple[Round, RoundState]:
@@ -313,8 +312,10 @@ def _round(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: Mode
     return Round(proposals, n_prop, n_acc, nxt, deferred), RoundState(d_cache, t_cache, nxt, behind, key)
 
 
-speculative_round = partial(jax.jit, static_argnames=("draft_cfg", "target_cfg", "k", "greedy", "rule", "adaptive"),
-                            donate_argnames=("state",))(_round)
+# under the target's mesh (set before tracing: part of jit's cache key); the draft in it is a
+# replicated copy (whole_weights above)
+speculative_round = traced_on_mesh_of(2)(jax.jit(
+    _round, static_argnames=("draft_cfg", "target_cfg", "k", "greedy", "rule", "adaptive"), donate_argnames=("state",)))
 
 
 ROUNDS_PER_CALL = 8  # speculative_stream: rounds run by one device call (rounds_per_call)
@@ -334,6 +335,7 @@ def room_after(room, proposals, n_acc, token, eos):
     return jnp.where((room > 0) & ~hit, room - n_emit, 0)
 
 
+@traced_on_mesh_of(2)
 @partial(jax.jit, static_argnames=("draft_cfg", "target_cfg", "k", "greedy", "rule", "adaptive", "rounds"),
          donate_argnames=("state",))
 def speculative_rounds(draft_params, draft_cfg: ModelConfig, target_params, target_cfg: ModelConfig,

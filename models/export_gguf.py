@@ -158,6 +158,16 @@ def exact_type(spec) -> str | None:
     return None
 
 
+def unexportable(rules) -> list[str]:
+    """The specs of precision ``rules`` (text or :class:`PrecisionRules`) that have no exact GGUF type
+    (checked before quantizing, so ``cascade export`` refuses them before the work)."""
+    from cascade.quant.rules import PrecisionRules
+
+    parsed = PrecisionRules.parse(rules)
+    specs = [parsed.default, *(spec for _, spec in parsed.rules)]
+    return list(dict.fromkeys(spec.explicit for spec in specs if spec is not None and exact_type(spec) is None))
+
+
 def check_requantize(requantize: str | None) -> str | None:
     if requantize is None:
         return None
@@ -451,13 +461,16 @@ def _sentencepiece_vocab(tok):
 
 def tokenizer_metadata(tok, cfg: ModelConfig, where: str = "tokenizer") -> dict:
     """The ``tokenizer.*`` GGUF keys of ``tok`` (plain Python values), checked: the tokenizer rebuilt
-    from them (:meth:`Tokenizer.from_gguf_metadata`) encodes :data:`CHECK_TEXTS` exactly as ``tok``."""
-    from cascade.models.tokenizer import _GGUF_PRE, Tokenizer
+    from them (:meth:`Tokenizer.from_gguf_metadata`) encodes :data:`CHECK_TEXTS` exactly as ``tok``.
+    Embedding rows past the tokenizer's vocabulary (Qwen2 pads its embedding) get unused ``[PAD<id>]``
+    tokens, as llama.cpp's converter writes them.  The model's end-of-generation ids go to
+    ``eos_token_id``, ``eot_token_id`` and ``eom_token_id`` in order (at most three: GGUF has no more)."""
+    from cascade.models.tokenizer import _GGUF_PRE, _UNUSED, Tokenizer
 
     if tok is None:
         raise ExportError(f"{where}: the model has no tokenizer, and a GGUF file needs one (pass --tokenizer FILE)")
-    if tok.vocab_size != cfg.vocab_size:
-        raise ExportError(f"{where}: the tokenizer has {tok.vocab_size:,} tokens but the model {cfg.vocab_size:,}")
+    if tok.vocab_size > cfg.vocab_size:
+        raise ExportError(f"{where}: the tokenizer has {tok.vocab_size:,} tokens but the model only {cfg.vocab_size:,}")
     meta: dict = {}
     eos = list(dict.fromkeys([*cfg.eos_token_ids, *tok.eos_ids]))[:3]
     bos = cfg.bos_token_id if cfg.bos_token_id is not None else tok.bos_id
@@ -485,6 +498,13 @@ def tokenizer_metadata(tok, cfg: ModelConfig, where: str = "tokenizer") -> dict:
     meta["tokenizer.ggml.add_bos_token"] = bool(tok.add_bos)
     if tok.chat_template:
         meta["tokenizer.chat_template"] = tok.chat_template
+    pad = cfg.vocab_size - tok.vocab_size  # embedding rows past the tokenizer (Qwen2): [PAD<id>], unused, as llama.cpp
+    if pad:
+        meta["tokenizer.ggml.tokens"] = [*meta["tokenizer.ggml.tokens"], *(f"[PAD{i}]" for i in range(tok.vocab_size,
+                                                                                                   cfg.vocab_size))]
+        meta["tokenizer.ggml.token_type"] = [*meta["tokenizer.ggml.token_type"], *[_UNUSED] * pad]
+        if "tokenizer.ggml.scores" in meta:
+            meta["tokenizer.ggml.scores"] = [*meta["tokenizer.ggml.scores"], *[-1e9] * pad]
     want = [tok.encode(t, add_bos=False) for t in CHECK_TEXTS]
     for pre in candidates:
         trial = dict(meta) if pre is None else {**meta, "tokenizer.ggml.pre": pre}

@@ -122,3 +122,21 @@ def test_bench_export_usage_errors(capsys, tmp_path, args, match):
 def test_bench_export_needs_llamacpp(capsys, tmp_path):
     code, _, err = run(capsys, "bench", "export", "default-small", "--data", VAL, "--llamacpp", str(tmp_path / "none"))
     assert code == 2 and "no such file (build the venv with bench/llamacpp_venv.sh)" in err
+
+
+def test_specs_without_an_exact_type_are_refused_before_quantizing(capsys, tmp_path, monkeypatch):
+    """`--quant int4-g128` (and an auto candidate without an exact type) is refused from the rules,
+    before the model loads or any quantization runs."""
+    import cascade.models
+
+    def boom(*a, **k):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(cascade.models, "load_model", boom)
+    out = str(tmp_path / "a.gguf")
+    code, _, err = run(capsys, "export", "default-small", "--quant", "embed=int8,*=int4-g32", "-o", out)
+    assert code == 2 and "int8 has no exact GGUF type" in err
+    code, _, err = run(capsys, "export", "default-small", "--quant", "auto", "--avg-bits", "5", "--calib", VAL,
+                       "--candidates", "int8-g32,int4-g64", "-o", out)
+    assert code == 2 and "int4-g64-full has no exact GGUF type" in err
+    assert os.listdir(tmp_path) == []

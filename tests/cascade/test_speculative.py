@@ -516,13 +516,14 @@ def test_sampled_reduced_vocabulary_draft_follows_the_target_distribution(target
 
 @pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=1.0, top_k=20, seed=5)])
 @pytest.mark.parametrize("draft_len,rule", [(3, None), ("auto", None), (2, "chow")])
-def test_rounds_in_one_device_call_decide_what_one_round_a_call_does(draft, target, sampling, draft_len, rule):
+def test_rounds_in_one_device_call_decide_what_one_round_a_call_does(target, sampling, draft_len, rule):
     """speculative_rounds (several rounds per call, each row stopped on the device at its EOS or
     room) against one call per round: the same tokens, stop reasons and counters, rows of different
-    lengths stopping at different rounds, in calls of 1, 3 and 8 rounds."""
+    lengths stopping at different rounds, in calls of 3 rounds (the default 8 runs in every other
+    test of this file).  The reduced-vocabulary draft: the one with the most to get wrong."""
     from cascade.speculative import speculative_generate_batch
 
-    draft, draft_cfg = draft
+    draft, draft_cfg = _reduced_draft(), REDUCED_CFG
     ref = generate(target, TARGET_CFG, [PROMPTS[0]], max_new_tokens=40, eos_ids=()).tokens[0]
     eos = (ref[9],)  # stops some rows early, at different rounds
 
@@ -534,7 +535,7 @@ def test_rounds_in_one_device_call_decide_what_one_round_a_call_does(draft, targ
 
     one = run(1)
     assert {stop for _, stop, _ in one} == {"eos", "max_tokens"} or sampling.temperature > 0
-    assert run(3) == one and run(8) == one
+    assert run(3) == one
 
 
 def test_room_after_a_round_follows_the_host_rule():

@@ -257,3 +257,18 @@ def test_exact_types():
         ["Q8_0", "Q4_0", "Q4_0", "Q4_1", "Q4_0", "BF16", "F16", "F32"]
     assert [exact_type(parse_spec(s)) for s in ("int8", "int8-g64", "int4-g128", "int3-g32", "int2-g16", "w8a8",
                                                 "w8a8-had", "int8-g32-asym", "int4-tensor")] == [None] * 9
+
+
+def test_embedding_rows_past_the_tokenizer_get_pad_tokens(tmp_path):
+    """A model whose embedding has more rows than its tokenizer has tokens (Qwen2 pads it): the file
+    lists [PAD<id>] tokens for the rest, as llama.cpp's converter does, and reads back the same."""
+    model = tiny("Qwen2ForCausalLM", vocab_size=520)
+    path = export_gguf(model, tmp_path / "m.gguf", progress=False).path
+    meta = read_gguf(path).metadata
+    assert len(meta["tokenizer.ggml.tokens"]) == 520 and meta["tokenizer.ggml.tokens"][512:] == [
+        f"[PAD{i}]" for i in range(512, 520)]
+    assert meta["tokenizer.ggml.token_type"][512:] == [5] * 8  # unused
+    back = load_gguf(path)
+    assert back.config == model.config
+    for text in CHECK_TEXTS:
+        assert back.tokenizer.encode(text) == model.tokenizer.encode(text)
