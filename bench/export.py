@@ -35,6 +35,7 @@ from cascade import console
 from cascade.bench.context import run_context
 from cascade.console import progress_bar
 from cascade.models import Model, load_model, perplexity, split_documents, tokenize_documents
+from cascade.bench.perplexity import first_tokens
 from cascade.models.export_gguf import CHECK_TEXTS, export_gguf
 
 DEFAULT_METHODS = ("rtn", "default")
@@ -97,13 +98,7 @@ def run(model: "str | Model", data: str, *, llamacpp: str, methods=DEFAULT_METHO
         docs = split_documents(f.read())[:limit]
     ids = [d[:ctx] for d in tokenize_documents(base.tokenizer, docs)]
     if max_tokens is not None:
-        kept, left = [], max_tokens
-        for d in ids:
-            if left <= 1:
-                break
-            kept.append(d[:left])
-            left -= len(kept[-1])
-        ids = kept
+        ids = first_tokens(ids, max_tokens)
     starts = [d[:PROMPT_LEN] for d in ids if len(d) >= PROMPT_LEN][:prompts]
     cal = None
     if any(m != "rtn" and m != "hqq" for m in methods):

@@ -33,15 +33,7 @@ def run(model: "str | Model", data: str, *, specs=DEFAULT_SPECS, limit: int | No
         docs = split_documents(f.read())[:limit]
     ids = tokenize_documents(base.tokenizer, docs)
     if max_tokens is not None:
-        if max_tokens < 2:
-            raise ValueError("max_tokens must be >= 2")
-        kept, left = [], max_tokens
-        for doc in ids:
-            if left <= 1:
-                break
-            kept.append(doc[:left])
-            left -= len(kept[-1])
-        ids = kept
+        ids = first_tokens(ids, max_tokens)
     rows, result = [], None
     for spec in progress_bar(specs, desc="bench ppl", unit="spec", enabled=progress):
         quantized = (base if spec == "source" else source_a8(base) if spec == SOURCE_A8
@@ -60,6 +52,20 @@ def run(model: "str | Model", data: str, *, specs=DEFAULT_SPECS, limit: int | No
     return {"benchmark": "perplexity", **run_context(), "model": _display_path(model_path),
             "data": _display_path(data), "documents": len(docs), "ctx": result.ctx,
             "stride": None if truncate else result.stride, "truncate": truncate, "max_tokens": max_tokens, "rows": rows}
+
+
+def first_tokens(ids: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """The documents' first ``max_tokens`` tokens in all (the last one cut short; a document of one
+    token left over is dropped: it predicts nothing)."""
+    if max_tokens < 2:
+        raise ValueError("max_tokens must be >= 2")
+    kept, left = [], max_tokens
+    for doc in ids:
+        if left <= 1:
+            break
+        kept.append(doc[:left])
+        left -= len(kept[-1])
+    return kept
 
 
 def _display_path(path: str) -> str:

@@ -585,35 +585,28 @@ def export_gguf(model: Model, path, *, requantize: str | None = None, overwrite:
         tensors.append(("rope_freqs.weight", freqs, None, reports[-1]))
     file_type = _file_type(reports)
 
-    tmp = files.side_path(path, "tmp")
     try:
-        w = gguf.GGUFWriter(tmp, arch)
-        w.add_name(name or os.path.splitext(os.path.basename(path))[0])
-        w.add_quantized_by(f"cascade {__version__}")
-        w.add_file_type(int(gguf.LlamaFileType[file_type]))
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        if model.quant:
-            w.add_string("cascade.quant", model.quant)
-        if model.ptq and model.ptq.get("method"):
-            w.add_string("cascade.method", str(model.ptq["method"]))
-        _config_keys(w, cfg, arch)
-        for key, value in tok_meta.items():
-            _add_value(w, key, value)
-        for tname, data, raw, _ in tensors:
-            w.add_tensor(tname, data, raw_dtype=raw)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with files.atomic_path(path) as tmp:
+            w = gguf.GGUFWriter(tmp, arch)
+            w.add_name(name or os.path.splitext(os.path.basename(path))[0])
+            w.add_quantized_by(f"cascade {__version__}")
+            w.add_file_type(int(gguf.LlamaFileType[file_type]))
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            if model.quant:
+                w.add_string("cascade.quant", model.quant)
+            if model.ptq and model.ptq.get("method"):
+                w.add_string("cascade.method", str(model.ptq["method"]))
+            _config_keys(w, cfg, arch)
+            for key, value in tok_meta.items():
+                _add_value(w, key, value)
+            for tname, data, raw, _ in tensors:
+                w.add_tensor(tname, data, raw_dtype=raw)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
     except OSError as e:
-        raise ExportError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-    files.fsync_dir(os.path.dirname(path))
+        raise ExportError(str(e)) from None
     tok_info = {"model": tok_meta["tokenizer.ggml.model"], "pre": tok_meta.get("tokenizer.ggml.pre"),
                 "tokens": len(tok_meta["tokenizer.ggml.tokens"])}
     return ExportReport(path=path, architecture=arch, file_type=file_type, tensors=reports, tokenizer=tok_info,

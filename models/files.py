@@ -6,7 +6,7 @@ failed write removes it, so the target is untouched.  A rename within one direct
 on POSIX, which is why the temporary lives beside its target and not in ``/tmp``.
 
 - :func:`atomic_open` / :func:`write_text` / :func:`write_json`: one file (results, reports,
-  logs rewritten in place);
+  logs rewritten in place); :func:`atomic_path` for a writer that opens the file itself;
 - :func:`replace_directory`: a finished directory (a checkpoint, an exported model) installed
   over an existing one, which is moved aside to ``.NAME.old-PID-XXXXXXXX`` first, put back if the
   rename fails, and removed after.
@@ -35,19 +35,16 @@ def side_path(target: str, kind: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_open(path, mode: str = "w", **kwargs):
-    """Open a temporary sibling of ``path`` for writing (``open``'s ``mode`` and keywords; text
-    defaults to UTF-8); when the block ends, flush it to disk and rename it onto ``path``.  If the
-    block (or the write) raises, the temporary is removed and ``path`` keeps what it held.
-    An ``OSError`` becomes one naming ``path``: ``cannot write PATH: REASON``."""
+def atomic_path(path):
+    """A temporary sibling's path for a writer that opens files itself (e.g. ``gguf.GGUFWriter``):
+    when the block ends, the file there is flushed to disk and renamed onto ``path``.  If the block
+    raises, the temporary is removed and ``path`` keeps what it held.  An ``OSError`` becomes one
+    naming ``path``: ``cannot write PATH: REASON``."""
     path = os.fspath(path)
-    if "b" not in mode:
-        kwargs.setdefault("encoding", "utf-8")
     tmp = side_path(path, "tmp")
     try:
-        with open(tmp, mode, **kwargs) as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
@@ -56,6 +53,19 @@ def atomic_open(path, mode: str = "w", **kwargs):
         if os.path.lexists(tmp):
             os.remove(tmp)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "w", **kwargs):
+    """Open a temporary sibling of ``path`` for writing (``open``'s ``mode`` and keywords; text
+    defaults to UTF-8); when the block ends, flush it to disk and rename it onto ``path``
+    (:func:`atomic_path`).  If the block (or the write) raises, the temporary is removed and
+    ``path`` keeps what it held.  An ``OSError`` becomes one naming ``path``."""
+    if "b" not in mode:
+        kwargs.setdefault("encoding", "utf-8")
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
+        f.flush()
 
 
 def write_text(path, text: str) -> None:
